@@ -1,0 +1,115 @@
+"""How adapters plug in.
+
+Two kinds of adapter, each a small file per family:
+- a *context-parallel plan* for a denoiser (transformer / ControlNet): data, in diffusers' `_cp_plan` format,
+  registered with `register_cp_plan(class_name)`; diffusers' own `_cp_plan` is used where the class has one.
+- an *extra-module adapter* (text encoder, VAE, ControlNet): an `ExtraModuleAdapter` registered with
+  `register_extra_adapter`, that says whether it handles a module, checks it locally, and applies itself,
+  recording undo steps on the handle.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..errors import UnsupportedError
+
+# class name -> function returning the plan (built lazily: plan classes come from the installed diffusers).
+_CP_PLANS: dict[str, Callable[[torch.nn.Module], dict]] = {}
+_EXTRA_ADAPTERS: list["ExtraModuleAdapter"] = []
+
+
+def register_cp_plan(*class_names: str):
+    def deco(fn):
+        for name in class_names:
+            _CP_PLANS[name] = fn
+        return fn
+
+    return deco
+
+
+def cp_plan_for(model: torch.nn.Module) -> tuple[dict, str]:
+    """The plan for `model` and where it came from ("diffusers" or "diffpar")."""
+    _load_builtin_adapters()
+    plan = getattr(type(model), "_cp_plan", None)
+    if plan:
+        return plan, "diffusers"
+    for cls in type(model).__mro__:
+        fn = _CP_PLANS.get(cls.__name__)
+        if fn is not None:
+            return fn(model), "diffpar"
+    raise UnsupportedError(
+        f"{type(model).__name__} has no context-parallel plan: diffusers ships none for it and diffpar has none yet. "
+        f"Models with a plan here: {sorted(supported_cp_models())}. Use one of them, or pass parallelism only for "
+        "the extra modules."
+    )
+
+
+def supported_cp_models() -> set[str]:
+    _load_builtin_adapters()
+    names = set(_CP_PLANS)
+    try:
+        import diffusers
+
+        for name in dir(diffusers):
+            obj = getattr(diffusers, name, None)
+            if isinstance(obj, type) and getattr(obj, "_cp_plan", None):
+                names.add(name)
+    except Exception:  # pragma: no cover - listing is for messages only
+        pass
+    return names
+
+
+class ExtraModuleAdapter:
+    """Parallelizes one kind of non-denoiser module over the whole world."""
+
+    kind: str = "module"
+
+    def matches(self, module: torch.nn.Module) -> bool:
+        raise NotImplementedError
+
+    def check(self, module: torch.nn.Module, world_size: int, config) -> None:
+        """Local validation; raise DiffparError with what to do. No collectives here."""
+
+    def describe(self, module: torch.nn.Module) -> dict:
+        """Rank-comparable facts about the module (class, shapes) for the agreement check."""
+        return {"class": type(module).__name__}
+
+    def apply(self, module: torch.nn.Module, group, handle, config, *, pipeline=None, name: str = "") -> None:
+        raise NotImplementedError
+
+
+def register_extra_adapter(adapter: ExtraModuleAdapter) -> ExtraModuleAdapter:
+    _EXTRA_ADAPTERS.append(adapter)
+    return adapter
+
+
+def extra_adapter_for(module: torch.nn.Module) -> ExtraModuleAdapter:
+    _load_builtin_adapters()
+    for adapter in _EXTRA_ADAPTERS:
+        if adapter.matches(module):
+            return adapter
+    kinds = sorted({a.kind for a in _EXTRA_ADAPTERS})
+    raise UnsupportedError(
+        f"extra_parallel_modules: diffpar cannot parallelize a {type(module).__name__}. Supported kinds: {kinds}. "
+        "Remove it from extra_parallel_modules (it then runs replicated on every rank)."
+    )
+
+
+_LOADED = False
+
+
+def _load_builtin_adapters() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    import importlib
+    import pkgutil
+
+    from .. import adapters as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name != "base" and not info.name.startswith("_"):
+            importlib.import_module(f"{pkg.__name__}.{info.name}")

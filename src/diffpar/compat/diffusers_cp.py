@@ -1,0 +1,230 @@
+"""Everything about diffusers' context-parallel machinery that differs between releases (0.36 onward).
+
+Each feature is detected from the installed release, not from its version number. Shims are installed
+with wrapt while at least one parallel handle needs them and removed with the last one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import threading
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UnsupportedError
+from ..hooks.patch import Patch
+from . import versions
+
+
+def _need_native_cp():
+    try:
+        from diffusers.hooks.context_parallel import apply_context_parallel  # noqa: F401
+        from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig  # noqa: F401
+    except ImportError as exc:  # diffusers < 0.36
+        raise UnsupportedError(
+            f"diffusers {versions.version_of('diffusers')} has no native context parallelism (added in 0.36.0). "
+            "Install diffusers>=0.36.0."
+        ) from exc
+
+
+@lru_cache(None)
+def cp_config_fields() -> frozenset[str]:
+    _need_native_cp()
+    from diffusers.models._modeling_parallel import ContextParallelConfig
+
+    return frozenset(f.name for f in dataclasses.fields(ContextParallelConfig) if not f.name.startswith("_"))
+
+
+@lru_cache(None)
+def supports_ulysses_and_ring() -> bool:
+    """0.36 rejects ring_degree > 1 together with ulysses_degree > 1."""
+    from diffusers.models._modeling_parallel import ContextParallelConfig
+
+    try:
+        ContextParallelConfig(ring_degree=2, ulysses_degree=2)
+    except (ValueError, NotImplementedError):
+        return False
+    return True
+
+
+@lru_cache(None)
+def ring_lse_layout() -> str:
+    """The log-sum-exp layout diffusers' ring attention expects from a forward op.
+
+    "3d": it always unsqueezes (B, S, H) itself (0.36); "4d": it uses the op's LSE as (B, S, H, 1) without
+    unsqueezing (0.37-0.39); "any": it unsqueezes only 3-D LSEs (0.40+).
+    """
+    from diffusers.models import attention_dispatch as ad
+
+    src = inspect.getsource(ad.TemplatedRingAttention.forward)
+    if "lse.ndim == 3" in src or "lse.dim() == 3" in src:
+        return "any"
+    if "unsqueeze(-1)" in src:
+        return "3d"
+    return "4d"
+
+
+@lru_cache(None)
+def has_remove_context_parallel() -> bool:
+    from diffusers.hooks import context_parallel
+
+    return hasattr(context_parallel, "remove_context_parallel")
+
+
+def setup_parallel_config(parallel_config, rank: int, world_size: int, device, mesh) -> None:
+    params = inspect.signature(type(parallel_config).setup).parameters
+    if "mesh" in params:
+        parallel_config.setup(rank, world_size, device, mesh=mesh)
+    else:  # pragma: no cover - no supported release lacks it, kept for a clear error
+        raise UnsupportedError("this diffusers release's ParallelConfig.setup takes no mesh; install diffusers>=0.36.0")
+
+
+def backend_supports_cp(backend_name: str) -> bool:
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    return _AttentionBackendRegistry._is_context_parallel_available(AttentionBackendName(backend_name))
+
+
+def active_backend_name() -> str:
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    backend, _ = _AttentionBackendRegistry.get_active_backend()
+    return getattr(backend, "value", str(backend))
+
+
+def cp_capable_backends() -> list[str]:
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    return sorted(_AttentionBackendRegistry._supports_context_parallel)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shim 1: a native SDPA forward op that can return the log-sum-exp. diffusers' ring asks its forward op for the
+# LSE and the native op refuses ("Native attention does not support return_lse=True"), so Ring never works with
+# the native backend in any release. We compute (out, lse) with the fused SDPA kernels that expose it.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _sdpa_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale):
+    """query/key/value in (B, H, S, D). Returns out (B, H, S, D) and lse (B, H, S) in fp32."""
+    if query.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+        )[:2]
+        return out, lse
+    if query.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale
+        )[:2]
+        return out, lse[..., : query.shape[2]]
+    # Any other device: exact math in fp32.
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.softmax(scores, dim=-1), value.float()).to(query.dtype)
+    return out, lse
+
+
+def _lse_forward_op_wrapper(wrapped, instance, args, kwargs):
+    bound = inspect.signature(wrapped).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    if not a["return_lse"]:
+        return wrapped(*args, **kwargs)
+    ctx = a["ctx"]
+    query, key, value = a["query"], a["key"], a["value"]
+    if a["_save_ctx"]:
+        ctx.save_for_backward(query, key, value)
+        ctx.attn_mask = a["attn_mask"]
+        ctx.dropout_p = a["dropout_p"]
+        ctx.is_causal = a["is_causal"]
+        ctx.scale = a["scale"]
+        ctx.enable_gqa = a["enable_gqa"]
+    q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))
+    out, lse = _sdpa_with_lse(q, k, v, a["attn_mask"], a["dropout_p"], a["is_causal"], a["scale"])
+    out = out.permute(0, 2, 1, 3)
+    lse = lse.permute(0, 2, 1).contiguous()  # (B, S, H)
+    if ring_lse_layout() == "4d":
+        lse = lse.unsqueeze(-1)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shim 2: uneven all-gathers on gloo. diffusers gathers per-rank chunks of different lengths with
+# dist.all_gather, which NCCL allows and gloo rejects. Pad to the longest, gather, trim: same values.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _is_gloo(group) -> bool:
+    return "gloo" in str(dist.get_backend(group)) and "nccl" not in str(dist.get_backend(group))
+
+
+def gather_uneven(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """All-gather chunks whose size along `dim` differs per rank, on any backend. Exact."""
+    world = dist.get_world_size(group)
+    tensor = tensor.contiguous()
+    sizes = torch.tensor([tensor.shape[dim]], dtype=torch.int64)
+    all_sizes = [torch.zeros_like(sizes) for _ in range(world)]
+    dist.all_gather(all_sizes, sizes, group=group)
+    all_sizes = [int(s.item()) for s in all_sizes]
+    longest = max(all_sizes)
+    if tensor.shape[dim] < longest:
+        pad_shape = list(tensor.shape)
+        pad_shape[dim] = longest - tensor.shape[dim]
+        tensor = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
+    chunks = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(chunks, tensor, group=group)
+    return torch.cat([c.narrow(dim, 0, n) for c, n in zip(chunks, all_sizes)], dim=dim)
+
+
+def _all_gather_anything_wrapper(wrapped, instance, args, kwargs):
+    bound = inspect.signature(wrapped).bind(*args, **kwargs)
+    tensor, dim, group = bound.arguments["tensor"], bound.arguments["dim"], bound.arguments["group"]
+    if not _is_gloo(group):
+        return wrapped(*args, **kwargs)
+    return gather_uneven(tensor, dim, group)
+
+
+class _SharedShims:
+    """Process-wide patches of diffusers module functions, reference-counted across handles."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._patches: list[Patch] = []
+
+    def acquire(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                from diffusers.hooks import context_parallel as hcp
+                from diffusers.models import attention_dispatch as ad
+
+                self._patches = [
+                    Patch(ad, "_native_attention_forward_op", _lse_forward_op_wrapper,
+                          label="diffusers attention_dispatch._native_attention_forward_op"),
+                ]
+                if hasattr(hcp, "_all_gather_anything"):
+                    self._patches.append(
+                        Patch(hcp, "_all_gather_anything", _all_gather_anything_wrapper,
+                              label="diffusers hooks.context_parallel._all_gather_anything")
+                    )
+            self._users += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                for p in reversed(self._patches):
+                    p.undo()
+                self._patches = []
+
+    @property
+    def active(self) -> bool:
+        return self._users > 0
+
+
+SHARED_SHIMS = _SharedShims()

@@ -1,0 +1,151 @@
+"""`ParallelismConfig`: what the user asks for, validated on construction.
+
+Fields may be given directly or inside `parallel_kwargs` (the form cache-dit users write); both end up in
+the same fields. Nothing here touches torch.distributed: the world is checked later, in `mesh.ParallelDims`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import DiffparError
+
+# Keys accepted inside `parallel_kwargs`, each mapped to the field it sets.
+_PARALLEL_KWARGS_FIELDS = (
+    "extra_parallel_modules",
+    "ulysses_anything",
+    "ring_anything",
+    "convert_to_fp32",
+    "attention_backend",
+    "broadcast_latents",
+    "vae_split_min_rows",
+)
+
+
+@dataclass
+class ParallelismConfig:
+    """How to spread a pipeline over the processes torchrun started.
+
+    ulysses_size / ring_size: context-parallel degrees for the transformer (and ControlNet).
+    tp_size: tensor-parallel degree for the transformer.
+    ulysses_anything / ring_anything: allow sequence lengths (and, for Ulysses, head counts) that the degree
+        does not divide.
+    convert_to_fp32: accumulate ring attention partial results in fp32 (diffusers' option).
+    attention_backend: a diffusers attention backend name to set on the transformer before parallelizing.
+    extra_parallel_modules: text encoders, VAEs, ControlNets (module objects or pipeline attribute names),
+        parallelized over the whole world.
+    broadcast_latents: broadcast the pipeline's initial latents from rank 0, so every rank starts from the same
+        noise even when the user gave no generator (default True).
+    """
+
+    ulysses_size: int | None = None
+    ring_size: int | None = None
+    tp_size: int | None = None
+    ulysses_anything: bool = False
+    ring_anything: bool = False
+    convert_to_fp32: bool = True
+    attention_backend: str | None = None
+    extra_parallel_modules: list = field(default_factory=list)
+    broadcast_latents: bool = True
+    vae_split_min_rows: int | None = None
+    parallel_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        kwargs = dict(self.parallel_kwargs or {})
+        unknown = sorted(set(kwargs) - set(_PARALLEL_KWARGS_FIELDS))
+        if unknown:
+            raise DiffparError(
+                f"ParallelismConfig: unknown parallel_kwargs {unknown}. Accepted keys: {list(_PARALLEL_KWARGS_FIELDS)}."
+            )
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        for key, value in kwargs.items():
+            current = getattr(self, key)
+            is_default = current == [] if key == "extra_parallel_modules" else current == defaults.get(key)
+            if not is_default and current != value:
+                raise DiffparError(
+                    f"ParallelismConfig: {key!r} was given both as a field ({current!r}) and in parallel_kwargs "
+                    f"({value!r}). Give it once."
+                )
+            setattr(self, key, value)
+        self.parallel_kwargs = {}
+        self._validate()
+
+    def _validate(self):
+        for name in ("ulysses_size", "ring_size", "tp_size"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DiffparError(f"ParallelismConfig: {name} must be a positive integer or None, got {value!r}.")
+        for name in ("ulysses_anything", "ring_anything", "convert_to_fp32", "broadcast_latents"):
+            if not isinstance(getattr(self, name), bool):
+                raise DiffparError(f"ParallelismConfig: {name} must be True or False, got {getattr(self, name)!r}.")
+        if self.ulysses_anything and self.ulysses_degree == 1:
+            raise DiffparError("ParallelismConfig: ulysses_anything=True needs ulysses_size > 1.")
+        if self.ring_anything and self.ring_degree == 1:
+            raise DiffparError("ParallelismConfig: ring_anything=True needs ring_size > 1.")
+        if self.ulysses_anything and self.ring_anything:
+            raise DiffparError(
+                "ParallelismConfig: ulysses_anything and ring_anything cannot both be set (diffusers supports one "
+                "uneven mode at a time). Keep the one for the degree you use."
+            )
+        if (self.ulysses_anything or self.ring_anything) and self.ulysses_degree > 1 and self.ring_degree > 1:
+            raise DiffparError(
+                "ParallelismConfig: *_anything modes need a single context-parallel kind; with both ulysses_size and "
+                "ring_size > 1, use sequence lengths divisible by ulysses_size * ring_size."
+            )
+        if self.attention_backend is not None and not isinstance(self.attention_backend, str):
+            raise DiffparError(
+                f"ParallelismConfig: attention_backend must be a diffusers backend name (str), got {self.attention_backend!r}."
+            )
+        if not isinstance(self.extra_parallel_modules, (list, tuple)):
+            self.extra_parallel_modules = [self.extra_parallel_modules]
+        self.extra_parallel_modules = list(self.extra_parallel_modules)
+        for entry in self.extra_parallel_modules:
+            if not isinstance(entry, (str, torch.nn.Module)):
+                raise DiffparError(
+                    "ParallelismConfig: extra_parallel_modules entries must be modules of the pipeline "
+                    f"(e.g. pipe.text_encoder) or their attribute names (e.g. 'text_encoder'), got {type(entry).__name__}."
+                )
+        if self.vae_split_min_rows is not None and (not isinstance(self.vae_split_min_rows, int) or self.vae_split_min_rows < 0):
+            raise DiffparError("ParallelismConfig: vae_split_min_rows must be a non-negative integer or None.")
+
+    @property
+    def ulysses_degree(self) -> int:
+        return self.ulysses_size or 1
+
+    @property
+    def ring_degree(self) -> int:
+        return self.ring_size or 1
+
+    @property
+    def tp_degree(self) -> int:
+        return self.tp_size or 1
+
+    @property
+    def cp_degree(self) -> int:
+        return self.ulysses_degree * self.ring_degree
+
+    @property
+    def model_degree(self) -> int:
+        """Ranks one copy of the transformer is spread over."""
+        return self.cp_degree * self.tp_degree
+
+    def describe(self) -> dict:
+        """A plain, rank-comparable summary (module objects replaced by their class names)."""
+        extra = [e if isinstance(e, str) else type(e).__name__ for e in self.extra_parallel_modules]
+        return {
+            "ulysses_size": self.ulysses_degree,
+            "ring_size": self.ring_degree,
+            "tp_size": self.tp_degree,
+            "ulysses_anything": self.ulysses_anything,
+            "ring_anything": self.ring_anything,
+            "convert_to_fp32": self.convert_to_fp32,
+            "attention_backend": self.attention_backend,
+            "extra_parallel_modules": extra,
+            "broadcast_latents": self.broadcast_latents,
+            "vae_split_min_rows": self.vae_split_min_rows,
+        }

@@ -1,0 +1,139 @@
+"""The process group and the named device meshes, built once.
+
+`ensure_process_group()` starts torch.distributed from torchrun's environment when nobody did (NCCL for CUDA
+tensors, gloo for CPU ones). `ParallelDims` checks degrees against the world once; `ParallelDims.build()`
+returns the 4-D mesh ("dp", "ring", "ulysses", "tp"), cached so two models sharing a layout share groups.
+A "dp" dimension larger than 1 means the model degrees do not use the whole world: each dp group runs its
+own full copy of the transformer, while extra modules still use the whole world.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import DiffparError, RankMismatchError
+
+logger = logging.getLogger("diffpar")
+
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_MESH_CACHE: dict = {}
+
+
+def torchrun_env_present() -> bool:
+    return all(k in os.environ for k in _TORCHRUN_ENV)
+
+
+def ensure_process_group() -> bool:
+    """Initialize torch.distributed from torchrun's environment if needed. Returns whether one exists."""
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if not dist.is_available() or not torchrun_env_present():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # gloo carries the small CPU-side collectives (size exchanges, agreement checks).
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def current_device() -> torch.device:
+    if torch.cuda.is_available() and dist.is_initialized() and "nccl" in str(dist.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def device_type_for_collectives() -> str:
+    return current_device().type
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    world_size: int
+    ulysses: int = 1
+    ring: int = 1
+    tp: int = 1
+
+    def __post_init__(self):
+        model = self.ulysses * self.ring * self.tp
+        if model > self.world_size or self.world_size % model != 0:
+            raise DiffparError(
+                f"ulysses_size={self.ulysses} x ring_size={self.ring} x tp_size={self.tp} = {model} does not fit a "
+                f"world of {self.world_size} processes: the product must divide the world size. Launch "
+                f"`torchrun --nproc_per_node={model}` or choose degrees whose product divides {self.world_size}."
+            )
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.ulysses * self.ring * self.tp)
+
+    @property
+    def cp(self) -> int:
+        return self.ulysses * self.ring
+
+    def build(self):
+        """The ("dp", "ring", "ulysses", "tp") mesh; every rank must call this (it creates process groups)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        key = (device_type_for_collectives(), self.dp, self.ring, self.ulysses, self.tp)
+        mesh = _MESH_CACHE.get(key)
+        if mesh is None:
+            mesh = init_device_mesh(
+                key[0], (self.dp, self.ring, self.ulysses, self.tp), mesh_dim_names=("dp", "ring", "ulysses", "tp")
+            )
+            _MESH_CACHE[key] = mesh
+        return mesh
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+
+
+def agree(what: str, description: dict, local_error: BaseException | None = None, group=None) -> None:
+    """One collective that every rank enters, even a rank whose local checks failed.
+
+    Every rank sends its description and its local error (if any); then every rank raises the same error,
+    so a mistake found on one rank never leaves the others waiting in a later collective.
+    """
+    if not dist.is_initialized():
+        if local_error is not None:
+            raise local_error
+        return
+    rank = dist.get_rank()
+    payload = {
+        "fp": fingerprint(description),
+        "desc": description,
+        "error": None
+        if local_error is None
+        else (type(local_error).__name__, str(local_error), "".join(traceback.format_exception(local_error))),
+    }
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, payload, group=group)
+    errors = [(r, p["error"]) for r, p in enumerate(gathered) if p["error"] is not None]
+    if errors:
+        if local_error is not None:
+            raise local_error
+        r, (name, msg, _) = errors[0]
+        raise DiffparError(f"{what}: rank {r} failed its checks ({name}): {msg}")
+    fps = {p["fp"] for p in gathered}
+    if len(fps) > 1:
+        mine = gathered[rank]["desc"]
+        diffs = []
+        for r, p in enumerate(gathered):
+            if p["fp"] != gathered[0]["fp"]:
+                keys = sorted(k for k in set(p["desc"]) | set(gathered[0]["desc"]) if p["desc"].get(k) != gathered[0]["desc"].get(k))
+                diffs.append(f"rank {r} differs from rank 0 in {keys}: {[(k, gathered[0]['desc'].get(k), p['desc'].get(k)) for k in keys]}")
+        raise RankMismatchError(
+            f"{what}: ranks were given different configurations, so their collectives would not match (a hang "
+            f"or a wrong image). {'; '.join(diffs)}. Every rank must run the same script with the same "
+            f"arguments. (this rank {rank}: {mine})"
+        )

@@ -1,0 +1,129 @@
+"""Tiny seeded transformers and their inputs, for tests, benchmarks and the demo.
+
+`build(name, **overrides)` returns (model, inputs) where `inputs(seq=..., batch=...)` makes forward kwargs.
+Shapes mirror the real models (joint text + image streams, RoPE ids, GQA where the family has it), sized to
+run in milliseconds on one CPU core. Sequence lengths are parameters so tests can make them odd.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+BUILDERS: dict[str, Callable] = {}
+
+
+def builder(name):
+    def deco(fn):
+        BUILDERS[name] = fn
+        return fn
+
+    return deco
+
+
+def build(name: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model, make_inputs = BUILDERS[name](**overrides)
+    model.eval()
+    return model, make_inputs
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@builder("flux")
+def _flux(heads=2, head_dim=16, layers=1, single_layers=1):
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=layers, num_single_layers=single_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=32,
+        pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+    )
+
+    def inputs(seq=16, text=8, batch=1, seed=1):
+        g = _gen(seed)
+        return dict(
+            hidden_states=torch.randn(batch, seq, 16, generator=g),
+            encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+            pooled_projections=torch.randn(batch, 32, generator=g),
+            timestep=torch.full((batch,), 0.5),
+            img_ids=torch.randn(seq, 3, generator=g),
+            txt_ids=torch.zeros(text, 3),
+            return_dict=False,
+        )
+
+    return model, inputs
+
+
+@builder("flux2")
+def _flux2(heads=2, head_dim=16, layers=1, single_layers=1):
+    from diffusers import Flux2Transformer2DModel
+
+    model = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=layers, num_single_layers=single_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=32,
+        timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
+    )
+
+    def inputs(seq=16, text=8, batch=1, seed=1):
+        g = _gen(seed)
+        return dict(
+            hidden_states=torch.randn(batch, seq, 16, generator=g),
+            encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+            timestep=torch.full((batch,), 0.5),
+            img_ids=torch.randn(batch, seq, 4, generator=g),
+            txt_ids=torch.zeros(batch, text, 4),
+            guidance=torch.full((batch,), 3.5),
+            return_dict=False,
+        )
+
+    return model, inputs
+
+
+@builder("qwenimage")
+def _qwenimage(heads=2, head_dim=16, layers=2):
+    from diffusers import QwenImageTransformer2DModel
+
+    model = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=layers, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+    )
+
+    def inputs(seq=16, text=8, batch=1, seed=1):
+        # QwenImage derives RoPE from img_shapes: seq = frames * h * w with h = 1 keeps seq arbitrary.
+        g = _gen(seed)
+        return dict(
+            hidden_states=torch.randn(batch, seq, 16, generator=g),
+            encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+            encoder_hidden_states_mask=torch.ones(batch, text, dtype=torch.long),
+            timestep=torch.full((batch,), 0.5),
+            img_shapes=[[(1, 1, seq)]] * batch,
+            return_dict=False,
+        )
+
+    return model, inputs
+
+
+@builder("wan")
+def _wan(heads=2, head_dim=16, layers=2):
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
+        out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=layers, rope_max_seq_len=64,
+    )
+
+    def inputs(seq=16, text=8, batch=1, seed=1, frames=2):
+        # seq image tokens = frames * (H/2) * (W/2); choose H = 2, W = 2 * (seq // frames).
+        g = _gen(seed)
+        width = 2 * max(1, seq // frames)
+        return dict(
+            hidden_states=torch.randn(batch, 4, frames, 2, width, generator=g),
+            timestep=torch.full((batch,), 500.0),
+            encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+            return_dict=False,
+        )
+
+    return model, inputs
