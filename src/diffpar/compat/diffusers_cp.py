@@ -129,6 +129,30 @@ def _sdpa_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale):
     return out, lse
 
 
+def _ring_mask_or_none(attn_mask, parallel_config, group=None):
+    """diffusers' ring applies the local mask to every remote key chunk: only a mask that masks nothing is right.
+
+    All ranks of `group` (default: the ring) agree with one tiny all-reduce, only when a mask is passed, and
+    raise together otherwise.
+    """
+    if attn_mask is None:
+        return None
+    masks_something = (~attn_mask).any() if attn_mask.dtype == torch.bool else (attn_mask != 0).any()
+    flag = masks_something.to(torch.int32).reshape(1)
+    if group is None:
+        group = parallel_config.context_parallel_config._ring_mesh.get_group()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if flag.item():
+        from ..errors import UnsupportedError
+
+        raise UnsupportedError(
+            "ring attention with a padding attention mask: diffusers' ring applies each rank's local mask to every "
+            "other rank's keys, which would give a wrong image. Use ulysses_size instead of ring_size for this "
+            "model/prompt, or prompts without padding."
+        )
+    return None
+
+
 def _lse_forward_op_wrapper(wrapped, instance, args, kwargs):
     bound = inspect.signature(wrapped).bind(*args, **kwargs)
     bound.apply_defaults()
@@ -144,8 +168,9 @@ def _lse_forward_op_wrapper(wrapped, instance, args, kwargs):
         ctx.is_causal = a["is_causal"]
         ctx.scale = a["scale"]
         ctx.enable_gqa = a["enable_gqa"]
+    attn_mask = _ring_mask_or_none(a["attn_mask"], a["_parallel_config"])
     q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))
-    out, lse = _sdpa_with_lse(q, k, v, a["attn_mask"], a["dropout_p"], a["is_causal"], a["scale"])
+    out, lse = _sdpa_with_lse(q, k, v, attn_mask, a["dropout_p"], a["is_causal"], a["scale"])
     out = out.permute(0, 2, 1, 3)
     lse = lse.permute(0, 2, 1).contiguous()  # (B, S, H)
     if ring_lse_layout() == "4d":
@@ -189,6 +214,53 @@ def _all_gather_anything_wrapper(wrapped, instance, args, kwargs):
     return gather_uneven(tensor, dim, group)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Shim 3: a clear error instead of diffusers' bare `assert` when an even split is impossible. Every rank sees the
+# same shapes, so every rank raises here, before the collective that would follow.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _even_shard_wrapper(wrapped, instance, args, kwargs):
+    bound = inspect.signature(wrapped).bind(*args, **kwargs)
+    tensor, dim, mesh = bound.arguments["tensor"], bound.arguments["dim"], bound.arguments["mesh"]
+    size, parts = tensor.shape[dim], mesh.size()
+    if size % parts != 0:
+        from ..errors import DiffparError
+
+        raise DiffparError(
+            f"context parallelism: an input of shape {tuple(tensor.shape)} must be split in {parts} equal parts along "
+            f"dim {dim}, but {size} is not divisible by {parts}. Set ulysses_anything=True (Ulysses) or "
+            f"ring_anything=True (Ring) in ParallelismConfig to allow uneven splits, or choose an image/video size "
+            f"whose token count is a multiple of {parts}."
+        )
+    return wrapped(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shim 4: Ulysses-anything with an attention mask. diffusers pads every rank's local mask chunk to the longest,
+# concatenates, and trims only the tail, so with two or more short chunks (e.g. 4 ranks holding 6, 5, 5, 4
+# tokens) padding lands in the middle and real keys are masked out: a silently wrong image (0.37-0.42.1).
+# We gather the mask exactly (per-chunk trim) before diffusers sees it; a full-length mask is used as is.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _templated_cp_wrapper(wrapped, instance, args, kwargs):
+    bound = inspect.signature(wrapped).bind(*args, **kwargs)
+    a = bound.arguments
+    cp = a["_parallel_config"].context_parallel_config
+    mask, key = a.get("attn_mask"), a["key"]
+    if (
+        mask is not None
+        and getattr(cp, "ulysses_anything", False)
+        and cp.ulysses_degree > 1
+        and mask.shape[-1] == key.shape[1]
+    ):
+        a["attn_mask"] = gather_uneven(mask, mask.dim() - 1, cp._ulysses_mesh.get_group())
+    elif mask is not None and cp.ring_degree > 1:
+        a["attn_mask"] = _ring_mask_or_none(mask, a["_parallel_config"], cp._flattened_mesh.get_group())
+    return wrapped(*bound.args, **bound.kwargs)
+
+
 class _SharedShims:
     """Process-wide patches of diffusers module functions, reference-counted across handles."""
 
@@ -207,6 +279,15 @@ class _SharedShims:
                     Patch(ad, "_native_attention_forward_op", _lse_forward_op_wrapper,
                           label="diffusers attention_dispatch._native_attention_forward_op"),
                 ]
+                self._patches.append(
+                    Patch(hcp.EquipartitionSharder, "shard", _even_shard_wrapper,
+                          label="diffusers EquipartitionSharder.shard")
+                )
+                if hasattr(ad, "_templated_context_parallel_attention"):
+                    self._patches.append(
+                        Patch(ad, "_templated_context_parallel_attention", _templated_cp_wrapper,
+                              label="diffusers attention_dispatch._templated_context_parallel_attention")
+                    )
                 if hasattr(hcp, "_all_gather_anything"):
                     self._patches.append(
                         Patch(hcp, "_all_gather_anything", _all_gather_anything_wrapper,

@@ -61,6 +61,33 @@ def check_context_parallel(model: torch.nn.Module, config) -> None:
             f"{diffusers_cp.cp_capable_backends()} (on CPU: 'native')."
         )
     build_context_parallel_config(config)  # raises for what the installed release cannot do
+    if config.ulysses_degree > 1 and not config.ulysses_anything:
+        heads = attention_head_count(model)
+        if heads is not None and heads % config.ulysses_degree != 0:
+            works = max(d for d in range(1, heads + 1) if heads % d == 0 and d <= config.ulysses_degree)
+            raise UnsupportedError(
+                f"ulysses_size={config.ulysses_degree} does not divide the {heads} attention heads of "
+                f"{type(model).__name__}: Ulysses gives each rank whole heads. Use ulysses_size={works} (the largest "
+                f"that divides {heads}), add ring_size for the rest, or set ulysses_anything=True."
+            )
+    if config.ulysses_anything:
+        heads = attention_head_count(model)
+        p = config.ulysses_degree
+        if heads is not None and heads % p and (p - heads % p) >= -(-heads // p):
+            ok = [d for d in range(2, p + 1) if heads % d == 0 or (d - heads % d) < -(-heads // d)]
+            raise UnsupportedError(
+                f"ulysses_anything with ulysses_size={p} and {heads} attention heads: diffusers pads the heads on the "
+                f"last rank only, which needs fewer padding heads ({p - heads % p}) than heads per rank "
+                f"({-(-heads // p)}). Ulysses degrees that work for {heads} heads: {ok}; or use ring_size."
+            )
+
+
+def attention_head_count(model: torch.nn.Module) -> int | None:
+    for module, _ in attention_processors(model):
+        heads = getattr(module, "heads", None)
+        if isinstance(heads, int):
+            return heads
+    return None
 
 
 def apply_context_parallel(model: torch.nn.Module, plan: dict, config, cp_mesh, handle, name: str) -> None:

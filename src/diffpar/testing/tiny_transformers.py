@@ -91,13 +91,17 @@ def _qwenimage(heads=2, head_dim=16, layers=2):
         num_attention_heads=heads, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
     )
 
-    def inputs(seq=16, text=8, batch=1, seed=1):
+    def inputs(seq=16, text=8, batch=1, seed=1, text_padding=0):
         # QwenImage derives RoPE from img_shapes: seq = frames * h * w with h = 1 keeps seq arbitrary.
+        # text_padding masks out the last tokens of the prompt, as a tokenizer padding to max length does.
         g = _gen(seed)
+        mask = torch.ones(batch, text, dtype=torch.long)
+        if text_padding:
+            mask[:, text - text_padding:] = 0
         return dict(
             hidden_states=torch.randn(batch, seq, 16, generator=g),
             encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
-            encoder_hidden_states_mask=torch.ones(batch, text, dtype=torch.long),
+            encoder_hidden_states_mask=mask,
             timestep=torch.full((batch,), 0.5),
             img_shapes=[[(1, 1, seq)]] * batch,
             return_dict=False,

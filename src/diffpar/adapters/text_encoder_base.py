@@ -1,0 +1,482 @@
+"""Tensor parallelism for text encoders listed in `extra_parallel_modules`.
+
+A text encoder is sharded over the whole world (the group `enable_cache` hands every extra module), whatever
+the transformer uses. Each family file says how to find the encoder's layer stacks and gives their plan:
+transformers' own `base_model_tp_plan` where the config carries one (decoder LLMs), a plan written here
+where it does not (T5, UMT5, CLIP). A plan maps module paths (`*` = any one path component) to a style:
+
+    colwise      a Linear whose output features are split: no communication
+    rowwise      a Linear whose input features are split: one all-reduce, then the bias once
+    head_table   an Embedding(n, heads) whose columns are heads (T5's relative-position bias): sliced on dim 1
+    replicated   left whole on every rank (per-head norms)
+
+and transformers' `colwise_gather_output` / `rowwise_split_input`, honoured literally (an all-gather, a local
+slice) unless the family declares the layer packed (GLM's fused gate_up, chunked in two inside its MLP: each
+half is split the same way, so no gather is needed).
+
+Planned layers are grouped by parent. A parent that is an attention module (the family recognizes it by
+class) is split by whole heads (`split_heads`: uneven counts and key/value-head replication included) and
+gets its per-rank head counts; any other parent (an MLP) splits its inner features evenly. The whole plan is
+built for every rank during the local checks, so any error is raised on every rank before a collective.
+The module is then rewritten in place: each planned layer is replaced by its shard and the full layer is
+dropped (freed), unless `keep_original_text_encoders` asked to keep it for an exact detach.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import DiffparError, UnsupportedError
+from ..hooks.tensor_parallel_linear import (
+    PARALLEL_LAYER_TYPES,
+    ColumnParallelLinear,
+    HeadParallelEmbedding,
+    HeadShard,
+    Range,
+    RowParallelLinear,
+    mark_detached,
+    scale_ranges,
+    split_heads,
+    split_ranges,
+)
+from .base import ExtraModuleAdapter, register_extra_adapter
+
+logger = logging.getLogger("diffpar")
+
+COLWISE = "colwise"
+ROWWISE = "rowwise"
+HEAD_TABLE = "head_table"
+REPLICATED = "replicated"
+COLWISE_GATHER_OUTPUT = "colwise_gather_output"
+ROWWISE_SPLIT_INPUT = "rowwise_split_input"
+
+# transformers' TP style names (in `base_model_tp_plan`) -> ours. Others are refused by name.
+TRANSFORMERS_STYLES = {
+    "colwise": COLWISE,
+    "rowwise": ROWWISE,
+    # Per-head q/k RMSNorms (Qwen3, Gemma 3): their weight is per head-dim, the same for every head.
+    "replicated_with_grad_allreduce": REPLICATED,
+    COLWISE_GATHER_OUTPUT: COLWISE_GATHER_OUTPUT,
+    ROWWISE_SPLIT_INPUT: ROWWISE_SPLIT_INPUT,
+}
+_STYLES = {COLWISE, ROWWISE, HEAD_TABLE, REPLICATED, COLWISE_GATHER_OUTPUT, ROWWISE_SPLIT_INPUT}
+
+# Option read from the config object when present: keep the full layers so detach restores them exactly.
+KEEP_ORIGINAL_OPTION = "keep_original_text_encoders"
+
+
+# -- what a family provides ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttentionLayout:
+    """How one attention module names its projections and which attributes carry its head counts."""
+
+    q: str
+    k: str
+    v: str
+    o: str
+    head_dim: int
+    # Per-rank attribute values the attention's forward reads (e.g. num_key_value_groups, n_heads, inner_dim).
+    local_attrs: Callable[[HeadShard], dict]
+    head_table: str | None = None
+
+
+class TextEncoderFamily:
+    """One family of text encoders: how to recognize it, where its stacks are, their plan, their attention."""
+
+    name: str = ""
+    # The classes this family shards (for the supported table and messages).
+    classes: tuple[str, ...] = ()
+
+    def matches(self, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def targets(self, module: nn.Module) -> list[tuple[str, dict[str, str]]]:
+        """(path of a layer stack inside `module`, its plan relative to that stack) pairs."""
+        raise NotImplementedError
+
+    def check_module(self, module: nn.Module) -> None:
+        """Family-specific refusals (e.g. an unsupported config). Local, no collectives."""
+
+    def attention_layout(self, parent: nn.Module) -> AttentionLayout | None:
+        raise NotImplementedError
+
+    def packed_parts(self, parent: nn.Module, child: str) -> int:
+        """How many equal parts a layer's output is chunked into by its parent's forward (1: not packed)."""
+        return 1
+
+    def describe(self, module: nn.Module) -> dict:
+        return {}
+
+
+_FAMILIES: list[TextEncoderFamily] = []
+
+
+def register_text_encoder_family(family: TextEncoderFamily) -> TextEncoderFamily:
+    _FAMILIES.append(family)
+    return family
+
+
+def family_for(module: nn.Module) -> TextEncoderFamily | None:
+    for family in _FAMILIES:
+        if family.matches(module):
+            return family
+    return None
+
+
+def supported_text_encoders() -> list[tuple[str, tuple[str, ...]]]:
+    """(family name, classes) for every registered family, for docs and messages."""
+    return [(f.name, f.classes) for f in _FAMILIES]
+
+
+def transformers_plan(config) -> dict[str, str]:
+    """The config's `base_model_tp_plan`, styles translated to ours; unknown styles are refused by name."""
+    plan = dict(getattr(config, "base_model_tp_plan", None) or {})
+    out = {}
+    for pattern, style in plan.items():
+        if style not in TRANSFORMERS_STYLES:
+            raise UnsupportedError(
+                f"{type(config).__name__}.base_model_tp_plan asks for style {style!r} on {pattern!r}, which diffpar "
+                f"does not implement (it implements {sorted(TRANSFORMERS_STYLES)}). This encoder cannot be sharded; "
+                "remove it from extra_parallel_modules."
+            )
+        out[pattern] = TRANSFORMERS_STYLES[style]
+    return out
+
+
+# -- the plan for one encoder on one world ---------------------------------------------------------------------
+@dataclass
+class LayerShard:
+    """Replace `path` (relative to the encoder) by its shard on each rank."""
+
+    path: str
+    kind: str  # "column", "row", "head_table"
+    ranges: list[list[Range]]  # rank -> feature ranges (columns: output rows; row: input columns; table: heads)
+    gather_output: bool = False
+    input_is_parallel: bool = True
+
+
+@dataclass
+class AttributeShard:
+    path: str  # the attention module
+    values: list[dict]  # rank -> {attribute: per-rank value}
+
+
+@dataclass
+class ShardingPlan:
+    family: str
+    layers: list[LayerShard] = field(default_factory=list)
+    attributes: list[AttributeShard] = field(default_factory=list)
+    heads: dict = field(default_factory=dict)  # attention path -> per-rank (q heads, kv heads), for reports
+
+    def summary(self) -> dict:
+        head_counts = sorted({tuple(v) for v in self.heads.values()})
+        return {"family": self.family, "sharded_layers": len(self.layers), "heads_per_rank": head_counts}
+
+
+def _expand(module: nn.Module, prefix: str, plan: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Full path -> (style, plan pattern) for every module matched by a plan pattern under `prefix`."""
+    base = f"{prefix}." if prefix else ""
+    names = [n[len(base):] for n, _ in module.named_modules() if n.startswith(base) and n != prefix]
+    found = {}
+    for pattern, style in plan.items():
+        if style not in _STYLES:
+            raise DiffparError(f"text encoder plan: unknown style {style!r} for {pattern!r}.")
+        parts = pattern.split(".")
+        for name in names:
+            name_parts = name.split(".")
+            if len(name_parts) == len(parts) and all(fnmatch.fnmatchcase(n, p) for n, p in zip(name_parts, parts)):
+                found[base + name] = (style, pattern)
+    return found
+
+
+def _label(module: nn.Module, path: str) -> str:
+    return f"{type(module).__name__}.{path}" if path else type(module).__name__
+
+
+def _check_layer(encoder: nn.Module, path: str, layer: nn.Module, style: str) -> None:
+    label = _label(encoder, path)
+    if isinstance(layer, PARALLEL_LAYER_TYPES):
+        raise DiffparError(
+            f"{label} is already a tensor-parallel shard: this encoder was sharded by an earlier enable_cache (and "
+            "detached). Its full weights are gone; reload it (e.g. `from_pretrained`) and enable diffpar again."
+        )
+    wanted = nn.Embedding if style == HEAD_TABLE else nn.Linear
+    if type(layer) is not wanted:
+        hint = " (LoRA/PEFT adapters: fuse them first, e.g. pipe.fuse_lora())" if "lora" in type(layer).__name__.lower() else ""
+        raise UnsupportedError(
+            f"{label} is a {type(layer).__name__}, not a plain torch.nn.{wanted.__name__}{hint}: diffpar can only "
+            "split plain layers exactly (quantized or wrapped layers keep their own weight formats). Remove this "
+            "encoder from extra_parallel_modules, or load it unquantized."
+        )
+    for pname, p in layer.named_parameters(recurse=False):
+        if p.device.type == "meta":
+            raise UnsupportedError(
+                f"{label}.{pname} is on the meta device (weights not loaded, e.g. sequential CPU offload or a "
+                "device_map): diffpar needs the real weights to split them. Load the encoder fully, or remove it "
+                "from extra_parallel_modules."
+            )
+        if type(p.data) is not torch.Tensor or not p.is_floating_point():
+            raise UnsupportedError(
+                f"{label}.{pname} is a {type(p.data).__name__} of {p.dtype}, not a plain floating-point tensor "
+                "(quantized?): diffpar can only split plain weights. Remove this encoder from extra_parallel_modules."
+            )
+    if layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook") or hasattr(layer, "_diffusers_hook"):
+        raise UnsupportedError(
+            f"{label} has forward hooks (offloading, adapters or another library's hooks): replacing the layer with "
+            "its shard would drop them. Remove those hooks (e.g. do not use sequential CPU offload on this encoder) "
+            "or remove it from extra_parallel_modules."
+        )
+
+
+def build_plan(encoder: nn.Module, world: int, family: TextEncoderFamily | None = None) -> ShardingPlan:
+    """Every rank's shards of `encoder` on `world` ranks; raises DiffparError for anything it cannot split."""
+    family = family or family_for(encoder)
+    if family is None:
+        raise UnsupportedError(f"{type(encoder).__name__} is not a text encoder diffpar can shard.")
+    family.check_module(encoder)
+    result = ShardingPlan(family=family.name)
+    targets = family.targets(encoder)
+    if not targets:
+        raise UnsupportedError(f"{type(encoder).__name__}: diffpar found no layer stack to shard in it.")
+    for prefix, plan in targets:
+        planned = _expand(encoder, prefix, plan)
+        if not any(style != REPLICATED for style, _ in planned.values()):
+            raise UnsupportedError(
+                f"{_label(encoder, prefix)}: its tensor-parallel plan {sorted(plan)} matches none of its layers; "
+                "diffpar cannot shard it (a newer transformers layout?)."
+            )
+        by_parent: dict[str, dict[str, str]] = {}
+        for path, (style, _pattern) in planned.items():
+            if style == REPLICATED:
+                continue
+            parent, _, child = path.rpartition(".")
+            _check_layer(encoder, path, encoder.get_submodule(path), style)
+            by_parent.setdefault(parent, {})[child] = style
+        for parent_path in sorted(by_parent, key=_natural_key):
+            _plan_parent(encoder, family, parent_path, by_parent[parent_path], world, result)
+    return result
+
+
+def _natural_key(path: str):
+    return [int(p) if p.isdigit() else p for p in path.split(".")]
+
+
+def _join(parent: str, child: str) -> str:
+    return f"{parent}.{child}" if parent else child
+
+
+def _plan_parent(encoder, family, parent_path: str, styles: dict[str, str], world: int, out: ShardingPlan) -> None:
+    parent = encoder.get_submodule(parent_path) if parent_path else encoder
+    layout = family.attention_layout(parent)
+    if layout is not None:
+        _plan_attention(encoder, parent, parent_path, layout, styles, world, out)
+    else:
+        _plan_dense(encoder, family, parent, parent_path, styles, world, out)
+
+
+def _plan_attention(encoder, parent, parent_path, layout: AttentionLayout, styles, world, out: ShardingPlan) -> None:
+    label = _label(encoder, parent_path)
+    expected = {layout.q: COLWISE, layout.k: COLWISE, layout.v: COLWISE, layout.o: ROWWISE}
+    if layout.head_table and hasattr(parent, layout.head_table):
+        expected[layout.head_table] = HEAD_TABLE
+    if styles != expected:
+        raise UnsupportedError(
+            f"{label}: the plan shards {styles}, but an attention module must shard exactly {expected} (query, key and "
+            "value by heads, the output projection by rows) to stay exact."
+        )
+    d = layout.head_dim
+    q_out = getattr(parent, layout.q).out_features
+    kv_out = getattr(parent, layout.k).out_features
+    if q_out % d or kv_out % d or getattr(parent, layout.v).out_features != kv_out or getattr(parent, layout.o).in_features != q_out:
+        raise UnsupportedError(f"{label}: projection sizes do not match whole heads of {d} features; cannot split by heads.")
+    shards = split_heads(q_out // d, kv_out // d, world, what=f"{label} (query/key-value heads {q_out // d}/{kv_out // d})")
+    out.layers += [
+        LayerShard(_join(parent_path, layout.q), "column", [scale_ranges([s.q], d) for s in shards]),
+        LayerShard(_join(parent_path, layout.k), "column", [scale_ranges([s.kv], d) for s in shards]),
+        LayerShard(_join(parent_path, layout.v), "column", [scale_ranges([s.kv], d) for s in shards]),
+        LayerShard(_join(parent_path, layout.o), "row", [scale_ranges([s.q], d) for s in shards]),
+    ]
+    if HEAD_TABLE in styles.values():
+        out.layers.append(LayerShard(_join(parent_path, layout.head_table), "head_table", [[s.q] for s in shards]))
+    out.attributes.append(AttributeShard(parent_path, [layout.local_attrs(s) for s in shards]))
+    out.heads[parent_path] = [(s.num_q, s.num_kv) for s in shards]
+
+
+def _plan_dense(encoder, family, parent, parent_path, styles, world, out: ShardingPlan) -> None:
+    """An MLP: column layers split their outputs, row layers their inputs, all along the same inner features."""
+    label = _label(encoder, parent_path)
+    if HEAD_TABLE in styles.values():
+        raise UnsupportedError(f"{label}: a head_table entry outside an attention module the family recognizes.")
+    packed = {c: family.packed_parts(parent, c) for c, s in styles.items() if s in (COLWISE, COLWISE_GATHER_OUTPUT)}
+    packed = {c: n for c, n in packed.items() if n > 1}
+    if packed:
+        # transformers gathers a packed layer's output and re-splits it for the row layer; splitting each chunk
+        # the same way instead keeps `chunk()` local: no gather, same result.
+        styles = {c: {COLWISE_GATHER_OUTPUT: COLWISE, ROWWISE_SPLIT_INPUT: ROWWISE}.get(s, s) for c, s in styles.items()}
+    inner = None
+    for child, style in styles.items():
+        layer = getattr(parent, child)
+        if style == COLWISE:
+            parts = packed.get(child, 1)
+            if layer.out_features % parts:
+                raise UnsupportedError(f"{label}.{child}: {layer.out_features} outputs do not chunk into {parts} parts.")
+            size = layer.out_features // parts
+        elif style == ROWWISE:
+            size = layer.in_features
+        else:
+            continue  # literal gather / split-input layers split on their own
+        if inner is None:
+            inner = size
+        elif inner != size:
+            raise UnsupportedError(
+                f"{label}: its column and row layers do not share one inner size ({inner} vs {size} for {child}); "
+                "diffpar cannot pair them."
+            )
+    kinds = set(styles.values())
+    if (COLWISE in kinds) != (ROWWISE in kinds):
+        raise UnsupportedError(
+            f"{label}: the plan splits {styles}; a split output must be consumed by a row-split layer in the same "
+            "module (and a row-split layer fed by a split output), or the result would be a shard, not the model's."
+        )
+    for child, style in styles.items():
+        layer = getattr(parent, child)
+        size = inner if style in (COLWISE, ROWWISE) else (
+            layer.out_features if style == COLWISE_GATHER_OUTPUT else layer.in_features)
+        if size < world:
+            raise DiffparError(
+                f"{_label(encoder, _join(parent_path, child))} has {size} inner features, fewer than the {world} ranks: "
+                "every rank needs at least one. Leave this encoder out of extra_parallel_modules."
+            )
+        path = _join(parent_path, child)
+        if style == COLWISE and child in packed:
+            ranges = [[(p * inner + a, p * inner + b) for p in range(packed[child])] for a, b in split_ranges(inner, world)]
+            out.layers.append(LayerShard(path, "column", ranges))
+        elif style == COLWISE:
+            out.layers.append(LayerShard(path, "column", [[r] for r in split_ranges(inner, world)]))
+        elif style == ROWWISE:
+            out.layers.append(LayerShard(path, "row", [[r] for r in split_ranges(inner, world)]))
+        elif style == COLWISE_GATHER_OUTPUT:
+            own = split_ranges(layer.out_features, world)
+            out.layers.append(LayerShard(path, "column", [[r] for r in own], gather_output=True))
+        elif style == ROWWISE_SPLIT_INPUT:
+            own = split_ranges(layer.in_features, world)
+            out.layers.append(LayerShard(path, "row", [[r] for r in own], input_is_parallel=False))
+
+
+# -- applying it -----------------------------------------------------------------------------------------------
+def _make_shard(layer: nn.Module, shard: LayerShard, rank: int, group) -> nn.Module:
+    ranges = shard.ranges[rank]
+    if shard.kind == "column":
+        sizes = [sum(b - a for a, b in r) for r in shard.ranges]
+        return ColumnParallelLinear.from_linear(layer, ranges, group, gather_output=shard.gather_output,
+                                                all_out_sizes=sizes if shard.gather_output else None)
+    if shard.kind == "row":
+        return RowParallelLinear.from_linear(layer, ranges, group, input_is_parallel=shard.input_is_parallel)
+    return HeadParallelEmbedding.from_embedding(layer, ranges)
+
+
+def shard_text_encoder(encoder: nn.Module, group, *, keep_original: bool = False, plan: ShardingPlan | None = None):
+    """Rewrite `encoder` in place into this rank's shards. Returns the plan and the undo function."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    plan = plan or build_plan(encoder, world)
+    replaced = []  # (parent, child name, original layer or None, shard, original device)
+    for shard in plan.layers:
+        parent_path, _, child = shard.path.rpartition(".")
+        parent = encoder.get_submodule(parent_path) if parent_path else encoder
+        original = getattr(parent, child)
+        new = _make_shard(original, shard, rank, group)
+        setattr(parent, child, new)
+        device = None
+        if keep_original:
+            # Kept on the CPU so the accelerator memory is still saved; moved back (bit for bit) on detach.
+            device = next(original.parameters()).device
+            if device.type != "cpu":
+                original.to("cpu")
+        replaced.append((parent, child, original if keep_original else None, new, device))
+        del original  # without keep_original the full layer is referenced nowhere now: freed
+    old_attrs = []
+    for attr in plan.attributes:
+        module = encoder.get_submodule(attr.path) if attr.path else encoder
+        for key, value in attr.values[rank].items():
+            old_attrs.append((module, key, getattr(module, key)))
+            setattr(module, key, value)
+
+    label = type(encoder).__name__
+
+    def undo():
+        if keep_original:
+            for parent, child, original, _new, device in reversed(replaced):
+                if device is not None and device.type != "cpu":
+                    original.to(device)
+                setattr(parent, child, original)
+            for module, key, old in reversed(old_attrs):
+                setattr(module, key, old)
+        else:
+            for _parent, child, _orig, new, _device in replaced:
+                mark_detached(new, f"{label} ({child})", world)
+
+    return plan, undo
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    seen, total = set(), 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+class TextEncoderTensorParallel(ExtraModuleAdapter):
+    """`extra_parallel_modules` entries that are text encoders: tensor parallel over the whole world."""
+
+    kind = "text encoder (tensor parallel)"
+
+    def matches(self, module: nn.Module) -> bool:
+        return family_for(module) is not None
+
+    def check(self, module: nn.Module, world_size: int, config) -> None:
+        build_plan(module, world_size)
+
+    def describe(self, module: nn.Module) -> dict:
+        family = family_for(module)
+        params = list(module.parameters())
+        return {
+            "class": type(module).__name__,
+            "family": family.name,
+            "n_params": sum(p.numel() for p in params),
+            "dtype": str(params[0].dtype) if params else None,
+            **family.describe(module),
+        }
+
+    def apply(self, module: nn.Module, group, handle, config, *, pipeline=None, name: str = "") -> None:
+        keep = bool(getattr(config, KEEP_ORIGINAL_OPTION, False))
+        world = dist.get_world_size(group)
+        before = parameter_bytes(module)
+        plan, undo = shard_text_encoder(module, group, keep_original=keep)
+        after = parameter_bytes(module)
+        label = name or type(module).__name__
+        reason = None
+        if not keep:
+            reason = (
+                f"{label} ({type(module).__name__}) was split over {world} processes and its full weights were freed "
+                f"to save memory; it must be reloaded (e.g. {type(module).__name__}.from_pretrained(...)) before it "
+                f"runs in one process. Set {KEEP_ORIGINAL_OPTION}=True to keep a CPU copy that detach restores."
+            )
+        handle.add(f"{label}: text-encoder tensor parallelism ({plan.family}, {world} ranks)", undo,
+                   irreversible_reason=reason)
+        handle.info.setdefault("text_encoders", {})[label] = {
+            **plan.summary(), "world_size": world, "param_bytes_before": before, "param_bytes_after": after,
+            "kept_original": keep,
+        }
+        logger.info("diffpar: %s sharded over %d ranks (%s): %.1f%% of its parameter bytes per rank.",
+                    label, world, plan.family, 100.0 * after / max(before, 1))
+
+
+TEXT_ENCODER_ADAPTER = register_extra_adapter(TextEncoderTensorParallel())

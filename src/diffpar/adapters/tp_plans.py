@@ -1,0 +1,189 @@
+"""Transformer tensor-parallel plans of our own, as data.
+
+diffusers 0.40+ ships `_tp_plan` for Flux, Flux2, QwenImage (and QwenImage21 in 0.42); where the installed class
+has one, `hooks/tensor_parallel.py` uses it with diffusers' own `apply_tensor_parallel`. The plans here cover
+the same three families for releases without `_tp_plan` (0.36-0.39), plus Wan and Z-Image, which no release plans.
+
+A plan is built from the model (block sizes come from its config) and has three parts:
+
+- `linears`: module-path glob (one `*` over a ModuleList) -> style. "colwise" shards output features (each rank
+  computes whole heads / a slice of the MLP), "rowwise" shards input features and all-reduces the output (bias
+  added once, after the sum). `Packed(kind, blocks)` shards a fused projection block by block, so that e.g. the
+  q, k, v and MLP parts of one Linear are each split across ranks instead of the whole output row range.
+- `attention_attrs`: attention-module glob -> attributes that count heads or head-sized widths. They are divided
+  by tp on each rank, so processors that reshape with `attn.heads` (every release before 0.40, Wan, Z-Image) see
+  the per-rank view.
+- `sharded_norms`: RMSNorms taken over all heads at once (Wan's "rms_norm_across_heads"); on each rank they see
+  only their heads, so the mean of squares is all-reduced.
+
+Norms over one head (QK-norm), AdaLN modulation, embeddings and the output projection stay replicated: they act
+on the whole hidden vector, which every rank holds between blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+# class name -> function(model) -> TensorParallelPlan
+_TP_PLANS: dict[str, Callable[[torch.nn.Module], "TensorParallelPlan"]] = {}
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A fused Linear sharded block by block. `blocks` are absolute widths along the sharded dimension."""
+
+    kind: str  # "colwise" | "rowwise"
+    blocks: tuple[int, ...]
+
+
+@dataclass
+class TensorParallelPlan:
+    linears: dict[str, object]
+    attention_attrs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    sharded_norms: tuple[str, ...] = ()
+
+
+def register_tp_plan(*class_names: str):
+    def deco(fn):
+        for name in class_names:
+            _TP_PLANS[name] = fn
+        return fn
+
+    return deco
+
+
+def diffpar_tp_plan_for(model: torch.nn.Module) -> TensorParallelPlan | None:
+    for cls in type(model).__mro__:
+        fn = _TP_PLANS.get(cls.__name__)
+        if fn is not None:
+            return fn(model)
+    return None
+
+
+def supported_tp_models() -> set[str]:
+    return set(_TP_PLANS)
+
+
+def _present(model: torch.nn.Module, plan: dict, container: str) -> dict:
+    """Keep only entries whose module exists in the first block (optional projections, e.g. Wan's I2V add_k_proj)."""
+    blocks = getattr(model, container, None)
+    if blocks is None or len(blocks) == 0:
+        return {}
+    first = blocks[0]
+    kept = {}
+    for suffix, style in plan.items():
+        obj = first
+        for atom in suffix.split("."):
+            obj = getattr(obj, atom, None)
+            if obj is None:
+                break
+        if obj is not None:
+            kept[f"{container}.*.{suffix}"] = style
+    return kept
+
+
+_ATTN_ATTRS = ("heads", "inner_dim", "inner_kv_dim", "kv_inner_dim")
+
+
+@register_tp_plan("FluxTransformer2DModel")
+def _flux(model) -> TensorParallelPlan:
+    double = {
+        "attn.to_q": "colwise", "attn.to_k": "colwise", "attn.to_v": "colwise", "attn.to_out.0": "rowwise",
+        "attn.add_q_proj": "colwise", "attn.add_k_proj": "colwise", "attn.add_v_proj": "colwise",
+        "attn.to_add_out": "rowwise",
+        "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
+        "ff_context.net.0.proj": "colwise", "ff_context.net.2": "rowwise",
+    }
+    linears = _present(model, double, "transformer_blocks")
+    if len(model.single_transformer_blocks):
+        block = model.single_transformer_blocks[0]
+        single = {
+            "attn.to_q": "colwise", "attn.to_k": "colwise", "attn.to_v": "colwise", "proj_mlp": "colwise",
+            # proj_out reads cat([attention output, MLP hidden]): two column-sharded streams.
+            "proj_out": Packed("rowwise", (model.inner_dim, block.mlp_hidden_dim)),
+        }
+        linears.update(_present(model, single, "single_transformer_blocks"))
+    return TensorParallelPlan(
+        linears=linears,
+        attention_attrs={"transformer_blocks.*.attn": _ATTN_ATTRS, "single_transformer_blocks.*.attn": _ATTN_ATTRS},
+    )
+
+
+@register_tp_plan("Flux2Transformer2DModel")
+def _flux2(model) -> TensorParallelPlan:
+    double = {
+        "attn.to_q": "colwise", "attn.to_k": "colwise", "attn.to_v": "colwise", "attn.to_out.0": "rowwise",
+        "attn.add_q_proj": "colwise", "attn.add_k_proj": "colwise", "attn.add_v_proj": "colwise",
+        "attn.to_add_out": "rowwise",
+    }
+    linears = _present(model, double, "transformer_blocks")
+    if len(model.transformer_blocks):
+        ff = model.transformer_blocks[0].ff
+        half = ff.linear_in.out_features // 2  # SwiGLU: gate and value halves, each split across ranks
+        for stream in ("ff", "ff_context"):
+            linears[f"transformer_blocks.*.{stream}.linear_in"] = Packed("colwise", (half, half))
+            linears[f"transformer_blocks.*.{stream}.linear_out"] = "rowwise"
+    attrs = {"transformer_blocks.*.attn": _ATTN_ATTRS}
+    if len(model.single_transformer_blocks):
+        attn = model.single_transformer_blocks[0].attn
+        inner, mlp = attn.inner_dim, attn.mlp_hidden_dim
+        # q, k, v, then the MLP input, itself `mlp_mult_factor` parts (SwiGLU gate and value): each split alone.
+        linears["single_transformer_blocks.*.attn.to_qkv_mlp_proj"] = Packed(
+            "colwise", (inner, inner, inner) + (mlp,) * attn.mlp_mult_factor
+        )
+        linears["single_transformer_blocks.*.attn.to_out"] = Packed("rowwise", (inner, mlp))
+        attrs["single_transformer_blocks.*.attn"] = _ATTN_ATTRS + ("mlp_hidden_dim",)
+    return TensorParallelPlan(linears=linears, attention_attrs=attrs)
+
+
+@register_tp_plan("QwenImageTransformer2DModel")
+def _qwenimage(model) -> TensorParallelPlan:
+    double = {
+        "attn.to_q": "colwise", "attn.to_k": "colwise", "attn.to_v": "colwise", "attn.to_out.0": "rowwise",
+        "attn.add_q_proj": "colwise", "attn.add_k_proj": "colwise", "attn.add_v_proj": "colwise",
+        "attn.to_add_out": "rowwise",
+        "img_mlp.net.0.proj": "colwise", "img_mlp.net.2": "rowwise",
+        "txt_mlp.net.0.proj": "colwise", "txt_mlp.net.2": "rowwise",
+    }
+    return TensorParallelPlan(
+        linears=_present(model, double, "transformer_blocks"),
+        attention_attrs={"transformer_blocks.*.attn": _ATTN_ATTRS},
+    )
+
+
+@register_tp_plan("WanTransformer3DModel")
+def _wan(model) -> TensorParallelPlan:
+    block = {
+        "attn1.to_q": "colwise", "attn1.to_k": "colwise", "attn1.to_v": "colwise", "attn1.to_out.0": "rowwise",
+        "attn2.to_q": "colwise", "attn2.to_k": "colwise", "attn2.to_v": "colwise", "attn2.to_out.0": "rowwise",
+        "attn2.add_k_proj": "colwise", "attn2.add_v_proj": "colwise",  # I2V image context only
+        "ffn.net.0.proj": "colwise", "ffn.net.2": "rowwise",
+    }
+    norms = ["attn1.norm_q", "attn1.norm_k", "attn2.norm_q", "attn2.norm_k", "attn2.norm_added_k"]
+    present_norms = tuple(_present(model, {n: None for n in norms}, "blocks"))
+    return TensorParallelPlan(
+        linears=_present(model, block, "blocks"),
+        attention_attrs={"blocks.*.attn1": _ATTN_ATTRS, "blocks.*.attn2": _ATTN_ATTRS},
+        sharded_norms=present_norms,
+    )
+
+
+@register_tp_plan("ZImageTransformer2DModel")
+def _zimage(model) -> TensorParallelPlan:
+    block = {
+        "attention.to_q": "colwise", "attention.to_k": "colwise", "attention.to_v": "colwise",
+        "attention.to_out.0": "rowwise",
+        # SwiGLU: w2(silu(w1 x) * w3 x)
+        "feed_forward.w1": "colwise", "feed_forward.w3": "colwise",
+        "feed_forward.w2": "rowwise",
+    }
+    linears, attrs = {}, {}
+    # The refiners run on the image and caption streams before the main layers: same block type, same plan.
+    for container in ("noise_refiner", "context_refiner", "layers"):
+        found = _present(model, block, container)
+        if found:
+            linears.update(found)
+            attrs[f"{container}.*.attention"] = _ATTN_ATTRS
+    return TensorParallelPlan(linears=linears, attention_attrs=attrs)

@@ -1,0 +1,297 @@
+"""Column- and row-parallel linear layers on plain tensors, the all-reduce they need, and how heads are dealt.
+
+A tensor-parallel pair splits one inner dimension over the ranks of a process group:
+
+    x --ColumnParallelLinear--> this rank's slice of the features --(elementwise / per-head work)-->
+      --RowParallelLinear--> partial sums --all-reduce--> + bias --> the full output, the same on every rank
+
+The column layer needs no communication; the row layer does one all-reduce. Weights are plain tensors (no
+DTensor): each rank keeps only the rows / columns it owns, sliced once from the full layer, which the caller
+then drops. Slices are ranges of the full dimension and may differ in size between ranks (uneven splits).
+The process group is always an argument; nothing here reads a global default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import DiffparError
+
+Range = tuple[int, int]
+
+
+# -- splitting -------------------------------------------------------------------------------------------------
+def even_split(total: int, parts: int) -> list[int]:
+    """Sizes of `parts` contiguous pieces of `total`, differing by at most one (larger pieces first)."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def split_ranges(total: int, parts: int) -> list[Range]:
+    """Contiguous (start, stop) ranges of `even_split(total, parts)`."""
+    ranges, start = [], 0
+    for size in even_split(total, parts):
+        ranges.append((start, start + size))
+        start += size
+    return ranges
+
+
+class HeadCountError(DiffparError):
+    """Fewer attention heads than ranks: some rank would hold no head."""
+
+
+@dataclass(frozen=True)
+class HeadShard:
+    """The query heads and key/value heads one rank computes (half-open ranges of head indices)."""
+
+    q: Range
+    kv: Range
+
+    @property
+    def num_q(self) -> int:
+        return self.q[1] - self.q[0]
+
+    @property
+    def num_kv(self) -> int:
+        return self.kv[1] - self.kv[0]
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per key/value head on this rank (transformers' `num_key_value_groups`)."""
+        return self.num_q // self.num_kv
+
+
+def split_heads(num_heads: int, num_kv_heads: int, world: int, *, what: str = "the model") -> list[HeadShard]:
+    """Deal attention heads to `world` ranks so that every rank computes whole heads, exactly.
+
+    Query head h reads key/value head h // g, g = num_heads // num_kv_heads. Every rank's query heads must
+    read key/value heads that rank holds, with the same number of query heads per key/value head:
+    - num_kv_heads >= world: key/value heads are dealt as evenly as possible, each with its g query heads;
+    - num_kv_heads < world (e.g. 2 KV heads on 4 ranks): each rank holds one key/value head (replicated on
+      the ranks that share it) and a contiguous part of that head's query heads; `num_key_value_groups`
+      becomes the number of local query heads.
+    Uneven counts are allowed (a rank may hold one head more); only fewer heads than ranks is refused.
+    """
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise DiffparError(
+            f"{what}: {num_heads} query heads are not a multiple of {num_kv_heads} key/value heads; this is not a "
+            "grouped-query attention layout diffpar can split."
+        )
+    if num_heads < world:
+        raise HeadCountError(
+            f"{what} has {num_heads} attention heads, fewer than the {world} ranks it would be sharded over: "
+            f"tensor parallelism gives every rank at least one whole head, so at most {num_heads} ranks can share "
+            f"it. Leave it out of extra_parallel_modules (it then runs whole on every rank), or launch at most "
+            f"{num_heads} processes."
+        )
+    group = num_heads // num_kv_heads
+    if num_kv_heads >= world:
+        return [HeadShard(q=(a * group, b * group), kv=(a, b)) for a, b in split_ranges(num_kv_heads, world)]
+    shards = []
+    for kv, ranks_on_head in enumerate(even_split(world, num_kv_heads)):
+        # ranks_on_head <= ceil(world / num_kv_heads) <= group because world <= num_heads: no rank is empty.
+        for a, b in split_ranges(group, ranks_on_head):
+            shards.append(HeadShard(q=(kv * group + a, kv * group + b), kv=(kv, kv + 1)))
+    return shards
+
+
+def scale_ranges(ranges: Sequence[Range], unit: int, offset: int = 0) -> list[Range]:
+    """Head ranges -> feature ranges (`unit` features per head), shifted by `offset`."""
+    return [(offset + a * unit, offset + b * unit) for a, b in ranges]
+
+
+def _slice_rows(weight: torch.Tensor, ranges: Sequence[Range]) -> torch.Tensor:
+    parts = [weight[a:b] for a, b in ranges]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    # A contiguous copy of its own storage, so the full tensor can be freed.
+    return out.clone(memory_format=torch.contiguous_format)
+
+
+def _slice_cols(weight: torch.Tensor, ranges: Sequence[Range]) -> torch.Tensor:
+    parts = [weight[:, a:b] for a, b in ranges]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return out.clone(memory_format=torch.contiguous_format)
+
+
+def _total(ranges: Sequence[Range]) -> int:
+    return sum(b - a for a, b in ranges)
+
+
+# -- collectives -----------------------------------------------------------------------------------------------
+def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Sum `tensor` over `group`. In place (and returned) for inference; autograd-aware when it needs a grad."""
+    if torch.is_grad_enabled() and tensor.requires_grad:
+        import torch.distributed.nn.functional as dist_fn
+
+        return dist_fn.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def all_gather_last_dim(tensor: torch.Tensor, sizes: Sequence[int], group) -> torch.Tensor:
+    """Concatenate every rank's `tensor` along the last dimension; rank i holds `sizes[i]` features.
+
+    Pieces are padded to the largest size first: gloo's all_gather needs equal shapes.
+    """
+    width = max(sizes)
+    local = tensor
+    if tensor.shape[-1] < width:
+        local = F.pad(tensor, (0, width - tensor.shape[-1]))
+    local = local.contiguous()
+    pieces = [torch.empty_like(local) for _ in sizes]
+    dist.all_gather(pieces, local, group=group)
+    return torch.cat([p[..., :n] for p, n in zip(pieces, sizes)], dim=-1)
+
+
+class ShardedModuleDetachedError(RuntimeError):
+    pass
+
+
+_DETACHED_MESSAGE = (
+    "{label} holds only this rank's shard of a layer that diffpar split over {world} processes, and diffpar was "
+    "detached: it cannot compute the full layer any more. Reload the module (e.g. `from_pretrained`) before "
+    "using it again, or pass keep_original_text_encoders=True to restore it on detach."
+)
+
+
+# -- layers ----------------------------------------------------------------------------------------------------
+class ColumnParallelLinear(nn.Module):
+    """This rank's output features of a linear layer: y[..., mine] = x @ W[mine].T + b[mine].
+
+    `gather_output=False` (the usual case) leaves the output split: the next layer works on this rank's
+    features (heads, MLP channels). `gather_output=True` all-gathers the full output.
+    """
+
+    def __init__(self, in_features: int, out_ranges: Sequence[Range], full_out_features: int, *, bias: bool,
+                 group, gather_output: bool = False, all_out_sizes: Sequence[int] | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_ranges = tuple(tuple(r) for r in out_ranges)
+        self.out_features = _total(self.out_ranges)
+        self.full_out_features = full_out_features
+        self.group = group
+        self.gather_output = gather_output
+        self.all_out_sizes = tuple(all_out_sizes) if all_out_sizes is not None else None
+        if gather_output and self.all_out_sizes is None:
+            raise ValueError("gather_output=True needs all_out_sizes (every rank's number of output features).")
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype)) if bias else None
+        self.detached_reason: str | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, out_ranges: Sequence[Range], group, *, gather_output: bool = False,
+                    all_out_sizes: Sequence[int] | None = None) -> "ColumnParallelLinear":
+        layer = cls(linear.in_features, out_ranges, linear.out_features, bias=linear.bias is not None, group=group,
+                    gather_output=gather_output, all_out_sizes=all_out_sizes, device="meta")
+        layer.weight = nn.Parameter(_slice_rows(linear.weight.data, out_ranges), linear.weight.requires_grad)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(_slice_rows(linear.bias.data, out_ranges), linear.bias.requires_grad)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.detached_reason is not None:
+            raise ShardedModuleDetachedError(self.detached_reason)
+        y = F.linear(x, self.weight, self.bias)
+        if self.gather_output:
+            y = all_gather_last_dim(y, self.all_out_sizes, self.group)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features} of {self.full_out_features} "
+                f"{list(self.out_ranges)}, bias={self.bias is not None}, gather_output={self.gather_output}")
+
+
+class RowParallelLinear(nn.Module):
+    """This rank's input features of a linear layer: partial = x[..., mine] @ W[:, mine].T, summed over ranks.
+
+    `input_is_parallel=True`: the input already holds only this rank's features (the output of a
+    ColumnParallelLinear); otherwise the full input is sliced here. `reduce_results=True`: one all-reduce, then
+    the bias, added once, so every rank returns the full output. `reduce_results=False` returns the partial sum
+    without the bias, for a caller that fuses the reduction.
+    """
+
+    def __init__(self, in_ranges: Sequence[Range], full_in_features: int, out_features: int, *, bias: bool, group,
+                 input_is_parallel: bool = True, reduce_results: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.in_ranges = tuple(tuple(r) for r in in_ranges)
+        self.in_features = _total(self.in_ranges)
+        self.full_in_features = full_in_features
+        self.out_features = out_features
+        self.group = group
+        self.input_is_parallel = input_is_parallel
+        self.reduce_results = reduce_results
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.detached_reason: str | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, in_ranges: Sequence[Range], group, *, input_is_parallel: bool = True,
+                    reduce_results: bool = True) -> "RowParallelLinear":
+        layer = cls(in_ranges, linear.in_features, linear.out_features, bias=linear.bias is not None, group=group,
+                    input_is_parallel=input_is_parallel, reduce_results=reduce_results, device="meta")
+        layer.weight = nn.Parameter(_slice_cols(linear.weight.data, in_ranges), linear.weight.requires_grad)
+        if linear.bias is not None:
+            # The bias is not split: it is added once, after the sum.
+            layer.bias = nn.Parameter(linear.bias.data.clone(), linear.bias.requires_grad)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.detached_reason is not None:
+            raise ShardedModuleDetachedError(self.detached_reason)
+        if not self.input_is_parallel:
+            parts = [x[..., a:b] for a, b in self.in_ranges]
+            x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        y = F.linear(x, self.weight)
+        if not self.reduce_results:
+            return y
+        y = all_reduce_sum(y, self.group)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features} of {self.full_in_features} {list(self.in_ranges)}, "
+                f"out_features={self.out_features}, bias={self.bias is not None}, "
+                f"input_is_parallel={self.input_is_parallel}, reduce_results={self.reduce_results}")
+
+
+class HeadParallelEmbedding(nn.Module):
+    """A table whose columns are attention heads (T5's relative-position bias, Embedding(buckets, heads)),
+    keeping this rank's heads only. A lookup needs no communication."""
+
+    def __init__(self, num_embeddings: int, head_ranges: Sequence[Range], full_heads: int, *, device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.head_ranges = tuple(tuple(r) for r in head_ranges)
+        self.embedding_dim = _total(self.head_ranges)
+        self.full_embedding_dim = full_heads
+        self.weight = nn.Parameter(torch.empty(num_embeddings, self.embedding_dim, device=device, dtype=dtype))
+        self.detached_reason: str | None = None
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, head_ranges: Sequence[Range]) -> "HeadParallelEmbedding":
+        layer = cls(embedding.num_embeddings, head_ranges, embedding.embedding_dim, device="meta")
+        layer.weight = nn.Parameter(_slice_cols(embedding.weight.data, head_ranges), embedding.weight.requires_grad)
+        return layer
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        if self.detached_reason is not None:
+            raise ShardedModuleDetachedError(self.detached_reason)
+        return F.embedding(indices, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim} of {self.full_embedding_dim} heads {list(self.head_ranges)}"
+
+
+PARALLEL_LAYER_TYPES = (ColumnParallelLinear, RowParallelLinear, HeadParallelEmbedding)
+
+
+def mark_detached(layer: nn.Module, label: str, world: int) -> None:
+    """Make a shard refuse to run (a clear error, not a wrong result or a hang) once diffpar is detached."""
+    layer.detached_reason = _DETACHED_MESSAGE.format(label=label, world=world)

@@ -1,0 +1,57 @@
+"""Transformer context parallelism over diffusers' native plans vs the same model in one process."""
+import pytest
+from tolerances import CP_FP32
+
+# (world, config, sequence length, model overrides): Ulysses, Ring, both, uneven lengths with *_anything.
+LAYOUTS = [
+    pytest.param(2, {"ulysses_size": 2}, 16, {}, id="w2-ulysses"),
+    pytest.param(2, {"ring_size": 2}, 16, {}, id="w2-ring"),
+    pytest.param(4, {"ulysses_size": 4}, 16, {"heads": 4}, id="w4-ulysses"),
+    pytest.param(4, {"ulysses_size": 2, "ring_size": 2}, 16, {}, id="w4-ulysses2xring2"),
+    pytest.param(4, {"ring_size": 4}, 16, {}, id="w4-ring"),
+    pytest.param(2, {"ulysses_size": 2, "ulysses_anything": True}, 15, {}, id="w2-ulysses-anything-odd"),
+    pytest.param(4, {"ulysses_size": 4, "ulysses_anything": True}, 13, {"heads": 7}, id="w4-ulysses-anything-odd-heads"),
+    pytest.param(4, {"ring_size": 4, "ring_anything": True}, 17, {}, id="w4-ring-anything-odd"),
+]
+
+MODELS = ["flux", "flux2", "qwenimage", "wan"]
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("world,config,seq,model_kwargs", LAYOUTS)
+def test_cp_matches_one_process(ranks, model_name, world, config, seq, model_kwargs):
+    text = 7 if seq % 2 else 8
+    results = ranks(world, "workers.cp_transformers:cp_equivalence", model_name=model_name, config=config,
+                    seq=seq, text=text, model_kwargs=model_kwargs)
+    for r in results:
+        assert r["diff"] <= CP_FP32, (r["rank"], r["diff"])
+        assert r["detach_diff"] == 0.0, "detach must restore the model bit for bit"
+    assert len({r["shape"] for r in results}) == 1
+
+
+def test_dp_groups_when_degrees_use_part_of_the_world(ranks):
+    """ulysses_size=2 on 4 ranks: two groups each run the model; every rank still gets the full result."""
+    results = ranks(4, "workers.cp_transformers:cp_equivalence", model_name="flux", config={"ulysses_size": 2})
+    assert all(r["diff"] <= CP_FP32 for r in results)
+
+
+@pytest.mark.parametrize("world,config,seq", [
+    pytest.param(2, {"ulysses_size": 2}, 16, id="w2-ulysses"),
+    pytest.param(4, {"ulysses_size": 4, "ulysses_anything": True}, 13, id="w4-ulysses-anything-odd"),
+])
+def test_padded_text_mask_under_ulysses(ranks, world, config, seq):
+    """A padded prompt mask must be gathered exactly (diffusers' uneven mask gather misplaces padding)."""
+    results = ranks(world, "workers.cp_transformers:cp_equivalence", model_name="qwenimage", config=config,
+                    seq=seq, text=7, model_kwargs={"heads": 4}, input_kwargs={"text_padding": 3})
+    assert all(r["diff"] <= CP_FP32 for r in results), [r["diff"] for r in results]
+
+
+def test_padded_text_mask_under_ring_is_refused_on_every_rank(ranks):
+    from diffpar.testing import RankFailure
+
+    with pytest.raises(RankFailure) as err:
+        ranks(2, "workers.cp_transformers:cp_equivalence", model_name="qwenimage", config={"ring_size": 2},
+              seq=16, text=8, input_kwargs={"text_padding": 3})
+    text = str(err.value)
+    assert "2 rank(s) failed" in text
+    assert "ring attention with a padding attention mask" in text and "Use ulysses_size" in text

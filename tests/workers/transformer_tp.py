@@ -1,0 +1,89 @@
+"""Rank-side checks for transformer tensor parallelism and the CP x TP hybrid."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+import diffpar
+from diffpar.hooks import tensor_parallel
+from diffpar.testing import tiny_transformers
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out.sample
+
+
+def _build(model_name: str, model_kwargs: dict | None):
+    if model_name == "zimage":
+        from diffpar.testing import tiny_controlnets
+
+        return tiny_controlnets.build_zimage_transformer(**(model_kwargs or {}))
+    return tiny_transformers.build(model_name, **(model_kwargs or {}))
+
+
+def local_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights this rank holds (a DTensor counts its local shard only)."""
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for p in model.parameters():
+        t = p.to_local() if isinstance(p, DTensor) else p
+        total += t.numel() * t.element_size()
+    for m in model.modules():  # rowwise biases live on the all-reduce hook, not in parameters()
+        for hook in m._forward_hooks.values():
+            bias = getattr(hook, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                total += bias.numel() * bias.element_size()
+    return total
+
+
+def tp_equivalence(model_name: str, config: dict, seq: int = 16, text: int = 8, batch: int = 1,
+                   model_kwargs: dict | None = None, input_kwargs: dict | None = None, force_diffpar: bool = False):
+    """One process vs tensor (or hybrid) parallel on this world, then detach; per rank."""
+    tensor_parallel.FORCE_DIFFPAR_PLANS = force_diffpar
+    try:
+        model, make_inputs = _build(model_name, model_kwargs)
+        inputs = make_inputs(seq=seq, text=text, batch=batch, **(input_kwargs or {}))
+        reference_model = copy.deepcopy(model)
+        full_bytes = local_weight_bytes(model)
+        with torch.no_grad():
+            reference = _first(reference_model(**copy.deepcopy(inputs)))
+        handle = diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(**config))
+        sharded_bytes = local_weight_bytes(model)
+        with torch.no_grad():
+            parallel = _first(model(**copy.deepcopy(inputs)))
+        result = {
+            "diff": (parallel - reference).abs().max().item(),
+            "engine": handle.info.get("tensor_parallel", {}).get(type(model).__name__, {}).get("engine"),
+            "bytes_ratio": sharded_bytes / full_bytes,
+            "steps": handle.step_names,
+            "rank": dist.get_rank(),
+        }
+        handle.detach()
+        with torch.no_grad():
+            after = _first(model(**copy.deepcopy(inputs)))
+        result["detach_diff"] = (after - reference).abs().max().item()
+        ref_state = reference_model.state_dict()
+        state = model.state_dict()
+        result["detach_weights_equal"] = set(state) == set(ref_state) and all(
+            type(state[k]) is torch.Tensor and torch.equal(state[k], ref_state[k]) for k in ref_state
+        )
+        return result
+    finally:
+        tensor_parallel.FORCE_DIFFPAR_PLANS = False
+
+
+def expect_error(model_name: str, config: dict, model_kwargs: dict | None = None, force_diffpar: bool = False):
+    """The error message enable_cache raises on this rank (or None)."""
+    tensor_parallel.FORCE_DIFFPAR_PLANS = force_diffpar
+    try:
+        model, _ = _build(model_name, model_kwargs)
+        try:
+            diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(**config))
+        except diffpar.DiffparError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+    finally:
+        tensor_parallel.FORCE_DIFFPAR_PLANS = False
