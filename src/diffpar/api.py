@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from . import mesh as mesh_lib
-from .adapters.base import cp_plan_for, extra_adapter_for
+from .adapters.base import cp_plan_for, extra_adapter_for, prepare_cp_plan
 from .compat import versions
 from .config import ParallelismConfig
 from .errors import DiffparError, UnsupportedError
@@ -151,6 +151,7 @@ def _enable_parallelism(target, config: ParallelismConfig, handle: ParallelHandl
             description[f"denoiser:{name}"] = _model_summary(model)
             if config.cp_degree > 1:
                 plans[name] = cp_plan_for(model)
+                prepare_cp_plan(model, config, handle, name)  # our plans' forward changes, undone by the handle
                 check_context_parallel(model, config)
             if config.tp_degree > 1:
                 from .hooks.tensor_parallel import check_tensor_parallel

@@ -17,16 +17,38 @@ from ..errors import UnsupportedError
 
 # class name -> function returning the plan (built lazily: plan classes come from the installed diffusers).
 _CP_PLANS: dict[str, Callable[[torch.nn.Module], dict]] = {}
+# class name -> fn(model, config, handle, name): the forward change a plan of ours needs, recorded on the handle.
+_CP_PREPARERS: dict[str, Callable] = {}
 _EXTRA_ADAPTERS: list["ExtraModuleAdapter"] = []
 
 
-def register_cp_plan(*class_names: str):
+def register_cp_plan(*class_names: str, prepare: Callable | None = None):
+    """Register a plan builder; `prepare(model, config, handle, name)`, if given, makes the smallest forward change
+    the plan needs (e.g. attention processors that take a parallel config). It runs during the local checks, before
+    `check_context_parallel`, issues no collective, may raise a DiffparError, and records every change on the
+    handle."""
+
     def deco(fn):
         for name in class_names:
             _CP_PLANS[name] = fn
+            if prepare is not None:
+                _CP_PREPARERS[name] = prepare
         return fn
 
     return deco
+
+
+def prepare_cp_plan(model: torch.nn.Module, config, handle, name: str) -> None:
+    """Run the preparer registered with our plan for `model` (none when diffusers ships the plan)."""
+    _load_builtin_adapters()
+    if getattr(type(model), "_cp_plan", None):
+        return
+    for cls in type(model).__mro__:
+        if cls.__name__ in _CP_PLANS:
+            prepare = _CP_PREPARERS.get(cls.__name__)
+            if prepare is not None:
+                prepare(model, config, handle, name)
+            return
 
 
 def cp_plan_for(model: torch.nn.Module) -> tuple[dict, str]:

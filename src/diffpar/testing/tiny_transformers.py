@@ -131,3 +131,95 @@ def _wan(heads=2, head_dim=16, layers=2):
         )
 
     return model, inputs
+
+
+@builder("zimage")
+def _zimage(heads=2, head_dim=16, layers=2, refiner_layers=1):
+    from diffusers import ZImageTransformer2DModel
+
+    # head_dim must equal sum(axes_dims); a 3-axis RoPE like the real (32, 48, 48) one.
+    axes = (4, 6, 6) if head_dim == 16 else (head_dim // 4, head_dim // 4, head_dim - 2 * (head_dim // 4))
+    model = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=heads * head_dim, n_layers=layers,
+        n_refiner_layers=refiner_layers, n_heads=heads, n_kv_heads=heads, cap_feat_dim=32, axes_dims=list(axes),
+        axes_lens=[256, 64, 64],
+    )
+    # Pad tokens are created uninitialized on some releases: give them seeded values.
+    with torch.no_grad():
+        model.x_pad_token.copy_(torch.randn(model.x_pad_token.shape))
+        model.cap_pad_token.copy_(torch.randn(model.cap_pad_token.shape))
+
+    def inputs(seq=16, text=8, batch=1, seed=1, sizes=None, texts=None):
+        # Per-sample lists, as the pipeline passes them. Image tokens = (H/2) * (W/2) with H = 2: W = 2 * seq.
+        # `sizes` / `texts` give per-sample token counts (different lengths make the padding mask appear).
+        g = _gen(seed)
+        sizes = sizes or [seq] * batch
+        texts = texts or [text] * batch
+        return dict(
+            x=[torch.randn(4, 1, 2, 2 * n, generator=g) for n in sizes],
+            t=torch.full((len(sizes),), 0.5),
+            cap_feats=[torch.randn(n, 32, generator=g) for n in texts],
+            return_dict=False,
+        )
+
+    return model, inputs
+
+
+@builder("sd3")
+def _sd3(heads=2, head_dim=16, layers=2, dual_layers=(0,)):
+    from diffusers import SD3Transformer2DModel
+
+    # SD3.5-shaped: RMS qk-norm and a dual (image-only) attention in the first block; the last block is
+    # context-pre-only, as in every SD3.
+    model = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=layers, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=32, caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=32, pos_embed_max_size=16, dual_attention_layers=tuple(dual_layers), qk_norm="rms_norm",
+    )
+
+    def inputs(seq=16, text=8, batch=1, seed=1, height=None):
+        # Image tokens = (H/2) * (W/2): H = 2 * height, W = 2 * (seq // height); height 1 keeps seq arbitrary.
+        g = _gen(seed)
+        height = height or 1
+        return dict(
+            hidden_states=torch.randn(batch, 4, 2 * height, 2 * (seq // height), generator=g),
+            encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+            pooled_projections=torch.randn(batch, 32, generator=g),
+            timestep=torch.full((batch,), 500.0),
+            return_dict=False,
+        )
+
+    return model, inputs
+
+
+@builder("hunyuan_video")
+def _hunyuan_video(heads=2, head_dim=16, layers=1, single_layers=1, refiner_layers=1):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=layers,
+        num_single_layers=single_layers, num_refiner_layers=refiner_layers, patch_size=2, patch_size_t=1,
+        text_embed_dim=32, pooled_projection_dim=32, rope_axes_dim=(4, 6, 6) if head_dim == 16 else
+        (head_dim // 4, head_dim // 4, head_dim - 2 * (head_dim // 4)), guidance_embeds=True,
+    )
+
+    def inputs(seq=16, text=8, batch=1, seed=1, frames=2, valid=None):
+        # Video tokens = frames * (H/2) * (W/2) with H = 2: W = 2 * (seq // frames). `valid` gives each row's
+        # count of real text tokens (right-padded, as the pipeline's tokenizer does); default: no padding.
+        g = _gen(seed)
+        width = 2 * max(1, seq // frames)
+        valid = valid or [text] * batch
+        mask = torch.zeros(batch, text, dtype=torch.long)
+        for row, n in enumerate(valid):
+            mask[row, :n] = 1
+        return dict(
+            hidden_states=torch.randn(batch, 4, frames, 2, width, generator=g),
+            timestep=torch.full((batch,), 500.0),
+            encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+            encoder_attention_mask=mask,
+            pooled_projections=torch.randn(batch, 32, generator=g),
+            guidance=torch.full((batch,), 6000.0),
+            return_dict=False,
+        )
+
+    return model, inputs

@@ -1,0 +1,71 @@
+"""Context-parallel plan for Z-Image (`ZImageTransformer2DModel`); diffusers ships none.
+
+The forward takes lists of per-sample tensors and builds padded batch sequences inside methods, not modules, so
+the plan splits where those sequences first enter a module: the first block of each stack (noise refiner on image
+tokens, context refiner on caption tokens, SigLIP refiner in omni mode, and the main layers on the unified
+sequence). Each stack's RoPE table (and, in omni mode, its per-token noise mask) is passed unsplit to every block
+of the stack, so those are split at every block. The refiners' outputs are gathered at their last block because
+the forward then concatenates them per sample; the main stack is gathered after the final layer.
+
+The padding mask is deliberately left whole: after Ulysses' all-to-all each rank attends over the whole sequence
+in its original order, so the whole mask is the right one on every release (0.36 has no mask gather). A padding
+mask appears only for batches whose samples differ in length (0.36 always passes one, all True for equal
+lengths); diffusers' ring cannot apply a padding mask, and diffpar's ring shim raises a clear error for one.
+"""
+from __future__ import annotations
+
+import inspect
+
+from .base import register_cp_plan
+
+# Sequences are padded to multiples of 32 per sample (SEQ_MULTI_OF in diffusers), so even splits over 2 and 4
+# ranks always exist; *_anything covers other degrees.
+
+
+def _block_accepts(model, param: str) -> bool:
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+
+    return param in inspect.signature(ZImageTransformerBlock.forward).parameters
+
+
+def _stack_plan(stack: str, num_blocks: int, per_block: dict, gather_output: bool) -> dict:
+    """Split `x` entering block 0, split `per_block` inputs at every block, optionally gather the last output."""
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    if num_blocks == 0:
+        return {}
+    tokens = {"x": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)}
+    if num_blocks == 1:
+        plan = {f"{stack}.*": {**tokens, **per_block}}
+    else:
+        plan = {f"{stack}.0": tokens, f"{stack}.*": per_block}
+    if gather_output:
+        plan[f"{stack}.{num_blocks - 1}"] = ContextParallelOutput(gather_dim=1, expected_dims=3)
+    return plan
+
+
+@register_cp_plan("ZImageTransformer2DModel")
+def zimage_cp_plan(model) -> dict:
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    rope = {"freqs_cis": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)}
+    # The noise refiner and main layers get a per-token noise mask (omni mode, 0.37+); the forward passes it
+    # positionally (None outside omni mode), so it can be named in the plan only where the block takes it.
+    noisy = dict(rope)
+    if _block_accepts(model, "noise_mask"):
+        noisy["noise_mask"] = ContextParallelInput(split_dim=1, expected_dims=2, split_output=False)
+
+    omni_capable = getattr(model, "siglip_refiner", None) is not None
+    plan = {}
+    plan.update(_stack_plan("noise_refiner", len(model.noise_refiner), noisy, gather_output=True))
+    plan.update(_stack_plan("context_refiner", len(model.context_refiner), rope, gather_output=True))
+    if omni_capable:
+        plan.update(_stack_plan("siglip_refiner", len(model.siglip_refiner), rope, gather_output=True))
+    # In omni mode the final layer selects per-token modulation with the whole noise mask, so an omni-capable
+    # model is gathered after its last block; otherwise after the final layer (a 64-wide output, not 3840-wide,
+    # and after every ControlNet residual, which a parallel ControlNet adds sharded like the sequence).
+    plan.update(_stack_plan("layers", len(model.layers), noisy, gather_output=omni_capable))
+    if not omni_capable:
+        for key in model.all_final_layer.keys():
+            plan[f"all_final_layer.{key}"] = ContextParallelOutput(gather_dim=1, expected_dims=3)
+    return plan

@@ -1,0 +1,82 @@
+"""Rank-side checks for diffpar's own context-parallel plans (Z-Image, SD3, HunyuanVideo)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+import diffpar
+from diffpar.testing import tiny_transformers
+
+
+def _sample(out) -> torch.Tensor:
+    first = out[0] if isinstance(out, (tuple, list)) else out.sample
+    # Z-Image returns one tensor per sample (sizes may differ): flatten them into one vector to compare.
+    if isinstance(first, (list, tuple)):
+        return torch.cat([t.flatten() for t in first])
+    return first
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        return _sample(model(**copy.deepcopy(inputs)))
+
+
+def cp_equivalence(model_name: str, config: dict, model_kwargs: dict | None = None, input_kwargs: dict | None = None,
+                   calls: int = 1):
+    """Same seeded model in one process vs context parallel on this world; then detach and compare again.
+
+    `calls` > 1 runs the parallel model several times (hooks and caches must not drift between calls).
+    """
+    model, make_inputs = tiny_transformers.build(model_name, **(model_kwargs or {}))
+    inputs = make_inputs(**(input_kwargs or {}))
+    reference = _run(copy.deepcopy(model), inputs)
+    before = _run(model, inputs)
+    handle = diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(**config))
+    diffs = [(_run(model, inputs) - reference).abs().max().item() for _ in range(calls)]
+    steps = handle.step_names
+    handle.detach()
+    after = _run(model, inputs)
+    return {
+        "rank": dist.get_rank(),
+        "diff": max(diffs),
+        "detach_diff": (after - before).abs().max().item(),
+        "detach_bitwise": torch.equal(after, before),
+        "steps": steps,
+    }
+
+
+def cp_forward_error(model_name: str, config: dict, model_kwargs: dict | None = None,
+                     input_kwargs: dict | None = None):
+    """Enable, run one forward that must fail; return the error type and message seen on this rank."""
+    model, make_inputs = tiny_transformers.build(model_name, **(model_kwargs or {}))
+    inputs = make_inputs(**(input_kwargs or {}))
+    handle = diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(**config))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        result = {"rank": dist.get_rank(), "type": type(exc).__name__, "message": str(exc)}
+    else:
+        result = {"rank": dist.get_rank(), "type": None, "message": ""}
+    handle.detach()
+    return result
+
+
+def cp_enable_error(model_name: str, config: dict, model_kwargs: dict | None = None, mutate: str | None = None):
+    """enable_cache must refuse this model on every rank (local check); the model must be left untouched."""
+    model, _ = tiny_transformers.build(model_name, **(model_kwargs or {}))
+    if mutate == "sd3_unknown_processor":
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        model.transformer_blocks[0].attn.processor = AttnProcessor2_0()
+    processors = [getattr(m, "processor", None) for m in model.modules()]
+    try:
+        diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(**config))
+    except Exception as exc:  # noqa: BLE001
+        error = {"type": type(exc).__name__, "message": str(exc)}
+    else:
+        error = {"type": None, "message": ""}
+    untouched = all(a is b for a, b in zip(processors, [getattr(m, "processor", None) for m in model.modules()]))
+    return {"rank": dist.get_rank(), **error, "untouched": untouched}

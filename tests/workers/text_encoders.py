@@ -1,0 +1,198 @@
+"""Rank-side checks for text-encoder tensor parallelism (run on every gloo rank by the `ranks` fixture)."""
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import torch
+import torch.distributed as dist
+
+from diffpar.adapters.base import extra_adapter_for
+from diffpar.adapters.text_encoder_base import KEEP_ORIGINAL_OPTION, build_plan, parameter_bytes
+from diffpar.config import ParallelismConfig
+from diffpar.hooks.handle import ParallelHandle
+from diffpar.hooks.tensor_parallel_linear import ShardedModuleDetachedError
+from diffpar.testing import tiny_text_encoders
+
+
+class _Options:
+    """A config object carrying the keep-original option (read with getattr by the adapter)."""
+
+    def __init__(self, keep: bool):
+        setattr(self, KEEP_ORIGINAL_OPTION, keep)
+
+
+def _enable(model, keep: bool = False):
+    """What enable_cache does for one extra module: local check, then apply over the whole world."""
+    world = dist.get_world_size()
+    adapter = extra_adapter_for(model)
+    adapter.check(model, world, _Options(keep))
+    handle = ParallelHandle(target=model)
+    adapter.apply(model, dist.group.WORLD, handle, _Options(keep), name="text_encoder")
+    return handle
+
+
+def _max_diffs(got: dict, ref: dict) -> dict:
+    assert got.keys() == ref.keys(), (got.keys(), ref.keys())
+    return {k: (got[k] - ref[k]).abs().max().item() for k in ref}
+
+
+def family_equivalence(names: list, attn: str = "sdpa", seq: int = 11, batch: int = 2, pad: bool = True,
+                       overrides: dict | None = None):
+    """For each tiny family: sharded outputs vs the same model in one process, and what each rank holds."""
+    results = {}
+    for name in names:
+        model, make_inputs = tiny_text_encoders.build(name, attn=attn, **(overrides or {}).get(name, {}))
+        inputs = make_inputs(batch=batch, seq=seq, pad=pad)
+        reference = tiny_text_encoders.encoder_outputs(copy.deepcopy(model), inputs)
+        before = parameter_bytes(model)
+        handle = _enable(model)
+        outputs = tiny_text_encoders.encoder_outputs(model, inputs)
+        info = handle.info["text_encoders"]["text_encoder"]
+        results[name] = {
+            "diffs": _max_diffs(outputs, reference),
+            "bytes_ratio": parameter_bytes(model) / before,
+            "heads_per_rank": info["heads_per_rank"],
+            "class": type(model).__name__,
+            # Bitwise agreement between ranks: every rank must hand the pipeline the same embeddings.
+            "checksum": float(sum(t.double().sum() for t in outputs.values())),
+        }
+        handle.detach(strict=False)
+    return {"rank": dist.get_rank(), "results": results}
+
+
+def local_heads(name: str, overrides: dict | None = None):
+    """Per-rank head attributes of the first text attention module, and the projection shapes it holds."""
+    model, _ = tiny_text_encoders.build(name, **(overrides or {}))
+    handle = _enable(model)
+    attrs = {}
+    for path, module in model.named_modules():
+        kind = type(module).__name__
+        if kind.endswith("Attention") and "Vision" not in kind:
+            for key in ("num_key_value_groups", "num_heads", "num_key_value_heads", "n_heads", "inner_dim"):
+                if isinstance(getattr(module, key, None), int):
+                    attrs[key] = getattr(module, key)
+            attrs["path"] = path
+            break
+    handle.detach(strict=False)
+    return attrs
+
+
+def check_error(name: str, overrides: dict | None = None):
+    """Local checks only (no collective): the message every rank raises."""
+    model, _ = tiny_text_encoders.build(name, **(overrides or {}))
+    try:
+        extra_adapter_for(model).check(model, dist.get_world_size(), _Options(False))
+    except Exception as exc:  # noqa: BLE001 - the test asserts type and message
+        return {"type": type(exc).__name__, "message": str(exc)}
+    return None
+
+
+def detach_behaviour(name: str = "t5-gated"):
+    """Detach after sharding: a clear error naming the encoder, and the shards refuse to run afterwards.
+    With keep_original_text_encoders=True: restored bit for bit."""
+    model, make_inputs = tiny_text_encoders.build(name)
+    inputs = make_inputs()
+    reference_model = copy.deepcopy(model)
+    reference = tiny_text_encoders.encoder_outputs(reference_model, inputs)
+    handle = _enable(model, keep=False)
+    steps = handle.step_names
+    try:
+        handle.detach()
+        detach_error = None
+    except RuntimeError as exc:
+        detach_error = str(exc)
+    try:
+        tiny_text_encoders.encoder_outputs(model, inputs)
+        after_error = None
+    except ShardedModuleDetachedError as exc:
+        after_error = str(exc)
+    # Enabling again on the detached (still sharded) encoder must say so before any collective.
+    try:
+        extra_adapter_for(model).check(model, dist.get_world_size(), _Options(False))
+        reenable_error = None
+    except Exception as exc:  # noqa: BLE001
+        reenable_error = str(exc)
+
+    kept, _ = tiny_text_encoders.build(name)
+    state_before = {k: v.clone() for k, v in kept.state_dict().items()}
+    handle = _enable(kept, keep=True)
+    sharded = _max_diffs(tiny_text_encoders.encoder_outputs(kept, inputs), reference)
+    problems = handle.detach()
+    restored = _max_diffs(tiny_text_encoders.encoder_outputs(kept, inputs), reference)
+    state_after = kept.state_dict()
+    state_equal = state_before.keys() == state_after.keys() and all(
+        torch.equal(state_before[k], state_after[k]) for k in state_before)
+    return {
+        "steps": steps, "detach_error": detach_error, "after_error": after_error, "reenable_error": reenable_error,
+        "kept_sharded_diffs": sharded, "kept_detach_problems": problems, "kept_restored_diffs": restored,
+        "kept_state_equal": state_equal,
+    }
+
+
+def memory_freed(name: str = "t5-gated"):
+    """The full weights of sharded layers are freed, not kept beside the shards."""
+    model, _ = tiny_text_encoders.build(name)
+    world = dist.get_world_size()
+    plan = build_plan(model, world)
+    refs = [weakref.ref(model.get_submodule(layer.path).weight) for layer in plan.layers]
+    before = parameter_bytes(model)
+    handle = _enable(model)
+    gc.collect()
+    alive = sum(r() is not None for r in refs)
+    result = {"alive_full_weights": alive, "planned": len(refs), "ratio": parameter_bytes(model) / before}
+    handle.detach(strict=False)
+    return result
+
+
+def count_all_reduces(name: str, seq: int = 9):
+    """all-reduce calls in one forward, counted by wrapping dist.all_reduce, and the number of layers."""
+    model, make_inputs = tiny_text_encoders.build(name)
+    handle = _enable(model)
+    calls = []
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tuple(tensor.shape))
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        with torch.no_grad():
+            model(**make_inputs(seq=seq))
+    finally:
+        dist.all_reduce = original
+    layers = model.config.num_layers if hasattr(model.config, "num_layers") else None
+    if layers is None:
+        text = getattr(model.config, "text_config", model.config)
+        layers = text.num_hidden_layers
+    handle.detach(strict=False)
+    return {"all_reduces": len(calls), "layers": layers}
+
+
+def parallel_linear_units(seed: int = 0):
+    """The layers on their own: column+row pair (uneven split), gather_output, split-input rows, bias once."""
+    from diffpar.hooks.tensor_parallel_linear import ColumnParallelLinear, RowParallelLinear, split_ranges
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(seed)
+    up, down = torch.nn.Linear(12, 7), torch.nn.Linear(7, 5)
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        ref = down(torch.nn.functional.gelu(up(x)))
+        split = split_ranges(7, world)
+        col = ColumnParallelLinear.from_linear(up, [split[rank]], dist.group.WORLD)
+        row = RowParallelLinear.from_linear(down, [split[rank]], dist.group.WORLD)
+        pair = row(torch.nn.functional.gelu(col(x)))
+        sizes = [b - a for a, b in split]
+        gathered = ColumnParallelLinear.from_linear(up, [split[rank]], dist.group.WORLD, gather_output=True,
+                                                    all_out_sizes=sizes)(x)
+        split_input = RowParallelLinear.from_linear(down, [split[rank]], dist.group.WORLD, input_is_parallel=False)
+        full_in = split_input(torch.nn.functional.gelu(up(x)))
+    return {
+        "pair": (pair - ref).abs().max().item(),
+        "gather": (gathered - up(x)).abs().max().item(),
+        "split_input": (full_in - ref).abs().max().item(),
+        "sizes": sizes,
+    }
