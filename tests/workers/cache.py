@@ -38,6 +38,20 @@ def _cache_config(kind: str, threshold: float, **extra):
 
         return MagCacheConfig(threshold=0.5, max_skip_steps=2, retention_ratio=0.0, num_inference_steps=extra["steps"],
                               mag_ratios=[1.0] * extra["steps"])
+    if kind == "pab":
+        from diffusers import PyramidAttentionBroadcastConfig
+
+        return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                               spatial_attention_timestep_skip_range=(-1, 1000),
+                                               current_timestep_callback=lambda: 500)
+    if kind == "seacache":
+        from diffusers.hooks import SeaCacheConfig
+
+        def raw_vision(module, args, kwargs):
+            hidden = kwargs["hidden_states"][0]  # (seq, C): one frame of seq tokens, as (C, T=1, H=1, W=seq)
+            return [hidden.T.reshape(hidden.shape[1], 1, 1, hidden.shape[0])]
+
+        return SeaCacheConfig(threshold=threshold * 20, max_consecutive_cached=2, raw_vision_callback=raw_vision)
     raise ValueError(kind)
 
 
@@ -101,10 +115,20 @@ def divergent_threshold(residuals, shards: int) -> dict:
 def _run_steps(model, steps, context="cond"):
     outs = []
     with torch.no_grad():
-        for x in steps:
-            with model.cache_context(context):
+        for k, x in enumerate(steps):
+            # Scheduler coordinates, for caches that read them (SeaCache, 0.41+); names only before 0.41.
+            where = {}
+            if compat_has_context_object():
+                where = {"step_index": k, "num_inference_steps": len(steps), "sigma": 1.0 - k / len(steps)}
+            with model.cache_context(context, **where):
                 outs.append(_first(model(**copy.deepcopy(x))))
     return outs
+
+
+def compat_has_context_object():
+    from diffpar.compat.diffusers_cache import has_cache_context_object
+
+    return has_cache_context_object()
 
 
 def cache_equivalence(config: dict, kind: str = "dbcache", n_steps: int = 6, seq: int = 16, text: int = 8,
@@ -146,6 +170,8 @@ def cache_equivalence(config: dict, kind: str = "dbcache", n_steps: int = 6, seq
         "implementation": handle.info["cache"]["implementation"],
         "group_size": handle.info["cache"]["group_size"],
         "diffs": [(p - r).abs().max().item() for p, r in zip(parallel, reference)],
+        # How far the cache moved the one-process output from the uncached model: > 0 means steps were skipped.
+        "cache_effect": max((r - u).abs().max().item() for r, u in zip(reference, _run_steps(pristine, steps))),
         "collectives": sync.collectives,
         "steps": handle.step_names,
     }
@@ -180,3 +206,52 @@ def bad_cache_config(config: dict, cache):
     """enable_cache with an invalid cache config: must raise the same error on every rank, before any collective."""
     model, _ = tiny_transformers.build("flux", layers=1, single_layers=1)
     diffpar.enable_cache(model, cache_config=cache, parallelism_config=diffpar.ParallelismConfig(**config))
+
+
+def pipeline_cache(ulysses_size: int = 2, n_steps: int = 6, calls: int = 2):
+    """A whole tiny FluxPipeline with a DBCache, Ulysses over the world vs one process: the skip pattern of each
+    call, the image difference, and the pattern of a second call (the pipeline resets the cache between calls)."""
+    from diffpar.testing import tiny_pipelines
+
+    def build():
+        return tiny_pipelines.build_tiny_flux_pipeline(layers=2, single_layers=2)
+
+    def generate(p):
+        with torch.no_grad():
+            return p("a photo of a cat", height=32, width=32, num_inference_steps=n_steps, max_sequence_length=16,
+                     generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    # Place the threshold at the median step-to-step change of this pipeline, so some steps skip and some do not.
+    reference = build()
+    probe = diffpar.enable_cache(reference, cache_config=DBCacheConfig(Bn_compute_blocks=1, residual_diff_threshold=0))
+    generate(reference)
+    diffs = sorted(d.diff for d in cache_stats(reference).decisions if d.diff is not None)
+    probe.detach()
+    threshold = diffs[len(diffs) // 2]
+    cache = DBCacheConfig(Bn_compute_blocks=1, residual_diff_threshold=threshold)
+
+    diffpar.enable_cache(reference, cache_config=cache)
+    reference_images, reference_patterns = [], []
+    for _ in range(calls):
+        reference_images.append(generate(reference))
+        reference_patterns.append(cache_stats(reference).pattern())
+        cache_stats(reference).reset()
+
+    pipe = build()
+    handle = diffpar.enable_cache(pipe, cache_config=cache,
+                                  parallelism_config=diffpar.ParallelismConfig(ulysses_size=ulysses_size))
+    images, patterns = [], []
+    for _ in range(calls):
+        images.append(generate(pipe))
+        patterns.append(cache_stats(pipe).pattern())
+        cache_stats(pipe).reset()
+    result = {
+        "rank": dist.get_rank(),
+        "threshold": threshold,
+        "patterns": patterns,
+        "reference_patterns": reference_patterns,
+        "image_diffs": [(a - b).abs().max().item() for a, b in zip(images, reference_images)],
+        "collectives": handle.info["cache"]["sync"].collectives,
+    }
+    handle.detach()
+    return result

@@ -5,6 +5,7 @@ import copy
 
 import torch
 import torch.distributed as dist
+import wrapt
 
 import diffpar
 from diffpar.testing import tiny_transformers
@@ -80,3 +81,42 @@ def cp_enable_error(model_name: str, config: dict, model_kwargs: dict | None = N
         error = {"type": None, "message": ""}
     untouched = all(a is b for a, b in zip(processors, [getattr(m, "processor", None) for m in model.modules()]))
     return {"rank": dist.get_rank(), **error, "untouched": untouched}
+
+
+def leftovers_after_detach(model_names: list[str]):
+    """Enable then detach each model; list what is left: hooks, instance-level patches, swapped processors."""
+    leftovers = {}
+    for name in model_names:
+        model, _ = tiny_transformers.build(name)
+        processors = {n: getattr(m, "processor", None) for n, m in model.named_modules()}
+        handle = diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(ulysses_size=2))
+        handle.detach()
+        found = []
+        for module_name, module in model.named_modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None and registry.hooks:
+                found.append(f"{module_name}: hooks {sorted(registry.hooks)}")
+            # diffusers' hook registry keeps its own (now empty) forward wrapper: only a wrapt patch is ours.
+            if isinstance(vars(module).get("forward"), wrapt.FunctionWrapper):
+                found.append(f"{module_name}: patched forward")
+            processor = getattr(module, "processor", None)
+            if processor is not processors[module_name]:
+                found.append(f"{module_name}: processor {type(processor).__name__}")
+            if getattr(processor, "_parallel_config", None) is not None:
+                found.append(f"{module_name}: processor keeps a parallel config")
+        leftovers[name] = found
+    return {"rank": dist.get_rank(), "leftovers": leftovers}
+
+
+def backend_survives_processor_swap(model_name: str):
+    """A backend set on the model before enable_cache is still the one its (swapped) processors use."""
+    from diffpar.hooks.context_parallel import attention_processors
+
+    model, _ = tiny_transformers.build(model_name)
+    for _, processor in attention_processors(model):
+        processor._attention_backend = "native"  # what set_attention_backend("native") leaves on each processor
+    handle = diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(ulysses_size=2))
+    backends = sorted({str(getattr(p, "_attention_backend", None)) for _, p in attention_processors(model)})
+    swapped = sorted({type(p).__name__ for _, p in attention_processors(model)})
+    handle.detach()
+    return {"rank": dist.get_rank(), "backends": backends, "processors": swapped}

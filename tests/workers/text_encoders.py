@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import logging
 import weakref
 
 import torch
@@ -33,6 +34,17 @@ def _enable(model, keep: bool = False):
     return handle
 
 
+def _quiet_detach(handle):
+    """Detach without logging the expected "must be reloaded" warnings (the detach test checks them)."""
+    logger = logging.getLogger("diffpar")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return handle.detach(strict=False)
+    finally:
+        logger.setLevel(level)
+
+
 def _max_diffs(got: dict, ref: dict) -> dict:
     assert got.keys() == ref.keys(), (got.keys(), ref.keys())
     return {k: (got[k] - ref[k]).abs().max().item() for k in ref}
@@ -58,7 +70,7 @@ def family_equivalence(names: list, attn: str = "sdpa", seq: int = 11, batch: in
             # Bitwise agreement between ranks: every rank must hand the pipeline the same embeddings.
             "checksum": float(sum(t.double().sum() for t in outputs.values())),
         }
-        handle.detach(strict=False)
+        _quiet_detach(handle)
     return {"rank": dist.get_rank(), "results": results}
 
 
@@ -69,24 +81,20 @@ def local_heads(name: str, overrides: dict | None = None):
     attrs = {}
     for path, module in model.named_modules():
         kind = type(module).__name__
-        if kind.endswith("Attention") and "Vision" not in kind:
+        if kind.endswith("Attention") and "Vision" not in kind and (hasattr(module, "q") or hasattr(module, "q_proj")):
             for key in ("num_key_value_groups", "num_heads", "num_key_value_heads", "n_heads", "inner_dim"):
                 if isinstance(getattr(module, key, None), int):
                     attrs[key] = getattr(module, key)
             attrs["path"] = path
             break
-    handle.detach(strict=False)
+    _quiet_detach(handle)
     return attrs
 
 
 def check_error(name: str, overrides: dict | None = None):
     """Local checks only (no collective): the message every rank raises."""
     model, _ = tiny_text_encoders.build(name, **(overrides or {}))
-    try:
-        extra_adapter_for(model).check(model, dist.get_world_size(), _Options(False))
-    except Exception as exc:  # noqa: BLE001 - the test asserts type and message
-        return {"type": type(exc).__name__, "message": str(exc)}
-    return None
+    return check_error_on(model)
 
 
 def detach_behaviour(name: str = "t5-gated"):
@@ -142,7 +150,7 @@ def memory_freed(name: str = "t5-gated"):
     gc.collect()
     alive = sum(r() is not None for r in refs)
     result = {"alive_full_weights": alive, "planned": len(refs), "ratio": parameter_bytes(model) / before}
-    handle.detach(strict=False)
+    _quiet_detach(handle)
     return result
 
 
@@ -167,7 +175,7 @@ def count_all_reduces(name: str, seq: int = 9):
     if layers is None:
         text = getattr(model.config, "text_config", model.config)
         layers = text.num_hidden_layers
-    handle.detach(strict=False)
+    _quiet_detach(handle)
     return {"all_reduces": len(calls), "layers": layers}
 
 
@@ -196,3 +204,115 @@ def parallel_linear_units(seed: int = 0):
         "split_input": (full_in - ref).abs().max().item(),
         "sizes": sizes,
     }
+
+
+def pipeline_prompt_embeddings(kind: str = "flux", ulysses_size: int = 2, extra: tuple = ("text_encoder", "text_encoder_2"),
+                               run_pipeline: bool = True, as_names: bool = False):
+    """A whole pipeline through `diffpar.enable_cache`: text encoders sharded over the world, the transformer
+    under Ulysses. `encode_prompt` (and, as a smoke check, the image) vs the same pipeline in one process."""
+    import diffpar
+    from diffpar.testing import tiny_pipelines
+
+    build = tiny_pipelines.build_tiny_flux_pipeline if kind == "flux" else tiny_pipelines.build_tiny_wan_pipeline
+    reference, pipe = build(), build()
+    prompts = ["a photo of a cat", "an astronaut riding a horse on the moon"]
+    if kind == "flux":
+        def encode(p):
+            embeds, pooled, _ids = p.encode_prompt(prompts, prompt_2=None, max_sequence_length=16)
+            return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+        def generate(p):
+            return p(prompts[1], height=32, width=32, num_inference_steps=2, max_sequence_length=16,
+                     generator=torch.Generator().manual_seed(0), output_type="pt").images
+    else:
+        def encode(p):
+            embeds, negative = p.encode_prompt(prompts, negative_prompt=["dark", "blue sky"], max_sequence_length=16)
+            return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+
+        def generate(p):
+            return p(prompts[1], negative_prompt="dark", height=32, width=32, num_frames=5, num_inference_steps=2,
+                     max_sequence_length=16, generator=torch.Generator().manual_seed(0), output_type="pt").frames
+
+    with torch.no_grad():
+        ref_embeds = encode(reference)
+        ref_image = generate(reference) if run_pipeline else None
+    modules = list(extra) if as_names else [getattr(pipe, n) for n in extra]
+    config = diffpar.ParallelismConfig(ulysses_size=ulysses_size, parallel_kwargs={"extra_parallel_modules": modules})
+    handle = diffpar.enable_cache(pipe, parallelism_config=config)
+    with torch.no_grad():
+        embeds = encode(pipe)
+        image = generate(pipe) if run_pipeline else None
+    result = {
+        "rank": dist.get_rank(),
+        "embed_diffs": _max_diffs(embeds, ref_embeds),
+        "image_diff": (image - ref_image).abs().max().item() if run_pipeline else None,
+        "text_encoders": {k: {"ratio": v["param_bytes_after"] / v["param_bytes_before"], "heads": v["heads_per_rank"]}
+                          for k, v in handle.info["text_encoders"].items()},
+        "steps": handle.step_names,
+        "checksum": float(sum(t.double().sum() for t in embeds.values())),
+    }
+    try:
+        handle.detach()
+        result["detach_error"] = None
+    except RuntimeError as exc:
+        result["detach_error"] = str(exc)
+    return result
+
+
+def pipeline_error(text_heads: int = 2, ulysses_size: int = 2):
+    """enable_cache with an encoder that has fewer heads than ranks: every rank raises the same clear error
+    (the local check travels in the agreement collective), and the pipeline is left untouched."""
+    import diffpar
+    from diffpar.testing import tiny_pipelines
+
+    pipe = tiny_pipelines.build_tiny_flux_pipeline(text_heads=text_heads)
+    layer_type = type(pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q)
+    config = diffpar.ParallelismConfig(ulysses_size=ulysses_size,
+                                       parallel_kwargs={"extra_parallel_modules": ["text_encoder_2"]})
+    try:
+        diffpar.enable_cache(pipe, parallelism_config=config)
+        error = None
+    except Exception as exc:  # noqa: BLE001 - the test asserts type and message
+        error = (type(exc).__name__, str(exc))
+    untouched = type(pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q) is layer_type
+    return {"rank": dist.get_rank(), "error": error, "untouched": untouched,
+            "handle": getattr(pipe, "_diffpar_handle", None) is not None}
+
+
+def refusals():
+    """Layers diffpar must not split (a LoRA-wrapped / subclassed Linear), and a plan-carrying family it has not
+    verified: each refused by the local check with what to do."""
+    from transformers import Phi3Config, Phi3Model
+
+    out = {}
+    model, _ = tiny_text_encoders.build("llama")
+
+    class LoraLinear(torch.nn.Linear):
+        pass
+
+    old = model.layers[0].self_attn.q_proj
+    wrapped = LoraLinear(old.in_features, old.out_features, bias=False)
+    model.layers[0].self_attn.q_proj = wrapped
+    out["lora"] = check_error_on(model)
+    phi = Phi3Model(Phi3Config(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                               intermediate_size=48, num_hidden_layers=1, pad_token_id=0))
+    out["phi3"] = check_error_on(phi)
+    clip_vision = None
+    try:
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                                  num_hidden_layers=1, image_size=16, patch_size=8))
+        extra_adapter_for(vision)
+    except Exception as exc:  # noqa: BLE001
+        clip_vision = (type(exc).__name__, str(exc))
+    out["clip_vision"] = clip_vision
+    return out
+
+
+def check_error_on(model):
+    try:
+        extra_adapter_for(model).check(model, dist.get_world_size(), _Options(False))
+    except Exception as exc:  # noqa: BLE001
+        return {"type": type(exc).__name__, "message": str(exc)}
+    return None

@@ -45,7 +45,7 @@ from ..hooks.tensor_parallel_linear import (
     split_heads,
     split_ranges,
 )
-from .base import ExtraModuleAdapter, register_extra_adapter
+from .base import ExtraModuleAdapter, _load_builtin_adapters, register_extra_adapter
 
 logger = logging.getLogger("diffpar")
 
@@ -123,6 +123,7 @@ def register_text_encoder_family(family: TextEncoderFamily) -> TextEncoderFamily
 
 
 def family_for(module: nn.Module) -> TextEncoderFamily | None:
+    _load_builtin_adapters()  # the family files register themselves on import
     for family in _FAMILIES:
         if family.matches(module):
             return family
@@ -131,6 +132,7 @@ def family_for(module: nn.Module) -> TextEncoderFamily | None:
 
 def supported_text_encoders() -> list[tuple[str, tuple[str, ...]]]:
     """(family name, classes) for every registered family, for docs and messages."""
+    _load_builtin_adapters()
     return [(f.name, f.classes) for f in _FAMILIES]
 
 
@@ -311,8 +313,12 @@ def _plan_attention(encoder, parent, parent_path, layout: AttentionLayout, style
 def _plan_dense(encoder, family, parent, parent_path, styles, world, out: ShardingPlan) -> None:
     """An MLP: column layers split their outputs, row layers their inputs, all along the same inner features."""
     label = _label(encoder, parent_path)
-    if HEAD_TABLE in styles.values():
-        raise UnsupportedError(f"{label}: a head_table entry outside an attention module the family recognizes.")
+    if HEAD_TABLE in styles.values() or type(parent).__name__.endswith("Attention") or hasattr(parent, "head_dim"):
+        # Split by features, an attention module would lose whole-head boundaries: refuse rather than guess.
+        raise UnsupportedError(
+            f"{label} ({type(parent).__name__}) looks like an attention module the {family.name} family does not "
+            "recognize, so diffpar cannot split it by heads. Remove this encoder from extra_parallel_modules."
+        )
     packed = {c: family.packed_parts(parent, c) for c, s in styles.items() if s in (COLWISE, COLWISE_GATHER_OUTPUT)}
     packed = {c: n for c, n in packed.items() if n > 1}
     if packed:

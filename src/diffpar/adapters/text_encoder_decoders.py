@@ -47,7 +47,7 @@ DECODER_SPECS = {
 
 # Wrappers whose text part is one of the stacks above (for the supported table; any wrapper works).
 WRAPPERS = (
-    "LlamaForCausalLM", "Gemma3ForConditionalGeneration", "Mistral3ForConditionalGeneration", "Qwen3ForCausalLM",
+    "Gemma3ForConditionalGeneration", "Mistral3ForConditionalGeneration", "Qwen3ForCausalLM",
     "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel",
 )
 

@@ -9,20 +9,27 @@ the forward then concatenates them per sample; the main stack is gathered after 
 
 The padding mask is deliberately left whole: after Ulysses' all-to-all each rank attends over the whole sequence
 in its original order, so the whole mask is the right one on every release (0.36 has no mask gather). A padding
-mask appears only for batches whose samples differ in length (0.36 always passes one, all True for equal
-lengths); diffusers' ring cannot apply a padding mask, and diffpar's ring shim raises a clear error for one.
+mask appears only for batches whose samples differ in length; diffusers' ring cannot apply one, and diffpar's
+ring shim raises a clear error for it.
+
+One forward change, undone on detach: 0.36 passes a mask even when every sample has the same length (all True),
+and its context-parallel attention refuses any mask. Each attention gets `ZImageContextParallelAttnProcessor`,
+which drops a mask that masks nothing (exact) and, on a release that cannot mask, refuses a real one clearly.
 """
 from __future__ import annotations
 
 import inspect
 
+from ..errors import UnsupportedError
 from .base import register_cp_plan
+from .hunyuan_video import context_parallel_attention_takes_masks
+from .sd3 import replace_attention_processors
 
 # Sequences are padded to multiples of 32 per sample (SEQ_MULTI_OF in diffusers), so even splits over 2 and 4
 # ranks always exist; *_anything covers other degrees.
 
 
-def _block_accepts(model, param: str) -> bool:
+def _block_accepts(param: str) -> bool:
     from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
 
     return param in inspect.signature(ZImageTransformerBlock.forward).parameters
@@ -44,7 +51,35 @@ def _stack_plan(stack: str, num_blocks: int, per_block: dict, gather_output: boo
     return plan
 
 
-@register_cp_plan("ZImageTransformer2DModel")
+def _processor_class():
+    """Built lazily: the base class comes from the installed diffusers."""
+    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+    class ZImageContextParallelAttnProcessor(ZSingleStreamAttnProcessor):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
+            if attention_mask is not None and self._parallel_config is not None:
+                # The mask is the whole (batch, sequence) one, the same on every rank.
+                if bool(attention_mask.all()):
+                    attention_mask = None
+                elif not context_parallel_attention_takes_masks():
+                    raise UnsupportedError(
+                        "Z-Image: the samples in this batch differ in length, which needs a padding mask, and this "
+                        "diffusers release's context-parallel attention takes none (0.37+ does). Run samples of "
+                        "different sizes or prompt lengths in separate calls, or upgrade diffusers."
+                    )
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
+
+    return ZImageContextParallelAttnProcessor
+
+
+def prepare_zimage(model, config, handle, name: str) -> None:
+    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+    replace_attention_processors(model, {ZSingleStreamAttnProcessor: _processor_class()}, handle, name,
+                                 type(model).__name__)
+
+
+@register_cp_plan("ZImageTransformer2DModel", prepare=prepare_zimage)
 def zimage_cp_plan(model) -> dict:
     from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 
@@ -52,7 +87,7 @@ def zimage_cp_plan(model) -> dict:
     # The noise refiner and main layers get a per-token noise mask (omni mode, 0.37+); the forward passes it
     # positionally (None outside omni mode), so it can be named in the plan only where the block takes it.
     noisy = dict(rope)
-    if _block_accepts(model, "noise_mask"):
+    if _block_accepts("noise_mask"):
         noisy["noise_mask"] = ContextParallelInput(split_dim=1, expected_dims=2, split_output=False)
 
     omni_capable = getattr(model, "siglip_refiner", None) is not None

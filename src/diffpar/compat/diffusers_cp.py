@@ -87,6 +87,17 @@ def backend_supports_cp(backend_name: str) -> bool:
     return _AttentionBackendRegistry._is_context_parallel_available(AttentionBackendName(backend_name))
 
 
+def set_active_backend(backend) -> None:
+    """Set diffusers' process-wide default backend (0.36 has no setter; strings break the CP check: use members)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    backend = backend if isinstance(backend, AttentionBackendName) else AttentionBackendName(backend)
+    if hasattr(_AttentionBackendRegistry, "set_active_backend"):
+        _AttentionBackendRegistry.set_active_backend(backend)
+    else:
+        _AttentionBackendRegistry._active_backend = backend
+
+
 def active_backend_name() -> str:
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
@@ -173,7 +184,8 @@ def _lse_forward_op_wrapper(wrapped, instance, args, kwargs):
     out, lse = _sdpa_with_lse(q, k, v, attn_mask, a["dropout_p"], a["is_causal"], a["scale"])
     out = out.permute(0, 2, 1, 3)
     lse = lse.permute(0, 2, 1).contiguous()  # (B, S, H)
-    if ring_lse_layout() == "4d":
+    if ring_lse_layout() != "3d":
+        # 0.37.1 requires (B, S, H, 1); 0.38+ accept both but their ring_anything (0.38/0.39) requires 4-D.
         lse = lse.unsqueeze(-1)
     return out, lse
 

@@ -36,6 +36,13 @@ def _ratio(numerator: float, denominator: float) -> float:
     return 0.0 if numerator == 0 else math.inf
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (diffusers' tensor-parallel plans can leave block outputs as DTensors): the
+    sums over the model group then count each element once per replica, which leaves the ratio unchanged."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
 class DecisionSync:
     """Reduces a cache's measurement over `group` (the ranks that hold shards of one model copy).
 
@@ -62,6 +69,7 @@ class DecisionSync:
         the previous step (or a caller's `force_compute`) votes through a third entry, so a change on one rank only
         (uneven shards) makes every rank compute instead of one rank leaving the collective.
         """
+        current, previous = _local(current), _local(previous)
         dtype = torch.float64 if current.device.type in ("cpu", "cuda") else torch.float32
         if current.shape == previous.shape and not force_compute:
             local = torch.stack(

@@ -152,7 +152,7 @@ def _set_backend(model, backend: str, handle, name: str) -> None:
     active_before, _ = _AttentionBackendRegistry.get_active_backend()
     previous = [(p, getattr(p, "_attention_backend", None)) for _, p in attention_processors(model)]
     model.set_attention_backend(backend)
-    _AttentionBackendRegistry.set_active_backend(active_before)
+    diffusers_cp.set_active_backend(active_before)
     for p, _ in previous:
         p._attention_backend = AttentionBackendName(backend)
 

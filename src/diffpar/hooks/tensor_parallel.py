@@ -147,15 +147,18 @@ def check_tensor_parallel(model: torch.nn.Module, tp_degree: int, config=None) -
     heads = head_counts(model, engine, plan)
     widths = _linear_widths(model, engine, plan)
     constraints = sorted(set(heads.values()) | {w for _, w in widths})
-    works = max(d for d in range(1, tp_degree + 1) if all(c % d == 0 for c in constraints))
+    # The suggestion must also fit the launched world (a tp_size that does not divide it cannot be used).
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
+    works = max(d for d in range(1, tp_degree + 1)
+                if all(c % d == 0 for c in constraints) and (world is None or world % d == 0))
     bad_heads = {p: h for p, h in heads.items() if h % tp_degree}
     if bad_heads:
         path, h = next(iter(bad_heads.items()))
         raise UnsupportedError(
             f"tp_size={tp_degree} does not divide the {h} attention heads of {type(model).__name__} ({path}): tensor "
             f"parallelism gives each rank whole heads. The largest tp_size that works for this model is {works} "
-            f"(tp sizes up to {tp_degree} dividing {h}: {_divisors_up_to(h, tp_degree)}); use it, or ulysses_size / "
-            "ring_size for the rest of the ranks."
+            f"(heads {h} divide by {_divisors_up_to(h, tp_degree)}{f', world {world}' if world else ''}); use it, "
+            "or ulysses_size / ring_size for the rest of the ranks."
         )
     bad_widths = [what for what, w in widths if w % tp_degree]
     if bad_widths:

@@ -63,9 +63,9 @@ def _die_with_parent() -> None:
 def _reset_process_state() -> None:
     """Undo process-wide state a test may leave behind."""
     try:
-        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+        from diffpar.compat.diffusers_cp import set_active_backend
 
-        _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
+        set_active_backend("native")
     except Exception:
         pass
 
@@ -119,9 +119,12 @@ def _worker(rank: int, world: int, init_file: str, conn, stack_file: str, pg_tim
 
 
 class RankPool:
-    def __init__(self, world_size: int, *, pg_timeout: float = 30.0):
+    def __init__(self, world_size: int, *, pg_timeout: float = 60.0, error_grace: float = 5.0):
         self.world_size = world_size
         self.pg_timeout = pg_timeout
+        # After the first rank fails, how long the others get to report their own error before they are taken as
+        # stuck in a collective the failed rank will never enter (their stacks are dumped, the pool restarted).
+        self.error_grace = error_grace
         self.procs: list = []
         self.conns: list = []
         self._tmp = None
@@ -191,7 +194,7 @@ class RankPool:
             c.send_bytes(pickle.dumps((fn_ref, kwargs)))
         try:
             replies = self._collect(timeout, fn_ref)
-        except RankTimeout:
+        except RankFailure:
             self.kill()
             raise
         errors = {r: rep for r, rep in enumerate(replies) if rep[0] != "ok"}
@@ -207,8 +210,7 @@ class RankPool:
         pending = {c: r for r, c in enumerate(self.conns)}
         while pending:
             now = time.time()
-            # Once one rank failed, the others get the process-group timeout to fail or finish, no more.
-            limit = deadline if first_error_at is None else min(deadline, first_error_at + self.pg_timeout + 10)
+            limit = deadline if first_error_at is None else min(deadline, first_error_at + self.error_grace)
             if now >= limit:
                 break
             for c in wait(list(pending), timeout=min(1.0, limit - now)):
@@ -225,6 +227,13 @@ class RankPool:
                     pending.pop(c)
                     replies[r] = ("err", time.time(), f"rank {r} process died (exit code {self.procs[r].exitcode})\n")
                     first_error_at = first_error_at or time.time()
+        if pending and first_error_at is not None:
+            known = {r: rep for r, rep in replies.items() if rep[0] == "err"}
+            msg = self._format_errors(known, what)
+            msg += (f"\nranks {sorted(pending.values())} were still waiting {self.error_grace:.0f} s after the first "
+                    "failure (most likely in a collective the failed rank never entered):\n")
+            msg += self._dump_stacks(sorted(pending.values()))
+            raise RankFailure(msg)
         if pending:
             stacks = self._dump_stacks(sorted(pending.values()))
             known = {r: rep for r, rep in replies.items() if rep[0] == "err"}

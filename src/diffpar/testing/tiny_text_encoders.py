@@ -64,36 +64,36 @@ def build(name: str, attn: str = "sdpa", seed: int = 0, **overrides):
 
 # -- encoders without a transformers TP plan ------------------------------------------------------------------
 @builder("t5")
-def _t5(heads=4, d_kv=8, d_model=32, d_ff=37, layers=2):
+def _t5(heads=4, d_kv=8, d_model=32, d_ff=37, layers=2, vocab=VOCAB):
     """T5 v1.0 style: relu feed-forward, relative-position bias in layer 0 only."""
     from transformers import T5Config, T5EncoderModel
 
     return T5EncoderModel, T5Config(
-        vocab_size=VOCAB, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers, num_heads=heads,
+        vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers, num_heads=heads,
         relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="relu",
         dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )
 
 
 @builder("t5-gated")
-def _t5_gated(heads=6, d_kv=8, d_model=48, d_ff=61, layers=2):
+def _t5_gated(heads=6, d_kv=8, d_model=48, d_ff=61, layers=2, vocab=VOCAB):
     """T5 v1.1 / T5-XXL style (Flux, SD3): gated-gelu feed-forward; 6 heads split unevenly on 4 ranks."""
     from transformers import T5Config, T5EncoderModel
 
     return T5EncoderModel, T5Config(
-        vocab_size=VOCAB, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers, num_heads=heads,
+        vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers, num_heads=heads,
         relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
         dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )
 
 
 @builder("umt5")
-def _umt5(heads=4, d_kv=8, d_model=32, d_ff=48, layers=2):
+def _umt5(heads=4, d_kv=8, d_model=32, d_ff=48, layers=2, vocab=VOCAB):
     """UMT5 (Wan): gated-gelu, a relative-position bias table in every layer."""
     from transformers import UMT5Config, UMT5EncoderModel
 
     return UMT5EncoderModel, UMT5Config(
-        vocab_size=VOCAB, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers, num_heads=heads,
+        vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers, num_heads=heads,
         relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
         dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )
@@ -179,6 +179,20 @@ def _gemma3(heads=8, kv_heads=4, head_dim=8, hidden=32, intermediate=48, layers=
     from transformers import Gemma3TextModel
 
     return Gemma3TextModel, _gemma3_text_config(heads, kv_heads, head_dim, hidden, intermediate, layers)
+
+
+@builder("gemma3-multimodal")
+def _gemma3_multimodal(heads=8, kv_heads=4, head_dim=8, hidden=32, intermediate=48, layers=2):
+    """Gemma3ForConditionalGeneration (LTX-2): the Gemma 3 text stack beside a SigLIP vision tower."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=16, patch_size=4)
+    return Gemma3ForConditionalGeneration, Gemma3Config(
+        text_config=_gemma3_text_config(heads, kv_heads, head_dim, hidden, intermediate, layers),
+        vision_config=vision, mm_tokens_per_image=4, image_token_index=VOCAB - 1, boi_token_index=VOCAB - 2,
+        eoi_token_index=VOCAB - 3,
+    )
 
 
 @builder("mistral")

@@ -134,7 +134,7 @@ def _wan(heads=2, head_dim=16, layers=2):
 
 
 @builder("zimage")
-def _zimage(heads=2, head_dim=16, layers=2, refiner_layers=1):
+def _zimage(heads=2, head_dim=16, layers=2, refiner_layers=1, omni=False):
     from diffusers import ZImageTransformer2DModel
 
     # head_dim must equal sum(axes_dims); a 3-axis RoPE like the real (32, 48, 48) one.
@@ -142,7 +142,7 @@ def _zimage(heads=2, head_dim=16, layers=2, refiner_layers=1):
     model = ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=heads * head_dim, n_layers=layers,
         n_refiner_layers=refiner_layers, n_heads=heads, n_kv_heads=heads, cap_feat_dim=32, axes_dims=list(axes),
-        axes_lens=[256, 64, 64],
+        axes_lens=[256, 64, 64], **({"siglip_feat_dim": 24} if omni else {}),
     )
     # Pad tokens are created uninitialized on some releases: give them seeded values.
     with torch.no_grad():
@@ -155,6 +155,17 @@ def _zimage(heads=2, head_dim=16, layers=2, refiner_layers=1):
         g = _gen(seed)
         sizes = sizes or [seq] * batch
         texts = texts or [text] * batch
+        if omni:
+            # Omni mode: per sample, a clean condition image (with SigLIP features) and the noisy target image,
+            # one caption each; the noise mask marks which image is noisy.
+            return dict(
+                x=[[torch.randn(4, 1, 2, 2 * n, generator=g), torch.randn(4, 1, 2, 2 * n, generator=g)] for n in sizes],
+                t=torch.full((len(sizes),), 0.5),
+                cap_feats=[[torch.randn(n, 32, generator=g), torch.randn(n + 3, 32, generator=g)] for n in texts],
+                siglip_feats=[[torch.randn(2, 3, 24, generator=g), None] for _ in sizes],
+                image_noise_mask=[[0, 1] for _ in sizes],
+                return_dict=False,
+            )
         return dict(
             x=[torch.randn(4, 1, 2, 2 * n, generator=g) for n in sizes],
             t=torch.full((len(sizes),), 0.5),
@@ -193,7 +204,7 @@ def _sd3(heads=2, head_dim=16, layers=2, dual_layers=(0,)):
 
 
 @builder("hunyuan_video")
-def _hunyuan_video(heads=2, head_dim=16, layers=1, single_layers=1, refiner_layers=1):
+def _hunyuan_video(heads=2, head_dim=16, layers=1, single_layers=1, refiner_layers=1, image_condition_type=None):
     from diffusers import HunyuanVideoTransformer3DModel
 
     model = HunyuanVideoTransformer3DModel(
@@ -201,17 +212,22 @@ def _hunyuan_video(heads=2, head_dim=16, layers=1, single_layers=1, refiner_laye
         num_single_layers=single_layers, num_refiner_layers=refiner_layers, patch_size=2, patch_size_t=1,
         text_embed_dim=32, pooled_projection_dim=32, rope_axes_dim=(4, 6, 6) if head_dim == 16 else
         (head_dim // 4, head_dim // 4, head_dim - 2 * (head_dim // 4)), guidance_embeds=True,
+        image_condition_type=image_condition_type,
     )
 
-    def inputs(seq=16, text=8, batch=1, seed=1, frames=2, valid=None):
+    def inputs(seq=16, text=8, batch=1, seed=1, frames=2, valid=None, padding="right"):
         # Video tokens = frames * (H/2) * (W/2) with H = 2: W = 2 * (seq // frames). `valid` gives each row's
-        # count of real text tokens (right-padded, as the pipeline's tokenizer does); default: no padding.
+        # count of real text tokens, padded on the right as the pipeline's tokenizer does (or on the left, to
+        # test masks that cannot be cut off); default: no padding.
         g = _gen(seed)
         width = 2 * max(1, seq // frames)
         valid = valid or [text] * batch
         mask = torch.zeros(batch, text, dtype=torch.long)
         for row, n in enumerate(valid):
-            mask[row, :n] = 1
+            if padding == "right":
+                mask[row, :n] = 1
+            else:
+                mask[row, text - n:] = 1
         return dict(
             hidden_states=torch.randn(batch, 4, frames, 2, width, generator=g),
             timestep=torch.full((batch,), 500.0),

@@ -1,0 +1,155 @@
+"""Text-encoder tensor parallelism: memory per rank, communication per layer, encode time (2 ranks vs 1).
+
+    torchrun --nproc_per_node=2 benchmarks/bench_text_encoder.py
+
+Every figure comes from this one run, each process on one thread (gloo on CPU):
+1. parameter bytes per rank vs the unsharded encoder, on T5-XXL proportions scaled down by 8 in width and
+   vocabulary (d_model 512, 8 heads of 64, d_ff 1280, 24 layers, vocab 4016: the same embedding/layer ratio
+   as T5-XXL's 4096 / 64x64 / 10240 / 24 / 32128), and on a Qwen2.5-VL-7B-shaped decoder (28 query / 4 KV
+   heads) scaled down;
+2. all-reduces per layer, counted by wrapping torch.distributed.all_reduce during one forward;
+3. encode time on a compute-heavy shape: the unsharded encoder on rank 0 alone (the other rank waits at a
+   barrier) vs the sharded encoder on both ranks; median of repeats after a warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from diffpar.adapters.text_encoder_base import TEXT_ENCODER_ADAPTER, parameter_bytes
+from diffpar.hooks.handle import ParallelHandle
+from diffpar.mesh import ensure_process_group
+from diffpar.testing import tiny_text_encoders
+
+
+def shard(model):
+    handle = ParallelHandle(target=model)
+    TEXT_ENCODER_ADAPTER.check(model, dist.get_world_size(), None)
+    TEXT_ENCODER_ADAPTER.apply(model, dist.group.WORLD, handle, None, name="text_encoder")
+    return handle
+
+
+def bytes_ratio(name: str, **shape) -> tuple[int, list[int]]:
+    model, _ = tiny_text_encoders.build(name, **shape)
+    full = parameter_bytes(model)
+    shard(model)
+    mine = torch.tensor([parameter_bytes(model)], dtype=torch.float64)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return full, [int(t.item()) for t in every]
+
+
+def all_reduces_per_layer(name: str, layers: int, seq: int = 16, **shape) -> float:
+    model, make_inputs = tiny_text_encoders.build(name, layers=layers, **shape)
+    shard(model)
+    inputs = make_inputs(batch=1, seq=seq, pad=False)
+    count = 0
+    original = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        nonlocal count
+        count += 1
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        dist.all_reduce = original
+    return count / layers
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def encode_time(name: str, seq: int, repeats: int, **shape) -> dict:
+    rank = dist.get_rank()
+    model, make_inputs = tiny_text_encoders.build(name, **shape)
+    inputs = make_inputs(batch=1, seq=seq, pad=False)
+    one_process, reference = None, None
+    if rank == 0:
+        full = copy.deepcopy(model)
+        with torch.no_grad():
+            reference = full(**inputs).last_hidden_state
+
+        def run_full():
+            with torch.no_grad():
+                full(**inputs)
+
+        run_full()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run_full()
+            times.append(time.perf_counter() - start)
+        one_process = statistics.median(times)
+        del full
+    dist.barrier()  # the other rank waits here while rank 0 runs alone
+    shard(model)
+
+    def run_sharded():
+        with torch.no_grad():
+            return model(**inputs).last_hidden_state
+
+    sharded = timed(run_sharded, repeats)
+    out = run_sharded()
+    diff = (out - reference).abs().max().item() if rank == 0 else None
+    scale = reference.abs().max().item() if rank == 0 else None
+    return {"one_process_s": one_process, "two_ranks_s": sharded, "max_abs_diff": diff, "max_abs_output": scale}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seq", type=int, default=512)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if not ensure_process_group():
+        raise SystemExit("launch with: torchrun --nproc_per_node=2 benchmarks/bench_text_encoder.py")
+    world, rank = dist.get_world_size(), dist.get_rank()
+
+    t5xxl_scaled = dict(heads=8, d_kv=64, d_model=512, d_ff=1280, layers=24, vocab=4016)
+    full, per_rank = bytes_ratio("t5-gated", **t5xxl_scaled)
+    qwen_scaled = dict(heads=28, kv_heads=4, hidden=896, intermediate=4736, layers=4)
+    q_full, q_per_rank = bytes_ratio("qwen2_5_vl", **qwen_scaled)
+    reduces = {n: all_reduces_per_layer(n, layers=3) for n in ("t5-gated", "umt5", "clip", "llama", "glm")}
+    heavy = dict(heads=16, d_kv=64, d_model=1024, d_ff=2816, layers=4)
+    timing = encode_time("t5-gated", seq=args.seq, repeats=args.repeats, **heavy)
+
+    if rank == 0:
+        print(f"world={world}, 1 thread per process, torch {torch.__version__}")
+        print("\n== parameter bytes per rank vs unsharded ==")
+        print(f"T5-XXL proportions / 8 ({t5xxl_scaled}): unsharded {full / 2**20:.1f} MiB; per rank "
+              + ", ".join(f"{b / 2**20:.1f} MiB ({b / full:.3f}x)" for b in per_rank)
+              + f"; max ratio {max(per_rank) / full:.3f}")
+        print(f"Qwen2.5-VL-7B-shaped decoder ({qwen_scaled}): unsharded {q_full / 2**20:.1f} MiB; per rank "
+              + ", ".join(f"{b / 2**20:.1f} MiB ({b / q_full:.3f}x)" for b in q_per_rank))
+        print("\n== all-reduces per layer (one forward) ==")
+        for name, per_layer in reduces.items():
+            print(f"{name}: {per_layer:g}")
+        print(f"\n== encode time, T5 gated-gelu {heavy}, batch 1 x {args.seq} tokens, median of {args.repeats} ==")
+        print(f"1 process x 1 thread: {timing['one_process_s']:.3f} s")
+        print(f"{world} ranks x 1 thread: {timing['two_ranks_s']:.3f} s")
+        print(f"speed-up: {timing['one_process_s'] / timing['two_ranks_s']:.2f}x; "
+              f"max abs diff vs one process: {timing['max_abs_diff']:.2e} (outputs up to "
+              f"{timing['max_abs_output']:.1f}: relative {timing['max_abs_diff'] / timing['max_abs_output']:.1e})")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

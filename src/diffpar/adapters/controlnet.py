@@ -1,0 +1,329 @@
+"""ControlNets in `extra_parallel_modules`: context parallel, sharing the transformer's split.
+
+A ControlNet pipeline calls `controlnet(...)` first; it returns one residual per block over the image tokens, and
+the pipeline hands them to the transformer, which adds them to its own hidden states block by block. Under
+context parallelism the transformer holds only its shard of the image tokens, so the residuals must arrive split
+exactly the same way. We run the ControlNet itself context parallel, with the transformer's own diffusers
+ParallelConfig (same mesh, same sharder, same uneven-split mode), splitting the same image sequence, and leave
+its residual outputs sharded: no gather, no communication beyond its attention, and each rank's residual rows are
+the rows its transformer shard holds, by construction.
+
+Each family's plan is data in diffusers' `_cp_plan` format (below, or in `controlnet_<family>.py`), applied with
+diffusers' `apply_context_parallel`; input splits only, never an output gather. Multi-ControlNet wrappers
+(`FluxMultiControlNetModel`, `QwenImageMultiControlNetModel`, `SD3MultiControlNetModel`) are handled through their
+`nets`: every net gets the plan, and the wrapper's sum of residuals is a sum of equally sharded tensors.
+
+A ControlNet parallelized this way returns sharded residuals: it is meant to be called by its pipeline, whose
+transformer is parallelized by the same `enable_cache` call. `ulysses_size` / `ring_size` are required (with
+`tp_size` alone the transformer sees the whole sequence, and so must the ControlNet: leave it out).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..compat import diffusers_cp
+from ..errors import DiffparError, UnsupportedError
+from .base import ExtraModuleAdapter, register_extra_adapter
+
+MULTI_WRAPPERS = ("FluxMultiControlNetModel", "QwenImageMultiControlNetModel", "SD3MultiControlNetModel")
+
+
+@dataclass
+class ControlNetFamily:
+    """How one ControlNet class runs context parallel."""
+
+    name: str
+    # net -> plan in diffusers' _cp_plan format (input splits only)
+    plan: Callable[[torch.nn.Module], dict]
+    # (net, cp_config) -> [(module, hook_name, diffusers ModelHook)] for splits a plan cannot express
+    extra_hooks: Callable[[torch.nn.Module, object], list] | None = None
+    # (net, config) -> None, or raise with what to do (local, no collectives). Default: the transformer's
+    # context-parallel check (processors that take a parallel config, backend, head counts).
+    check: Callable[[torch.nn.Module, object], None] | None = None
+    # (net, config, handle, label): forward changes the plan needs (e.g. SD3's attention processors), undoable
+    prepare: Callable | None = None
+
+
+_FAMILIES: dict[str, ControlNetFamily] = {}
+
+
+def register_controlnet_family(class_name: str, family: ControlNetFamily) -> ControlNetFamily:
+    _FAMILIES[class_name] = family
+    return family
+
+
+def family_for(net: torch.nn.Module) -> ControlNetFamily | None:
+    for cls in type(net).__mro__:
+        if cls.__name__ in _FAMILIES:
+            return _FAMILIES[cls.__name__]
+    return None
+
+
+def inner_nets(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The ControlNets a module runs: itself, or every net of a Multi wrapper (each once)."""
+    if type(module).__name__ in MULTI_WRAPPERS or (
+        hasattr(module, "nets") and isinstance(module.nets, torch.nn.ModuleList)
+    ):
+        seen, nets = set(), []
+        for net in module.nets:
+            if id(net) not in seen:
+                seen.add(id(net))
+                nets.append(net)
+        return nets
+    return [module]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Plans (data)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _cp():
+    from diffusers.models._modeling_parallel import ContextParallelInput
+
+    return ContextParallelInput
+
+
+def _flux_plan(net) -> dict:
+    Split = _cp()
+    # Same root splits as FluxTransformer2DModel's plan: image tokens, prompt tokens and their RoPE ids, each on
+    # its own. The condition joins the image stream through controlnet_x_embedder: split at its input, which is
+    # (B, image tokens, C) both for packed latents and after input_hint_block's patchify.
+    plan = {
+        "": {
+            "hidden_states": Split(split_dim=1, expected_dims=3, split_output=False),
+            "img_ids": Split(split_dim=0, expected_dims=2, split_output=False),
+        },
+        "controlnet_x_embedder": {"input": Split(split_dim=1, expected_dims=3, split_output=False)},
+    }
+    if not net.union:
+        plan[""]["encoder_hidden_states"] = Split(split_dim=1, expected_dims=3, split_output=False)
+        plan[""]["txt_ids"] = Split(split_dim=0, expected_dims=2, split_output=False)
+    return plan
+
+
+def union_prompt_split_hook(cp_config):
+    """A diffusers ModelHook for each block of a union Flux ControlNet.
+
+    Union ControlNets put a mode token in front of the prompt inside forward, after any root split could run. So
+    the prompt is split at the blocks instead: the first block splits the whole prompt (later ones receive it split
+    already), and every block gets the prompt rows of the rotary embedding split likewise (`pos_embed` computed it
+    for [whole prompt, image shard]). Image tokens are split at the root as usual.
+    """
+    from diffusers.hooks.context_parallel import ModuleForwardMetadata
+    from diffusers.hooks.hooks import ModelHook
+    from diffusers.utils.torch_utils import unwrap_module
+
+    class UnionPromptSplitHook(ModelHook):
+        def initialize_hook(self, module):
+            self.metadata = ModuleForwardMetadata(_cls=unwrap_module(module).__class__)
+            return module
+
+        def pre_forward(self, module, *args, **kwargs):
+            args = list(args)
+
+            def get(name):
+                return self.metadata._get_parameter_from_args_kwargs(name, args, kwargs)
+
+            def put(name, value, is_kwarg, index):
+                if is_kwarg:
+                    kwargs[name] = value
+                else:
+                    args[index] = value
+
+            hidden, _, _ = get("hidden_states")
+            prompt, *where_prompt = get("encoder_hidden_states")
+            rotary, *where_rotary = get("image_rotary_emb")
+            prompt_len = rotary[0].shape[0] - hidden.shape[1]
+            if prompt.shape[1] == prompt_len:
+                put("encoder_hidden_states", shard(prompt, 1, cp_config), *where_prompt)
+            split = tuple(torch.cat([shard(r[:prompt_len], 0, cp_config), r[prompt_len:]], dim=0) for r in rotary)
+            put("image_rotary_emb", split, *where_rotary)
+            return tuple(args), kwargs
+
+    return UnionPromptSplitHook()
+
+
+def shard(tensor: torch.Tensor, dim: int, cp_config) -> torch.Tensor:
+    """This rank's part of `tensor`, exactly as diffusers' context-parallel input hooks cut it."""
+    from diffusers.hooks.context_parallel import EquipartitionSharder, PartitionAnythingSharder
+
+    mesh = cp_config._flattened_mesh
+    if getattr(cp_config, "ulysses_anything", False) or getattr(cp_config, "ring_anything", False):
+        return PartitionAnythingSharder.shard_anything(tensor, dim, mesh)
+    return EquipartitionSharder.shard(tensor, dim, mesh)
+
+
+def _flux_extra_hooks(net, cp_config) -> list:
+    if not net.union:
+        return []
+    hooks = []
+    for container in ("transformer_blocks", "single_transformer_blocks"):
+        for i, block in enumerate(getattr(net, container)):
+            hooks.append((block, f"diffpar_union_prompt_split---{container}.{i}", union_prompt_split_hook(cp_config)))
+    return hooks
+
+
+def _qwenimage_plan(net) -> dict:
+    Split = _cp()
+    # QwenImageTransformer2DModel's plan, without its output gather: the streams are split at the first block
+    # (after img_in + controlnet_x_embedder ran on the whole sequence), the RoPE tables as pos_embed returns them,
+    # and the prompt mask at every block.
+    return {
+        "transformer_blocks.0": {
+            "hidden_states": Split(split_dim=1, expected_dims=3, split_output=False),
+            "encoder_hidden_states": Split(split_dim=1, expected_dims=3, split_output=False),
+        },
+        "transformer_blocks.*": {
+            "encoder_hidden_states_mask": Split(split_dim=1, expected_dims=2, split_output=False),
+        },
+        "pos_embed": {
+            0: Split(split_dim=0, expected_dims=2, split_output=True),
+            1: Split(split_dim=0, expected_dims=2, split_output=True),
+        },
+    }
+
+
+register_controlnet_family("FluxControlNetModel", ControlNetFamily("flux", _flux_plan, _flux_extra_hooks))
+register_controlnet_family("QwenImageControlNetModel", ControlNetFamily("qwenimage", _qwenimage_plan))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The adapter
+# ------------------------------------------------------------------------------------------------------------
+
+
+class ControlNetAdapter(ExtraModuleAdapter):
+    kind = "controlnet"
+
+    def matches(self, module: torch.nn.Module) -> bool:
+        nets = inner_nets(module)
+        return bool(nets) and all(family_for(n) is not None for n in nets)
+
+    def check(self, module: torch.nn.Module, world_size: int, config) -> None:
+        from ..hooks.context_parallel import check_context_parallel
+
+        if config.cp_degree <= 1:
+            raise DiffparError(
+                f"extra_parallel_modules: the ControlNet ({type(module).__name__}) runs context parallel on the "
+                "transformer's split of the image tokens, which needs ulysses_size or ring_size > 1; this "
+                f"configuration has none (tp_size={config.tp_degree}). Set ulysses_size/ring_size, or remove the "
+                "ControlNet from extra_parallel_modules (it then runs whole on every rank, which is correct when the "
+                "transformer is not context parallel)."
+            )
+        for net in inner_nets(module):
+            family = family_for(net)
+            try:
+                (family.check or check_context_parallel)(net, config)
+            except UnsupportedError as exc:
+                raise UnsupportedError(f"extra_parallel_modules: ControlNet {type(net).__name__}: {exc}") from None
+
+    def describe(self, module: torch.nn.Module) -> dict:
+        return {
+            "class": type(module).__name__,
+            "nets": [
+                {"class": type(n).__name__, "params": sum(p.numel() for p in n.parameters()),
+                 "union": bool(getattr(n, "union", False))}
+                for n in inner_nets(module)
+            ],
+        }
+
+    def apply(self, module, group, handle, config, *, pipeline=None, name: str = "") -> None:
+        parallel_config = _denoiser_parallel_config(handle, pipeline)
+        for i, net in enumerate(inner_nets(module)):
+            label = f"{name or 'controlnet'}" + (f".nets[{i}]" if net is not module else "")
+            apply_controlnet_context_parallel(net, family_for(net), parallel_config, config, handle, label)
+
+
+def _denoiser_parallel_config(handle, pipeline):
+    configs = handle.info.get("context_parallel", {})
+    denoiser = "transformer" if "transformer" in configs else (next(iter(configs)) if len(configs) == 1 else None)
+    if denoiser is None:
+        raise DiffparError(
+            "extra_parallel_modules: the ControlNet needs the transformer to be context parallel in the same "
+            f"enable_cache call (found context-parallel denoisers: {sorted(configs)}). Pass the pipeline and "
+            "ulysses_size/ring_size."
+        )
+    return configs[denoiser]
+
+
+def apply_input_splits(net, cp_config, plan: dict) -> None:
+    """diffusers' `apply_context_parallel` for a plan of input splits only, with hooks that let any output through.
+
+    diffusers' split hook checks that the module returns tensors, but a ControlNet returns lists of residuals (and
+    dicts for Z-Image). The split itself is diffusers' own; hook names are diffusers' too, so its
+    `remove_context_parallel` removes them.
+    """
+    from diffusers.hooks.context_parallel import (
+        _CONTEXT_PARALLEL_INPUT_HOOK_TEMPLATE,
+        ContextParallelSplitHook,
+        _get_submodule_by_name,
+    )
+    from diffusers.hooks.hooks import HookRegistry
+
+    class InputSplitHook(ContextParallelSplitHook):
+        def post_forward(self, module, output):
+            if any(getattr(entry, "split_output", False) for entry in self.metadata.values()):
+                return super().post_forward(module, output)
+            return output
+
+    for module_id, entries in plan.items():
+        if not isinstance(entries, dict):
+            raise ValueError(f"ControlNet plans split inputs only; {module_id!r} maps to {type(entries).__name__}")
+        targets = _get_submodule_by_name(net, module_id)
+        for target in targets if isinstance(targets, list) else [targets]:
+            registry = HookRegistry.check_if_exists_or_initialize(target)
+            registry.register_hook(InputSplitHook(entries, cp_config), _CONTEXT_PARALLEL_INPUT_HOOK_TEMPLATE.format(module_id))
+
+
+def apply_controlnet_context_parallel(net, family: ControlNetFamily, parallel_config, config, handle, label: str):
+    """Context-parallel hooks on one ControlNet with the transformer's ParallelConfig; every step undoable."""
+    from diffusers.hooks.hooks import HookRegistry
+
+    from ..hooks.context_parallel import _set_backend, attention_processors, remove_context_parallel
+
+    if family.prepare is not None:
+        family.prepare(net, config, handle, label)
+    if config.attention_backend is not None:
+        _set_backend(net, config.attention_backend, handle, label)
+
+    diffusers_cp.SHARED_SHIMS.acquire()
+    handle.add(f"{label}: diffusers compat shims", diffusers_cp.SHARED_SHIMS.release)
+
+    previous = [(p, p._parallel_config) for _, p in attention_processors(net)]
+    for p, _ in previous:
+        p._parallel_config = parallel_config
+
+    def restore_processors():
+        for p, old in previous:
+            p._parallel_config = old
+
+    handle.add(f"{label}: attention processors' _parallel_config", restore_processors)
+
+    old_model_config = getattr(net, "_parallel_config", None)
+    net._parallel_config = parallel_config
+    handle.add(f"{label}: model._parallel_config", lambda: setattr(net, "_parallel_config", old_model_config))
+
+    cp_config = parallel_config.context_parallel_config
+    plan = family.plan(net)
+    apply_input_splits(net, cp_config, plan)
+    handle.add(f"{label}: context-parallel input splits ({family.name} ControlNet plan)",
+               lambda: remove_context_parallel(net, plan))
+
+    extra = family.extra_hooks(net, cp_config) if family.extra_hooks else []
+    for module, hook_name, hook in extra:
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, hook_name)
+
+    def remove_extra():
+        for module, hook_name, _ in extra:
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(hook_name, recurse=False)
+
+    if extra:
+        handle.add(f"{label}: {family.name} ControlNet split hooks", remove_extra)
+    handle.info.setdefault("controlnet", {})[label] = {"family": family.name, "plan": plan}
+
+
+register_extra_adapter(ControlNetAdapter())

@@ -1,0 +1,122 @@
+"""Context-parallel plan for Stable Diffusion 3 / 3.5 (`SD3Transformer2DModel`); diffusers ships none.
+
+Plan: split the image tokens as they leave `pos_embed` (the positional embedding is added inside it, per token, on
+the whole 2-D latent, so splitting its output is exact) and the text tokens as they leave `context_embedder`;
+every block then works on its shard; gather after `proj_out`. Joint attention has no mask and no RoPE, so each
+rank may hold [its image shard, its text shard] in any order: attention does not depend on the order of keys.
+
+Forward change: SD3's `JointAttnProcessor2_0` calls `F.scaled_dot_product_attention` directly, so no parallel
+config can reach it. While parallel, each attention gets `SD3ContextParallelAttnProcessor`: the same projections,
+norms and output split, with attention through diffusers' dispatcher (which takes the parallel config). Detach
+puts the original processor objects back.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import UnsupportedError
+from .base import register_cp_plan
+
+
+class SD3ContextParallelAttnProcessor:
+    """SD3's joint attention (image stream + optional text stream) through `dispatch_attention_fn`."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *args, **kwargs):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        image_tokens = hidden_states.shape[1]
+
+        def heads(x):  # (B, S, H * D) -> (B, S, H, D): the dispatcher's layout
+            return x.unflatten(-1, (attn.heads, -1))
+
+        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            text_query = heads(attn.add_q_proj(encoder_hidden_states))
+            text_key = heads(attn.add_k_proj(encoder_hidden_states))
+            text_value = heads(attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                text_query = attn.norm_added_q(text_query)
+            if attn.norm_added_k is not None:
+                text_key = attn.norm_added_k(text_key)
+            query = torch.cat([query, text_query], dim=1)
+            key = torch.cat([key, text_key], dim=1)
+            value = torch.cat([value, text_value], dim=1)
+
+        # SD3's processor ignores attention_mask as well: the model never passes one.
+        out = dispatch_attention_fn(
+            query, key, value, dropout_p=0.0, is_causal=False,
+            backend=self._attention_backend, parallel_config=self._parallel_config,
+        )
+        out = out.flatten(2, 3).to(query.dtype)
+
+        text_out = None
+        if encoder_hidden_states is not None:
+            out, text_out = out[:, :image_tokens], out[:, image_tokens:]
+            if not attn.context_pre_only:
+                text_out = attn.to_add_out(text_out)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out if encoder_hidden_states is None else (out, text_out)
+
+
+def replace_attention_processors(model, replacements: dict[type, type], handle, name: str, model_label: str,
+                                 within: tuple[str, ...] = ("",)) -> None:
+    """Give every attention (under the `within` module-name prefixes) whose processor is exactly one of
+    `replacements` a new one; undo restores the original objects.
+
+    Checks every processor before changing any: another processor type (IP-Adapter, PAG, fused projections, ...)
+    has no context-parallel version here, and running it on a shard would compute attention over the shard only.
+    """
+    targets, unknown = [], set()
+    for module_name, module in model.named_modules():
+        processor = getattr(module, "processor", None)
+        if processor is None or not module_name.startswith(within):
+            continue
+        if type(processor) in replacements:
+            targets.append((module, processor))
+        elif not hasattr(processor, "_parallel_config") and type(processor) not in replacements.values():
+            unknown.add(f"{module_name}: {type(processor).__name__}")
+    if unknown:
+        raise UnsupportedError(
+            f"{model_label}: these attention processors have no context-parallel version in diffpar: "
+            f"{sorted(unknown)}. Context parallelism supports the model's default processors "
+            f"({sorted(t.__name__ for t in replacements)}). Remove what installed them (e.g. unload_ip_adapter(), "
+            "unfuse_qkv_projections()) before enable_cache."
+        )
+    for module, old in targets:
+        new = replacements[type(old)]()
+        vars(new).update(vars(old))  # keep per-instance settings, e.g. an attention backend the user chose
+        module.processor = new
+
+    def restore():
+        for module, old in targets:
+            module.processor = old
+
+    handle.add(f"{name}: context-parallel attention processors", restore)
+
+
+def prepare_sd3(model, config, handle, name: str) -> None:
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    replace_attention_processors(
+        model, {JointAttnProcessor2_0: SD3ContextParallelAttnProcessor}, handle, name, type(model).__name__
+    )
+
+
+@register_cp_plan("SD3Transformer2DModel", prepare=prepare_sd3)
+def sd3_cp_plan(model) -> dict:
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    tokens = {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)}
+    return {
+        "pos_embed": tokens,
+        "context_embedder": tokens,
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }

@@ -1,0 +1,155 @@
+"""Tiny seeded VAEs of every family diffpar splits, and inputs for them, for tests and benchmarks.
+
+`build(name, seed=0, **overrides)` returns (vae, make_latents, make_images). The configs keep each family's
+structure (block types, attention in the mid block, causal caches, patchify, strided downsamplers) with few
+channels, so a decode takes milliseconds on one CPU core. Heights and widths are parameters so tests can make
+them odd or not divisible by the world size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+BUILDERS: dict[str, Callable] = {}
+
+
+@dataclass(frozen=True)
+class VaeShape:
+    latent_channels: int
+    image_channels: int
+    spatial: int  # image pixels per latent row/column (including patchify)
+    video: bool
+    frames_per_latent: int = 1  # images per latent frame after the first (video: temporal compression)
+
+
+def builder(name):
+    def deco(fn):
+        BUILDERS[name] = fn
+        return fn
+
+    return deco
+
+
+def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    torch.manual_seed(seed)
+    vae, shape = BUILDERS[name](**overrides)
+    vae = vae.to(dtype).eval()
+
+    def make_latents(height=12, width=10, batch=1, frames=2, seed=1):
+        g = torch.Generator().manual_seed(seed)
+        dims = (batch, shape.latent_channels, frames, height, width) if shape.video else (
+            batch, shape.latent_channels, height, width)
+        return torch.randn(*dims, generator=g).to(dtype)
+
+    def make_images(height=48, width=40, batch=1, frames=5, seed=2):
+        g = torch.Generator().manual_seed(seed)
+        dims = (batch, shape.image_channels, frames, height, width) if shape.video else (
+            batch, shape.image_channels, height, width)
+        return (torch.rand(*dims, generator=g) * 2 - 1).to(dtype)
+
+    vae.diffpar_shape = shape
+    return vae, make_latents, make_images
+
+
+@builder("kl")
+def _kl(channels=(8, 16, 16), layers=1, groups=4, latent=4):
+    """AutoencoderKL (SD / SDXL / SD3 / Flux.1 structure): 3x3 convs, GroupNorm, mid-block attention."""
+    from diffusers import AutoencoderKL
+
+    n = len(channels)
+    vae = AutoencoderKL(
+        block_out_channels=tuple(channels), down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=layers, norm_num_groups=groups,
+        latent_channels=latent,
+    )
+    return vae, VaeShape(latent, 3, 2 ** (n - 1), False)
+
+
+@builder("flux2")
+def _flux2(channels=(8, 16, 16), layers=1, groups=4, latent=4):
+    from diffusers import AutoencoderKLFlux2
+
+    n = len(channels)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=tuple(channels), down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=layers, norm_num_groups=groups,
+        latent_channels=latent,
+    )
+    return vae, VaeShape(latent, 3, 2 ** (n - 1), False)
+
+
+@builder("wan")
+def _wan(base=8, mult=(1, 2, 2), blocks=1, latent=4, temporal=(False, True)):
+    """Wan 2.1: causal conv3d with per-frame caches, RMS norms over channels, per-frame mid-block attention."""
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan(
+        base_dim=base, z_dim=latent, dim_mult=list(mult), num_res_blocks=blocks, temperal_downsample=list(temporal),
+        latents_mean=[0.0] * latent, latents_std=[1.0] * latent,
+    )
+    return vae, VaeShape(latent, 3, 2 ** (len(mult) - 1), True, 2 ** sum(temporal))
+
+
+@builder("wan22")
+def _wan22(base=8, mult=(1, 2, 2), blocks=1, latent=4, temporal=(False, True)):
+    """Wan 2.2: residual up/down blocks with space-to-depth shortcuts, patchify 2 outside the encoder/decoder."""
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan(
+        base_dim=base, z_dim=latent, dim_mult=list(mult), num_res_blocks=blocks, temperal_downsample=list(temporal),
+        is_residual=True, patch_size=2, in_channels=12, out_channels=12,
+        latents_mean=[0.0] * latent, latents_std=[1.0] * latent,
+    )
+    return vae, VaeShape(latent, 3, 2 * 2 ** (len(mult) - 1), True, 2 ** sum(temporal))
+
+
+@builder("qwen")
+def _qwen(base=8, mult=(1, 2, 2), blocks=1, latent=4, temporal=(False, True)):
+    from diffusers import AutoencoderKLQwenImage
+
+    vae = AutoencoderKLQwenImage(
+        base_dim=base, z_dim=latent, dim_mult=list(mult), num_res_blocks=blocks, temperal_downsample=list(temporal),
+        latents_mean=[0.0] * latent, latents_std=[1.0] * latent,
+    )
+    return vae, VaeShape(latent, 3, 2 ** (len(mult) - 1), True, 2 ** sum(temporal))
+
+
+@builder("hunyuan")
+def _hunyuan(channels=(8, 16, 16), layers=1, groups=4, latent=4):
+    """HunyuanVideo: replicate-padded causal conv3d, GroupNorm over frames, frame-causal mid-block attention."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    vae = AutoencoderKLHunyuanVideo(
+        block_out_channels=tuple(channels), down_block_types=("HunyuanVideoDownBlock3D",) * len(channels),
+        up_block_types=("HunyuanVideoUpBlock3D",) * len(channels), layers_per_block=layers, norm_num_groups=groups,
+        latent_channels=latent, spatial_compression_ratio=4, temporal_compression_ratio=4,
+    )
+    return vae, VaeShape(latent, 3, 4, True, 4)
+
+
+@builder("kl_real")
+def _kl_real(channels=(32, 64, 128, 128), layers=2, groups=32, latent=16):
+    """AutoencoderKL shaped like Flux.1's (4 blocks, 2 resnets per down block, 3 per up block, 16 latent channels),
+    with channels scaled down 4x so a 1024 px decode takes seconds on one CPU core. For benchmarks."""
+    from diffusers import AutoencoderKL
+
+    n = len(channels)
+    vae = AutoencoderKL(
+        block_out_channels=tuple(channels), down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=layers, norm_num_groups=groups,
+        latent_channels=latent, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    return vae, VaeShape(latent, 3, 2 ** (n - 1), False)
+
+
+def decode(vae, latents) -> torch.Tensor:
+    with torch.no_grad():
+        return vae.decode(latents).sample
+
+
+def encode(vae, images) -> torch.Tensor:
+    """The posterior's mean and log-variance (deterministic, unlike a sample)."""
+    with torch.no_grad():
+        return vae.encode(images).latent_dist.parameters

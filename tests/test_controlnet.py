@@ -1,0 +1,108 @@
+"""ControlNet context parallelism: the ControlNet and the transformer it feeds, split the same way.
+
+Each case compares against the same seeded models in one process (computed on every rank before enabling), checks
+that the ControlNet visibly changes the output (so a wrongly split residual could not hide), and that detach
+restores bit-for-bit results with no hook left behind.
+"""
+import pytest
+from tolerances import BITWISE, CONTROLNET_FP32, PIPELINE_FP32
+
+from diffpar.testing import RankFailure
+
+# (family, world, config, seq, text, pair overrides)
+PAIRS = [
+    pytest.param("flux", 2, {"ulysses_size": 2}, 16, 8, {}, id="flux-w2-ulysses"),
+    pytest.param("flux", 2, {"ring_size": 2}, 16, 8, {}, id="flux-w2-ring"),
+    pytest.param("flux", 4, {"ulysses_size": 4}, 16, 8, {"heads": 4}, id="flux-w4-ulysses"),
+    pytest.param("flux", 4, {"ulysses_size": 2, "ring_size": 2}, 16, 8, {}, id="flux-w4-ulysses2xring2"),
+    pytest.param("flux", 2, {"ulysses_size": 2, "ulysses_anything": True}, 15, 7, {}, id="flux-w2-anything-odd"),
+    pytest.param("flux", 4, {"ring_size": 4, "ring_anything": True}, 17, 7, {}, id="flux-w4-ring-anything-odd"),
+    pytest.param("flux", 2, {"ulysses_size": 2}, 16, 8, {"nets": 2}, id="flux-multi-w2"),
+    pytest.param("flux", 4, {"ulysses_size": 4}, 16, 8, {"nets": 3, "heads": 4}, id="flux-multi3-w4"),
+    pytest.param("flux", 2, {"ulysses_size": 2, "ulysses_anything": True}, 16, 8, {"union": True}, id="flux-union-w2"),
+    pytest.param("flux", 4, {"ring_size": 4, "ring_anything": True}, 16, 7, {"union": True, "multi": True},
+                 id="flux-union-multi-w4-ring"),
+    pytest.param("flux", 2, {"ulysses_size": 2}, 16, 8, {"hint": True}, id="flux-image-hint-w2"),
+    pytest.param("qwenimage", 2, {"ulysses_size": 2}, 16, 8, {}, id="qwen-w2-ulysses"),
+    pytest.param("qwenimage", 4, {"ulysses_size": 4}, 16, 8, {"heads": 4}, id="qwen-w4-ulysses"),
+    pytest.param("qwenimage", 4, {"ring_size": 4}, 16, 8, {}, id="qwen-w4-ring"),
+    pytest.param("qwenimage", 2, {"ulysses_size": 2, "ulysses_anything": True}, 15, 7, {}, id="qwen-w2-anything-odd"),
+    pytest.param("qwenimage", 2, {"ulysses_size": 2}, 16, 8, {"multi": True}, id="qwen-multi-w2"),
+]
+
+
+@pytest.mark.parametrize("family,world,config,seq,text,pair_kwargs", PAIRS)
+def test_controlnet_pair_matches_one_process(ranks, family, world, config, seq, text, pair_kwargs):
+    results = ranks(world, "workers.controlnet:pair_equivalence", family=family, config=config, seq=seq, text=text,
+                    pair_kwargs=pair_kwargs)
+    for r in results:
+        assert r["diff"] <= CONTROLNET_FP32, (r["rank"], r["diff"])
+        assert r["controlnet_effect"] > 1e-2, "the ControlNet must change the output for this test to mean anything"
+        assert r["detach_diff"] == BITWISE and r["detached_clean"]
+        assert any("ControlNet plan" in s for s in r["steps"])
+
+
+def test_padded_prompt_mask_reaches_controlnet_blocks(ranks):
+    results = ranks(2, "workers.controlnet:pair_equivalence", family="qwenimage", config={"ulysses_size": 2},
+                    input_kwargs={"masked_text": 3})
+    assert all(r["diff"] <= CONTROLNET_FP32 for r in results), [r["diff"] for r in results]
+
+
+@pytest.mark.parametrize("family,world,config", [
+    pytest.param("flux", 4, {"ulysses_size": 2, "tp_size": 2}, id="flux-w4-ulysses2xtp2"),
+    pytest.param("flux", 4, {"ring_size": 2, "tp_size": 2}, id="flux-w4-ring2xtp2"),
+    pytest.param("qwenimage", 4, {"ulysses_size": 2, "tp_size": 2}, id="qwen-w4-ulysses2xtp2"),
+])
+def test_controlnet_with_hybrid_transformer(ranks, family, world, config):
+    """Transformer on ulysses/ring x tp; the ControlNet context parallel on the same ring x ulysses sub-mesh."""
+    results = ranks(world, "workers.controlnet:pair_equivalence", family=family, config=config,
+                    pair_kwargs={"heads": 4})
+    for r in results:
+        assert r["diff"] <= CONTROLNET_FP32, (r["rank"], r["diff"])
+        assert r["detach_diff"] == BITWISE
+
+
+# -- whole pipelines ----------------------------------------------------------------------------------------------
+
+PIPELINES = [
+    pytest.param("flux", 2, {"ulysses_size": 2}, {}, {}, id="flux-w2-ulysses"),
+    pytest.param("flux", 4, {"ulysses_size": 2, "ring_size": 2}, {"nets": 2}, {}, id="flux-multi-w4-ulysses2xring2"),
+    pytest.param("flux", 2, {"ulysses_size": 2, "ulysses_anything": True}, {"union": True}, {"width": 40},
+                 id="flux-union-w2-anything"),
+    pytest.param("qwenimage", 2, {"ulysses_size": 2}, {}, {}, id="qwen-w2-ulysses"),
+    pytest.param("qwenimage", 4, {"ulysses_size": 4}, {"multi": True}, {"masked_text": 2}, id="qwen-multi-w4"),
+]
+
+
+@pytest.mark.parametrize("family,world,config,builder_kwargs,call_kwargs", PIPELINES)
+def test_controlnet_pipeline_matches_one_process(ranks, family, world, config, builder_kwargs, call_kwargs):
+    results = ranks(world, "workers.controlnet:pipeline_equivalence", family=family, config=config,
+                    builder_kwargs=builder_kwargs, call_kwargs=call_kwargs, timeout=300)
+    for r in results:
+        assert r["diff"] <= PIPELINE_FP32, (r["rank"], r["diff"])
+        assert r["detach_diff"] == BITWISE
+
+
+# -- errors ---------------------------------------------------------------------------------------------------
+
+
+def test_controlnet_without_context_parallel_is_refused(ranks):
+    messages = ranks(2, "workers.controlnet:expect_error", family="flux", config={"tp_size": 2},
+                     pair_kwargs={"heads": 2})
+    for m in messages:
+        assert m is not None and "needs ulysses_size or ring_size" in m and "remove the ControlNet" in m
+
+
+def test_union_prompt_that_does_not_split_evenly_says_what_to_do(ranks):
+    # The mode token makes the prompt 9 tokens: not splittable in 2 equal parts.
+    messages = ranks(2, "workers.controlnet:expect_error", family="flux", config={"ulysses_size": 2},
+                     pair_kwargs={"union": True}, text=8, run_step=True)
+    for m in messages:
+        assert m is not None and "not divisible by 2" in m and "ulysses_anything=True" in m
+
+
+def test_controlnet_heads_not_divisible_by_ulysses_is_refused(ranks):
+    messages = ranks(4, "workers.controlnet:expect_error", family="qwenimage", config={"ulysses_size": 4},
+                     pair_kwargs={"heads": 2})
+    for m in messages:
+        assert m is not None and "does not divide the 2 attention heads" in m

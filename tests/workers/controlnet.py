@@ -1,0 +1,120 @@
+"""Rank-side checks for ControlNet context parallelism (with the transformer it feeds)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+import diffpar
+from diffpar.testing import tiny_controlnets
+
+
+def _shell_pipeline(family: str, transformer, controlnet):
+    """The family's real pipeline class holding just the two models (enough for enable_cache's module lookup)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    if family == "flux":
+        from diffusers import FluxControlNetPipeline
+
+        return FluxControlNetPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None,
+                                      text_encoder_2=None, tokenizer_2=None, transformer=transformer,
+                                      controlnet=controlnet)
+    if family == "qwenimage":
+        from diffusers import QwenImageControlNetPipeline
+
+        return QwenImageControlNetPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None,
+                                           transformer=transformer, controlnet=controlnet)
+    if family == "sd3":
+        from diffusers import StableDiffusion3ControlNetPipeline
+
+        return StableDiffusion3ControlNetPipeline(
+            transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None,
+            text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None, controlnet=controlnet)
+    if family == "zimage":
+        from diffusers import ZImageControlNetPipeline
+
+        return ZImageControlNetPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None,
+                                        transformer=transformer, controlnet=controlnet)
+    raise ValueError(family)
+
+
+def pair_equivalence(family: str, config: dict, seq: int = 16, text: int = 8, batch: int = 1,
+                     pair_kwargs: dict | None = None, input_kwargs: dict | None = None):
+    """ControlNet -> transformer, as the pipeline calls them: one process vs parallel, then detach."""
+    pair = tiny_controlnets.build_pair(family, **(pair_kwargs or {}))
+    cn_kwargs, tf_kwargs = pair.inputs(seq=seq, text=text, batch=batch, **(input_kwargs or {}))
+    ref_transformer, ref_controlnet = copy.deepcopy(pair.transformer), copy.deepcopy(pair.controlnet)
+    with torch.no_grad():
+        reference = pair.run(copy.deepcopy(cn_kwargs), copy.deepcopy(tf_kwargs), ref_transformer, ref_controlnet)
+        without = pair.transformer(**copy.deepcopy(tf_kwargs))
+        without = without[0] if isinstance(without, (tuple, list)) else without.sample
+    pipe = _shell_pipeline(family, pair.transformer, pair.controlnet)
+    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
+        **config, extra_parallel_modules=[pipe.controlnet]))
+    with torch.no_grad():
+        parallel = pair.run(copy.deepcopy(cn_kwargs), copy.deepcopy(tf_kwargs))
+    result = {
+        "diff": (parallel - reference).abs().max().item(),
+        # how much the ControlNet changes the output: a wrongly split residual would show at this scale
+        "controlnet_effect": (reference - without).abs().max().item(),
+        "steps": handle.step_names,
+        "rank": dist.get_rank(),
+    }
+    handle.detach()
+    with torch.no_grad():
+        after = pair.run(copy.deepcopy(cn_kwargs), copy.deepcopy(tf_kwargs))
+    result["detach_diff"] = (after - reference).abs().max().item()
+    result["detached_clean"] = not any(
+        getattr(m, "_diffusers_hook", None) is not None and m._diffusers_hook.hooks
+        for m in list(pair.transformer.modules()) + list(pair.controlnet.modules())
+    )
+    return result
+
+
+def pipeline_equivalence(family: str, config: dict, builder_kwargs: dict | None = None,
+                         call_kwargs: dict | None = None, extra: tuple = ("controlnet",)):
+    """The whole ControlNet pipeline: one process vs parallel (same pipeline, before enabling), then detach."""
+    pipe, make_call = tiny_controlnets.build_pipeline(family, **(builder_kwargs or {}))
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        with torch.no_grad():
+            out = pipe(**make_call(**(call_kwargs or {})))
+        return out[0] if isinstance(out, tuple) else out.images
+
+    reference = run()
+    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
+        **config, extra_parallel_modules=list(extra)))
+    parallel = run()
+    result = {
+        "diff": (parallel - reference).abs().max().item(),
+        "scale": reference.abs().max().item(),
+        "rank": dist.get_rank(),
+        "steps": handle.step_names,
+    }
+    handle.detach()
+    result["detach_diff"] = (run() - reference).abs().max().item()
+    return result
+
+
+def expect_error(family: str, config: dict, pair_kwargs: dict | None = None, seq: int = 16, text: int = 8,
+                 run_step: bool = False):
+    """The DiffparError text enable_cache (or, with run_step, the first step) raises on this rank, else None."""
+    pair = tiny_controlnets.build_pair(family, **(pair_kwargs or {}))
+    pipe = _shell_pipeline(family, pair.transformer, pair.controlnet)
+    handle = None
+    try:
+        handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
+            **config, extra_parallel_modules=[pipe.controlnet]))
+        if run_step:
+            cn_kwargs, tf_kwargs = pair.inputs(seq=seq, text=text)
+            with torch.no_grad():
+                pair.run(cn_kwargs, tf_kwargs)
+    except diffpar.DiffparError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        if handle is not None and not handle.detached:
+            handle.detach()
+    return None
