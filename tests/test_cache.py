@@ -139,7 +139,8 @@ def _tiny_flux():
 
 def test_unknown_cache_config_is_refused():
     model, _ = _tiny_flux()
-    with pytest.raises(DiffparError, match="cache_config must be one of .*diffpar.DBCacheConfig.*FirstBlockCacheConfig"):
+    with pytest.raises(DiffparError,
+                       match="cache_config must be one of .*diffpar.DBCacheConfig.*FirstBlockCacheConfig"):
         diffpar.enable_cache(model, cache_config={"residual_diff_threshold": 0.1})
     assert not hasattr(model, "_diffpar_handle")
 
@@ -162,10 +163,27 @@ def test_a_cache_already_enabled_is_refused():
 def test_first_block_shape_maps_to_diffusers_fbc():
     model, _ = _tiny_flux()
     handle = diffpar.enable_cache(model, cache_config=DBCacheConfig(residual_diff_threshold=0.1))
-    assert handle.info["cache"]["implementation"] == {"FluxTransformer2DModel": "diffusers FirstBlockCacheConfig (reduced)"}
+    implementation = handle.info["cache"]["implementation"]
+    assert implementation == {"FluxTransformer2DModel": "diffusers FirstBlockCacheConfig (reduced)"}
     assert type(model._cache_config).__name__ == "FirstBlockCacheConfig" and model._cache_config.threshold == 0.1
     handle.detach()
     assert model._cache_config is None
+
+
+def test_check_cache_is_local_and_describe_is_rank_comparable():
+    """`check_cache` raises before any collective (so enable_cache can run it among its local checks), and
+    `describe_cache` gives the same text on every rank, callbacks included."""
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    from diffpar.cache import check_cache, describe_cache
+
+    model, _ = _tiny_flux()
+    with pytest.raises(DiffparError, match="leaves no block to skip"):
+        check_cache(model, DBCacheConfig(Fn_compute_blocks=4))
+    assert check_cache(model, DBCacheConfig(Bn_compute_blocks=1)).dbcache_plans
+    pab = PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 1)
+    assert describe_cache(pab)["current_timestep_callback"] == "<callable>"
+    assert describe_cache(DBCacheConfig())["residual_diff_threshold"] == "0.08"
 
 
 def _loop(model, inputs, n, context=None):

@@ -28,6 +28,17 @@ PAIRS = [
     pytest.param("qwenimage", 4, {"ring_size": 4}, 16, 8, {}, id="qwen-w4-ring"),
     pytest.param("qwenimage", 2, {"ulysses_size": 2, "ulysses_anything": True}, 15, 7, {}, id="qwen-w2-anything-odd"),
     pytest.param("qwenimage", 2, {"ulysses_size": 2}, 16, 8, {"multi": True}, id="qwen-multi-w2"),
+    pytest.param("sd3", 2, {"ulysses_size": 2}, 16, 8, {}, id="sd3-w2-ulysses"),
+    pytest.param("sd3", 4, {"ring_size": 4}, 16, 8, {"nets": 2}, id="sd3-multi-w4-ring"),
+    pytest.param("sd3", 4, {"ulysses_size": 4, "ulysses_anything": True}, 15, 7, {"heads": 4},
+                 id="sd3-w4-anything-odd"),
+    pytest.param("sd3", 2, {"ulysses_size": 2}, 16, 8, {"no_prompt_stream": True}, id="sd35-large-style-w2"),
+    pytest.param("zimage", 2, {"ulysses_size": 2}, 16, 8, {}, id="zimage-union1-w2"),
+    pytest.param("zimage", 4, {"ulysses_size": 4}, 16, 8, {"heads": 4, "mode": "control_layers"},
+                 id="zimage-union2.0-w4"),
+    pytest.param("zimage", 2, {"ring_size": 2}, 16, 8, {"mode": "control_noise_refiner"}, id="zimage-union2.1-w2-ring"),
+    pytest.param("zimage", 4, {"ulysses_size": 2, "ring_size": 2}, 16, 8, {"mode": "control_noise_refiner"},
+                 id="zimage-union2.1-w4-ulysses2xring2"),
 ]
 
 
@@ -52,6 +63,7 @@ def test_padded_prompt_mask_reaches_controlnet_blocks(ranks):
     pytest.param("flux", 4, {"ulysses_size": 2, "tp_size": 2}, id="flux-w4-ulysses2xtp2"),
     pytest.param("flux", 4, {"ring_size": 2, "tp_size": 2}, id="flux-w4-ring2xtp2"),
     pytest.param("qwenimage", 4, {"ulysses_size": 2, "tp_size": 2}, id="qwen-w4-ulysses2xtp2"),
+    pytest.param("zimage", 4, {"ulysses_size": 2, "tp_size": 2}, id="zimage-w4-ulysses2xtp2"),
 ])
 def test_controlnet_with_hybrid_transformer(ranks, family, world, config):
     """Transformer on ulysses/ring x tp; the ControlNet context parallel on the same ring x ulysses sub-mesh."""
@@ -71,6 +83,10 @@ PIPELINES = [
                  id="flux-union-w2-anything"),
     pytest.param("qwenimage", 2, {"ulysses_size": 2}, {}, {}, id="qwen-w2-ulysses"),
     pytest.param("qwenimage", 4, {"ulysses_size": 4}, {"multi": True}, {"masked_text": 2}, id="qwen-multi-w4"),
+    pytest.param("sd3", 2, {"ulysses_size": 2}, {}, {}, id="sd3-cfg-w2-ulysses"),
+    pytest.param("sd3", 4, {"ulysses_size": 2, "ring_size": 2}, {"nets": 2}, {}, id="sd3-multi-w4-ulysses2xring2"),
+    pytest.param("zimage", 2, {"ulysses_size": 2}, {"mode": "control_noise_refiner"}, {}, id="zimage-2.1-cfg-w2"),
+    pytest.param("zimage", 4, {"ulysses_size": 4}, {"mode": "control_layers"}, {"width": 48}, id="zimage-2.0-cfg-w4"),
 ]
 
 
@@ -81,6 +97,13 @@ def test_controlnet_pipeline_matches_one_process(ranks, family, world, config, b
     for r in results:
         assert r["diff"] <= PIPELINE_FP32, (r["rank"], r["diff"])
         assert r["detach_diff"] == BITWISE
+
+
+def test_ranks_with_different_global_rng_still_agree(ranks):
+    """SD3's pipeline samples the control latent from the global RNG; diffpar broadcasts rank 0's condition."""
+    results = ranks(2, "workers.controlnet:pipeline_equivalence", family="sd3", config={"ulysses_size": 2},
+                    unsynced_global_rng=True, timeout=300)
+    assert all(r["diff"] <= PIPELINE_FP32 for r in results), [r["diff"] for r in results]
 
 
 # -- errors ---------------------------------------------------------------------------------------------------

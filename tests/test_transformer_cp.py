@@ -19,10 +19,12 @@ MODELS = ["flux", "flux2", "qwenimage", "wan"]
 
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("world,config,seq,model_kwargs", LAYOUTS)
-def test_cp_matches_one_process(ranks, model_name, world, config, seq, model_kwargs):
+def test_cp_matches_one_process(ranks, expect_cp, model_name, world, config, seq, model_kwargs):
     text = 7 if seq % 2 else 8
-    results = ranks(world, "workers.cp_transformers:cp_equivalence", model_name=model_name, config=config,
-                    seq=seq, text=text, model_kwargs=model_kwargs)
+    results = expect_cp(ranks, world, config, "workers.cp_transformers:cp_equivalence", model_name=model_name,
+                        seq=seq, text=text, model_kwargs=model_kwargs)
+    if results is None:
+        return  # the installed diffusers cannot run this layout; every rank said so clearly
     for r in results:
         assert r["diff"] <= CP_FP32, (r["rank"], r["diff"])
         assert r["detach_diff"] == 0.0, "detach must restore the model bit for bit"
@@ -39,19 +41,39 @@ def test_dp_groups_when_degrees_use_part_of_the_world(ranks):
     pytest.param(2, {"ulysses_size": 2}, 16, 8, id="w2-ulysses"),
     pytest.param(4, {"ulysses_size": 4, "ulysses_anything": True}, 13, 7, id="w4-ulysses-anything-odd"),
 ])
-def test_padded_text_mask_under_ulysses(ranks, world, config, seq, text):
+def test_padded_text_mask_under_ulysses(ranks, expect_cp, world, config, seq, text):
     """A padded prompt mask must be gathered exactly (diffusers' uneven mask gather misplaces padding)."""
-    results = ranks(world, "workers.cp_transformers:cp_equivalence", model_name="qwenimage", config=config,
-                    seq=seq, text=text, model_kwargs={"heads": 4}, input_kwargs={"text_padding": 3})
+    from diffpar.compat.diffusers_cp import context_parallel_attention_takes_masks
+
+    if not context_parallel_attention_takes_masks() or not _qwen_takes_mask():
+        pytest.skip("this diffusers release's QwenImage/CP attention takes no padding mask (refusal tested below)")
+    results = expect_cp(ranks, world, config, "workers.cp_transformers:cp_equivalence", model_name="qwenimage",
+                        seq=seq, text=text, model_kwargs={"heads": 4}, input_kwargs={"text_padding": 3})
+    if results is None:
+        return
     assert all(r["diff"] <= CP_FP32 for r in results), [r["diff"] for r in results]
 
 
+def _qwen_takes_mask():
+    import inspect
+
+    from diffusers import QwenImageTransformer2DModel
+
+    return "txt_seq_lens" not in inspect.signature(QwenImageTransformer2DModel.forward).parameters
+
+
 def test_padded_text_mask_under_ring_is_refused_on_every_rank(ranks):
+    from diffpar.compat.diffusers_cp import context_parallel_attention_takes_masks
     from diffpar.testing import RankFailure
 
+    if not _qwen_takes_mask():
+        pytest.skip("this diffusers release's QwenImage takes text lengths, not a padding mask")
     with pytest.raises(RankFailure) as err:
         ranks(2, "workers.cp_transformers:cp_equivalence", model_name="qwenimage", config={"ring_size": 2},
               seq=16, text=8, input_kwargs={"text_padding": 3})
     text = str(err.value)
     assert "2 rank(s) failed" in text
-    assert "ring attention with a padding attention mask" in text and "Use ulysses_size" in text
+    if context_parallel_attention_takes_masks():
+        assert "ring attention with a padding attention mask" in text and "Use ulysses_size" in text
+    else:
+        assert "cannot apply attention masks in context-parallel attention" in text

@@ -35,3 +35,13 @@ CONTROLNET_FP32 = 1e-5
 # different summation order than one matmul; RMSNorms over all heads sum squares across ranks. Measured
 # 1.2e-7..3.6e-7 on tiny Flux / Flux2 / QwenImage / Wan / Z-Image, tp 2 and 4, alone and with Ulysses or Ring.
 TRANSFORMER_TP_FP32 = 1e-5
+
+# VAE split decode/encode (issue 4), fp64: the split runs the same function as the whole decode, so in fp64 only
+# summation order differs (GroupNorm statistics merged across bands). Measured 2e-15..2e-14 on tiny VAEs.
+VAE_FP64 = 1e-12
+
+# VAE split decode in bf16 vs the fp32 one-process decode, relative to bf16 one-process vs the same reference:
+# both round every layer to bf16, and which rows round which way differs (GroupNorm statistics are fp32/fp64 in
+# the split, fp32 inside PyTorch's bf16 kernel), so the split error is the one-process error give or take noise.
+# Measured ratios 0.7..1.3 on tiny VAEs.
+VAE_BF16_MARGIN = 1.5

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
@@ -100,54 +100,80 @@ def model_group(handle):
     return mesh["ring", "ulysses", "tp"]._flatten().get_group()
 
 
-def enable_cache_hooks(target, cache_config, handle) -> None:
-    """Apply `cache_config` to every denoiser of `target` (a pipeline or a model); record each undo on `handle`.
+@dataclass
+class CachePlan:
+    """What `check_cache` decided: diffusers' hook (with which config) or diffpar's, per denoiser."""
 
-    Runs after parallelism, on every rank. All checks come before the only collective here (creating the model
-    group when it is a sub-group), so a bad config raises the same error on every rank.
-    """
+    denoisers: list
+    native_config: object = None  # the diffusers config to apply, when a diffusers hook does the job
+    dbcache_plans: dict = field(default_factory=dict)
+
+
+def check_cache(target, cache_config) -> CachePlan:
+    """Every local check of `cache_config` against `target`; no collectives. Raises DiffparError /
+    UnsupportedError with what to do. Safe to call among enable_cache's local checks, before the agreement."""
     from .api import find_denoisers
-    from .hooks.cache_sync import CacheStats, DecisionSync, apply_dbcache, plan_dbcache
+    from .hooks.cache_sync import plan_dbcache
 
-    if cache_config is None:
-        return
     native_kind = compat.native_cache_kind(cache_config)
     if not isinstance(cache_config, DBCacheConfig) and native_kind is None:
         raise DiffparError(
             f"cache_config must be one of {accepted_configs()}, got {type(cache_config).__name__}. (Configs of "
             "other caching libraries are not read: rewrite it as a DBCacheConfig.)"
         )
-
-    denoisers = find_denoisers(target)
-    use_native = native_kind is not None
-    native_config = cache_config
-    if isinstance(cache_config, DBCacheConfig) and cache_config.is_first_block_cache:
+    plan = CachePlan(denoisers=find_denoisers(target))
+    if native_kind is not None:
+        plan.native_config = cache_config
+    elif cache_config.is_first_block_cache:
         fbc = compat.native_cache_configs().get("FirstBlockCacheConfig")
-        if fbc is not None and all(_is_cache_mixin(m) for _, m in denoisers):
-            use_native, native_config = True, fbc(threshold=cache_config.residual_diff_threshold)
-
-    plans = {}
-    for name, model in denoisers:
+        if fbc is not None and all(_is_cache_mixin(m) for _, m in plan.denoisers):
+            plan.native_config = fbc(threshold=cache_config.residual_diff_threshold)
+    for name, model in plan.denoisers:
         if _is_cache_mixin(model) and model.is_cache_enabled:
             raise DiffparError(
                 f"{name} already has a diffusers cache enabled ({type(model._cache_config).__name__}); a second "
                 "cache would stack on it and its decisions would not be synchronized across ranks. Call "
                 f"{name}.disable_cache() first and pass the cache you want as cache_config."
             )
-        if use_native:
-            compat.check_native_cache(model, native_config, name)
+        if plan.native_config is not None:
+            compat.check_native_cache(model, plan.native_config, name)
         else:
-            plans[name] = plan_dbcache(model, cache_config, name)
+            plan.dbcache_plans[name] = plan_dbcache(model, cache_config, name)
+    return plan
 
+
+def describe_cache(cache_config) -> dict:
+    """A rank-comparable summary: ranks given different thresholds would take different decisions."""
+    if cache_config is None:
+        return {}
+    def value(v):
+        # Callbacks (PyramidAttentionBroadcast's timestep callback, ...) differ by address on every rank.
+        return "<callable>" if callable(v) else repr(v)
+
+    fields = getattr(cache_config, "__dataclass_fields__", {})
+    return {"type": type(cache_config).__name__, **{k: value(getattr(cache_config, k)) for k in sorted(fields)}}
+
+
+def enable_cache_hooks(target, cache_config, handle) -> None:
+    """Apply `cache_config` to every denoiser of `target` (a pipeline or a model); record each undo on `handle`.
+
+    Runs after parallelism, on every rank. All checks come before the only collective here (creating the model
+    group when it is a sub-group), so a bad config raises the same error on every rank.
+    """
+    from .hooks.cache_sync import CacheStats, DecisionSync, apply_dbcache
+
+    if cache_config is None:
+        return
+    plan = check_cache(target, cache_config)
     sync = DecisionSync(model_group(handle))
     stats = CacheStats()
     implementations = {}
-    for name, model in denoisers:
-        if use_native:
-            agreement = compat.apply_native_cache(model, native_config, sync, stats, name, handle)
-            implementations[name] = f"diffusers {type(native_config).__name__} ({agreement})"
+    for name, model in plan.denoisers:
+        if plan.native_config is not None:
+            agreement = compat.apply_native_cache(model, plan.native_config, sync, stats, name, handle)
+            implementations[name] = f"diffusers {type(plan.native_config).__name__} ({agreement})"
         else:
-            undo = apply_dbcache(model, plans[name], cache_config, sync, stats, name)
+            undo = apply_dbcache(model, plan.dbcache_plans[name], cache_config, sync, stats, name)
             handle.add(f"{name}: diffpar DBCache hooks", undo)
             implementations[name] = "diffpar DBCache hooks (reduced)"
     handle.info["cache"] = {
@@ -189,4 +215,7 @@ def reset_cache(target) -> None:
                 registry.reset_stateful_hooks(recurse=False)
 
 
-__all__ = ["DBCacheConfig", "enable_cache_hooks", "cache_stats", "reset_cache", "accepted_configs"]
+__all__ = [
+    "DBCacheConfig", "enable_cache_hooks", "check_cache", "describe_cache", "cache_stats", "reset_cache",
+    "accepted_configs",
+]

@@ -50,6 +50,8 @@ def pair_equivalence(family: str, config: dict, seq: int = 16, text: int = 8, ba
         reference = pair.run(copy.deepcopy(cn_kwargs), copy.deepcopy(tf_kwargs), ref_transformer, ref_controlnet)
         without = pair.transformer(**copy.deepcopy(tf_kwargs))
         without = without[0] if isinstance(without, (tuple, list)) else without.sample
+        if isinstance(without, list):  # Z-Image: per-sample outputs, flattened like pair.run's
+            without = torch.cat([o.flatten() for o in without])
     pipe = _shell_pipeline(family, pair.transformer, pair.controlnet)
     handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
         **config, extra_parallel_modules=[pipe.controlnet]))
@@ -74,12 +76,16 @@ def pair_equivalence(family: str, config: dict, seq: int = 16, text: int = 8, ba
 
 
 def pipeline_equivalence(family: str, config: dict, builder_kwargs: dict | None = None,
-                         call_kwargs: dict | None = None, extra: tuple = ("controlnet",)):
+                         call_kwargs: dict | None = None, extra: tuple = ("controlnet",),
+                         unsynced_global_rng: bool = False):
     """The whole ControlNet pipeline: one process vs parallel (same pipeline, before enabling), then detach."""
     pipe, make_call = tiny_controlnets.build_pipeline(family, **(builder_kwargs or {}))
     pipe.set_progress_bar_config(disable=True)
 
-    def run():
+    def run(seed_global: bool = True):
+        # SD3's pipeline samples the control image's latent from the global RNG: seed it for a comparable
+        # reference (ranks need not agree: diffpar broadcasts ControlNet conditions from rank 0).
+        torch.manual_seed(1234 + (0 if seed_global else 1000 * dist.get_rank()))
         with torch.no_grad():
             out = pipe(**make_call(**(call_kwargs or {})))
         return out[0] if isinstance(out, tuple) else out.images
@@ -87,7 +93,7 @@ def pipeline_equivalence(family: str, config: dict, builder_kwargs: dict | None 
     reference = run()
     handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
         **config, extra_parallel_modules=list(extra)))
-    parallel = run()
+    parallel = run(seed_global=not unsynced_global_rng)
     result = {
         "diff": (parallel - reference).abs().max().item(),
         "scale": reference.abs().max().item(),

@@ -68,18 +68,27 @@ def cp_plan_for(model: torch.nn.Module) -> tuple[dict, str]:
     )
 
 
+# Classes that ship a `_cp_plan` in some diffusers release (0.36-0.42); each is checked on the installed one.
+DIFFUSERS_CP_MODELS = (
+    "FluxTransformer2DModel", "Flux2Transformer2DModel", "QwenImageTransformer2DModel", "WanTransformer3DModel",
+    "LTXVideoTransformer3DModel", "ChronoEditTransformer3DModel", "HeliosTransformer3DModel",
+    "LTX2VideoTransformer3DModel", "MiniMaxH3Transformer3DModel",
+)
+
+
 def supported_cp_models() -> set[str]:
+    """Denoisers with a plan here: ours, and diffusers' own where the installed release has the class and plan."""
     _load_builtin_adapters()
     names = set(_CP_PLANS)
-    try:
-        import diffusers
+    import diffusers
 
-        for name in dir(diffusers):
-            obj = getattr(diffusers, name, None)
-            if isinstance(obj, type) and getattr(obj, "_cp_plan", None):
-                names.add(name)
-    except Exception:  # pragma: no cover - listing is for messages only
-        pass
+    for name in DIFFUSERS_CP_MODELS:
+        try:
+            cls = getattr(diffusers, name)
+        except (AttributeError, ImportError):
+            continue
+        if getattr(cls, "_cp_plan", None):
+            names.add(name)
     return names
 
 

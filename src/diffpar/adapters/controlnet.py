@@ -45,6 +45,10 @@ class ControlNetFamily:
     check: Callable[[torch.nn.Module, object], None] | None = None
     # (net, config, handle, label): forward changes the plan needs (e.g. SD3's attention processors), undoable
     prepare: Callable | None = None
+    # (net, cp_config, handle, label): hooks a plan cannot express, installed with their own undo steps
+    install: Callable | None = None
+    # the forward argument holding the condition (a tensor or a list of tensors), broadcast from rank 0
+    condition_arg: str = "controlnet_cond"
 
 
 _FAMILIES: dict[str, ControlNetFamily] = {}
@@ -235,7 +239,45 @@ class ControlNetAdapter(ExtraModuleAdapter):
         parallel_config = _denoiser_parallel_config(handle, pipeline)
         for i, net in enumerate(inner_nets(module)):
             label = f"{name or 'controlnet'}" + (f".nets[{i}]" if net is not module else "")
-            apply_controlnet_context_parallel(net, family_for(net), parallel_config, config, handle, label)
+            family = family_for(net)
+            apply_controlnet_context_parallel(net, family, parallel_config, config, handle, label)
+            if config.broadcast_latents:
+                broadcast_condition(net, family.condition_arg, group, handle, label)
+
+
+def broadcast_condition(net, arg: str, group, handle, label: str) -> None:
+    """Every rank's ControlNet must see rank 0's condition.
+
+    Pipelines may draw the condition's latent from the global RNG (StableDiffusion3ControlNetPipeline samples the
+    VAE posterior without a generator): ranks seeded differently would condition their shards on different images.
+    A plain torch pre-hook broadcasts it at each call (one condition-sized message per step); `broadcast_latents=
+    False` turns this off together with the latent broadcast.
+    """
+    import inspect
+
+    import torch.distributed as dist
+
+    position = list(inspect.signature(type(net).forward).parameters).index(arg) - 1  # without self
+    src = dist.get_global_rank(group, 0) if group is not None and group != dist.group.WORLD else 0
+
+    def from_rank0(value):
+        if isinstance(value, torch.Tensor):
+            buf = value.detach().clone(memory_format=torch.contiguous_format)
+            dist.broadcast(buf, src=src, group=group)
+            return buf
+        if isinstance(value, (list, tuple)):
+            return type(value)(from_rank0(v) for v in value)
+        return value
+
+    def hook(module, args, kwargs):
+        if arg in kwargs:
+            kwargs[arg] = from_rank0(kwargs[arg])
+        elif position < len(args):
+            args = args[:position] + (from_rank0(args[position]),) + args[position + 1:]
+        return args, kwargs
+
+    removable = net.register_forward_pre_hook(hook, with_kwargs=True)
+    handle.add(f"{label}: broadcast the condition from rank 0", removable.remove)
 
 
 def _denoiser_parallel_config(handle, pipeline):
@@ -251,18 +293,22 @@ def _denoiser_parallel_config(handle, pipeline):
 
 
 def apply_input_splits(net, cp_config, plan: dict) -> None:
-    """diffusers' `apply_context_parallel` for a plan of input splits only, with hooks that let any output through.
+    """diffusers' `apply_context_parallel`, with split hooks that let any output through.
 
-    diffusers' split hook checks that the module returns tensors, but a ControlNet returns lists of residuals (and
-    dicts for Z-Image). The split itself is diffusers' own; hook names are diffusers' too, so its
-    `remove_context_parallel` removes them.
+    diffusers' split hook checks that its module returns tensors, but a ControlNet returns lists of residuals (and
+    Z-Image's a dict). The split itself is diffusers' own; output entries (gathers inside the ControlNet, never of
+    its residuals) use diffusers' gather hook. Hook names are diffusers' too, so `remove_context_parallel` removes
+    them.
     """
     from diffusers.hooks.context_parallel import (
         _CONTEXT_PARALLEL_INPUT_HOOK_TEMPLATE,
+        _CONTEXT_PARALLEL_OUTPUT_HOOK_TEMPLATE,
+        ContextParallelGatherHook,
         ContextParallelSplitHook,
         _get_submodule_by_name,
     )
     from diffusers.hooks.hooks import HookRegistry
+    from diffusers.models._modeling_parallel import ContextParallelOutput
 
     class InputSplitHook(ContextParallelSplitHook):
         def post_forward(self, module, output):
@@ -271,12 +317,15 @@ def apply_input_splits(net, cp_config, plan: dict) -> None:
             return output
 
     for module_id, entries in plan.items():
-        if not isinstance(entries, dict):
-            raise ValueError(f"ControlNet plans split inputs only; {module_id!r} maps to {type(entries).__name__}")
+        if isinstance(entries, dict):
+            make, name = (lambda: InputSplitHook(entries, cp_config)), _CONTEXT_PARALLEL_INPUT_HOOK_TEMPLATE
+        elif isinstance(entries, ContextParallelOutput):
+            make, name = (lambda: ContextParallelGatherHook([entries], cp_config)), _CONTEXT_PARALLEL_OUTPUT_HOOK_TEMPLATE
+        else:
+            raise ValueError(f"ControlNet plan entry {module_id!r}: unsupported {type(entries).__name__}")
         targets = _get_submodule_by_name(net, module_id)
         for target in targets if isinstance(targets, list) else [targets]:
-            registry = HookRegistry.check_if_exists_or_initialize(target)
-            registry.register_hook(InputSplitHook(entries, cp_config), _CONTEXT_PARALLEL_INPUT_HOOK_TEMPLATE.format(module_id))
+            HookRegistry.check_if_exists_or_initialize(target).register_hook(make(), name.format(module_id))
 
 
 def apply_controlnet_context_parallel(net, family: ControlNetFamily, parallel_config, config, handle, label: str):
@@ -323,6 +372,8 @@ def apply_controlnet_context_parallel(net, family: ControlNetFamily, parallel_co
 
     if extra:
         handle.add(f"{label}: {family.name} ControlNet split hooks", remove_extra)
+    if family.install is not None:
+        family.install(net, cp_config, handle, label)
     handle.info.setdefault("controlnet", {})[label] = {"family": family.name, "plan": plan}
 
 

@@ -21,10 +21,10 @@ Not supported: Ring (or *_anything) with prompts of different lengths in one bat
 """
 from __future__ import annotations
 
-import inspect
-from functools import lru_cache
 
 import torch
+
+from ..compat.diffusers_cp import context_parallel_attention_takes_masks
 
 from ..errors import UnsupportedError
 from ..hooks.patch import Patch
@@ -56,7 +56,8 @@ def mask_for_sharded_keys(mask: torch.Tensor, video_tokens: int, text_tokens: in
         return None
     cp = parallel_config.context_parallel_config
     degree = cp.ulysses_degree
-    if cp.ring_degree > 1 or getattr(cp, "ulysses_anything", False) or mask.shape[-1] != degree * (video_tokens + text_tokens):
+    even_ulysses = cp.ring_degree == 1 and not getattr(cp, "ulysses_anything", False)
+    if not even_ulysses or mask.shape[-1] != degree * (video_tokens + text_tokens):
         # Prevented earlier by trimming the prompt; kept so a wrong layout can never pass silently.
         raise UnsupportedError(
             "HunyuanVideo: a text padding mask reached attention in a layout diffpar cannot reorder (ring attention "
@@ -68,15 +69,6 @@ def mask_for_sharded_keys(mask: torch.Tensor, video_tokens: int, text_tokens: in
     video = flat[:, : degree * video_tokens].reshape(batch, degree, video_tokens)
     text = flat[:, degree * video_tokens:].reshape(batch, degree, text_tokens)
     return torch.cat([video, text], dim=-1).reshape(batch, 1, 1, -1)
-
-
-@lru_cache(None)
-def context_parallel_attention_takes_masks() -> bool:
-    """0.36's context-parallel attention refuses any attention mask; 0.37+ takes one."""
-    from diffusers.models import attention_dispatch
-
-    source = inspect.getsource(inspect.unwrap(attention_dispatch._templated_context_parallel_attention))
-    return "Attention mask is not yet supported" not in source
 
 
 def text_tokens_to_keep(text_mask: torch.Tensor, config) -> int:

@@ -33,7 +33,9 @@ class SD3ContextParallelAttnProcessor:
         def heads(x):  # (B, S, H * D) -> (B, S, H, D): the dispatcher's layout
             return x.unflatten(-1, (attn.heads, -1))
 
-        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        query = heads(attn.to_q(hidden_states))
+        key = heads(attn.to_k(hidden_states))
+        value = heads(attn.to_v(hidden_states))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:

@@ -22,7 +22,7 @@ import inspect
 
 from ..errors import UnsupportedError
 from .base import register_cp_plan
-from .hunyuan_video import context_parallel_attention_takes_masks
+from ..compat.diffusers_cp import context_parallel_attention_takes_masks
 from .sd3 import replace_attention_processors
 
 # Sequences are padded to multiples of 32 per sample (SEQ_MULTI_OF in diffusers), so even splits over 2 and 4

@@ -10,6 +10,8 @@ Release facts this module relies on (read from the 0.36.0, 0.40.0 and 0.42.1 whe
   (`set_context(ctx)`, `_context`) and `cache_context(name, **kw)` takes the loop position.
 - Pipelines wrap each denoiser call in `transformer.cache_context("cond"/"uncond")` and reset every stateful hook
   at the end of `__call__` (`maybe_free_model_hooks` -> `_reset_stateful_cache`), in every release read.
+- Block metadata (`TransformerBlockRegistry`) names the hidden-states argument from 0.40 and the
+  encoder-states argument from 0.42; before, both names were fixed.
 - 0.40 caches the list of child hook registries and does not invalidate it when hooks are added later; 0.42
   has `invalidate_child_registries_cache()`. We invalidate after every change, on every release.
 
@@ -145,6 +147,14 @@ def block_metadata(block: torch.nn.Module):
         return TransformerBlockRegistry.get(type(block))
     except ValueError:
         return None
+
+
+def block_argument(metadata, which: str, args, kwargs):
+    """A block call's `hidden_states` / `encoder_hidden_states` argument. The metadata names the argument from
+    0.40 (`hidden_states_argument_name`) and 0.42 (`encoder_hidden_states_argument_name`); before, the names were
+    fixed."""
+    name = getattr(metadata, f"{which}_argument_name", which)
+    return metadata._get_parameter_from_args_kwargs(name, args, kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -67,6 +67,15 @@ def ring_lse_layout() -> str:
 
 
 @lru_cache(None)
+def context_parallel_attention_takes_masks() -> bool:
+    """0.36's context-parallel attention refuses any attention mask (even one that masks nothing); 0.37+ takes one."""
+    from diffusers.models import attention_dispatch
+
+    source = inspect.getsource(inspect.unwrap(attention_dispatch._templated_context_parallel_attention))
+    return "Attention mask is not yet supported" not in source
+
+
+@lru_cache(None)
 def has_remove_context_parallel() -> bool:
     from diffusers.hooks import context_parallel
 
@@ -156,10 +165,16 @@ def _ring_mask_or_none(attn_mask, parallel_config, group=None):
     if flag.item():
         from ..errors import UnsupportedError
 
+        if context_parallel_attention_takes_masks():
+            raise UnsupportedError(
+                "ring attention with a padding attention mask: diffusers' ring applies each rank's local mask to "
+                "every other rank's keys, which would give a wrong image. Use ulysses_size instead of ring_size for "
+                "this model/prompt, or prompts without padding."
+            )
         raise UnsupportedError(
-            "ring attention with a padding attention mask: diffusers' ring applies each rank's local mask to every "
-            "other rank's keys, which would give a wrong image. Use ulysses_size instead of ring_size for this "
-            "model/prompt, or prompts without padding."
+            f"a padding attention mask under context parallelism: the installed diffusers "
+            f"{versions.version_of('diffusers')} cannot apply attention masks in context-parallel attention (0.37+ "
+            "can, with Ulysses). Upgrade diffusers, or use prompts without padding."
         )
     return None
 
@@ -268,7 +283,7 @@ def _templated_cp_wrapper(wrapped, instance, args, kwargs):
         and mask.shape[-1] == key.shape[1]
     ):
         a["attn_mask"] = gather_uneven(mask, mask.dim() - 1, cp._ulysses_mesh.get_group())
-    elif mask is not None and cp.ring_degree > 1:
+    elif mask is not None and (cp.ring_degree > 1 or not context_parallel_attention_takes_masks()):
         a["attn_mask"] = _ring_mask_or_none(mask, a["_parallel_config"], cp._flattened_mesh.get_group())
     return wrapped(*bound.args, **bound.kwargs)
 

@@ -61,7 +61,8 @@ class DecisionSync:
     def size(self) -> int:
         return dist.get_world_size(self.group) if self.group is not None else 1
 
-    def relative_l1(self, current: torch.Tensor, previous: torch.Tensor, force_compute: bool = False) -> tuple[float, float]:
+    def relative_l1(self, current: torch.Tensor, previous: torch.Tensor,
+                    force_compute: bool = False) -> tuple[float, float]:
         """sum|current - previous| / sum|previous| over the whole model group, and over this rank's shard.
 
         Ratios of sums equal the one-process ratio of means, whatever the shard sizes, and replicated
@@ -240,9 +241,7 @@ class DBCacheFrontHook(_DBCacheHookBase):
         state = self._state()
         if self.is_entry:
             state.step += 1
-            state.entry_hidden = self.metadata._get_parameter_from_args_kwargs(
-                self.metadata.hidden_states_argument_name, args, kwargs
-            )
+            state.entry_hidden = compat.block_argument(self.metadata, "hidden_states", args, kwargs)
         output = self.fn_ref.original_forward(*args, **kwargs)
         if not self.is_decision:
             return output
@@ -311,12 +310,10 @@ class DBCacheMiddleHook(_DBCacheHookBase):
                 state.middle_residual = ((hidden - in_hidden).detach(), encoder_residual)
                 state.middle_input = None
             return output
-        hidden = self.metadata._get_parameter_from_args_kwargs(self.metadata.hidden_states_argument_name, args, kwargs)
+        hidden = compat.block_argument(self.metadata, "hidden_states", args, kwargs)
         encoder = None
         if self.metadata.return_encoder_hidden_states_index is not None:
-            encoder = self.metadata._get_parameter_from_args_kwargs(
-                self.metadata.encoder_hidden_states_argument_name, args, kwargs
-            )
+            encoder = compat.block_argument(self.metadata, "encoder_hidden_states", args, kwargs)
         return join_block_output(self.metadata, hidden, encoder)
 
 

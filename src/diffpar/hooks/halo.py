@@ -91,6 +91,10 @@ class RowSplit:
         the same `above` / `below` (they do: the same layer runs everywhere). Returns (top, bottom), None at an
         image edge or when zero rows are needed.
         """
+        return self.start_exchange(x, above, below, dim).wait()
+
+    def start_exchange(self, x: torch.Tensor, above: int, below: int, dim: int = ROW_DIM) -> "PendingHalo":
+        """`exchange`, started: the transfers progress (in the backend's threads) while this rank computes."""
         h = x.shape[dim]
         if (above and h < above) or (below and h < below):
             raise RuntimeError(
@@ -115,13 +119,12 @@ class RowSplit:
                 send = x.narrow(dim, h - above, above).contiguous()
                 ops.append(dist.P2POp(dist.isend, send, self._global(self.rank + 1), self.group, tag=0))
                 sent += send.numel() * send.element_size()
+        works = dist.batch_isend_irecv(ops) if ops else []
         if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
             self.stats.calls += 1
             self.stats.halo_calls += 1
             self.stats.halo_bytes += sent
-        return top, bottom
+        return PendingHalo(works, top, bottom)
 
     # -- gathers -----------------------------------------------------------------------------------------------
     def all_sizes(self, n: int) -> list[int]:
@@ -156,6 +159,19 @@ class RowSplit:
         self.stats.norm_calls += 1
         self.stats.norm_bytes += t.numel() * t.element_size()
         return torch.stack(parts)
+
+
+@dataclass
+class PendingHalo:
+    works: list
+    top: torch.Tensor | None
+    bottom: torch.Tensor | None
+
+    def wait(self):
+        for work in self.works:
+            work.wait()
+        self.works = []
+        return self.top, self.bottom
 
 
 def _with_dim(shape, dim: int, size: int) -> list[int]:
@@ -203,8 +219,9 @@ def conv_native_with_halo(x, split: RowSplit, *, kernel: int, dilation: int, pad
             f"diffpar VAE split: a band of {h} rows is thinner than the {extent - 1} rows a convolution reads across "
             "its edge; the split plan should have prevented this."
         )
-    top, bottom = split.exchange(x, above=pad, below=below)
-    out = run_padded(x)
+    pending = split.start_exchange(x, above=pad, below=below)
+    out = run_padded(x)  # the bulk of the work, while the halo rows travel
+    top, bottom = pending.wait()
     if top is not None:
         slab = torch.cat([top, x.narrow(ROW_DIM, 0, extent - 1)], dim=ROW_DIM)
         out.narrow(ROW_DIM, 0, pad).copy_(run_unpadded(slab))
@@ -231,9 +248,10 @@ def conv_with_halo(x, split: RowSplit, *, kernel: int, dilation: int, stride: in
             "stride. This is a bug in the split plan."
         )
     below = max(0, extent - stride - pad_top)
-    top, bottom = split.exchange(x, above=pad_top, below=below)
+    pending = split.start_exchange(x, above=pad_top, below=below)
     local_bottom = pad_bottom if split.last else below
     xp = pad(x, pad_top, local_bottom)
+    top, bottom = pending.wait()
     if top is not None:
         xp.narrow(ROW_DIM, 0, pad_top).copy_(pad(top, 0, 0))
     if bottom is not None:

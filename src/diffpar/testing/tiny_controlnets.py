@@ -221,7 +221,7 @@ def _flux_pipeline(seed=0, heads=4, nets=1, union=False, cn_layers=1, cn_single_
         images = [_image(batch, height, width, seed + i) for i in range(nets)]
         kwargs = dict(
             prompt=["a tiny test prompt"] * batch, height=height, width=width, num_inference_steps=steps,
-            guidance_scale=3.5, max_sequence_length=16, output_type="pt",
+            guidance_scale=3.5, max_sequence_length=16, output_type="latent",
             control_image=images[0] if nets == 1 else images,
             controlnet_conditioning_scale=0.8 if nets == 1 else [0.8 - 0.2 * i for i in range(nets)],
             generator=torch.Generator().manual_seed(seed),
@@ -336,9 +336,83 @@ def _sd3_pipeline(seed=0, heads=4, nets=1, cn_layers=1):
             pooled_prompt_embeds=torch.randn(batch, 32, generator=g),
             negative_prompt_embeds=torch.randn(batch, text, 32, generator=g),
             negative_pooled_prompt_embeds=torch.randn(batch, 32, generator=g),
-            height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="pt",
+            height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="latent",
             control_image=images[0] if nets == 1 else images,
             controlnet_conditioning_scale=0.8 if nets == 1 else [0.8 - 0.2 * i for i in range(nets)],
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    return pipe, call_kwargs
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Z-Image
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pair_builder("zimage")
+def _zimage(heads=2, head_dim=16, layers=4, refiner_layers=2, mode=None, control_in_dim=4):
+    """A Z-Image-Turbo-Fun-Controlnet-Union-style ControlNet sharing the transformer's embedders and refiners.
+
+    `mode`: None (Union 1.0: own refiners after the caption), "control_layers" (2.0: the control layers first
+    refine the image stream and their hints enter the shared noise refiner), "control_noise_refiner" (2.1: own
+    control refiner blocks produce those hints). `control_in_dim` > 4: extra zero channels, as 2.0 pipelines pad.
+    """
+    from diffusers import ZImageControlNetModel
+
+    from . import tiny_transformers
+
+    transformer, make_inputs = tiny_transformers.build("zimage", heads=heads, head_dim=head_dim, layers=layers,
+                                                       refiner_layers=refiner_layers)
+    cn = ZImageControlNetModel(
+        control_layers_places=[0, 2], control_refiner_layers_places=list(range(refiner_layers)) if mode else None,
+        control_in_dim=control_in_dim, add_control_noise_refiner=mode, all_patch_size=(2,), all_f_patch_size=(1,),
+        dim=heads * head_dim, n_refiner_layers=refiner_layers, n_heads=heads, n_kv_heads=heads, qk_norm=True,
+    )
+    _redraw(cn, seed=500)
+    controlnet = ZImageControlNetModel.from_transformer(cn, transformer)
+
+    def inputs(seq=16, text=8, batch=1, seed=1, sizes=None, texts=None):
+        tf = make_inputs(seq=seq, text=text, batch=batch, seed=seed, sizes=sizes, texts=texts)
+        g = _gen(seed + 1)
+        height, width = tf["x"][0].shape[-2:]
+        # the pipeline passes one 5-D tensor (B, C, 1, H, W); uneven `sizes` need the list form
+        control = [torch.randn(control_in_dim, 1, x.shape[-2], x.shape[-1], generator=g) for x in tf["x"]]
+        control = torch.stack(control) if len({c.shape for c in control}) == 1 else control
+        cn_kwargs = dict(x=tf["x"], t=tf["t"], cap_feats=tf["cap_feats"], control_context=control,
+                         conditioning_scale=0.8)
+        return cn_kwargs, tf
+
+    def step(transformer, controlnet, cn_kwargs, tf_kwargs):
+        samples = controlnet(**cn_kwargs)
+        out = transformer(**tf_kwargs, controlnet_block_samples=samples)[0]
+        return torch.cat([o.flatten() for o in out])  # per-sample outputs, one tensor for comparison
+
+    return ControlNetPair(transformer, controlnet, inputs, step)
+
+
+@pipeline_builder("zimage")
+def _zimage_pipeline(seed=0, heads=4, head_dim=16, mode=None):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageControlNetPipeline
+
+    pair = build_pair("zimage", seed=seed, heads=heads, head_dim=head_dim, mode=mode)
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.1159, scaling_factor=0.3611,
+    ).eval()
+    pipe = ZImageControlNetPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=None,
+                                    tokenizer=None, transformer=pair.transformer, controlnet=pair.controlnet)
+
+    def call_kwargs(height=32, width=32, steps=2, batch=1, seed=7, text=8, negative_text=5, guidance_scale=3.0):
+        g = _gen(seed)
+        return dict(
+            prompt_embeds=[torch.randn(text, 32, generator=g) for _ in range(batch)],
+            negative_prompt_embeds=[torch.randn(negative_text, 32, generator=g) for _ in range(batch)],
+            height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="latent",
+            control_image=_image(batch, height, width, seed + 1), controlnet_conditioning_scale=0.8,
             generator=torch.Generator().manual_seed(seed),
         )
 

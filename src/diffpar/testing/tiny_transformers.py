@@ -28,6 +28,21 @@ def build(name: str, seed: int = 0, **overrides):
     return model, make_inputs
 
 
+def construct(cls, **kwargs):
+    """Build `cls` with the arguments this diffusers release accepts (constructors gain options over releases)."""
+    import inspect
+
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def _if_accepted(fn, **kwargs):
+    import inspect
+
+    accepted = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in accepted}
+
+
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -36,7 +51,8 @@ def _gen(seed):
 def _flux(heads=2, head_dim=16, layers=1, single_layers=1):
     from diffusers import FluxTransformer2DModel
 
-    model = FluxTransformer2DModel(
+    model = construct(
+        FluxTransformer2DModel,
         patch_size=1, in_channels=16, num_layers=layers, num_single_layers=single_layers,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=32,
         pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
@@ -61,7 +77,8 @@ def _flux(heads=2, head_dim=16, layers=1, single_layers=1):
 def _flux2(heads=2, head_dim=16, layers=1, single_layers=1):
     from diffusers import Flux2Transformer2DModel
 
-    model = Flux2Transformer2DModel(
+    model = construct(
+        Flux2Transformer2DModel,
         patch_size=1, in_channels=16, num_layers=layers, num_single_layers=single_layers,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=32,
         timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
@@ -86,7 +103,8 @@ def _flux2(heads=2, head_dim=16, layers=1, single_layers=1):
 def _qwenimage(heads=2, head_dim=16, layers=2):
     from diffusers import QwenImageTransformer2DModel
 
-    model = QwenImageTransformer2DModel(
+    model = construct(
+        QwenImageTransformer2DModel,
         patch_size=2, in_channels=16, out_channels=4, num_layers=layers, attention_head_dim=head_dim,
         num_attention_heads=heads, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
     )
@@ -105,6 +123,7 @@ def _qwenimage(heads=2, head_dim=16, layers=2):
             timestep=torch.full((batch,), 0.5),
             img_shapes=[[(1, 1, seq)]] * batch,
             return_dict=False,
+            **_if_accepted(model.forward, txt_seq_lens=[text] * batch),  # 0.36-0.38 take lengths, not a mask
         )
 
     return model, inputs
@@ -114,7 +133,8 @@ def _qwenimage(heads=2, head_dim=16, layers=2):
 def _wan(heads=2, head_dim=16, layers=2):
     from diffusers import WanTransformer3DModel
 
-    model = WanTransformer3DModel(
+    model = construct(
+        WanTransformer3DModel,
         patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
         out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=layers, rope_max_seq_len=64,
     )
