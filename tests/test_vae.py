@@ -2,7 +2,7 @@
 import pytest
 from tolerances import BITWISE, PIPELINE_FP32, VAE_BF16_MARGIN, VAE_FP32, VAE_FP64
 
-FAMILIES = ["kl", "flux2", "wan", "wan22", "qwen", "hunyuan"]
+FAMILIES = ["kl", "flux2", "wan", "wan22", "qwen", "hunyuan", "ltx"]
 
 
 def _check_equivalence(results, tol, world, encode=True, all_split=True):

@@ -59,6 +59,7 @@ FAMILIES: dict[str, VaeFamily] = {
     "AutoencoderKLQwenImage": _VIDEO,  # Wan 2.1-like causal 3D VAE
     "AutoencoderKLWan": _VIDEO,  # Wan 2.1 / 2.2 (residual blocks, patchify outside the encoder/decoder)
     "AutoencoderKLHunyuanVideo": _VIDEO,  # causal conv3d with replicate padding, GroupNorm, frame-causal attention
+    "AutoencoderKLLTXVideo": _VIDEO,  # LTX-Video: per-pixel RMS norms, space-to-depth, patchify inside encoder/decoder
 }
 
 # A band must be at least this many latent rows: every layer's halo (1 row for 3x3 kernels) must come from the
@@ -122,6 +123,22 @@ MODULE_RULES: dict[str, str] = {
     "HunyuanVideoUpsampleCausal3D": ROW_LOCAL,  # nearest interpolation, then a causal conv
     "HunyuanVideoDownsampleCausal3D": ROW_LOCAL,  # a strided causal conv
     "HunyuanVideoCausalConv3d": CAUSAL_CONV_REPLICATE, "HunyuanVideoMidBlock3D": CAUSAL_MID_BLOCK,
+    # LTX-Video (0.9.0 / 0.9.5 layouts)
+    "LTXVideoEncoder3d": ALIGNED,  # patchify (rows // patch_size) before its first conv
+    "LTXVideoDecoder3d": ALIGNED,  # unpatchify after its last conv
+    "LTXVideoDownBlock3D": ROW_LOCAL, "LTXVideo095DownBlock3D": ROW_LOCAL, "LTXVideoMidBlock3d": ROW_LOCAL,
+    "LTXVideoUpBlock3d": ROW_LOCAL,
+    "LTXVideoResnetBlock3d": ROW_LOCAL,  # checked: no spatial noise injection
+    "LTXVideoCausalConv3d": ROW_LOCAL,  # pads time by repeating frames, then its inner nn.Conv3d
+    "LTXVideoDownsampler3d": ALIGNED, "LTXVideoUpsampler3d": ALIGNED,
+    "RMSNorm": ROW_LOCAL, "LayerNorm": ROW_LOCAL,  # over channels (last dim after movedim); checked: 1-D shape
+    "PixArtAlphaCombinedTimestepSizeEmbeddings": ROW_LOCAL, "TimestepEmbedding": ROW_LOCAL, "Timesteps": ROW_LOCAL,
+}
+# Row factors of layers that shrink rows other than by a convolution's stride, on an encoder's main path: bands
+# must be multiples of their product. (Wan 2.2's AvgDown3D is a shortcut beside a strided conv: it adds nothing.)
+ROW_FACTORS = {
+    "LTXVideoDownsampler3d": lambda m: m.stride[1],
+    "LTXVideoEncoder3d": lambda m: m.patch_size,
 }
 # Rules that handle their children themselves (the inner nn.Conv3d of a Hunyuan causal conv must not be patched).
 _OWNS_CHILDREN = {CAUSAL_CONV_REPLICATE}
@@ -201,6 +218,10 @@ def _check_module(name: str, module: nn.Module, rule: str) -> str | None:
         _, _, _, inner_pad = _conv_geometry(module.conv)
         if inner_pad:
             return f"{name}: zero padding inside a replicate-padded causal conv"
+    elif type(module).__name__ == "LTXVideoResnetBlock3d" and getattr(module, "per_channel_scale1", None) is not None:
+        return f"{name}: spatial noise injection (its noise would depend on the band's shape)"
+    elif type(module).__name__ == "LayerNorm" and len(module.normalized_shape) != 1:
+        return f"{name}: LayerNorm over {tuple(module.normalized_shape)} (more than channels)"
     return None
 
 
@@ -589,6 +610,9 @@ def _row_extent(module, rule) -> int:
 
 
 def _row_stride(module, rule) -> int:
+    factor = ROW_FACTORS.get(type(module).__name__)
+    if factor is not None:
+        return factor(module)
     if rule == CONV:
         return _conv_geometry(module)[1]
     if rule == CAUSAL_CONV_PREPADDED:

@@ -129,6 +129,23 @@ def _hunyuan(channels=(8, 16, 16), layers=1, groups=4, latent=4):
     return vae, VaeShape(latent, 3, 4, True, 4)
 
 
+@builder("ltx")
+def _ltx(channels=(8, 16, 16), latent=8):
+    """LTX-Video: per-pixel RMS norms, causal conv3d (frame repeat), strided conv and space-to-depth downsampling
+    (0.9.0 and 0.9.5 blocks), depth-to-space upsampling with residuals, patchify 2 inside encoder and decoder."""
+    from diffusers import AutoencoderKLLTXVideo
+
+    vae = AutoencoderKLLTXVideo(
+        latent_channels=latent, block_out_channels=tuple(channels), decoder_block_out_channels=tuple(channels),
+        down_block_types=("LTXVideoDownBlock3D", "LTXVideo095DownBlock3D", "LTXVideoDownBlock3D"),
+        downsample_type=("conv", "spatial", "conv"), layers_per_block=(1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1), spatio_temporal_scaling=(True, True, False),
+        decoder_spatio_temporal_scaling=(True, True, False), decoder_inject_noise=(False,) * 4,
+        upsample_residual=(True, True, True), patch_size=2,
+    )
+    return vae, VaeShape(latent, 3, 8, True, 2)
+
+
 @builder("kl_real")
 def _kl_real(channels=(32, 64, 128, 128), layers=2, groups=32, latent=16):
     """AutoencoderKL shaped like Flux.1's (4 blocks, 2 resnets per down block, 3 per up block, 16 latent channels),
