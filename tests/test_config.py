@@ -4,6 +4,8 @@ import torch
 
 from diffpar import DiffparError, ParallelismConfig
 
+pytestmark = pytest.mark.compat  # also runs in CI's diffusers 0.36.0 leg
+
 
 def test_parallel_kwargs_form_equals_fields():
     enc = torch.nn.Linear(2, 2)

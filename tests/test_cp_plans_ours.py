@@ -7,6 +7,8 @@ from tolerances import CP_FP32
 from diffpar.adapters.hunyuan_video import context_parallel_attention_takes_masks
 from diffpar.compat import diffusers_cp
 
+pytestmark = pytest.mark.compat  # also runs in CI's diffusers 0.36.0 leg
+
 MODELS = ["zimage", "sd3", "hunyuan_video"]
 
 # Default inputs split evenly over 2 and 4 ranks (Z-Image pads every sequence to a multiple of 32 itself).

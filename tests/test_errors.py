@@ -3,6 +3,8 @@ import pytest
 
 from diffpar.testing import RankFailure
 
+pytestmark = pytest.mark.compat  # also runs in CI's diffusers 0.36.0 leg
+
 
 def _fails_everywhere(ranks, world, expected: list[str], **kwargs):
     with pytest.raises(RankFailure) as err:

@@ -6,6 +6,8 @@ import pytest
 
 from diffpar.testing import RankFailure, RankPool, RankTimeout
 
+pytestmark = pytest.mark.compat  # also runs in CI's diffusers 0.36.0 leg
+
 
 def test_pool_is_reused_and_single_threaded(ranks):
     first = ranks(2, "workers.basics:whoami")

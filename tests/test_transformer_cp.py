@@ -2,6 +2,8 @@
 import pytest
 from tolerances import CP_FP32
 
+pytestmark = pytest.mark.compat  # also runs in CI's diffusers 0.36.0 leg
+
 # (world, config, sequence length, model overrides): Ulysses, Ring, both, uneven lengths with *_anything.
 LAYOUTS = [
     pytest.param(2, {"ulysses_size": 2}, 16, {}, id="w2-ulysses"),

@@ -22,6 +22,7 @@ _PARALLEL_KWARGS_FIELDS = (
     "attention_backend",
     "broadcast_latents",
     "vae_split_min_rows",
+    "keep_original_text_encoders",
 )
 
 
@@ -39,6 +40,9 @@ class ParallelismConfig:
         parallelized over the whole world.
     broadcast_latents: broadcast the pipeline's initial latents from rank 0, so every rank starts from the same
         noise even when the user gave no generator (default True).
+    vae_split_min_rows: latent rows below which the VAE decodes whole on every rank (None: diffpar decides).
+    keep_original_text_encoders: keep a copy of each sharded text encoder's full weights so `detach()` restores
+        it bit for bit (costs the full weights' memory; default False: detach says the encoder must be reloaded).
     """
 
     ulysses_size: int | None = None
@@ -51,6 +55,7 @@ class ParallelismConfig:
     extra_parallel_modules: list = field(default_factory=list)
     broadcast_latents: bool = True
     vae_split_min_rows: int | None = None
+    keep_original_text_encoders: bool = False
     parallel_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -80,7 +85,8 @@ class ParallelismConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DiffparError(f"ParallelismConfig: {name} must be a positive integer or None, got {value!r}.")
-        for name in ("ulysses_anything", "ring_anything", "convert_to_fp32", "broadcast_latents"):
+        for name in ("ulysses_anything", "ring_anything", "convert_to_fp32", "broadcast_latents",
+                     "keep_original_text_encoders"):
             if not isinstance(getattr(self, name), bool):
                 raise DiffparError(f"ParallelismConfig: {name} must be True or False, got {getattr(self, name)!r}.")
         if self.ulysses_anything and self.ulysses_degree == 1:
@@ -148,4 +154,5 @@ class ParallelismConfig:
             "extra_parallel_modules": extra,
             "broadcast_latents": self.broadcast_latents,
             "vae_split_min_rows": self.vae_split_min_rows,
+            "keep_original_text_encoders": self.keep_original_text_encoders,
         }

@@ -16,8 +16,13 @@ A plan is built from the model (block sizes come from its config) and has three 
 - `sharded_norms`: RMSNorms taken over all heads at once (Wan's "rms_norm_across_heads"); on each rank they see
   only their heads, so the mean of squares is all-reduced.
 
-Norms over one head (QK-norm), AdaLN modulation, embeddings and the output projection stay replicated: they act
-on the whole hidden vector, which every rank holds between blocks.
+"colwise_gather" is for AdaLN modulation projections (timestep embedding -> shift/scale/gate for the whole hidden
+vector, e.g. 27% of FLUX.1-dev's weights): each rank computes a slice of the output features and one all-gather of
+a (batch, k * dim) vector puts them together; their compute is negligible, the memory is not. diffusers' own plans
+leave modulation replicated; diffpar adds these entries on top of them too.
+
+Norms, embeddings and the output projection stay replicated: they act on the whole hidden vector, which every rank
+holds between blocks.
 """
 from __future__ import annotations
 
@@ -85,6 +90,13 @@ def _present(model: torch.nn.Module, plan: dict, container: str) -> dict:
 
 
 _ATTN_ATTRS = ("heads", "inner_dim", "inner_kv_dim", "kv_inner_dim")
+GATHER = "colwise_gather"
+
+
+def gathered_linears(model: torch.nn.Module) -> dict:
+    """The "colwise_gather" entries of our plan for this model (added on top of a diffusers `_tp_plan`)."""
+    plan = diffpar_tp_plan_for(model)
+    return {} if plan is None else {k: v for k, v in plan.linears.items() if v == GATHER}
 
 
 @register_tp_plan("FluxTransformer2DModel")
@@ -105,10 +117,29 @@ def _flux(model) -> TensorParallelPlan:
             "proj_out": Packed("rowwise", (model.inner_dim, block.mlp_hidden_dim)),
         }
         linears.update(_present(model, single, "single_transformer_blocks"))
+    linears.update(flux_modulation(model))
     return TensorParallelPlan(
         linears=linears,
         attention_attrs={"transformer_blocks.*.attn": _ATTN_ATTRS, "single_transformer_blocks.*.attn": _ATTN_ATTRS},
     )
+
+
+def flux_modulation(model) -> dict:
+    gathered = _present(model, {"norm1.linear": GATHER, "norm1_context.linear": GATHER}, "transformer_blocks")
+    gathered.update(_present(model, {"norm.linear": GATHER}, "single_transformer_blocks"))
+    gathered["norm_out.linear"] = GATHER
+    return gathered
+
+
+def flux2_modulation(model) -> dict:
+    return {name: GATHER for name in ("double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
+                                      "single_stream_modulation.linear", "norm_out.linear")}
+
+
+def qwenimage_modulation(model) -> dict:
+    gathered = _present(model, {"img_mod.1": GATHER, "txt_mod.1": GATHER}, "transformer_blocks")
+    gathered["norm_out.linear"] = GATHER
+    return gathered
 
 
 @register_tp_plan("Flux2Transformer2DModel")
@@ -135,6 +166,7 @@ def _flux2(model) -> TensorParallelPlan:
         )
         linears["single_transformer_blocks.*.attn.to_out"] = Packed("rowwise", (inner, mlp))
         attrs["single_transformer_blocks.*.attn"] = _ATTN_ATTRS + ("mlp_hidden_dim",)
+    linears.update(flux2_modulation(model))
     return TensorParallelPlan(linears=linears, attention_attrs=attrs)
 
 
@@ -148,7 +180,7 @@ def _qwenimage(model) -> TensorParallelPlan:
         "txt_mlp.net.0.proj": "colwise", "txt_mlp.net.2": "rowwise",
     }
     return TensorParallelPlan(
-        linears=_present(model, double, "transformer_blocks"),
+        linears={**_present(model, double, "transformer_blocks"), **qwenimage_modulation(model)},
         attention_attrs={"transformer_blocks.*.attn": _ATTN_ATTRS},
     )
 
@@ -163,8 +195,10 @@ def _wan(model) -> TensorParallelPlan:
     }
     norms = ["attn1.norm_q", "attn1.norm_k", "attn2.norm_q", "attn2.norm_k", "attn2.norm_added_k"]
     present_norms = tuple(_present(model, {n: None for n in norms}, "blocks"))
+    linears = _present(model, block, "blocks")
+    linears["condition_embedder.time_proj"] = GATHER  # the 6 modulation vectors of every block
     return TensorParallelPlan(
-        linears=_present(model, block, "blocks"),
+        linears=linears,
         attention_attrs={"blocks.*.attn1": _ATTN_ATTRS, "blocks.*.attn2": _ATTN_ATTRS},
         sharded_norms=present_norms,
     )
@@ -181,8 +215,9 @@ def _zimage(model) -> TensorParallelPlan:
     }
     linears, attrs = {}, {}
     # The refiners run on the image and caption streams before the main layers: same block type, same plan.
+    block_with_modulation = {**block, "adaLN_modulation.0": GATHER}
     for container in ("noise_refiner", "context_refiner", "layers"):
-        found = _present(model, block, container)
+        found = _present(model, block_with_modulation, container)
         if found:
             linears.update(found)
             attrs[f"{container}.*.attention"] = _ATTN_ATTRS

@@ -415,3 +415,40 @@ def _apply_diffpar(model, plan: TensorParallelPlan, rank: int, tp: int, group, h
                 fn()
 
         handle.add(f"{name}: tensor-parallel weights, hooks and head counts (diffpar plan)", undo)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Accounting (benchmarks, docs): what one rank holds, computed from the plan alone (works on meta models)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def per_rank_weight_bytes(model: torch.nn.Module, tp: int, bytes_per_element: int | None = None) -> dict:
+    """{'full': bytes of the whole model, 'per_rank': bytes one of `tp` ranks holds, 'sharded': bytes split}.
+
+    Planned linears hold 1/tp of their weight (and of a colwise bias; a rowwise bias stays whole), head-sharded
+    norms 1/tp of theirs; everything else (embeddings, modulation, norms, output projection) stays whole.
+    """
+    engine, plan = tp_plan_for(model)
+    linears = plan if engine == "diffusers" else plan.linears
+    norms = () if engine == "diffusers" else plan.sharded_norms
+
+    def size(t):
+        return t.numel() * (bytes_per_element or t.element_size())
+
+    full = sum(size(p) for p in model.parameters())
+    split = 0
+    reduced = 0
+    for pattern, style in linears.items():
+        for _, linear in expand(model, pattern):
+            kind, _ = _style_blocks(style, linear)
+            split += size(linear.weight)
+            reduced += size(linear.weight) - size(linear.weight) // tp
+            if linear.bias is not None and kind == "colwise":
+                split += size(linear.bias)
+                reduced += size(linear.bias) - size(linear.bias) // tp
+    for pattern in norms:
+        for _, norm in expand(model, pattern):
+            if getattr(norm, "weight", None) is not None:
+                split += size(norm.weight)
+                reduced += size(norm.weight) - size(norm.weight) // tp
+    return {"full": full, "per_rank": full - reduced, "sharded": split, "engine": engine}
