@@ -129,3 +129,13 @@ def test_controlnet_heads_not_divisible_by_ulysses_is_refused(ranks):
                      pair_kwargs={"heads": 2})
     for m in messages:
         assert m is not None and "does not divide the 2 attention heads" in m
+
+
+def test_unlisted_controlnet_is_named_before_any_collective():
+    """The local check api.py can run (no collective): a context-parallel transformer with an unlisted ControlNet."""
+    from workers.controlnet import unlisted_controlnet_check
+
+    message = unlisted_controlnet_check("flux", {"ulysses_size": 2})
+    assert message is not None and "not in extra_parallel_modules" in message and "pipe.controlnet" in message
+    assert unlisted_controlnet_check("flux", {"ulysses_size": 2}, listed=("controlnet",)) is None
+    assert unlisted_controlnet_check("flux", {"tp_size": 2}) is None

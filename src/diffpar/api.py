@@ -110,7 +110,11 @@ def enable_cache(target, cache_config=None, parallelism_config: ParallelismConfi
     handle = ParallelHandle(target=target, config=parallelism_config)
     try:
         if parallelism_config is not None:
-            _enable_parallelism(target, parallelism_config, handle)
+            _enable_parallelism(target, parallelism_config, handle, cache_config)
+        elif cache_config is not None:
+            from .cache import check_cache
+
+            check_cache(target, cache_config)
         if cache_config is not None:
             from .cache import enable_cache_hooks
 
@@ -129,7 +133,7 @@ def disable_cache(target) -> list[str]:
     return handle.detach()
 
 
-def _enable_parallelism(target, config: ParallelismConfig, handle: ParallelHandle) -> None:
+def _enable_parallelism(target, config: ParallelismConfig, handle: ParallelHandle, cache_config=None) -> None:
     if not mesh_lib.ensure_process_group() or dist.get_world_size() == 1:
         warnings.warn(
             "diffpar: one process only (no torchrun environment, or a world of 1): parallelism is a no-op. "
@@ -162,6 +166,12 @@ def _enable_parallelism(target, config: ParallelismConfig, handle: ParallelHandl
             adapter.check(module, world, config)
             description[f"extra:{name}"] = adapter.describe(module)
             extras.append((name, module, adapter))
+        if cache_config is not None:
+            # Ranks given different cache settings would decide differently and hang: agree on them too.
+            from .cache import check_cache, describe_cache
+
+            check_cache(target, cache_config)
+            description["cache"] = describe_cache(cache_config)
     except (DiffparError, UnsupportedError, ImportError) as exc:
         local_error = exc
     mesh_lib.agree("diffpar.enable_cache", description, local_error)

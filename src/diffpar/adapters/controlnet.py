@@ -377,4 +377,22 @@ def apply_controlnet_context_parallel(net, family: ControlNetFamily, parallel_co
     handle.info.setdefault("controlnet", {})[label] = {"family": family.name, "plan": plan}
 
 
+def check_controlnet_listed(pipeline, config, extra_names) -> None:
+    """For api.py's local checks: a context-parallel transformer with an unlisted ControlNet would receive
+    whole-sequence residuals and fail at the first step with a shape error. Say so before any collective."""
+    if config.cp_degree <= 1 or not hasattr(pipeline, "components"):
+        return
+    for attr, module in pipeline.components.items():
+        if not isinstance(module, torch.nn.Module) or attr in extra_names:
+            continue
+        nets = inner_nets(module)
+        if nets and all(family_for(n) is not None for n in nets):
+            raise DiffparError(
+                f"this {type(pipeline).__name__} has a ControlNet ({attr}: {type(module).__name__}) that is not in "
+                "extra_parallel_modules. With ulysses_size/ring_size the transformer holds a shard of the image "
+                "tokens, and the ControlNet's residuals must be split the same way. Add it: "
+                f"parallel_kwargs={{'extra_parallel_modules': [pipe.{attr}, ...]}}."
+            )
+
+
 register_extra_adapter(ControlNetAdapter())

@@ -30,7 +30,7 @@ from ..adapters import tp_plans
 from ..adapters.tp_plans import Packed, TensorParallelPlan
 from ..compat import diffusers_tp
 from ..errors import UnsupportedError
-from .tensor_parallel_linear import all_reduce_sum
+from .tensor_parallel_linear import all_gather_last_dim, all_reduce_sum
 
 logger = logging.getLogger("diffpar")
 
@@ -82,8 +82,7 @@ def _parent_path(path: str) -> str:
 def _linear_widths(model, engine: str, plan) -> list[tuple[str, int]]:
     """(what, width) for every width the plan splits: each must divide by tp."""
     widths = []
-    linears = plan if engine == "diffusers" else plan.linears
-    for pattern, style in linears.items():
+    for pattern, style in _all_linears(model, engine, plan).items():
         for path, lin in expand(model, pattern):
             kind, blocks = _style_blocks(style, lin)
             for b in blocks:
@@ -91,12 +90,19 @@ def _linear_widths(model, engine: str, plan) -> list[tuple[str, int]]:
     return widths
 
 
+def _all_linears(model, engine: str, plan) -> dict:
+    """Every linear the layout splits: diffusers' plan plus our modulation entries, or our plan."""
+    if engine == "diffusers":
+        return {**plan, **tp_plans.gathered_linears(model)}
+    return plan.linears
+
+
 def _style_blocks(style, linear) -> tuple[str, tuple[int, ...]]:
     """('colwise'|'rowwise', block widths along the split dimension) for our styles and diffusers' markers."""
     if isinstance(style, Packed):
         return style.kind, tuple(style.blocks)
-    if style in ("colwise", "rowwise"):
-        dim = linear.out_features if style == "colwise" else linear.in_features
+    if style in ("colwise", "rowwise", tp_plans.GATHER):
+        dim = linear.in_features if style == "rowwise" else linear.out_features
         return style, (dim,)
     # diffusers' PackedColwiseParallel / PackedRowwiseParallel (0.40+): proportions, or sizes on the Linear.
     kind = "colwise" if "Colwise" in type(style).__name__ else "rowwise"
@@ -113,7 +119,9 @@ def head_counts(model: torch.nn.Module, engine: str, plan) -> dict[str, int]:
     """Attention module path -> heads, for every attention module whose projections the plan splits."""
     linears = plan if engine == "diffusers" else plan.linears
     counts = {}
-    for pattern in linears:
+    for pattern, style in linears.items():
+        if style == tp_plans.GATHER:  # modulation: not attention
+            continue
         for path, _ in expand(model, pattern):
             parent = _parent_path(path)
             while parent:
@@ -219,6 +227,10 @@ def apply_tensor_parallel(model: torch.nn.Module, config, tp_mesh, handle, name:
     rank = dist.get_rank(group)
     if engine == "diffusers":
         _apply_native(model, tp_mesh, handle, name, config, current_device())
+        gathered = tp_plans.gathered_linears(model)
+        if gathered:  # modulation projections, which diffusers' plans leave whole on every rank
+            _apply_diffpar(model, TensorParallelPlan(linears=gathered), rank, tp, group, handle,
+                           f"{name} (modulation)")
     else:
         _apply_diffpar(model, plan, rank, tp, group, handle, name)
     info = handle.info.setdefault("tensor_parallel", {})
@@ -307,6 +319,17 @@ def _unslice(local: torch.Tensor, dim: int, blocks, tp: int, group) -> torch.Ten
     return torch.cat(pieces, dim=dim)
 
 
+class _GatherColumns:
+    """Forward hook of a colwise_gather Linear: concatenate every rank's output features, in rank order."""
+
+    def __init__(self, group, tp: int, width: int):
+        self.group = group
+        self.sizes = [width] * tp
+
+    def __call__(self, module, args, output):
+        return all_gather_last_dim(output, self.sizes, self.group)
+
+
 class _RowwiseReduce:
     """Forward hook of a rowwise Linear: sum the partial products over the tp group, then add the bias once."""
 
@@ -324,14 +347,16 @@ def _shard_linear(linear: torch.nn.Linear, style, rank: int, tp: int, group):
     kind, blocks = _style_blocks(style, linear)
     weight, bias = linear.weight, linear.bias
     in_before, out_before = linear.in_features, linear.out_features
-    dim = 0 if kind == "colwise" else 1
+    dim = 1 if kind == "rowwise" else 0
     with torch.no_grad():
         linear.weight = torch.nn.Parameter(_slice(weight.detach(), dim, blocks, rank, tp), requires_grad=weight.requires_grad)
         hook = None
-        if kind == "colwise":
+        if kind != "rowwise":
             if bias is not None:
                 linear.bias = torch.nn.Parameter(_slice(bias.detach(), 0, blocks, rank, tp), requires_grad=bias.requires_grad)
             linear.out_features = linear.weight.shape[0]
+            if kind == tp_plans.GATHER:
+                hook = linear.register_forward_hook(_GatherColumns(group, tp, linear.out_features))
         else:
             # The bias is added once after the all-reduce; it stays a Parameter owned by the hook.
             linear.bias = None
@@ -344,10 +369,12 @@ def _shard_linear(linear: torch.nn.Linear, style, rank: int, tp: int, group):
             full = _unslice(linear.weight.detach(), dim, blocks, tp, group)
             requires_grad = linear.weight.requires_grad
             linear.weight = torch.nn.Parameter(full, requires_grad=requires_grad)
-            if kind == "colwise":
+            if kind != "rowwise":
                 if linear.bias is not None:
                     rg = linear.bias.requires_grad
                     linear.bias = torch.nn.Parameter(_unslice(linear.bias.detach(), 0, blocks, tp, group), requires_grad=rg)
+                if hook is not None:
+                    hook.remove()
             else:
                 hook.remove()
                 linear.bias = bias
@@ -429,7 +456,7 @@ def per_rank_weight_bytes(model: torch.nn.Module, tp: int, bytes_per_element: in
     norms 1/tp of theirs; everything else (embeddings, modulation, norms, output projection) stays whole.
     """
     engine, plan = tp_plan_for(model)
-    linears = plan if engine == "diffusers" else plan.linears
+    linears = _all_linears(model, engine, plan)
     norms = () if engine == "diffusers" else plan.sharded_norms
 
     def size(t):
@@ -443,7 +470,7 @@ def per_rank_weight_bytes(model: torch.nn.Module, tp: int, bytes_per_element: in
             kind, _ = _style_blocks(style, linear)
             split += size(linear.weight)
             reduced += size(linear.weight) - size(linear.weight) // tp
-            if linear.bias is not None and kind == "colwise":
+            if linear.bias is not None and kind != "rowwise":
                 split += size(linear.bias)
                 reduced += size(linear.bias) - size(linear.bias) // tp
     for pattern in norms:
