@@ -184,6 +184,7 @@ def main():
     if not mesh.ensure_process_group():
         raise SystemExit("launch with torchrun --nproc_per_node=2 benchmarks/bench_vae.py")
     rank, world = dist.get_rank(), dist.get_world_size()
+    load_before = os.getloadavg()[0]
 
     # One process, in a fresh child of rank 0, while every rank waits.
     tmp = tempfile.mkdtemp(prefix="bench_vae-")
@@ -250,6 +251,8 @@ def main():
               f"attention K/V + output {s['gather_bytes'] / 2**20:.2f} MiB in {s['gather_calls']} gathers, "
               f"{s['calls']} communication calls in all")
     print(f"max abs diff split vs one process: {(out - reference).abs().max().item():.2e}")
+    print(f"machine load average (1 min) at start / end: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores (other work on the machine slows the split more: its ranks wait for each other)")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,10 @@ def test_ranks_agree_and_match_one_process(ranks, world, config, kind, cache_kwa
         # Same skip pattern as the same cache in one process, on every rank.
         assert r["pattern"] == reference, (r["rank"], r["pattern"], reference)
         # The measure itself is the same on every rank (it was reduced).
-        assert [d[3] for d in r["decisions"]] == pytest.approx([d[3] for d in results[0]["decisions"]], rel=1e-12)
+        mine, first = [d[3] for d in r["decisions"]], [d[3] for d in results[0]["decisions"]]
+        assert len(mine) == len(first)
+        for a, b in zip(mine, first):  # None: a step with no measure (warmup), identical on every rank
+            assert (a is None and b is None) or (a is not None and b is not None and abs(a - b) <= 1e-12 * abs(b))
         assert max(r["diffs"]) <= CACHE_FP32, (r["rank"], r["diffs"])
         # One all-reduce per step that reached the measure, none for warmup / first step / capped steps.
         assert r["collectives"] == sum(d[3] is not None for d in r["decisions"])

@@ -23,13 +23,16 @@ MODELS = [
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("model_name,force,model_kwargs,input_kwargs", MODELS)
 def test_tp_matches_one_process(ranks, world, model_name, force, model_kwargs, input_kwargs):
+    from diffpar.compat.diffusers_tp import has_native_tp
+
+    native = has_native_tp() and model_name in ("flux", "flux2", "qwenimage")  # diffusers >= 0.40 plans these
     model_kwargs = dict(model_kwargs, heads=4)  # whole heads on 2 and 4 ranks
     results = ranks(world, "workers.transformer_tp:tp_equivalence", model_name=model_name,
                     config={"tp_size": world}, seq=15, text=7, model_kwargs=model_kwargs,
                     input_kwargs=input_kwargs, force_diffpar=force)
     for r in results:
         assert r["diff"] <= TRANSFORMER_TP_FP32, (r["rank"], r["diff"])
-        assert r["engine"] == ("diffpar" if force or model_name in ("wan", "zimage") else "diffusers")
+        assert r["engine"] == ("diffusers" if native and not force else "diffpar")
         assert r["bytes_ratio"] < 1 - 0.4 * (1 - 1 / world), "each rank must hold a fraction of the block weights"
         assert r["detach_diff"] == BITWISE and r["detach_weights_equal"]
 
@@ -50,6 +53,10 @@ HYBRID = [
 
 @pytest.mark.parametrize("model_name,config,force,seq", HYBRID)
 def test_hybrid_cp_tp_matches_one_process(ranks, model_name, config, force, seq):
+    from diffpar.compat.diffusers_cp import cp_config_fields
+
+    if config.get("ulysses_anything") and "ulysses_anything" not in cp_config_fields():
+        pytest.skip("this diffusers release has no ulysses_anything (0.37+)")
     model_kwargs = {"heads": 4, **({"head_dim": 24} if model_name == "zimage" else {})}
     results = ranks(4, "workers.transformer_tp:tp_equivalence", model_name=model_name, config=config, seq=seq,
                     text=7 if seq % 2 else 8, model_kwargs=model_kwargs, force_diffpar=force)

@@ -29,12 +29,13 @@ CACHE_FP32 = 1e-5
 
 # ControlNet (issue 5): the ControlNet and the transformer it feeds both context parallel on one split; the
 # residuals are added shard by shard, the same additions as in one process. What differs is only what context
-# parallelism itself changes inside attention, in two models instead of one. Measured 1.8e-7..2.4e-7 on tiny pairs.
+# parallelism itself changes inside attention, in two models instead of one. Measured 1.8e-7..5.1e-7 on tiny
+# ControlNet -> transformer steps; whole 2-step pipelines (PIPELINE_FP32) 3.6e-7..2.4e-6 on latents of scale ~4.
 CONTROLNET_FP32 = 1e-5
 
 # Transformer tensor parallelism (issue 5): row-parallel linears sum partial products over ranks (all-reduce), a
 # different summation order than one matmul; RMSNorms over all heads sum squares across ranks. Measured
-# 1.2e-7..3.6e-7 on tiny Flux / Flux2 / QwenImage / Wan / Z-Image, tp 2 and 4, alone and with Ulysses or Ring.
+# 1.8e-7..5.4e-7 on tiny Flux / Flux2 / QwenImage / Wan / Z-Image, tp 2 and 4, alone and with Ulysses or Ring.
 TRANSFORMER_TP_FP32 = 1e-5
 
 # VAE split decode/encode (issue 4), fp64: the split runs the same function as the whole decode, so in fp64 only

@@ -160,10 +160,14 @@ def refused(case: str):
         vae.enable_group_offload(torch.device("cpu"), offload_type="leaf_level")
     elif case == "bilinear-upsample":
         vae.decoder.up_blocks[0].upsamplers[0] = torch.nn.Upsample(scale_factor=2, mode="bilinear")
+    first = _enable(vae, vae_split_min_rows=0)[0] if case == "shared" else None
     try:
         _enable(vae, vae_split_min_rows=0)
     except diffpar.DiffparError as exc:
         return {"error": type(exc).__name__, "message": str(exc)}
+    finally:
+        if first is not None:
+            first.detach()
     return {"error": None}
 
 

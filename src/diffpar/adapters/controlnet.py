@@ -19,6 +19,7 @@ transformer is parallelized by the same `enable_cache` call. `ulysses_size` / `r
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -91,21 +92,34 @@ def _cp():
     return ContextParallelInput
 
 
+def mirror_transformer_plan(transformer_class: str) -> dict:
+    """The installed release's `_cp_plan` of the transformer a ControlNet feeds, without its output gathers.
+
+    A ControlNet's forward mirrors its transformer's in every release (same argument and submodule names up to the
+    blocks), so splitting where the transformer splits, in that release, gives the transformer's split.
+    """
+    import diffusers
+    from diffusers.models._modeling_parallel import ContextParallelOutput
+
+    plan = getattr(getattr(diffusers, transformer_class, None), "_cp_plan", None)
+    if not plan:
+        raise UnsupportedError(
+            f"the installed diffusers has no context-parallel plan for {transformer_class}, so diffpar cannot mirror "
+            "it on the ControlNet. Install diffusers>=0.36.0."
+        )
+    return {k: v for k, v in plan.items() if not isinstance(v, (ContextParallelOutput, list, tuple))}
+
+
 def _flux_plan(net) -> dict:
     Split = _cp()
-    # Same root splits as FluxTransformer2DModel's plan: image tokens, prompt tokens and their RoPE ids, each on
-    # its own. The condition joins the image stream through controlnet_x_embedder: split at its input, which is
-    # (B, image tokens, C) both for packed latents and after input_hint_block's patchify.
-    plan = {
-        "": {
-            "hidden_states": Split(split_dim=1, expected_dims=3, split_output=False),
-            "img_ids": Split(split_dim=0, expected_dims=2, split_output=False),
-        },
-        "controlnet_x_embedder": {"input": Split(split_dim=1, expected_dims=3, split_output=False)},
-    }
-    if not net.union:
-        plan[""]["encoder_hidden_states"] = Split(split_dim=1, expected_dims=3, split_output=False)
-        plan[""]["txt_ids"] = Split(split_dim=0, expected_dims=2, split_output=False)
+    # FluxTransformer2DModel's root splits: image tokens, prompt tokens and their RoPE ids, each on its own. The
+    # condition joins the image stream through controlnet_x_embedder: split at its input, which is (B, image
+    # tokens, C) both for packed latents and after input_hint_block's patchify.
+    plan = {k: dict(v) for k, v in mirror_transformer_plan("FluxTransformer2DModel").items()}
+    plan["controlnet_x_embedder"] = {"input": Split(split_dim=1, expected_dims=3, split_output=False)}
+    if net.union:  # the prompt is split at the blocks instead (see union_prompt_split_hook)
+        for name in ("encoder_hidden_states", "txt_ids"):
+            plan[""].pop(name, None)
     return plan
 
 
@@ -153,12 +167,12 @@ def union_prompt_split_hook(cp_config):
 
 def shard(tensor: torch.Tensor, dim: int, cp_config) -> torch.Tensor:
     """This rank's part of `tensor`, exactly as diffusers' context-parallel input hooks cut it."""
-    from diffusers.hooks.context_parallel import EquipartitionSharder, PartitionAnythingSharder
+    from diffusers.hooks import context_parallel as hcp
 
     mesh = cp_config._flattened_mesh
     if getattr(cp_config, "ulysses_anything", False) or getattr(cp_config, "ring_anything", False):
-        return PartitionAnythingSharder.shard_anything(tensor, dim, mesh)
-    return EquipartitionSharder.shard(tensor, dim, mesh)
+        return hcp.PartitionAnythingSharder.shard_anything(tensor, dim, mesh)  # 0.37+, with the option itself
+    return hcp.EquipartitionSharder.shard(tensor, dim, mesh)
 
 
 def _flux_extra_hooks(net, cp_config) -> list:
@@ -172,23 +186,15 @@ def _flux_extra_hooks(net, cp_config) -> list:
 
 
 def _qwenimage_plan(net) -> dict:
-    Split = _cp()
-    # QwenImageTransformer2DModel's plan, without its output gather: the streams are split at the first block
-    # (after img_in + controlnet_x_embedder ran on the whole sequence), the RoPE tables as pos_embed returns them,
-    # and the prompt mask at every block.
-    return {
-        "transformer_blocks.0": {
-            "hidden_states": Split(split_dim=1, expected_dims=3, split_output=False),
-            "encoder_hidden_states": Split(split_dim=1, expected_dims=3, split_output=False),
-        },
-        "transformer_blocks.*": {
-            "encoder_hidden_states_mask": Split(split_dim=1, expected_dims=2, split_output=False),
-        },
-        "pos_embed": {
-            0: Split(split_dim=0, expected_dims=2, split_output=True),
-            1: Split(split_dim=0, expected_dims=2, split_output=True),
-        },
-    }
+    # QwenImageTransformer2DModel's plan, without its output gather: 0.42 splits the streams entering block 0
+    # (after img_in + controlnet_x_embedder ran on the whole sequence), 0.36 at the root; the RoPE tables as
+    # pos_embed returns them; the prompt mask where the transformer splits it.
+    plan = mirror_transformer_plan("QwenImageTransformer2DModel")
+    if "hidden_states" in plan.get("", {}):
+        # Split at the root (0.36): the condition is added right after img_in, so it is split as it enters.
+        Split = _cp()
+        plan["controlnet_x_embedder"] = {"input": Split(split_dim=1, expected_dims=3, split_output=False)}
+    return plan
 
 
 register_controlnet_family("FluxControlNetModel", ControlNetFamily("flux", _flux_plan, _flux_extra_hooks))
@@ -253,8 +259,6 @@ def broadcast_condition(net, arg: str, group, handle, label: str) -> None:
     A plain torch pre-hook broadcasts it at each call (one condition-sized message per step); `broadcast_latents=
     False` turns this off together with the latent broadcast.
     """
-    import inspect
-
     import torch.distributed as dist
 
     position = list(inspect.signature(type(net).forward).parameters).index(arg) - 1  # without self
@@ -311,6 +315,27 @@ def apply_input_splits(net, cp_config, plan: dict) -> None:
     from diffusers.models._modeling_parallel import ContextParallelOutput
 
     class InputSplitHook(ContextParallelSplitHook):
+        """Splits what the call passes; a planned argument the call leaves out (a ControlNet's blocks get no
+        `modulate_index`, which the transformer's plan names) is skipped rather than looked up by position."""
+
+        def initialize_hook(self, module):
+            module = super().initialize_hook(module)
+            params = list(inspect.signature(self.module_forward_metadata._cls.forward).parameters)[1:]
+            self.positions = {name: i for i, name in enumerate(params)}
+            self.planned = dict(self.metadata)
+            return module
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.metadata = {
+                name: entry for name, entry in self.planned.items()
+                if getattr(entry, "split_output", False) or name in kwargs
+                or self.positions.get(name, len(args)) < len(args)
+            }
+            try:
+                return super().pre_forward(module, *args, **kwargs)
+            finally:
+                self.metadata = self.planned
+
         def post_forward(self, module, output):
             if any(getattr(entry, "split_output", False) for entry in self.metadata.values()):
                 return super().post_forward(module, output)

@@ -31,12 +31,12 @@ from .controlnet import ControlNetFamily, register_controlnet_family, shard
 
 
 def _unshard(tensor: torch.Tensor, dim: int, cp_config) -> torch.Tensor:
-    from diffusers.hooks.context_parallel import EquipartitionSharder, PartitionAnythingSharder
+    from diffusers.hooks import context_parallel as hcp
 
     mesh = cp_config._flattened_mesh
     if getattr(cp_config, "ulysses_anything", False) or getattr(cp_config, "ring_anything", False):
-        return PartitionAnythingSharder.unshard_anything(tensor, dim, mesh)
-    return EquipartitionSharder.unshard(tensor, dim, mesh)
+        return hcp.PartitionAnythingSharder.unshard_anything(tensor, dim, mesh)
+    return hcp.EquipartitionSharder.unshard(tensor, dim, mesh)
 
 
 def _zimage_plan(net) -> dict:

@@ -66,8 +66,9 @@ FAMILIES: dict[str, VaeFamily] = {
 # immediate neighbour, and the edge-row recomputation reads kernel-1 rows of the band itself.
 MIN_BAND_ROWS = 2
 # Default size rule (vae_split_min_rows=None): split when every rank gets at least this many latent rows. Below it,
-# a decode is small enough that ~4 collectives per layer cost more than the compute they save (docs/vae.md).
-DEFAULT_MIN_ROWS_PER_RANK = 8
+# a decode is so small that its ~70 communication calls cost more than the compute they save: on CPU, 2 ranks,
+# a Flux.1-shaped VAE broke even near 12 latent rows per rank (docs/bench/vae.md).
+DEFAULT_MIN_ROWS_PER_RANK = 16
 # How long the per-call handshake waits for the other ranks before raising instead of hanging.
 HANDSHAKE_TIMEOUT_ENV = "DIFFPAR_VAE_HANDSHAKE_TIMEOUT_S"
 DEFAULT_HANDSHAKE_TIMEOUT_S = 600.0
@@ -226,7 +227,13 @@ def _check_module(name: str, module: nn.Module, rule: str) -> str | None:
 
 
 def _hooked(module: nn.Module) -> bool:
-    return hasattr(module, "_diffusers_hook") or hasattr(module, "_hf_hook")
+    """An offloading hook replaced this module's forward (diffusers' group offloading, accelerate's CPU offload)."""
+    registry = getattr(module, "_diffusers_hook", None)
+    return bool(getattr(registry, "hooks", None)) or hasattr(module, "_hf_hook")
+
+
+# Set on a VAE while diffpar splits it: a VAE shared by two pipelines must not be wrapped twice.
+_STATE_ATTR = "_diffpar_vae_split"
 
 
 # -- per-call state --------------------------------------------------------------------------------------------
@@ -312,6 +319,8 @@ def _entry_wrapper(state: VaeSplitState, kind: str, arg_name: str):
         if state.active is not None:
             return wrapped(*args, **kwargs)
         x, replace = _first_arg(args, kwargs, arg_name)
+        if not isinstance(x, torch.Tensor) or x.dim() < 4:
+            return wrapped(*args, **kwargs)
         sizes = state.plan(x, kind)
         state.handshake(x, kind, sizes is not None)
         if sizes is None:
@@ -641,6 +650,13 @@ class VaeAdapter(ExtraModuleAdapter):
 
     def check(self, module: nn.Module, world_size: int, config) -> None:
         name = type(module).__name__
+        if getattr(module, _STATE_ATTR, None) is not None:
+            raise DiffparError(
+                f"extra_parallel_modules: this {name} is already split by diffpar, through another pipeline that "
+                "shares it (e.g. one built from pipe.components). Wrapping it twice would split bands again. Call "
+                "diffpar.disable_cache(<that pipeline>) first, or leave the VAE out of this one's "
+                "extra_parallel_modules: it is split for every pipeline that shares it."
+            )
         unknown, refused, hooked = [], [], []
         for part_name, part in self.parts(module):
             for sub_name, sub, rule in _path_modules(part):
@@ -693,6 +709,8 @@ class VaeAdapter(ExtraModuleAdapter):
                     down_factor *= _row_stride(sub, rule)
         state = VaeSplitState(module, group, getattr(config, "vae_split_min_rows", None), min_band_rows, down_factor)
         handle.info.setdefault("vae", {})[label] = state
+        setattr(module, _STATE_ATTR, state)
+        handle.add(f"vae {label}: mark as split", lambda: delattr(module, _STATE_ATTR))
         for part_name, part in self.parts(module):
             patches: list[Patch] = []
 

@@ -11,6 +11,7 @@ here every weight is re-drawn, so the residuals are not zero and a wrong split s
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -146,6 +147,8 @@ def _qwenimage(heads=2, head_dim=16, layers=2, cn_layers=1, multi=False):
             timestep=torch.full((batch,), 0.5),
             img_shapes=[[(1, 1, seq)]] * batch,
         )
+        if "txt_seq_lens" in inspect.signature(type(transformer).forward).parameters:
+            shared["txt_seq_lens"] = [text] * batch  # 0.36-0.38 take the prompt length (RoPE rows) too
         cond = torch.randn(batch, seq, 16, generator=g)
         if multi:
             cn_kwargs = dict(shared, controlnet_cond=[cond, torch.randn(batch, seq, 16, generator=g)],
@@ -247,8 +250,12 @@ def _qwenimage_pipeline(seed=0, heads=4, multi=False, cn_layers=1):
         transformer=pair.transformer, controlnet=controlnet,
     )
 
+    takes_lengths = "txt_seq_lens" in inspect.signature(type(pair.transformer).forward).parameters
+
     def call_kwargs(height=32, width=32, steps=2, batch=1, seed=7, text=8, masked_text=0):
         g = _gen(seed)
+        if takes_lengths:
+            masked_text = 0  # 0.36-0.38 pipelines expect prompt embeddings cut to the longest prompt: no padding
         mask = torch.ones(batch, text, dtype=torch.long)
         if masked_text:
             mask[:, text - masked_text:] = 0
