@@ -15,7 +15,6 @@ Every figure comes from this one run, each process on one thread (gloo on CPU):
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 

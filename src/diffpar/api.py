@@ -160,12 +160,16 @@ def _enable_parallelism(target, config: ParallelismConfig, handle: ParallelHandl
             if config.tp_degree > 1:
                 from .hooks.tensor_parallel import check_tensor_parallel
 
-                check_tensor_parallel(model, config.tp_degree)
+                check_tensor_parallel(model, config.tp_degree, config)
         for name, module in resolve_extra_modules(target, config.extra_parallel_modules):
             adapter = extra_adapter_for(module)
             adapter.check(module, world, config)
             description[f"extra:{name}"] = adapter.describe(module)
             extras.append((name, module, adapter))
+        if _is_pipeline(target):
+            from .adapters.controlnet import check_controlnet_listed
+
+            check_controlnet_listed(target, config, {name for name, _, _ in extras})
         if cache_config is not None:
             # Ranks given different cache settings would decide differently and hang: agree on them too.
             from .cache import check_cache, describe_cache

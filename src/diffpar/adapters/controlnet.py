@@ -8,8 +8,9 @@ ParallelConfig (same mesh, same sharder, same uneven-split mode), splitting the 
 its residual outputs sharded: no gather, no communication beyond its attention, and each rank's residual rows are
 the rows its transformer shard holds, by construction.
 
-Each family's plan is data in diffusers' `_cp_plan` format (below, or in `controlnet_<family>.py`), applied with
-diffusers' `apply_context_parallel`; input splits only, never an output gather. Multi-ControlNet wrappers
+Each family's plan is data in diffusers' `_cp_plan` format (below, or in `controlnet_<family>.py`; Flux and
+QwenImage mirror the installed release's transformer plan), applied with diffusers' split and gather hooks
+(`apply_input_splits`); the residuals are never gathered. Multi-ControlNet wrappers
 (`FluxMultiControlNetModel`, `QwenImageMultiControlNetModel`, `SD3MultiControlNetModel`) are handled through their
 `nets`: every net gets the plan, and the wrapper's sum of residuals is a sum of equally sharded tensors.
 
@@ -37,7 +38,7 @@ class ControlNetFamily:
     """How one ControlNet class runs context parallel."""
 
     name: str
-    # net -> plan in diffusers' _cp_plan format (input splits only)
+    # net -> plan in diffusers' _cp_plan format (splits; gathers only inside the ControlNet, never of residuals)
     plan: Callable[[torch.nn.Module], dict]
     # (net, cp_config) -> [(module, hook_name, diffusers ModelHook)] for splits a plan cannot express
     extra_hooks: Callable[[torch.nn.Module, object], list] | None = None
