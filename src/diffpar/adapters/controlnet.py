@@ -26,7 +26,6 @@ from typing import Callable
 
 import torch
 
-from ..compat import diffusers_cp
 from ..errors import DiffparError, UnsupportedError
 from .base import ExtraModuleAdapter, register_extra_adapter
 
@@ -358,29 +357,11 @@ def apply_controlnet_context_parallel(net, family: ControlNetFamily, parallel_co
     """Context-parallel hooks on one ControlNet with the transformer's ParallelConfig; every step undoable."""
     from diffusers.hooks.hooks import HookRegistry
 
-    from ..hooks.context_parallel import _set_backend, attention_processors, remove_context_parallel
+    from ..hooks.context_parallel import attach_parallel_config, remove_context_parallel
 
     if family.prepare is not None:
         family.prepare(net, config, handle, label)
-    if config.attention_backend is not None:
-        _set_backend(net, config.attention_backend, handle, label)
-
-    diffusers_cp.SHARED_SHIMS.acquire()
-    handle.add(f"{label}: diffusers compat shims", diffusers_cp.SHARED_SHIMS.release)
-
-    previous = [(p, p._parallel_config) for _, p in attention_processors(net)]
-    for p, _ in previous:
-        p._parallel_config = parallel_config
-
-    def restore_processors():
-        for p, old in previous:
-            p._parallel_config = old
-
-    handle.add(f"{label}: attention processors' _parallel_config", restore_processors)
-
-    old_model_config = getattr(net, "_parallel_config", None)
-    net._parallel_config = parallel_config
-    handle.add(f"{label}: model._parallel_config", lambda: setattr(net, "_parallel_config", old_model_config))
+    attach_parallel_config(net, parallel_config, config, handle, label)
 
     cp_config = parallel_config.context_parallel_config
     plan = family.plan(net)

@@ -96,14 +96,23 @@ def apply_context_parallel(model: torch.nn.Module, plan: dict, config, cp_mesh, 
 
     from ..mesh import current_device
 
-    if config.attention_backend is not None:
-        _set_backend(model, config.attention_backend, handle, name)
-
     cp_config = build_context_parallel_config(config)
     parallel_config = ParallelConfig(context_parallel_config=cp_config)
     diffusers_cp.setup_parallel_config(
         parallel_config, dist.get_rank(), dist.get_world_size(), current_device(), cp_mesh
     )
+    attach_parallel_config(model, parallel_config, config, handle, name)
+
+    diffusers_apply(model, cp_config, plan)
+    handle.add(f"{name}: context-parallel hooks", lambda: remove_context_parallel(model, plan))
+    handle.info.setdefault("context_parallel", {})[name] = parallel_config
+
+
+def attach_parallel_config(model: torch.nn.Module, parallel_config, config, handle, name: str) -> None:
+    """Make a model's attention context-parallel with `parallel_config` (what diffusers' hooks then split for):
+    the requested backend, the compat shims, every processor's and the model's `_parallel_config`. Undoable."""
+    if config.attention_backend is not None:
+        _set_backend(model, config.attention_backend, handle, name)
 
     diffusers_cp.SHARED_SHIMS.acquire()
     handle.add(f"{name}: diffusers compat shims", diffusers_cp.SHARED_SHIMS.release)
@@ -121,10 +130,6 @@ def apply_context_parallel(model: torch.nn.Module, plan: dict, config, cp_mesh, 
     old_model_config = getattr(model, "_parallel_config", None)
     model._parallel_config = parallel_config
     handle.add(f"{name}: model._parallel_config", lambda: setattr(model, "_parallel_config", old_model_config))
-
-    diffusers_apply(model, cp_config, plan)
-    handle.add(f"{name}: context-parallel hooks", lambda: remove_context_parallel(model, plan))
-    handle.info.setdefault("context_parallel", {})[name] = parallel_config
 
 
 def remove_context_parallel(model: torch.nn.Module, plan: dict) -> None:
