@@ -157,7 +157,10 @@ def refused(case: str):
     elif case == "fused-attention":
         vae.fuse_qkv_projections()
     elif case == "group-offload":
-        vae.enable_group_offload(torch.device("cpu"), offload_type="leaf_level")
+        try:
+            vae.enable_group_offload(torch.device("cpu"), offload_type="leaf_level")
+        except AttributeError as exc:  # diffusers 0.36 needs an accelerator to even set it up
+            return {"error": "setup-unavailable", "message": str(exc)}
     elif case == "bilinear-upsample":
         vae.decoder.up_blocks[0].upsamplers[0] = torch.nn.Upsample(scale_factor=2, mode="bilinear")
     first = _enable(vae, vae_split_min_rows=0)[0] if case == "shared" else None

@@ -28,7 +28,7 @@ from ..hooks.halo import (
     ROW_DIM,
     ExchangeStats,
     RowSplit,
-    _collective_device,
+    collective_device,
     conv_native_with_halo,
     conv_with_halo,
     group_norm_whole_image,
@@ -96,7 +96,7 @@ MODULE_RULES: dict[str, str] = {
     "ModuleList": ROW_LOCAL, "Sequential": ROW_LOCAL, "Identity": ROW_LOCAL, "Dropout": ROW_LOCAL,
     "SiLU": ROW_LOCAL, "ReLU": ROW_LOCAL, "GELU": ROW_LOCAL, "Mish": ROW_LOCAL, "Tanh": ROW_LOCAL,
     "LeakyReLU": ROW_LOCAL, "Sigmoid": ROW_LOCAL,
-    "Linear": ROW_LOCAL,  # only inside attention, on tokens
+    "Linear": ROW_LOCAL,  # on attention tokens or timestep embeddings, never across rows
     "Conv2d": CONV, "Conv3d": CONV,
     "GroupNorm": GROUP_NORM,
     "ZeroPad2d": EDGE_PAD, "ConstantPad2d": EDGE_PAD,
@@ -179,7 +179,7 @@ def _conv_geometry(conv) -> tuple[int, int, int, int]:
     return conv.kernel_size[i], conv.stride[i], conv.dilation[i], padding
 
 
-def _mixes_rows(kernel, stride, dilation, pad) -> bool:
+def _mixes_rows(kernel, stride, dilation, pad) -> bool:  # dilation matters only with kernel > 1
     return not (kernel == 1 and stride == 1 and pad == 0)
 
 
@@ -273,7 +273,7 @@ class VaeSplitState:
         shape = list(x.shape) + [0] * (6 - x.dim())
         mine = torch.tensor(
             [0 if kind == "decode" else 1, int(split), _DTYPES.get(x.dtype, 99), x.dim(), *shape],
-            dtype=torch.int64, device=_collective_device(self.group),
+            dtype=torch.int64, device=collective_device(self.group),
         )
         parts = [torch.empty_like(mine) for _ in range(self.world)]
         work = dist.all_gather(parts, mine, group=self.group, async_op=True)
@@ -694,6 +694,7 @@ class VaeAdapter(ExtraModuleAdapter):
         config = dict(getattr(module, "config", {}) or {})
         return {
             "class": type(module).__name__,
+            "video": self.family(module).video,
             "config": sorted((k, repr(v)) for k, v in config.items() if not k.startswith("_")),
             "n_params": sum(p.numel() for p in params),
             "dtype": str(params[0].dtype) if params else None,

@@ -128,7 +128,7 @@ class RowSplit:
 
     # -- gathers -----------------------------------------------------------------------------------------------
     def all_sizes(self, n: int) -> list[int]:
-        mine = torch.tensor([n], dtype=torch.int64, device=_collective_device(self.group))
+        mine = torch.tensor([n], dtype=torch.int64, device=collective_device(self.group))
         out = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(out, mine, group=self.group)
         self.stats.calls += 1
@@ -180,7 +180,7 @@ def _with_dim(shape, dim: int, size: int) -> list[int]:
     return shape
 
 
-def _collective_device(group) -> torch.device:
+def collective_device(group) -> torch.device:
     backend = str(dist.get_backend(group))
     if "nccl" in backend and "gloo" not in backend and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())

@@ -22,6 +22,7 @@ class VaeShape:
     spatial: int  # image pixels per latent row/column (including patchify)
     video: bool
     frames_per_latent: int = 1  # images per latent frame after the first (video: temporal compression)
+    decode_kwargs: tuple = ()  # (name, function of the latents) pairs: what vae.decode needs besides the latents
 
 
 def builder(name):
@@ -130,20 +131,25 @@ def _hunyuan(channels=(8, 16, 16), layers=1, groups=4, latent=4):
 
 
 @builder("ltx")
-def _ltx(channels=(8, 16, 16), latent=8):
+def _ltx(channels=(8, 16, 16), decoder_channels=(16, 16, 16), latent=8):
     """LTX-Video: per-pixel RMS norms, causal conv3d (frame repeat), strided conv and space-to-depth downsampling
-    (0.9.0 and 0.9.5 blocks), depth-to-space upsampling with residuals, patchify 2 inside encoder and decoder."""
+    (0.9.0 and 0.9.5 blocks), depth-to-space upsampling with residuals, patchify 2 inside encoder and decoder, a
+    timestep-conditioned decoder (0.9.1+)."""
     from diffusers import AutoencoderKLLTXVideo
 
     vae = AutoencoderKLLTXVideo(
-        latent_channels=latent, block_out_channels=tuple(channels), decoder_block_out_channels=tuple(channels),
+        latent_channels=latent, block_out_channels=tuple(channels), decoder_block_out_channels=tuple(decoder_channels),
         down_block_types=("LTXVideoDownBlock3D", "LTXVideo095DownBlock3D", "LTXVideoDownBlock3D"),
         downsample_type=("conv", "spatial", "conv"), layers_per_block=(1, 1, 1, 1),
         decoder_layers_per_block=(1, 1, 1, 1), spatio_temporal_scaling=(True, True, False),
         decoder_spatio_temporal_scaling=(True, True, False), decoder_inject_noise=(False,) * 4,
-        upsample_residual=(True, True, True), patch_size=2,
+        upsample_residual=(True, True, True), patch_size=2, timestep_conditioning=True,
     )
-    return vae, VaeShape(latent, 3, 8, True, 2)
+    return vae, VaeShape(latent, 3, 8, True, 2, decode_kwargs=(("temb", _timestep),))
+
+
+def _timestep(latents):
+    return torch.linspace(0.02, 0.08, latents.shape[0])
 
 
 @builder("kl_real")
@@ -162,8 +168,9 @@ def _kl_real(channels=(32, 64, 128, 128), layers=2, groups=32, latent=16):
 
 
 def decode(vae, latents) -> torch.Tensor:
+    extra = {k: make(latents) for k, make in getattr(getattr(vae, "diffpar_shape", None), "decode_kwargs", ())}
     with torch.no_grad():
-        return vae.decode(latents).sample
+        return vae.decode(latents, **extra).sample
 
 
 def encode(vae, images) -> torch.Tensor:
