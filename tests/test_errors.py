@@ -85,3 +85,11 @@ def test_anything_needs_installed_support_or_valid_head_padding(ranks):
     config = {"ulysses_size": 4, "ulysses_anything": True}
     expected = unsupported_reason(config) or "ulysses_anything with ulysses_size=4 and 6 attention heads"
     _fails_everywhere(ranks, 4, [expected], config=config, model_kwargs={"heads": 6})
+
+
+def test_any_local_failure_on_one_rank_reaches_every_rank(ranks):
+    with pytest.raises(RankFailure) as err:
+        ranks(4, "workers.basics:agree_with_error_on", timeout=60, rank=2)
+    text = str(err.value)
+    assert "4 rank(s) failed" in text
+    assert "rank 2 failed its checks (KeyError)" in text and "only this rank failed" in text

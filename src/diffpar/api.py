@@ -11,7 +11,7 @@ from . import mesh as mesh_lib
 from .adapters.base import cp_plan_for, extra_adapter_for, prepare_cp_plan
 from .compat import versions
 from .config import ParallelismConfig
-from .errors import DiffparError, UnsupportedError
+from .errors import DiffparError
 from .hooks.context_parallel import apply_context_parallel, check_context_parallel
 from .hooks.handle import ParallelHandle
 from .hooks.patch import Patch
@@ -176,7 +176,7 @@ def _enable_parallelism(target, config: ParallelismConfig, handle: ParallelHandl
 
             check_cache(target, cache_config)
             description["cache"] = describe_cache(cache_config)
-    except (DiffparError, UnsupportedError, ImportError) as exc:
+    except Exception as exc:  # whatever failed here, every rank must still reach the agreement below
         local_error = exc
     mesh_lib.agree("diffpar.enable_cache", description, local_error)
 

@@ -72,3 +72,12 @@ def enable_with(config_by_rank: list[dict] | None = None, config: dict | None = 
     steps = handle.step_names
     handle.detach()
     return steps
+
+
+def agree_with_error_on(rank: int):
+    """A local failure of any kind on one rank: every rank must raise from the one agreement collective."""
+    from diffpar.mesh import agree
+
+    local = KeyError("only this rank failed its local checks") if dist.get_rank() == rank else None
+    agree("test", {"same": 1}, local)
+    return "no error"
