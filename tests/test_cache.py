@@ -265,3 +265,14 @@ def test_without_the_reduction_ranks_hang(ranks):
     with pytest.raises(RankFailure):
         ranks(2, "workers.cache:cache_equivalence", timeout=12, config={"ulysses_size": 2}, kind="dbcache",
               cache_kwargs={"Bn_compute_blocks": 1}, unsynced=True)
+
+
+@pytest.mark.parametrize("model_name", ["qwenimage", "zimage"])
+@pytest.mark.parametrize("world,config", [(2, {"ulysses_size": 2}), (4, {"ulysses_size": 4})])
+def test_dbcache_where_the_plan_splits_at_the_first_block(ranks, model_name, world, config):
+    """QwenImage and Z-Image split their sequence in a hook on block 0, where DBCache also measures its entry."""
+    for r in ranks(world, "workers.cache_models:dbcache_first_block_split", timeout=120, model_name=model_name,
+                   config=config):
+        assert r["pattern"] == r["reference_pattern"], r
+        assert True in r["pattern"] and False in r["pattern"], r["pattern"]
+        assert r["diff"] <= CACHE_FP32, r["diff"]

@@ -110,12 +110,8 @@ def enable_cache(target, cache_config=None, parallelism_config: ParallelismConfi
     handle = ParallelHandle(target=target, config=parallelism_config)
     try:
         if parallelism_config is not None:
-            _enable_parallelism(target, parallelism_config, handle, cache_config)
+            _enable_parallelism(target, parallelism_config, handle, cache_config)  # attaches the cache too
         elif cache_config is not None:
-            from .cache import check_cache
-
-            check_cache(target, cache_config)
-        if cache_config is not None:
             from .cache import enable_cache_hooks
 
             enable_cache_hooks(target, cache_config, handle)
@@ -141,6 +137,10 @@ def _enable_parallelism(target, config: ParallelismConfig, handle: ParallelHandl
             stacklevel=3,
         )
         handle.info["world_size"] = 1
+        if cache_config is not None:
+            from .cache import enable_cache_hooks
+
+            enable_cache_hooks(target, cache_config, handle)
         return
     world = dist.get_world_size()
 
@@ -187,6 +187,13 @@ def _enable_parallelism(target, config: ParallelismConfig, handle: ParallelHandl
             "diffpar: model degrees use %d of %d ranks; each of the %d groups computes the transformer redundantly.",
             world // dims.dp, world, dims.dp,
         )
+    if cache_config is not None:
+        # Before the context-parallel hooks: diffusers nests the hook registered last outermost, and a plan that
+        # splits the sequence in a hook on a block (QwenImage, Z-Image: block 0) must run before a cache hook on
+        # that block, so the cache measures the shard the block computes on (and a skipped block still gathers).
+        from .cache import enable_cache_hooks
+
+        enable_cache_hooks(target, cache_config, handle)
     for name, model in denoisers:
         if config.cp_degree > 1:
             plan, _source = plans[name]

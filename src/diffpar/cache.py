@@ -157,8 +157,9 @@ def describe_cache(cache_config) -> dict:
 def enable_cache_hooks(target, cache_config, handle) -> None:
     """Apply `cache_config` to every denoiser of `target` (a pipeline or a model); record each undo on `handle`.
 
-    Runs after parallelism, on every rank. All checks come before the only collective here (creating the model
-    group when it is a sub-group), so a bad config raises the same error on every rank.
+    Runs on every rank once the mesh exists and before the context-parallel hooks are registered (see api.py).
+    All checks come before the only collective here (creating the model group when it is a sub-group), so a bad
+    config raises the same error on every rank.
     """
     from .hooks.cache_sync import CacheStats, DecisionSync, apply_dbcache
 

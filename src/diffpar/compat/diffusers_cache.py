@@ -27,6 +27,7 @@ Which decisions are local (computed from this rank's activations) and so need a 
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from functools import lru_cache
 
@@ -154,6 +155,12 @@ def block_argument(metadata, which: str, args, kwargs):
     0.40 (`hidden_states_argument_name`) and 0.42 (`encoder_hidden_states_argument_name`); before, the names were
     fixed."""
     name = getattr(metadata, f"{which}_argument_name", which)
+    if which == "hidden_states" and metadata._cls is not None:
+        params = list(inspect.signature(metadata._cls.forward).parameters)[1:]
+        if name not in params and params:
+            # diffusers registers some blocks with the default name although their forward calls it otherwise
+            # (ZImageTransformerBlock.forward(x, ...), 0.37-0.42.1): the first parameter is the hidden states.
+            name = params[0]
     return metadata._get_parameter_from_args_kwargs(name, args, kwargs)
 
 

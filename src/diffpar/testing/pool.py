@@ -63,9 +63,10 @@ def _die_with_parent() -> None:
 def _reset_process_state() -> None:
     """Undo process-wide state a test may leave behind."""
     try:
-        from diffpar.compat.diffusers_cp import set_active_backend
+        from diffpar.compat.diffusers_cp import SHARED_SHIMS, set_active_backend
 
         set_active_backend("native")
+        SHARED_SHIMS.reset()  # a test that never detached must not leave diffusers patched for the next one
     except Exception:
         pass
 

@@ -399,8 +399,12 @@ def _zimage(heads=2, head_dim=16, layers=4, refiner_layers=2, mode=None, control
 
 
 @pipeline_builder("zimage")
-def _zimage_pipeline(seed=0, heads=4, head_dim=16, mode=None):
+def _zimage_pipeline(seed=0, heads=4, head_dim=16, mode=None, text_encoder=False):
+    """text_encoder=True adds a tiny Qwen3 (hidden 32 = the transformer's caption width) and a chat tokenizer, so
+    the pipeline encodes prompts itself; otherwise call_kwargs passes prompt embeddings."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageControlNetPipeline
+
+    from . import tiny_text_encoders
 
     pair = build_pair("zimage", seed=seed, heads=heads, head_dim=head_dim, mode=mode)
     torch.manual_seed(seed + 3)
@@ -410,8 +414,14 @@ def _zimage_pipeline(seed=0, heads=4, head_dim=16, mode=None):
         latent_channels=4, norm_num_groups=4, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
         shift_factor=0.1159, scaling_factor=0.3611,
     ).eval()
-    pipe = ZImageControlNetPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=None,
-                                    tokenizer=None, transformer=pair.transformer, controlnet=pair.controlnet)
+    encoder, tokenizer = None, None
+    if text_encoder:
+        encoder, _ = tiny_text_encoders.build("qwen3", seed=seed + 5, heads=4, kv_heads=2, head_dim=8, hidden=32,
+                                              intermediate=48, layers=2)
+        tokenizer = tiny_text_encoders.chat_tokenizer(32)
+    pipe = ZImageControlNetPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                    text_encoder=encoder, tokenizer=tokenizer, transformer=pair.transformer,
+                                    controlnet=pair.controlnet)
 
     def call_kwargs(height=32, width=32, steps=2, batch=1, seed=7, text=8, negative_text=5, guidance_scale=3.0):
         g = _gen(seed)

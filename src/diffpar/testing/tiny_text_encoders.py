@@ -311,6 +311,13 @@ def t5_tokenizer(model_max_length: int = 512):
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
+def chat_tokenizer(model_max_length: int = 32):
+    """The T5-style word tokenizer with a chat template, for pipelines that prompt a chat LM (Z-Image's Qwen3)."""
+    tok = t5_tokenizer(model_max_length)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}{% endif %}"
+    return tok
+
+
 def clip_tokenizer(model_max_length: int = 16):
     """A CLIP BPE tokenizer over letters and a few merges; BOS/EOS are the two largest ids, like CLIP's."""
     from transformers import CLIPTokenizer
