@@ -342,6 +342,22 @@ def _entry_wrapper(state: VaeSplitState, kind: str, arg_name: str):
     return wrapper
 
 
+def _while_split(state, input_name: str):
+    """Turn `body(split, x, args, kwargs)` into a wrapt wrapper that runs it during a split decode/encode (x: the
+    module's input) and the module's own forward otherwise."""
+
+    def deco(body):
+        def wrapper(wrapped, instance, args, kwargs):
+            split = state.active
+            if split is None:
+                return wrapped(*args, **kwargs)
+            return body(split, args[0] if args else kwargs[input_name], args, kwargs)
+
+        return wrapper
+
+    return deco
+
+
 def _conv_wrapper(state, conv):
     kernel, stride, dilation, pad = _conv_geometry(conv)
     spatial = len(conv.kernel_size)
@@ -368,7 +384,7 @@ def _conv_wrapper(state, conv):
         p[2], p[3] = top, bottom
         return F.pad(t, p, mode=mode) if any(p) else t.clone()
 
-    def wrapper(wrapped, instance, args, kwargs):
+    def wrapper(wrapped, instance, args, kwargs):  # explicit: the halo path calls the conv's own forward
         split = state.active
         if split is None:
             return wrapped(*args, **kwargs)
@@ -387,22 +403,16 @@ def _conv_wrapper(state, conv):
 
 
 def _group_norm_wrapper(state, norm):
-    def wrapper(wrapped, instance, args, kwargs):
-        split = state.active
-        if split is None:
-            return wrapped(*args, **kwargs)
-        x = args[0] if args else kwargs["input"]
+    @_while_split(state, "input")
+    def wrapper(split, x, args, kwargs):
         return group_norm_whole_image(x, split, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
     return wrapper
 
 
 def _edge_pad_wrapper(state, module):
-    def wrapper(wrapped, instance, args, kwargs):
-        split = state.active
-        if split is None:
-            return wrapped(*args, **kwargs)
-        x = args[0] if args else kwargs["input"]
+    @_while_split(state, "input")
+    def wrapper(split, x, args, kwargs):
         return pad_rows_at_edges(x, module.padding, split, value=module.value)
 
     return wrapper
@@ -411,11 +421,8 @@ def _edge_pad_wrapper(state, module):
 def _downsample_2d_wrapper(state, module):
     # diffusers' Downsample2D pads (0, 1, 0, 1) with F.pad inside forward when padding == 0: at the image's bottom
     # edge only, so the band above an edge takes its extra row from its neighbour (in the halo conv) instead.
-    def wrapper(wrapped, instance, args, kwargs):
-        split = state.active
-        if split is None:
-            return wrapped(*args, **kwargs)
-        x = args[0] if args else kwargs["hidden_states"]
+    @_while_split(state, "hidden_states")
+    def wrapper(split, x, args, kwargs):
         if module.norm is not None:
             x = module.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         if module.use_conv and module.padding == 0:
@@ -432,11 +439,8 @@ def _prepadded_causal_conv_wrapper(state, conv):
     def run(t):
         return nn.Conv3d.forward(conv, t)  # its own padding attribute is (0, 0, 0)
 
-    def wrapper(wrapped, instance, args, kwargs):
-        split = state.active
-        if split is None:
-            return wrapped(*args, **kwargs)
-        x = args[0] if args else kwargs["x"]
+    @_while_split(state, "x")
+    def wrapper(split, x, args, kwargs):
         cache_x = args[1] if len(args) > 1 else kwargs.get("cache_x")
         padding = list(conv._padding)
         if cache_x is not None and padding[4] > 0:
@@ -464,11 +468,8 @@ def _replicate_causal_conv_wrapper(state, module):
     def pad_fn(t, top, bottom):
         return F.pad(t, (p[0], p[1], top, bottom, p[4], p[5]), mode=module.pad_mode)
 
-    def wrapper(wrapped, instance, args, kwargs):
-        split = state.active
-        if split is None:
-            return wrapped(*args, **kwargs)
-        x = args[0] if args else kwargs["hidden_states"]
+    @_while_split(state, "hidden_states")
+    def wrapper(split, x, args, kwargs):
         return conv_with_halo(
             x, split, kernel=kernel, dilation=dilation, stride=stride, pad_top=p[2], pad_bottom=p[3], pad=pad_fn,
             run=module.conv,
@@ -521,11 +522,8 @@ def attention_over_bands(attn, tokens, layout, split: RowSplit, *, frame_causal:
 def _attention_wrapper(state, attn):
     """AutoencoderKL's mid-block attention: called with the (B, C, h, W) band."""
 
-    def wrapper(wrapped, instance, args, kwargs):
-        split = state.active
-        if split is None:
-            return wrapped(*args, **kwargs)
-        x = args[0] if args else kwargs["hidden_states"]
+    @_while_split(state, "hidden_states")
+    def wrapper(split, x, args, kwargs):
         if x.dim() != 4 or kwargs.get("encoder_hidden_states") is not None or kwargs.get("attention_mask") is not None:
             raise RuntimeError("diffpar VAE split: unexpected attention call (only 4-D self-attention is split)")
         batch, channels, rows, width = x.shape
@@ -539,11 +537,8 @@ def _attention_wrapper(state, attn):
 def _frame_attention_wrapper(state, block):
     """Wan / QwenImage attention block: single-head attention within each frame, 1x1-conv projections."""
 
-    def wrapper(wrapped, instance, args, kwargs):
-        split = state.active
-        if split is None:
-            return wrapped(*args, **kwargs)
-        x = args[0] if args else kwargs["x"]
+    @_while_split(state, "x")
+    def wrapper(split, x, args, kwargs):
         identity = x
         batch, channels, frames, rows, width = x.shape
         x = x.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, rows, width)
@@ -566,11 +561,8 @@ def _frame_attention_wrapper(state, block):
 def _causal_mid_block_wrapper(state, block):
     """HunyuanVideo mid block: resnets around attention over all frames' tokens with a frame-causal mask."""
 
-    def wrapper(wrapped, instance, args, kwargs):
-        split = state.active
-        if split is None:
-            return wrapped(*args, **kwargs)
-        x = args[0] if args else kwargs["hidden_states"]
+    @_while_split(state, "hidden_states")
+    def wrapper(split, x, args, kwargs):
         x = block.resnets[0](x)
         for attn, resnet in zip(block.attentions, block.resnets[1:]):
             if attn is not None:

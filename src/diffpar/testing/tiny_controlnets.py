@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from .tiny_pipelines import tiny_image_vae
+
 PAIR_BUILDERS: dict[str, Callable] = {}
 
 
@@ -319,16 +321,10 @@ def _sd3(heads=2, head_dim=16, layers=2, cn_layers=1, nets=1, no_prompt_stream=F
 
 @pipeline_builder("sd3")
 def _sd3_pipeline(seed=0, heads=4, nets=1, cn_layers=1):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3ControlNetPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3ControlNetPipeline
 
     pair = build_pair("sd3", seed=seed, heads=heads, cn_layers=cn_layers, nets=nets)
-    torch.manual_seed(seed + 3)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.0609, scaling_factor=1.5305,
-    ).eval()
+    vae = tiny_image_vae(seed + 3, shift_factor=0.0609, scaling_factor=1.5305)
     pipe = StableDiffusion3ControlNetPipeline(
         transformer=pair.transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
@@ -402,18 +398,12 @@ def _zimage(heads=2, head_dim=16, layers=4, refiner_layers=2, mode=None, control
 def _zimage_pipeline(seed=0, heads=4, head_dim=16, mode=None, text_encoder=False):
     """text_encoder=True adds a tiny Qwen3 (hidden 32 = the transformer's caption width) and a chat tokenizer, so
     the pipeline encodes prompts itself; otherwise call_kwargs passes prompt embeddings."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageControlNetPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImageControlNetPipeline
 
     from . import tiny_text_encoders
 
     pair = build_pair("zimage", seed=seed, heads=heads, head_dim=head_dim, mode=mode)
-    torch.manual_seed(seed + 3)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.1159, scaling_factor=0.3611,
-    ).eval()
+    vae = tiny_image_vae(seed + 3, shift_factor=0.1159, scaling_factor=0.3611)
     encoder, tokenizer = None, None
     if text_encoder:
         encoder, _ = tiny_text_encoders.build("qwen3", seed=seed + 5, heads=4, kv_heads=2, head_dim=8, hidden=32,

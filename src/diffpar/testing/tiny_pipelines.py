@@ -17,6 +17,19 @@ import torch
 from . import tiny_text_encoders
 
 
+def tiny_image_vae(seed: int, shift_factor: float, scaling_factor: float):
+    """A two-block AutoencoderKL with 4 latent channels (scale and shift as the real pipeline's VAE)."""
+    from diffusers import AutoencoderKL
+
+    _seeded(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=shift_factor, scaling_factor=scaling_factor,
+    ).eval()
+
+
 def _seeded(seed: int):
     torch.manual_seed(seed)
 
@@ -24,7 +37,7 @@ def _seeded(seed: int):
 def build_tiny_flux_pipeline(seed: int = 0, heads: int = 4, head_dim: int = 16, layers: int = 1,
                              single_layers: int = 1, text_heads: int = 4, t5_attn: str = "sdpa",
                              clip_attn: str = "sdpa"):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     text_width = 32
     clip, _ = tiny_text_encoders.build("clip", attn=clip_attn, seed=seed, heads=text_heads, hidden=text_width,
@@ -37,13 +50,7 @@ def build_tiny_flux_pipeline(seed: int = 0, heads: int = 4, head_dim: int = 16, 
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_width,
         pooled_projection_dim=text_width, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
     ).eval()
-    _seeded(seed + 3)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.0609, scaling_factor=1.5035,
-    ).eval()
+    vae = tiny_image_vae(seed + 3, shift_factor=0.0609, scaling_factor=1.5035)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
         max_image_seq_len=4096,
