@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import tiny_text_encoders
+from .tiny_transformers import rope_axes
 
 
 def tiny_image_vae(seed: int, shift_factor: float, scaling_factor: float):
@@ -48,7 +49,7 @@ def build_tiny_flux_pipeline(seed: int = 0, heads: int = 4, head_dim: int = 16, 
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=layers, num_single_layers=single_layers,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_width,
-        pooled_projection_dim=text_width, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+        pooled_projection_dim=text_width, guidance_embeds=True, axes_dims_rope=rope_axes(head_dim),
     ).eval()
     vae = tiny_image_vae(seed + 3, shift_factor=0.0609, scaling_factor=1.5035)
     scheduler = FlowMatchEulerDiscreteScheduler(

@@ -43,7 +43,7 @@ def _if_accepted(fn, **kwargs):
     return {k: v for k, v in kwargs.items() if k in accepted}
 
 
-def _rope_axes(head_dim: int) -> tuple[int, int, int]:
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
     """Three even RoPE axes that sum to head_dim, shaped like Flux's (16, 56, 56) for 128."""
     first = max(2, (head_dim // 8) // 2 * 2)
     second = (head_dim - first) // 2 // 2 * 2
@@ -62,7 +62,7 @@ def _flux(heads=2, head_dim=16, layers=1, single_layers=1):
         FluxTransformer2DModel,
         patch_size=1, in_channels=16, num_layers=layers, num_single_layers=single_layers,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=32,
-        pooled_projection_dim=32, axes_dims_rope=_rope_axes(head_dim),
+        pooled_projection_dim=32, axes_dims_rope=rope_axes(head_dim),
     )
 
     def inputs(seq=16, text=8, batch=1, seed=1):
