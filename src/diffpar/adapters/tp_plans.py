@@ -99,12 +99,18 @@ def gathered_linears(model: torch.nn.Module) -> dict:
     return {} if plan is None else {k: v for k, v in plan.linears.items() if v == GATHER}
 
 
+# The joint (image + text stream) attention of MMDiT blocks: heads split by q/k/v columns, outputs by rows.
+_JOINT_ATTENTION = {
+    "attn.to_q": "colwise", "attn.to_k": "colwise", "attn.to_v": "colwise", "attn.to_out.0": "rowwise",
+    "attn.add_q_proj": "colwise", "attn.add_k_proj": "colwise", "attn.add_v_proj": "colwise",
+    "attn.to_add_out": "rowwise",
+}
+
+
 @register_tp_plan("FluxTransformer2DModel")
 def _flux(model) -> TensorParallelPlan:
     double = {
-        "attn.to_q": "colwise", "attn.to_k": "colwise", "attn.to_v": "colwise", "attn.to_out.0": "rowwise",
-        "attn.add_q_proj": "colwise", "attn.add_k_proj": "colwise", "attn.add_v_proj": "colwise",
-        "attn.to_add_out": "rowwise",
+        **_JOINT_ATTENTION,
         "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
         "ff_context.net.0.proj": "colwise", "ff_context.net.2": "rowwise",
     }
@@ -145,9 +151,7 @@ def qwenimage_modulation(model) -> dict:
 @register_tp_plan("Flux2Transformer2DModel")
 def _flux2(model) -> TensorParallelPlan:
     double = {
-        "attn.to_q": "colwise", "attn.to_k": "colwise", "attn.to_v": "colwise", "attn.to_out.0": "rowwise",
-        "attn.add_q_proj": "colwise", "attn.add_k_proj": "colwise", "attn.add_v_proj": "colwise",
-        "attn.to_add_out": "rowwise",
+        **_JOINT_ATTENTION,
     }
     linears = _present(model, double, "transformer_blocks")
     if len(model.transformer_blocks):
@@ -173,9 +177,7 @@ def _flux2(model) -> TensorParallelPlan:
 @register_tp_plan("QwenImageTransformer2DModel")
 def _qwenimage(model) -> TensorParallelPlan:
     double = {
-        "attn.to_q": "colwise", "attn.to_k": "colwise", "attn.to_v": "colwise", "attn.to_out.0": "rowwise",
-        "attn.add_q_proj": "colwise", "attn.add_k_proj": "colwise", "attn.add_v_proj": "colwise",
-        "attn.to_add_out": "rowwise",
+        **_JOINT_ATTENTION,
         "img_mlp.net.0.proj": "colwise", "img_mlp.net.2": "rowwise",
         "txt_mlp.net.0.proj": "colwise", "txt_mlp.net.2": "rowwise",
     }
