@@ -75,21 +75,6 @@ def context_parallel_attention_takes_masks() -> bool:
     return "Attention mask is not yet supported" not in source
 
 
-@lru_cache(None)
-def has_remove_context_parallel() -> bool:
-    from diffusers.hooks import context_parallel
-
-    return hasattr(context_parallel, "remove_context_parallel")
-
-
-def setup_parallel_config(parallel_config, rank: int, world_size: int, device, mesh) -> None:
-    params = inspect.signature(type(parallel_config).setup).parameters
-    if "mesh" in params:
-        parallel_config.setup(rank, world_size, device, mesh=mesh)
-    else:  # pragma: no cover - no supported release lacks it, kept for a clear error
-        raise UnsupportedError("this diffusers release's ParallelConfig.setup takes no mesh; install diffusers>=0.36.0")
-
-
 def backend_supports_cp(backend_name: str) -> bool:
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 

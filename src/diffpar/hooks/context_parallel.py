@@ -14,10 +14,6 @@ from ..compat import diffusers_cp
 from ..errors import UnsupportedError
 from ..translator import build_context_parallel_config
 
-_INPUT_HOOK = "cp_input---{}"
-_OUTPUT_HOOK = "cp_output---{}"
-
-
 def attention_processors(model: torch.nn.Module):
     """(module, processor) pairs whose processor takes a parallel config."""
     for module in model.modules():
@@ -98,9 +94,7 @@ def apply_context_parallel(model: torch.nn.Module, plan: dict, config, cp_mesh, 
 
     cp_config = build_context_parallel_config(config)
     parallel_config = ParallelConfig(context_parallel_config=cp_config)
-    diffusers_cp.setup_parallel_config(
-        parallel_config, dist.get_rank(), dist.get_world_size(), current_device(), cp_mesh
-    )
+    parallel_config.setup(dist.get_rank(), dist.get_world_size(), current_device(), mesh=cp_mesh)
     attach_parallel_config(model, parallel_config, config, handle, name)
 
     diffusers_apply(model, cp_config, plan)
@@ -133,22 +127,9 @@ def attach_parallel_config(model: torch.nn.Module, parallel_config, config, hand
 
 
 def remove_context_parallel(model: torch.nn.Module, plan: dict) -> None:
-    if diffusers_cp.has_remove_context_parallel():
-        from diffusers.hooks.context_parallel import remove_context_parallel as diffusers_remove
+    from diffusers.hooks.context_parallel import remove_context_parallel as diffusers_remove  # 0.36+
 
-        diffusers_remove(model, plan)
-        return
-    from diffusers.hooks.context_parallel import _get_submodule_by_name
-    from diffusers.hooks.hooks import HookRegistry
-    from diffusers.models._modeling_parallel import ContextParallelOutput
-
-    for module_id, entry in plan.items():
-        submodules = _get_submodule_by_name(model, module_id)
-        template = _INPUT_HOOK if isinstance(entry, dict) else _OUTPUT_HOOK
-        assert isinstance(entry, (dict, ContextParallelOutput, list, tuple))
-        for m in submodules if isinstance(submodules, list) else [submodules]:
-            HookRegistry.check_if_exists_or_initialize(m).remove_hook(template.format(module_id), recurse=False)
-
+    diffusers_remove(model, plan)
 
 def _set_backend(model, backend: str, handle, name: str) -> None:
     """Set the backend on this model's processors only; diffusers' setter also changes the process default."""

@@ -54,31 +54,27 @@ def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overri
     return vae, make_latents, make_images
 
 
-@builder("kl")
-def _kl(channels=(8, 16, 16), layers=1, groups=4, latent=4):
-    """AutoencoderKL (SD / SDXL / SD3 / Flux.1 structure): 3x3 convs, GroupNorm, mid-block attention."""
-    from diffusers import AutoencoderKL
+def _kl_family(cls_name: str, channels, layers, groups, latent):
+    import diffusers
 
     n = len(channels)
-    vae = AutoencoderKL(
+    vae = getattr(diffusers, cls_name)(
         block_out_channels=tuple(channels), down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=layers, norm_num_groups=groups,
         latent_channels=latent,
     )
     return vae, VaeShape(latent, 3, 2 ** (n - 1), False)
+
+
+@builder("kl")
+def _kl(channels=(8, 16, 16), layers=1, groups=4, latent=4):
+    """AutoencoderKL (SD / SDXL / SD3 / Flux.1 structure): 3x3 convs, GroupNorm, mid-block attention."""
+    return _kl_family("AutoencoderKL", channels, layers, groups, latent)
 
 
 @builder("flux2")
 def _flux2(channels=(8, 16, 16), layers=1, groups=4, latent=4):
-    from diffusers import AutoencoderKLFlux2
-
-    n = len(channels)
-    vae = AutoencoderKLFlux2(
-        block_out_channels=tuple(channels), down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=layers, norm_num_groups=groups,
-        latent_channels=latent,
-    )
-    return vae, VaeShape(latent, 3, 2 ** (n - 1), False)
+    return _kl_family("AutoencoderKLFlux2", channels, layers, groups, latent)
 
 
 @builder("wan")
