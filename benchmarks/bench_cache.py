@@ -140,7 +140,7 @@ def main():
     plain_s, cached_s = best["ulysses/plain"], best["ulysses/cached"]
     plain_out, cached_out = outs["ulysses/plain"], outs["ulysses/cached"]
     stats = cache_stats(parallel_cached)
-    sync = handle.info["cache"]["sync"]
+    sync = handle.state("cache").sync
     patterns = [None] * world
     dist.all_gather_object(patterns, stats.pattern())
 

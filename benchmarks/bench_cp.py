@@ -35,7 +35,7 @@ def main():
     from diffusers.models import attention_dispatch as ad
 
     import diffpar
-    from diffpar.hooks.patch import Patch
+    from diffpar.patch import Patch
     from diffpar.mesh import ensure_process_group
     from diffpar.testing import tiny_transformers
 

@@ -22,8 +22,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from diffpar.adapters.text_encoder_base import TEXT_ENCODER_ADAPTER, parameter_bytes
-from diffpar.hooks.handle import ParallelHandle
+from diffpar.families.text_encoders.base import TEXT_ENCODER_ADAPTER, parameter_bytes
+from diffpar.handle import ParallelHandle
 from diffpar.mesh import ensure_process_group
 from diffpar.testing import tiny_text_encoders
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 import diffpar
-from diffpar.hooks import tensor_parallel
+from diffpar.engines import tensor_parallel
 from diffpar.mesh import ensure_process_group
 
 REAL_CONFIGS = {

@@ -40,9 +40,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from diffpar import mesh
-from diffpar.adapters.vae import CONV, VaeAdapter, rule_for
+from diffpar.families.vaes.base import CONV, VaeAdapter, rule_for
 from diffpar.config import ParallelismConfig
-from diffpar.hooks.handle import ParallelHandle
+from diffpar.handle import ParallelHandle
 from diffpar.testing import tiny_vaes
 
 
@@ -204,7 +204,7 @@ def main():
     adapter.check(vae, world, config)
     handle = ParallelHandle(target=vae)
     adapter.apply(vae, dist.group.WORLD, handle, config, name="vae")
-    state = handle.info["vae"]["vae"]
+    state = handle.state("vae")
     tiny_vaes.decode(vae, make_latents(height=16, width=16))  # warm up the split path
     times = []
     for _ in range(args.repeats):

@@ -31,7 +31,7 @@ def ranks():
 def unsupported_reason(config: dict):
     """The UnsupportedError message diffpar gives for `config` on the installed diffusers, or None if it can run."""
     from diffpar import ParallelismConfig, UnsupportedError
-    from diffpar.translator import context_parallel_kwargs
+    from diffpar.engines.context_parallel_config import context_parallel_kwargs
 
     try:
         context_parallel_kwargs(ParallelismConfig(**config))

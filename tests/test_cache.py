@@ -166,7 +166,7 @@ def test_a_cache_already_enabled_is_refused():
 def test_first_block_shape_maps_to_diffusers_fbc():
     model, _ = _tiny_flux()
     handle = diffpar.enable_cache(model, cache_config=DBCacheConfig(residual_diff_threshold=0.1))
-    implementation = handle.info["cache"]["implementation"]
+    implementation = handle.state("cache").implementation
     assert implementation == {"FluxTransformer2DModel": "diffusers FirstBlockCacheConfig (reduced)"}
     assert type(model._cache_config).__name__ == "FirstBlockCacheConfig" and model._cache_config.threshold == 0.1
     handle.detach()

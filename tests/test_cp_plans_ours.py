@@ -4,7 +4,7 @@ import inspect
 import pytest
 from tolerances import CP_FP32
 
-from diffpar.adapters.hunyuan_video import context_parallel_attention_takes_masks
+from diffpar.families.transformers.hunyuan_video import context_parallel_attention_takes_masks
 from diffpar.compat import diffusers_cp
 
 pytestmark = pytest.mark.compat  # also runs in CI's diffusers 0.36.0 leg

@@ -2,9 +2,9 @@
 import pytest
 from tolerances import PIPELINE_FP32, TP_FP32
 
-from diffpar.adapters.text_encoder_base import build_plan, transformers_plan
+from diffpar.families.text_encoders.base import build_plan, transformers_plan
 from diffpar.errors import DiffparError, UnsupportedError
-from diffpar.hooks.tensor_parallel_linear import HeadCountError, split_heads, split_ranges
+from diffpar.engines.tensor_parallel_linear import HeadCountError, split_heads, split_ranges
 from diffpar.testing import tiny_text_encoders
 
 WORKER = "workers.text_encoders"

@@ -143,7 +143,7 @@ def test_pipeline_transformer_and_vae_parallel(ranks, expect_cp, world, config):
 
 
 def test_band_heights():
-    from diffpar.hooks.halo import row_sizes
+    from diffpar.engines.halo import row_sizes
 
     assert row_sizes(90, 4) == [23, 23, 22, 22]  # a 90-row latent on 4 ranks
     assert row_sizes(13, 2) == [7, 6]

@@ -1,15 +1,21 @@
 """diffpar: spread a whole diffusers pipeline over several processes with one config."""
-from .api import disable_cache, enable_cache
-from .cache import DBCacheConfig
-from .config import ParallelismConfig
-from .errors import DiffparError, RankMismatchError, UnsupportedError
-from .hooks.handle import ParallelHandle
+from diffpar.api import disable_cache, enable_cache, parallelize
+from diffpar.planning import plan
+from diffpar.plan_types import ComponentPlan, ParallelPlan
+from diffpar.cache_config import DBCacheConfig
+from diffpar.config import ParallelismConfig
+from diffpar.errors import DiffparError, RankMismatchError, UnsupportedError
+from diffpar.handle import ParallelHandle
 
 __all__ = [
     "ParallelismConfig",
     "DBCacheConfig",
+    "parallelize",
     "enable_cache",
     "disable_cache",
+    "plan",
+    "ParallelPlan",
+    "ComponentPlan",
     "ParallelHandle",
     "DiffparError",
     "RankMismatchError",

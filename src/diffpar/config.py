@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .errors import DiffparError
+from diffpar.errors import DiffparError
 
 # Keys accepted inside `parallel_kwargs`, each mapped to the field it sets.
 _PARALLEL_KWARGS_FIELDS = (

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import DiffparError, RankMismatchError
+from diffpar.errors import DiffparError, RankMismatchError
 
 logger = logging.getLogger("diffpar")
 

@@ -159,16 +159,16 @@ def cache_equivalence(config: dict, kind: str = "dbcache", n_steps: int = 6, seq
         model, cache_config=_cache_config(kind, probe["threshold"], **cache_kwargs),
         parallelism_config=diffpar.ParallelismConfig(**config),
     )
-    sync = handle.info["cache"]["sync"]
+    sync = handle.state("cache").sync
     if unsynced:
         sync.group = None  # what every diffusers cache does on its own: decide from this rank's shard
     parallel = _run_steps(model, steps)
-    stats = handle.info["cache"]["stats"]
+    stats = handle.state("cache").stats
     result = {
         "rank": dist.get_rank(),
         "probe": probe,
-        "implementation": handle.info["cache"]["implementation"],
-        "group_size": handle.info["cache"]["group_size"],
+        "implementation": handle.state("cache").implementation,
+        "group_size": handle.state("cache").group_size,
         "diffs": [(p - r).abs().max().item() for p, r in zip(parallel, reference)],
         # How far the cache moved the one-process output from the uncached model: > 0 means steps were skipped.
         "cache_effect": max((r - u).abs().max().item() for r, u in zip(reference, _run_steps(pristine, steps))),
@@ -251,7 +251,7 @@ def pipeline_cache(ulysses_size: int = 2, n_steps: int = 6, calls: int = 2):
         "patterns": patterns,
         "reference_patterns": reference_patterns,
         "image_diffs": [(a - b).abs().max().item() for a, b in zip(images, reference_images)],
-        "collectives": handle.info["cache"]["sync"].collectives,
+        "collectives": handle.state("cache").sync.collectives,
     }
     handle.detach()
     return result

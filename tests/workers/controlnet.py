@@ -128,7 +128,7 @@ def expect_error(family: str, config: dict, pair_kwargs: dict | None = None, seq
 
 def unlisted_controlnet_check(family: str, config: dict, listed: tuple = ()):
     """The check api.py is asked to run (see the issue-5 report): message for an unlisted ControlNet, else None."""
-    from diffpar.adapters.controlnet import check_controlnet_listed
+    from diffpar.families.controlnets.base import check_controlnet_listed
 
     pair = tiny_controlnets.build_pair(family)
     pipe = _shell_pipeline(family, pair.transformer, pair.controlnet)

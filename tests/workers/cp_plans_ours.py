@@ -110,7 +110,7 @@ def leftovers_after_detach(model_names: list[str]):
 
 def backend_survives_processor_swap(model_name: str):
     """A backend set on the model before enable_cache is still the one its (swapped) processors use."""
-    from diffpar.hooks.context_parallel import attention_processors
+    from diffpar.engines.context_parallel import attention_processors
 
     model, _ = tiny_transformers.build(model_name)
     for _, processor in attention_processors(model):

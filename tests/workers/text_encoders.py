@@ -9,11 +9,11 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from diffpar.adapters.base import extra_adapter_for
-from diffpar.adapters.text_encoder_base import KEEP_ORIGINAL_OPTION, build_plan, parameter_bytes
+from diffpar.families.registry import extra_adapter_for
+from diffpar.families.text_encoders.base import KEEP_ORIGINAL_OPTION, build_plan, parameter_bytes
 from diffpar.config import ParallelismConfig
-from diffpar.hooks.handle import ParallelHandle
-from diffpar.hooks.tensor_parallel_linear import ShardedModuleDetachedError
+from diffpar.handle import ParallelHandle
+from diffpar.engines.tensor_parallel_linear import ShardedModuleDetachedError
 from diffpar.testing import tiny_text_encoders
 
 
@@ -28,9 +28,10 @@ def _enable(model, keep: bool = False):
     """What enable_cache does for one extra module: local check, then apply over the whole world."""
     world = dist.get_world_size()
     adapter = extra_adapter_for(model)
-    adapter.check(model, world, _Options(keep))
+    plan = adapter.plan(model, "text_encoder", world, _Options(keep))
     handle = ParallelHandle(target=model)
-    adapter.apply(model, dist.group.WORLD, handle, _Options(keep), name="text_encoder")
+    handle.states["text_encoder"] = adapter.apply(model, plan, dist.group.WORLD, handle, _Options(keep), None)
+    handle.commit()
     return handle
 
 
@@ -61,7 +62,7 @@ def family_equivalence(names: list, attn: str = "sdpa", seq: int = 11, batch: in
         before = parameter_bytes(model)
         handle = _enable(model)
         outputs = tiny_text_encoders.encoder_outputs(model, inputs)
-        info = handle.info["text_encoders"]["text_encoder"]
+        info = handle.state("text_encoder")
         results[name] = {
             "diffs": _max_diffs(outputs, reference),
             "bytes_ratio": parameter_bytes(model) / before,
@@ -118,7 +119,7 @@ def detach_behaviour(name: str = "t5-gated"):
         after_error = str(exc)
     # Enabling again on the detached (still sharded) encoder must say so before any collective.
     try:
-        extra_adapter_for(model).check(model, dist.get_world_size(), _Options(False))
+        extra_adapter_for(model).plan(model, "text_encoder", dist.get_world_size(), _Options(False))
         reenable_error = None
     except Exception as exc:  # noqa: BLE001
         reenable_error = str(exc)
@@ -181,7 +182,7 @@ def count_all_reduces(name: str, seq: int = 9):
 
 def parallel_linear_units(seed: int = 0):
     """The layers on their own: column+row pair (uneven split), gather_output, split-input rows, bias once."""
-    from diffpar.hooks.tensor_parallel_linear import ColumnParallelLinear, RowParallelLinear, split_ranges
+    from diffpar.engines.tensor_parallel_linear import ColumnParallelLinear, RowParallelLinear, split_ranges
 
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(seed)
@@ -247,7 +248,7 @@ def pipeline_prompt_embeddings(kind: str = "flux", ulysses_size: int = 2, extra:
         "embed_diffs": _max_diffs(embeds, ref_embeds),
         "image_diff": (image - ref_image).abs().max().item() if run_pipeline else None,
         "text_encoders": {k: {"ratio": v["param_bytes_after"] / v["param_bytes_before"], "heads": v["heads_per_rank"]}
-                          for k, v in handle.info["text_encoders"].items()},
+                          for k, v in ((c.name, handle.state(c.name)) for c in handle.plan.by_role("text encoder"))},
         "steps": handle.step_names,
         "checksum": float(sum(t.double().sum() for t in embeds.values())),
     }
@@ -312,7 +313,7 @@ def refusals():
 
 def check_error_on(model):
     try:
-        extra_adapter_for(model).check(model, dist.get_world_size(), _Options(False))
+        extra_adapter_for(model).plan(model, "text_encoder", dist.get_world_size(), _Options(False))
     except Exception as exc:  # noqa: BLE001
         return {"type": type(exc).__name__, "message": str(exc)}
     return None

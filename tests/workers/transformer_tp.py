@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import diffpar
-from diffpar.hooks import tensor_parallel
+from diffpar.engines import tensor_parallel
 from diffpar.testing import tiny_transformers
 
 
@@ -59,7 +59,7 @@ def tp_equivalence(model_name: str, config: dict, seq: int = 16, text: int = 8, 
             parallel = _first(model(**copy.deepcopy(inputs)))
         result = {
             "diff": _max_diff(parallel, reference),
-            "engine": handle.info.get("tensor_parallel", {}).get(type(model).__name__, {}).get("engine"),
+            "engine": handle.plan.component(type(model).__name__).payload.tp_engine,
             "bytes_ratio": sharded_bytes / full_bytes,
             "steps": handle.step_names,
             "rank": dist.get_rank(),

@@ -25,7 +25,7 @@ def _enable(vae, **config):
     handle = diffpar.enable_cache(
         pipe, parallelism_config=diffpar.ParallelismConfig(extra_parallel_modules=[pipe.vae], **config)
     )
-    return handle, handle.info["vae"]["vae"]
+    return handle, handle.state("vae")
 
 
 def _max_diff(a, b) -> float:
@@ -192,7 +192,7 @@ def pipeline_flux(config: dict, steps: int = 2, height: int = 32, width: int = 3
             extra_parallel_modules=[pipe.vae], vae_split_min_rows=0, **config
         )
     )
-    state = handle.info["vae"]["vae"]
+    state = handle.state("vae")
     got = run(pipe)
     handle.detach()
     return {"diff": _max_diff(got, reference), "calls": copy.deepcopy(state.calls), "sizes": state.last_sizes,

@@ -33,8 +33,8 @@ from functools import lru_cache
 
 import torch
 
-from ..errors import DiffparError, UnsupportedError
-from ..hooks.patch import Patch
+from diffpar.errors import DiffparError, UnsupportedError
+from diffpar.patch import Patch
 from . import versions
 
 logger = logging.getLogger("diffpar")
@@ -264,23 +264,25 @@ def apply_native_cache(model, config, sync, stats, model_name: str, handle) -> s
     kind = native_cache_kind(config)
     agreement = _NATIVE_CACHES[kind][1]
     before = _registry_snapshot(model)
-    model.enable_cache(config)
-    invalidate_child_registries(model)
 
     def disable():
-        model.disable_cache()
+        if getattr(model, "is_cache_enabled", False):
+            model.disable_cache()
         _drop_new_empty_registries(model, before)
         invalidate_child_registries(model)
 
-    handle.add(f"{model_name}: diffusers {kind}", disable)
+    handle.add(f"{model_name}: diffusers {kind}", disable)  # before the change: a failure inside is undone too
+    model.enable_cache(config)
+    invalidate_child_registries(model)
 
     if kind == "FirstBlockCacheConfig":
         hook_cls, method, hook_name = _fbc_decision_point()
         for hook in _hooks_named(model, hook_name):
-            patch = Patch(hook, method, _fbc_decision_wrapper(sync, stats, model_name),
-                          label=f"{model_name}: FirstBlockCache decision")
             what = "reduced over the model group" if sync.active else "observed (one process: nothing to reduce)"
-            handle.add(f"{model_name}: FirstBlockCache decision {what}", patch.undo)
+            patches: list[Patch] = []
+            handle.add(f"{model_name}: FirstBlockCache decision {what}", lambda patches=patches: [p.undo() for p in patches])
+            patches.append(Patch(hook, method, _fbc_decision_wrapper(sync, stats, model_name),
+                                 label=f"{model_name}: FirstBlockCache decision"))
     elif kind == "SeaCacheConfig":
         stats.tracked = False
         if sync.active:
@@ -292,9 +294,11 @@ def apply_native_cache(model, config, sync, stats, model_name: str, handle) -> s
                 if shared is None or id(shared) in seen or not hasattr(shared, "resolve_gate"):
                     continue
                 seen.add(id(shared))
-                patch = Patch(shared, "resolve_gate", _sea_gate_vote_wrapper(sync),
-                              label=f"{model_name}: SeaCache gate")
-                handle.add(f"{model_name}: SeaCache gate voted over the model group", patch.undo)
+                patches: list[Patch] = []
+                handle.add(f"{model_name}: SeaCache gate voted over the model group",
+                           lambda patches=patches: [p.undo() for p in patches])
+                patches.append(Patch(shared, "resolve_gate", _sea_gate_vote_wrapper(sync),
+                                     label=f"{model_name}: SeaCache gate"))
     else:
         stats.tracked = False
     return agreement
@@ -307,8 +311,6 @@ def _fbc_decision_wrapper(sync, stats, model_name: str):
     residual, r_prev: the one of the last computed step) and computes the rest when it exceeds the threshold. We
     all-reduce the two sums instead, which gives every rank the one-process value.
     """
-    from ..hooks.cache_sync import Decision
-
     def wrapper(wrapped, instance, args, kwargs):
         residual = args[0] if args else kwargs["hidden_states_residual"]
         state = instance.state_manager.get_state()
@@ -316,17 +318,17 @@ def _fbc_decision_wrapper(sync, stats, model_name: str):
         context = context_name(instance.state_manager)
         previous = state.head_block_residual
         if previous is None:
-            stats.record(Decision(model_name, context, step, True, "first step"))
+            stats.record_decision(model_name, context, step, True, "first step")
             return True
         if not sync.active:
             computed = bool(wrapped(*args, **kwargs))
-            stats.record(Decision(model_name, context, step, computed,
-                                  "diff above threshold" if computed else "diff within threshold"))
+            stats.record_decision(model_name, context, step, computed,
+                                  "diff above threshold" if computed else "diff within threshold")
             return computed
         diff, local_diff = sync.relative_l1(residual, previous)
         computed = diff > instance.threshold
-        stats.record(Decision(model_name, context, step, computed,
-                              "diff above threshold" if computed else "diff within threshold", diff, local_diff))
+        stats.record_decision(model_name, context, step, computed,
+                              "diff above threshold" if computed else "diff within threshold", diff, local_diff)
         return computed
 
     return wrapper
@@ -346,3 +348,11 @@ def _sea_gate_vote_wrapper(sync):
         return agreed
 
     return wrapper
+
+
+def reset_stateful_hooks(model: torch.nn.Module) -> None:
+    """Forget cached state in every diffusers hook of `model` (what pipelines do at the end of a call)."""
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None:
+            registry.reset_stateful_hooks(recurse=False)

@@ -13,8 +13,8 @@ from functools import lru_cache
 import torch
 import torch.distributed as dist
 
-from ..errors import UnsupportedError
-from ..hooks.patch import Patch
+from diffpar.errors import UnsupportedError
+from diffpar.patch import Patch
 from . import versions
 
 
@@ -92,6 +92,60 @@ def set_active_backend(backend) -> None:
         _AttentionBackendRegistry._active_backend = backend
 
 
+def set_model_backend(model, backend: str, processors) -> callable:
+    """Set `backend` on `model`'s attention processors only (diffusers' setter also changes the process-wide
+    default: put that back). Returns the undo, which restores each processor's previous backend."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    active_before, _ = _AttentionBackendRegistry.get_active_backend()
+    previous = [(p, getattr(p, "_attention_backend", None)) for p in processors]
+
+    def restore():
+        for p, old in previous:
+            p._attention_backend = old
+
+    try:
+        model.set_attention_backend(backend)
+    finally:
+        set_active_backend(active_before)
+    for p, _ in previous:
+        p._attention_backend = AttentionBackendName(backend)
+    return restore
+
+
+def is_backend_name(name: str) -> bool:
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    try:
+        AttentionBackendName(name)
+    except ValueError:
+        return False
+    return True
+
+
+def new_parallel_config(rank: int, world_size: int, device, cp_mesh, **cp_kwargs):
+    """diffusers' ParallelConfig for context parallelism, set up on `cp_mesh` (what `enable_parallelism` does)."""
+    from diffusers import ContextParallelConfig, ParallelConfig
+
+    cp_config = ContextParallelConfig(**cp_kwargs)
+    parallel_config = ParallelConfig(context_parallel_config=cp_config)
+    parallel_config.setup(rank, world_size, device, mesh=cp_mesh)
+    return parallel_config
+
+
+def apply_cp_hooks(model, cp_config, plan: dict) -> None:
+    from diffusers.hooks.context_parallel import apply_context_parallel
+
+    apply_context_parallel(model, cp_config, plan)
+
+
+def remove_cp_hooks(model, plan: dict) -> None:
+    """Remove the hooks `apply_cp_hooks` registered; hooks that were never registered are skipped."""
+    from diffusers.hooks.context_parallel import remove_context_parallel
+
+    remove_context_parallel(model, plan)
+
+
 def active_backend_name() -> str:
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
@@ -148,7 +202,7 @@ def _ring_mask_or_none(attn_mask, parallel_config, group=None):
         group = parallel_config.context_parallel_config._ring_mesh.get_group()
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     if flag.item():
-        from ..errors import UnsupportedError
+        from diffpar.errors import UnsupportedError
 
         if context_parallel_attention_takes_masks():
             raise UnsupportedError(
@@ -237,7 +291,7 @@ def _even_shard_wrapper(wrapped, instance, args, kwargs):
     tensor, dim, mesh = bound.arguments["tensor"], bound.arguments["dim"], bound.arguments["mesh"]
     size, parts = tensor.shape[dim], mesh.size()
     if size % parts != 0:
-        from ..errors import DiffparError
+        from diffpar.errors import DiffparError
 
         raise DiffparError(
             f"context parallelism: an input of shape {tuple(tensor.shape)} must be split in {parts} equal parts along "
@@ -318,6 +372,19 @@ class _SharedShims:
     @property
     def active(self) -> bool:
         return self._users > 0
+
+    @staticmethod
+    def planned_names() -> list[str]:
+        """What `acquire` would patch on the installed release (for the dry run), without patching anything."""
+        from diffusers.hooks import context_parallel as hcp
+        from diffusers.models import attention_dispatch as ad
+
+        names = ["native attention returns its log-sum-exp (ring)", "even-split check with a clear error"]
+        if hasattr(ad, "_templated_context_parallel_attention"):
+            names.append("masks under ring / Ulysses-anything mask gather")
+        if hasattr(hcp, "_all_gather_anything"):
+            names.append("uneven all-gather: pad, gather, trim (gloo)")
+        return names
 
     def reset(self) -> None:
         """Remove the shims whatever holds them (for test harnesses between tests, whose models are gone)."""

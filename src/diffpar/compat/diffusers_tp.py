@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import torch
 
-from ..errors import UnsupportedError
+from diffpar.errors import UnsupportedError
 
 
 @lru_cache(None)

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .tiny_pipelines import tiny_image_vae
+from diffpar.testing.tiny_pipelines import tiny_image_vae
 
 PAIR_BUILDERS: dict[str, Callable] = {}
 
@@ -200,7 +200,7 @@ def _image(batch, height, width, seed):
 def _flux_pipeline(seed=0, heads=4, nets=1, union=False, cn_layers=1, cn_single_layers=1):
     from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxMultiControlNetModel
 
-    from .tiny_pipelines import build_tiny_flux_pipeline
+    from diffpar.testing.tiny_pipelines import build_tiny_flux_pipeline
 
     base = build_tiny_flux_pipeline(seed=seed, heads=heads)
     transformer = base.transformer

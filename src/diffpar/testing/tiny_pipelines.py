@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import tiny_text_encoders
-from .tiny_transformers import rope_axes
+from diffpar.testing.tiny_transformers import rope_axes
 
 
 def tiny_image_vae(seed: int, shift_factor: float, scaling_factor: float):

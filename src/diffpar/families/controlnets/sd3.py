@@ -13,7 +13,7 @@ dispatcher), and detach restores the original processor objects.
 """
 from __future__ import annotations
 
-from .controlnet import ControlNetFamily, register_controlnet_family
+from diffpar.families.controlnets.base import ControlNetFamily, register_controlnet_family
 
 
 def _sd3_plan(net) -> dict:
@@ -33,15 +33,15 @@ def _sd3_plan(net) -> dict:
 def _replacements():
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-    from .sd3 import SD3ContextParallelAttnProcessor
+    from diffpar.families.transformers.sd3 import SD3ContextParallelAttnProcessor
 
     return {JointAttnProcessor2_0: SD3ContextParallelAttnProcessor}
 
 
 def _sd3_check(net, config) -> None:
     """The transformer's context-parallel checks, run as the processors will be once replaced (then put back)."""
-    from ..errors import UnsupportedError
-    from ..hooks.context_parallel import check_context_parallel
+    from diffpar.errors import UnsupportedError
+    from diffpar.engines.context_parallel import check_context_parallel
 
     replacements = _replacements()
     swapped, unknown = [], []
@@ -68,7 +68,7 @@ def _sd3_check(net, config) -> None:
 
 
 def _sd3_prepare(net, config, handle, label: str) -> None:
-    from .sd3 import replace_attention_processors
+    from diffpar.families.transformers.sd3 import replace_attention_processors
 
     replace_attention_processors(net, _replacements(), handle, label, type(net).__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .text_encoder_base import (
+from diffpar.families.text_encoders.base import (
     COLWISE,
     HEAD_TABLE,
     ROWWISE,

@@ -26,11 +26,11 @@ import logging
 import torch
 import torch.distributed as dist
 
-from ..adapters import tp_plans
-from ..adapters.tp_plans import Packed, TensorParallelPlan
-from ..compat import diffusers_tp
-from ..errors import UnsupportedError
-from .tensor_parallel_linear import all_gather_last_dim, all_reduce_sum
+from diffpar.families.transformers import tp_plans
+from diffpar.families.transformers.tp_plans import Packed, TensorParallelPlan
+from diffpar.compat import diffusers_tp
+from diffpar.errors import UnsupportedError
+from diffpar.engines.tensor_parallel_linear import all_gather_last_dim, all_reduce_sum
 
 logger = logging.getLogger("diffpar")
 
@@ -217,12 +217,11 @@ def check_hybrid(model, tp_degree: int, config, heads: dict[str, int] | None = N
 # ------------------------------------------------------------------------------------------------------------
 
 
-def apply_tensor_parallel(model: torch.nn.Module, config, tp_mesh, handle, name: str) -> None:
-    from ..mesh import current_device
+def apply_tensor_parallel(model: torch.nn.Module, engine: str, plan, config, tp_mesh, handle, name: str) -> None:
+    """Shard `model` over `tp_mesh` with the plan chosen at planning time (`engine`, `plan` from `tp_plan_for`)."""
+    from diffpar.mesh import current_device
 
     tp = tp_mesh.size()
-    check_hybrid(model, tp, config)  # api's local check sees tp only; raises identically on every rank
-    engine, plan = tp_plan_for(model)
     group = tp_mesh.get_group()
     rank = dist.get_rank(group)
     if engine == "diffusers":
@@ -233,8 +232,6 @@ def apply_tensor_parallel(model: torch.nn.Module, config, tp_mesh, handle, name:
                            f"{name} (modulation)")
     else:
         _apply_diffpar(model, plan, rank, tp, group, handle, name)
-    info = handle.info.setdefault("tensor_parallel", {})
-    info[name] = {"engine": engine, "tp_size": tp, "mesh": tp_mesh}
     logger.info("diffpar: %s tensor parallel over %d ranks (%s plan)", name, tp, engine)
 
 

@@ -5,9 +5,9 @@ Only fields the installed release has are passed (by keyword: 0.38 inserted `mes
 """
 from __future__ import annotations
 
-from .compat import diffusers_cp, versions
-from .config import ParallelismConfig
-from .errors import UnsupportedError
+from diffpar.compat import diffusers_cp, versions
+from diffpar.config import ParallelismConfig
+from diffpar.errors import UnsupportedError
 
 
 def context_parallel_kwargs(config: ParallelismConfig) -> dict:
@@ -31,9 +31,3 @@ def context_parallel_kwargs(config: ParallelismConfig) -> dict:
             f"{release} cannot combine Ulysses and Ring (added in 0.37.0). Use one of them, or upgrade diffusers."
         )
     return kwargs
-
-
-def build_context_parallel_config(config: ParallelismConfig):
-    from diffusers.models._modeling_parallel import ContextParallelConfig
-
-    return ContextParallelConfig(**context_parallel_kwargs(config))

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UnsupportedError
-from .base import register_cp_plan
+from diffpar.errors import UnsupportedError
+from diffpar.families.registry import register_cp_plan
 
 
 class SD3ContextParallelAttnProcessor:

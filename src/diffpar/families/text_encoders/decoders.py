@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..errors import UnsupportedError
-from .text_encoder_base import AttentionLayout, TextEncoderFamily, register_text_encoder_family, transformers_plan
+from diffpar.errors import UnsupportedError
+from diffpar.families.text_encoders.base import AttentionLayout, TextEncoderFamily, register_text_encoder_family, transformers_plan
 
 
 @dataclass(frozen=True)

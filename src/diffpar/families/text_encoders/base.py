@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import DiffparError, UnsupportedError
-from ..hooks.tensor_parallel_linear import (
+from diffpar.errors import DiffparError, UnsupportedError
+from diffpar.engines.tensor_parallel_linear import (
     PARALLEL_LAYER_TYPES,
     ColumnParallelLinear,
     HeadParallelEmbedding,
@@ -45,7 +45,8 @@ from ..hooks.tensor_parallel_linear import (
     split_heads,
     split_ranges,
 )
-from .base import ExtraModuleAdapter, _load_builtin_adapters, register_extra_adapter
+from diffpar.families.registry import ExtraModuleAdapter, load_builtin_families, register_extra_adapter
+from diffpar.plan_types import ComponentPlan
 
 logger = logging.getLogger("diffpar")
 
@@ -123,7 +124,7 @@ def register_text_encoder_family(family: TextEncoderFamily) -> TextEncoderFamily
 
 
 def family_for(module: nn.Module) -> TextEncoderFamily | None:
-    _load_builtin_adapters()  # the family files register themselves on import
+    load_builtin_families()  # the family files register themselves on import
     for family in _FAMILIES:
         if family.matches(module):
             return family
@@ -132,7 +133,7 @@ def family_for(module: nn.Module) -> TextEncoderFamily | None:
 
 def supported_text_encoders() -> list[tuple[str, tuple[str, ...]]]:
     """(family name, classes) for every registered family, for docs and messages."""
-    _load_builtin_adapters()
+    load_builtin_families()
     return [(f.name, f.classes) for f in _FAMILIES]
 
 
@@ -387,36 +388,24 @@ def _make_shard(layer: nn.Module, shard: LayerShard, rank: int, group) -> nn.Mod
     return HeadParallelEmbedding.from_embedding(layer, ranges)
 
 
-def shard_text_encoder(encoder: nn.Module, group, *, keep_original: bool = False, plan: ShardingPlan | None = None):
-    """Rewrite `encoder` in place into this rank's shards. Returns the plan and the undo function."""
+def shard_text_encoder(encoder: nn.Module, group, *, keep_original: bool = False, plan: ShardingPlan | None = None,
+                       register_undo=None):
+    """Rewrite `encoder` in place into this rank's shards. Returns `release`, to call once the whole
+    `enable_cache` succeeded: it drops the full layers (unless `keep_original`), freeing their memory.
+
+    `register_undo(undo, irreversible)`, if given, is called before the first change. Until `release()` the
+    originals are still referenced, so the undo restores the encoder exactly when a later step fails; after it,
+    without `keep_original`, the undo can only disable the shards (`irreversible()` then says True).
+    """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     plan = plan or build_plan(encoder, world)
-    replaced = []  # (parent, child name, original layer or None, shard, original device)
-    for shard in plan.layers:
-        parent_path, _, child = shard.path.rpartition(".")
-        parent = encoder.get_submodule(parent_path) if parent_path else encoder
-        original = getattr(parent, child)
-        new = _make_shard(original, shard, rank, group)
-        setattr(parent, child, new)
-        device = None
-        if keep_original:
-            # Kept on the CPU so the accelerator memory is still saved; moved back (bit for bit) on detach.
-            device = next(original.parameters()).device
-            if device.type != "cpu":
-                original.to("cpu")
-        replaced.append((parent, child, original if keep_original else None, new, device))
-        del original  # without keep_original the full layer is referenced nowhere now: freed
+    replaced = []  # [parent, child name, original layer (None once released), shard, original device]
     old_attrs = []
-    for attr in plan.attributes:
-        module = encoder.get_submodule(attr.path) if attr.path else encoder
-        for key, value in attr.values[rank].items():
-            old_attrs.append((module, key, getattr(module, key)))
-            setattr(module, key, value)
-
     label = type(encoder).__name__
+    released = []
 
     def undo():
-        if keep_original:
+        if not released or keep_original:
             for parent, child, original, _new, device in reversed(replaced):
                 if device is not None and device.type != "cpu":
                     original.to(device)
@@ -427,7 +416,34 @@ def shard_text_encoder(encoder: nn.Module, group, *, keep_original: bool = False
             for _parent, child, _orig, new, _device in replaced:
                 mark_detached(new, f"{label} ({child})", world)
 
-    return plan, undo
+    def release():
+        released.append(True)
+        if not keep_original:
+            for entry in replaced:
+                entry[2] = None  # the full layer is referenced nowhere now: freed
+
+    if register_undo is not None:
+        register_undo(undo, lambda: bool(released) and not keep_original)
+    for shard in plan.layers:
+        parent_path, _, child = shard.path.rpartition(".")
+        parent = encoder.get_submodule(parent_path) if parent_path else encoder
+        original = getattr(parent, child)
+        new = _make_shard(original, shard, rank, group)
+        entry = [parent, child, original, new, None]
+        replaced.append(entry)
+        setattr(parent, child, new)
+        if keep_original:
+            # Kept on the CPU so the accelerator memory is still saved; moved back (bit for bit) on detach.
+            entry[4] = next(original.parameters()).device
+            if entry[4].type != "cpu":
+                original.to("cpu")
+        del original
+    for attr in plan.attributes:
+        module = encoder.get_submodule(attr.path) if attr.path else encoder
+        for key, value in attr.values[rank].items():
+            old_attrs.append((module, key, getattr(module, key)))
+            setattr(module, key, value)
+    return release
 
 
 def parameter_bytes(module: nn.Module) -> int:
@@ -447,27 +463,41 @@ class TextEncoderTensorParallel(ExtraModuleAdapter):
     def matches(self, module: nn.Module) -> bool:
         return family_for(module) is not None
 
-    def check(self, module: nn.Module, world_size: int, config) -> None:
-        build_plan(module, world_size)
-
-    def describe(self, module: nn.Module) -> dict:
+    def plan(self, module: nn.Module, name: str, world_size: int, config) -> ComponentPlan:
         family = family_for(module)
+        sharding = build_plan(module, world_size, family)
         params = list(module.parameters())
-        return {
+        facts = {
             "class": type(module).__name__,
             "family": family.name,
             "n_params": sum(p.numel() for p in params),
             "dtype": str(params[0].dtype) if params else None,
             **family.describe(module),
         }
+        whole = parameter_bytes(module)
+        sharded = _sharded_bytes(module, sharding)
+        keep = bool(getattr(config, KEEP_ORIGINAL_OPTION, False))
+        summary = sharding.summary()
+        return ComponentPlan(
+            name=name, role="text encoder", module_class=type(module).__name__, engine="tensor parallel",
+            group="world", source=f"{family.name} plan",
+            details=(
+                f"{summary['sharded_layers']} linears split, heads per rank (q, kv): {summary['heads_per_rank']}",
+                "detach restores the original weights (kept on CPU)" if keep
+                else "full weights freed after sharding: detach says to reload (keep_original_text_encoders=True keeps them)",
+            ),
+            facts=ComponentPlan.freeze_facts(facts),
+            weight_bytes=whole,
+            weight_bytes_per_rank=whole - sharded + sharded // world_size,
+            whole=("embeddings, norms and anything outside the attention and MLP linears",),
+            payload=sharding,
+        )
 
-    def apply(self, module: nn.Module, group, handle, config, *, pipeline=None, name: str = "") -> None:
+    def apply(self, module: nn.Module, plan: ComponentPlan, group, handle, config, context):
         keep = bool(getattr(config, KEEP_ORIGINAL_OPTION, False))
         world = dist.get_world_size(group)
-        before = parameter_bytes(module)
-        plan, undo = shard_text_encoder(module, group, keep_original=keep)
-        after = parameter_bytes(module)
-        label = name or type(module).__name__
+        sharding = plan.payload
+        label = plan.name or type(module).__name__
         reason = None
         if not keep:
             reason = (
@@ -475,14 +505,30 @@ class TextEncoderTensorParallel(ExtraModuleAdapter):
                 f"to save memory; it must be reloaded (e.g. {type(module).__name__}.from_pretrained(...)) before it "
                 f"runs in one process. Set {KEEP_ORIGINAL_OPTION}=True to keep a CPU copy that detach restores."
             )
-        handle.add(f"{label}: text-encoder tensor parallelism ({plan.family}, {world} ranks)", undo,
-                   irreversible_reason=reason)
-        handle.info.setdefault("text_encoders", {})[label] = {
-            **plan.summary(), "world_size": world, "param_bytes_before": before, "param_bytes_after": after,
-            "kept_original": keep,
+        release = shard_text_encoder(
+            module, group, keep_original=keep, plan=sharding,
+            register_undo=lambda undo, irreversible: handle.add(
+                f"{label}: text-encoder tensor parallelism ({sharding.family}, {world} ranks)", undo,
+                irreversible_reason=reason, irreversible=irreversible))
+        # The full layers are dropped only once every step of enable_cache succeeded (handle.commit), so a failure
+        # in a later step restores this encoder exactly.
+        handle.on_commit(release)
+        after = parameter_bytes(module)
+        state = {
+            **sharding.summary(), "world_size": world, "param_bytes_before": plan.weight_bytes,
+            "param_bytes_after": after, "kept_original": keep,
         }
         logger.info("diffpar: %s sharded over %d ranks (%s): %.1f%% of its parameter bytes per rank.",
-                    label, world, plan.family, 100.0 * after / max(before, 1))
+                    label, world, sharding.family, 100.0 * after / max(plan.weight_bytes, 1))
+        return state
+
+
+def _sharded_bytes(module: nn.Module, sharding: "ShardingPlan") -> int:
+    """Parameter bytes of the layers the plan splits (what 1/world of stays on each rank)."""
+    total = 0
+    for shard in sharding.layers:
+        total += sum(p.numel() * p.element_size() for p in module.get_submodule(shard.path).parameters())
+    return total
 
 
 TEXT_ENCODER_ADAPTER = register_extra_adapter(TextEncoderTensorParallel())

@@ -1,18 +1,20 @@
-"""Context parallelism on a denoiser through diffusers' own hooks.
+"""Context parallelism on a denoiser (or ControlNet) through diffusers' own hooks.
 
 We do what `ModelMixin.enable_parallelism` does, by hand, because it cannot run on CPU in 0.42 (it divides by
 `torch.accelerator.device_count()`, which is 0 there) and it builds its own mesh: set the ParallelConfig on
-every attention processor, then `apply_context_parallel` with the model's plan. Every change is recorded on
-the handle and undone in reverse.
+every attention processor, then diffusers' `apply_context_parallel` with the model's plan. The plan comes in as
+data (a `_cp_plan` dict, from diffusers or from a family file); this engine never looks a model family up.
+Every change records its undo on the handle before it is made.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from ..compat import diffusers_cp
-from ..errors import UnsupportedError
-from ..translator import build_context_parallel_config
+from diffpar.compat import diffusers_cp
+from diffpar.engines.context_parallel_config import context_parallel_kwargs
+from diffpar.errors import UnsupportedError
+
 
 def attention_processors(model: torch.nn.Module):
     """(module, processor) pairs whose processor takes a parallel config."""
@@ -33,30 +35,27 @@ def effective_backend(model: torch.nn.Module, requested: str | None) -> str:
     return diffusers_cp.active_backend_name()
 
 
-def check_context_parallel(model: torch.nn.Module, config) -> None:
-    """Local checks, no collectives."""
-    if not any(True for _ in attention_processors(model)):
+def check_context_parallel(model: torch.nn.Module, config, *, processors_come_with_plan: bool = False) -> None:
+    """Local checks, no collectives, no change. `processors_come_with_plan`: the plan's own prepare step installs
+    attention processors that take a parallel config (so their absence now is expected)."""
+    if not processors_come_with_plan and not any(True for _ in attention_processors(model)):
         raise UnsupportedError(
             f"{type(model).__name__} has no attention processor that takes a parallel config, so diffusers' context "
             "parallel attention cannot run inside it."
         )
     backend = effective_backend(model, config.attention_backend)
-    from diffusers.models.attention_dispatch import AttentionBackendName
-
-    try:
-        AttentionBackendName(backend)
-    except ValueError:
+    if not diffusers_cp.is_backend_name(backend):
         raise UnsupportedError(
             f"attention_backend={backend!r} is not a diffusers attention backend. Context-parallel capable ones: "
             f"{diffusers_cp.cp_capable_backends()}."
-        ) from None
+        )
     if not diffusers_cp.backend_supports_cp(backend):
         raise UnsupportedError(
             f"attention backend {backend!r} does not support context parallelism (diffusers would ignore the "
             f"parallel config and compute attention over a shard only: a wrong image). Use one of "
             f"{diffusers_cp.cp_capable_backends()} (on CPU: 'native')."
         )
-    build_context_parallel_config(config)  # raises for what the installed release cannot do
+    context_parallel_kwargs(config)  # raises for what the installed release cannot do
     if config.ulysses_degree > 1 and not config.ulysses_anything:
         heads = attention_head_count(model)
         if heads is not None and heads % config.ulysses_degree != 0:
@@ -86,64 +85,57 @@ def attention_head_count(model: torch.nn.Module) -> int | None:
     return None
 
 
-def apply_context_parallel(model: torch.nn.Module, plan: dict, config, cp_mesh, handle, name: str) -> None:
-    from diffusers.hooks.context_parallel import apply_context_parallel as diffusers_apply
-    from diffusers.models._modeling_parallel import ParallelConfig
+def new_parallel_config(config, cp_mesh):
+    """diffusers' ParallelConfig for `config`'s context-parallel degrees, on `cp_mesh`."""
+    from diffpar.mesh import current_device
 
-    from ..mesh import current_device
+    return diffusers_cp.new_parallel_config(
+        dist.get_rank(), dist.get_world_size(), current_device(), cp_mesh, **context_parallel_kwargs(config)
+    )
 
-    cp_config = build_context_parallel_config(config)
-    parallel_config = ParallelConfig(context_parallel_config=cp_config)
-    parallel_config.setup(dist.get_rank(), dist.get_world_size(), current_device(), mesh=cp_mesh)
+
+def apply_context_parallel(model: torch.nn.Module, plan: dict, config, parallel_config, handle, name: str,
+                           prepare=None) -> None:
+    """Hooks for `plan` (diffusers' `_cp_plan` format) on `model`, attention on `parallel_config`.
+
+    `prepare(model, config, handle, name)`, when the plan has one, makes the smallest forward change the plan
+    needs (e.g. attention processors that take a parallel config) and records its own undo.
+    """
+    if prepare is not None:
+        prepare(model, config, handle, name)
     attach_parallel_config(model, parallel_config, config, handle, name)
-
-    diffusers_apply(model, cp_config, plan)
-    handle.add(f"{name}: context-parallel hooks", lambda: remove_context_parallel(model, plan))
-    handle.info.setdefault("context_parallel", {})[name] = parallel_config
+    handle.add(f"{name}: context-parallel hooks", lambda: diffusers_cp.remove_cp_hooks(model, plan))
+    diffusers_cp.apply_cp_hooks(model, parallel_config.context_parallel_config, plan)
 
 
 def attach_parallel_config(model: torch.nn.Module, parallel_config, config, handle, name: str) -> None:
     """Make a model's attention context-parallel with `parallel_config` (what diffusers' hooks then split for):
     the requested backend, the compat shims, every processor's and the model's `_parallel_config`. Undoable."""
     if config.attention_backend is not None:
-        _set_backend(model, config.attention_backend, handle, name)
+        restore = []
+        handle.add(f"{name}: attention backend", lambda: [fn() for fn in restore])
+        processors = [p for _, p in attention_processors(model)]
+        restore.append(diffusers_cp.set_model_backend(model, config.attention_backend, processors))
 
+    acquired = []
+    handle.add(f"{name}: diffusers compat shims", lambda: [diffusers_cp.SHARED_SHIMS.release() for _ in acquired])
     diffusers_cp.SHARED_SHIMS.acquire()
-    handle.add(f"{name}: diffusers compat shims", diffusers_cp.SHARED_SHIMS.release)
+    acquired.append(True)
 
     previous = [(processor, processor._parallel_config) for _, processor in attention_processors(model)]
-    for processor, _ in previous:
-        processor._parallel_config = parallel_config
 
     def restore_processors():
         for processor, old in previous:
             processor._parallel_config = old
 
     handle.add(f"{name}: attention processors' _parallel_config", restore_processors)
+    for processor, _ in previous:
+        processor._parallel_config = parallel_config
 
     old_model_config = getattr(model, "_parallel_config", None)
-    model._parallel_config = parallel_config
     handle.add(f"{name}: model._parallel_config", lambda: setattr(model, "_parallel_config", old_model_config))
+    model._parallel_config = parallel_config
 
 
 def remove_context_parallel(model: torch.nn.Module, plan: dict) -> None:
-    from diffusers.hooks.context_parallel import remove_context_parallel as diffusers_remove  # 0.36+
-
-    diffusers_remove(model, plan)
-
-def _set_backend(model, backend: str, handle, name: str) -> None:
-    """Set the backend on this model's processors only; diffusers' setter also changes the process default."""
-    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
-
-    active_before, _ = _AttentionBackendRegistry.get_active_backend()
-    previous = [(p, getattr(p, "_attention_backend", None)) for _, p in attention_processors(model)]
-    model.set_attention_backend(backend)
-    diffusers_cp.set_active_backend(active_before)
-    for p, _ in previous:
-        p._attention_backend = AttentionBackendName(backend)
-
-    def restore():
-        for p, old in previous:
-            p._attention_backend = old
-
-    handle.add(f"{name}: attention backend", restore)
+    diffusers_cp.remove_cp_hooks(model, plan)

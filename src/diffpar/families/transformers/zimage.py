@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import inspect
 
-from ..errors import UnsupportedError
-from .base import register_cp_plan
-from ..compat.diffusers_cp import context_parallel_attention_takes_masks
-from .sd3 import replace_attention_processors
+from diffpar.errors import UnsupportedError
+from diffpar.families.registry import register_cp_plan
+from diffpar.compat.diffusers_cp import context_parallel_attention_takes_masks
+from diffpar.families.transformers.sd3 import replace_attention_processors
 
 # Sequences are padded to multiples of 32 per sample (SEQ_MULTI_OF in diffusers), so even splits over 2 and 4
 # ranks always exist; *_anything covers other degrees.

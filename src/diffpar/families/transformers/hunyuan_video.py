@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import torch
 
-from ..compat.diffusers_cp import context_parallel_attention_takes_masks
+from diffpar.compat.diffusers_cp import context_parallel_attention_takes_masks
 
-from ..errors import UnsupportedError
-from ..hooks.patch import Patch
-from .base import register_cp_plan
-from .sd3 import replace_attention_processors
+from diffpar.errors import UnsupportedError
+from diffpar.patch import Patch
+from diffpar.families.registry import register_cp_plan
+from diffpar.families.transformers.sd3 import replace_attention_processors
 
 _BLOCK_STACKS = ("transformer_blocks", "single_transformer_blocks")
 

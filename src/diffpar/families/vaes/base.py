@@ -23,8 +23,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import DiffparError, RankMismatchError, UnsupportedError
-from ..hooks.halo import (
+from diffpar.errors import DiffparError, RankMismatchError, UnsupportedError
+from diffpar.engines.halo import (
     ROW_DIM,
     ExchangeStats,
     RowSplit,
@@ -35,8 +35,9 @@ from ..hooks.halo import (
     pad_rows_at_edges,
     row_sizes,
 )
-from ..hooks.patch import Patch
-from .base import ExtraModuleAdapter, register_extra_adapter
+from diffpar.patch import Patch
+from diffpar.families.registry import ExtraModuleAdapter, register_extra_adapter
+from diffpar.plan_types import ComponentPlan
 
 logger = logging.getLogger("diffpar")
 
@@ -640,7 +641,8 @@ class VaeAdapter(ExtraModuleAdapter):
         family = self.family(module)
         return [(p, getattr(module, p)) for p in family.parts if isinstance(getattr(module, p, None), nn.Module)]
 
-    def check(self, module: nn.Module, world_size: int, config) -> None:
+    def plan(self, module: nn.Module, name: str, world_size: int, config) -> ComponentPlan:
+        label = name
         name = type(module).__name__
         if getattr(module, _STATE_ATTR, None) is not None:
             raise DiffparError(
@@ -681,29 +683,43 @@ class VaeAdapter(ExtraModuleAdapter):
                 "extra_parallel_modules."
             )
 
-    def describe(self, module: nn.Module) -> dict:
-        params = list(module.parameters())
-        config = dict(getattr(module, "config", {}) or {})
-        return {
-            "class": type(module).__name__,
-            "video": self.family(module).video,
-            "config": sorted((k, repr(v)) for k, v in config.items() if not k.startswith("_")),
-            "n_params": sum(p.numel() for p in params),
-            "dtype": str(params[0].dtype) if params else None,
-        }
-
-    def apply(self, module: nn.Module, group, handle, config, *, pipeline=None, name: str = "") -> None:
-        label = name or type(module).__name__
         min_band_rows, down_factor = MIN_BAND_ROWS, 1
         for part_name, part in self.parts(module):
             for _, sub, rule in _path_modules(part):
                 min_band_rows = max(min_band_rows, _row_extent(sub, rule))
                 if part_name == "encoder":
                     down_factor *= _row_stride(sub, rule)
+        params = list(module.parameters())
+        module_config = dict(getattr(module, "config", {}) or {})
+        facts = {
+            "class": type(module).__name__,
+            "video": self.family(module).video,
+            "config": sorted((k, repr(v)) for k, v in module_config.items() if not k.startswith("_")),
+            "n_params": sum(p.numel() for p in params),
+            "dtype": str(params[0].dtype) if params else None,
+        }
+        weight_bytes = sum(p.numel() * p.element_size() for p in params)
+        parts = [p for p, _ in self.parts(module)]
+        return ComponentPlan(
+            name=label, role="vae", module_class=name, engine="vae row split", group="world",
+            source="diffpar VAE rules",
+            details=(
+                f"{' and '.join('decode' if p == 'decoder' else 'encode' for p in parts)} split by rows over "
+                f"{world_size} ranks, halo exchange at every convolution, whole-image norm statistics",
+                f"bands of at least {min_band_rows} rows; encoder row stride {down_factor}",
+            ),
+            facts=ComponentPlan.freeze_facts(facts),
+            weight_bytes=weight_bytes, weight_bytes_per_rank=weight_bytes,
+            whole=("weights (replicated: the split is over image rows, not parameters)",),
+            payload=(min_band_rows, down_factor),
+        )
+
+    def apply(self, module: nn.Module, plan: ComponentPlan, group, handle, config, context):
+        label = plan.name or type(module).__name__
+        min_band_rows, down_factor = plan.payload
         state = VaeSplitState(module, group, getattr(config, "vae_split_min_rows", None), min_band_rows, down_factor)
-        handle.info.setdefault("vae", {})[label] = state
+        handle.add(f"vae {label}: mark as split", lambda: vars(module).pop(_STATE_ATTR, None))
         setattr(module, _STATE_ATTR, state)
-        handle.add(f"vae {label}: mark as split", lambda: delattr(module, _STATE_ATTR))
         for part_name, part in self.parts(module):
             patches: list[Patch] = []
 
@@ -721,6 +737,7 @@ class VaeAdapter(ExtraModuleAdapter):
                 patches.append(Patch(sub, "forward", wrapper, label=f"{label}.{part_name}.{sub_name}.forward"))
             arg_name = next(iter(inspect.signature(part.forward).parameters))
             patches.append(Patch(part, "forward", _entry_wrapper(state, kind, arg_name), label=f"{label}.{part_name}"))
+        return state
 
 
 register_extra_adapter(VaeAdapter())

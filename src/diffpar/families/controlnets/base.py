@@ -26,8 +26,9 @@ from typing import Callable
 
 import torch
 
-from ..errors import DiffparError, UnsupportedError
-from .base import ExtraModuleAdapter, register_extra_adapter
+from diffpar.errors import DiffparError, UnsupportedError
+from diffpar.families.registry import ExtraModuleAdapter, register_extra_adapter
+from diffpar.plan_types import ComponentPlan
 
 MULTI_WRAPPERS = ("FluxMultiControlNetModel", "QwenImageMultiControlNetModel", "SD3MultiControlNetModel")
 
@@ -213,8 +214,8 @@ class ControlNetAdapter(ExtraModuleAdapter):
         nets = inner_nets(module)
         return bool(nets) and all(family_for(n) is not None for n in nets)
 
-    def check(self, module: torch.nn.Module, world_size: int, config) -> None:
-        from ..hooks.context_parallel import check_context_parallel
+    def plan(self, module: torch.nn.Module, name: str, world_size: int, config) -> ComponentPlan:
+        from diffpar.engines.context_parallel import check_context_parallel
 
         if config.cp_degree <= 1:
             raise DiffparError(
@@ -224,31 +225,45 @@ class ControlNetAdapter(ExtraModuleAdapter):
                 "ControlNet from extra_parallel_modules (it then runs whole on every rank, which is correct when the "
                 "transformer is not context parallel)."
             )
-        for net in inner_nets(module):
+        nets = inner_nets(module)
+        families = []
+        for net in nets:
             family = family_for(net)
             try:
                 (family.check or check_context_parallel)(net, config)
             except UnsupportedError as exc:
                 raise UnsupportedError(f"extra_parallel_modules: ControlNet {type(net).__name__}: {exc}") from None
-
-    def describe(self, module: torch.nn.Module) -> dict:
-        return {
+            families.append(family)
+        facts = {
             "class": type(module).__name__,
             "nets": [
                 {"class": type(n).__name__, "params": sum(p.numel() for p in n.parameters()),
                  "union": bool(getattr(n, "union", False))}
-                for n in inner_nets(module)
+                for n in nets
             ],
         }
+        weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+        return ComponentPlan(
+            name=name, role="controlnet", module_class=type(module).__name__, engine="context parallel",
+            group="the transformer's ring x ulysses", source=", ".join(f"{f.name} ControlNet plan" for f in families),
+            details=("residuals stay sharded like the transformer's image tokens (no gather)",
+                     "condition broadcast from rank 0 at every call" if config.broadcast_latents else
+                     "condition used as each rank passes it (broadcast_latents=False)"),
+            facts=ComponentPlan.freeze_facts(facts),
+            weight_bytes=weight_bytes, weight_bytes_per_rank=weight_bytes,
+            whole=("weights (replicated under context parallelism)",),
+            payload=tuple(zip(nets, families)),
+        )
 
-    def apply(self, module, group, handle, config, *, pipeline=None, name: str = "") -> None:
-        parallel_config = _denoiser_parallel_config(handle, pipeline)
-        for i, net in enumerate(inner_nets(module)):
-            label = f"{name or 'controlnet'}" + (f".nets[{i}]" if net is not module else "")
-            family = family_for(net)
-            apply_controlnet_context_parallel(net, family, parallel_config, config, handle, label)
+    def apply(self, module, plan: ComponentPlan, group, handle, config, context):
+        parallel_config = _denoiser_parallel_config(context)
+        applied = {}
+        for i, (net, family) in enumerate(plan.payload):
+            label = f"{plan.name or 'controlnet'}" + (f".nets[{i}]" if net is not module else "")
+            applied[label] = apply_controlnet_context_parallel(net, family, parallel_config, config, handle, label)
             if config.broadcast_latents:
                 broadcast_condition(net, family.condition_arg, group, handle, label)
+        return applied
 
 
 def broadcast_condition(net, arg: str, group, handle, label: str) -> None:
@@ -284,8 +299,8 @@ def broadcast_condition(net, arg: str, group, handle, label: str) -> None:
     handle.add(f"{label}: broadcast the condition from rank 0", removable.remove)
 
 
-def _denoiser_parallel_config(handle, pipeline):
-    configs = handle.info.get("context_parallel", {})
+def _denoiser_parallel_config(context):
+    configs = context.denoiser_parallel_configs
     denoiser = "transformer" if "transformer" in configs else (next(iter(configs)) if len(configs) == 1 else None)
     if denoiser is None:
         raise DiffparError(
@@ -357,7 +372,7 @@ def apply_controlnet_context_parallel(net, family: ControlNetFamily, parallel_co
     """Context-parallel hooks on one ControlNet with the transformer's ParallelConfig; every step undoable."""
     from diffusers.hooks.hooks import HookRegistry
 
-    from ..hooks.context_parallel import attach_parallel_config, remove_context_parallel
+    from diffpar.engines.context_parallel import attach_parallel_config, remove_context_parallel
 
     if family.prepare is not None:
         family.prepare(net, config, handle, label)
@@ -381,7 +396,7 @@ def apply_controlnet_context_parallel(net, family: ControlNetFamily, parallel_co
         handle.add(f"{label}: {family.name} ControlNet split hooks", remove_extra)
     if family.install is not None:
         family.install(net, cp_config, handle, label)
-    handle.info.setdefault("controlnet", {})[label] = {"family": family.name, "plan": plan}
+    return {"family": family.name, "plan": plan}
 
 
 def check_controlnet_listed(pipeline, config, extra_names) -> None:

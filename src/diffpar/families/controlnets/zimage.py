@@ -26,8 +26,8 @@ import inspect
 
 import torch
 
-from ..errors import UnsupportedError
-from .controlnet import ControlNetFamily, register_controlnet_family, shard
+from diffpar.errors import UnsupportedError
+from diffpar.families.controlnets.base import ControlNetFamily, register_controlnet_family, shard
 
 
 def _unshard(tensor: torch.Tensor, dim: int, cp_config) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .text_encoder_base import COLWISE, ROWWISE, AttentionLayout, TextEncoderFamily, register_text_encoder_family
+from diffpar.families.text_encoders.base import COLWISE, ROWWISE, AttentionLayout, TextEncoderFamily, register_text_encoder_family
 
 # Relative to a CLIPEncoder (`encoder` of CLIPTextModel; `text_model.encoder` of CLIPTextModelWithProjection).
 CLIP_ENCODER_PLAN = {

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DiffparError
+from diffpar.errors import DiffparError
 
 Range = tuple[int, int]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..compat import diffusers_cache as compat
+from diffpar.compat import diffusers_cache as compat
 
 DBCACHE_FRONT_HOOK = "diffpar_dbcache_front"
 DBCACHE_MIDDLE_HOOK = "diffpar_dbcache_middle"
@@ -134,6 +134,10 @@ class CacheStats:
 
     def record(self, decision: Decision) -> None:
         self.decisions.append(decision)
+
+    def record_decision(self, model: str, context: str, step: int, computed: bool, reason: str,
+                        diff: float | None = None, local_diff: float | None = None) -> None:
+        self.decisions.append(Decision(model, context, step, computed, reason, diff, local_diff))
 
     @property
     def computed(self) -> int:
@@ -328,7 +332,7 @@ class DBCachePlan:
 
 def plan_dbcache(model: torch.nn.Module, config, model_name: str) -> DBCachePlan:
     """Local checks, no collectives: which blocks exist, whether the counts leave something to skip."""
-    from ..errors import DiffparError, UnsupportedError
+    from diffpar.errors import DiffparError, UnsupportedError
 
     blocks = compat.transformer_blocks(model)
     n = len(blocks)
@@ -364,41 +368,37 @@ def plan_dbcache(model: torch.nn.Module, config, model_name: str) -> DBCachePlan
 
 
 def apply_dbcache(model: torch.nn.Module, plan: DBCachePlan, config, sync: DecisionSync, stats: CacheStats,
-                  model_name: str):
-    """Register the hooks; returns the function that removes them and leaves the blocks as they were."""
-    from diffusers.hooks.hooks import HookRegistry
+                  model_name: str, handle) -> None:
+    """Register the hooks, the undo that removes them (and leaves the blocks as they were) recorded first."""
+    from diffusers.hooks import HookRegistry
 
     state_manager = compat.new_state_manager(DBCacheState)
     registered = []  # (block, hook name, registry existed before, block had its own `forward` before)
     last_middle = len(plan.blocks) - 1
 
     def register(block, hook, hook_name):
-        had_registry = hasattr(block, "_diffusers_hook")
-        had_forward = "forward" in vars(block)
+        registered.append((block, hook_name, hasattr(block, "_diffusers_hook"), "forward" in vars(block)))
         HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, hook_name)
-        registered.append((block, hook_name, had_registry, had_forward))
 
-    try:
-        for index, (name, block, metadata) in enumerate(plan.blocks):
-            if index <= plan.decision_index:
-                is_entry, is_decision = index == 0, index == plan.decision_index
-                if is_entry or is_decision:
-                    hook = DBCacheFrontHook(state_manager, metadata, config, sync, stats, model_name,
-                                            is_entry=is_entry, is_decision=is_decision)
-                    register(block, hook, DBCACHE_FRONT_HOOK)
-            else:
-                register(block, DBCacheMiddleHook(state_manager, metadata, is_last=index == last_middle),
-                         DBCACHE_MIDDLE_HOOK)
-    except BaseException:
-        _remove(registered, model)
-        raise
+    handle.add(f"{model_name}: diffpar DBCache hooks", lambda: _remove(registered, model))
+    for index, (name, block, metadata) in enumerate(plan.blocks):
+        if index <= plan.decision_index:
+            is_entry, is_decision = index == 0, index == plan.decision_index
+            if is_entry or is_decision:
+                hook = DBCacheFrontHook(state_manager, metadata, config, sync, stats, model_name,
+                                        is_entry=is_entry, is_decision=is_decision)
+                register(block, hook, DBCACHE_FRONT_HOOK)
+        else:
+            register(block, DBCacheMiddleHook(state_manager, metadata, is_last=index == last_middle),
+                     DBCACHE_MIDDLE_HOOK)
     compat.invalidate_child_registries(model)
-    return lambda: _remove(registered, model)
 
 
 def _remove(registered, model) -> None:
     for block, hook_name, had_registry, had_forward in reversed(registered):
-        registry = block._diffusers_hook
+        registry = getattr(block, "_diffusers_hook", None)
+        if registry is None:
+            continue
         registry.remove_hook(hook_name, recurse=False)
         if not had_registry and not registry.hooks:
             # diffusers leaves the original bound method as an instance attribute and an empty registry behind:

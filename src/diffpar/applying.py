@@ -1,0 +1,123 @@
+"""Apply a `ParallelPlan` that every rank agreed on, step by step, each step's undo recorded before its change.
+
+1. Setup (collectives, no change to any module): the ("dp", "ring", "ulysses", "tp") mesh and the sub-groups the
+   engines need (the model-copy group the cache agrees over).
+2. Local steps, in this order, no collective: the cache (before the context-parallel hooks: diffusers nests the
+   hook registered last outermost, and plans that split the sequence in a hook on block 0 - QwenImage, Z-Image -
+   must split before a cache hook on that block measures it), each denoiser's context- then tensor-parallel
+   engine, each extra module's engine, the latent broadcast.
+3. One status collective: a rank whose step failed brings every rank down with the same error, and all roll back
+   together (until `commit`, every undo is local: weights a rollback needs are still held).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+from diffpar import mesh as mesh_lib
+from diffpar.cache import apply_cache
+from diffpar.components import is_pipeline
+from diffpar.engines import tensor_parallel
+from diffpar.engines.context_parallel import apply_context_parallel, new_parallel_config
+from diffpar.handle import ParallelHandle
+from diffpar.patch import Patch
+from diffpar.plan_types import ApplyContext, ParallelPlan
+
+logger = logging.getLogger("diffpar")
+
+# The named steps, in order (tests inject failures into each of them).
+APPLY_STEPS = ("cache", "context parallel", "tensor parallel", "extra module", "latent broadcast")
+
+
+def model_group(mesh, layout):
+    """The process group of the ranks that hold one copy of the denoiser, or None when each process holds a
+    whole copy. Creating a sub-group is a collective: call it during setup, on every rank."""
+    if layout is None or layout.model_degree == 1:
+        return None
+    if layout.dp == 1:
+        return dist.group.WORLD
+    # Several model copies (dp > 1): agree within this copy only; other copies decide for their own inputs.
+    return mesh["ring", "ulysses", "tp"]._flatten().get_group()
+
+
+def apply_plan(target, plan: ParallelPlan, config, handle: ParallelHandle) -> None:
+    """Carry out `plan` on this rank. Every rank must call it after the agreement (it creates process groups)."""
+    layout = plan.layout
+    cache_plans = plan.by_role("cache")
+    if layout is None:  # one process: only the cache, which needs no agreement
+        for component in cache_plans:
+            handle.states["cache"] = apply_cache(component, handle, None)
+        return
+
+    # 1. Setup: collectives only.
+    dims = mesh_lib.ParallelDims(layout.world_size, layout.ulysses, layout.ring, layout.tp)
+    world_mesh = dims.build()
+    cache_group = model_group(world_mesh, layout) if cache_plans else None
+    handle.states["mesh"] = world_mesh
+    if layout.dp > 1:
+        logger.warning(
+            "diffpar: model degrees use %d of %d ranks; each of the %d groups computes the transformer redundantly.",
+            layout.world_size // layout.dp, layout.world_size, layout.dp,
+        )
+
+    # 2. Local steps; a failure is carried to the status collective below.
+    local_error = None
+    try:
+        _apply_local_steps(target, plan, config, handle, world_mesh, cache_group)
+    except Exception as exc:  # every rank must still reach the status collective
+        local_error = exc
+
+    # 3. Status: all succeeded, or every rank raises (and enable_cache rolls each one back).
+    mesh_lib.agree("diffpar.enable_cache (applying the plan)", {}, local_error)
+
+
+def _apply_local_steps(target, plan: ParallelPlan, config, handle, world_mesh, cache_group) -> None:
+    for component in plan.by_role("cache"):
+        handle.states["cache"] = apply_step("cache", apply_cache, component, handle, cache_group)
+    context = ApplyContext(pipeline=target if is_pipeline(target) else None, mesh=world_mesh)
+    for component in plan.by_role("denoiser"):
+        payload = component.payload
+        if payload.cp_plan is not None:
+            parallel_config = new_parallel_config(config, world_mesh["ring", "ulysses"])
+            apply_step("context parallel", apply_context_parallel, payload.module, payload.cp_plan, config,
+                       parallel_config, handle, component.name, prepare=payload.cp_prepare)
+            context.denoiser_parallel_configs[component.name] = parallel_config
+        if payload.tp_engine is not None:
+            apply_step("tensor parallel", tensor_parallel.apply_tensor_parallel, payload.module, payload.tp_engine,
+                       payload.tp_plan, config, world_mesh["tp"], handle, component.name)
+    for component in plan.components:
+        if component.role in ("denoiser", "cache"):
+            continue
+        extra = component.payload
+        state = apply_step("extra module", extra.adapter.apply, extra.module, extra.plan, dist.group.WORLD, handle,
+                           config, context)
+        if state is not None:
+            handle.states[component.name] = state
+    if config.broadcast_latents and is_pipeline(target) and hasattr(target, "prepare_latents"):
+        apply_step("latent broadcast", broadcast_latents, target, handle)
+
+
+def apply_step(step: str, fn, *args, **kwargs):
+    """Run one named apply step (the seam the failure-injection tests wrap)."""
+    return fn(*args, **kwargs)
+
+
+def broadcast_latents(pipe, handle: ParallelHandle) -> None:
+    """Every rank must start from rank 0's noise: without a generator, each rank would draw its own."""
+
+    def wrapper(wrapped, instance, args, kwargs):
+        result = wrapped(*args, **kwargs)
+        items = result if isinstance(result, tuple) else (result,)
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                buf = item if item.is_contiguous() else item.contiguous()
+                dist.broadcast(buf, src=0)
+                if buf is not item:
+                    item.copy_(buf)
+        return result
+
+    patches: list[Patch] = []
+    handle.add("pipeline: broadcast initial latents from rank 0", lambda: [p.undo() for p in patches])
+    patches.append(Patch(pipe, "prepare_latents", wrapper, label=f"{type(pipe).__name__}.prepare_latents"))

@@ -1,0 +1,17 @@
+"""Every built-in family file, imported explicitly (each registers its plans or adapter on import).
+
+Adding a family: write its file under families/<kind>/ and add one import line here.
+"""
+# ruff: noqa: F401
+from diffpar.families.controlnets import base as _controlnets_base
+from diffpar.families.controlnets import sd3 as _controlnets_sd3
+from diffpar.families.controlnets import zimage as _controlnets_zimage
+from diffpar.families.text_encoders import base as _text_encoders_base
+from diffpar.families.text_encoders import clip as _text_encoders_clip
+from diffpar.families.text_encoders import decoders as _text_encoders_decoders
+from diffpar.families.text_encoders import t5 as _text_encoders_t5
+from diffpar.families.transformers import hunyuan_video as _transformers_hunyuan_video
+from diffpar.families.transformers import sd3 as _transformers_sd3
+from diffpar.families.transformers import tp_plans as _transformers_tp_plans
+from diffpar.families.transformers import zimage as _transformers_zimage
+from diffpar.families.vaes import base as _vaes_base

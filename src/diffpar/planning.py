@@ -1,0 +1,169 @@
+"""`diffpar.plan(...)`: the whole `ParallelPlan`, computed with no collective and no change to any module.
+
+Resolve: which denoisers, which extra modules, which cache. For each, the family registry gives the plan (data)
+and the engine's checks run here, once: head counts, widths, backends, what the installed release can do. The
+result is immutable; `enable_cache` agrees on `plan.describe()` across ranks and then applies exactly this plan.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from diffpar.cache import plan_cache
+from diffpar.compat import diffusers_cp, versions
+from diffpar.components import find_denoisers, is_pipeline, resolve_extra_modules
+from diffpar.config import ParallelismConfig
+from diffpar.engines import tensor_parallel
+from diffpar.engines.context_parallel import check_context_parallel
+from diffpar.errors import DiffparError
+from diffpar.families.controlnets.base import check_controlnet_listed
+from diffpar.families.registry import cp_plan_entry, cp_plan_for, extra_adapter_for
+from diffpar.mesh import ParallelDims
+from diffpar.plan_types import ComponentPlan, MeshLayout, ParallelPlan
+
+
+@dataclass(frozen=True)
+class DenoiserPayload:
+    """What the engines need for one denoiser: its context-parallel plan (diffusers' `_cp_plan` format) and
+    the prepare step that plan needs, and its tensor-parallel engine and plan."""
+
+    module: torch.nn.Module
+    cp_plan: dict | None = None
+    cp_prepare: object = None
+    tp_engine: str | None = None
+    tp_plan: object = None
+
+
+@dataclass(frozen=True)
+class ExtraPayload:
+    module: torch.nn.Module
+    adapter: object
+    plan: ComponentPlan
+
+
+def world_size_for_planning(world_size: int | None = None) -> int:
+    """The world a plan is for: the given one, the running process group's, torchrun's WORLD_SIZE, else 1."""
+    if world_size is not None:
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise DiffparError(f"diffpar.plan: world_size must be a positive integer, got {world_size!r}.")
+        return world_size
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _plan_denoiser(name: str, model: torch.nn.Module, config: ParallelismConfig, dims: ParallelDims) -> ComponentPlan:
+    cp_plan = cp_prepare = tp_engine = tp_plan = None
+    engines, sources, details, whole = [], [], [], []
+    whole_bytes = _weight_bytes(model)
+    per_rank = whole_bytes
+    if config.cp_degree > 1:
+        cp_plan, source = cp_plan_for(model)
+        entry = cp_plan_entry(model)
+        cp_prepare = entry.prepare if entry is not None else None
+        check_context_parallel(model, config, processors_come_with_plan=bool(entry and entry.prepare_installs_processors))
+        engines.append("context parallel")
+        sources.append(f"{source} _cp_plan" if source == "diffusers" else "diffpar _cp_plan")
+        splits = sorted(k for k, v in cp_plan.items() if isinstance(v, dict))
+        details.append(
+            f"sequence split over ring {dims.ring} x ulysses {dims.ulysses} at: {', '.join(splits) or '(outputs only)'}"
+        )
+        whole.append("weights under context parallelism (every rank of a ring x ulysses group holds them all)")
+    if config.tp_degree > 1:
+        tp_engine, tp_plan = tensor_parallel.tp_plan_for(model)
+        tensor_parallel.check_tensor_parallel(model, config.tp_degree, config)
+        accounting = tensor_parallel.per_rank_weight_bytes(model, config.tp_degree)
+        per_rank = accounting["per_rank"]
+        engines.append("tensor parallel")
+        sources.append("diffusers _tp_plan" if tp_engine == "diffusers" else "diffpar TP plan")
+        details.append(f"attention heads and MLP features split over tp {dims.tp}")
+        whole.append("embeddings, norms, modulation and the output projection (small, replicated)")
+    group = " x ".join(g for g, d in (("ring", dims.ring), ("ulysses", dims.ulysses), ("tp", dims.tp)) if d > 1)
+    params = list(model.parameters())
+    facts = {
+        "class": type(model).__name__,
+        "n_params": sum(p.numel() for p in params),
+        "dtype": str(params[0].dtype) if params else None,
+    }
+    if dims.dp > 1:
+        details.append(f"{dims.dp} copies (dp groups), each computing the whole denoiser for the same input")
+    return ComponentPlan(
+        name=name, role="denoiser", module_class=type(model).__name__,
+        engine=" + ".join(engines) or "whole on every rank", group=group or "each rank alone",
+        source=", ".join(sources), details=tuple(details), facts=ComponentPlan.freeze_facts(facts),
+        weight_bytes=whole_bytes, weight_bytes_per_rank=per_rank, whole=tuple(whole),
+        payload=DenoiserPayload(model, cp_plan, cp_prepare, tp_engine, tp_plan),
+    )
+
+
+def plan(target, cache_config=None, parallelism_config: ParallelismConfig | None = None, *,
+         world_size: int | None = None) -> ParallelPlan:
+    """What diffpar would do to `target` (a pipeline or a model) on a world of `world_size` processes.
+
+    Issues no collective and changes nothing, so it also runs in one plain Python process: pass `world_size=8`
+    to check a configuration (degrees, heads, plans, extra modules, cache) before launching 8 GPUs.
+    `print(plan)` shows which module gets what and the weight bytes per rank.
+    """
+    if parallelism_config is not None and not isinstance(parallelism_config, ParallelismConfig):
+        raise DiffparError(
+            f"parallelism_config must be a diffpar.ParallelismConfig, got {type(parallelism_config).__name__}."
+        )
+    world = world_size_for_planning(world_size)
+    config = parallelism_config
+    components: list[ComponentPlan] = []
+    notes: list[str] = []
+    layout = None
+    shims: tuple[str, ...] = ()
+    model_group_size = 1
+    if config is not None and world > 1:
+        dims = ParallelDims(world, config.ulysses_degree, config.ring_degree, config.tp_degree)
+        layout = MeshLayout(world_size=world, dp=dims.dp, ring=dims.ring, ulysses=dims.ulysses, tp=dims.tp)
+        model_group_size = dims.cp * dims.tp
+        for name, model in find_denoisers(target):
+            components.append(_plan_denoiser(name, model, config, dims))
+        extras = resolve_extra_modules(target, config.extra_parallel_modules)
+        for name, module in extras:
+            adapter = extra_adapter_for(module)
+            component = adapter.plan(module, name, world, config)
+            components.append(_with_payload(component, ExtraPayload(module, adapter, component)))
+        if is_pipeline(target):
+            check_controlnet_listed(target, config, {name for name, _ in extras})
+        if config.cp_degree > 1 or any(c.role == "controlnet" for c in components):
+            shims = tuple(diffusers_cp.SHARED_SHIMS.planned_names())
+        if dims.dp > 1:
+            notes.append(
+                f"model degrees use {world // dims.dp} of {world} ranks: each of the {dims.dp} dp groups computes the "
+                "denoiser redundantly"
+            )
+        if config.broadcast_latents and is_pipeline(target) and hasattr(target, "prepare_latents"):
+            notes.append("initial latents broadcast from rank 0 (every rank starts from the same noise)")
+    elif config is not None:
+        find_denoisers(target)  # the same errors as a parallel launch for a target with no denoiser
+        notes.append("one process: parallelism is a no-op (launch with torchrun --nproc_per_node=N)")
+    if cache_config is not None:
+        components.append(plan_cache(target, cache_config, model_group_size))
+    return ParallelPlan(
+        target_class=type(target).__name__,
+        layout=layout,
+        components=tuple(components),
+        shims=shims,
+        notes=tuple(notes),
+        config=ComponentPlan.freeze_facts(config.describe() if config is not None else {}),
+        versions=ComponentPlan.freeze_facts(versions.describe()),
+    )
+
+
+def _with_payload(component: ComponentPlan, payload) -> ComponentPlan:
+    from dataclasses import replace
+
+    return replace(component, payload=payload)
