@@ -70,7 +70,8 @@ def apply_plan(target, plan: ParallelPlan, config, handle: ParallelHandle) -> No
         local_error = exc
 
     # 3. Status: all succeeded, or every rank raises (and enable_cache rolls each one back).
-    mesh_lib.agree("diffpar.enable_cache (applying the plan)", {}, local_error)
+    mesh_lib.agree("diffpar.enable_cache", {}, local_error,
+                   failed="failed while applying the agreed plan, so every rank rolled back")
 
 
 def _apply_local_steps(target, plan: ParallelPlan, config, handle, world_mesh, cache_group) -> None:

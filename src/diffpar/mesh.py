@@ -98,7 +98,8 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
 
-def agree(what: str, description: dict, local_error: BaseException | None = None, group=None) -> None:
+def agree(what: str, description: dict, local_error: BaseException | None = None, group=None, *,
+          failed: str = "failed its checks") -> None:
     """One collective that every rank enters, even a rank whose local checks failed.
 
     Every rank sends its description and its local error (if any); then every rank raises the same error,
@@ -123,7 +124,7 @@ def agree(what: str, description: dict, local_error: BaseException | None = None
         if local_error is not None:
             raise local_error
         r, (name, msg, _) = errors[0]
-        raise DiffparError(f"{what}: rank {r} failed its checks ({name}): {msg}")
+        raise DiffparError(f"{what}: rank {r} {failed} ({name}): {msg}")
     fps = {p["fp"] for p in gathered}
     if len(fps) > 1:
         mine = gathered[rank]["desc"]

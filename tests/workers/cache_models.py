@@ -49,9 +49,12 @@ def dbcache_first_block_split(model_name: str, config: dict, threshold: float = 
     diffpar.enable_cache(model, cache_config=DBCacheConfig(**cache),
                          parallelism_config=diffpar.ParallelismConfig(**config))
     outputs = [_first_output(o) for o in _run_steps(model, steps)]
-    return {
+    result = {
         "diff": max((a - b).abs().max().item() for a, b in zip(outputs, reference)),
         "pattern": cache_stats(model).pattern(),
         "reference_pattern": cache_stats(reference_model).pattern(),
     }
+    diffpar.disable_cache(model)
+    diffpar.disable_cache(reference_model)
+    return result
 

@@ -60,14 +60,34 @@ def _die_with_parent() -> None:
         pass
 
 
+class LeakedStateError(AssertionError):
+    """A test left process-wide state behind (compat shims still installed, the default attention backend
+    changed): it would change the next test's result. Not a RankFailure, so `pytest.raises(RankFailure)` in an
+    error-path test does not swallow it."""
+
+
+def _leaked_state() -> list[str]:
+    """Process-wide state a finished call should not have left behind."""
+    leaks = []
+    try:
+        from diffpar.compat.diffusers_cp import SHARED_SHIMS, active_backend_name
+    except Exception:  # noqa: BLE001 (diffusers missing: nothing of ours can leak)
+        return leaks
+    if SHARED_SHIMS.active:
+        leaks.append("diffusers compat shims are still installed (a handle was neither detached nor rolled back)")
+    if active_backend_name() != "native":
+        leaks.append(f"the process-wide attention backend is {active_backend_name()!r}, not 'native'")
+    return leaks
+
+
 def _reset_process_state() -> None:
-    """Undo process-wide state a test may leave behind."""
+    """Undo process-wide state a test left behind, so the next test starts clean (the test itself is failed)."""
     try:
         from diffpar.compat.diffusers_cp import SHARED_SHIMS, set_active_backend
 
         set_active_backend("native")
-        SHARED_SHIMS.reset()  # a test that never detached must not leave diffusers patched for the next one
-    except Exception:
+        SHARED_SHIMS.reset()
+    except Exception:  # noqa: BLE001
         pass
 
 
@@ -107,7 +127,11 @@ def _worker(rank: int, world: int, init_file: str, conn, stack_file: str, pg_tim
             payload = pickle.dumps(("ok", result))
         except BaseException:
             payload = pickle.dumps(("err", time.time(), traceback.format_exc()))
-        finally:
+        leaks = _leaked_state()
+        if leaks:
+            raised = pickle.loads(payload)
+            after = f" (after the call raised: {raised[2].strip().splitlines()[-1]})" if raised[0] == "err" else ""
+            payload = pickle.dumps(("leak", time.time(), "; ".join(leaks) + after))
             _reset_process_state()
         try:
             conn.send_bytes(payload)
@@ -198,6 +222,13 @@ class RankPool:
         except RankFailure:
             self.kill()
             raise
+        leaks = {r: rep[2] for r, rep in enumerate(replies) if rep[0] == "leak"}
+        if leaks:
+            self.kill()
+            raise LeakedStateError(
+                f"{fn_ref} left process-wide state behind, which could change the next test's result: "
+                + "; ".join(f"rank {r}: {text}" for r, text in sorted(leaks.items()))
+            )
         errors = {r: rep for r, rep in enumerate(replies) if rep[0] != "ok"}
         if errors:
             self.kill()  # the process group may be broken: the next call starts fresh ranks
