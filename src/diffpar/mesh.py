@@ -98,43 +98,73 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
 
+def _exchange_json(payload: dict, group=None) -> list[dict]:
+    """All-gather one JSON document per rank as uint8 tensors (never pickles: a peer's bytes are only parsed as
+    JSON). Two collectives: the sizes, then the padded bytes."""
+    data = json.dumps(payload, sort_keys=True, default=repr).encode()
+    world = dist.get_world_size(group)
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    longest = max(int(s.item()) for s in sizes)
+    buf = torch.zeros(longest, dtype=torch.uint8)
+    buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    bufs = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)]
+    dist.all_gather(bufs, buf, group=group)
+    return [json.loads(bytes(b[: int(n.item())].tolist()).decode()) for b, n in zip(bufs, sizes)]
+
+
+def _leaves(value, prefix: str = "") -> dict:
+    """Nested dicts flattened to {"a.b.c": leaf}, so a mismatch names the exact field."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def differing_fields(reference: dict, other: dict) -> list[tuple[str, object, object]]:
+    a, b = _leaves(reference), _leaves(other)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def agree(what: str, description: dict, local_error: BaseException | None = None, group=None, *,
           failed: str = "failed its checks") -> None:
-    """One collective that every rank enters, even a rank whose local checks failed.
+    """One collective exchange that every rank enters, even a rank whose local checks failed.
 
-    Every rank sends its description and its local error (if any); then every rank raises the same error,
-    so a mistake found on one rank never leaves the others waiting in a later collective.
+    Every rank sends its description and its local error (if any), as JSON; then every rank raises the same
+    error, so a mistake found on one rank never leaves the others waiting in a later collective. A mismatch
+    names only the fields that differ, with each rank's value.
     """
     if not dist.is_initialized():
         if local_error is not None:
             raise local_error
         return
-    rank = dist.get_rank()
     payload = {
         "fp": fingerprint(description),
         "desc": description,
         "error": None
         if local_error is None
-        else (type(local_error).__name__, str(local_error), "".join(traceback.format_exception(local_error))),
+        else [type(local_error).__name__, str(local_error), "".join(traceback.format_exception(local_error))],
     }
-    gathered = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, payload, group=group)
+    gathered = _exchange_json(payload, group)
     errors = [(r, p["error"]) for r, p in enumerate(gathered) if p["error"] is not None]
     if errors:
         if local_error is not None:
             raise local_error
         r, (name, msg, _) = errors[0]
         raise DiffparError(f"{what}: rank {r} {failed} ({name}): {msg}")
-    fps = {p["fp"] for p in gathered}
-    if len(fps) > 1:
-        mine = gathered[rank]["desc"]
+    if len({p["fp"] for p in gathered}) > 1:
         diffs = []
         for r, p in enumerate(gathered):
             if p["fp"] != gathered[0]["fp"]:
-                keys = sorted(k for k in set(p["desc"]) | set(gathered[0]["desc"]) if p["desc"].get(k) != gathered[0]["desc"].get(k))
-                diffs.append(f"rank {r} differs from rank 0 in {keys}: {[(k, gathered[0]['desc'].get(k), p['desc'].get(k)) for k in keys]}")
+                fields = differing_fields(gathered[0]["desc"], p["desc"])
+                shown = "; ".join(f"{k}: rank 0 {a!r}, rank {r} {b!r}" for k, a, b in fields[:8])
+                more = f" (and {len(fields) - 8} more)" if len(fields) > 8 else ""
+                diffs.append(f"rank {r} differs from rank 0 in {[k for k, _, _ in fields]}: {shown}{more}")
         raise RankMismatchError(
             f"{what}: ranks were given different configurations, so their collectives would not match (a hang "
             f"or a wrong image). {'; '.join(diffs)}. Every rank must run the same script with the same "
-            f"arguments. (this rank {rank}: {mine})"
+            "arguments."
         )
