@@ -5,8 +5,8 @@ from tolerances import BITWISE, PIPELINE_FP32, VAE_BF16_MARGIN, VAE_FP32, VAE_FP
 
 FAMILIES = ["kl", "flux2", "wan", "wan22", "qwen", "hunyuan", "ltx",
             # Qwen-Image 2's VAE: added as one table entry (families/vaes/qwenimage21.py); newer diffusers only.
-            pytest.param("qwen21", marks=pytest.mark.skipif(
-                not hasattr(diffusers, "AutoencoderKLQwenImage21"), reason="diffusers has no AutoencoderKLQwenImage21"))]
+            pytest.param("qwen21", marks=pytest.mark.skipif(not hasattr(diffusers, "AutoencoderKLQwenImage21"),
+                                                            reason="this diffusers has no AutoencoderKLQwenImage21"))]
 
 
 def _check_equivalence(results, tol, world, encode=True, all_split=True):

@@ -249,7 +249,8 @@ def apply_row_split(vae: nn.Module, plan: VaeSplitPlan, group, handle, label: st
             if owner != part_name:
                 continue
             sub = part.get_submodule(sub_name)
-            patches.append(Patch(sub, "forward", rule.wrap(state, sub), label=f"{label}.{part_name}.{sub_name}.forward"))
+            wrapper = rule.wrap(state, sub)
+            patches.append(Patch(sub, "forward", wrapper, label=f"{label}.{part_name}.{sub_name}.forward"))
         arg_name = next(iter(inspect.signature(part.forward).parameters))
         patches.append(Patch(part, "forward", _entry_wrapper(state, kind, arg_name), label=f"{label}.{part_name}"))
     return state

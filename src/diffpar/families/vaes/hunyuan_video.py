@@ -61,7 +61,8 @@ HUNYUAN_VIDEO_RULES = {
     "HunyuanVideoCausalConv3d": ModuleRule(
         "causal conv3d, replicate padding, halo", wrap=_causal_conv_wrapper, geometry=_causal_conv_geometry,
         owns_children=True,  # its inner nn.Conv3d runs unpadded inside the wrapper: not wrapped again
-        refuse=lambda m: "zero padding inside a replicate-padded causal conv" if conv_geometry(m.conv).pad_top else None),
+        refuse=lambda m: "zero padding inside a replicate-padded causal conv"
+        if conv_geometry(m.conv).pad_top else None),
     # Its attentions are counted (and checked) under their own record.
     "HunyuanVideoMidBlock3D": ModuleRule("mid block with frame-causal attention, local queries",
                                          wrap=_causal_mid_block_wrapper),
