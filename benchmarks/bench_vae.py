@@ -40,7 +40,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from diffpar import mesh
-from diffpar.families.vaes.base import CONV, VaeAdapter, rule_for
+from diffpar.families.vaes.base import VAE_CLASSES, VaeAdapter
+from diffpar.families.vaes.rules import CONV
 from diffpar.config import ParallelismConfig
 from diffpar.handle import ParallelHandle
 from diffpar.testing import tiny_vaes
@@ -129,8 +130,9 @@ def record_halo_minimum(vae, world: int, total: list):
         rows = module.dilation[0] * (module.kernel_size[0] - 1)
         total.append(rows * x.shape[0] * x.shape[1] * x.shape[-1] * x.element_size() * (world - 1))
 
+    entry = VAE_CLASSES.lookup(vae)
     return [m.register_forward_pre_hook(hook) for m in vae.decoder.modules()
-            if rule_for(m)[0] == CONV and m.kernel_size[0] > 1]
+            if entry.rule_for(m) is CONV and m.kernel_size[0] > 1]
 
 
 def build(args):
@@ -201,10 +203,10 @@ def main():
     vae, make_latents, latents = build(args)
     config = ParallelismConfig(vae_split_min_rows=0)
     adapter = VaeAdapter()
-    adapter.check(vae, world, config)
+    plan = adapter.plan(vae, "vae", world, config)
     handle = ParallelHandle(target=vae)
-    adapter.apply(vae, dist.group.WORLD, handle, config, name="vae")
-    state = handle.state("vae")
+    state = adapter.apply(vae, plan, dist.group.WORLD, handle, config, None)
+    handle.commit()
     tiny_vaes.decode(vae, make_latents(height=16, width=16))  # warm up the split path
     times = []
     for _ in range(args.repeats):

@@ -1,8 +1,12 @@
 """Split VAE decode / encode (issue 4) vs the same VAE in one process: every family, 2 and 4 ranks."""
+import diffusers
 import pytest
 from tolerances import BITWISE, PIPELINE_FP32, VAE_BF16_MARGIN, VAE_FP32, VAE_FP64, VAE_FP64_LTX
 
-FAMILIES = ["kl", "flux2", "wan", "wan22", "qwen", "hunyuan", "ltx"]
+FAMILIES = ["kl", "flux2", "wan", "wan22", "qwen", "hunyuan", "ltx",
+            # Qwen-Image 2's VAE: added as one table entry (families/vaes/qwenimage21.py); newer diffusers only.
+            pytest.param("qwen21", marks=pytest.mark.skipif(not hasattr(diffusers, "AutoencoderKLQwenImage21"),
+                                                            reason="this diffusers has no AutoencoderKLQwenImage21"))]
 
 
 def _check_equivalence(results, tol, world, encode=True, all_split=True):
@@ -140,6 +144,22 @@ def test_pipeline_transformer_and_vae_parallel(ranks, expect_cp, world, config):
         assert r["diff"] <= PIPELINE_FP32, r
         assert r["calls"]["decode"]["split"] == 1, r["calls"]
         assert len(r["sizes"]) == world
+
+
+def test_plan_lists_every_wrapped_layer():
+    """The plan names each layer apply will wrap, with its record: apply carries out exactly that list."""
+    import diffpar.families.catalog  # noqa: F401
+    from diffpar.families.vaes.base import VaeAdapter
+    from diffpar.families.vaes.rules import CONV, GROUP_NORM
+    from diffpar.testing import tiny_vaes
+
+    vae, _, _ = tiny_vaes.build("kl")
+    split = VaeAdapter().plan(vae, "vae", 2, None).payload
+    wrapped = {(part, name): rule for part, name, rule in split.wraps}
+    assert wrapped[("decoder", "conv_in")] is CONV and wrapped[("decoder", "mid_block.resnets.0.norm1")] is GROUP_NORM
+    assert ("decoder", "conv_act") not in wrapped  # row-local: left as it is
+    assert (split.min_band_rows, split.down_factor) == (2, 4)
+    assert split.halo_layers == 34 and split.whole_image_norms == 30 and split.attention_gathers == 2
 
 
 def test_band_heights():

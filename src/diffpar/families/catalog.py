@@ -15,3 +15,8 @@ from diffpar.families.transformers import sd3 as _transformers_sd3
 from diffpar.families.transformers import tp_plans as _transformers_tp_plans
 from diffpar.families.transformers import zimage as _transformers_zimage
 from diffpar.families.vaes import base as _vaes_base
+from diffpar.families.vaes import hunyuan_video as _vaes_hunyuan_video
+from diffpar.families.vaes import kl as _vaes_kl
+from diffpar.families.vaes import ltx as _vaes_ltx
+from diffpar.families.vaes import qwenimage21 as _vaes_qwenimage21
+from diffpar.families.vaes import wan as _vaes_wan

@@ -23,6 +23,7 @@ class VaeShape:
     video: bool
     frames_per_latent: int = 1  # images per latent frame after the first (video: temporal compression)
     decode_kwargs: tuple = ()  # (name, function of the latents) pairs: what vae.decode needs besides the latents
+    single_frame: bool = False  # video-shaped (B, C, 1, H, W) input of an image VAE: one frame whatever is asked
 
 
 def builder(name):
@@ -40,12 +41,14 @@ def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overri
 
     def make_latents(height=12, width=10, batch=1, frames=2, seed=1):
         g = torch.Generator().manual_seed(seed)
+        frames = 1 if shape.single_frame else frames
         dims = (batch, shape.latent_channels, frames, height, width) if shape.video else (
             batch, shape.latent_channels, height, width)
         return torch.randn(*dims, generator=g).to(dtype)
 
     def make_images(height=48, width=40, batch=1, frames=5, seed=2):
         g = torch.Generator().manual_seed(seed)
+        frames = 1 if shape.single_frame else frames
         dims = (batch, shape.image_channels, frames, height, width) if shape.video else (
             batch, shape.image_channels, height, width)
         return (torch.rand(*dims, generator=g) * 2 - 1).to(dtype)
@@ -111,6 +114,19 @@ def _qwen(base=8, mult=(1, 2, 2), blocks=1, latent=4, temporal=(False, True)):
         latents_mean=[0.0] * latent, latents_std=[1.0] * latent,
     )
     return vae, VaeShape(latent, 3, 2 ** (len(mult) - 1), True, 2 ** sum(temporal))
+
+
+@builder("qwen21")
+def _qwen21(base=8, mult=(1, 2, 2), blocks=1, latent=4, temporal=(False, True)):
+    """Qwen-Image 2 (AutoencoderKLQwenImage21): Wan 2.2's residual layout for single images, with 2D causal convs."""
+    from diffusers import AutoencoderKLQwenImage21
+
+    vae = AutoencoderKLQwenImage21(
+        base_dim=base, decoder_base_dim=base, z_dim=latent, dim_mult=list(mult), num_res_blocks=blocks,
+        temperal_downsample=list(temporal), in_channels=3, out_channels=3,
+        latents_mean=[0.0] * latent, latents_std=[1.0] * latent,
+    )
+    return vae, VaeShape(latent, 3, 2 ** (len(mult) - 1), True, single_frame=True)
 
 
 @builder("hunyuan")
