@@ -108,3 +108,25 @@ def test_enable_cache_applies_the_plan_it_agreed_on(ranks):
         assert r["handle_plan"] == r["dry_run"], "enable_cache must apply what diffpar.plan describes"
         assert r["parallelize_same_path"]
         assert r["tokens_in_attention"] < r["tokens_whole"], r  # the plan was carried out: the sequence split
+
+
+def test_one_process_enable_cache_checks_the_config_like_a_launch():
+    """Plain `python app.py`: the same refusal the multi-rank launch would give, before any GPU is spent."""
+    model, _ = tiny_transformers.build("flux")  # 2 attention heads
+    with pytest.warns(UserWarning, match="one process only"):
+        with pytest.raises(diffpar.UnsupportedError, match="does not divide the 2 attention heads"):
+            diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(ulysses_size=4))
+    assert getattr(model, "_diffpar_handle", None) is None
+
+
+def test_training_mode_with_dropout_is_refused_by_name():
+    pipe = _pipe()
+    pipe.text_encoder_2.train()
+    pipe.text_encoder_2.encoder.dropout.p = 0.1  # as T5 ships (dropout_rate 0.1); the tiny config has 0
+    with pytest.raises(diffpar.DiffparError, match=r"text_encoder_2 \(T5EncoderModel\) is in training mode with "
+                                                   r"dropout at encoder.dropout \(p=0.1\).*text_encoder_2\.eval\(\)"):
+        diffpar.plan(pipe, parallelism_config=_config(pipe, ulysses_size=2), world_size=2)
+    pipe.text_encoder_2.eval()
+    model, _ = tiny_transformers.build("flux")
+    model.train()  # diffusers' transformers have dropout 0: training mode alone changes nothing, so it is allowed
+    diffpar.plan(model, parallelism_config=diffpar.ParallelismConfig(ulysses_size=2), world_size=2)

@@ -58,6 +58,35 @@ def world_size_for_planning(world_size: int | None = None) -> int:
         return 1
 
 
+def _dropout_in_training(module: torch.nn.Module) -> str | None:
+    """Where `module` would draw random dropout masks (a Dropout with p > 0, or a config's attention/hidden
+    dropout, while in training mode), or None."""
+    if not module.training:
+        return None
+    for path, sub in module.named_modules():
+        if isinstance(sub, torch.nn.modules.dropout._DropoutNd) and sub.p > 0:
+            return f"{path or type(module).__name__} (p={sub.p})"
+    config = getattr(module, "config", None)
+    for key in ("attention_dropout", "dropout_rate", "hidden_dropout", "attention_probs_dropout_prob",
+                "hidden_dropout_prob", "dropout"):
+        value = getattr(config, key, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return f"config.{key}={value}"
+    return None
+
+
+def check_eval_mode(name: str, module: torch.nn.Module) -> None:
+    """A split module in training mode with dropout would draw a different mask on every rank (each rank's shard
+    and the whole-sequence model disagree): refuse it, naming the dropout and the fix."""
+    where = _dropout_in_training(module)
+    if where is not None:
+        raise DiffparError(
+            f"{name} ({type(module).__name__}) is in training mode with dropout at {where}: split over ranks, every "
+            f"rank would draw its own dropout mask, so the result would match neither one process nor another run. "
+            f"Call {name}.eval() (from_pretrained already does) before enabling diffpar."
+        )
+
+
 def _weight_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -130,9 +159,12 @@ def plan(target, cache_config=None, parallelism_config: ParallelismConfig | None
         layout = MeshLayout(world_size=world, dp=dims.dp, ring=dims.ring, ulysses=dims.ulysses, tp=dims.tp)
         model_group_size = dims.cp * dims.tp
         for name, model in find_denoisers(target):
+            if dims.cp * dims.tp > 1:
+                check_eval_mode(name, model)
             components.append(_plan_denoiser(name, model, config, dims))
         extras = resolve_extra_modules(target, config.extra_parallel_modules)
         for name, module in extras:
+            check_eval_mode(name, module)
             adapter = extra_adapter_for(module)
             component = adapter.plan(module, name, world, config)
             components.append(_with_payload(component, ExtraPayload(module, adapter, component)))
