@@ -4,7 +4,7 @@ from tolerances import PIPELINE_FP32, TP_FP32
 
 from diffpar.families.text_encoders.base import build_plan, transformers_plan
 from diffpar.errors import DiffparError, UnsupportedError
-from diffpar.engines.tensor_parallel_linear import HeadCountError, split_heads, split_ranges
+from diffpar.engines.tp_shard import HeadCountError, split_heads, split_ranges
 from diffpar.testing import tiny_text_encoders
 
 WORKER = "workers.text_encoders"
@@ -183,7 +183,7 @@ def test_glm_fused_gate_up_is_split_per_chunk():
     plan = build_plan(model, 2)
     gate_up = next(layer for layer in plan.layers if layer.path == "layers.0.mlp.gate_up_proj")
     inter = model.config.intermediate_size
-    assert gate_up.ranges[0] == [(0, inter // 2), (inter, inter + inter // 2)]
+    assert list(gate_up.ranges[0]) == [(0, inter // 2), (inter, inter + inter // 2)]
     assert not gate_up.gather_output
 
 

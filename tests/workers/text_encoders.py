@@ -182,7 +182,8 @@ def count_all_reduces(name: str, seq: int = 9):
 
 def parallel_linear_units(seed: int = 0):
     """The layers on their own: column+row pair (uneven split), gather_output, split-input rows, bias once."""
-    from diffpar.engines.tensor_parallel_linear import ColumnParallelLinear, RowParallelLinear, split_ranges
+    from diffpar.engines.tensor_parallel_linear import ColumnParallelLinear, RowParallelLinear
+    from diffpar.engines.tp_shard import split_ranges
 
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(seed)

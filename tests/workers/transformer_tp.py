@@ -1,13 +1,14 @@
 """Rank-side checks for transformer tensor parallelism and the CP x TP hybrid."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 import torch.distributed as dist
 
 import diffpar
-from diffpar.engines import tensor_parallel
+from diffpar.compat import diffusers_tp
 from diffpar.testing import tiny_transformers
 
 
@@ -27,26 +28,29 @@ def _build(model_name: str, model_kwargs: dict | None):
 
 
 def local_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights this rank holds (a DTensor counts its local shard only)."""
-    from torch.distributed.tensor import DTensor
+    """Bytes of weights this rank holds (shards are plain tensors of this rank's slice)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
-    total = 0
-    for p in model.parameters():
-        t = p.to_local() if isinstance(p, DTensor) else p
-        total += t.numel() * t.element_size()
-    for m in model.modules():  # rowwise biases live on the all-reduce hook, not in parameters()
-        for hook in m._forward_hooks.values():
-            bias = getattr(hook, "bias", None)
-            if isinstance(bias, torch.Tensor):
-                total += bias.numel() * bias.element_size()
-    return total
+
+@contextlib.contextmanager
+def our_plans(force: bool):
+    """With `force`, plan with diffpar's TP plans even where the installed diffusers ships a `_tp_plan` (what
+    releases before 0.40 get): the plan lookup is made to find no diffusers plan, and restored afterwards."""
+    if not force:
+        yield
+        return
+    original = diffusers_tp.native_tp_plan
+    diffusers_tp.native_tp_plan = lambda model: None
+    try:
+        yield
+    finally:
+        diffusers_tp.native_tp_plan = original
 
 
 def tp_equivalence(model_name: str, config: dict, seq: int = 16, text: int = 8, batch: int = 1,
                    model_kwargs: dict | None = None, input_kwargs: dict | None = None, force_diffpar: bool = False):
     """One process vs tensor (or hybrid) parallel on this world, then detach; per rank."""
-    tensor_parallel.FORCE_DIFFPAR_PLANS = force_diffpar
-    try:
+    with our_plans(force_diffpar):
         model, make_inputs = _build(model_name, model_kwargs)
         inputs = make_inputs(seq=seq, text=text, batch=batch, **(input_kwargs or {}))
         reference_model = copy.deepcopy(model)
@@ -74,19 +78,14 @@ def tp_equivalence(model_name: str, config: dict, seq: int = 16, text: int = 8, 
             type(state[k]) is torch.Tensor and torch.equal(state[k], ref_state[k]) for k in ref_state
         )
         return result
-    finally:
-        tensor_parallel.FORCE_DIFFPAR_PLANS = False
 
 
 def expect_error(model_name: str, config: dict, model_kwargs: dict | None = None, force_diffpar: bool = False):
     """The error message enable_cache raises on this rank (or None)."""
-    tensor_parallel.FORCE_DIFFPAR_PLANS = force_diffpar
-    try:
+    with our_plans(force_diffpar):
         model, _ = _build(model_name, model_kwargs)
         try:
             diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(**config))
         except diffpar.DiffparError as exc:
             return f"{type(exc).__name__}: {exc}"
         return None
-    finally:
-        tensor_parallel.FORCE_DIFFPAR_PLANS = False
