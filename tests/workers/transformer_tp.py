@@ -89,3 +89,55 @@ def expect_error(model_name: str, config: dict, model_kwargs: dict | None = None
         except diffpar.DiffparError as exc:
             return f"{type(exc).__name__}: {exc}"
         return None
+
+
+def rollback_before_commit(model_name: str, model_kwargs: dict | None = None, force_diffpar: bool = False):
+    """Apply the tensor-parallel step alone, then undo it before commit (what a failure in a later step does):
+    the undo must be local (no collective) and restore the very same layers. Also reports the sharded-weight
+    convention: the module classes planned layers become and what `.weight.shape` shows on this rank."""
+    from diffpar.engines import tensor_parallel
+    from diffpar.handle import ParallelHandle
+    from diffpar.mesh import ParallelDims
+
+    world = dist.get_world_size()
+    with our_plans(force_diffpar):
+        model, _ = _build(model_name, model_kwargs)
+        the_plan = diffpar.plan(model, parallelism_config=diffpar.ParallelismConfig(tp_size=world))
+    shard_plan = the_plan.component(type(model).__name__).payload.tp_plan
+    mesh = ParallelDims(world, 1, 1, world).build()
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {s.path: model.get_submodule(s.path) for s in shard_plan.layers}
+    handle = ParallelHandle(target=model)
+    tensor_parallel.apply_tensor_parallel(model, shard_plan, mesh["tp"], handle, "transformer")
+    first = shard_plan.layers[0]
+    layer = model.get_submodule(first.path)
+    full = before[first.path].weight.shape
+    convention = {
+        "classes": sorted({type(model.get_submodule(s.path)).__name__ for s in shard_plan.layers}),
+        "plain_tensors": all(type(p.data) is torch.Tensor for p in model.parameters()),
+        "weight_shape": tuple(layer.weight.shape), "full_shape": tuple(full),
+        "expected_rows": sum(b - a for a, b in first.ranges[dist.get_rank()]),
+    }
+    collectives = []
+    originals = {name: getattr(dist, name) for name in ("all_gather", "all_reduce", "broadcast", "barrier")}
+
+    def refuse(name):
+        def call(*args, **kwargs):
+            collectives.append(name)
+            raise RuntimeError(f"collective {name} during a rollback before commit")
+        return call
+
+    for name in originals:
+        setattr(dist, name, refuse(name))
+    try:
+        handle.detach()
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    state = model.state_dict()
+    return {
+        **convention,
+        "collectives": collectives,
+        "same_layers": all(model.get_submodule(p) is m for p, m in before.items()),
+        "restored": set(state) == set(reference) and all(torch.equal(state[k], reference[k]) for k in reference),
+    }
