@@ -106,6 +106,7 @@ def test_full_weights_are_freed(ranks, world):
     for r in ranks(world, f"{WORKER}:memory_freed", name="t5-gated"):
         assert r["alive_full_weights"] == 0, r
         assert r["ratio"] < (0.6 if world == 2 else 0.42), r
+        assert r["plan_bytes"] == r["held_bytes"], r
 
 
 @pytest.mark.parametrize("name", ["t5-gated", "umt5", "clip", "llama", "glm", "qwen2_5_vl"])

@@ -34,6 +34,7 @@ def test_tp_matches_one_process(ranks, world, model_name, force, model_kwargs, i
         assert r["diff"] <= TRANSFORMER_TP_FP32, (r["rank"], r["diff"])
         assert r["engine"] == ("diffusers" if native and not force else "diffpar")
         assert r["bytes_ratio"] < 1 - 0.4 * (1 - 1 / world), "each rank must hold a fraction of the block weights"
+        assert r["plan_bytes_match"], "the plan's per-rank weight bytes must be what a rank holds"
         assert r["detach_diff"] == BITWISE and r["detach_weights_equal"]
 
 

@@ -145,12 +145,16 @@ def memory_freed(name: str = "t5-gated"):
     model, _ = tiny_text_encoders.build(name)
     world = dist.get_world_size()
     plan = build_plan(model, world)
+    with torch.device("meta"):  # accounting from the plan alone works on a model without weights
+        model_meta, _ = tiny_text_encoders.build(name)
     refs = [weakref.ref(model.get_submodule(layer.path).weight) for layer in plan.layers]
     before = parameter_bytes(model)
     handle = _enable(model)
     gc.collect()
     alive = sum(r() is not None for r in refs)
-    result = {"alive_full_weights": alive, "planned": len(refs), "ratio": parameter_bytes(model) / before}
+    result = {"alive_full_weights": alive, "planned": len(refs), "ratio": parameter_bytes(model) / before,
+              "plan_bytes": plan.weight_bytes(model_meta)["per_rank_all"][dist.get_rank()],
+              "held_bytes": parameter_bytes(model)}
     _quiet_detach(handle)
     return result
 

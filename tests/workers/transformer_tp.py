@@ -65,6 +65,8 @@ def tp_equivalence(model_name: str, config: dict, seq: int = 16, text: int = 8, 
             "diff": _max_diff(parallel, reference),
             "engine": handle.plan.component(type(model).__name__).payload.tp_engine,
             "bytes_ratio": sharded_bytes / full_bytes,
+            # Accounting from the plan alone (what diffpar.plan reports) matches what this rank holds.
+            "plan_bytes_match": handle.plan.component(type(model).__name__).weight_bytes_per_rank == sharded_bytes,
             "steps": handle.step_names,
             "rank": dist.get_rank(),
         }
