@@ -16,10 +16,11 @@ half is split the same way, so no gather is needed).
 
 Planned layers are grouped by parent. A parent that is an attention module (the family recognizes it by
 class) is split by whole heads (`split_heads`: uneven counts and key/value-head replication included) and
-gets its per-rank head counts; any other parent (an MLP) splits its inner features evenly. The whole plan is
-built for every rank during the local checks, so any error is raised on every rank before a collective.
-The module is then rewritten in place: each planned layer is replaced by its shard and the full layer is
-dropped (freed), unless `keep_original_text_encoders` asked to keep it for an exact detach.
+gets its per-rank head counts; any other parent (an MLP) splits its inner features evenly. The result is the
+engine's shard description (`engines/tp_shard.py` `ShardPlan`), built for every rank during the local checks,
+so any error is raised on every rank before a collective. The tensor-parallel engine then replaces each planned
+layer by its shard; the full layers are freed once every rank succeeded (commit), unless
+`keep_original_text_encoders` asked to keep them (on the CPU) for an exact detach.
 """
 from __future__ import annotations
 
