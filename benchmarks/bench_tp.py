@@ -5,7 +5,7 @@
 Every figure comes from this one run, each process on one thread (gloo on CPU):
 1. weight bytes one rank holds under tp_size=2 and 4, from the plans on meta-device models with the real
    configurations (FLUX.1-dev, Qwen-Image, Wan2.1-T2V-14B, Z-Image-Turbo; bf16), and measured on the
-   benchmark model after sharding (both engines), which checks the accounting;
+   benchmark model after sharding (both plans), which checks the accounting;
 2. time of one forward of a Flux-shaped transformer (8 heads of 64, 2 double + 4 single blocks) on a long
    sequence (4096 image + 128 text tokens, a 1024 px FLUX image): one process on one thread (rank 0 alone while
    the other rank waits at a barrier) vs each 2-rank layout: Ulysses, Ring, tp with diffusers' `_tp_plan`

@@ -89,7 +89,7 @@ def _plan_denoiser(name: str, model: torch.nn.Module, config: ParallelismConfig,
         engines.append("tensor parallel")
         sources.append(tp_plan.source)
         details.append(f"attention heads and MLP features split over tp {dims.tp}")
-        whole.append("embeddings, norms, modulation and the output projection (small, replicated)")
+        whole.append("embeddings, norms and the output projection (small, replicated)")
     group = " x ".join(g for g, d in (("ring", dims.ring), ("ulysses", dims.ulysses), ("tp", dims.tp)) if d > 1)
     params = list(model.parameters())
     facts = {
