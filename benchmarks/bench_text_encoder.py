@@ -22,27 +22,31 @@ import time
 import torch
 import torch.distributed as dist
 
-from diffpar.families.text_encoders.base import TEXT_ENCODER_ADAPTER, parameter_bytes
+from diffpar.families.text_encoders.base import TEXT_ENCODER_ADAPTER, build_plan, parameter_bytes
 from diffpar.handle import ParallelHandle
 from diffpar.mesh import ensure_process_group
 from diffpar.testing import tiny_text_encoders
 
 
 def shard(model):
+    """What enable_cache does for one extra module: plan (local checks), apply over the world, commit."""
     handle = ParallelHandle(target=model)
-    TEXT_ENCODER_ADAPTER.check(model, dist.get_world_size(), None)
-    TEXT_ENCODER_ADAPTER.apply(model, dist.group.WORLD, handle, None, name="text_encoder")
+    plan = TEXT_ENCODER_ADAPTER.plan(model, "text_encoder", dist.get_world_size(), None)
+    handle.states["text_encoder"] = TEXT_ENCODER_ADAPTER.apply(model, plan, dist.group.WORLD, handle, None, None)
+    handle.commit()
     return handle
 
 
-def bytes_ratio(name: str, **shape) -> tuple[int, list[int]]:
+def bytes_ratio(name: str, **shape) -> tuple[int, list[int], list[int]]:
+    """Unsharded bytes, every rank's bytes measured after sharding, and every rank's bytes from the plan alone."""
     model, _ = tiny_text_encoders.build(name, **shape)
     full = parameter_bytes(model)
+    predicted = build_plan(model, dist.get_world_size()).weight_bytes(model)["per_rank_all"]
     shard(model)
     mine = torch.tensor([parameter_bytes(model)], dtype=torch.float64)
     every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
-    return full, [int(t.item()) for t in every]
+    return full, [int(t.item()) for t in every], predicted
 
 
 def all_reduces_per_layer(name: str, layers: int, seq: int = 16, **shape) -> float:
@@ -131,9 +135,9 @@ def main():
     world, rank = dist.get_world_size(), dist.get_rank()
 
     t5xxl_scaled = dict(heads=8, d_kv=64, d_model=512, d_ff=1280, layers=24, vocab=4016)
-    full, per_rank = bytes_ratio("t5-gated", **t5xxl_scaled)
+    full, per_rank, predicted = bytes_ratio("t5-gated", **t5xxl_scaled)
     qwen_scaled = dict(heads=28, kv_heads=4, hidden=896, intermediate=4736, layers=4)
-    q_full, q_per_rank = bytes_ratio("qwen2_5_vl", **qwen_scaled)
+    q_full, q_per_rank, q_predicted = bytes_ratio("qwen2_5_vl", **qwen_scaled)
     reduces = {n: all_reduces_per_layer(n, layers=3) for n in ("t5-gated", "umt5", "clip", "llama", "glm")}
     heavy = dict(heads=16, d_kv=64, d_model=1024, d_ff=2816, layers=4)
     timing = encode_time("t5-gated", seq=args.seq, repeats=args.repeats, **heavy)
@@ -143,9 +147,10 @@ def main():
         print("\n== parameter bytes per rank vs unsharded ==")
         print(f"T5-XXL proportions / 8 ({t5xxl_scaled}): unsharded {full / 2**20:.1f} MiB; per rank "
               + ", ".join(f"{b / 2**20:.1f} MiB ({b / full:.3f}x)" for b in per_rank)
-              + f"; max ratio {max(per_rank) / full:.3f}")
+              + f"; max ratio {max(per_rank) / full:.3f} (from the plan alone: {max(predicted) / full:.3f})")
         print(f"Qwen2.5-VL-7B-shaped decoder ({qwen_scaled}): unsharded {q_full / 2**20:.1f} MiB; per rank "
-              + ", ".join(f"{b / 2**20:.1f} MiB ({b / q_full:.3f}x)" for b in q_per_rank))
+              + ", ".join(f"{b / 2**20:.1f} MiB ({b / q_full:.3f}x)" for b in q_per_rank)
+              + f" (from the plan alone: max {max(q_predicted) / q_full:.3f}x)")
         print("\n== all-reduces per layer (one forward) ==")
         for name, per_layer in reduces.items():
             print(f"{name}: {per_layer:g}")

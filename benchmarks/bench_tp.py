@@ -5,11 +5,11 @@
 Every figure comes from this one run, each process on one thread (gloo on CPU):
 1. weight bytes one rank holds under tp_size=2 and 4, from the plans on meta-device models with the real
    configurations (FLUX.1-dev, Qwen-Image, Wan2.1-T2V-14B, Z-Image-Turbo; bf16), and measured on the
-   benchmark model after sharding (both engines), which checks the accounting;
+   benchmark model after sharding (both plans), which checks the accounting;
 2. time of one forward of a Flux-shaped transformer (8 heads of 64, 2 double + 4 single blocks) on a long
    sequence (4096 image + 128 text tokens, a 1024 px FLUX image): one process on one thread (rank 0 alone while
-   the other rank waits at a barrier) vs each 2-rank layout: Ulysses, Ring, tp (diffusers' `_tp_plan`, DTensor),
-   tp (diffpar's plan, plain tensors). Layouts are interleaved round by round so all see the same background load;
+   the other rank waits at a barrier) vs each 2-rank layout: Ulysses, Ring, tp with diffusers' `_tp_plan`
+   (translated into diffpar's shard plan) and tp with diffpar's own plan; both run on diffpar's engine. Layouts are interleaved round by round so all see the same background load;
    medians after a warm-up round. Same outputs checked against the one-process run.
 """
 from __future__ import annotations
@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 
 import diffpar
-from diffpar.engines import tensor_parallel
+from diffpar.compat import diffusers_tp
+from diffpar.errors import UnsupportedError
+from diffpar.families.transformers import tp_plans
 from diffpar.mesh import ensure_process_group
 
 REAL_CONFIGS = {
@@ -55,7 +57,11 @@ def real_model_bytes():
         with torch.device("meta"):
             model = getattr(diffusers, cls_name)(**config)
         for tp in (2, 4):
-            acc = tensor_parallel.per_rank_weight_bytes(model, tp, bytes_per_element=2)
+            try:
+                acc = tp_plans.shard_plan_for(model, tp).weight_bytes(model, bytes_per_element=2)
+            except UnsupportedError as exc:  # e.g. Z-Image's 30 heads on 4 ranks: the plan refuses it
+                rows.append((label, tp, None, None, str(exc).split(":")[0].split(" of ")[0]))
+                continue
             rows.append((label, tp, acc["full"], acc["per_rank"], acc["sharded"] / acc["full"]))
     return rows
 
@@ -84,21 +90,25 @@ def flux_inputs(seq: int, text: int, seed=1):
 
 
 def local_bytes(model) -> int:
-    from torch.distributed.tensor import DTensor
+    """Parameter bytes this rank holds (shards are plain tensors of this rank's slice)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
-    total = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size() for p in model.parameters())
-    for m in model.modules():  # rowwise biases sit on diffpar's all-reduce hook
-        for hook in m._forward_hooks.values():
-            bias = getattr(hook, "bias", None)
-            if isinstance(bias, torch.Tensor):
-                total += bias.numel() * bias.element_size()
-    return total
+
+def plan_with(force_ours: bool, model, tp: int):
+    """The shard plan of `model`, from diffpar's own plan when `force_ours` (as if diffusers had no `_tp_plan`)."""
+    original = diffusers_tp.native_tp_plan
+    if force_ours:
+        diffusers_tp.native_tp_plan = lambda m: None
+    try:
+        return tp_plans.shard_plan_for(model, tp)
+    finally:
+        diffusers_tp.native_tp_plan = original
 
 
 LAYOUTS = {
     "ulysses_size=2": (dict(ulysses_size=2), False),
     "ring_size=2": (dict(ring_size=2), False),
-    "tp_size=2 (diffusers _tp_plan)": (dict(tp_size=2), False),
+    "tp_size=2 (diffusers _tp_plan, translated)": (dict(tp_size=2), False),
     "tp_size=2 (diffpar plan)": (dict(tp_size=2), True),
 }
 
@@ -120,17 +130,24 @@ def main():
         print("| model | tp | whole model | per rank | per rank / whole | share of weights split |")
         print("|---|---|---|---|---|---|")
         for label, tp, full, per_rank, share in real_model_bytes():
+            if full is None:
+                print(f"| {label} | {tp} | refused ({share}) | | | |")
+                continue
             print(f"| {label} | {tp} | {gib(full)} | {gib(per_rank)} | {per_rank / full:.3f} | {share:.3f} |")
 
     inputs = flux_inputs(args.seq, args.text)
     reference_model = build_flux() if rank == 0 else None
     models, handles = {}, {}
     for label, (config, force) in LAYOUTS.items():
-        tensor_parallel.FORCE_DIFFPAR_PLANS = force
         model = build_flux()
-        predicted = tensor_parallel.per_rank_weight_bytes(model, 2)["per_rank"] if "tp" in label else None
-        handles[label] = diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(**config))
-        tensor_parallel.FORCE_DIFFPAR_PLANS = False
+        predicted = plan_with(force, model, 2).weight_bytes(model)["per_rank"] if "tp" in label else None
+        original = diffusers_tp.native_tp_plan
+        if force:
+            diffusers_tp.native_tp_plan = lambda m: None
+        try:
+            handles[label] = diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(**config))
+        finally:
+            diffusers_tp.native_tp_plan = original
         models[label] = (model, local_bytes(model), predicted)
 
     def run(model):

@@ -4,7 +4,7 @@ from tolerances import PIPELINE_FP32, TP_FP32
 
 from diffpar.families.text_encoders.base import build_plan, transformers_plan
 from diffpar.errors import DiffparError, UnsupportedError
-from diffpar.engines.tensor_parallel_linear import HeadCountError, split_heads, split_ranges
+from diffpar.engines.tp_shard import HeadCountError, split_heads, split_ranges
 from diffpar.testing import tiny_text_encoders
 
 WORKER = "workers.text_encoders"
@@ -106,6 +106,7 @@ def test_full_weights_are_freed(ranks, world):
     for r in ranks(world, f"{WORKER}:memory_freed", name="t5-gated"):
         assert r["alive_full_weights"] == 0, r
         assert r["ratio"] < (0.6 if world == 2 else 0.42), r
+        assert r["plan_bytes"] == r["held_bytes"], r
 
 
 @pytest.mark.parametrize("name", ["t5-gated", "umt5", "clip", "llama", "glm", "qwen2_5_vl"])
@@ -183,7 +184,7 @@ def test_glm_fused_gate_up_is_split_per_chunk():
     plan = build_plan(model, 2)
     gate_up = next(layer for layer in plan.layers if layer.path == "layers.0.mlp.gate_up_proj")
     inter = model.config.intermediate_size
-    assert gate_up.ranges[0] == [(0, inter // 2), (inter, inter + inter // 2)]
+    assert list(gate_up.ranges[0]) == [(0, inter // 2), (inter, inter + inter // 2)]
     assert not gate_up.gather_output
 
 

@@ -34,6 +34,7 @@ def test_tp_matches_one_process(ranks, world, model_name, force, model_kwargs, i
         assert r["diff"] <= TRANSFORMER_TP_FP32, (r["rank"], r["diff"])
         assert r["engine"] == ("diffusers" if native and not force else "diffpar")
         assert r["bytes_ratio"] < 1 - 0.4 * (1 - 1 / world), "each rank must hold a fraction of the block weights"
+        assert r["plan_bytes_match"], "the plan's per-rank weight bytes must be what a rank holds"
         assert r["detach_diff"] == BITWISE and r["detach_weights_equal"]
 
 
@@ -112,3 +113,14 @@ def test_hybrid_local_heads_not_divisible_by_ulysses(ranks):
 def test_model_without_plan_is_refused(ranks):
     messages = ranks(2, "workers.transformer_tp:expect_error", model_name="sd3", config={"tp_size": 2})
     _assert_all(messages, "has a tensor-parallel plan", "Models with a plan", "ulysses_size / ring_size")
+
+
+@pytest.mark.parametrize("model_name,force", [("flux", False), ("flux2", True), ("wan", False)])
+def test_rollback_before_commit_is_local_and_exact(ranks, model_name, force):
+    """A later step failing undoes tensor parallelism before commit: no collective, the same layers back."""
+    for r in ranks(2, "workers.transformer_tp:rollback_before_commit", model_name=model_name,
+                   model_kwargs={"heads": 4}, force_diffpar=force):
+        assert r["collectives"] == [] and r["same_layers"] and r["restored"], r
+        # The one convention for sharded weights: plain tensors holding this rank's slice, in parallel layers.
+        assert r["plain_tensors"] and r["weight_shape"][0] == r["expected_rows"] < r["full_shape"][0], r
+        assert set(r["classes"]) <= {"ColumnParallelLinear", "RowParallelLinear"}, r

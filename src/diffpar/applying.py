@@ -86,8 +86,8 @@ def _apply_local_steps(target, plan: ParallelPlan, config, handle, world_mesh, c
                        parallel_config, handle, component.name, prepare=payload.cp_prepare)
             context.denoiser_parallel_configs[component.name] = parallel_config
         if payload.tp_engine is not None:
-            apply_step("tensor parallel", tensor_parallel.apply_tensor_parallel, payload.module, payload.tp_engine,
-                       payload.tp_plan, config, world_mesh["tp"], handle, component.name)
+            apply_step("tensor parallel", tensor_parallel.apply_tensor_parallel, payload.module, payload.tp_plan,
+                       world_mesh["tp"], handle, component.name)
     for component in plan.components:
         if component.role in ("denoiser", "cache"):
             continue

@@ -21,6 +21,7 @@ from diffpar.engines.context_parallel import check_context_parallel
 from diffpar.errors import DiffparError
 from diffpar.families.controlnets.base import check_controlnet_listed
 from diffpar.families.registry import cp_plan_entry, cp_plan_for, extra_adapter_for
+from diffpar.families.transformers import tp_plans
 from diffpar.mesh import ParallelDims
 from diffpar.plan_types import ComponentPlan, MeshLayout, ParallelPlan
 
@@ -28,7 +29,8 @@ from diffpar.plan_types import ComponentPlan, MeshLayout, ParallelPlan
 @dataclass(frozen=True)
 class DenoiserPayload:
     """What the engines need for one denoiser: its context-parallel plan (diffusers' `_cp_plan` format) and
-    the prepare step that plan needs, and its tensor-parallel engine and plan."""
+    the prepare step that plan needs, and its tensor-parallel shard plan (`tp_engine`: who wrote the plan it comes
+    from, "diffusers" or "diffpar")."""
 
     module: torch.nn.Module
     cp_plan: dict | None = None
@@ -109,14 +111,14 @@ def _plan_denoiser(name: str, model: torch.nn.Module, config: ParallelismConfig,
         )
         whole.append("weights under context parallelism (every rank of a ring x ulysses group holds them all)")
     if config.tp_degree > 1:
-        tp_engine, tp_plan = tensor_parallel.tp_plan_for(model)
-        tensor_parallel.check_tensor_parallel(model, config.tp_degree, config)
-        accounting = tensor_parallel.per_rank_weight_bytes(model, config.tp_degree)
-        per_rank = accounting["per_rank"]
+        tp_plan = tp_plans.shard_plan_for(model, config.tp_degree, world=dims.world_size)
+        tp_engine = tp_plan.origin  # "diffusers" (its _tp_plan, translated) or "diffpar"
+        tensor_parallel.check_tensor_parallel(model, tp_plan, config)
+        per_rank = tp_plan.weight_bytes(model)["per_rank"]
         engines.append("tensor parallel")
-        sources.append("diffusers _tp_plan" if tp_engine == "diffusers" else "diffpar TP plan")
+        sources.append(tp_plan.source)
         details.append(f"attention heads and MLP features split over tp {dims.tp}")
-        whole.append("embeddings, norms, modulation and the output projection (small, replicated)")
+        whole.append("embeddings, norms and the output projection (small, replicated)")
     group = " x ".join(g for g, d in (("ring", dims.ring), ("ulysses", dims.ulysses), ("tp", dims.tp)) if d > 1)
     params = list(model.parameters())
     facts = {

@@ -145,12 +145,16 @@ def memory_freed(name: str = "t5-gated"):
     model, _ = tiny_text_encoders.build(name)
     world = dist.get_world_size()
     plan = build_plan(model, world)
+    with torch.device("meta"):  # accounting from the plan alone works on a model without weights
+        model_meta, _ = tiny_text_encoders.build(name)
     refs = [weakref.ref(model.get_submodule(layer.path).weight) for layer in plan.layers]
     before = parameter_bytes(model)
     handle = _enable(model)
     gc.collect()
     alive = sum(r() is not None for r in refs)
-    result = {"alive_full_weights": alive, "planned": len(refs), "ratio": parameter_bytes(model) / before}
+    result = {"alive_full_weights": alive, "planned": len(refs), "ratio": parameter_bytes(model) / before,
+              "plan_bytes": plan.weight_bytes(model_meta)["per_rank_all"][dist.get_rank()],
+              "held_bytes": parameter_bytes(model)}
     _quiet_detach(handle)
     return result
 
@@ -182,7 +186,8 @@ def count_all_reduces(name: str, seq: int = 9):
 
 def parallel_linear_units(seed: int = 0):
     """The layers on their own: column+row pair (uneven split), gather_output, split-input rows, bias once."""
-    from diffpar.engines.tensor_parallel_linear import ColumnParallelLinear, RowParallelLinear, split_ranges
+    from diffpar.engines.tensor_parallel_linear import ColumnParallelLinear, RowParallelLinear
+    from diffpar.engines.tp_shard import split_ranges
 
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(seed)

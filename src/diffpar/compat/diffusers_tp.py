@@ -1,15 +1,15 @@
-"""diffusers' tensor-parallel machinery (0.40+), feature-detected.
+"""diffusers' tensor-parallel plans (0.40+), feature-detected and translated; diffpar never runs diffusers' engine.
 
-- `native_tp_plan(model)`: the class's `_tp_plan` when the installed release can apply it, else None.
-- `allow_device(type)`: diffusers refuses meshes whose device type is not in `_SUPPORTED_TP_DEVICES`
-  ("cuda", "neuron", "tpu", "xpu"); a gloo CPU mesh computes the same thing (measured 2.4e-7 on Flux), so we
-  add the device to that tuple only for the duration of the call that checks it.
+- `native_tp_plan(model)`: the class's `_tp_plan` when the installed release ships tensor parallelism, else None.
+- `translate_tp_plan(model, plan)`: that plan in plain data diffpar's engine reads: pattern -> ("colwise" |
+  "rowwise", absolute block widths of a packed projection or None). diffusers' `PackedColwiseParallel` /
+  `PackedRowwiseParallel` carry proportions, or leave them on the Linear (`_tp_packed_col_blocks` /
+  `_tp_packed_row_blocks`, set in the model's `__init__`); both become widths here.
 - `native_tp_prechecks(model, tp)`: diffusers' own refusals (offloaded, quantized, LoRA-injected models) where
   the release has them (0.41+), as diffpar errors.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 from functools import lru_cache
 
@@ -34,21 +34,6 @@ def native_tp_plan(model: torch.nn.Module) -> dict | None:
     return getattr(type(model), "_tp_plan", None) or None
 
 
-@contextlib.contextmanager
-def allow_device(device_type: str):
-    from diffusers.hooks import tensor_parallel as htp
-
-    allowed = getattr(htp, "_SUPPORTED_TP_DEVICES", None)
-    if allowed is None or device_type in allowed:
-        yield
-        return
-    htp._SUPPORTED_TP_DEVICES = tuple(allowed) + (device_type,)
-    try:
-        yield
-    finally:
-        htp._SUPPORTED_TP_DEVICES = allowed
-
-
 def native_tp_prechecks(model: torch.nn.Module, tp_degree: int) -> None:
     """diffusers' refusals for a model in memory; head counts are checked by diffpar before this."""
     from diffusers.hooks import tensor_parallel as htp
@@ -70,13 +55,46 @@ def native_tp_prechecks(model: torch.nn.Module, tp_degree: int) -> None:
         raise UnsupportedError(f"tp_size={tp_degree} on {type(model).__name__}: {exc}") from None
 
 
-def apply_native(model: torch.nn.Module, tp_mesh, rank: int, world_size: int, device) -> object:
-    """diffusers' apply_tensor_parallel on `tp_mesh`; returns the TensorParallelConfig it used."""
-    from diffusers.hooks.tensor_parallel import apply_tensor_parallel
-    from diffusers.models._modeling_parallel import TensorParallelConfig
+def _blocks(style, linear, kind: str) -> tuple[int, ...]:
+    attr = "_tp_packed_col_blocks" if kind == "colwise" else "_tp_packed_row_blocks"
+    blocks = getattr(style, "blocks", None) or getattr(linear, attr, None)
+    full = linear.out_features if kind == "colwise" else linear.in_features
+    if not blocks or full % sum(blocks):
+        raise UnsupportedError(
+            f"diffusers' _tp_plan packs {type(linear).__name__} ({full} features) into blocks {blocks!r}, which do "
+            "not split it; diffpar cannot translate this plan."
+        )
+    unit = full // sum(blocks)
+    return tuple(int(b) * unit for b in blocks)
 
-    tp_config = TensorParallelConfig(mesh=tp_mesh)
-    tp_config.setup(rank, world_size, device, tp_mesh)
-    with allow_device(tp_mesh.device_type):
-        apply_tensor_parallel(model, tp_config, type(model)._tp_plan)
-    return tp_config
+
+def _first_match(model: torch.nn.Module, pattern: str):
+    if "*" not in pattern:
+        return model.get_submodule(pattern)
+    prefix, _, suffix = pattern.partition("*")
+    container = model.get_submodule(prefix.strip(".")) if prefix.strip(".") else model
+    if len(container) == 0:
+        return None
+    return container[0].get_submodule(suffix.strip(".")) if suffix.strip(".") else container[0]
+
+
+def translate_tp_plan(model: torch.nn.Module, plan: dict) -> dict[str, tuple[str, tuple[int, ...] | None]]:
+    """diffusers' `_tp_plan` as pattern -> ("colwise" | "rowwise", packed block widths or None).
+
+    Block widths are read from the first module a glob matches (every block of a ModuleList is built alike).
+    A style diffusers adds later is refused by name rather than guessed."""
+    out = {}
+    for pattern, style in plan.items():
+        if style in ("colwise", "rowwise"):
+            out[pattern] = (style, None)
+            continue
+        name = type(style).__name__
+        if name not in ("PackedColwiseParallel", "PackedRowwiseParallel"):
+            raise UnsupportedError(
+                f"{type(model).__name__}._tp_plan uses style {style!r} on {pattern!r}, which diffpar does not "
+                "translate (it knows colwise, rowwise, PackedColwiseParallel, PackedRowwiseParallel)."
+            )
+        kind = "colwise" if name == "PackedColwiseParallel" else "rowwise"
+        linear = _first_match(model, pattern)
+        out[pattern] = (kind, None if linear is None else _blocks(style, linear, kind))
+    return out

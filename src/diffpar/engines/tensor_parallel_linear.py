@@ -1,4 +1,4 @@
-"""Column- and row-parallel linear layers on plain tensors, the all-reduce they need, and how heads are dealt.
+"""Column- and row-parallel linear layers on plain tensors, the collectives they need, and head-sharded norms.
 
 A tensor-parallel pair splits one inner dimension over the ranks of a process group:
 
@@ -12,7 +12,6 @@ The process group is always an argument; nothing here reads a global default.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -20,89 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from diffpar.errors import DiffparError
-
-Range = tuple[int, int]
-
-
-# -- splitting -------------------------------------------------------------------------------------------------
-def even_split(total: int, parts: int) -> list[int]:
-    """Sizes of `parts` contiguous pieces of `total`, differing by at most one (larger pieces first)."""
-    base, extra = divmod(total, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
-
-
-def split_ranges(total: int, parts: int) -> list[Range]:
-    """Contiguous (start, stop) ranges of `even_split(total, parts)`."""
-    ranges, start = [], 0
-    for size in even_split(total, parts):
-        ranges.append((start, start + size))
-        start += size
-    return ranges
-
-
-class HeadCountError(DiffparError):
-    """Fewer attention heads than ranks: some rank would hold no head."""
-
-
-@dataclass(frozen=True)
-class HeadShard:
-    """The query heads and key/value heads one rank computes (half-open ranges of head indices)."""
-
-    q: Range
-    kv: Range
-
-    @property
-    def num_q(self) -> int:
-        return self.q[1] - self.q[0]
-
-    @property
-    def num_kv(self) -> int:
-        return self.kv[1] - self.kv[0]
-
-    @property
-    def kv_groups(self) -> int:
-        """Query heads per key/value head on this rank (transformers' `num_key_value_groups`)."""
-        return self.num_q // self.num_kv
-
-
-def split_heads(num_heads: int, num_kv_heads: int, world: int, *, what: str = "the model") -> list[HeadShard]:
-    """Deal attention heads to `world` ranks so that every rank computes whole heads, exactly.
-
-    Query head h reads key/value head h // g, g = num_heads // num_kv_heads. Every rank's query heads must
-    read key/value heads that rank holds, with the same number of query heads per key/value head:
-    - num_kv_heads >= world: key/value heads are dealt as evenly as possible, each with its g query heads;
-    - num_kv_heads < world (e.g. 2 KV heads on 4 ranks): each rank holds one key/value head (replicated on
-      the ranks that share it) and a contiguous part of that head's query heads; `num_key_value_groups`
-      becomes the number of local query heads.
-    Uneven counts are allowed (a rank may hold one head more); only fewer heads than ranks is refused.
-    """
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise DiffparError(
-            f"{what}: {num_heads} query heads are not a multiple of {num_kv_heads} key/value heads; this is not a "
-            "grouped-query attention layout diffpar can split."
-        )
-    if num_heads < world:
-        raise HeadCountError(
-            f"{what} has {num_heads} attention heads, fewer than the {world} ranks it would be sharded over: "
-            f"tensor parallelism gives every rank at least one whole head, so at most {num_heads} ranks can share "
-            f"it. Leave it out of extra_parallel_modules (it then runs whole on every rank), or launch at most "
-            f"{num_heads} processes."
-        )
-    group = num_heads // num_kv_heads
-    if num_kv_heads >= world:
-        return [HeadShard(q=(a * group, b * group), kv=(a, b)) for a, b in split_ranges(num_kv_heads, world)]
-    shards = []
-    for kv, ranks_on_head in enumerate(even_split(world, num_kv_heads)):
-        # ranks_on_head <= ceil(world / num_kv_heads) <= group because world <= num_heads: no rank is empty.
-        for a, b in split_ranges(group, ranks_on_head):
-            shards.append(HeadShard(q=(kv * group + a, kv * group + b), kv=(kv, kv + 1)))
-    return shards
-
-
-def scale_ranges(ranges: Sequence[Range], unit: int, offset: int = 0) -> list[Range]:
-    """Head ranges -> feature ranges (`unit` features per head), shifted by `offset`."""
-    return [(offset + a * unit, offset + b * unit) for a, b in ranges]
+from diffpar.engines.tp_shard import Range, total as _total
 
 
 def _slice_rows(weight: torch.Tensor, ranges: Sequence[Range]) -> torch.Tensor:
@@ -116,10 +33,6 @@ def _slice_cols(weight: torch.Tensor, ranges: Sequence[Range]) -> torch.Tensor:
     parts = [weight[:, a:b] for a, b in ranges]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     return out.clone(memory_format=torch.contiguous_format)
-
-
-def _total(ranges: Sequence[Range]) -> int:
-    return sum(b - a for a, b in ranges)
 
 
 # -- collectives -----------------------------------------------------------------------------------------------
@@ -289,9 +202,64 @@ class HeadParallelEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim} of {self.full_embedding_dim} heads {list(self.head_ranges)}"
 
 
-PARALLEL_LAYER_TYPES = (ColumnParallelLinear, RowParallelLinear, HeadParallelEmbedding)
-
-
 def mark_detached(layer: nn.Module, label: str, world: int) -> None:
     """Make a shard refuse to run (a clear error, not a wrong result or a hang) once diffpar is detached."""
     layer.detached_reason = _DETACHED_MESSAGE.format(label=label, world=world)
+
+
+class HeadShardedRMSNorm(nn.Module):
+    """An RMSNorm over all heads (Wan's "rms_norm_across_heads") on a rank holding some of them: this rank's
+    features of the weight, and the mean of squares summed over the group."""
+
+    def __init__(self, width: int, ranges: Sequence[Range], eps: float | None, group, *, device=None, dtype=None,
+                 elementwise_affine: bool = True):
+        super().__init__()
+        self.full_width = width
+        self.ranges = tuple(tuple(r) for r in ranges)
+        self.eps = eps
+        self.group = group
+        self.weight = nn.Parameter(torch.empty(_total(self.ranges), device=device, dtype=dtype),
+                                   requires_grad=False) if elementwise_affine else None
+
+    @classmethod
+    def from_norm(cls, norm: nn.Module, width: int, ranges: Sequence[Range], group) -> "HeadShardedRMSNorm":
+        weight = getattr(norm, "weight", None)
+        layer = cls(width, ranges, getattr(norm, "eps", None), group, device="meta",
+                    elementwise_affine=weight is not None)
+        if weight is not None:
+            layer.weight = nn.Parameter(_slice_rows(weight.data, ranges), requires_grad=weight.requires_grad)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        sum_sq = xf.pow(2).sum(dim=-1, keepdim=True)
+        dist.all_reduce(sum_sq, group=self.group)
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        out = (xf * torch.rsqrt(sum_sq / self.full_width + eps)).to(x.dtype)
+        return out * self.weight if self.weight is not None else out
+
+    def extra_repr(self) -> str:
+        return f"{_total(self.ranges)} of {self.full_width} features {list(self.ranges)}, eps={self.eps}"
+
+
+def gather_full(local: torch.Tensor, dim: int, all_ranges: Sequence[Sequence[Range]], full_size: int,
+                group) -> torch.Tensor:
+    """The full tensor back from every rank's `local` piece along `dim` (a collective over `group`): rank r's
+    piece holds the features `all_ranges[r]`, concatenated. Bit for bit the tensor the pieces were cut from."""
+    sizes = [_total(r) for r in all_ranges]
+    width = max(sizes)
+    piece = local.movedim(dim, 0).contiguous()
+    if piece.shape[0] < width:
+        piece = torch.cat([piece, piece.new_zeros((width - piece.shape[0], *piece.shape[1:]))])
+    pieces = [torch.empty_like(piece) for _ in sizes]
+    dist.all_gather(pieces, piece, group=group)
+    full = piece.new_empty((full_size, *piece.shape[1:]))
+    for ranges, got in zip(all_ranges, pieces):
+        offset = 0
+        for a, b in ranges:
+            full[a:b] = got[offset:offset + b - a]
+            offset += b - a
+    return full.movedim(0, dim).contiguous()
+
+
+PARALLEL_LAYER_TYPES = (ColumnParallelLinear, RowParallelLinear, HeadParallelEmbedding, HeadShardedRMSNorm)

@@ -16,16 +16,17 @@ half is split the same way, so no gather is needed).
 
 Planned layers are grouped by parent. A parent that is an attention module (the family recognizes it by
 class) is split by whole heads (`split_heads`: uneven counts and key/value-head replication included) and
-gets its per-rank head counts; any other parent (an MLP) splits its inner features evenly. The whole plan is
-built for every rank during the local checks, so any error is raised on every rank before a collective.
-The module is then rewritten in place: each planned layer is replaced by its shard and the full layer is
-dropped (freed), unless `keep_original_text_encoders` asked to keep it for an exact detach.
+gets its per-rank head counts; any other parent (an MLP) splits its inner features evenly. The result is the
+engine's shard description (`engines/tp_shard.py` `ShardPlan`), built for every rank during the local checks,
+so any error is raised on every rank before a collective. The tensor-parallel engine then replaces each planned
+layer by its shard; the full layers are freed once every rank succeeded (commit), unless
+`keep_original_text_encoders` asked to keep them (on the CPU) for an exact detach.
 """
 from __future__ import annotations
 
 import fnmatch
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -33,18 +34,20 @@ import torch.distributed as dist
 from torch import nn
 
 from diffpar.errors import DiffparError, UnsupportedError
-from diffpar.engines.tensor_parallel_linear import (
-    PARALLEL_LAYER_TYPES,
-    ColumnParallelLinear,
-    HeadParallelEmbedding,
+from diffpar.engines.tensor_parallel import shard_module
+from diffpar.engines.tensor_parallel_linear import PARALLEL_LAYER_TYPES
+from diffpar.engines.tp_shard import (
+    COLUMN,
+    ROW,
+    AttributeShard,
     HeadShard,
-    Range,
-    RowParallelLinear,
-    mark_detached,
+    LayerShard,
+    ShardPlan,
     scale_ranges,
     split_heads,
     split_ranges,
 )
+from diffpar.engines.tp_shard import HEAD_TABLE as HEAD_TABLE_SHARD
 from diffpar.families.registry import ExtraModuleAdapter, load_builtin_families, register_extra_adapter
 from diffpar.plan_types import ComponentPlan
 
@@ -153,35 +156,6 @@ def transformers_plan(config) -> dict[str, str]:
 
 
 # -- the plan for one encoder on one world ---------------------------------------------------------------------
-@dataclass
-class LayerShard:
-    """Replace `path` (relative to the encoder) by its shard on each rank."""
-
-    path: str
-    kind: str  # "column", "row", "head_table"
-    ranges: list[list[Range]]  # rank -> feature ranges (columns: output rows; row: input columns; table: heads)
-    gather_output: bool = False
-    input_is_parallel: bool = True
-
-
-@dataclass
-class AttributeShard:
-    path: str  # the attention module
-    values: list[dict]  # rank -> {attribute: per-rank value}
-
-
-@dataclass
-class ShardingPlan:
-    family: str
-    layers: list[LayerShard] = field(default_factory=list)
-    attributes: list[AttributeShard] = field(default_factory=list)
-    heads: dict = field(default_factory=dict)  # attention path -> per-rank (q heads, kv heads), for reports
-
-    def summary(self) -> dict:
-        head_counts = sorted({tuple(v) for v in self.heads.values()})
-        return {"family": self.family, "sharded_layers": len(self.layers), "heads_per_rank": head_counts}
-
-
 def _expand(module: nn.Module, prefix: str, plan: dict[str, str]) -> dict[str, tuple[str, str]]:
     """Full path -> (style, plan pattern) for every module matched by a plan pattern under `prefix`."""
     base = f"{prefix}." if prefix else ""
@@ -237,13 +211,13 @@ def _check_layer(encoder: nn.Module, path: str, layer: nn.Module, style: str) ->
         )
 
 
-def build_plan(encoder: nn.Module, world: int, family: TextEncoderFamily | None = None) -> ShardingPlan:
+def build_plan(encoder: nn.Module, world: int, family: TextEncoderFamily | None = None) -> ShardPlan:
     """Every rank's shards of `encoder` on `world` ranks; raises DiffparError for anything it cannot split."""
     family = family or family_for(encoder)
     if family is None:
         raise UnsupportedError(f"{type(encoder).__name__} is not a text encoder diffpar can shard.")
     family.check_module(encoder)
-    result = ShardingPlan(family=family.name)
+    result = ShardPlan(world=world, source=f"{family.name} plan", origin=family.name)
     targets = family.targets(encoder)
     if not targets:
         raise UnsupportedError(f"{type(encoder).__name__}: diffpar found no layer stack to shard in it.")
@@ -274,7 +248,7 @@ def _join(parent: str, child: str) -> str:
     return f"{parent}.{child}" if parent else child
 
 
-def _plan_parent(encoder, family, parent_path: str, styles: dict[str, str], world: int, out: ShardingPlan) -> None:
+def _plan_parent(encoder, family, parent_path: str, styles: dict[str, str], world: int, out: ShardPlan) -> None:
     parent = encoder.get_submodule(parent_path) if parent_path else encoder
     layout = family.attention_layout(parent)
     if layout is not None:
@@ -283,7 +257,7 @@ def _plan_parent(encoder, family, parent_path: str, styles: dict[str, str], worl
         _plan_dense(encoder, family, parent, parent_path, styles, world, out)
 
 
-def _plan_attention(encoder, parent, parent_path, layout: AttentionLayout, styles, world, out: ShardingPlan) -> None:
+def _plan_attention(encoder, parent, parent_path, layout: AttentionLayout, styles, world, out: ShardPlan) -> None:
     label = _label(encoder, parent_path)
     expected = {layout.q: COLWISE, layout.k: COLWISE, layout.v: COLWISE, layout.o: ROWWISE}
     if layout.head_table and hasattr(parent, layout.head_table):
@@ -306,12 +280,12 @@ def _plan_attention(encoder, parent, parent_path, layout: AttentionLayout, style
         LayerShard(_join(parent_path, layout.o), "row", [scale_ranges([s.q], d) for s in shards]),
     ]
     if HEAD_TABLE in styles.values():
-        out.layers.append(LayerShard(_join(parent_path, layout.head_table), "head_table", [[s.q] for s in shards]))
-    out.attributes.append(AttributeShard(parent_path, [layout.local_attrs(s) for s in shards]))
+        out.layers.append(LayerShard(_join(parent_path, layout.head_table), HEAD_TABLE_SHARD, [[s.q] for s in shards]))
+    out.attributes.append(AttributeShard(parent_path, tuple(layout.local_attrs(s) for s in shards)))
     out.heads[parent_path] = [(s.num_q, s.num_kv) for s in shards]
 
 
-def _plan_dense(encoder, family, parent, parent_path, styles, world, out: ShardingPlan) -> None:
+def _plan_dense(encoder, family, parent, parent_path, styles, world, out: ShardPlan) -> None:
     """An MLP: column layers split their outputs, row layers their inputs, all along the same inner features."""
     label = _label(encoder, parent_path)
     if HEAD_TABLE in styles.values() or type(parent).__name__.endswith("Attention") or hasattr(parent, "head_dim"):
@@ -363,89 +337,20 @@ def _plan_dense(encoder, family, parent, parent_path, styles, world, out: Shardi
         path = _join(parent_path, child)
         if style == COLWISE and child in packed:
             ranges = [[(p * inner + a, p * inner + b) for p in range(packed[child])] for a, b in split_ranges(inner, world)]
-            out.layers.append(LayerShard(path, "column", ranges))
+            out.layers.append(LayerShard(path, COLUMN, ranges))
         elif style == COLWISE:
-            out.layers.append(LayerShard(path, "column", [[r] for r in split_ranges(inner, world)]))
+            out.layers.append(LayerShard(path, COLUMN, [[r] for r in split_ranges(inner, world)]))
         elif style == ROWWISE:
-            out.layers.append(LayerShard(path, "row", [[r] for r in split_ranges(inner, world)]))
+            out.layers.append(LayerShard(path, ROW, [[r] for r in split_ranges(inner, world)]))
         elif style == COLWISE_GATHER_OUTPUT:
             own = split_ranges(layer.out_features, world)
-            out.layers.append(LayerShard(path, "column", [[r] for r in own], gather_output=True))
+            out.layers.append(LayerShard(path, COLUMN, [[r] for r in own], gather_output=True))
         elif style == ROWWISE_SPLIT_INPUT:
             own = split_ranges(layer.in_features, world)
-            out.layers.append(LayerShard(path, "row", [[r] for r in own], input_is_parallel=False))
+            out.layers.append(LayerShard(path, ROW, [[r] for r in own], input_is_parallel=False))
 
 
 # -- applying it -----------------------------------------------------------------------------------------------
-def _make_shard(layer: nn.Module, shard: LayerShard, rank: int, group) -> nn.Module:
-    ranges = shard.ranges[rank]
-    if shard.kind == "column":
-        sizes = [sum(b - a for a, b in r) for r in shard.ranges]
-        return ColumnParallelLinear.from_linear(layer, ranges, group, gather_output=shard.gather_output,
-                                                all_out_sizes=sizes if shard.gather_output else None)
-    if shard.kind == "row":
-        return RowParallelLinear.from_linear(layer, ranges, group, input_is_parallel=shard.input_is_parallel)
-    return HeadParallelEmbedding.from_embedding(layer, ranges)
-
-
-def shard_text_encoder(encoder: nn.Module, group, *, keep_original: bool = False, plan: ShardingPlan | None = None,
-                       register_undo=None):
-    """Rewrite `encoder` in place into this rank's shards. Returns `release`, to call once the whole
-    `enable_cache` succeeded: it drops the full layers (unless `keep_original`), freeing their memory.
-
-    `register_undo(undo, irreversible)`, if given, is called before the first change. Until `release()` the
-    originals are still referenced, so the undo restores the encoder exactly when a later step fails; after it,
-    without `keep_original`, the undo can only disable the shards (`irreversible()` then says True).
-    """
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    plan = plan or build_plan(encoder, world)
-    replaced = []  # [parent, child name, original layer (None once released), shard, original device]
-    old_attrs = []
-    label = type(encoder).__name__
-    released = []
-
-    def undo():
-        if not released or keep_original:
-            for parent, child, original, _new, device in reversed(replaced):
-                if device is not None and device.type != "cpu":
-                    original.to(device)
-                setattr(parent, child, original)
-            for module, key, old in reversed(old_attrs):
-                setattr(module, key, old)
-        else:
-            for _parent, child, _orig, new, _device in replaced:
-                mark_detached(new, f"{label} ({child})", world)
-
-    def release():
-        released.append(True)
-        if not keep_original:
-            for entry in replaced:
-                entry[2] = None  # the full layer is referenced nowhere now: freed
-
-    if register_undo is not None:
-        register_undo(undo, lambda: bool(released) and not keep_original)
-    for shard in plan.layers:
-        parent_path, _, child = shard.path.rpartition(".")
-        parent = encoder.get_submodule(parent_path) if parent_path else encoder
-        original = getattr(parent, child)
-        new = _make_shard(original, shard, rank, group)
-        entry = [parent, child, original, new, None]
-        replaced.append(entry)
-        setattr(parent, child, new)
-        if keep_original:
-            # Kept on the CPU so the accelerator memory is still saved; moved back (bit for bit) on detach.
-            entry[4] = next(original.parameters()).device
-            if entry[4].type != "cpu":
-                original.to("cpu")
-        del original
-    for attr in plan.attributes:
-        module = encoder.get_submodule(attr.path) if attr.path else encoder
-        for key, value in attr.values[rank].items():
-            old_attrs.append((module, key, getattr(module, key)))
-            setattr(module, key, value)
-    return release
-
-
 def parameter_bytes(module: nn.Module) -> int:
     seen, total = set(), 0
     for p in module.parameters():
@@ -474,8 +379,7 @@ class TextEncoderTensorParallel(ExtraModuleAdapter):
             "dtype": str(params[0].dtype) if params else None,
             **family.describe(module),
         }
-        whole = parameter_bytes(module)
-        sharded = _sharded_bytes(module, sharding)
+        accounting = sharding.weight_bytes(module)
         keep = bool(getattr(config, KEEP_ORIGINAL_OPTION, False))
         summary = sharding.summary()
         return ComponentPlan(
@@ -487,8 +391,8 @@ class TextEncoderTensorParallel(ExtraModuleAdapter):
                 else "full weights freed after sharding: detach says to reload (keep_original_text_encoders=True keeps them)",
             ),
             facts=ComponentPlan.freeze_facts(facts),
-            weight_bytes=whole,
-            weight_bytes_per_rank=whole - sharded + sharded // world_size,
+            weight_bytes=accounting["full"],
+            weight_bytes_per_rank=accounting["per_rank"],
             whole=("embeddings, norms and anything outside the attention and MLP linears",),
             payload=sharding,
         )
@@ -505,30 +409,19 @@ class TextEncoderTensorParallel(ExtraModuleAdapter):
                 f"to save memory; it must be reloaded (e.g. {type(module).__name__}.from_pretrained(...)) before it "
                 f"runs in one process. Set {KEEP_ORIGINAL_OPTION}=True to keep a CPU copy that detach restores."
             )
-        release = shard_text_encoder(
-            module, group, keep_original=keep, plan=sharding,
-            register_undo=lambda undo, irreversible: handle.add(
-                f"{label}: text-encoder tensor parallelism ({sharding.family}, {world} ranks)", undo,
-                irreversible_reason=reason, irreversible=irreversible))
         # The full layers are dropped only once every step of enable_cache succeeded (handle.commit), so a failure
         # in a later step restores this encoder exactly.
-        handle.on_commit(release)
+        shard_module(module, sharding, group, handle,
+                     f"{label}: text-encoder tensor parallelism ({sharding.origin}, {world} ranks)",
+                     detach="kept" if keep else "dropped", irreversible_reason=reason)
         after = parameter_bytes(module)
         state = {
-            **sharding.summary(), "world_size": world, "param_bytes_before": plan.weight_bytes,
-            "param_bytes_after": after, "kept_original": keep,
+            **sharding.summary(), "family": sharding.origin, "world_size": world,
+            "param_bytes_before": plan.weight_bytes, "param_bytes_after": after, "kept_original": keep,
         }
         logger.info("diffpar: %s sharded over %d ranks (%s): %.1f%% of its parameter bytes per rank.",
-                    label, world, sharding.family, 100.0 * after / max(plan.weight_bytes, 1))
+                    label, world, sharding.origin, 100.0 * after / max(plan.weight_bytes, 1))
         return state
-
-
-def _sharded_bytes(module: nn.Module, sharding: "ShardingPlan") -> int:
-    """Parameter bytes of the layers the plan splits (what 1/world of stays on each rank)."""
-    total = 0
-    for shard in sharding.layers:
-        total += sum(p.numel() * p.element_size() for p in module.get_submodule(shard.path).parameters())
-    return total
 
 
 TEXT_ENCODER_ADAPTER = register_extra_adapter(TextEncoderTensorParallel())

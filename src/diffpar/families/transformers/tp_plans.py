@@ -1,10 +1,13 @@
-"""Transformer tensor-parallel plans of our own, as data.
+"""Transformer tensor-parallel plans of our own, as data, and the choice of plan for a model.
 
-diffusers 0.40+ ships `_tp_plan` for Flux, Flux2, QwenImage (and QwenImage21 in 0.42); where the installed class
-has one, `hooks/tensor_parallel.py` uses it with diffusers' own `apply_tensor_parallel`. The plans here cover
-the same three families for releases without `_tp_plan` (0.36-0.39), plus Wan and Z-Image, which no release plans.
+`shard_plan_for(model, tp)` (called at planning time) returns the `ShardPlan` the engine carries out:
+- the class's diffusers `_tp_plan` where the installed release ships one (0.40+: Flux, Flux2, QwenImage,
+  QwenImage21), translated by `compat/diffusers_tp.py` into our styles, plus our modulation entries and the
+  per-rank attention attributes of our plan for that class;
+- else our plan: the same families for releases without `_tp_plan` (0.36-0.39), plus Wan and Z-Image, which no
+  release plans.
 
-A plan is built from the model (block sizes come from its config) and has three parts:
+A plan is built from the model (block sizes come from its config) and has three parts (`TensorParallelPlan`, the engine's `EvenSplitPlan`):
 
 - `linears`: module-path glob (one `*` over a ModuleList) -> style. "colwise" shards output features (each rank
   computes whole heads / a slice of the MLP), "rowwise" shards input features and all-reduces the output (bias
@@ -26,28 +29,19 @@ holds between blocks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from diffpar.compat import diffusers_tp
+from diffpar.engines.tp_shard import GATHER, EvenSplitPlan, Packed, ShardPlan, even_shard_plan
+from diffpar.errors import UnsupportedError
+
+# The name our plan functions return (one vocabulary with the engine's even splits).
+TensorParallelPlan = EvenSplitPlan
+
 # class name -> function(model) -> TensorParallelPlan
-_TP_PLANS: dict[str, Callable[[torch.nn.Module], "TensorParallelPlan"]] = {}
-
-
-@dataclass(frozen=True)
-class Packed:
-    """A fused Linear sharded block by block. `blocks` are absolute widths along the sharded dimension."""
-
-    kind: str  # "colwise" | "rowwise"
-    blocks: tuple[int, ...]
-
-
-@dataclass
-class TensorParallelPlan:
-    linears: dict[str, object]
-    attention_attrs: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    sharded_norms: tuple[str, ...] = ()
+_TP_PLANS: dict[str, Callable[[torch.nn.Module], TensorParallelPlan]] = {}
 
 
 def register_tp_plan(*class_names: str):
@@ -71,6 +65,39 @@ def supported_tp_models() -> set[str]:
     return set(_TP_PLANS)
 
 
+def _translated_native_plan(model: torch.nn.Module, native: dict) -> TensorParallelPlan:
+    """diffusers' `_tp_plan` in our styles, plus what our plan for the class adds (modulation, head counts)."""
+    linears = {}
+    for pattern, (kind, blocks) in diffusers_tp.translate_tp_plan(model, native).items():
+        linears[pattern] = Packed(kind, blocks) if blocks is not None else kind
+    ours = diffpar_tp_plan_for(model)
+    if ours is None:
+        return TensorParallelPlan(linears=linears)
+    linears.update({k: v for k, v in ours.linears.items() if v == GATHER and k not in linears})
+    return TensorParallelPlan(linears=linears, attention_attrs=ours.attention_attrs, sharded_norms=ours.sharded_norms)
+
+
+def shard_plan_for(model: torch.nn.Module, tp: int, world: int | None = None) -> ShardPlan:
+    """The `ShardPlan` of `model` on `tp` ranks: diffusers' `_tp_plan` (translated) where the installed release
+    has one, else ours. Local, no collective; raises UnsupportedError when neither exists or `tp` does not divide
+    a head count or a split width (naming the largest tp that works, within `world` when given)."""
+    native = diffusers_tp.native_tp_plan(model)
+    if native:
+        plan = _translated_native_plan(model, native)
+        shards = even_shard_plan(model, plan, tp, source="diffusers _tp_plan", origin="diffusers", world=world)
+        diffusers_tp.native_tp_prechecks(model, tp)  # after ours: our head-count message names what works
+        return shards
+    plan = diffpar_tp_plan_for(model)
+    if plan is None:
+        names = sorted(supported_tp_models())
+        raise UnsupportedError(
+            f"tp_size for {type(model).__name__}: neither the installed diffusers nor diffpar has a tensor-parallel "
+            f"plan for it. Models with a plan: {names} (plus any class with diffusers' `_tp_plan` on "
+            "diffusers>=0.40). Use ulysses_size / ring_size for this model instead."
+        )
+    return even_shard_plan(model, plan, tp, source="diffpar TP plan", origin="diffpar", world=world)
+
+
 def _present(model: torch.nn.Module, plan: dict, container: str) -> dict:
     """Keep only entries whose module exists in the first block (optional projections, e.g. Wan's I2V add_k_proj)."""
     blocks = getattr(model, container, None)
@@ -90,13 +117,6 @@ def _present(model: torch.nn.Module, plan: dict, container: str) -> dict:
 
 
 _ATTN_ATTRS = ("heads", "inner_dim", "inner_kv_dim", "kv_inner_dim")
-GATHER = "colwise_gather"
-
-
-def gathered_linears(model: torch.nn.Module) -> dict:
-    """The "colwise_gather" entries of our plan for this model (added on top of a diffusers `_tp_plan`)."""
-    plan = diffpar_tp_plan_for(model)
-    return {} if plan is None else {k: v for k, v in plan.linears.items() if v == GATHER}
 
 
 # The joint (image + text stream) attention of MMDiT blocks: heads split by q/k/v columns, outputs by rows.
