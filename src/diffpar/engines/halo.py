@@ -22,13 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from diffpar.engines.tp_shard import even_split  # the one splitter: sizes differ by at most one
+
 ROW_DIM = -2
-
-
-def balanced_sizes(units: int, world: int) -> list[int]:
-    """`units` split into `world` contiguous parts whose sizes differ by at most one, larger parts first."""
-    base, extra = divmod(units, world)
-    return [base + (1 if r < extra else 0) for r in range(world)]
 
 
 def row_sizes(height: int, world: int, unit: int = 1) -> list[int]:
@@ -38,7 +34,7 @@ def row_sizes(height: int, world: int, unit: int = 1) -> list[int]:
     and ends on a stride boundary at every level.
     """
     units = height // unit
-    sizes = [s * unit for s in balanced_sizes(units, world)]
+    sizes = [s * unit for s in even_split(units, world)]
     sizes[-1] += height - units * unit
     return sizes
 
