@@ -105,11 +105,11 @@ def _plan_denoiser(name: str, model: torch.nn.Module, config: ParallelismConfig,
         check_context_parallel(model, config, processors_come_with_plan=bool(entry and entry.prepare_installs_processors))
         engines.append("context parallel")
         sources.append(f"{source} _cp_plan" if source == "diffusers" else "diffpar _cp_plan")
-        splits = sorted(k for k, v in cp_plan.items() if isinstance(v, dict))
-        details.append(
-            f"sequence split over ring {dims.ring} x ulysses {dims.ulysses} at: {', '.join(splits) or '(outputs only)'}"
-        )
-        whole.append("weights under context parallelism (every rank of a ring x ulysses group holds them all)")
+        splits = [f"{k or 'forward'}({', '.join(map(str, v))})" for k, v in cp_plan.items() if isinstance(v, dict)]
+        gathers = [k or "forward" for k, v in cp_plan.items() if not isinstance(v, dict)]
+        details.append(f"sequence split over {dims.cp} ranks at: {'; '.join(splits)}")
+        details.append(f"gathered at: {', '.join(gathers)}")
+        whole.append("weights, across the context-parallel ranks (they split the sequence, not the parameters)")
     if config.tp_degree > 1:
         tp_plan = tp_plans.shard_plan_for(model, config.tp_degree, world=dims.world_size)
         tp_engine = tp_plan.origin  # "diffusers" (its _tp_plan, translated) or "diffpar"
