@@ -312,3 +312,11 @@ def split_problems(reference: dict, summaries: list[dict], config: dict, text_cu
             if issued < s["attention_calls"] or not issued:
                 problems.append(f"rank {rank}: {kind} issued in {issued} of {s['attention_calls']} attention calls")
     return problems
+
+
+def assert_split(results: list[dict], config: dict, text_cut: bool = False, key: str = "split") -> None:
+    """Assert on worker results (one dict per rank holding SplitProbe summaries under `key` and
+    `key + "_reference"`) that `config`'s context parallelism split the work on every rank."""
+    ordered = sorted(results, key=lambda r: r.get("rank", 0))
+    problems = split_problems(ordered[0][f"{key}_reference"], [r[key] for r in ordered], config, text_cut=text_cut)
+    assert not problems, "the work was not split:\n  " + "\n  ".join(problems)
