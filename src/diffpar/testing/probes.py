@@ -261,7 +261,8 @@ def context_parallel_degree(config: dict) -> int:
     return config.get("ulysses_size", 1) * config.get("ring_size", 1)
 
 
-def split_problems(reference: dict, summaries: list[dict], config: dict, text_cut: bool = False) -> list[str]:
+def split_problems(reference: dict, summaries: list[dict], config: dict, text_cut: bool = False,
+                   whole_calls=()) -> list[str]:
     """What shows that the work was NOT split as `config` asks; empty when it was.
 
     `reference`: a SplitProbe summary of the same call in one process. `summaries`: one per rank of the world, in
@@ -270,7 +271,9 @@ def split_problems(reference: dict, summaries: list[dict], config: dict, text_cu
     group holds each shard once), and fewer in all than one process saw; and that every watched attention call
     issued the collective its kind of parallelism needs (all-to-all for Ulysses, the ring's KV gather for Ring),
     as many attention calls as in one process. `text_cut`: the plan may drop padded text tokens first
-    (HunyuanVideo), so each group's text total may be below one process's, still split evenly.
+    (HunyuanVideo), so each group's text total may be below one process's, still split evenly. `whole_calls`:
+    indices of first-attention calls the plan runs whole by design (Z-Image ControlNet 2.0 refines its condition
+    over the whole image first); those must see exactly one process's tokens.
     """
     parts = context_parallel_degree(config)
     kinds = expected_collectives(config)
@@ -288,7 +291,14 @@ def split_problems(reference: dict, summaries: list[dict], config: dict, text_cu
                             f"{forwards}")
     if problems:
         return problems
+    whole_calls = set(whole_calls)
     for i in range(forwards):
+        if i in whole_calls:
+            seen = [s["tokens"][i] for s in summaries]
+            if seen != [reference["tokens"][i]] * world:
+                problems.append(f"forward {i}: tokens per rank {seen}, expected one process's "
+                                f"{reference['tokens'][i]} (whole by design)")
+            continue
         for stream in ("image_tokens", "text_tokens"):
             full = reference[stream][i]
             seen = sorted(s[stream][i] for s in summaries)
@@ -314,9 +324,10 @@ def split_problems(reference: dict, summaries: list[dict], config: dict, text_cu
     return problems
 
 
-def assert_split(results: list[dict], config: dict, text_cut: bool = False, key: str = "split") -> None:
+def assert_split(results: list[dict], config: dict, key: str = "split", **options) -> None:
     """Assert on worker results (one dict per rank holding SplitProbe summaries under `key` and
-    `key + "_reference"`) that `config`'s context parallelism split the work on every rank."""
+    `key + "_reference"`) that `config`'s context parallelism split the work on every rank (`options`: those of
+    `split_problems`)."""
     ordered = sorted(results, key=lambda r: r.get("rank", 0))
-    problems = split_problems(ordered[0][f"{key}_reference"], [r[key] for r in ordered], config, text_cut=text_cut)
+    problems = split_problems(ordered[0][f"{key}_reference"], [r[key] for r in ordered], config, **options)
     assert not problems, "the work was not split:\n  " + "\n  ".join(problems)
