@@ -102,6 +102,7 @@ class SplitProbe:
         self.attention_name = self._attention[0][0]
         self.image_tokens: list[int] = []  # hidden_states entering the first attention, per call
         self.text_tokens: list[int] = []  # encoder_hidden_states entering it (0 where it takes none)
+        self.heads: list = []  # the first attention's `heads` at each call (tensor parallelism gives each rank some)
         self.attention_calls = 0  # calls of the watched attention modules
         self.attention_calls_with: Counter = Counter()  # collective -> attention calls that issued it (once each)
         self.collectives: Counter = Counter()  # collective -> calls, anywhere during the probe
@@ -123,6 +124,8 @@ class SplitProbe:
         hidden = bound.get("hidden_states", args[0] if args else None)
         self.image_tokens.append(_sequence_length(hidden))
         self.text_tokens.append(_sequence_length(bound.get("encoder_hidden_states")))
+        heads = getattr(module, "heads", None)
+        self.heads.append(heads if isinstance(heads, int) else None)
 
     def _enter_attention(self, module, args):
         self.attention_calls += 1
@@ -231,6 +234,7 @@ class SplitProbe:
             "tokens": self.tokens,
             "image_tokens": list(self.image_tokens),
             "text_tokens": list(self.text_tokens),
+            "heads": list(self.heads),
             "attention_calls": self.attention_calls,
             "attention_calls_with": dict(self.attention_calls_with),
             "collectives": dict(self.collectives),
@@ -277,9 +281,11 @@ def split_problems(reference: dict, summaries: list[dict], config: dict, text_cu
     """
     parts = context_parallel_degree(config)
     kinds = expected_collectives(config)
+    if parts < 2 and config.get("tp_size", 1) > 1:
+        return _tensor_parallel_problems(reference, summaries)
     problems = []
     if parts < 2 or not kinds:
-        return [f"config {config} has no context parallelism to check"]
+        return [f"config {config} has no context or tensor parallelism to check"]
     world = len(summaries)
     groups = world // parts
     forwards = len(reference["tokens"])
@@ -321,6 +327,29 @@ def split_problems(reference: dict, summaries: list[dict], config: dict, text_cu
             issued = s["attention_calls_with"].get(kind, 0)
             if issued < s["attention_calls"] or not issued:
                 problems.append(f"rank {rank}: {kind} issued in {issued} of {s['attention_calls']} attention calls")
+    return problems
+
+
+ALL_REDUCES = ("c10d.all_reduce", "funcol.all_reduce")
+
+
+def _tensor_parallel_problems(reference: dict, summaries: list[dict]) -> list[str]:
+    """Tensor parallelism keeps the whole sequence and splits heads and MLP widths: each split layer ends in a
+    row-parallel linear whose partial sums are all-reduced (diffusers' DTensor plans: funcol; diffpar's: c10d).
+    So: every rank sees one process's tokens, some attention call of every forward issues an all-reduce, and
+    there are at least as many all-reduces as attention calls (one per split layer per forward)."""
+    problems = []
+    forwards = len(reference["tokens"])
+    for rank, s in enumerate(summaries):
+        if s["tokens"] != reference["tokens"]:
+            problems.append(f"rank {rank}: tokens {s['tokens']}, tensor parallelism keeps one process's "
+                            f"{reference['tokens']}")
+        in_attention = sum(s["attention_calls_with"].get(k, 0) for k in ALL_REDUCES)
+        if in_attention < max(forwards, 1):
+            problems.append(f"rank {rank}: an all-reduce in {in_attention} attention calls over {forwards} forwards")
+        total = sum(s["collectives"].get(k, 0) for k in ALL_REDUCES)
+        if total < max(reference["attention_calls"], 1):
+            problems.append(f"rank {rank}: {total} all-reduces for {reference['attention_calls']} attention calls")
     return problems
 
 
