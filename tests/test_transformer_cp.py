@@ -98,3 +98,34 @@ def test_padded_text_mask_under_ring_is_refused_on_every_rank(ranks):
         assert "ring attention with a padding attention mask" in text and "Use ulysses_size" in text
     else:
         assert "cannot apply attention masks in context-parallel attention" in text
+
+
+def test_split_probe_restores_everything_it_wrapped():
+    """The probe is removable: collectives and modules are exactly as before, also when the call raises."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+    from torch.distributed import distributed_c10d
+
+    from diffpar.testing import tiny_transformers
+    from diffpar.testing.probes import C10D_NAMES, FUNCOL_NAMES, SplitProbe
+
+    def bindings():
+        found = {f"dist.{n}": getattr(dist, n, None) for n in C10D_NAMES}
+        found.update({f"c10d.{n}": getattr(distributed_c10d, n, None) for n in C10D_NAMES})
+        found.update({f"funcol.{n}": getattr(funcol, n, None) for n in FUNCOL_NAMES})
+        return found
+
+    def hooks(model):
+        return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+    model, make_inputs = tiny_transformers.build("flux")
+    before, hooks_before = bindings(), hooks(model)
+    with torch.no_grad(), SplitProbe(model) as probe:
+        assert bindings() != before and hooks(model) > hooks_before  # it did wrap and hook
+        model(**make_inputs(seq=16, text=8))
+    assert probe.summary()["tokens"] == [24] and probe.summary()["attention_calls"] == 2
+    assert bindings() == before and hooks(model) == hooks_before
+    with pytest.raises(RuntimeError, match="boom"), SplitProbe(model):
+        raise RuntimeError("boom")
+    assert bindings() == before and hooks(model) == hooks_before

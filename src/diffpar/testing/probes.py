@@ -7,11 +7,18 @@ gives a difference of exactly 0. `SplitProbe` is put around a model or pipeline 
         image = pipe(...)
     probe.summary()  # {"tokens": [...], "collectives": {...}, ...}
 
-It records (1) the sequence length entering the first attention module of each forward (a forward pre-hook on the
-first module with a `processor` attribute, or a named one), split into `hidden_states` and `encoder_hidden_states`
-where the attention takes both; and (2) every torch.distributed collective issued during the call (c10d and the
-functional collectives diffusers' context parallelism uses), counted overall and separately when issued inside an
-attention module, with the size of the group it ran on. Everything it wraps or registers is restored on exit.
+It records (1) the sequence length entering the first attention module at each call (a forward pre-hook on the
+first module with a `processor` attribute, skipping those the plan leaves whole: `UNSPLIT_ATTENTION`), as
+`hidden_states` and `encoder_hidden_states` where the attention takes both, and its `heads`; and (2) every
+torch.distributed collective issued during the call (c10d and the functional collectives diffusers' context
+parallelism uses), counted overall and per attention call (how many attention calls issued it), with the sizes of
+the groups it ran on. Everything it wraps or registers is restored on exit.
+
+`split_problems` / `assert_split` turn the summaries of one parallel run (every rank) and of the same call in one
+process into what shows the work was not split. diffusers' collectives, measured on 0.36.0 and 0.42.1: Ulysses
+(and `ulysses_anything`) all-to-alls q, k, v and the output with `funcol.all_to_all_single`; Ring (and
+`ring_anything`) gathers every rank's KV once per attention call with `funcol.all_gather_tensor`; the output is
+gathered with `funcol.all_gather_tensor`, or with c10d `all_gather` under *_anything (diffpar's gloo shim).
 """
 from __future__ import annotations
 
@@ -327,6 +334,11 @@ def split_problems(reference: dict, summaries: list[dict], config: dict, text_cu
             issued = s["attention_calls_with"].get(kind, 0)
             if issued < s["attention_calls"] or not issued:
                 problems.append(f"rank {rank}: {kind} issued in {issued} of {s['attention_calls']} attention calls")
+        for kind, size in ((ULYSSES_COLLECTIVE, config.get("ulysses_size", 1)),
+                           (RING_COLLECTIVE, config.get("ring_size", 1))):
+            if size > 1 and size not in s["group_sizes"].get(kind, ()):
+                problems.append(f"rank {rank}: no {kind} over a group of {size} ranks "
+                                f"(groups: {s['group_sizes'].get(kind, [])})")
     return problems
 
 
