@@ -316,7 +316,7 @@ def split_problems(reference: dict, summaries: list[dict], config: dict, text_cu
             full = reference[stream][i]
             seen = sorted(s[stream][i] for s in summaries)
             total = sum(seen) // groups if groups else 0
-            if stream == "text_tokens" and text_cut and total <= full:
+            if stream == "text_tokens" and text_cut and 0 < total <= full:
                 full = total
             want = sorted(expected_shards(full, parts) * groups)
             if seen != want:
