@@ -7,6 +7,20 @@ restores bit-for-bit results with no hook left behind.
 import pytest
 from tolerances import BITWISE, CONTROLNET_FP32, PIPELINE_FP32
 
+from diffpar.testing.probes import assert_split
+
+
+def assert_both_split(results, config, mode=None):
+    """The transformer and the ControlNet each ran every forward on a shard, with their collectives.
+
+    Z-Image Union 2.0 (`mode="control_layers"`) first refines its condition with the control layers over the
+    whole image on every rank, then runs them split: every other call of its first attention is whole by design.
+    """
+    assert_split(results, config)
+    calls = len(results[0]["split_controlnet_reference"]["tokens"])
+    whole = range(0, calls, 2) if mode == "control_layers" else ()
+    assert_split(results, config, key="split_controlnet", whole_calls=whole)
+
 
 def skip_what_this_release_lacks(family: str, config: dict) -> None:
     """Cases need features that appeared over diffusers releases; on older ones they are refused (tested elsewhere)."""
@@ -66,12 +80,14 @@ def test_controlnet_pair_matches_one_process(ranks, family, world, config, seq, 
         assert r["controlnet_effect"] > 1e-2, "the ControlNet must change the output for this test to mean anything"
         assert r["detach_diff"] == BITWISE and r["detached_clean"]
         assert any("ControlNet plan" in s for s in r["steps"])
+    assert_both_split(results, config, (pair_kwargs or {}).get("mode"))
 
 
 def test_padded_prompt_mask_reaches_controlnet_blocks(ranks):
     results = ranks(2, "workers.controlnet:pair_equivalence", family="qwenimage", config={"ulysses_size": 2},
                     input_kwargs={"masked_text": 3})
     assert all(r["diff"] <= CONTROLNET_FP32 for r in results), [r["diff"] for r in results]
+    assert_both_split(results, {"ulysses_size": 2})
 
 
 @pytest.mark.parametrize("family,world,config", [
@@ -88,6 +104,7 @@ def test_controlnet_with_hybrid_transformer(ranks, family, world, config):
     for r in results:
         assert r["diff"] <= CONTROLNET_FP32, (r["rank"], r["diff"])
         assert r["detach_diff"] == BITWISE
+    assert_both_split(results, config)  # the tp ranks of one sequence shard hold the same tokens
 
 
 # -- whole pipelines ----------------------------------------------------------------------------------------------
@@ -114,6 +131,7 @@ def test_controlnet_pipeline_matches_one_process(ranks, family, world, config, b
     for r in results:
         assert r["diff"] <= PIPELINE_FP32, (r["rank"], r["diff"])
         assert r["detach_diff"] == BITWISE
+    assert_both_split(results, config, builder_kwargs.get("mode"))
 
 
 def test_ranks_with_different_global_rng_still_agree(ranks):
@@ -121,6 +139,7 @@ def test_ranks_with_different_global_rng_still_agree(ranks):
     results = ranks(2, "workers.controlnet:pipeline_equivalence", family="sd3", config={"ulysses_size": 2},
                     unsynced_global_rng=True, timeout=300)
     assert all(r["diff"] <= PIPELINE_FP32 for r in results), [r["diff"] for r in results]
+    assert_both_split(results, {"ulysses_size": 2})
 
 
 # -- errors ---------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from tolerances import CP_FP32
 
 from diffpar.families.transformers.hunyuan_video import context_parallel_attention_takes_masks
 from diffpar.compat import diffusers_cp
+from diffpar.testing.probes import assert_split, split_problems
 
 pytestmark = pytest.mark.compat  # also runs in CI's diffusers 0.36.0 leg
 
@@ -46,10 +47,14 @@ LAYOUTS = [
 ]
 
 
-def _check(results, tolerance=CP_FP32):
+def _check(results, config, model_name, tolerance=CP_FP32):
     for r in results:
         assert r["diff"] <= tolerance, (r["rank"], r["diff"])
         assert r["detach_bitwise"], f"rank {r['rank']}: detach must restore the model bit for bit ({r['detach_diff']})"
+    # Every parallel call split the work. HunyuanVideo's plan first cuts the prompt to its real tokens.
+    for call in range(len(results[0]["split_calls"])):
+        assert_split([{**r, "split": r["split_calls"][call]} for r in results], config,
+                     text_cut=model_name == "hunyuan_video")
 
 
 @pytest.mark.parametrize("model_name", MODELS)
@@ -57,14 +62,29 @@ def _check(results, tolerance=CP_FP32):
 def test_plan_matches_one_process(ranks, model_name, world, config, model_kwargs, odd):
     results = ranks(world, "workers.cp_plans_ours:cp_equivalence", model_name=model_name, config=config,
                     model_kwargs=model_kwargs, input_kwargs=ODD_INPUTS[model_name] if odd else {})
-    _check(results)
+    _check(results, config, model_name)
 
 
 def test_repeated_calls_do_not_drift(ranks):
     """Hooks, processor swaps and the prompt cut stay exact call after call."""
     for name in MODELS:
-        _check(ranks(2, "workers.cp_plans_ours:cp_equivalence", model_name=name, config={"ulysses_size": 2},
-                     calls=3))
+        results = ranks(2, "workers.cp_plans_ours:cp_equivalence", model_name=name, config={"ulysses_size": 2},
+                        calls=3)
+        assert all(len(r["split_calls"]) == 3 for r in results)
+        _check(results, {"ulysses_size": 2}, name)
+
+
+def test_split_check_fails_without_parallelism(ranks):
+    """The split check bites on the laxest case (HunyuanVideo: unsplit token refiner, cut prompt): the same run
+    with enable_cache skipped matches one process exactly and fails it."""
+    config = {"ulysses_size": 2}
+    results = ranks(2, "workers.cp_plans_ours:cp_equivalence", model_name="hunyuan_video", config=config,
+                    input_kwargs={"valid": [5]}, enable=False)
+    assert all(r["diff"] == 0.0 for r in results)
+    problems = split_problems(results[0]["split_reference"], [r["split"] for r in results], config, text_cut=True)
+    assert any("image_tokens per rank [16, 16], expected [8, 8]" in p for p in problems), problems
+    assert any("text_tokens per rank [8, 8], expected [4, 4]" in p for p in problems), problems
+    assert any("funcol.all_to_all_single issued in 0 of" in p for p in problems), problems
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,7 +102,7 @@ UNEQUAL_SAMPLES = {"batch": 2, "sizes": [16, 40], "texts": [7, 40]}  # 32 + 32 v
 def test_zimage_samples_of_different_lengths(ranks, world, config, model_kwargs):
     """The padding mask stays whole: after Ulysses' all-to-all each rank sees every key in the original order."""
     _check(ranks(world, "workers.cp_plans_ours:cp_equivalence", model_name="zimage", config=config,
-                 model_kwargs=model_kwargs, input_kwargs=UNEQUAL_SAMPLES))
+                 model_kwargs=model_kwargs, input_kwargs=UNEQUAL_SAMPLES), config, "zimage")
 
 
 def test_zimage_samples_of_different_lengths_under_ring_are_refused_on_every_rank(ranks):
@@ -120,7 +140,7 @@ def _zimage_has_omni():
 def test_zimage_omni_mode(ranks, world, config, model_kwargs):
     """Condition images, SigLIP tokens and per-token noise masks: the noise mask is split with the sequence."""
     _check(ranks(world, "workers.cp_plans_ours:cp_equivalence", model_name="zimage", config=config,
-                 model_kwargs={"omni": True, **model_kwargs}))
+                 model_kwargs={"omni": True, **model_kwargs}), config, "zimage")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,9 +152,9 @@ def test_sd3_2d_latent_and_sd3_0_blocks(ranks):
     """A real 2-D latent (3 x 5 patches, odd) through the cropped positional embedding; SD3.0 (no dual attention)."""
     if not HAS_ULYSSES_ANYTHING:
         pytest.skip("this diffusers release has no ulysses_anything")
-    _check(ranks(2, "workers.cp_plans_ours:cp_equivalence", model_name="sd3",
-                 config={"ulysses_size": 2, "ulysses_anything": True}, model_kwargs={"dual_layers": ()},
-                 input_kwargs={"seq": 15, "height": 3, "text": 7}))
+    config = {"ulysses_size": 2, "ulysses_anything": True}
+    _check(ranks(2, "workers.cp_plans_ours:cp_equivalence", model_name="sd3", config=config,
+                 model_kwargs={"dual_layers": ()}, input_kwargs={"seq": 15, "height": 3, "text": 7}), config, "sd3")
 
 
 def test_sd3_unknown_processor_is_refused_before_anything_changes(ranks):
@@ -174,7 +194,7 @@ def test_sd3_unknown_processor_is_refused_before_anything_changes(ranks):
 ])
 def test_hunyuan_video_padded_prompts(ranks, world, config, model_kwargs, input_kwargs):
     _check(ranks(world, "workers.cp_plans_ours:cp_equivalence", model_name="hunyuan_video", config=config,
-                 model_kwargs=model_kwargs, input_kwargs=input_kwargs))
+                 model_kwargs=model_kwargs, input_kwargs=input_kwargs), config, "hunyuan_video")
 
 
 @pytest.mark.parametrize("config,input_kwargs,expected", [

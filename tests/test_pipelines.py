@@ -2,6 +2,8 @@
 import pytest
 from tolerances import PIPELINE_FP32
 
+from diffpar.testing.probes import assert_split
+
 pytestmark = pytest.mark.compat  # also runs in CI's diffusers 0.36.0 leg
 
 CASES = [
@@ -24,6 +26,7 @@ def test_pipeline_matches_one_process(ranks, expect_cp, kind, world, config, ext
         assert r["repeat_diff"] == 0.0, "a second call must give the same image (no state left between calls)"
         assert r["ranks_identical"], "every rank must hold the same image"
         assert r["detach_diff"] == 0.0 and not r["detach_problems"]
+    assert_split(results, config)  # every denoising step's transformer forward ran on a shard
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -36,6 +39,7 @@ def test_flux_pipeline_whole_world(ranks, world):
         assert r["ranks_identical"]
         # Sharded encoders cannot be restored: detach says so instead of pretending.
         assert any("text_encoder" in p for p in r["detach_problems"])
+    assert_split(results, {"ulysses_size": 2})
 
 
 def test_wan_pipeline_whole_world(ranks):
@@ -44,3 +48,4 @@ def test_wan_pipeline_whole_world(ranks):
     for r in results:
         assert r["diff"] <= PIPELINE_FP32, r["diff"]
         assert r["ranks_identical"]
+    assert_split(results, {"ulysses_size": 2})

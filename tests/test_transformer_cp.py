@@ -2,6 +2,8 @@
 import pytest
 from tolerances import CP_FP32
 
+from diffpar.testing.probes import assert_split, split_problems
+
 pytestmark = pytest.mark.compat  # also runs in CI's diffusers 0.36.0 leg
 
 # (world, config, sequence length, model overrides): Ulysses, Ring, both, uneven lengths with *_anything.
@@ -31,12 +33,28 @@ def test_cp_matches_one_process(ranks, expect_cp, model_name, world, config, seq
         assert r["diff"] <= CP_FP32, (r["rank"], r["diff"])
         assert r["detach_diff"] == 0.0, "detach must restore the model bit for bit"
     assert len({r["shape"] for r in results}) == 1
+    assert_split(results, config)
+
+
+def test_split_check_fails_without_parallelism(ranks):
+    """The split check bites: the same run with enable_cache skipped matches one process exactly and fails it."""
+    config = {"ulysses_size": 2}
+    results = ranks(2, "workers.cp_transformers:cp_equivalence", model_name="flux", config=config, enable=False)
+    assert all(r["diff"] == 0.0 for r in results)  # the diff alone cannot tell a no-op from a parallel run
+    problems = split_problems(results[0]["split_reference"], [r["split"] for r in results], config)
+    assert any("image_tokens per rank [16, 16], expected [8, 8]" in p for p in problems), problems
+    assert any("text_tokens per rank [8, 8], expected [4, 4]" in p for p in problems), problems
+    assert any("not fewer than one process's 24" in p for p in problems), problems
+    assert any("funcol.all_to_all_single issued in 0 of 2 attention calls" in p for p in problems), problems
+    with pytest.raises(AssertionError, match="the work was not split"):
+        assert_split(results, config)
 
 
 def test_dp_groups_when_degrees_use_part_of_the_world(ranks):
     """ulysses_size=2 on 4 ranks: two groups each run the model; every rank still gets the full result."""
     results = ranks(4, "workers.cp_transformers:cp_equivalence", model_name="flux", config={"ulysses_size": 2})
     assert all(r["diff"] <= CP_FP32 for r in results)
+    assert_split(results, {"ulysses_size": 2})  # each group of 2 splits the sequence in 2
 
 
 @pytest.mark.parametrize("world,config,seq,text", [
@@ -54,6 +72,7 @@ def test_padded_text_mask_under_ulysses(ranks, expect_cp, world, config, seq, te
     if results is None:
         return
     assert all(r["diff"] <= CP_FP32 for r in results), [r["diff"] for r in results]
+    assert_split(results, config)
 
 
 def _qwen_takes_mask():
@@ -79,3 +98,34 @@ def test_padded_text_mask_under_ring_is_refused_on_every_rank(ranks):
         assert "ring attention with a padding attention mask" in text and "Use ulysses_size" in text
     else:
         assert "cannot apply attention masks in context-parallel attention" in text
+
+
+def test_split_probe_restores_everything_it_wrapped():
+    """The probe is removable: collectives and modules are exactly as before, also when the call raises."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+    from torch.distributed import distributed_c10d
+
+    from diffpar.testing import tiny_transformers
+    from diffpar.testing.probes import C10D_NAMES, FUNCOL_NAMES, SplitProbe
+
+    def bindings():
+        found = {f"dist.{n}": getattr(dist, n, None) for n in C10D_NAMES}
+        found.update({f"c10d.{n}": getattr(distributed_c10d, n, None) for n in C10D_NAMES})
+        found.update({f"funcol.{n}": getattr(funcol, n, None) for n in FUNCOL_NAMES})
+        return found
+
+    def hooks(model):
+        return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+    model, make_inputs = tiny_transformers.build("flux")
+    before, hooks_before = bindings(), hooks(model)
+    with torch.no_grad(), SplitProbe(model) as probe:
+        assert bindings() != before and hooks(model) > hooks_before  # it did wrap and hook
+        model(**make_inputs(seq=16, text=8))
+    assert probe.summary()["tokens"] == [24] and probe.summary()["attention_calls"] == 2
+    assert bindings() == before and hooks(model) == hooks_before
+    with pytest.raises(RuntimeError, match="boom"), SplitProbe(model):
+        raise RuntimeError("boom")
+    assert bindings() == before and hooks(model) == hooks_before

@@ -4,7 +4,8 @@
 
 Every rank builds the same seeded pipeline (no downloads). Rank 0 first runs it alone, as one process would;
 then all ranks run it with the transformer context-parallel, both text encoders tensor-parallel and the VAE
-split by rows. Prints the max abs difference, per-rank time and memory, and saves the image.
+split by rows. Prints the max abs difference, per-rank time and memory, evidence that the work was split (tokens
+entering the transformer's first attention and all-to-alls per rank), and saves the image.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def main(argv=None) -> int:
 
     import diffpar
     from diffpar.mesh import ensure_process_group
+    from diffpar.testing.probes import ULYSSES_COLLECTIVE, SplitProbe, split_problems
     from diffpar.testing.tiny_pipelines import build_tiny_flux_pipeline
 
     torch.set_num_threads(args.threads)
@@ -63,11 +65,14 @@ def main(argv=None) -> int:
     # One process: rank 0 alone, as without diffpar.
     reference = torch.empty(1, 3, args.size, args.size)
     single_s = 0.0
+    split_reference = None
     if rank == 0:
         ref_pipe = build_tiny_flux_pipeline(heads=4, layers=2, single_layers=2)
         ref_pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
-            run(ref_pipe)  # warm-up: first-call costs are not what we compare
+            with SplitProbe(ref_pipe.transformer) as probe:
+                run(ref_pipe)  # warm-up: first-call costs are not what we compare
+            split_reference = probe.summary()
             t0 = time.perf_counter()
             reference = run(ref_pipe)
             single_s = time.perf_counter() - t0
@@ -86,7 +91,8 @@ def main(argv=None) -> int:
         ),
     )
     with torch.no_grad():
-        run(pipe)
+        with SplitProbe(pipe.transformer) as probe:  # the warm-up shows what each rank computed
+            run(pipe)
         dist.barrier()
         t0 = time.perf_counter()
         image = run(pipe)
@@ -95,6 +101,8 @@ def main(argv=None) -> int:
     stats = torch.tensor([diff, parallel_s, _rss_mib(), _param_mib(pipe)], dtype=torch.float64)
     gathered = [torch.empty_like(stats) for _ in range(world)]
     dist.all_gather(gathered, stats)
+    splits = [None] * world
+    dist.all_gather_object(splits, probe.summary())
     if rank == 0:
         print(f"diffpar demo: tiny FLUX pipeline, {args.size}x{args.size}, {args.steps} steps, {world} processes "
               f"(ulysses_size={world}; text encoders and VAE over all ranks), {args.threads} thread(s) each")
@@ -104,6 +112,15 @@ def main(argv=None) -> int:
                   f"(of {full_param_mib:.2f})   peak RSS {g[2].item():7.1f} MiB   max|diff| {g[0].item():.2e}")
         worst = max(g[0].item() for g in gathered)
         print(f"  max abs diff vs one process: {worst:.2e} ({'OK' if worst <= 1e-5 else 'TOO LARGE'}, bound 1e-5)")
+        full = split_reference["tokens"][0]
+        print(f"  split: tokens entering the transformer's first attention at step 1 (one process: {full}), and "
+              f"attention calls issuing an all-to-all")
+        for r, s in enumerate(splits):
+            print(f"  rank {r}      : {s['tokens'][0]} of {full} tokens (image {s['image_tokens'][0]} + text "
+                  f"{s['text_tokens'][0]}), all-to-all in {s['attention_calls_with'].get(ULYSSES_COLLECTIVE, 0)} of "
+                  f"{s['attention_calls']} attention calls")
+        problems = split_problems(split_reference, splits, {"ulysses_size": world})
+        print(f"  work split over {world} ranks: {'OK' if not problems else 'NO: ' + '; '.join(problems)}")
         print(f"  speed ratio (one process / {world} ranks): {single_s / max(g[1].item() for g in gathered):.2f}x")
         try:
             from PIL import Image
@@ -113,7 +130,7 @@ def main(argv=None) -> int:
             print(f"  image saved to {os.path.abspath(args.out)}")
         except ImportError:
             print("  (Pillow not installed: image not saved)")
-        ok = worst <= 1e-5
+        ok = worst <= 1e-5 and not problems
     else:
         ok = True
     dist.destroy_process_group()

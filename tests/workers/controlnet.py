@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 import diffpar
 from diffpar.testing import tiny_controlnets
+from diffpar.testing.probes import SplitProbe
 
 
 def _shell_pipeline(family: str, transformer, controlnet):
@@ -40,14 +41,22 @@ def _shell_pipeline(family: str, transformer, controlnet):
     raise ValueError(family)
 
 
+def _split_evidence(tf_probe, ref_tf_probe, cn_probe, ref_cn_probe) -> dict:
+    """SplitProbe summaries: "split" (transformer) and "split_controlnet", each with its one-process "_reference"."""
+    return {"split": tf_probe.summary(), "split_reference": ref_tf_probe.summary(),
+            "split_controlnet": cn_probe.summary(), "split_controlnet_reference": ref_cn_probe.summary()}
+
+
 def pair_equivalence(family: str, config: dict, seq: int = 16, text: int = 8, batch: int = 1,
                      pair_kwargs: dict | None = None, input_kwargs: dict | None = None):
     """ControlNet -> transformer, as the pipeline calls them: one process vs parallel, then detach."""
     pair = tiny_controlnets.build_pair(family, **(pair_kwargs or {}))
     cn_kwargs, tf_kwargs = pair.inputs(seq=seq, text=text, batch=batch, **(input_kwargs or {}))
-    ref_transformer, ref_controlnet = copy.deepcopy(pair.transformer), copy.deepcopy(pair.controlnet)
+    # One deepcopy: modules the ControlNet shares with the transformer (Z-Image's refiners) stay shared.
+    ref_transformer, ref_controlnet = copy.deepcopy((pair.transformer, pair.controlnet))
     with torch.no_grad():
-        reference = pair.run(copy.deepcopy(cn_kwargs), copy.deepcopy(tf_kwargs), ref_transformer, ref_controlnet)
+        with SplitProbe(ref_transformer) as ref_tf_probe, SplitProbe(ref_controlnet) as ref_cn_probe:
+            reference = pair.run(copy.deepcopy(cn_kwargs), copy.deepcopy(tf_kwargs), ref_transformer, ref_controlnet)
         without = pair.transformer(**copy.deepcopy(tf_kwargs))
         without = without[0] if isinstance(without, (tuple, list)) else without.sample
         if isinstance(without, list):  # Z-Image: per-sample outputs, flattened like pair.run's
@@ -55,9 +64,10 @@ def pair_equivalence(family: str, config: dict, seq: int = 16, text: int = 8, ba
     pipe = _shell_pipeline(family, pair.transformer, pair.controlnet)
     handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
         **config, extra_parallel_modules=[pipe.controlnet]))
-    with torch.no_grad():
+    with torch.no_grad(), SplitProbe(pair.transformer) as tf_probe, SplitProbe(pair.controlnet) as cn_probe:
         parallel = pair.run(copy.deepcopy(cn_kwargs), copy.deepcopy(tf_kwargs))
     result = {
+        **_split_evidence(tf_probe, ref_tf_probe, cn_probe, ref_cn_probe),
         "diff": (parallel - reference).abs().max().item(),
         # how much the ControlNet changes the output: a wrongly split residual would show at this scale
         "controlnet_effect": (reference - without).abs().max().item(),
@@ -90,11 +100,14 @@ def pipeline_equivalence(family: str, config: dict, builder_kwargs: dict | None 
             out = pipe(**make_call(**(call_kwargs or {})))
         return out[0] if isinstance(out, tuple) else out.images
 
-    reference = run()
+    with SplitProbe(pipe.transformer) as ref_tf_probe, SplitProbe(pipe.controlnet) as ref_cn_probe:
+        reference = run()
     handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
         **config, extra_parallel_modules=list(extra)))
-    parallel = run(seed_global=not unsynced_global_rng)
+    with SplitProbe(pipe.transformer) as tf_probe, SplitProbe(pipe.controlnet) as cn_probe:
+        parallel = run(seed_global=not unsynced_global_rng)
     result = {
+        **_split_evidence(tf_probe, ref_tf_probe, cn_probe, ref_cn_probe),
         "diff": (parallel - reference).abs().max().item(),
         "scale": reference.abs().max().item(),
         "rank": dist.get_rank(),

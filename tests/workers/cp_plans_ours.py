@@ -9,6 +9,7 @@ import wrapt
 
 import diffpar
 from diffpar.testing import tiny_transformers
+from diffpar.testing.probes import SplitProbe
 
 
 def _sample(out) -> torch.Tensor:
@@ -24,23 +25,40 @@ def _run(model, inputs):
         return _sample(model(**copy.deepcopy(inputs)))
 
 
+def _probed_run(model, inputs):
+    """_run, with what the first attention saw and the collectives issued (SplitProbe summary)."""
+    with SplitProbe(model) as probe:
+        out = _run(model, inputs)
+    return out, probe.summary()
+
+
 def cp_equivalence(model_name: str, config: dict, model_kwargs: dict | None = None, input_kwargs: dict | None = None,
-                   calls: int = 1):
+                   calls: int = 1, enable: bool = True):
     """Same seeded model in one process vs context parallel on this world; then detach and compare again.
 
-    `calls` > 1 runs the parallel model several times (hooks and caches must not drift between calls).
+    `calls` > 1 runs the parallel model several times (hooks and caches must not drift between calls). The split
+    evidence of each parallel call is in "split_calls" ("split": the first), the one-process run's in
+    "split_reference". `enable=False` skips enable_cache: the no-op the split checks must catch.
     """
     model, make_inputs = tiny_transformers.build(model_name, **(model_kwargs or {}))
     inputs = make_inputs(**(input_kwargs or {}))
-    reference = _run(copy.deepcopy(model), inputs)
+    reference, split_reference = _probed_run(copy.deepcopy(model), inputs)
     before = _run(model, inputs)
-    handle = diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(**config))
-    diffs = [(_run(model, inputs) - reference).abs().max().item() for _ in range(calls)]
+    handle = diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(**config)) if enable else None
+    runs = [_probed_run(model, inputs) for _ in range(calls)]
+    diffs = [(out - reference).abs().max().item() for out, _ in runs]
+    split_calls = [summary for _, summary in runs]
+    if handle is None:
+        return {"rank": dist.get_rank(), "diff": max(diffs), "split": split_calls[0],
+                "split_reference": split_reference}
     steps = handle.step_names
     handle.detach()
     after = _run(model, inputs)
     return {
         "rank": dist.get_rank(),
+        "split": split_calls[0],
+        "split_calls": split_calls,
+        "split_reference": split_reference,
         "diff": max(diffs),
         "detach_diff": (after - before).abs().max().item(),
         "detach_bitwise": torch.equal(after, before),

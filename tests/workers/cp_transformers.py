@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 import diffpar
 from diffpar.testing import tiny_transformers
+from diffpar.testing.probes import SplitProbe
 
 
 def _first(out):
@@ -15,17 +16,27 @@ def _first(out):
 
 
 def cp_equivalence(model_name: str, config: dict, seq: int = 16, text: int = 8, batch: int = 1,
-                   model_kwargs: dict | None = None, input_kwargs: dict | None = None, detach_check: bool = True):
-    """One process vs context parallel on this world: returns max abs diff and detach diff on each rank."""
+                   model_kwargs: dict | None = None, input_kwargs: dict | None = None, detach_check: bool = True,
+                   enable: bool = True):
+    """One process vs context parallel on this world: returns max abs diff and detach diff on each rank, and what
+    the first attention saw and which collectives ran in each run ("split", "split_reference").
+
+    `enable=False` skips enable_cache: the no-op the split checks must catch.
+    """
     model, make_inputs = tiny_transformers.build(model_name, **(model_kwargs or {}))
     inputs = make_inputs(seq=seq, text=text, batch=batch, **(input_kwargs or {}))
     reference_model = copy.deepcopy(model)
-    with torch.no_grad():
+    with torch.no_grad(), SplitProbe(reference_model) as reference_probe:
         reference = _first(reference_model(**copy.deepcopy(inputs)))
-    handle = diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(**config))
-    with torch.no_grad():
+    handle = diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(**config)) if enable else None
+    with torch.no_grad(), SplitProbe(model) as probe:
         parallel = _first(model(**copy.deepcopy(inputs)))
+    if handle is None:
+        return {"rank": dist.get_rank(), "diff": (parallel - reference).abs().max().item(),
+                "split": probe.summary(), "split_reference": reference_probe.summary()}
     result = {
+        "split": probe.summary(),
+        "split_reference": reference_probe.summary(),
         "diff": (parallel - reference).abs().max().item(),
         "shape": tuple(parallel.shape),
         "steps": handle.step_names,

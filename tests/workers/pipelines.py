@@ -6,6 +6,7 @@ import torch.distributed as dist
 
 import diffpar
 from diffpar.testing import tiny_pipelines
+from diffpar.testing.probes import SplitProbe
 
 PROMPT = "a red fox in snow"
 
@@ -29,21 +30,30 @@ def _build(kind: str, builder_kwargs: dict):
 
 def pipeline_equivalence(kind: str, config: dict, extra: list[str] = (), steps: int = 2,
                          builder_kwargs: dict | None = None, rank_seeds: bool = True, detach: bool = True):
-    """Rank r passes generator seed r (when rank_seeds): the broadcast makes every rank use rank 0's noise."""
+    """Rank r passes generator seed r (when rank_seeds): the broadcast makes every rank use rank 0's noise.
+
+    "split" / "split_reference": what the transformer's first attention saw and the collectives issued during
+    the first parallel call and the one-process call (SplitProbe summaries)."""
     builder_kwargs = builder_kwargs or {}
-    with torch.no_grad():
-        reference = _call(_build(kind, builder_kwargs), kind, seed=0, steps=steps)
+    reference_pipe = _build(kind, builder_kwargs)
+    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
+        reference = _call(reference_pipe, kind, seed=0, steps=steps)
+    del reference_pipe
     pipe = _build(kind, builder_kwargs)
     cfg = dict(config)
     cfg["extra_parallel_modules"] = [getattr(pipe, name) for name in extra]
     handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(**cfg))
     seed = dist.get_rank() if rank_seeds else 0
     with torch.no_grad():
-        out = _call(pipe, kind, seed=seed, steps=steps)
+        with SplitProbe(pipe.transformer) as probe:
+            out = _call(pipe, kind, seed=seed, steps=steps)
         again = _call(pipe, kind, seed=seed, steps=steps)
     gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, out.contiguous())
     result = {
+        "rank": dist.get_rank(),
+        "split": probe.summary(),
+        "split_reference": reference_probe.summary(),
         "diff": (out - reference).abs().max().item(),
         "repeat_diff": (again - out).abs().max().item(),
         "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),

@@ -2,11 +2,14 @@
 diffpar), run on tiny pipelines and compared with the same pipeline and cache in one process."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import diffpar as cache_dit  # the only change from the seed: `import cache_dit`
 from diffpar import DBCacheConfig, ParallelismConfig
 from diffpar.testing import tiny_controlnets, tiny_pipelines
+from diffpar.testing.probes import SplitProbe
 
 
 def _flux():
@@ -34,16 +37,33 @@ def _zimage_call(pipe):
                 generator=torch.Generator().manual_seed(0), output_type="pt").images
 
 
+def _probes(pipe):
+    """SplitProbes on the transformer and, where the pipeline has one, the ControlNet."""
+    probes = {"split": SplitProbe(pipe.transformer)}
+    if getattr(pipe, "controlnet", None) is not None:
+        probes["split_controlnet"] = SplitProbe(pipe.controlnet)
+    return probes
+
+
+def _probed(pipe, call):
+    """`call(pipe)` under the probes; returns (output, {key: SplitProbe summary})."""
+    probes = _probes(pipe)
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for probe in probes.values():
+            stack.enter_context(probe)
+        out = call(pipe)
+    return out, {key: probe.summary() for key, probe in probes.items()}
+
+
 def _reference(build, call):
     pipe = build()
     cache_dit.enable_cache(pipe, cache_config=DBCacheConfig())  # the same cache, one process
-    with torch.no_grad():
-        return call(pipe)
+    return _probed(pipe, call)
 
 
 def snippet(which: str):
     build, call = (_zimage, _zimage_call) if which == "zimage-controlnet" else (_flux, _flux_call)
-    reference = _reference(build, call)
+    reference, split_reference = _reference(build, call)
     pipe = build()
     if which == "tp-text-encoder":
         # Transformer Tensor Parallelism + Text Encoder Tensor Parallelism
@@ -94,7 +114,7 @@ def snippet(which: str):
                 },
             ),
         )
-    with torch.no_grad():
-        out = call(pipe)
+    out, split = _probed(pipe, call)
     stats = cache_dit.cache.cache_stats(pipe) if hasattr(cache_dit.cache, "cache_stats") else None
-    return {"diff": (out - reference).abs().max().item(), "stats": repr(stats)}
+    return {"rank": torch.distributed.get_rank(), "diff": (out - reference).abs().max().item(), "stats": repr(stats),
+            **split, **{f"{key}_reference": summary for key, summary in split_reference.items()}}
