@@ -29,8 +29,13 @@ def cp_equivalence(model_name: str, config: dict, seq: int = 16, text: int = 8, 
     with torch.no_grad(), SplitProbe(reference_model) as reference_probe:
         reference = _first(reference_model(**copy.deepcopy(inputs)))
     handle = diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(**config)) if enable else None
-    with torch.no_grad(), SplitProbe(model) as probe:
-        parallel = _first(model(**copy.deepcopy(inputs)))
+    try:
+        with torch.no_grad(), SplitProbe(model) as probe:
+            parallel = _first(model(**copy.deepcopy(inputs)))
+    except BaseException:
+        if handle is not None:  # a refused call (e.g. a mask under Ring) must not leave the model parallel
+            handle.detach()
+        raise
     if handle is None:
         return {"rank": dist.get_rank(), "diff": (parallel - reference).abs().max().item(),
                 "split": probe.summary(), "split_reference": reference_probe.summary()}
