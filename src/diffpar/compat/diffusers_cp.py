@@ -1,7 +1,9 @@
 """Everything about diffusers' context-parallel machinery that differs between releases (0.36 onward).
 
-Each feature is detected from the installed release, not from its version number. Shims are installed
-with wrapt while at least one parallel handle needs them and removed with the last one.
+Each feature is detected from what the installed release does (a constructor that refuses, a field that exists,
+diffusers' own function run once on tiny CPU tensors), not from its version number or its source text. Shims are
+installed with wrapt while at least one parallel handle needs them and removed with the last one. Plan entries and
+context-parallel hooks are in `diffusers_cp_hooks`.
 """
 from __future__ import annotations
 
