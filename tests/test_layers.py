@@ -239,3 +239,15 @@ def test_layers_import_only_downward():
 def test_private_diffusers_and_transformers_names_only_in_compat():
     problems = private_name_violations()
     assert not problems, "\n".join(problems)
+
+
+def test_the_private_name_rule_flags_what_it_names():
+    def imp(source, *names):
+        return Import("diffpar.families.x", PACKAGE_DIR / "x.py", 1, source, names, source)
+
+    assert is_private_library_import(imp("diffusers.models._modeling_parallel", "ContextParallelInput"))
+    assert is_private_library_import(imp("diffusers.hooks.context_parallel", "_get_submodule_by_name"))
+    assert is_private_library_import(imp("transformers.models.t5", "_private"))
+    assert not is_private_library_import(imp("diffusers", "ContextParallelConfig"))
+    assert not is_private_library_import(imp("diffusers.hooks", "HookRegistry"))
+    assert not is_private_library_import(imp("torch._dynamo"))
