@@ -14,6 +14,38 @@ def test_ring_lse_layout_matches_the_release():
     assert diffusers_cp.ring_lse_layout() == expected
 
 
+def test_ring_anything_lse_layout_matches_the_release():
+    # ring_anything (0.38+): 0.38/0.39 keep the op's LSE as is from torch 2.9 on (4-D needed); 0.40+ take both.
+    expected = None if D < (0, 38) else ("4d" if versions.TORCH >= (2, 9) else "3d") if D < (0, 40) else "any"
+    assert diffusers_cp.ring_anything_lse_layout() == expected
+
+
+def _as_if_torch(version: tuple):
+    """diffusers' `is_torch_version(op, v)` answered for another torch release."""
+    import operator
+
+    ops = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq}
+    return lambda op, v: ops[op](version, versions._parse(v))
+
+
+@pytest.mark.parametrize("torch_version, ring_037", [((2, 8, 0), {"3d"}), ((2, 9, 0), {"4d"})])
+def test_ring_lse_probe_follows_the_torch_rule_of_037(torch_version, ring_037):
+    """The probe reads what the ring does, so it sees 0.37's torch-version rule (PR 12693): under torch < 2.9 the
+    ring unsqueezes the op's LSE itself, from 2.9 on it uses it as given. 0.36 always unsqueezes; 0.38+ take both."""
+    from diffusers.models import attention_dispatch as ad
+
+    ring = diffusers_cp._with_globals(ad.TemplatedRingAttention.forward, is_torch_version=_as_if_torch(torch_version))
+    accepted = {layout for layout in ("3d", "4d") if diffusers_cp._ring_accepts(ring, layout)}
+    assert accepted == ({"3d"} if D < (0, 37) else ring_037 if D < (0, 38) else {"3d", "4d"})
+
+
+def test_forward_op_layout_fits_the_ring_in_use():
+    for ring_anything in (False, True):
+        layout = diffusers_cp.ring_anything_lse_layout() if ring_anything else diffusers_cp.ring_lse_layout()
+        if layout is not None:
+            assert diffusers_cp.forward_op_lse_layout(ring_anything) in ({"3d", "4d"} if layout == "any" else {layout})
+
+
 def test_native_op_refuses_lse_in_every_release_and_the_shim_provides_it():
     from diffusers.models import attention_dispatch as ad
 

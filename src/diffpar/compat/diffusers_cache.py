@@ -115,6 +115,33 @@ def invalidate_child_registries(model: torch.nn.Module) -> None:
             registry._child_registries_cache = None
 
 
+def hook_state(module: torch.nn.Module) -> tuple[bool, bool]:
+    """(has a diffusers hook registry, has its own `forward` instance attribute): what `remove_hook_exactly`
+    restores."""
+    return "_diffusers_hook" in vars(module), "forward" in vars(module)
+
+
+def register_hook(module: torch.nn.Module, hook, hook_name: str) -> None:
+    from diffusers.hooks import HookRegistry
+
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, hook_name)
+
+
+def remove_hook_exactly(module: torch.nn.Module, hook_name: str, before: tuple[bool, bool]) -> None:
+    """Remove one hook (absent: nothing to do) and leave `module` as it was in state `before`: diffusers leaves an
+    empty registry and the original bound `forward` as an instance attribute behind; drop both where they are
+    new."""
+    registry = vars(module).get("_diffusers_hook")
+    if registry is None:
+        return
+    registry.remove_hook(hook_name, recurse=False)
+    had_registry, had_forward = before
+    if not had_registry and not registry.hooks:
+        del module._diffusers_hook
+        if not had_forward and "forward" in vars(module):
+            del module.forward
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Transformer blocks
 # ---------------------------------------------------------------------------------------------------------------

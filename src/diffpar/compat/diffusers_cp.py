@@ -1,7 +1,9 @@
 """Everything about diffusers' context-parallel machinery that differs between releases (0.36 onward).
 
-Each feature is detected from the installed release, not from its version number. Shims are installed
-with wrapt while at least one parallel handle needs them and removed with the last one.
+Each feature is detected from what the installed release does (a constructor that refuses, a field that exists,
+diffusers' own function run once on tiny CPU tensors), not from its version number or its source text. Shims are
+installed with wrapt while at least one parallel handle needs them and removed with the last one. Plan entries and
+context-parallel hooks are in `diffusers_cp_hooks`.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch.distributed as dist
 
 from diffpar.errors import UnsupportedError
 from diffpar.patch import Patch
-from . import versions
+from diffpar.compat import diffusers_cp_hooks, versions
 
 
 def _need_native_cp():
@@ -49,30 +51,118 @@ def supports_ulysses_and_ring() -> bool:
     return True
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Detection by behaviour: diffusers' own functions run once on tiny CPU tensors, without collectives (their
+# collective helpers are replaced in a private copy of the function's globals; diffusers' module is untouched).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _fake_parallel_config(ring_degree: int = 1, ulysses_degree: int = 1):
+    """Stands in for a set-up ParallelConfig: what the probed functions read from it, and nothing else."""
+    from types import SimpleNamespace
+
+    cp = SimpleNamespace(ring_degree=ring_degree, ulysses_degree=ulysses_degree, ulysses_anything=False,
+                         ring_anything=False, convert_to_fp32=True, _ring_local_rank=0,
+                         _ring_mesh=SimpleNamespace(get_group=lambda: None))
+    return SimpleNamespace(context_parallel_config=cp)
+
+
+def _with_globals(fn, **replaced):
+    """`fn` with some of its module globals replaced, in a copy: the module keeps its own."""
+    import types
+
+    copy = types.FunctionType(fn.__code__, {**fn.__globals__, **replaced}, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
+
+
+def _ring_accepts(ring_forward, layout: str) -> bool:
+    """Run a ring attention forward over 2 simulated ranks holding the same keys, with a forward op whose LSE has
+    `layout` ("3d": (B, S, H), "4d": (B, S, H, 1)). Merging two equal halves must leave the output as it is and
+    add log(2) to the LSE; a layout the ring does not expect fails to broadcast or gives other values."""
+    import math
+    from types import SimpleNamespace
+
+    batch, seq, heads, dim = 1, 3, 2, 5  # distinct sizes: a misplaced LSE axis cannot broadcast by chance
+    gen = torch.Generator().manual_seed(0)
+    query, key, value, out = (torch.randn(batch, seq, heads, dim, generator=gen) for _ in range(4))
+    lse = torch.randn(batch, seq, heads, generator=gen)
+
+    def forward_op(ctx, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse, *args, **kwargs):
+        return out.clone(), (lse.unsqueeze(-1) if layout == "4d" else lse.clone())
+
+    two_ranks = SimpleNamespace(all_gather_tensor=lambda t, gather_dim, group: torch.cat([t, t], dim=gather_dim))
+    probe = _with_globals(ring_forward, funcol=two_ranks, gather_size_by_comm=lambda size, group: [size, size])
+    try:
+        got_out, got_lse = probe(SimpleNamespace(), query, key, value, None, 0.0, False, None, False, True,
+                                 forward_op, None, _fake_parallel_config(ring_degree=2))
+    except (RuntimeError, ValueError, IndexError):
+        return False
+    got_lse = got_lse.reshape(got_lse.shape[:3]) if got_lse.numel() == lse.numel() else got_lse
+    return (got_out.shape == out.shape and torch.allclose(got_out, out, atol=1e-6)
+            and got_lse.shape == lse.shape and torch.allclose(got_lse, lse + math.log(2), atol=1e-6))
+
+
+def _layout_from(accepted: set[str]) -> str:
+    if accepted == {"3d", "4d"}:
+        return "any"
+    if len(accepted) == 1:
+        return accepted.pop()
+    # Neither layout merged right: the ring changed beyond what the probe simulates. The rule every release
+    # 0.36-0.42.1 follows: 0.36 always unsqueezes; later releases expect 4-D from torch 2.9 on.
+    return "3d" if versions.DIFFUSERS < (0, 37) or versions.TORCH < (2, 9) else "4d"
+
+
 @lru_cache(None)
 def ring_lse_layout() -> str:
     """The log-sum-exp layout diffusers' ring attention expects from a forward op.
 
-    "3d": it always unsqueezes (B, S, H) itself (0.36); "4d": it uses the op's LSE as (B, S, H, 1) without
-    unsqueezing (0.37-0.39); "any": it unsqueezes only 3-D LSEs (0.40+).
+    "3d": (B, S, H), it unsqueezes itself (0.36; 0.37 with torch < 2.9); "4d": (B, S, H, 1), used as given (0.37
+    with torch >= 2.9); "any": it unsqueezes only 3-D LSEs (0.38+). Found by running the ring once on CPU.
     """
     from diffusers.models import attention_dispatch as ad
 
-    src = inspect.getsource(ad.TemplatedRingAttention.forward)
-    if "lse.ndim == 3" in src or "lse.dim() == 3" in src:
-        return "any"
-    if "unsqueeze(-1)" in src:
-        return "3d"
-    return "4d"
+    return _layout_from({layout for layout in ("3d", "4d") if _ring_accepts(ad.TemplatedRingAttention.forward, layout)})
+
+
+@lru_cache(None)
+def ring_anything_lse_layout() -> str | None:
+    """The same for the uneven-split ring (`ring_anything`, 0.38+; None before): 4-D on 0.38/0.39 with torch >=
+    2.9, 3-D with older torch, either from 0.40."""
+    from diffusers.models import attention_dispatch as ad
+
+    ring = getattr(ad, "TemplatedRingAnythingAttention", None)
+    if ring is None:
+        return None
+    return _layout_from({layout for layout in ("3d", "4d") if _ring_accepts(ring.forward, layout)})
+
+
+def forward_op_lse_layout(ring_anything: bool) -> str:
+    """The layout our forward op returns: what the ring in use expects (4-D where either is taken)."""
+    layout = ring_anything_lse_layout() if ring_anything else ring_lse_layout()
+    return "3d" if layout == "3d" else "4d"
 
 
 @lru_cache(None)
 def context_parallel_attention_takes_masks() -> bool:
-    """0.36's context-parallel attention refuses any attention mask (even one that masks nothing); 0.37+ takes one."""
-    from diffusers.models import attention_dispatch
+    """0.36's context-parallel attention refuses any attention mask (even one that masks nothing); 0.37+ takes one.
 
-    source = inspect.getsource(inspect.unwrap(attention_dispatch._templated_context_parallel_attention))
-    return "Attention mask is not yet supported" not in source
+    Found by calling it with degrees of 1, where every release ends in the same error whatever the inputs: a call
+    with a mask that ends differently from the same call without one was refused for the mask."""
+    from diffusers.models import attention_dispatch as ad
+
+    attention = inspect.unwrap(ad._templated_context_parallel_attention)
+    q = k = v = torch.zeros(1, 2, 1, 4)
+
+    def outcome(mask):
+        try:
+            attention(q, k, v, mask, forward_op=None, backward_op=None, _parallel_config=_fake_parallel_config())
+        except Exception as exc:  # noqa: BLE001 - the outcome is what is compared
+            return type(exc), str(exc)
+        return None
+
+    return outcome(torch.ones(1, 1, 2, 2, dtype=torch.bool)) == outcome(None)
 
 
 def backend_supports_cp(backend_name: str) -> bool:
@@ -113,6 +203,15 @@ def set_model_backend(model, backend: str, processors) -> callable:
     return restore
 
 
+def dispatch_attention(query, key, value, *, backend, parallel_config):
+    """Attention over (B, S, H, D) tensors through diffusers' dispatcher, which applies the parallel config (the
+    same call in every release 0.36-0.42.1)."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    return dispatch_attention_fn(query, key, value, dropout_p=0.0, is_causal=False, backend=backend,
+                                 parallel_config=parallel_config)
+
+
 def is_backend_name(name: str) -> bool:
     from diffusers.models.attention_dispatch import AttentionBackendName
 
@@ -141,9 +240,7 @@ def apply_cp_hooks(model, cp_config, plan: dict) -> None:
 
 def remove_cp_hooks(model, plan: dict) -> None:
     """Remove the hooks `apply_cp_hooks` registered; hooks that were never registered are skipped."""
-    from diffusers.hooks.context_parallel import remove_context_parallel
-
-    remove_context_parallel(model, plan)
+    diffusers_cp_hooks.remove_plan_hooks(model, plan)
 
 
 def active_backend_name() -> str:
@@ -238,8 +335,9 @@ def _lse_forward_op_wrapper(wrapped, instance, args, kwargs):
     out, lse = _sdpa_with_lse(q, k, v, attn_mask, a["dropout_p"], a["is_causal"], a["scale"])
     out = out.permute(0, 2, 1, 3)
     lse = lse.permute(0, 2, 1).contiguous()  # (B, S, H)
-    if ring_lse_layout() != "3d":
-        # 0.37.1 requires (B, S, H, 1); 0.38+ accept both but their ring_anything (0.38/0.39) requires 4-D.
+    cp_config = getattr(a["_parallel_config"], "context_parallel_config", None)
+    ring_anything = bool(getattr(cp_config, "ring_anything", False))
+    if forward_op_lse_layout(ring_anything) == "4d":
         lse = lse.unsqueeze(-1)
     return out, lse
 

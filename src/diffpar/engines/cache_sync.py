@@ -370,15 +370,13 @@ def plan_dbcache(model: torch.nn.Module, config, model_name: str) -> DBCachePlan
 def apply_dbcache(model: torch.nn.Module, plan: DBCachePlan, config, sync: DecisionSync, stats: CacheStats,
                   model_name: str, handle) -> None:
     """Register the hooks, the undo that removes them (and leaves the blocks as they were) recorded first."""
-    from diffusers.hooks import HookRegistry
-
     state_manager = compat.new_state_manager(DBCacheState)
-    registered = []  # (block, hook name, registry existed before, block had its own `forward` before)
+    registered = []  # (block, hook name, the block's hook state before)
     last_middle = len(plan.blocks) - 1
 
     def register(block, hook, hook_name):
-        registered.append((block, hook_name, hasattr(block, "_diffusers_hook"), "forward" in vars(block)))
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, hook_name)
+        registered.append((block, hook_name, compat.hook_state(block)))
+        compat.register_hook(block, hook, hook_name)
 
     handle.add(f"{model_name}: diffpar DBCache hooks", lambda: _remove(registered, model))
     for index, (name, block, metadata) in enumerate(plan.blocks):
@@ -395,16 +393,7 @@ def apply_dbcache(model: torch.nn.Module, plan: DBCachePlan, config, sync: Decis
 
 
 def _remove(registered, model) -> None:
-    for block, hook_name, had_registry, had_forward in reversed(registered):
-        registry = getattr(block, "_diffusers_hook", None)
-        if registry is None:
-            continue
-        registry.remove_hook(hook_name, recurse=False)
-        if not had_registry and not registry.hooks:
-            # diffusers leaves the original bound method as an instance attribute and an empty registry behind:
-            # drop both so the block is exactly what it was.
-            del block._diffusers_hook
-            if not had_forward and "forward" in vars(block):
-                del block.forward
+    for block, hook_name, before in reversed(registered):
+        compat.remove_hook_exactly(block, hook_name, before)
     registered.clear()
     compat.invalidate_child_registries(model)

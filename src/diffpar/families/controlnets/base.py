@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 
+from diffpar.compat import diffusers_cp_hooks
+from diffpar.compat.diffusers_cp_hooks import split_input
 from diffpar.errors import DiffparError, UnsupportedError
 from diffpar.families.registry import ExtraModuleAdapter, register_extra_adapter
 from diffpar.plan_types import ComponentPlan
@@ -87,12 +89,6 @@ def inner_nets(module: torch.nn.Module) -> list[torch.nn.Module]:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _cp():
-    from diffusers.models._modeling_parallel import ContextParallelInput
-
-    return ContextParallelInput
-
-
 def mirror_transformer_plan(transformer_class: str) -> dict:
     """The installed release's `_cp_plan` of the transformer a ControlNet feeds, without its output gathers.
 
@@ -100,24 +96,22 @@ def mirror_transformer_plan(transformer_class: str) -> dict:
     blocks), so splitting where the transformer splits, in that release, gives the transformer's split.
     """
     import diffusers
-    from diffusers.models._modeling_parallel import ContextParallelOutput
 
-    plan = getattr(getattr(diffusers, transformer_class, None), "_cp_plan", None)
+    plan = diffusers_cp_hooks.native_cp_plan(getattr(diffusers, transformer_class, None))
     if not plan:
         raise UnsupportedError(
             f"the installed diffusers has no context-parallel plan for {transformer_class}, so diffpar cannot mirror "
             "it on the ControlNet. Install diffusers>=0.36.0."
         )
-    return {k: v for k, v in plan.items() if not isinstance(v, (ContextParallelOutput, list, tuple))}
+    return {k: v for k, v in plan.items() if not diffusers_cp_hooks.is_gather_entry(v)}
 
 
 def _flux_plan(net) -> dict:
-    Split = _cp()
     # FluxTransformer2DModel's root splits: image tokens, prompt tokens and their RoPE ids, each on its own. The
     # condition joins the image stream through controlnet_x_embedder: split at its input, which is (B, image
     # tokens, C) both for packed latents and after input_hint_block's patchify.
     plan = {k: dict(v) for k, v in mirror_transformer_plan("FluxTransformer2DModel").items()}
-    plan["controlnet_x_embedder"] = {"input": Split(split_dim=1, expected_dims=3, split_output=False)}
+    plan["controlnet_x_embedder"] = {"input": split_input(split_dim=1, expected_dims=3)}
     if net.union:  # the prompt is split at the blocks instead (see union_prompt_split_hook)
         for name in ("encoder_hidden_states", "txt_ids"):
             plan[""].pop(name, None)
@@ -125,55 +119,30 @@ def _flux_plan(net) -> dict:
 
 
 def union_prompt_split_hook(cp_config):
-    """A diffusers ModelHook for each block of a union Flux ControlNet.
+    """A hook for each block of a union Flux ControlNet.
 
     Union ControlNets put a mode token in front of the prompt inside forward, after any root split could run. So
     the prompt is split at the blocks instead: the first block splits the whole prompt (later ones receive it split
     already), and every block gets the prompt rows of the rotary embedding split likewise (`pos_embed` computed it
     for [whole prompt, image shard]). Image tokens are split at the root as usual.
     """
-    from diffusers.hooks.context_parallel import ModuleForwardMetadata
-    from diffusers.hooks.hooks import ModelHook
-    from diffusers.utils.torch_utils import unwrap_module
 
-    class UnionPromptSplitHook(ModelHook):
-        def initialize_hook(self, module):
-            self.metadata = ModuleForwardMetadata(_cls=unwrap_module(module).__class__)
-            return module
+    def split_prompt(arguments):
+        hidden = arguments.get("hidden_states")
+        prompt = arguments.get("encoder_hidden_states")
+        rotary = arguments.get("image_rotary_emb")
+        prompt_len = rotary[0].shape[0] - hidden.shape[1]
+        if prompt.shape[1] == prompt_len:
+            arguments.set("encoder_hidden_states", shard(prompt, 1, cp_config))
+        arguments.set("image_rotary_emb",
+                      tuple(torch.cat([shard(r[:prompt_len], 0, cp_config), r[prompt_len:]], dim=0) for r in rotary))
 
-        def pre_forward(self, module, *args, **kwargs):
-            args = list(args)
-
-            def get(name):
-                return self.metadata._get_parameter_from_args_kwargs(name, args, kwargs)
-
-            def put(name, value, is_kwarg, index):
-                if is_kwarg:
-                    kwargs[name] = value
-                else:
-                    args[index] = value
-
-            hidden, _, _ = get("hidden_states")
-            prompt, *where_prompt = get("encoder_hidden_states")
-            rotary, *where_rotary = get("image_rotary_emb")
-            prompt_len = rotary[0].shape[0] - hidden.shape[1]
-            if prompt.shape[1] == prompt_len:
-                put("encoder_hidden_states", shard(prompt, 1, cp_config), *where_prompt)
-            split = tuple(torch.cat([shard(r[:prompt_len], 0, cp_config), r[prompt_len:]], dim=0) for r in rotary)
-            put("image_rotary_emb", split, *where_rotary)
-            return tuple(args), kwargs
-
-    return UnionPromptSplitHook()
+    return diffusers_cp_hooks.argument_rewriting_hook(split_prompt)
 
 
 def shard(tensor: torch.Tensor, dim: int, cp_config) -> torch.Tensor:
     """This rank's part of `tensor`, exactly as diffusers' context-parallel input hooks cut it."""
-    from diffusers.hooks import context_parallel as hcp
-
-    mesh = cp_config._flattened_mesh
-    if getattr(cp_config, "ulysses_anything", False) or getattr(cp_config, "ring_anything", False):
-        return hcp.PartitionAnythingSharder.shard_anything(tensor, dim, mesh)  # 0.37+, with the option itself
-    return hcp.EquipartitionSharder.shard(tensor, dim, mesh)
+    return diffusers_cp_hooks.shard(tensor, dim, cp_config)
 
 
 def _flux_extra_hooks(net, cp_config) -> list:
@@ -193,8 +162,7 @@ def _qwenimage_plan(net) -> dict:
     plan = mirror_transformer_plan("QwenImageTransformer2DModel")
     if "hidden_states" in plan.get("", {}):
         # Split at the root (0.36): the condition is added right after img_in, so it is split as it enters.
-        Split = _cp()
-        plan["controlnet_x_embedder"] = {"input": Split(split_dim=1, expected_dims=3, split_output=False)}
+        plan["controlnet_x_embedder"] = {"input": split_input(split_dim=1, expected_dims=3)}
     return plan
 
 
@@ -295,8 +263,9 @@ def broadcast_condition(net, arg: str, group, handle, label: str) -> None:
             args = args[:position] + (from_rank0(args[position]),) + args[position + 1:]
         return args, kwargs
 
-    removable = net.register_forward_pre_hook(hook, with_kwargs=True)
-    handle.add(f"{label}: broadcast the condition from rank 0", removable.remove)
+    removables = []
+    handle.add(f"{label}: broadcast the condition from rank 0", lambda: [r.remove() for r in removables])
+    removables.append(net.register_forward_pre_hook(hook, with_kwargs=True))
 
 
 def _denoiser_parallel_config(context):
@@ -311,68 +280,10 @@ def _denoiser_parallel_config(context):
     return configs[denoiser]
 
 
-def apply_input_splits(net, cp_config, plan: dict) -> None:
-    """diffusers' `apply_context_parallel`, with split hooks that let any output through.
-
-    diffusers' split hook checks that its module returns tensors, but a ControlNet returns lists of residuals (and
-    Z-Image's a dict). The split itself is diffusers' own; output entries (gathers inside the ControlNet, never of
-    its residuals) use diffusers' gather hook. Hook names are diffusers' too, so `remove_context_parallel` removes
-    them.
-    """
-    from diffusers.hooks.context_parallel import (
-        _CONTEXT_PARALLEL_INPUT_HOOK_TEMPLATE,
-        _CONTEXT_PARALLEL_OUTPUT_HOOK_TEMPLATE,
-        ContextParallelGatherHook,
-        ContextParallelSplitHook,
-        _get_submodule_by_name,
-    )
-    from diffusers.hooks.hooks import HookRegistry
-    from diffusers.models._modeling_parallel import ContextParallelOutput
-
-    class InputSplitHook(ContextParallelSplitHook):
-        """Splits what the call passes; a planned argument the call leaves out (a ControlNet's blocks get no
-        `modulate_index`, which the transformer's plan names) is skipped rather than looked up by position."""
-
-        def initialize_hook(self, module):
-            module = super().initialize_hook(module)
-            params = list(inspect.signature(self.module_forward_metadata._cls.forward).parameters)[1:]
-            self.positions = {name: i for i, name in enumerate(params)}
-            self.planned = dict(self.metadata)
-            return module
-
-        def pre_forward(self, module, *args, **kwargs):
-            self.metadata = {
-                name: entry for name, entry in self.planned.items()
-                if getattr(entry, "split_output", False) or name in kwargs
-                or self.positions.get(name, len(args)) < len(args)
-            }
-            try:
-                return super().pre_forward(module, *args, **kwargs)
-            finally:
-                self.metadata = self.planned
-
-        def post_forward(self, module, output):
-            if any(getattr(entry, "split_output", False) for entry in self.metadata.values()):
-                return super().post_forward(module, output)
-            return output
-
-    for module_id, entries in plan.items():
-        if isinstance(entries, dict):
-            make, name = (lambda: InputSplitHook(entries, cp_config)), _CONTEXT_PARALLEL_INPUT_HOOK_TEMPLATE
-        elif isinstance(entries, ContextParallelOutput):
-            make, name = (lambda: ContextParallelGatherHook([entries], cp_config)), _CONTEXT_PARALLEL_OUTPUT_HOOK_TEMPLATE
-        else:
-            raise ValueError(f"ControlNet plan entry {module_id!r}: unsupported {type(entries).__name__}")
-        targets = _get_submodule_by_name(net, module_id)
-        for target in targets if isinstance(targets, list) else [targets]:
-            HookRegistry.check_if_exists_or_initialize(target).register_hook(make(), name.format(module_id))
-
-
 def apply_controlnet_context_parallel(net, family: ControlNetFamily, parallel_config, config, handle, label: str):
-    """Context-parallel hooks on one ControlNet with the transformer's ParallelConfig; every step undoable."""
-    from diffusers.hooks.hooks import HookRegistry
-
-    from diffpar.engines.context_parallel import attach_parallel_config, remove_context_parallel
+    """Context-parallel hooks on one ControlNet with the transformer's ParallelConfig; every step records its undo
+    before it is made."""
+    from diffpar.engines.context_parallel import attach_parallel_config
 
     if family.prepare is not None:
         family.prepare(net, config, handle, label)
@@ -380,20 +291,23 @@ def apply_controlnet_context_parallel(net, family: ControlNetFamily, parallel_co
 
     cp_config = parallel_config.context_parallel_config
     plan = family.plan(net)
-    apply_input_splits(net, cp_config, plan)
     handle.add(f"{label}: context-parallel input splits ({family.name} ControlNet plan)",
-               lambda: remove_context_parallel(net, plan))
+               lambda: diffusers_cp_hooks.remove_plan_hooks(net, plan))
+    diffusers_cp_hooks.register_input_split_hooks(net, cp_config, plan)
 
     extra = family.extra_hooks(net, cp_config) if family.extra_hooks else []
-    for module, hook_name, hook in extra:
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, hook_name)
+    registered = []
 
     def remove_extra():
-        for module, hook_name, _ in extra:
-            HookRegistry.check_if_exists_or_initialize(module).remove_hook(hook_name, recurse=False)
+        for module, hook_name in reversed(registered):
+            diffusers_cp_hooks.remove_named_hook(module, hook_name)
+        registered.clear()
 
     if extra:
         handle.add(f"{label}: {family.name} ControlNet split hooks", remove_extra)
+    for module, hook_name, hook in extra:
+        registered.append((module, hook_name))
+        diffusers_cp_hooks.register_named_hook(module, hook, hook_name)
     if family.install is not None:
         family.install(net, cp_config, handle, label)
     return {"family": family.name, "plan": plan}

@@ -13,18 +13,17 @@ dispatcher), and detach restores the original processor objects.
 """
 from __future__ import annotations
 
+from diffpar.compat.diffusers_cp_hooks import split_input
 from diffpar.families.controlnets.base import ControlNetFamily, register_controlnet_family
 
 
 def _sd3_plan(net) -> dict:
-    from diffusers.models._modeling_parallel import ContextParallelInput as Split
-
-    output = {0: Split(split_dim=1, expected_dims=3, split_output=True)}
+    output = {0: split_input(split_dim=1, expected_dims=3, split_output=True)}
     plan = {"pos_embed_input": output}
     if net.pos_embed is not None:
         plan["pos_embed"] = output
     else:
-        plan[""] = {"hidden_states": Split(split_dim=1, expected_dims=3, split_output=False)}
+        plan[""] = {"hidden_states": split_input(split_dim=1, expected_dims=3)}
     if net.context_embedder is not None:
         plan["context_embedder"] = output
     return plan

@@ -26,33 +26,22 @@ import inspect
 
 import torch
 
+from diffpar.compat.diffusers_cp_hooks import gather_output, has_gather_hook, has_split_hook, split_input, unshard
 from diffpar.errors import UnsupportedError
 from diffpar.families.controlnets.base import ControlNetFamily, register_controlnet_family, shard
 
 
-def _unshard(tensor: torch.Tensor, dim: int, cp_config) -> torch.Tensor:
-    from diffusers.hooks import context_parallel as hcp
-
-    mesh = cp_config._flattened_mesh
-    if getattr(cp_config, "ulysses_anything", False) or getattr(cp_config, "ring_anything", False):
-        return hcp.PartitionAnythingSharder.unshard_anything(tensor, dim, mesh)
-    return hcp.EquipartitionSharder.unshard(tensor, dim, mesh)
-
-
 def _zimage_plan(net) -> dict:
     """Data part: Union 1.0's own refiner over the image tokens, split and gathered within the stack."""
-    from diffusers.models._modeling_parallel import ContextParallelInput as Split
-    from diffusers.models._modeling_parallel import ContextParallelOutput as Gather
-
     if net.add_control_noise_refiner is not None or not len(net.control_noise_refiner):
         return {}
     n = len(net.control_noise_refiner)
-    rope = {"freqs_cis": Split(split_dim=1, expected_dims=3, split_output=False)}
-    tokens = {"x": Split(split_dim=1, expected_dims=3, split_output=False)}
+    rope = {"freqs_cis": split_input(split_dim=1, expected_dims=3)}
+    tokens = {"x": split_input(split_dim=1, expected_dims=3)}
     plan = {"control_noise_refiner.0": {**tokens, **rope} if n == 1 else tokens}
     if n > 1:
         plan["control_noise_refiner.*"] = rope
-    plan[f"control_noise_refiner.{n - 1}"] = Gather(gather_dim=1, expected_dims=3)
+    plan[f"control_noise_refiner.{n - 1}"] = gather_output(gather_dim=1, expected_dims=3)
     return plan
 
 
@@ -91,6 +80,13 @@ class _CallState:
 
 def _install(net, cp_config, handle, label: str) -> None:
     removables = []
+
+    def remove():
+        for r in reversed(removables):
+            r.remove()
+        removables.clear()
+
+    handle.add(f"{label}: Z-Image ControlNet split hooks (control layers, shared refiner)", remove)
     state = _CallState(main_pass=2 if net.add_control_noise_refiner == "control_layers" else 1)
 
     def enter(module, args, kwargs):
@@ -153,29 +149,19 @@ def _install(net, cp_config, handle, label: str) -> None:
                 def gather_after(module, args, kwargs, output, i=i):
                     if not state.active or i == last:  # last block: the transformer's own hook gathers
                         return output
-                    return _unshard(output, 1, cp_config)
+                    return unshard(output, 1, cp_config)
 
                 removables.append(block.register_forward_pre_hook(split_before, with_kwargs=True))
                 removables.append(block.register_forward_hook(gather_after, with_kwargs=True))
 
-    def remove():
-        for r in reversed(removables):
-            r.remove()
-
-    handle.add(f"{label}: Z-Image ControlNet split hooks (control layers, shared refiner)", remove)
 
 
 def _transformer_splits_stack(blocks) -> bool:
     """Whether the transformer's context-parallel plan splits this stack at its first block and gathers at its last
     (diffpar's Z-Image plan); anything else would make our per-block split/gather wrong, so it is refused."""
-    def names(block):
-        registry = getattr(block, "_diffusers_hook", None)
-        return list(registry.hooks) if registry is not None else []
-
-    first, last = names(blocks[0]), names(blocks[-1])
-    splits = any(n.startswith("cp_input---") for n in first)
-    gathers = any(n.startswith("cp_output---") for n in last)
-    middle_gathers = any(n.startswith("cp_output---") for b in blocks[:-1] for n in names(b))
+    splits = has_split_hook(blocks[0])
+    gathers = has_gather_hook(blocks[-1])
+    middle_gathers = any(has_gather_hook(b) for b in blocks[:-1])
     if not splits and not gathers:
         return False
     if not (splits and gathers) or middle_gathers:

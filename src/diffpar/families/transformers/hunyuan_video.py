@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from diffpar.compat.diffusers_cp import context_parallel_attention_takes_masks
-
+from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.errors import UnsupportedError
 from diffpar.patch import Patch
 from diffpar.families.registry import register_cp_plan
@@ -131,15 +131,14 @@ def prepare_hunyuan_video(model, config, handle, name: str) -> None:
     replace_attention_processors(
         model, {HunyuanVideoAttnProcessor2_0: _processor_class()}, handle, name, label, within=_BLOCK_STACKS
     )
-    patch = Patch(model.context_embedder, "forward", _trim_prompt_padding(config),
-                  label=f"{label}.context_embedder.forward")
-    handle.add(f"{name}: cut prompt padding after the token refiner", patch.undo)
+    patches: list[Patch] = []
+    handle.add(f"{name}: cut prompt padding after the token refiner", lambda: [p.undo() for p in patches])
+    patches.append(Patch(model.context_embedder, "forward", _trim_prompt_padding(config),
+                         label=f"{label}.context_embedder.forward"))
 
 
 @register_cp_plan("HunyuanVideoTransformer3DModel", prepare=prepare_hunyuan_video)
 def hunyuan_video_cp_plan(model) -> dict:
-    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
-
     if getattr(model.config, "image_condition_type", None) == "token_replace":
         raise UnsupportedError(
             f"{type(model).__name__} with image_condition_type='token_replace' (HunyuanVideo image-to-video): its "
@@ -149,10 +148,10 @@ def hunyuan_video_cp_plan(model) -> dict:
     first = next((stack for stack in _BLOCK_STACKS if len(getattr(model, stack))), None)
     if first is None:
         raise UnsupportedError(f"{type(model).__name__} has no transformer blocks to parallelize.")
-    tokens = ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)
-    rope = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
+    tokens = split_input(split_dim=1, expected_dims=3)
+    rope = split_input(split_dim=0, expected_dims=2, split_output=True)
     return {
         "rope": {0: rope, 1: rope},
         f"{first}.0": {"hidden_states": tokens, "encoder_hidden_states": tokens},
-        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+        "proj_out": gather_output(gather_dim=1, expected_dims=3),
     }

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from diffpar.compat.diffusers_cp import dispatch_attention
+from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
 
@@ -26,8 +28,6 @@ class SD3ContextParallelAttnProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *args, **kwargs):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
         image_tokens = hidden_states.shape[1]
 
         def heads(x):  # (B, S, H * D) -> (B, S, H, D): the dispatcher's layout
@@ -53,10 +53,8 @@ class SD3ContextParallelAttnProcessor:
             value = torch.cat([value, text_value], dim=1)
 
         # SD3's processor ignores attention_mask as well: the model never passes one.
-        out = dispatch_attention_fn(
-            query, key, value, dropout_p=0.0, is_causal=False,
-            backend=self._attention_backend, parallel_config=self._parallel_config,
-        )
+        out = dispatch_attention(query, key, value, backend=self._attention_backend,
+                                 parallel_config=self._parallel_config)
         out = out.flatten(2, 3).to(query.dtype)
 
         text_out = None
@@ -92,16 +90,16 @@ def replace_attention_processors(model, replacements: dict[type, type], handle, 
             f"({sorted(t.__name__ for t in replacements)}). Remove what installed them (e.g. unload_ip_adapter(), "
             "unfuse_qkv_projections()) before enable_cache."
         )
-    for module, old in targets:
-        new = replacements[type(old)]()
-        vars(new).update(vars(old))  # keep per-instance settings, e.g. an attention backend the user chose
-        module.processor = new
 
     def restore():
         for module, old in targets:
             module.processor = old
 
     handle.add(f"{name}: context-parallel attention processors", restore)
+    for module, old in targets:
+        new = replacements[type(old)]()
+        vars(new).update(vars(old))  # keep per-instance settings, e.g. an attention backend the user chose
+        module.processor = new
 
 
 def prepare_sd3(model, config, handle, name: str) -> None:
@@ -114,11 +112,9 @@ def prepare_sd3(model, config, handle, name: str) -> None:
 
 @register_cp_plan("SD3Transformer2DModel", prepare=prepare_sd3)
 def sd3_cp_plan(model) -> dict:
-    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
-
-    tokens = {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)}
+    tokens = {0: split_input(split_dim=1, expected_dims=3, split_output=True)}
     return {
         "pos_embed": tokens,
         "context_embedder": tokens,
-        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+        "proj_out": gather_output(gather_dim=1, expected_dims=3),
     }

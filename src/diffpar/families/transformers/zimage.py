@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import inspect
 
+from diffpar.compat.diffusers_cp import context_parallel_attention_takes_masks
+from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.compat.diffusers_cp import context_parallel_attention_takes_masks
 from diffpar.families.transformers.sd3 import replace_attention_processors
 
 # Sequences are padded to multiples of 32 per sample (SEQ_MULTI_OF in diffusers), so even splits over 2 and 4
@@ -35,19 +36,17 @@ def _block_accepts(param: str) -> bool:
     return param in inspect.signature(ZImageTransformerBlock.forward).parameters
 
 
-def _stack_plan(stack: str, num_blocks: int, per_block: dict, gather_output: bool) -> dict:
+def _stack_plan(stack: str, num_blocks: int, per_block: dict, gather_last: bool) -> dict:
     """Split `x` entering block 0, split `per_block` inputs at every block, optionally gather the last output."""
-    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
-
     if num_blocks == 0:
         return {}
-    tokens = {"x": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)}
+    tokens = {"x": split_input(split_dim=1, expected_dims=3)}
     if num_blocks == 1:
         plan = {f"{stack}.*": {**tokens, **per_block}}
     else:
         plan = {f"{stack}.0": tokens, f"{stack}.*": per_block}
-    if gather_output:
-        plan[f"{stack}.{num_blocks - 1}"] = ContextParallelOutput(gather_dim=1, expected_dims=3)
+    if gather_last:
+        plan[f"{stack}.{num_blocks - 1}"] = gather_output(gather_dim=1, expected_dims=3)
     return plan
 
 
@@ -81,26 +80,24 @@ def prepare_zimage(model, config, handle, name: str) -> None:
 
 @register_cp_plan("ZImageTransformer2DModel", prepare=prepare_zimage)
 def zimage_cp_plan(model) -> dict:
-    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
-
-    rope = {"freqs_cis": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)}
+    rope = {"freqs_cis": split_input(split_dim=1, expected_dims=3)}
     # The noise refiner and main layers get a per-token noise mask (omni mode, 0.37+); the forward passes it
     # positionally (None outside omni mode), so it can be named in the plan only where the block takes it.
     noisy = dict(rope)
     if _block_accepts("noise_mask"):
-        noisy["noise_mask"] = ContextParallelInput(split_dim=1, expected_dims=2, split_output=False)
+        noisy["noise_mask"] = split_input(split_dim=1, expected_dims=2)
 
     omni_capable = getattr(model, "siglip_refiner", None) is not None
     plan = {}
-    plan.update(_stack_plan("noise_refiner", len(model.noise_refiner), noisy, gather_output=True))
-    plan.update(_stack_plan("context_refiner", len(model.context_refiner), rope, gather_output=True))
+    plan.update(_stack_plan("noise_refiner", len(model.noise_refiner), noisy, gather_last=True))
+    plan.update(_stack_plan("context_refiner", len(model.context_refiner), rope, gather_last=True))
     if omni_capable:
-        plan.update(_stack_plan("siglip_refiner", len(model.siglip_refiner), rope, gather_output=True))
+        plan.update(_stack_plan("siglip_refiner", len(model.siglip_refiner), rope, gather_last=True))
     # In omni mode the final layer selects per-token modulation with the whole noise mask, so an omni-capable
     # model is gathered after its last block; otherwise after the final layer (a 64-wide output, not 3840-wide,
     # and after every ControlNet residual, which a parallel ControlNet adds sharded like the sequence).
-    plan.update(_stack_plan("layers", len(model.layers), noisy, gather_output=omni_capable))
+    plan.update(_stack_plan("layers", len(model.layers), noisy, gather_last=omni_capable))
     if not omni_capable:
         for key in model.all_final_layer.keys():
-            plan[f"all_final_layer.{key}"] = ContextParallelOutput(gather_dim=1, expected_dims=3)
+            plan[f"all_final_layer.{key}"] = gather_output(gather_dim=1, expected_dims=3)
     return plan
