@@ -19,6 +19,7 @@ from diffpar.config import ParallelismConfig
 from diffpar.engines import tensor_parallel
 from diffpar.engines.context_parallel import check_context_parallel
 from diffpar.errors import DiffparError
+import diffpar.families.catalog  # noqa: F401  (every family file registers itself: explicit, no package scan)
 from diffpar.families.controlnets.base import check_controlnet_listed
 from diffpar.families.registry import cp_plan_entry, cp_plan_for, extra_adapter_for
 from diffpar.families.transformers import tp_plans

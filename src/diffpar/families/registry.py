@@ -7,7 +7,8 @@ A family file registers data and small functions:
   handles a module, plans it (every local check, no collective, no change) and applies its plan.
 
 Registries are keyed by class *name* (a family may name classes the installed diffusers does not have) and looked
-up along the module's MRO, so a subclass of a supported class finds its parent's entry.
+up along the module's MRO, so a subclass of a supported class finds its parent's entry. They are filled when
+`diffpar.families.catalog` imports every family file, which the plan layer does (so `import diffpar` is enough).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Callable, Generic, Iterable, TypeVar
 
 import torch
 
+from diffpar.compat.diffusers_cp_hooks import native_cp_plan
 from diffpar.errors import UnsupportedError
 
 T = TypeVar("T")
@@ -37,7 +39,6 @@ class ClassRegistry(Generic[T]):
 
     def lookup(self, obj) -> T | None:
         """The entry of `obj` (a module, or a class), searching its class's MRO; None when there is none."""
-        load_builtin_families()
         cls = obj if isinstance(obj, type) else type(obj)
         for klass in cls.__mro__:
             if klass.__name__ in self._entries:
@@ -45,11 +46,9 @@ class ClassRegistry(Generic[T]):
         return None
 
     def names(self) -> list[str]:
-        load_builtin_families()
         return sorted(self._entries)
 
     def items(self):
-        load_builtin_families()
         return sorted(self._entries.items())
 
 
@@ -85,7 +84,7 @@ def register_cp_plan(*class_names: str, prepare: Callable | None = None):
 
 def cp_plan_for(model: torch.nn.Module) -> tuple[dict, str]:
     """The plan for `model` and where it came from ("diffusers" or "diffpar")."""
-    plan = getattr(type(model), "_cp_plan", None)
+    plan = native_cp_plan(type(model))
     if plan:
         return plan, "diffusers"
     entry = CP_PLANS.lookup(model)
@@ -100,7 +99,7 @@ def cp_plan_for(model: torch.nn.Module) -> tuple[dict, str]:
 
 def cp_plan_entry(model: torch.nn.Module) -> CPPlanEntry | None:
     """Our entry for `model` (None when diffusers ships the plan, or nobody has one)."""
-    if getattr(type(model), "_cp_plan", None):
+    if native_cp_plan(type(model)):
         return None
     return CP_PLANS.lookup(model)
 
@@ -123,7 +122,7 @@ def supported_cp_models() -> set[str]:
             cls = getattr(diffusers, name)
         except (AttributeError, ImportError):
             continue
-        if getattr(cls, "_cp_plan", None):
+        if native_cp_plan(cls):
             names.add(name)
     return names
 
@@ -164,7 +163,6 @@ def register_extra_adapter(adapter: ExtraModuleAdapter) -> ExtraModuleAdapter:
 
 
 def extra_adapter_for(module: torch.nn.Module) -> ExtraModuleAdapter:
-    load_builtin_families()
     for adapter in _EXTRA_ADAPTERS:
         if adapter.matches(module):
             return adapter
@@ -173,15 +171,3 @@ def extra_adapter_for(module: torch.nn.Module) -> ExtraModuleAdapter:
         f"extra_parallel_modules: diffpar cannot parallelize a {type(module).__name__}. Supported kinds: {kinds}. "
         "Remove it from extra_parallel_modules (it then runs replicated on every rank)."
     )
-
-
-_LOADED = False
-
-
-def load_builtin_families() -> None:
-    """Import every family file once (each registers itself). Explicit: no package scan."""
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    import diffpar.families.catalog  # noqa: F401

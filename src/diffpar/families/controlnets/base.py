@@ -29,7 +29,7 @@ import torch
 from diffpar.compat import diffusers_cp_hooks
 from diffpar.compat.diffusers_cp_hooks import split_input
 from diffpar.errors import DiffparError, UnsupportedError
-from diffpar.families.registry import ExtraModuleAdapter, register_extra_adapter
+from diffpar.families.registry import ClassRegistry, ExtraModuleAdapter, register_extra_adapter
 from diffpar.plan_types import ComponentPlan
 
 MULTI_WRAPPERS = ("FluxMultiControlNetModel", "QwenImageMultiControlNetModel", "SD3MultiControlNetModel")
@@ -55,19 +55,15 @@ class ControlNetFamily:
     condition_arg: str = "controlnet_cond"
 
 
-_FAMILIES: dict[str, ControlNetFamily] = {}
+CONTROLNET_FAMILIES: ClassRegistry[ControlNetFamily] = ClassRegistry("ControlNet family")
 
 
 def register_controlnet_family(class_name: str, family: ControlNetFamily) -> ControlNetFamily:
-    _FAMILIES[class_name] = family
-    return family
+    return CONTROLNET_FAMILIES.register((class_name,), family)
 
 
 def family_for(net: torch.nn.Module) -> ControlNetFamily | None:
-    for cls in type(net).__mro__:
-        if cls.__name__ in _FAMILIES:
-            return _FAMILIES[cls.__name__]
-    return None
+    return CONTROLNET_FAMILIES.lookup(net)
 
 
 def inner_nets(module: torch.nn.Module) -> list[torch.nn.Module]:

@@ -48,7 +48,7 @@ from diffpar.engines.tp_shard import (
     split_ranges,
 )
 from diffpar.engines.tp_shard import HEAD_TABLE as HEAD_TABLE_SHARD
-from diffpar.families.registry import ExtraModuleAdapter, load_builtin_families, register_extra_adapter
+from diffpar.families.registry import ExtraModuleAdapter, register_extra_adapter
 from diffpar.plan_types import ComponentPlan
 
 logger = logging.getLogger("diffpar")
@@ -118,6 +118,8 @@ class TextEncoderFamily:
         return {}
 
 
+# Matched by predicate, in registration order, not by class: an encoder is recognized by the decoder stack it holds
+# wherever that sits (LlamaModel itself, Qwen3ForCausalLM.model, Mistral3ForConditionalGeneration...language_model).
 _FAMILIES: list[TextEncoderFamily] = []
 
 
@@ -127,7 +129,6 @@ def register_text_encoder_family(family: TextEncoderFamily) -> TextEncoderFamily
 
 
 def family_for(module: nn.Module) -> TextEncoderFamily | None:
-    load_builtin_families()  # the family files register themselves on import
     for family in _FAMILIES:
         if family.matches(module):
             return family
@@ -136,7 +137,6 @@ def family_for(module: nn.Module) -> TextEncoderFamily | None:
 
 def supported_text_encoders() -> list[tuple[str, tuple[str, ...]]]:
     """(family name, classes) for every registered family, for docs and messages."""
-    load_builtin_families()
     return [(f.name, f.classes) for f in _FAMILIES]
 
 
