@@ -10,9 +10,12 @@ from diffpar.families.text_encoders import base as _text_encoders_base
 from diffpar.families.text_encoders import clip as _text_encoders_clip
 from diffpar.families.text_encoders import decoders as _text_encoders_decoders
 from diffpar.families.text_encoders import t5 as _text_encoders_t5
+from diffpar.families.transformers import flux as _transformers_flux
+from diffpar.families.transformers import flux2 as _transformers_flux2
 from diffpar.families.transformers import hunyuan_video as _transformers_hunyuan_video
+from diffpar.families.transformers import qwenimage as _transformers_qwenimage
 from diffpar.families.transformers import sd3 as _transformers_sd3
-from diffpar.families.transformers import tp_plans as _transformers_tp_plans
+from diffpar.families.transformers import wan as _transformers_wan
 from diffpar.families.transformers import zimage as _transformers_zimage
 from diffpar.families.vaes import base as _vaes_base
 from diffpar.families.vaes import hunyuan_video as _vaes_hunyuan_video

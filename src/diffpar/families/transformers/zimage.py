@@ -23,7 +23,9 @@ import inspect
 from diffpar.compat.diffusers_cp import context_parallel_attention_takes_masks
 from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.errors import UnsupportedError
+from diffpar.engines.tp_shard import GATHER
 from diffpar.families.registry import register_cp_plan
+from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, present, register_tp_plan
 from diffpar.families.transformers.sd3 import replace_attention_processors
 
 # Sequences are padded to multiples of 32 per sample (SEQ_MULTI_OF in diffusers), so even splits over 2 and 4
@@ -101,3 +103,23 @@ def zimage_cp_plan(model) -> dict:
         for key in model.all_final_layer.keys():
             plan[f"all_final_layer.{key}"] = gather_output(gather_dim=1, expected_dims=3)
     return plan
+
+
+@register_tp_plan("ZImageTransformer2DModel")
+def _zimage(model) -> TensorParallelPlan:
+    block = {
+        "attention.to_q": "colwise", "attention.to_k": "colwise", "attention.to_v": "colwise",
+        "attention.to_out.0": "rowwise",
+        # SwiGLU: w2(silu(w1 x) * w3 x)
+        "feed_forward.w1": "colwise", "feed_forward.w3": "colwise",
+        "feed_forward.w2": "rowwise",
+    }
+    linears, attrs = {}, {}
+    # The refiners run on the image and caption streams before the main layers: same block type, same plan.
+    block_with_modulation = {**block, "adaLN_modulation.0": GATHER}
+    for container in ("noise_refiner", "context_refiner", "layers"):
+        found = present(model, block_with_modulation, container)
+        if found:
+            linears.update(found)
+            attrs[f"{container}.*.attention"] = ATTN_ATTRS
+    return TensorParallelPlan(linears=linears, attention_attrs=attrs)
