@@ -1,6 +1,6 @@
 """SD3 / SD3.5 ControlNets (`SD3ControlNetModel`, `SD3MultiControlNetModel`), context parallel with the transformer.
 
-The plan mirrors diffpar's SD3 transformer plan (adapters/sd3.py): image tokens are split as they leave
+The plan mirrors diffpar's SD3 transformer plan (families/transformers/sd3.py): image tokens are split as they leave
 `pos_embed` (positional embedding added per token on the whole latent, so the split is exact), the condition as
 it leaves `pos_embed_input` (the same patchify, so the same tokens), the prompt as it leaves `context_embedder`.
 Residuals are the blocks' image tokens: sharded like the transformer's. SD3.5 "large" ControlNets without a

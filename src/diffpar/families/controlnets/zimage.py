@@ -2,7 +2,7 @@
 
 The ControlNet borrows the transformer's embedders and its two refiner stacks (`from_transformer`: the same module
 objects), then runs its control layers over the unified [image, caption] sequence. Its hints are added to the
-transformer's unified sequence, which diffpar's Z-Image plan (adapters/zimage.py) splits entering `layers.0`. So:
+transformer's unified sequence, which diffpar's Z-Image plan (families/transformers/zimage.py) splits entering `layers.0`. So:
 
 - control layers, main pass: the unified condition `c` is split entering block 0, and `x` (the transformer's
   unified sequence) and the RoPE table at every block, like the transformer's `layers`; the attention mask stays
