@@ -81,7 +81,7 @@ def _apply_local_steps(target, plan: ParallelPlan, config, handle, world_mesh, c
     for component in plan.by_role("denoiser"):
         payload = component.payload
         if payload.cp_plan is not None:
-            parallel_config = new_parallel_config(config, world_mesh["ring", "ulysses"])
+            parallel_config = new_parallel_config(payload.cp_kwargs, world_mesh["ring", "ulysses"])
             apply_step("context parallel", apply_context_parallel, payload.module, payload.cp_plan, config,
                        parallel_config, handle, component.name, prepare=payload.cp_prepare)
             context.denoiser_parallel_configs[component.name] = parallel_config

@@ -36,6 +36,7 @@ class DenoiserPayload:
     module: torch.nn.Module
     cp_plan: dict | None = None
     cp_prepare: object = None
+    cp_kwargs: dict | None = None  # diffusers' ContextParallelConfig arguments for the installed release
     tp_engine: str | None = None
     tp_plan: object = None
 
@@ -95,7 +96,7 @@ def _weight_bytes(module: torch.nn.Module) -> int:
 
 
 def _plan_denoiser(name: str, model: torch.nn.Module, config: ParallelismConfig, dims: ParallelDims) -> ComponentPlan:
-    cp_plan = cp_prepare = tp_engine = tp_plan = None
+    cp_plan = cp_prepare = cp_kwargs = tp_engine = tp_plan = None
     engines, sources, details, whole = [], [], [], []
     whole_bytes = _weight_bytes(model)
     per_rank = whole_bytes
@@ -103,7 +104,8 @@ def _plan_denoiser(name: str, model: torch.nn.Module, config: ParallelismConfig,
         cp_plan, source = cp_plan_for(model)
         entry = cp_plan_entry(model)
         cp_prepare = entry.prepare if entry is not None else None
-        check_context_parallel(model, config, processors_come_with_plan=bool(entry and entry.prepare_installs_processors))
+        cp_kwargs = check_context_parallel(
+            model, config, processors_come_with_plan=bool(entry and entry.prepare_installs_processors))
         engines.append("context parallel")
         sources.append(f"{source} _cp_plan" if source == "diffusers" else "diffpar _cp_plan")
         splits = [f"{k or 'forward'}({', '.join(map(str, v))})" for k, v in cp_plan.items() if isinstance(v, dict)]
@@ -134,7 +136,7 @@ def _plan_denoiser(name: str, model: torch.nn.Module, config: ParallelismConfig,
         engine=" + ".join(engines) or "whole on every rank", group=group or "each rank alone",
         source=", ".join(sources), details=tuple(details), facts=ComponentPlan.freeze_facts(facts),
         weight_bytes=whole_bytes, weight_bytes_per_rank=per_rank, whole=tuple(whole),
-        payload=DenoiserPayload(model, cp_plan, cp_prepare, tp_engine, tp_plan),
+        payload=DenoiserPayload(model, cp_plan, cp_prepare, cp_kwargs, tp_engine, tp_plan),
     )
 
 

@@ -35,9 +35,10 @@ def effective_backend(model: torch.nn.Module, requested: str | None) -> str:
     return diffusers_cp.active_backend_name()
 
 
-def check_context_parallel(model: torch.nn.Module, config, *, processors_come_with_plan: bool = False) -> None:
-    """Local checks, no collectives, no change. `processors_come_with_plan`: the plan's own prepare step installs
-    attention processors that take a parallel config (so their absence now is expected)."""
+def check_context_parallel(model: torch.nn.Module, config, *, processors_come_with_plan: bool = False) -> dict:
+    """Local checks, no collectives, no change. Returns the keyword arguments of diffusers' ContextParallelConfig
+    for the installed release (what `new_parallel_config` takes). `processors_come_with_plan`: the plan's own
+    prepare step installs attention processors that take a parallel config (so their absence now is expected)."""
     if not processors_come_with_plan and not any(True for _ in attention_processors(model)):
         raise UnsupportedError(
             f"{type(model).__name__} has no attention processor that takes a parallel config, so diffusers' context "
@@ -55,7 +56,7 @@ def check_context_parallel(model: torch.nn.Module, config, *, processors_come_wi
             f"parallel config and compute attention over a shard only: a wrong image). Use one of "
             f"{diffusers_cp.cp_capable_backends()} (on CPU: 'native')."
         )
-    context_parallel_kwargs(config)  # raises for what the installed release cannot do
+    cp_kwargs = context_parallel_kwargs(config)  # raises for what the installed release cannot do
     if config.ulysses_degree > 1 and not config.ulysses_anything:
         heads = attention_head_count(model)
         if heads is not None and heads % config.ulysses_degree != 0:
@@ -75,6 +76,7 @@ def check_context_parallel(model: torch.nn.Module, config, *, processors_come_wi
                 f"last rank only, which needs fewer padding heads ({p - heads % p}) than heads per rank "
                 f"({-(-heads // p)}). Ulysses degrees that work for {heads} heads: {ok}; or use ring_size."
             )
+    return cp_kwargs
 
 
 def attention_head_count(model: torch.nn.Module) -> int | None:
@@ -85,12 +87,12 @@ def attention_head_count(model: torch.nn.Module) -> int | None:
     return None
 
 
-def new_parallel_config(config, cp_mesh):
-    """diffusers' ParallelConfig for `config`'s context-parallel degrees, on `cp_mesh`."""
+def new_parallel_config(cp_kwargs: dict, cp_mesh):
+    """diffusers' ParallelConfig for the planned ContextParallelConfig arguments, on `cp_mesh`."""
     from diffpar.mesh import current_device
 
     return diffusers_cp.new_parallel_config(
-        dist.get_rank(), dist.get_world_size(), current_device(), cp_mesh, **context_parallel_kwargs(config)
+        dist.get_rank(), dist.get_world_size(), current_device(), cp_mesh, **cp_kwargs
     )
 
 
