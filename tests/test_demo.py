@@ -14,7 +14,7 @@ def test_demo_under_torchrun(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "diffpar.demo",
-         "--steps", "2", "--size", "32", "--out", str(out)],
+         "--steps", "2", "--out", str(out)],  # the README's size: the VAE decode is split too
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

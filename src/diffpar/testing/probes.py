@@ -35,9 +35,10 @@ import torch.distributed as dist
 # torch.distributed.distributed_c10d itself (e.g. all_gather_object -> all_gather). Both bindings are wrapped.
 C10D_NAMES = (
     "all_to_all_single", "all_to_all", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_reduce",
-    "broadcast", "broadcast_object_list", "reduce_scatter_tensor", "send", "recv", "isend", "irecv",
-    "batch_isend_irecv", "barrier",
+    "broadcast", "broadcast_object_list", "reduce_scatter_tensor", "send", "recv", "batch_isend_irecv", "barrier",
 )
+# Not wrapped: `isend` / `irecv`. `dist.P2POp` accepts only those very functions (an identity check), so a wrapper
+# would break the VAE's halo exchange; its point-to-point traffic is counted through `batch_isend_irecv`.
 # Functional collectives: diffusers' Ulysses all-to-alls (`funcol.all_to_all_single`), its ring's KV gather and
 # its output gather (`funcol.all_gather_tensor`), and the ring backward (`funcol.permute_tensor`), on 0.36-0.42.
 FUNCOL_NAMES = (
