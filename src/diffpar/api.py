@@ -49,7 +49,7 @@ def enable_cache(target, cache_config=None, parallelism_config: ParallelismConfi
         )
     multi_rank = False
     if parallelism_config is not None:
-        multi_rank = mesh_lib.ensure_process_group() and dist.get_world_size() > 1
+        multi_rank = mesh_lib.ensure_process_group(parallelism_config.timeout_s) and dist.get_world_size() > 1
         if not multi_rank:
             warnings.warn(
                 "diffpar: one process only (no torchrun environment, or a world of 1): parallelism is a no-op. "
@@ -68,7 +68,8 @@ def enable_cache(target, cache_config=None, parallelism_config: ParallelismConfi
     except Exception as exc:  # whatever failed here, every rank must still reach the agreement below
         local_error = exc
     if multi_rank:
-        mesh_lib.agree("diffpar.enable_cache", the_plan.describe() if the_plan is not None else {}, local_error)
+        mesh_lib.agree("diffpar.enable_cache", the_plan.describe() if the_plan is not None else {}, local_error,
+                       timeout_s=parallelism_config.timeout_s)
     elif local_error is not None:
         raise local_error
 

@@ -20,6 +20,7 @@ from diffpar import mesh as mesh_lib
 from diffpar.cache import apply_cache
 from diffpar.components import is_pipeline
 from diffpar.engines import tensor_parallel
+from diffpar.engines.call_agreement import CallChecker, attach_model_checker, attach_pipeline_checker
 from diffpar.engines.context_parallel import apply_context_parallel, new_parallel_config
 from diffpar.handle import ParallelHandle
 from diffpar.patch import Patch
@@ -28,7 +29,7 @@ from diffpar.plan_types import ApplyContext, ParallelPlan
 logger = logging.getLogger("diffpar")
 
 # The named steps, in order (tests inject failures into each of them).
-APPLY_STEPS = ("cache", "context parallel", "tensor parallel", "extra module", "latent broadcast")
+APPLY_STEPS = ("cache", "context parallel", "tensor parallel", "extra module", "latent broadcast", "call agreement")
 
 
 def model_group(mesh, layout):
@@ -71,7 +72,7 @@ def apply_plan(target, plan: ParallelPlan, config, handle: ParallelHandle) -> No
 
     # 3. Status: all succeeded, or every rank raises (and enable_cache rolls each one back).
     mesh_lib.agree("diffpar.enable_cache", {}, local_error,
-                   failed="failed while applying the agreed plan, so every rank rolled back")
+                   failed="failed while applying the agreed plan, so every rank rolled back", timeout_s=config.timeout_s)
 
 
 def _apply_local_steps(target, plan: ParallelPlan, config, handle, world_mesh, cache_group) -> None:
@@ -98,6 +99,27 @@ def _apply_local_steps(target, plan: ParallelPlan, config, handle, world_mesh, c
             handle.states[component.name] = state
     if config.broadcast_latents and is_pipeline(target) and hasattr(target, "prepare_latents"):
         apply_step("latent broadcast", broadcast_latents, target, handle)
+    if config.check_every_call:
+        apply_step("call agreement", attach_call_checker, target, plan, config, handle)
+
+
+def attach_call_checker(target, plan: ParallelPlan, config, handle) -> None:
+    """Every later call of the pipeline (or bare model) starts with one small exchange of its arguments; with
+    `verify_weights`, also of the weights of every module that is not sharded (sharded ones differ by design)."""
+    weights = {}
+    if config.verify_weights:
+        for c in plan.components:
+            module = getattr(c.payload, "module", None)
+            sharded = c.role == "text encoder" or getattr(c.payload, "tp_plan", None) is not None
+            if module is not None and not sharded:
+                weights[c.name] = module
+    label = f"{type(target).__name__}" + ("(...)" if is_pipeline(target) else ".forward")
+    checker = CallChecker(label, None, weights, config.timeout_s)
+    if is_pipeline(target):
+        attach_pipeline_checker(target, checker, handle)
+    else:
+        attach_model_checker(target, checker, handle)
+    handle.states["call_checker"] = checker
 
 
 def apply_step(step: str, fn, *args, **kwargs):

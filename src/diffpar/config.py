@@ -23,6 +23,9 @@ _PARALLEL_KWARGS_FIELDS = (
     "broadcast_latents",
     "vae_split_min_rows",
     "keep_original_text_encoders",
+    "timeout_s",
+    "check_every_call",
+    "verify_weights",
 )
 
 
@@ -43,6 +46,13 @@ class ParallelismConfig:
     vae_split_min_rows: latent rows below which the VAE decodes whole on every rank (None: diffpar decides).
     keep_original_text_encoders: keep a copy of each sharded text encoder's full weights so `detach()` restores
         it bit for bit (costs the full weights' memory; default False: detach says the encoder must be reloaded).
+    timeout_s: how long any wait diffpar issues or causes may last (start-up, agreements, the VAE's handshake)
+        before every rank gets a clear error naming what waited (default 300 s).
+    check_every_call: at the start of every pipeline call (and every call of a bare model diffpar parallelized)
+        the ranks compare its arguments (shapes, step count, scalars, prompt and image checksums) in one small
+        exchange; a mismatch is a clear error on every rank (default True).
+    verify_weights: with every call, also compare a checksum of the weights of the modules that are not sharded
+        (for weights changed after enabling, e.g. a LoRA loaded on one rank only; default False).
     """
 
     ulysses_size: int | None = None
@@ -56,6 +66,9 @@ class ParallelismConfig:
     broadcast_latents: bool = True
     vae_split_min_rows: int | None = None
     keep_original_text_encoders: bool = False
+    timeout_s: float = 300.0
+    check_every_call: bool = True
+    verify_weights: bool = False
     parallel_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -86,7 +99,7 @@ class ParallelismConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DiffparError(f"ParallelismConfig: {name} must be a positive integer or None, got {value!r}.")
         for name in ("ulysses_anything", "ring_anything", "convert_to_fp32", "broadcast_latents",
-                     "keep_original_text_encoders"):
+                     "keep_original_text_encoders", "check_every_call", "verify_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise DiffparError(f"ParallelismConfig: {name} must be True or False, got {getattr(self, name)!r}.")
         if self.ulysses_anything and self.ulysses_degree == 1:
@@ -116,6 +129,10 @@ class ParallelismConfig:
                     "ParallelismConfig: extra_parallel_modules entries must be modules of the pipeline "
                     f"(e.g. pipe.text_encoder) or their attribute names (e.g. 'text_encoder'), got {type(entry).__name__}."
                 )
+        timeout = self.timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise DiffparError(f"ParallelismConfig: timeout_s must be a number of seconds > 0, got {timeout!r}.")
+        self.timeout_s = float(timeout)
         if self.vae_split_min_rows is not None and (not isinstance(self.vae_split_min_rows, int) or self.vae_split_min_rows < 0):
             raise DiffparError("ParallelismConfig: vae_split_min_rows must be a non-negative integer or None.")
 
@@ -155,4 +172,7 @@ class ParallelismConfig:
             "broadcast_latents": self.broadcast_latents,
             "vae_split_min_rows": self.vae_split_min_rows,
             "keep_original_text_encoders": self.keep_original_text_encoders,
+            "timeout_s": self.timeout_s,
+            "check_every_call": self.check_every_call,
+            "verify_weights": self.verify_weights,
         }

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import traceback
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +31,11 @@ def torchrun_env_present() -> bool:
     return all(k in os.environ for k in _TORCHRUN_ENV)
 
 
-def ensure_process_group() -> bool:
-    """Initialize torch.distributed from torchrun's environment if needed. Returns whether one exists."""
+def ensure_process_group(timeout_s: float | None = None) -> bool:
+    """Initialize torch.distributed from torchrun's environment if needed. Returns whether one exists.
+
+    The group carries `timeout_s` (every collective on it, and the start-up rendezvous, waits at most that
+    long); when the peers named by torchrun's variables never arrive, a clear error names the variables."""
     if dist.is_available() and dist.is_initialized():
         return True
     if not dist.is_available() or not torchrun_env_present():
@@ -42,7 +46,17 @@ def ensure_process_group() -> bool:
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend=backend)
+    kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    try:
+        dist.init_process_group(backend=backend, **kwargs)
+    except (RuntimeError, ValueError) as exc:  # DistStoreError / DistNetworkError are RuntimeErrors
+        env = ", ".join(f"{k}={os.environ.get(k)}" for k in (*_TORCHRUN_ENV, "LOCAL_RANK"))
+        raise DiffparError(
+            f"diffpar could not start torch.distributed from the environment ({env}): the other ranks did not "
+            f"join{f' within {timeout_s:.0f} s' if timeout_s else ''}. Launch every rank with torchrun "
+            "(`torchrun --nproc_per_node=N script.py`), or unset these variables to run in one process "
+            f"(they may be left over from another launch). ({type(exc).__name__}: {str(exc)[:300]})"
+        ) from None
     return True
 
 
@@ -98,19 +112,33 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
 
-def _exchange_json(payload: dict, group=None) -> list[dict]:
+def _wait(work, what: str, timeout_s: float | None) -> None:
+    if timeout_s is None:
+        work.wait()
+        return
+    try:
+        work.wait(timeout=timedelta(seconds=timeout_s))
+    except RuntimeError as exc:
+        raise DiffparError(
+            f"{what}: waited {timeout_s:.0f} s for the other ranks and not every rank arrived (a rank that raised "
+            "earlier, skipped this call, or runs a different script). Every rank must make the same calls; "
+            f"ParallelismConfig(timeout_s=...) sets how long to wait. ({exc})"
+        ) from None
+
+
+def _exchange_json(payload: dict, group=None, what: str = "diffpar", timeout_s: float | None = None) -> list[dict]:
     """All-gather one JSON document per rank as uint8 tensors (never pickles: a peer's bytes are only parsed as
-    JSON). Two collectives: the sizes, then the padded bytes."""
+    JSON). Two collectives, the sizes then the padded bytes, each wait bounded by `timeout_s`."""
     data = json.dumps(payload, sort_keys=True, default=repr).encode()
     world = dist.get_world_size(group)
     size = torch.tensor([len(data)], dtype=torch.int64)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
+    _wait(dist.all_gather(sizes, size, group=group, async_op=True), what, timeout_s)
     longest = max(int(s.item()) for s in sizes)
     buf = torch.zeros(longest, dtype=torch.uint8)
     buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     bufs = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)]
-    dist.all_gather(bufs, buf, group=group)
+    _wait(dist.all_gather(bufs, buf, group=group, async_op=True), what, timeout_s)
     return [json.loads(bytes(b[: int(n.item())].tolist()).decode()) for b, n in zip(bufs, sizes)]
 
 
@@ -130,25 +158,35 @@ def differing_fields(reference: dict, other: dict) -> list[tuple[str, object, ob
 
 
 def agree(what: str, description: dict, local_error: BaseException | None = None, group=None, *,
-          failed: str = "failed its checks") -> None:
+          failed: str = "failed its checks", timeout_s: float | None = None) -> None:
     """One collective exchange that every rank enters, even a rank whose local checks failed.
 
-    Every rank sends its description and its local error (if any), as JSON; then every rank raises the same
-    error, so a mistake found on one rank never leaves the others waiting in a later collective. A mismatch
-    names only the fields that differ, with each rank's value.
+    Every rank sends a fingerprint of its description and whether it failed (one all-gather of 3 integers); only
+    when something differs do they exchange the descriptions and errors themselves, as JSON, to say what. Then
+    every rank raises the same error, so a mistake found on one rank never leaves the others waiting in a later
+    collective. A mismatch names only the fields that differ, with each rank's value.
     """
     if not dist.is_initialized():
         if local_error is not None:
             raise local_error
         return
+    fp = fingerprint(description)
+    # Round 1, one all-gather of 3 integers: did anyone fail, and does everyone's fingerprint match? The common
+    # case ends here. Every rank sees the same gathered values, so every rank takes the same branch below.
+    mine = torch.tensor([int(local_error is not None), int(fp[:8], 16), int(fp[8:16], 16)], dtype=torch.int64)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    _wait(dist.all_gather(everyone, mine, group=group, async_op=True), what, timeout_s)
+    if all(int(e[0]) == 0 and torch.equal(e[1:], mine[1:]) for e in everyone):
+        return
+    # Round 2, only to explain: every rank's description and error, as JSON.
     payload = {
-        "fp": fingerprint(description),
+        "fp": fp,
         "desc": description,
         "error": None
         if local_error is None
         else [type(local_error).__name__, str(local_error), "".join(traceback.format_exception(local_error))],
     }
-    gathered = _exchange_json(payload, group)
+    gathered = _exchange_json(payload, group, what, timeout_s)
     errors = [(r, p["error"]) for r, p in enumerate(gathered) if p["error"] is not None]
     if errors:
         if local_error is not None:
@@ -163,8 +201,12 @@ def agree(what: str, description: dict, local_error: BaseException | None = None
                 shown = "; ".join(f"{k}: rank 0 {a!r}, rank {r} {b!r}" for k, a, b in fields[:8])
                 more = f" (and {len(fields) - 8} more)" if len(fields) > 8 else ""
                 diffs.append(f"rank {r} differs from rank 0 in {[k for k, _, _ in fields]}: {shown}{more}")
+        hint = ""
+        if any("weights" in d for d in diffs):
+            hint = (" Weights differ between ranks: load the same checkpoint on every rank, and change weights "
+                    "(LoRAs, adapter scales) on every rank alike.")
         raise RankMismatchError(
             f"{what}: ranks were given different configurations, so their collectives would not match (a hang "
             f"or a wrong image). {'; '.join(diffs)}. Every rank must run the same script with the same "
-            "arguments."
+            f"arguments.{hint}"
         )

@@ -7,7 +7,7 @@ result is immutable; `enable_cache` agrees on `plan.describe()` across ranks and
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -17,6 +17,7 @@ from diffpar.compat import diffusers_cp, versions
 from diffpar.components import find_denoisers, is_pipeline, resolve_extra_modules
 from diffpar.config import ParallelismConfig
 from diffpar.engines import tensor_parallel
+from diffpar.engines.call_agreement import weights_checksum
 from diffpar.engines.context_parallel import check_context_parallel
 from diffpar.errors import DiffparError
 import diffpar.families.catalog  # noqa: F401  (every family file registers itself: explicit, no package scan)
@@ -128,6 +129,7 @@ def _plan_denoiser(name: str, model: torch.nn.Module, config: ParallelismConfig,
         "class": type(model).__name__,
         "n_params": sum(p.numel() for p in params),
         "dtype": str(params[0].dtype) if params else None,
+        "weights": weights_checksum(model),  # ranks with different weights would blend them: refused by name
     }
     if dims.dp > 1:
         details.append(f"{dims.dp} copies (dp groups), each computing the whole denoiser for the same input")
@@ -172,6 +174,7 @@ def plan(target, cache_config=None, parallelism_config: ParallelismConfig | None
             check_eval_mode(name, module)
             adapter = extra_adapter_for(module)
             component = adapter.plan(module, name, world, config)
+            component = replace(component, facts=component.facts + (("weights", tuple(weights_checksum(module))),))
             components.append(_with_payload(component, ExtraPayload(module, adapter, component)))
         if is_pipeline(target):
             check_controlnet_listed(target, config, {name for name, _ in extras})
@@ -201,6 +204,4 @@ def plan(target, cache_config=None, parallelism_config: ParallelismConfig | None
 
 
 def _with_payload(component: ComponentPlan, payload) -> ComponentPlan:
-    from dataclasses import replace
-
     return replace(component, payload=payload)

@@ -133,12 +133,8 @@ def mismatched_shapes(family: str = "kl"):
 
 def skipping_rank(timeout_s: float = 2.0):
     """Rank 1 never decodes: the others must fail after the handshake timeout with a message, not hang."""
-    os.environ["DIFFPAR_VAE_HANDSHAKE_TIMEOUT_S"] = str(timeout_s)
-    try:
-        vae, make_latents, _ = tiny_vaes.build("kl")
-        handle, _ = _enable(vae, vae_split_min_rows=0)
-    finally:
-        del os.environ["DIFFPAR_VAE_HANDSHAKE_TIMEOUT_S"]
+    vae, make_latents, _ = tiny_vaes.build("kl")
+    handle, _ = _enable(vae, vae_split_min_rows=0, timeout_s=timeout_s)
     if dist.get_rank() == 1:
         return "skipped decode"
     tiny_vaes.decode(vae, make_latents(height=12, width=10))

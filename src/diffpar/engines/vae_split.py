@@ -12,7 +12,6 @@ The engine knows torch modules and the row-split math; it never names a diffuser
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Callable, Iterator
@@ -44,8 +43,7 @@ MIN_BAND_ROWS = 2
 # a Flux.1-shaped VAE broke even near 12 latent rows per rank (docs/bench/vae.md).
 DEFAULT_MIN_ROWS_PER_RANK = 16
 # How long the per-call handshake waits for the other ranks before raising instead of hanging.
-HANDSHAKE_TIMEOUT_ENV = "DIFFPAR_VAE_HANDSHAKE_TIMEOUT_S"
-DEFAULT_HANDSHAKE_TIMEOUT_S = 600.0
+DEFAULT_HANDSHAKE_TIMEOUT_S = 300.0  # ParallelismConfig.timeout_s's default
 # Set on a VAE while diffpar splits it: a VAE shared by two pipelines must not be wrapped twice.
 SPLIT_STATE_ATTR = "_diffpar_vae_split"
 
@@ -230,9 +228,10 @@ def split_state_of(vae: nn.Module) -> "VaeSplitState | None":
     return getattr(vae, SPLIT_STATE_ATTR, None)
 
 
-def apply_row_split(vae: nn.Module, plan: VaeSplitPlan, group, handle, label: str, min_rows: int | None):
+def apply_row_split(vae: nn.Module, plan: VaeSplitPlan, group, handle, label: str, min_rows: int | None,
+                    timeout_s: float | None = None):
     """Carry out `plan`: mark the VAE, then wrap each part's layers and entry forward, undo recorded first."""
-    state = VaeSplitState(vae, group, min_rows, plan.min_band_rows, plan.down_factor)
+    state = VaeSplitState(vae, group, min_rows, plan.min_band_rows, plan.down_factor, timeout_s)
     handle.add(f"vae {label}: mark as split", lambda: vars(vae).pop(SPLIT_STATE_ATTR, None))
     setattr(vae, SPLIT_STATE_ATTR, state)
     for part_name, kind in plan.parts:
@@ -260,7 +259,8 @@ def apply_row_split(vae: nn.Module, plan: VaeSplitPlan, group, handle, label: st
 class VaeSplitState:
     """One parallelized VAE: its group, its size rule, and the band split of the call in progress (if any)."""
 
-    def __init__(self, vae: nn.Module, group, min_rows: int | None, min_band_rows: int, down_factor: int):
+    def __init__(self, vae: nn.Module, group, min_rows: int | None, min_band_rows: int, down_factor: int,
+                 timeout_s: float | None = None):
         self.vae_class = type(vae).__name__
         self.group = group
         self.rank = dist.get_rank(group)
@@ -268,7 +268,7 @@ class VaeSplitState:
         self.min_rows = min_rows
         self.min_band_rows = max(MIN_BAND_ROWS, min_band_rows)
         self.down_factor = down_factor
-        self.handshake_timeout_s = float(os.environ.get(HANDSHAKE_TIMEOUT_ENV, DEFAULT_HANDSHAKE_TIMEOUT_S))
+        self.handshake_timeout_s = float(timeout_s if timeout_s is not None else DEFAULT_HANDSHAKE_TIMEOUT_S)
         self.active: RowSplit | None = None
         self.stats = ExchangeStats()
         self.calls = {"decode": {"split": 0, "whole": 0}, "encode": {"split": 0, "whole": 0}}
@@ -304,7 +304,7 @@ class VaeSplitState:
                 f"VAE {kind} on rank {self.rank}: the other ranks did not start the same {kind} within "
                 f"{self.handshake_timeout_s:.0f} s. A split {kind} is collective: every rank must call "
                 f"vae.{kind}() (every rank runs the pipeline to the end; do not decode on rank 0 only). Set "
-                f"{HANDSHAKE_TIMEOUT_ENV} to wait longer. ({exc})"
+                f"ParallelismConfig(timeout_s=...) to wait longer. ({exc})"
             ) from None
         self.stats.calls += 1
         rows = [p.tolist() for p in parts]

@@ -95,7 +95,8 @@ class VaeAdapter(ExtraModuleAdapter):
 
     def apply(self, module: nn.Module, plan: ComponentPlan, group, handle, config, context):
         label = plan.name or type(module).__name__
-        return apply_row_split(module, plan.payload, group, handle, label, getattr(config, "vae_split_min_rows", None))
+        return apply_row_split(module, plan.payload, group, handle, label, getattr(config, "vae_split_min_rows", None),
+                               getattr(config, "timeout_s", None))
 
 
 register_extra_adapter(VaeAdapter())

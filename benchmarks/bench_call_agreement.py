@@ -1,0 +1,75 @@
+"""What the per-call agreement costs: one exchange per pipeline call, against a denoising step.
+
+    torchrun --nproc_per_node=2 benchmarks/bench_call_agreement.py [--size 64] [--steps 4] [--rounds 5]
+
+Runs the demo's tiny FLUX pipeline (ulysses 2, VAE split) with `check_every_call=True` and `False`, interleaved
+round by round, and times the agreement exchange alone (describe the call's arguments + two small all-gathers).
+Prints the exchange's median time, the median time per denoising step, and their ratio (target: under 1%).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    import diffpar
+    from diffpar.engines.call_agreement import describe_call
+    from diffpar.mesh import ensure_process_group
+    from diffpar.testing.tiny_pipelines import build_tiny_flux_pipeline
+
+    ensure_process_group()
+    call = dict(prompt="a lighthouse on a cliff at dawn", height=args.size, width=args.size,
+                num_inference_steps=args.steps, max_sequence_length=16, guidance_scale=3.5, output_type="pt")
+    pipes = {}
+    for check in (True, False):
+        pipe = build_tiny_flux_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
+            ulysses_size=2, check_every_call=check, extra_parallel_modules=[pipe.vae]))
+        pipes[check] = pipe
+
+    times = {True: [], False: []}
+    with torch.no_grad():
+        for _ in range(args.rounds + 1):  # the first round warms up
+            for check, pipe in pipes.items():
+                dist.barrier()
+                started = time.perf_counter()
+                pipe(**call, generator=torch.Generator().manual_seed(0))
+                times[check].append(time.perf_counter() - started)
+    checker = pipes[True]._diffpar_handle.state("call_checker")
+    exchange = []
+    for _ in range(50):
+        dist.barrier()
+        started = time.perf_counter()
+        checker.agree(describe_call(type(pipes[True]).__call__, (), dict(call), skip_first=False))
+        exchange.append(time.perf_counter() - started)
+
+    with_check = statistics.median(times[True][1:])
+    without = statistics.median(times[False][1:])
+    per_step = without / args.steps
+    one_exchange = statistics.median(exchange)
+    if dist.get_rank() == 0:
+        print(f"tiny FLUX pipeline {args.size}x{args.size}, {args.steps} steps, 2 ranks x 1 thread, "
+              f"median of {args.rounds} rounds")
+        print(f"  pipeline call, check_every_call=False : {without * 1e3:8.1f} ms ({per_step * 1e3:.1f} ms per step)")
+        print(f"  pipeline call, check_every_call=True  : {with_check * 1e3:8.1f} ms")
+        print(f"  one agreement exchange (median of 50)  : {one_exchange * 1e3:8.3f} ms "
+              f"= {100 * one_exchange / per_step:.2f}% of a denoising step, "
+              f"{100 * one_exchange / without:.2f}% of the call")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Every call agreed: before a parallel pipeline (or bare model) call runs, the ranks compare what must match.
+
+Ranks that call a parallel pipeline differently (another size, step count, prompt, guidance scale, number of
+images) either hang in a collective, abort inside gloo, or silently blend their inputs into one image. So each
+call starts with one small exchange (`mesh.agree`, two all-gathers of a few hundred bytes) of a plain description
+of its arguments; a mismatch is a `RankMismatchError` on every rank naming the argument and each rank's value.
+
+What is compared, per argument (`describe_value`):
+- tensors: shape, dtype and a checksum (float64 sum and sum of squares); arguments whose values diffpar makes
+  equal itself (`latents`: the initial noise is broadcast from rank 0) by shape and dtype only;
+- strings: the text (shortened) and its hash; lists and tuples element by element; dicts by key;
+- numbers, booleans, None: the value; PIL images and numpy arrays: size and a hash of their bytes;
+- generators: not compared (diffpar broadcasts the initial noise, so each rank may seed its own);
+- anything else callable: that it is there.
+`verify_weights=True` adds a checksum of every watched module's weights to each call's description, for users who
+change weights after enabling (a LoRA loaded or scaled on one rank only).
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import numbers
+import threading
+
+import torch
+
+from diffpar import mesh as mesh_lib
+from diffpar.patch import Patch
+
+# Arguments whose values diffpar itself makes equal on every rank: compared by shape only.
+BROADCAST_ARGS = frozenset({"latents"})
+_TEXT_SHOWN = 60
+
+
+def tensor_checksum(t: torch.Tensor) -> list:
+    """[float64 sum, float64 sum of squares]: equal on every rank for equal tensors, different for different ones
+    in practice; cheap (two reductions)."""
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    d = t.to(torch.float64)
+    return [float(d.sum()), float((d * d).sum())]
+
+
+def weights_checksum(module: torch.nn.Module) -> list:
+    """Checksum of every parameter and buffer of `module`, in registration order."""
+    total, squares = 0.0, 0.0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_meta:
+            continue
+        s, q = tensor_checksum(t)
+        total += s
+        squares += q
+    return [total, squares]
+
+
+def _text(value: str):
+    digest = hashlib.sha256(value.encode()).hexdigest()[:12]
+    shown = value if len(value) <= _TEXT_SHOWN else value[:_TEXT_SHOWN] + "..."
+    return f"{shown!r} (sha {digest})"
+
+
+def describe_value(value, name: str = ""):
+    """A plain, JSON-able, rank-comparable description of one call argument."""
+    if isinstance(value, torch.Tensor):
+        if name in BROADCAST_ARGS:
+            return {"shape": list(value.shape), "dtype": str(value.dtype)}
+        return {"shape": list(value.shape), "dtype": str(value.dtype), "checksum": tensor_checksum(value)}
+    if isinstance(value, str):
+        return _text(value)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Number):
+        return float(value) if isinstance(value, float) else int(value) if isinstance(value, int) else repr(value)
+    if isinstance(value, torch.Generator):
+        return "<generator: not compared, the initial noise is broadcast from rank 0>"
+    if isinstance(value, (list, tuple)):
+        return [describe_value(v, name) for v in value]
+    if isinstance(value, dict):
+        return {str(k): describe_value(v, str(k)) for k, v in value.items()}
+    tobytes = getattr(value, "tobytes", None)
+    if callable(tobytes):  # PIL images, numpy arrays
+        size = getattr(value, "size", None)
+        shape = getattr(value, "shape", None)
+        return {"type": type(value).__name__, "size": repr(shape if shape is not None else size),
+                "sha": hashlib.sha256(tobytes()).hexdigest()[:12]}
+    if callable(value):
+        return "<callable>"
+    return f"<{type(value).__name__}>"
+
+
+def describe_call(fn, args: tuple, kwargs: dict, *, skip_first: bool = False) -> dict:
+    """Arguments of a call of `fn`, bound to their names, each described by `describe_value`."""
+    try:
+        bound = inspect.signature(fn).bind_partial(*((None,) if skip_first else ()), *args, **kwargs)
+        items = list(bound.arguments.items())[1 if skip_first else 0:]
+    except (TypeError, ValueError):
+        items = [(f"arg{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    out = {}
+    for name, value in items:
+        if inspect.Parameter.VAR_KEYWORD == _kind(fn, name) and isinstance(value, dict):
+            out.update({k: describe_value(v, k) for k, v in value.items()})
+        else:
+            out[name] = describe_value(value, name)
+    return out
+
+
+def _kind(fn, name: str):
+    try:
+        param = inspect.signature(fn).parameters.get(name)
+    except (TypeError, ValueError):
+        return None
+    return None if param is None else param.kind
+
+
+class CallChecker:
+    """The per-call agreement of one enabled pipeline or model: what to call it in errors, the group, which
+    modules' weights to checksum on every call (`verify_weights`)."""
+
+    def __init__(self, label: str, group=None, weight_modules: dict | None = None, timeout_s: float | None = None):
+        self.label = label
+        self.group = group
+        self.weight_modules = weight_modules or {}
+        self.timeout_s = timeout_s
+        self.calls = 0  # how many calls were agreed (tests and the benchmark count them)
+
+    def agree(self, description: dict) -> None:
+        what = {"arguments": description}
+        if self.weight_modules:
+            what["weights"] = {n: weights_checksum(m) for n, m in self.weight_modules.items()}
+        mesh_lib.agree(f"diffpar: a call of {self.label}", what, None, self.group, timeout_s=self.timeout_s)
+        self.calls += 1
+
+
+# -- pipelines: `pipe(...)` looks `__call__` up on the class, so the class is patched, shared by its instances ----
+
+_CHECKER_ATTR = "_diffpar_call_checker"
+
+
+class _ClassCallPatches:
+    """One wrapt patch of `cls.__call__` per pipeline class, kept while any enabled instance of it needs it; the
+    wrapper checks only instances that carry a checker (others run untouched)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._patches: dict[type, tuple[Patch, int]] = {}
+
+    def acquire(self, cls: type) -> None:
+        with self._lock:
+            patch, users = self._patches.get(cls, (None, 0))
+            if patch is None:
+                patch = Patch(cls, "__call__", _pipeline_call_wrapper, label=f"{cls.__name__}.__call__")
+            self._patches[cls] = (patch, users + 1)
+
+    def release(self, cls: type) -> None:
+        with self._lock:
+            patch, users = self._patches.get(cls, (None, 0))
+            if patch is None:
+                return
+            if users <= 1:
+                patch.undo()
+                del self._patches[cls]
+            else:
+                self._patches[cls] = (patch, users - 1)
+
+
+CLASS_CALL_PATCHES = _ClassCallPatches()
+
+
+def _pipeline_call_wrapper(wrapped, instance, args, kwargs):
+    checker = vars(instance).get(_CHECKER_ATTR) if instance is not None and hasattr(instance, "__dict__") else None
+    if checker is not None:
+        checker.agree(describe_call(wrapped, args, kwargs))  # `wrapped` is the bound method: no `self`
+    return wrapped(*args, **kwargs)
+
+
+def attach_pipeline_checker(pipe, checker: CallChecker, handle) -> None:
+    """Agree on every call of `pipe(...)`; undo recorded first."""
+    cls = type(pipe)
+    state = {"acquired": False}
+
+    def undo():
+        vars(pipe).pop(_CHECKER_ATTR, None)
+        if state["acquired"]:
+            CLASS_CALL_PATCHES.release(cls)
+
+    handle.add(f"pipeline: agree on every call ({cls.__name__})", undo)
+    CLASS_CALL_PATCHES.acquire(cls)
+    state["acquired"] = True
+    setattr(pipe, _CHECKER_ATTR, checker)
+
+
+def attach_model_checker(model: torch.nn.Module, checker: CallChecker, handle) -> None:
+    """Agree on every call of a bare model (a forward pre-hook that sees the whole inputs, before any split)."""
+    removable = []
+    handle.add(f"{checker.label}: agree on every call", lambda: [r.remove() for r in removable])
+    forward = type(model).forward
+
+    def hook(module, args, kwargs):
+        checker.agree(describe_call(forward, args, kwargs, skip_first=True))
+
+    # prepend: before diffusers' own hooks and any split, so every rank describes the same whole inputs
+    removable.append(model.register_forward_pre_hook(hook, with_kwargs=True, prepend=True))

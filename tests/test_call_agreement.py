@@ -1,0 +1,105 @@
+"""Every call agreed: ranks that call a parallel pipeline (or model) differently get a clear error on every rank,
+fast, naming the argument and each rank's value; equal calls run and match one process."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from tolerances import CP_FP32
+
+pytestmark = pytest.mark.compat
+
+# Measured: a refused call returns in well under 1 s on 2-4 CPU ranks (the exchange is two small all-gathers); the
+# bound leaves a wide margin for a loaded machine. A hang would run into the test's 120 s deadline instead.
+MAX_SECONDS = 20
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("field,values,shown", [
+    ("height", [32, 48], ["arguments.height", "rank 0 32", "32, rank 1 48"]),
+    ("num_inference_steps", [2, 3], ["arguments.num_inference_steps", "rank 0 2", "rank 1 3"]),
+    ("prompt", ["a red fox in snow", "a blue fox in snow"], ["arguments.prompt", "'a red fox in snow'",
+                                                             "'a blue fox in snow'"]),
+    ("guidance_scale", [3.5, 4.0], ["arguments.guidance_scale", "rank 0 3.5", "rank 1 4.0"]),
+    ("num_images_per_prompt", [1, 2], ["arguments.num_images_per_prompt"]),
+    ("max_sequence_length", [16, 12], ["arguments.max_sequence_length"]),
+])
+def test_pipeline_called_differently_fails_on_every_rank(ranks, world, field, values, shown):
+    results = ranks(world, "workers.calls:pipeline_call_differs", timeout=120, field=field, values=values)
+    for r in results:
+        assert r["error"] == "RankMismatchError", r
+        assert "a call of FluxPipeline(...)" in r["message"] and "rank 1 differs from rank 0" in r["message"], r
+        for fragment in shown:
+            assert fragment in r["message"], (fragment, r["message"])
+        assert r["seconds"] < MAX_SECONDS, r
+        assert r["calls_agreed"] == 1  # the refused call was not counted; the equal one after it ran
+
+
+def test_equal_calls_run_and_are_agreed_once_each(ranks):
+    for r in ranks(2, "workers.calls:pipeline_calls_agree", timeout=120):
+        assert r["diff"] <= CP_FP32, r
+        assert r["calls_agreed"] == 2, r  # one exchange per pipeline call, not per step
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_different_weights_are_refused_at_enable_naming_the_module(ranks, world):
+    for r in ranks(world, "workers.calls:weights_differ_at_enable", timeout=120):
+        assert r["error"] == "RankMismatchError", r
+        assert "denoiser:transformer.facts.weights" in r["message"] and "vae:vae.facts.weights" in r["message"], r
+        assert "load the same checkpoint on every rank" in r["message"], r
+        assert r["seconds"] < MAX_SECONDS, r
+
+
+def test_weights_changed_on_one_rank_after_enable(ranks):
+    """Opt-in `verify_weights=True` names the module at the next call; without it the call runs (documented)."""
+    for r in ranks(2, "workers.calls:weights_changed_after_enable", timeout=120, verify=True):
+        assert r["error"] == "RankMismatchError", r
+        assert "arguments.weights.transformer" not in r["message"]  # weights are their own field
+        assert "weights.transformer" in r["message"] and "weights.vae" not in r["message"], r["message"]
+    for r in ranks(2, "workers.calls:weights_changed_after_enable", timeout=120, verify=False):
+        assert r["error"] is None, r
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_bare_model_called_with_different_shapes(ranks, world):
+    results = ranks(world, "workers.calls:model_inputs_differ", timeout=120, seq_by_rank=[16, 24])
+    for r in results:
+        assert r["error"] == "RankMismatchError", r
+        assert "a call of FluxTransformer2DModel.forward" in r["message"], r
+        assert "arguments.hidden_states.shape" in r["message"], r
+        assert r["calls_agreed"] == 0
+    for r in ranks(world, "workers.calls:model_inputs_differ", timeout=120, seq_by_rank=[16]):
+        assert r["error"] is None and r["calls_agreed"] == 1, r
+
+
+def test_rank_that_never_calls_bounds_the_wait(ranks):
+    from diffpar.testing import RankFailure
+
+    started = time.monotonic()
+    with pytest.raises(RankFailure) as err:
+        ranks(2, "workers.calls:rank_skips_the_call", timeout=120, timeout_s=3.0)
+    elapsed = time.monotonic() - started
+    text = str(err.value)
+    assert "1 rank(s) failed" in text and "a call of FluxPipeline(...): waited 3 s for the other ranks" in text, text
+    assert "ParallelismConfig(timeout_s=...)" in text
+    assert elapsed < 3.0 + MAX_SECONDS
+
+
+def test_torchrun_variables_without_peers_fail_after_the_timeout(tmp_path):
+    """Plain `python app.py` with leftover RANK/WORLD_SIZE/MASTER_* variables: a clear error, not a silent block."""
+    script = tmp_path / "app.py"
+    script.write_text(
+        "import diffpar\n"
+        "from diffpar.testing import tiny_transformers\n"
+        "model, _ = tiny_transformers.build('flux')\n"
+        "diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(ulysses_size=2, timeout_s=3))\n"
+    )
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29613", LOCAL_RANK="0")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    elapsed = time.monotonic() - started
+    assert proc.returncode != 0
+    assert "the other ranks did not join within 3 s" in proc.stderr, proc.stderr[-2000:]
+    assert "RANK=0, WORLD_SIZE=2, MASTER_ADDR=127.0.0.1, MASTER_PORT=29613" in proc.stderr
+    assert elapsed < 3 + 60, elapsed  # interpreter start and imports included

@@ -1,0 +1,116 @@
+"""Rank-side: every call of a parallel pipeline or model is agreed across ranks before it runs."""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+import diffpar
+from diffpar.testing import tiny_pipelines, tiny_transformers
+
+CALL = dict(prompt="a red fox in snow", height=32, width=32, num_inference_steps=2, max_sequence_length=16,
+            guidance_scale=3.5, output_type="pt")
+
+
+def _pipe(seed: int = 0):
+    pipe = tiny_pipelines.build_tiny_flux_pipeline(seed=seed)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _enable(pipe, **config):
+    config.setdefault("ulysses_size", 2)
+    return diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
+        extra_parallel_modules=[pipe.vae], **config))
+
+
+def _timed_error(fn):
+    started = time.monotonic()
+    try:
+        fn()
+    except diffpar.DiffparError as exc:
+        return {"rank": dist.get_rank(), "error": type(exc).__name__, "message": str(exc),
+                "seconds": time.monotonic() - started}
+    return {"rank": dist.get_rank(), "error": None, "seconds": time.monotonic() - started}
+
+
+def pipeline_call_differs(field: str, values: list) -> dict:
+    """Rank r calls the pipeline with `field=values[r % len(values)]`; everything else equal."""
+    pipe = _pipe()
+    handle = _enable(pipe)
+    kwargs = dict(CALL, **{field: values[dist.get_rank() % len(values)]})
+    try:
+        with torch.no_grad():
+            result = _timed_error(lambda: pipe(**kwargs, generator=torch.Generator().manual_seed(0)))
+        # The pipeline still works afterwards when the ranks agree (nothing was left half-done).
+        with torch.no_grad():
+            pipe(**CALL, generator=torch.Generator().manual_seed(0))
+        result["calls_agreed"] = handle.state("call_checker").calls
+    finally:
+        handle.detach()
+    return result
+
+
+def pipeline_calls_agree() -> dict:
+    """Equal calls: the image matches one process, and each call was agreed once (ranks seeded differently:
+    generators are not compared, the noise is broadcast)."""
+    with torch.no_grad():
+        reference = _pipe()(**CALL, generator=torch.Generator().manual_seed(0)).images
+    pipe = _pipe()
+    handle = _enable(pipe)
+    try:
+        with torch.no_grad():
+            out = pipe(**CALL, generator=torch.Generator().manual_seed(dist.get_rank())).images
+            pipe(**CALL, generator=torch.Generator().manual_seed(dist.get_rank()))
+        return {"rank": dist.get_rank(), "diff": (out - reference).abs().max().item(),
+                "calls_agreed": handle.state("call_checker").calls}
+    finally:
+        handle.detach()
+
+
+def weights_differ_at_enable() -> dict:
+    pipe = _pipe(seed=dist.get_rank())  # another checkpoint on every rank
+    return _timed_error(lambda: _enable(pipe))
+
+
+def weights_changed_after_enable(verify: bool) -> dict:
+    pipe = _pipe()
+    handle = _enable(pipe, verify_weights=verify)
+    if dist.get_rank() == 1:
+        with torch.no_grad():  # e.g. a LoRA fused on one rank only
+            pipe.transformer.proj_out.weight.mul_(1.5)
+    try:
+        with torch.no_grad():
+            result = _timed_error(lambda: pipe(**CALL, generator=torch.Generator().manual_seed(0)))
+    finally:
+        handle.detach()
+    return result
+
+
+def model_inputs_differ(seq_by_rank: list[int]) -> dict:
+    model, make_inputs = tiny_transformers.build("flux")
+    handle = diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(ulysses_size=2))
+    inputs = make_inputs(seq=seq_by_rank[dist.get_rank() % len(seq_by_rank)], text=8)
+    try:
+        with torch.no_grad():
+            result = _timed_error(lambda: model(**inputs))
+        result["calls_agreed"] = handle.state("call_checker").calls
+    finally:
+        handle.detach()
+    return result
+
+
+def rank_skips_the_call(timeout_s: float) -> dict:
+    """Rank 1 never calls the pipeline: rank 0 must fail after `timeout_s`, not hang. Rank 0 raises (so the
+    test pool replaces these processes: rank 0's timed-out exchange must not pair with a later test's)."""
+    pipe = _pipe()
+    handle = _enable(pipe, timeout_s=timeout_s)
+    try:
+        if dist.get_rank() == 1:
+            return {"rank": 1, "skipped": True}
+        with torch.no_grad():
+            pipe(**CALL, generator=torch.Generator().manual_seed(0))
+        return {"rank": 0, "error": None}
+    finally:
+        handle.detach()
