@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from diffpar import generate
-from diffpar.testing.generate_runs import TINY_FLUX_CALL, clean_env, save_tiny_flux, split_summaries
+from diffpar.testing.generate_runs import (TINY_FLUX_CALL, clean_env, run_in_this_process, save_tiny_flux,
+                                           split_summaries)
 from diffpar.testing.probes import split_problems
 from tolerances import PIPELINE_FP32
 
@@ -21,20 +22,7 @@ def flux_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process(flux_dir, tmp_path_factory):
     """The command in this process, world of one: the reference image and what its transformer saw."""
-    out = tmp_path_factory.mktemp("one")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HF_HUB_OFFLINE", "1")  # the command sets it; keep it from leaking into other tests
-    try:
-        import io
-        from contextlib import redirect_stdout
-
-        buffer = io.StringIO()
-        with redirect_stdout(buffer):
-            assert generate.main([str(flux_dir), *TINY_FLUX_CALL, "--out", str(out / "one.png"),
-                                  "--save-array", str(out / "one.npy"), "--report-split"]) == 0
-    finally:
-        mp.undo()
-    return {"array": np.load(out / "one.npy"), "png": out / "one.png", "stdout": buffer.getvalue()}
+    return run_in_this_process(flux_dir, tmp_path_factory.mktemp("one"))
 
 
 def test_two_ranks_under_torchrun_match_one_process(flux_dir, one_process, tmp_path):

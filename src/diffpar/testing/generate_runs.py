@@ -22,6 +22,33 @@ def save_tiny_flux(folder) -> Path:
     return folder
 
 
+def run_in_this_process(folder, out_dir, *extra) -> dict:
+    """`diffpar.generate` in this process (a world of one): the float output, the PNG and what was printed.
+
+    HF_HUB_OFFLINE, which the command sets, is put back as it was so it does not leak into other tests."""
+    import contextlib
+    import io
+
+    import numpy as np
+
+    from diffpar import generate
+
+    out_dir = Path(out_dir)
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            code = generate.main([str(folder), *TINY_FLUX_CALL, "--out", str(out_dir / "one.png"),
+                                  "--save-array", str(out_dir / "one.npy"), "--report-split", *extra])
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
+    assert code == 0, buffer.getvalue()
+    return {"array": np.load(out_dir / "one.npy"), "png": out_dir / "one.png", "stdout": buffer.getvalue()}
+
+
 def clean_env(**extra) -> dict:
     """This process's environment without torchrun's variables (a test may itself run under a launcher)."""
     env = {k: v for k, v in os.environ.items()
