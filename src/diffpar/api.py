@@ -19,6 +19,7 @@ from diffpar.applying import apply_plan
 from diffpar.config import ParallelismConfig
 from diffpar.errors import DiffparError
 from diffpar.handle import ParallelHandle
+from diffpar.logs import quiet_other_ranks
 from diffpar.planning import plan
 
 
@@ -75,6 +76,8 @@ def enable_cache(target, cache_config=None, parallelism_config: ParallelismConfi
 
     handle = ParallelHandle(target=target, config=parallelism_config, plan=the_plan)
     try:
+        if multi_rank:
+            quiet_other_ranks(target, handle)  # progress bars and warnings on rank 0 only
         apply_plan(target, the_plan, parallelism_config, handle)
     except BaseException:
         handle.detach(strict=False)
