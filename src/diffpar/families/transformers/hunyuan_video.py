@@ -14,7 +14,8 @@ small forward changes, both undone on detach, keep every mode exact:
    the degree, so a few padded tokens may remain (handled by 2).
 2. Each block's attention gets `HunyuanVideoContextParallelAttnProcessor`: an all-True mask becomes no mask (the
    ring cannot take one; `ring_anything` rejects any mask), and a real padding mask under plain Ulysses is laid
-   out in the order Ulysses gathers keys: [video_0, text_0, video_1, text_1, ...].
+   out in the order Ulysses gathers keys: [video_0, text_0, video_1, text_1, ...], each part as long as the split
+   cut it (unequal where a call whose video tokens do not divide took the uneven path by itself).
 
 Not supported: Ring (or *_anything) with prompts of different lengths in one batch, and the image-to-video
 "token_replace" variant (its first-frame tokens are addressed by position in the whole sequence).
@@ -120,7 +121,8 @@ def text_tokens_to_keep(text_mask: torch.Tensor, config) -> int:
     if longest == 0:
         raise UnsupportedError("HunyuanVideo: the prompt has no real text tokens (its attention mask is all zero).")
     if longest % degree and not uneven_ok:
-        uneven = "set ring_anything=True (uneven splits), or " if config.ring_degree > 1 else ""
+        uneven = ("upgrade diffusers to 0.38+, which splits unevenly by itself (or set ring_anything=True there), or "
+                  if config.ring_degree > 1 else "")
         raise UnsupportedError(
             f"HunyuanVideo with context parallelism: the prompt has {longest} real text tokens, which {degree} ranks "
             f"cannot split evenly, and padding it would need a mask {mode} cannot apply. To run it, {uneven}{other}."
