@@ -20,32 +20,39 @@ def _sample(out) -> torch.Tensor:
     return first
 
 
-def _run(model, inputs):
+def _run(model, inputs, output_types: list | None = None):
     with torch.no_grad():
-        return _sample(model(**copy.deepcopy(inputs)))
+        out = model(**copy.deepcopy(inputs))
+    if output_types is not None:
+        output_types.append(type(out).__name__)
+    return _sample(out)
 
 
-def _probed_run(model, inputs):
+def _probed_run(model, inputs, output_types: list | None = None):
     """_run, with what the first attention saw and the collectives issued (SplitProbe summary)."""
     with SplitProbe(model) as probe:
-        out = _run(model, inputs)
+        out = _run(model, inputs, output_types)
     return out, probe.summary()
 
 
 def cp_equivalence(model_name: str, config: dict, model_kwargs: dict | None = None, input_kwargs: dict | None = None,
-                   calls: int = 1, enable: bool = True):
+                   calls: int = 1, enable: bool = True, return_dict: bool = False):
     """Same seeded model in one process vs context parallel on this world; then detach and compare again.
 
     `calls` > 1 runs the parallel model several times (hooks and caches must not drift between calls). The split
     evidence of each parallel call is in "split_calls" ("split": the first), the one-process run's in
-    "split_reference". `enable=False` skips enable_cache: the no-op the split checks must catch.
+    "split_reference". `enable=False` skips enable_cache: the no-op the split checks must catch. `return_dict=True`:
+    the model is called the default way (a diffusers output object; its class name in "output_type").
     """
     model, make_inputs = tiny_transformers.build(model_name, **(model_kwargs or {}))
     inputs = make_inputs(**(input_kwargs or {}))
+    if return_dict:
+        inputs["return_dict"] = True
+    output_types: list = []
     reference, split_reference = _probed_run(copy.deepcopy(model), inputs)
     before = _run(model, inputs)
     handle = diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(**config)) if enable else None
-    runs = [_probed_run(model, inputs) for _ in range(calls)]
+    runs = [_probed_run(model, inputs, output_types) for _ in range(calls)]
     diffs = [(out - reference).abs().max().item() for out, _ in runs]
     split_calls = [summary for _, summary in runs]
     if handle is None:
@@ -63,6 +70,7 @@ def cp_equivalence(model_name: str, config: dict, model_kwargs: dict | None = No
         "detach_diff": (after - before).abs().max().item(),
         "detach_bitwise": torch.equal(after, before),
         "steps": steps,
+        "output_type": output_types[0] if output_types else None,
     }
 
 

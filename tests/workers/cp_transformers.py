@@ -17,21 +17,27 @@ def _first(out):
 
 def cp_equivalence(model_name: str, config: dict, seq: int = 16, text: int = 8, batch: int = 1,
                    model_kwargs: dict | None = None, input_kwargs: dict | None = None, detach_check: bool = True,
-                   enable: bool = True):
+                   enable: bool = True, return_dict: bool = False):
     """One process vs context parallel on this world: returns max abs diff and detach diff on each rank, and what
     the first attention saw and which collectives ran in each run ("split", "split_reference").
 
-    `enable=False` skips enable_cache: the no-op the split checks must catch.
+    `enable=False` skips enable_cache: the no-op the split checks must catch. `return_dict=True`: call the model the
+    default way (a diffusers output object), its class name in "output_type".
     """
     model, make_inputs = tiny_transformers.build(model_name, **(model_kwargs or {}))
     inputs = make_inputs(seq=seq, text=text, batch=batch, **(input_kwargs or {}))
+    output_types = []
+    if return_dict:
+        inputs["return_dict"] = True
     reference_model = copy.deepcopy(model)
     with torch.no_grad(), SplitProbe(reference_model) as reference_probe:
         reference = _first(reference_model(**copy.deepcopy(inputs)))
     handle = diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(**config)) if enable else None
     try:
         with torch.no_grad(), SplitProbe(model) as probe:
-            parallel = _first(model(**copy.deepcopy(inputs)))
+            out = model(**copy.deepcopy(inputs))
+            output_types.append(type(out).__name__)
+            parallel = _first(out)
     except BaseException:
         if handle is not None:  # a refused call (e.g. a mask under Ring) must not leave the model parallel
             handle.detach()
@@ -46,6 +52,7 @@ def cp_equivalence(model_name: str, config: dict, seq: int = 16, text: int = 8, 
         "shape": tuple(parallel.shape),
         "steps": handle.step_names,
         "rank": dist.get_rank(),
+        "output_type": output_types[0],
     }
     if detach_check:
         handle.detach()

@@ -11,9 +11,10 @@ from diffpar.testing.probes import SplitProbe
 PROMPT = "a red fox in snow"
 
 
-def _call(pipe, kind: str, seed: int, steps: int):
+def _call(pipe, kind: str, seed: int, steps: int, **overrides):
     kwargs = dict(prompt=PROMPT, height=32, width=32, num_inference_steps=steps, max_sequence_length=16,
                   generator=torch.Generator().manual_seed(seed), output_type="pt")
+    kwargs.update(overrides)
     if kind == "wan":
         kwargs.update(num_frames=5, guidance_scale=1.0)
         return pipe(**kwargs).frames
@@ -29,15 +30,18 @@ def _build(kind: str, builder_kwargs: dict):
 
 
 def pipeline_equivalence(kind: str, config: dict, extra: list[str] = (), steps: int = 2,
-                         builder_kwargs: dict | None = None, rank_seeds: bool = True, detach: bool = True):
+                         builder_kwargs: dict | None = None, rank_seeds: bool = True, detach: bool = True,
+                         call_kwargs: dict | None = None):
     """Rank r passes generator seed r (when rank_seeds): the broadcast makes every rank use rank 0's noise.
 
     "split" / "split_reference": what the transformer's first attention saw and the collectives issued during
-    the first parallel call and the one-process call (SplitProbe summaries)."""
+    the first parallel call and the one-process call (SplitProbe summaries). `call_kwargs`: pipeline arguments
+    replacing the defaults (sizes, max_sequence_length)."""
     builder_kwargs = builder_kwargs or {}
+    call_kwargs = call_kwargs or {}
     reference_pipe = _build(kind, builder_kwargs)
     with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
-        reference = _call(reference_pipe, kind, seed=0, steps=steps)
+        reference = _call(reference_pipe, kind, seed=0, steps=steps, **call_kwargs)
     del reference_pipe
     pipe = _build(kind, builder_kwargs)
     cfg = dict(config)
@@ -46,8 +50,8 @@ def pipeline_equivalence(kind: str, config: dict, extra: list[str] = (), steps: 
     seed = dist.get_rank() if rank_seeds else 0
     with torch.no_grad():
         with SplitProbe(pipe.transformer) as probe:
-            out = _call(pipe, kind, seed=seed, steps=steps)
-        again = _call(pipe, kind, seed=seed, steps=steps)
+            out = _call(pipe, kind, seed=seed, steps=steps, **call_kwargs)
+        again = _call(pipe, kind, seed=seed, steps=steps, **call_kwargs)
     gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, out.contiguous())
     result = {
@@ -65,6 +69,6 @@ def pipeline_equivalence(kind: str, config: dict, extra: list[str] = (), steps: 
         result["detach_problems"] = problems
         if not problems:  # sharded encoders refuse to run after detach (tested in test_text_encoders)
             with torch.no_grad():
-                after = _call(pipe, kind, seed=0, steps=steps)
+                after = _call(pipe, kind, seed=0, steps=steps, **call_kwargs)
             result["detach_diff"] = (after - reference).abs().max().item()
     return result

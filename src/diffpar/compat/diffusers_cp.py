@@ -379,12 +379,168 @@ def _all_gather_anything_wrapper(wrapped, instance, args, kwargs):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Shim 3: a clear error instead of diffusers' bare `assert` when an even split is impossible. Every rank sees the
-# same shapes, so every rank raises here, before the collective that would follow.
+# Shim 3: any sequence length by default. Before diffusers' split hooks cut an input (or, with split_output, an
+# output), every planned tensor is checked: when one does not divide over the ranks, the call switches to
+# diffusers' uneven path (`ulysses_anything` 0.37+, `ring_anything` 0.38+) on the hook's ContextParallelConfig,
+# which diffusers' split, gather and attention code read at each call; an even split cut by `tensor_split` is the
+# same as diffusers' `chunk`, so a switch part way through a forward is exact. `uneven_split_reset_hook` puts the
+# configured values back before each forward. Where no uneven path exists (0.36, Ulysses x Ring), a clear error
+# names the dimension (text tokens / image tokens / frames) and where it comes from. Every rank sees the same
+# shapes, so every rank decides the same, before the collective that would follow.
 # ---------------------------------------------------------------------------------------------------------
+
+_TEXT_HINTS = ("encoder_hidden_states", "encoder_attention", "txt", "text", "context_refiner", "context_embedder",
+               "caption", "cap_", "prompt")
+_VIDEO_HINTS = ("3D", "Video", "Wan", "LTX", "ChronoEdit", "Helios")
+# Outputs of a rotary-embedding module that are the text table (by module class): diffusers' QwenImage plan splits
+# the image table (output 0) and the text table (output 1) of `pos_embed`.
+_TEXT_OUTPUTS = {"QwenEmbedRope": (1,), "QwenEmbedLayer3DRope": (1,)}
+
+
+def describe_split_dimension(model_name: str, plan_key: str, module_name: str, item) -> tuple[str, str]:
+    """(what the split dimension counts, what sets its length) for a plan entry, for error messages."""
+    where = f"{plan_key}.{item}".lower()
+    if any(h in where for h in _TEXT_HINTS) or item in _TEXT_OUTPUTS.get(module_name, ()):
+        return "text tokens", "the prompt's token count (prompt length, capped by max_sequence_length)"
+    if model_name.startswith("ZImage") and plan_key.startswith("layers"):
+        return ("image and text tokens together", "the image size and the prompt's token count (Z-Image pads each "
+                "to a multiple of 32)")
+    if "siglip" in where:
+        return "condition-image tokens", "the size of the condition image"
+    if any(h in model_name for h in _VIDEO_HINTS):
+        return ("video tokens", "the frame count and the video size (latent frames x height x width over the patch "
+                "size)")
+    return "image tokens", "the image size ((height / 16) x (width / 16) for an 8x VAE with 2x2 patches)"
+
+
+def uneven_split_option(ulysses_degree: int, ring_degree: int) -> str | None:
+    """The field of diffusers' uneven-split path for this layout on the installed release (taken automatically
+    by a call whose lengths do not divide), or None: 0.36 has none, and no release splits Ulysses x Ring unevenly."""
+    fields = cp_config_fields()
+    if ulysses_degree > 1 and ring_degree == 1 and "ulysses_anything" in fields:
+        return "ulysses_anything"
+    if ring_degree > 1 and ulysses_degree == 1 and "ring_anything" in fields:
+        return "ring_anything"
+    return None
+
+
+def uneven_path_for(cp_config) -> str | None:
+    return uneven_split_option(cp_config.ulysses_degree, cp_config.ring_degree)
+
+
+def _refuse_split(hook, item, size: int, parts: int, why: str):
+    from diffpar.errors import DiffparError
+
+    model_name = getattr(hook, "diffpar_model", None) or hook.module_forward_metadata._cls.__name__
+    plan_key = getattr(hook, "diffpar_plan_key", "")
+    kind, source = describe_split_dimension(model_name, plan_key, hook.module_forward_metadata._cls.__name__, item)
+    multiple = -(-size // parts) * parts
+    raise DiffparError(
+        f"context parallelism on {model_name}: {size} {kind} (input {item!r} of {plan_key or 'the model'!r}) must be "
+        f"split over {parts} ranks, and {why}. The length comes from {source}: choose one that gives a multiple of "
+        f"{parts} {kind} (e.g. {multiple}), or change the degree."
+    )
+
+
+def _check_split(hook, item, tensor, entry) -> None:
+    """Switch this call to the uneven path, or refuse clearly, when `tensor` cannot be cut evenly."""
+    if not isinstance(tensor, torch.Tensor):
+        return
+    if entry.expected_dims is not None and tensor.dim() != entry.expected_dims:
+        return  # diffusers leaves it whole (with a warning)
+    cp_config = hook.parallel_config
+    parts = cp_config._flattened_mesh.size()
+    size = tensor.shape[entry.split_dim]
+    if size % parts == 0:
+        return
+    uneven = getattr(cp_config, "ulysses_anything", False) or getattr(cp_config, "ring_anything", False)
+    path = None if uneven else uneven_path_for(cp_config)
+    if (uneven or path is not None) and size < parts:
+        # An uneven split would leave some rank no element; attention code (RoPE, norms) does not take empty parts.
+        _refuse_split(hook, item, size, parts, f"an uneven split would leave {parts - size} rank(s) without any")
+    if uneven:
+        return
+    if path is not None:
+        setattr(cp_config, path, True)
+        return
+    if cp_config.ulysses_degree > 1 and cp_config.ring_degree > 1:
+        why = ("Ulysses and Ring together split only evenly in every diffusers release (use ulysses_size or ring_size "
+               "alone, which switch to an uneven split automatically)")
+    else:
+        release = versions.version_of("diffusers")
+        why = (f"the installed diffusers {release} splits only evenly (uneven splits: Ulysses from 0.37, Ring from "
+               "0.38, used automatically; upgrade diffusers)")
+    _refuse_split(hook, item, size, parts, why + f"; {size} is not divisible by {parts}")
+
+
+def _split_pre_forward_wrapper(wrapped, hook, args, kwargs):
+    module, *rest = args
+    lookup = hook.module_forward_metadata._get_parameter_from_args_kwargs
+    for name, entry in hook.metadata.items():
+        if getattr(entry, "split_output", False):
+            continue
+        try:
+            value = lookup(name, list(rest), kwargs)[0]
+        except (ValueError, IndexError):
+            continue  # diffusers raises its own error for this
+        if isinstance(value, (list, tuple)) and isinstance(entry, (list, tuple)):
+            for i, (x, e) in enumerate(zip(value, entry)):
+                if not e.split_output:
+                    _check_split(hook, f"{name}[{i}]", x, e)
+        else:
+            _check_split(hook, name, value, entry)
+    return wrapped(*args, **kwargs)
+
+
+def _output_fields(output):
+    """A diffusers `BaseOutput` (what `return_dict=True` returns) as its field names and values, or None."""
+    from diffusers.utils import BaseOutput
+
+    if isinstance(output, BaseOutput):
+        return list(output.keys()), tuple(output.values())
+    return None
+
+
+def _split_post_forward_wrapper(wrapped, hook, args, kwargs):
+    module, output = args
+    splits = {i: e for i, e in hook.metadata.items() if getattr(e, "split_output", False)}
+    fields = _output_fields(output)
+    if fields is not None:
+        if not splits:
+            return output
+        names, values = fields
+        return type(output)(**dict(zip(names, _split_post_forward_wrapper(wrapped, hook, (module, values), {}))))
+    outputs = [output] if isinstance(output, torch.Tensor) else output
+    if isinstance(outputs, (list, tuple)):
+        for index, entry in splits.items():
+            if isinstance(index, int) and index < len(outputs):
+                _check_split(hook, index, outputs[index], entry)
+    return wrapped(*args, **kwargs)
+
+
+def _gather_post_forward_wrapper(wrapped, hook, args, kwargs):
+    """diffusers' gather takes tensors and tuples of tensors; a `BaseOutput` is gathered field by field like the
+    tuple `return_dict=False` gives, and returned as the same output class."""
+    module, output = args
+    fields = _output_fields(output)
+    if fields is None:
+        return wrapped(*args, **kwargs)
+    names, values = fields
+    gathered = wrapped(module, values[0] if len(values) == 1 and len(hook.metadata) == 1 else values)
+    gathered = (gathered,) if isinstance(gathered, torch.Tensor) else tuple(gathered)
+    return type(output)(**dict(zip(names, gathered)))
+
+
+def reset_uneven_split(cp_config, configured: dict) -> None:
+    """Put the uneven-split fields back to what the user configured (before each forward)."""
+    for field in ("ulysses_anything", "ring_anything"):
+        if hasattr(cp_config, field):
+            setattr(cp_config, field, bool(configured.get(field, False)))
 
 
 def _even_shard_wrapper(wrapped, instance, args, kwargs):
+    """The last check, for splits made outside a plan's hooks (e.g. a ControlNet's prompt hook): a clear error
+    instead of diffusers' bare `assert`."""
     bound = inspect.signature(wrapped).bind(*args, **kwargs)
     tensor, dim, mesh = bound.arguments["tensor"], bound.arguments["dim"], bound.arguments["mesh"]
     size, parts = tensor.shape[dim], mesh.size()
@@ -395,7 +551,7 @@ def _even_shard_wrapper(wrapped, instance, args, kwargs):
             f"context parallelism: an input of shape {tuple(tensor.shape)} must be split in {parts} equal parts along "
             f"dim {dim}, but {size} is not divisible by {parts}. Set ulysses_anything=True (Ulysses) or "
             f"ring_anything=True (Ring) in ParallelismConfig to allow uneven splits, or choose an image/video size "
-            f"whose token count is a multiple of {parts}."
+            f"or prompt whose token count is a multiple of {parts}."
         )
     return wrapped(*args, **kwargs)
 
@@ -447,6 +603,14 @@ class _SharedShims:
                     Patch(hcp.EquipartitionSharder, "shard", _even_shard_wrapper,
                           label="diffusers EquipartitionSharder.shard")
                 )
+                self._patches += [
+                    Patch(hcp.ContextParallelSplitHook, "pre_forward", _split_pre_forward_wrapper,
+                          label="diffusers ContextParallelSplitHook.pre_forward"),
+                    Patch(hcp.ContextParallelSplitHook, "post_forward", _split_post_forward_wrapper,
+                          label="diffusers ContextParallelSplitHook.post_forward"),
+                    Patch(hcp.ContextParallelGatherHook, "post_forward", _gather_post_forward_wrapper,
+                          label="diffusers ContextParallelGatherHook.post_forward"),
+                ]
                 if hasattr(ad, "_templated_context_parallel_attention"):
                     self._patches.append(
                         Patch(ad, "_templated_context_parallel_attention", _templated_cp_wrapper,
@@ -477,7 +641,9 @@ class _SharedShims:
         from diffusers.hooks import context_parallel as hcp
         from diffusers.models import attention_dispatch as ad
 
-        names = ["native attention returns its log-sum-exp (ring)", "even-split check with a clear error"]
+        names = ["native attention returns its log-sum-exp (ring)", "even-split check with a clear error",
+                 "any sequence length: uneven split per call where the release has one",
+                 "return_dict=True outputs split and gathered like tuples"]
         if hasattr(ad, "_templated_context_parallel_attention"):
             names.append("masks under ring / Ulysses-anything mask gather")
         if hasattr(hcp, "_all_gather_anything"):

@@ -220,6 +220,19 @@ def register_input_split_hooks(net: torch.nn.Module, cp_config, plan: dict) -> N
         work.extend((target, make, _hook_name(module_id, entries)) for target in _plan_targets(net, module_id))
     for target, make, name in work:
         register_named_hook(target, make(), name)
+    tag_plan_hooks(net, plan)
+
+
+def tag_plan_hooks(model: torch.nn.Module, plan: dict) -> None:
+    """Label each context-parallel hook of `plan` with its plan key and the model's class (for error messages that
+    name which input could not be split)."""
+    for module_id, entries in plan.items():
+        for target in _plan_targets(model, module_id):
+            registry = getattr(target, "_diffusers_hook", None)
+            hook = registry.get_hook(_hook_name(module_id, entries)) if registry is not None else None
+            if hook is not None:
+                hook.diffpar_plan_key = module_id
+                hook.diffpar_model = type(model).__name__
 
 
 def remove_plan_hooks(model: torch.nn.Module, plan: dict) -> None:

@@ -134,6 +134,15 @@ def attach_parallel_config(model: torch.nn.Module, parallel_config, config, hand
     for processor, _ in previous:
         processor._parallel_config = parallel_config
 
+    # Each call starts on the configured split mode; a call whose lengths do not divide switches itself to the
+    # uneven path (compat's split check), on this config only, until the next call.
+    cp_config = parallel_config.context_parallel_config
+    configured = {"ulysses_anything": config.ulysses_anything, "ring_anything": config.ring_anything}
+    removers = []
+    handle.add(f"{name}: per-call split mode reset", lambda: [r.remove() for r in removers])
+    removers.append(model.register_forward_pre_hook(
+        lambda module, args: diffusers_cp.reset_uneven_split(cp_config, configured)))
+
     old_model_config = getattr(model, "_parallel_config", None)
     handle.add(f"{name}: model._parallel_config", lambda: setattr(model, "_parallel_config", old_model_config))
     model._parallel_config = parallel_config

@@ -14,7 +14,8 @@ small forward changes, both undone on detach, keep every mode exact:
    the degree, so a few padded tokens may remain (handled by 2).
 2. Each block's attention gets `HunyuanVideoContextParallelAttnProcessor`: an all-True mask becomes no mask (the
    ring cannot take one; `ring_anything` rejects any mask), and a real padding mask under plain Ulysses is laid
-   out in the order Ulysses gathers keys: [video_0, text_0, video_1, text_1, ...].
+   out in the order Ulysses gathers keys: [video_0, text_0, video_1, text_1, ...], each part as long as the split
+   cut it (unequal where a call whose video tokens do not divide took the uneven path by itself).
 
 Not supported: Ring (or *_anything) with prompts of different lengths in one batch, and the image-to-video
 "token_replace" variant (its first-frame tokens are addressed by position in the whole sequence).
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from diffpar.compat.diffusers_cp import context_parallel_attention_takes_masks
+from diffpar.compat.diffusers_cp import context_parallel_attention_takes_masks, uneven_split_option
 from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.errors import UnsupportedError
 from diffpar.patch import Patch
@@ -34,8 +35,9 @@ from diffpar.families.transformers.sd3 import replace_attention_processors
 _BLOCK_STACKS = ("transformer_blocks", "single_transformer_blocks")
 
 
-def _processor_class():
-    """Built lazily: the base class comes from the installed diffusers."""
+def _processor_class(kept: dict):
+    """Built lazily: the base class comes from the installed diffusers. `kept["text_tokens"]`: the text length the
+    token refiner's output was cut to in this call (the mask covers [all video, that many text tokens])."""
     from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
     class HunyuanVideoContextParallelAttnProcessor(HunyuanVideoAttnProcessor2_0):
@@ -43,32 +45,45 @@ def _processor_class():
                      image_rotary_emb=None):
             if attention_mask is not None and self._parallel_config is not None:
                 attention_mask = mask_for_sharded_keys(
-                    attention_mask, hidden_states.shape[1], encoder_hidden_states.shape[1], self._parallel_config
+                    attention_mask, hidden_states.shape[1], encoder_hidden_states.shape[1], self._parallel_config,
+                    kept.get("text_tokens"),
                 )
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
     return HunyuanVideoContextParallelAttnProcessor
 
 
-def mask_for_sharded_keys(mask: torch.Tensor, video_tokens: int, text_tokens: int, parallel_config):
-    """The model's (B, 1, 1, N) mask over [all video, all text] -> the mask for the keys attention sees here."""
+def _parts(total: int, degree: int) -> list[int]:
+    """Sizes of `total` split over `degree` ranks as diffusers cuts it (chunk when even, tensor_split when not)."""
+    return [total // degree + (1 if r < total % degree else 0) for r in range(degree)]
+
+
+def mask_for_sharded_keys(mask: torch.Tensor, video_tokens: int, text_tokens: int, parallel_config,
+                          text_total: int | None = None):
+    """The model's (B, 1, 1, N) mask over [all video, all text] -> the mask for the keys attention sees here.
+
+    Ulysses gathers keys rank by rank, [video_0, text_0, video_1, text_1, ...], each part cut as the split hooks cut
+    it (evenly, or unevenly where the call took the uneven path). `text_total`: the text length of this call
+    (default: `text_tokens` on every rank)."""
     if bool(mask.all()):
         return None
     cp = parallel_config.context_parallel_config
     degree = cp.ulysses_degree
-    even_ulysses = cp.ring_degree == 1 and not getattr(cp, "ulysses_anything", False)
-    if not even_ulysses or mask.shape[-1] != degree * (video_tokens + text_tokens):
+    total = mask.shape[-1]
+    text_total = degree * text_tokens if text_total is None else text_total
+    video_total = total - text_total
+    if cp.ring_degree != 1 or video_total < 0:
         # Prevented earlier by trimming the prompt; kept so a wrong layout can never pass silently.
         raise UnsupportedError(
-            "HunyuanVideo: a text padding mask reached attention in a layout diffpar cannot reorder (ring attention "
-            "or an uneven split). Pass prompts of equal length in one batch, or use ulysses_size without "
-            "ulysses_anything."
+            "HunyuanVideo: a text padding mask reached attention in a layout diffpar cannot reorder (ring "
+            "attention). Pass prompts of equal length in one batch, or use ulysses_size."
         )
-    batch = mask.shape[0]
-    flat = mask.reshape(batch, -1)
-    video = flat[:, : degree * video_tokens].reshape(batch, degree, video_tokens)
-    text = flat[:, degree * video_tokens:].reshape(batch, degree, text_tokens)
-    return torch.cat([video, text], dim=-1).reshape(batch, 1, 1, -1)
+    order, video_start, text_start = [], 0, video_total
+    for v, t in zip(_parts(video_total, degree), _parts(text_total, degree)):
+        order += list(range(video_start, video_start + v)) + list(range(text_start, text_start + t))
+        video_start, text_start = video_start + v, text_start + t
+    index = torch.tensor(order, device=mask.device)
+    return mask.reshape(mask.shape[0], -1).index_select(1, index).reshape(mask.shape[0], 1, 1, -1)
 
 
 def text_tokens_to_keep(text_mask: torch.Tensor, config) -> int:
@@ -80,6 +95,9 @@ def text_tokens_to_keep(text_mask: torch.Tensor, config) -> int:
     right_padded = torch.equal(valid, torch.arange(total, device=valid.device)[None] < counts[:, None])
     degree = config.cp_degree
     masks_ok = context_parallel_attention_takes_masks()
+    # Where the release splits this layout unevenly, a call whose length does not divide takes that path itself.
+    uneven_ok = (config.ring_anything or config.ulysses_anything
+                 or uneven_split_option(config.ulysses_degree, config.ring_degree) is not None)
     if config.ring_degree == 1 and not config.ulysses_anything and masks_ok:
         # Plain Ulysses, even split: any leftover padding is laid out by the processor.
         if not right_padded or longest == 0:
@@ -102,8 +120,9 @@ def text_tokens_to_keep(text_mask: torch.Tensor, config) -> int:
         )
     if longest == 0:
         raise UnsupportedError("HunyuanVideo: the prompt has no real text tokens (its attention mask is all zero).")
-    if longest % degree and not (config.ring_anything or config.ulysses_anything):
-        uneven = "set ring_anything=True (uneven splits), or " if config.ring_degree > 1 else ""
+    if longest % degree and not uneven_ok:
+        uneven = ("upgrade diffusers to 0.38+, which splits unevenly by itself (or set ring_anything=True there), or "
+                  if config.ring_degree > 1 else "")
         raise UnsupportedError(
             f"HunyuanVideo with context parallelism: the prompt has {longest} real text tokens, which {degree} ranks "
             f"cannot split evenly, and padding it would need a mask {mode} cannot apply. To run it, {uneven}{other}."
@@ -111,14 +130,13 @@ def text_tokens_to_keep(text_mask: torch.Tensor, config) -> int:
     return longest
 
 
-def _trim_prompt_padding(config):
+def _trim_prompt_padding(config, kept: dict):
     def wrapper(wrapped, instance, args, kwargs):
         refined = wrapped(*args, **kwargs)
         # HunyuanVideoTokenRefiner.forward(hidden_states, timestep, attention_mask=None)
         text_mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
-        if text_mask is None:
-            return refined
-        keep = text_tokens_to_keep(text_mask, config)
+        keep = refined.shape[1] if text_mask is None else text_tokens_to_keep(text_mask, config)
+        kept["text_tokens"] = keep
         return refined if keep == refined.shape[1] else refined[:, :keep]
 
     return wrapper
@@ -128,12 +146,13 @@ def prepare_hunyuan_video(model, config, handle, name: str) -> None:
     from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
     label = type(model).__name__
+    kept: dict = {}  # this call's text length after the cut, for the processors' mask layout
     replace_attention_processors(
-        model, {HunyuanVideoAttnProcessor2_0: _processor_class()}, handle, name, label, within=_BLOCK_STACKS
+        model, {HunyuanVideoAttnProcessor2_0: _processor_class(kept)}, handle, name, label, within=_BLOCK_STACKS
     )
     patches: list[Patch] = []
     handle.add(f"{name}: cut prompt padding after the token refiner", lambda: [p.undo() for p in patches])
-    patches.append(Patch(model.context_embedder, "forward", _trim_prompt_padding(config),
+    patches.append(Patch(model.context_embedder, "forward", _trim_prompt_padding(config, kept),
                          label=f"{label}.context_embedder.forward"))
 
 
