@@ -415,7 +415,8 @@ def _templated_cp_wrapper(wrapped, instance, args, kwargs):
     a = bound.arguments
     cp = a["_parallel_config"].context_parallel_config
     mask, key = a.get("attn_mask"), a["key"]
-    if mask is not None and cp.ulysses_degree > 1 and cp.ring_degree == 1 and mask.shape[-1] == key.shape[1]:
+    if (mask is not None and cp.ulysses_degree > 1 and cp.ring_degree == 1 and mask.shape[-1] == key.shape[1]
+            and context_parallel_attention_takes_masks()):
         a["attn_mask"] = gather_uneven(mask, mask.dim() - 1, cp._ulysses_mesh.get_group())
     elif mask is not None and (cp.ring_degree > 1 or not context_parallel_attention_takes_masks()):
         a["attn_mask"] = _ring_mask_or_none(mask, a["_parallel_config"], cp._flattened_mesh.get_group())
