@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from diffpar.compat import diffusers_cp, versions
+from diffpar.testing import tiny_transformers
 
 pytestmark = pytest.mark.compat
 D = versions.DIFFUSERS
@@ -91,7 +92,31 @@ def test_gloo_refuses_diffusers_uneven_gather_and_the_shim_fixes_it(ranks):
         assert r["equal_with_shim"]
 
 
-@pytest.mark.skipif(D < (0, 37), reason="0.36 has no ulysses_anything")
+def _qwenimage_leaves_text_mask_whole() -> bool:
+    from diffusers import QwenImageTransformer2DModel
+
+    from diffpar.compat.diffusers_cp_hooks import native_cp_plan
+
+    model, _ = tiny_transformers.build("qwenimage")
+    return diffusers_cp.leaves_text_mask_whole(model, native_cp_plan(QwenImageTransformer2DModel))
+
+
+def test_qwenimage_text_mask_split_with_the_text_except_037_038():
+    # 0.37.x/0.38 split the prompt but build the joint mask from the whole prompt mask: padded prompts refused.
+    assert _qwenimage_leaves_text_mask_whole() == ((0, 37) <= D < (0, 39))
+
+
+@pytest.mark.skipif(not ((0, 37) <= D < (0, 39)), reason="only 0.37.x/0.38 keep QwenImage's prompt mask whole")
+def test_padded_prompt_refused_where_the_mask_stays_whole(ranks):
+    from diffpar.testing import RankFailure
+
+    with pytest.raises(RankFailure) as err:
+        ranks(4, "workers.compat:ulysses_anything_mask_without_mask_shim")
+    assert "4 rank(s) failed" in str(err.value)
+    assert "padded prompt under context parallelism" in str(err.value) and "diffusers>=0.39" in str(err.value)
+
+
+@pytest.mark.skipif(D < (0, 39), reason="0.36 has no ulysses_anything; 0.37.x/0.38 refuse padded prompts (above)")
 def test_ulysses_anything_mask_gather_misplaces_padding_037_to_0421(ranks):
     results = ranks(4, "workers.compat:ulysses_anything_mask_without_mask_shim")
     for r in results:

@@ -40,8 +40,12 @@ def ulysses_anything_mask_without_mask_shim():
         reference = copy.deepcopy(model)(**copy.deepcopy(inputs))[0]
     handle = diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(
         ulysses_size=4, ulysses_anything=True))
-    with torch.no_grad():
-        with_shim = model(**copy.deepcopy(inputs))[0]
+    try:
+        with torch.no_grad():
+            with_shim = model(**copy.deepcopy(inputs))[0]
+    except BaseException:
+        handle.detach()  # e.g. the padded-prompt refusal on 0.37.x/0.38: leave nothing installed
+        raise
     patch = next(p for p in diffusers_cp.SHARED_SHIMS._patches if p.name == "_templated_context_parallel_attention")
     patch.undo()
     try:

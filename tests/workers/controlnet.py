@@ -64,8 +64,12 @@ def pair_equivalence(family: str, config: dict, seq: int = 16, text: int = 8, ba
     pipe = _shell_pipeline(family, pair.transformer, pair.controlnet)
     handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
         **config, extra_parallel_modules=[pipe.controlnet]))
-    with torch.no_grad(), SplitProbe(pair.transformer) as tf_probe, SplitProbe(pair.controlnet) as cn_probe:
-        parallel = pair.run(copy.deepcopy(cn_kwargs), copy.deepcopy(tf_kwargs))
+    try:
+        with torch.no_grad(), SplitProbe(pair.transformer) as tf_probe, SplitProbe(pair.controlnet) as cn_probe:
+            parallel = pair.run(copy.deepcopy(cn_kwargs), copy.deepcopy(tf_kwargs))
+    except BaseException:
+        handle.detach()  # a refusal or failure must not leave the shims installed for the next test
+        raise
     result = {
         **_split_evidence(tf_probe, ref_tf_probe, cn_probe, ref_cn_probe),
         "diff": (parallel - reference).abs().max().item(),

@@ -557,10 +557,12 @@ def _even_shard_wrapper(wrapped, instance, args, kwargs):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Shim 4: Ulysses-anything with an attention mask. diffusers pads every rank's local mask chunk to the longest,
-# concatenates, and trims only the tail, so with two or more short chunks (e.g. 4 ranks holding 6, 5, 5, 4
-# tokens) padding lands in the middle and real keys are masked out: a silently wrong image (0.37-0.42.1).
-# We gather the mask exactly (per-chunk trim) before diffusers sees it; a full-length mask is used as is.
+# Shim 4: Ulysses with a local attention mask. Ulysses-anything: diffusers pads every rank's local mask chunk to
+# the longest, concatenates, and trims only the tail, so with two or more short chunks (e.g. 4 ranks holding 6,
+# 5, 5, 4 tokens) padding lands in the middle and real keys are masked out: a silently wrong image (0.37-0.42.1).
+# Plain Ulysses: 0.37/0.38 do not gather a local mask at all (SDPA then fails to broadcast it against the gathered
+# keys); later releases gather it. We gather the mask exactly (per-chunk trim) before diffusers sees it, on every
+# release: diffusers then gets a full-length mask and uses it as is.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -569,12 +571,8 @@ def _templated_cp_wrapper(wrapped, instance, args, kwargs):
     a = bound.arguments
     cp = a["_parallel_config"].context_parallel_config
     mask, key = a.get("attn_mask"), a["key"]
-    if (
-        mask is not None
-        and getattr(cp, "ulysses_anything", False)
-        and cp.ulysses_degree > 1
-        and mask.shape[-1] == key.shape[1]
-    ):
+    if (mask is not None and cp.ulysses_degree > 1 and cp.ring_degree == 1 and mask.shape[-1] == key.shape[1]
+            and context_parallel_attention_takes_masks()):
         a["attn_mask"] = gather_uneven(mask, mask.dim() - 1, cp._ulysses_mesh.get_group())
     elif mask is not None and (cp.ring_degree > 1 or not context_parallel_attention_takes_masks()):
         a["attn_mask"] = _ring_mask_or_none(mask, a["_parallel_config"], cp._flattened_mesh.get_group())
@@ -660,3 +658,41 @@ class _SharedShims:
 
 
 SHARED_SHIMS = _SharedShims()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Guard: a text mask the plan leaves whole while it splits the text. QwenImage on 0.37.x/0.38 splits
+# `encoder_hidden_states` per rank but builds the joint [text, image] mask from the whole prompt mask in the
+# model's forward: after Ulysses' all-to-all the keys are in rank order ([text_0, image_0, text_1, ...]) and the
+# mask is not, so a padded prompt gives a silently wrong image (0.0199 on a tiny model). 0.36 and 0.39+ split the
+# mask with the text. Where the plan does not, a prompt mask that masks something is refused on every rank
+# (every rank gets the same prompt); an all-true mask changes nothing and runs.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def leaves_text_mask_whole(model, plan: dict) -> bool:
+    """Whether `model` takes an `encoder_hidden_states_mask` that `plan` splits nowhere while splitting the text."""
+    if "encoder_hidden_states_mask" not in inspect.signature(model.forward).parameters:
+        return False
+    inputs = [key for entry in plan.values() if isinstance(entry, dict) for key in entry]
+    return "encoder_hidden_states" in inputs and "encoder_hidden_states_mask" not in inputs
+
+
+def guard_whole_text_mask(model, plan: dict, handle, name: str) -> None:
+    """Refuse padded prompts on `model` where `leaves_text_mask_whole`; records its undo on `handle`."""
+    if not leaves_text_mask_whole(model, plan):
+        return
+    hooks = []
+    handle.add(f"{name}: padded-prompt guard", lambda: [h.remove() for h in hooks])
+
+    def refuse_padded_prompt(module, args, kwargs):
+        mask = kwargs.get("encoder_hidden_states_mask")
+        if mask is not None and not bool(mask.bool().all()):
+            raise UnsupportedError(
+                f"{type(module).__name__} with a padded prompt under context parallelism: diffusers "
+                f"{versions.version_of('diffusers')} splits the prompt over the ranks but keeps its attention mask "
+                "whole, which would give a wrong image. Upgrade to diffusers>=0.39, or pass prompts without "
+                "padding (encoder_hidden_states_mask=None or all true)."
+            )
+
+    hooks.append(model.register_forward_pre_hook(refuse_padded_prompt, with_kwargs=True))

@@ -106,6 +106,7 @@ def apply_context_parallel(model: torch.nn.Module, plan: dict, config, parallel_
     if prepare is not None:
         prepare(model, config, handle, name)
     attach_parallel_config(model, parallel_config, config, handle, name)
+    diffusers_cp.guard_whole_text_mask(model, plan, handle, name)
     handle.add(f"{name}: context-parallel hooks", lambda: diffusers_cp.remove_cp_hooks(model, plan))
     diffusers_cp.apply_cp_hooks(model, parallel_config.context_parallel_config, plan)
 

@@ -130,7 +130,7 @@ def _worker(rank: int, world: int, init_file: str, conn, stack_file: str, pg_tim
         leaks = _leaked_state()
         if leaks:
             raised = pickle.loads(payload)
-            after = f" (after the call raised: {raised[2].strip().splitlines()[-1]})" if raised[0] == "err" else ""
+            after = f" (after the call raised:\n{raised[2].strip()})" if raised[0] == "err" else ""
             payload = pickle.dumps(("leak", time.time(), "; ".join(leaks) + after))
             _reset_process_state()
         try:

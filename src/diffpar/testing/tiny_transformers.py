@@ -171,10 +171,13 @@ def _zimage(heads=2, head_dim=16, layers=2, refiner_layers=1, omni=False):
         n_refiner_layers=refiner_layers, n_heads=heads, n_kv_heads=heads, cap_feat_dim=32, axes_dims=list(axes),
         axes_lens=[256, 64, 64], **({"siglip_feat_dim": 24} if omni else {}),
     )
-    # Pad tokens are created uninitialized on some releases: give them seeded values.
+    # Pad tokens are created uninitialized (torch.empty) up to 0.38: give every one, omni's SigLIP one included,
+    # seeded values, or each rank pads with whatever memory it got.
     with torch.no_grad():
-        model.x_pad_token.copy_(torch.randn(model.x_pad_token.shape))
-        model.cap_pad_token.copy_(torch.randn(model.cap_pad_token.shape))
+        for name in ("x_pad_token", "cap_pad_token", "siglip_pad_token"):
+            token = getattr(model, name, None)
+            if token is not None:
+                token.copy_(torch.randn(token.shape))
 
     def inputs(seq=16, text=8, batch=1, seed=1, sizes=None, texts=None):
         # Per-sample lists, as the pipeline passes them. Image tokens = (H/2) * (W/2) with H = 2: W = 2 * seq.
