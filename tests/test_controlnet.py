@@ -110,13 +110,36 @@ def test_padded_prompt_mask_reaches_controlnet_blocks(ranks):
 ])
 def test_controlnet_with_hybrid_transformer(ranks, family, world, config):
     skip_what_this_release_lacks(family, config)
-    """Transformer on ulysses/ring x tp; the ControlNet context parallel on the same ring x ulysses sub-mesh."""
+    """Transformer on ulysses/ring x tp; the ControlNet context parallel on the same ring x ulysses sub-mesh, and
+    tensor parallel on the same tp ranks where its blocks have a plan (Flux, Qwen-Image; Z-Image's stays whole)."""
     results = ranks(world, "workers.controlnet:pair_equivalence", family=family, config=config,
                     pair_kwargs={"heads": 4})
     for r in results:
         assert r["diff"] <= CONTROLNET_FP32, (r["rank"], r["diff"])
         assert r["detach_diff"] == BITWISE
+        if family == "zimage":  # no TP plan of its own; only the refiners it shares with the transformer shrink
+            assert 0.5 < r["controlnet_bytes_ratio"] <= 1.0, r["controlnet_bytes_ratio"]
+        else:
+            assert r["controlnet_bytes_ratio"] < 0.75, r["controlnet_bytes_ratio"]  # its blocks split over tp 2
     assert_both_split(results, config)  # the tp ranks of one sequence shard hold the same tokens
+
+
+@pytest.mark.parametrize("family,world,config", [
+    pytest.param("flux", 2, {"tp_size": 2}, id="flux-w2-tp2"),
+    pytest.param("flux", 4, {"tp_size": 4}, id="flux-w4-tp4"),
+    pytest.param("qwenimage", 2, {"tp_size": 2}, id="qwen-w2-tp2"),
+])
+def test_controlnet_tensor_parallel_with_the_transformer(ranks, family, world, config):
+    """tp_size alone: the ControlNet's blocks are sharded by the same engine and plan as its transformer's."""
+    skip_what_this_release_lacks(family, config)
+    results = ranks(world, "workers.controlnet:pair_equivalence", family=family, config=config,
+                    pair_kwargs={"heads": 4})
+    for r in results:
+        assert r["diff"] <= CONTROLNET_FP32, (r["rank"], r["diff"])
+        assert r["detach_diff"] == BITWISE
+        assert r["controlnet_effect"] > 1e-2
+        assert r["controlnet_bytes_ratio"] < 1.5 / config["tp_size"], r["controlnet_bytes_ratio"]
+    assert_both_split(results, config)  # whole tokens, all-reduces in every attention call of both
 
 
 # -- whole pipelines ----------------------------------------------------------------------------------------------
@@ -157,11 +180,13 @@ def test_ranks_with_different_global_rng_still_agree(ranks):
 # -- errors ---------------------------------------------------------------------------------------------------
 
 
-def test_controlnet_without_context_parallel_is_refused(ranks):
-    messages = ranks(2, "workers.controlnet:expect_error", family="flux", config={"tp_size": 2},
-                     pair_kwargs={"heads": 2})
+def test_controlnet_without_context_parallel_or_a_tp_plan_is_refused(ranks):
+    skip_what_this_release_lacks("zimage", {})
+    messages = ranks(2, "workers.controlnet:expect_error", family="zimage", config={"tp_size": 2},
+                     pair_kwargs={"heads": 4})
     for m in messages:
         assert m is not None and "needs ulysses_size or ring_size" in m and "remove the ControlNet" in m
+        assert "no tensor-parallel plan for ['ZImageControlNetModel']" in m
 
 
 def test_union_prompt_that_does_not_split_evenly_says_what_to_do(ranks):

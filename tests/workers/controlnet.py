@@ -47,6 +47,10 @@ def _split_evidence(tf_probe, ref_tf_probe, cn_probe, ref_cn_probe) -> dict:
             "split_controlnet": cn_probe.summary(), "split_controlnet_reference": ref_cn_probe.summary()}
 
 
+def _param_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
 def pair_equivalence(family: str, config: dict, seq: int = 16, text: int = 8, batch: int = 1,
                      pair_kwargs: dict | None = None, input_kwargs: dict | None = None):
     """ControlNet -> transformer, as the pipeline calls them: one process vs parallel, then detach."""
@@ -62,8 +66,10 @@ def pair_equivalence(family: str, config: dict, seq: int = 16, text: int = 8, ba
         if isinstance(without, list):  # Z-Image: per-sample outputs, flattened like pair.run's
             without = torch.cat([o.flatten() for o in without])
     pipe = _shell_pipeline(family, pair.transformer, pair.controlnet)
+    controlnet_bytes = _param_bytes(pair.controlnet)
     handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
         **config, extra_parallel_modules=[pipe.controlnet]))
+    controlnet_bytes_ratio = _param_bytes(pair.controlnet) / controlnet_bytes
     try:
         with torch.no_grad(), SplitProbe(pair.transformer) as tf_probe, SplitProbe(pair.controlnet) as cn_probe:
             parallel = pair.run(copy.deepcopy(cn_kwargs), copy.deepcopy(tf_kwargs))
@@ -75,6 +81,7 @@ def pair_equivalence(family: str, config: dict, seq: int = 16, text: int = 8, ba
         "diff": (parallel - reference).abs().max().item(),
         # how much the ControlNet changes the output: a wrongly split residual would show at this scale
         "controlnet_effect": (reference - without).abs().max().item(),
+        "controlnet_bytes_ratio": controlnet_bytes_ratio,  # parameter bytes this rank holds / the whole ControlNet
         "steps": handle.step_names,
         "rank": dist.get_rank(),
     }

@@ -29,7 +29,9 @@ import torch
 from diffpar.compat import diffusers_cp_hooks
 from diffpar.compat.diffusers_cp_hooks import split_input
 from diffpar.errors import DiffparError, UnsupportedError
+from diffpar.engines.tensor_parallel import apply_tensor_parallel
 from diffpar.families.registry import ClassRegistry, ExtraModuleAdapter, register_extra_adapter
+from diffpar.families.transformers.tp_plans import diffpar_tp_plan_for, shard_plan_for
 from diffpar.plan_types import ComponentPlan
 
 MULTI_WRAPPERS = ("FluxMultiControlNetModel", "QwenImageMultiControlNetModel", "SD3MultiControlNetModel")
@@ -181,50 +183,76 @@ class ControlNetAdapter(ExtraModuleAdapter):
     def plan(self, module: torch.nn.Module, name: str, world_size: int, config) -> ComponentPlan:
         from diffpar.engines.context_parallel import check_context_parallel
 
-        if config.cp_degree <= 1:
+        nets = inner_nets(module)
+        # Under tp_size, a ControlNet whose blocks have a tensor-parallel plan (Flux, Qwen-Image: the transformer's
+        # own) is sharded over the same "tp" ranks by the one TP engine; its residuals come out whole per token.
+        shard_plans = [None] * len(nets)
+        if config.tp_degree > 1:
+            for i, net in enumerate(nets):
+                if diffpar_tp_plan_for(net) is not None:
+                    shard_plans[i] = shard_plan_for(net, config.tp_degree, world=world_size)
+        if config.cp_degree <= 1 and any(p is None for p in shard_plans):
+            unplanned = sorted({type(n).__name__ for n, p in zip(nets, shard_plans) if p is None})
             raise DiffparError(
                 f"extra_parallel_modules: the ControlNet ({type(module).__name__}) runs context parallel on the "
                 "transformer's split of the image tokens, which needs ulysses_size or ring_size > 1; this "
-                f"configuration has none (tp_size={config.tp_degree}). Set ulysses_size/ring_size, or remove the "
-                "ControlNet from extra_parallel_modules (it then runs whole on every rank, which is correct when the "
-                "transformer is not context parallel)."
+                f"configuration has none (tp_size={config.tp_degree}), and diffpar has no tensor-parallel plan for "
+                f"{unplanned}. Set ulysses_size/ring_size, or remove the ControlNet from extra_parallel_modules (it "
+                "then runs whole on every rank, which is correct when the transformer is not context parallel)."
             )
-        nets = inner_nets(module)
         families = []
         for net in nets:
             family = family_for(net)
-            try:
-                (family.check or check_context_parallel)(net, config)
-            except UnsupportedError as exc:
-                raise UnsupportedError(f"extra_parallel_modules: ControlNet {type(net).__name__}: {exc}") from None
+            if config.cp_degree > 1:
+                try:
+                    (family.check or check_context_parallel)(net, config)
+                except UnsupportedError as exc:
+                    raise UnsupportedError(f"extra_parallel_modules: ControlNet {type(net).__name__}: {exc}") from None
             families.append(family)
         facts = {
             "class": type(module).__name__,
             "nets": [
                 {"class": type(n).__name__, "params": sum(p.numel() for p in n.parameters()),
-                 "union": bool(getattr(n, "union", False))}
-                for n in nets
+                 "union": bool(getattr(n, "union", False)), "tensor_parallel": p is not None}
+                for n, p in zip(nets, shard_plans)
             ],
         }
         weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+        per_rank = weight_bytes - sum(
+            p.weight_bytes(n)["full"] - p.weight_bytes(n)["per_rank"] for n, p in zip(nets, shard_plans) if p is not None
+        )
+        engines = (["context parallel"] if config.cp_degree > 1 else []) + (
+            ["tensor parallel"] if any(p is not None for p in shard_plans) else [])
+        groups = (["the transformer's ring x ulysses"] if config.cp_degree > 1 else []) + (
+            ["tp"] if any(p is not None for p in shard_plans) else [])
+        details = []
+        if config.cp_degree > 1:
+            details.append("residuals stay sharded like the transformer's image tokens (no gather)")
+        if any(p is not None for p in shard_plans):
+            details.append("blocks split over tp like the transformer's (heads, MLP features; one all-reduce each)")
+        details.append("condition broadcast from rank 0 at every call" if config.broadcast_latents else
+                       "condition used as each rank passes it (broadcast_latents=False)")
+        whole = [] if all(p is not None for p in shard_plans) else [
+            "weights of " + ", ".join(sorted({type(n).__name__ for n, p in zip(nets, shard_plans) if p is None}))
+            + (" (no tensor-parallel plan: replicated across tp ranks)" if config.tp_degree > 1
+               else " (replicated under context parallelism)")]
         return ComponentPlan(
-            name=name, role="controlnet", module_class=type(module).__name__, engine="context parallel",
-            group="the transformer's ring x ulysses", source=", ".join(f"{f.name} ControlNet plan" for f in families),
-            details=("residuals stay sharded like the transformer's image tokens (no gather)",
-                     "condition broadcast from rank 0 at every call" if config.broadcast_latents else
-                     "condition used as each rank passes it (broadcast_latents=False)"),
-            facts=ComponentPlan.freeze_facts(facts),
-            weight_bytes=weight_bytes, weight_bytes_per_rank=weight_bytes,
-            whole=("weights (replicated under context parallelism)",),
-            payload=tuple(zip(nets, families)),
+            name=name, role="controlnet", module_class=type(module).__name__, engine=" + ".join(engines),
+            group=" x ".join(groups), source=", ".join(f"{f.name} ControlNet plan" for f in families),
+            details=tuple(details), facts=ComponentPlan.freeze_facts(facts),
+            weight_bytes=weight_bytes, weight_bytes_per_rank=per_rank, whole=tuple(whole),
+            payload=tuple(zip(nets, families, shard_plans)),
         )
 
     def apply(self, module, plan: ComponentPlan, group, handle, config, context):
-        parallel_config = _denoiser_parallel_config(context)
+        parallel_config = _denoiser_parallel_config(context) if config.cp_degree > 1 else None
         applied = {}
-        for i, (net, family) in enumerate(plan.payload):
+        for i, (net, family, shard_plan) in enumerate(plan.payload):
             label = f"{plan.name or 'controlnet'}" + (f".nets[{i}]" if net is not module else "")
-            applied[label] = apply_controlnet_context_parallel(net, family, parallel_config, config, handle, label)
+            if parallel_config is not None:
+                applied[label] = apply_controlnet_context_parallel(net, family, parallel_config, config, handle, label)
+            if shard_plan is not None:
+                apply_tensor_parallel(net, shard_plan, context.mesh["tp"], handle, label)
             if config.broadcast_latents:
                 broadcast_condition(net, family.condition_arg, group, handle, label)
         return applied

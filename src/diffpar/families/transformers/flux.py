@@ -11,7 +11,7 @@ from diffpar.families.transformers.tp_plans import (
 )
 
 
-@register_tp_plan("FluxTransformer2DModel")
+@register_tp_plan("FluxTransformer2DModel", "FluxControlNetModel")  # the ControlNet: the same blocks
 def _flux(model) -> TensorParallelPlan:
     double = {
         **JOINT_ATTENTION,
@@ -37,5 +37,6 @@ def _flux(model) -> TensorParallelPlan:
 def flux_modulation(model) -> dict:
     gathered = present(model, {"norm1.linear": GATHER, "norm1_context.linear": GATHER}, "transformer_blocks")
     gathered.update(present(model, {"norm.linear": GATHER}, "single_transformer_blocks"))
-    gathered["norm_out.linear"] = GATHER
+    if hasattr(model, "norm_out"):  # a Flux ControlNet has the blocks but no output layer
+        gathered["norm_out.linear"] = GATHER
     return gathered

@@ -13,11 +13,12 @@ from diffpar.families.transformers.tp_plans import (
 
 def qwenimage_modulation(model) -> dict:
     gathered = present(model, {"img_mod.1": GATHER, "txt_mod.1": GATHER}, "transformer_blocks")
-    gathered["norm_out.linear"] = GATHER
+    if hasattr(model, "norm_out"):  # a Qwen-Image ControlNet has the blocks but no output layer
+        gathered["norm_out.linear"] = GATHER
     return gathered
 
 
-@register_tp_plan("QwenImageTransformer2DModel")
+@register_tp_plan("QwenImageTransformer2DModel", "QwenImageControlNetModel")  # the ControlNet: the same blocks
 def _qwenimage(model) -> TensorParallelPlan:
     double = {
         **JOINT_ATTENTION,
