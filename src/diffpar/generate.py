@@ -482,9 +482,7 @@ def main(argv=None) -> int:
         print_reports(reports, device)
         for r, summary in enumerate(splits):
             print(SPLIT_MARK + json.dumps({"rank": r, **_jsonable(summary)}))
-    if multi_rank:
-        dist.destroy_process_group()  # the process ends here: no need to detach
-    return 0
+    return 0  # the process ends in mesh.end_process: no need to detach or tear the process group down
 
 
 def _jsonable(summary: dict) -> dict:
@@ -499,4 +497,6 @@ def _jsonable(summary: dict) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from diffpar.mesh import end_process
+
+    end_process(main())  # exit code only: no C++ teardown that could abort a correct run

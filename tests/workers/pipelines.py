@@ -48,10 +48,14 @@ def pipeline_equivalence(kind: str, config: dict, extra: list[str] = (), steps: 
     cfg["extra_parallel_modules"] = [getattr(pipe, name) for name in extra]
     handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(**cfg))
     seed = dist.get_rank() if rank_seeds else 0
-    with torch.no_grad():
-        with SplitProbe(pipe.transformer) as probe:
-            out = _call(pipe, kind, seed=seed, steps=steps, **call_kwargs)
-        again = _call(pipe, kind, seed=seed, steps=steps, **call_kwargs)
+    try:
+        with torch.no_grad():
+            with SplitProbe(pipe.transformer) as probe:
+                out = _call(pipe, kind, seed=seed, steps=steps, **call_kwargs)
+            again = _call(pipe, kind, seed=seed, steps=steps, **call_kwargs)
+    except BaseException:
+        handle.detach(strict=False)  # a refused call must not leave the shims installed for the next test
+        raise
     gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, out.contiguous())
     result = {

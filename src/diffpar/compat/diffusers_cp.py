@@ -417,7 +417,10 @@ def uneven_split_option(ulysses_degree: int, ring_degree: int) -> str | None:
     """The field of diffusers' uneven-split path for this layout on the installed release (taken automatically
     by a call whose lengths do not divide), or None: 0.36 has none, and no release splits Ulysses x Ring unevenly."""
     fields = cp_config_fields()
-    if ulysses_degree > 1 and ring_degree == 1 and "ulysses_anything" in fields:
+    # Ulysses' uneven path is taken automatically from 0.38 (the release that added `ring_anything`): 0.37's
+    # breaks on batched inputs ("size of tensor a (23) must match b (2)", QwenImage, batch 2, 3 ranks), so there
+    # only the explicit `ulysses_anything=True` takes it.
+    if ulysses_degree > 1 and ring_degree == 1 and "ulysses_anything" in fields and "ring_anything" in fields:
         return "ulysses_anything"
     if ring_degree > 1 and ulysses_degree == 1 and "ring_anything" in fields:
         return "ring_anything"
