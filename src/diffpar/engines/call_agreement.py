@@ -17,6 +17,7 @@ change weights after enabling (a LoRA loaded or scaled on one rank only).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import numbers
@@ -89,28 +90,39 @@ def describe_value(value, name: str = ""):
     return f"<{type(value).__name__}>"
 
 
+@functools.lru_cache(maxsize=256)
+def _signature(fn) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
 def describe_call(fn, args: tuple, kwargs: dict, *, skip_first: bool = False) -> dict:
     """Arguments of a call of `fn`, bound to their names, each described by `describe_value`."""
-    try:
-        bound = inspect.signature(fn).bind_partial(*((None,) if skip_first else ()), *args, **kwargs)
-        items = list(bound.arguments.items())[1 if skip_first else 0:]
-    except (TypeError, ValueError):
-        items = [(f"arg{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    sig = _signature(getattr(fn, "__func__", fn))  # a bound method's function: the same object on every call
+    if getattr(fn, "__self__", None) is not None:
+        skip_first = True  # the cached signature is the function's, with `self`
+        args = (None, *args)
+    elif skip_first:
+        args = (None, *args)
+    items, kinds = None, {}
+    if sig is not None:
+        try:
+            items = list(sig.bind_partial(*args, **kwargs).arguments.items())[1 if skip_first else 0:]
+            kinds = {name: p.kind for name, p in sig.parameters.items()}
+        except TypeError:
+            items = None
+    if items is None:
+        plain = args[1:] if skip_first else args
+        items = [(f"arg{i}", a) for i, a in enumerate(plain)] + list(kwargs.items())
     out = {}
     for name, value in items:
-        if inspect.Parameter.VAR_KEYWORD == _kind(fn, name) and isinstance(value, dict):
+        if kinds.get(name) == inspect.Parameter.VAR_KEYWORD and isinstance(value, dict):
             out.update({k: describe_value(v, k) for k, v in value.items()})
         else:
             out[name] = describe_value(value, name)
     return out
-
-
-def _kind(fn, name: str):
-    try:
-        param = inspect.signature(fn).parameters.get(name)
-    except (TypeError, ValueError):
-        return None
-    return None if param is None else param.kind
 
 
 class CallChecker:
