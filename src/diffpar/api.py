@@ -63,7 +63,7 @@ def enable_cache(target, cache_config=None, parallelism_config: ParallelismConfi
         if parallelism_config is not None and not multi_rank:
             # One process: nothing to split, but the config is still checked against the model, as a launch on
             # the smallest world it fits would check it, so a mistake shows before the expensive multi-GPU run.
-            plan(target, cache_config, parallelism_config, world_size=parallelism_config.model_degree)
+            plan(target, None, parallelism_config, world_size=parallelism_config.model_degree)  # cache: below
         the_plan = plan(target, cache_config, parallelism_config if multi_rank else None,
                         world_size=None if multi_rank else 1)
     except Exception as exc:  # whatever failed here, every rank must still reach the agreement below

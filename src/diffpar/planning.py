@@ -92,6 +92,12 @@ def check_eval_mode(name: str, module: torch.nn.Module) -> None:
         )
 
 
+def _ranks_will_agree() -> bool:
+    """Whether this plan will be compared across running ranks: only then is a pass over every weight for the
+    checksum worth its cost (a dry run or a one-process check has nothing to compare it with)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _weight_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -129,8 +135,9 @@ def _plan_denoiser(name: str, model: torch.nn.Module, config: ParallelismConfig,
         "class": type(model).__name__,
         "n_params": sum(p.numel() for p in params),
         "dtype": str(params[0].dtype) if params else None,
-        "weights": weights_checksum(model),  # ranks with different weights would blend them: refused by name
     }
+    if _ranks_will_agree():  # ranks with different weights would blend them: refused by name
+        facts["weights"] = weights_checksum(model)
     if dims.dp > 1:
         details.append(f"{dims.dp} copies (dp groups), each computing the whole denoiser for the same input")
     return ComponentPlan(
@@ -174,7 +181,8 @@ def plan(target, cache_config=None, parallelism_config: ParallelismConfig | None
             check_eval_mode(name, module)
             adapter = extra_adapter_for(module)
             component = adapter.plan(module, name, world, config)
-            component = replace(component, facts=component.facts + (("weights", tuple(weights_checksum(module))),))
+            if _ranks_will_agree():
+                component = replace(component, facts=component.facts + (("weights", tuple(weights_checksum(module))),))
             components.append(_with_payload(component, ExtraPayload(module, adapter, component)))
         if is_pipeline(target):
             check_controlnet_listed(target, config, {name for name, _ in extras})
