@@ -22,6 +22,10 @@ def builder(name):
 
 
 def build(name: str, seed: int = 0, **overrides):
+    if name not in BUILDERS:  # families added through the coverage harness register on import
+        from diffpar.testing.coverage import load_family_builders
+
+        load_family_builders()
     torch.manual_seed(seed)
     model, make_inputs = BUILDERS[name](**overrides)
     model.eval()

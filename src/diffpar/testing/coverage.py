@@ -1,0 +1,129 @@
+"""What diffpar's tests prove for each denoiser class: the data `tests/test_families.py` runs and the model table
+(`docs/models.md`, `python -m diffpar.testing.support_table`) prints.
+
+A `ModelCase` names a tiny builder (`tiny_transformers.build(builder)`), the diffusers class it builds and which
+layouts the harness runs on it. The claim and the test are the same data: a layout listed here is a test
+parameter, so the table cannot say "tested" for something no test ran.
+
+Cases of the families added through the harness live beside their builders in `testing/tiny_models/<family>.py`
+(`CASES = [...]`). The first families (Flux, Flux2, QwenImage, Wan, Z-Image, SD3, HunyuanVideo) have their own
+test files; their cases here say which (`suite`) and are checked against those files' parameters.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+
+# Context-parallel layouts: id -> (world, ParallelismConfig kwargs, sequence length, text length).
+# Odd lengths for the *_anything modes: token counts the degree does not divide.
+CP_LAYOUTS: dict[str, tuple[int, dict, int, int]] = {
+    "w2-ulysses": (2, {"ulysses_size": 2}, 16, 8),
+    "w2-ring": (2, {"ring_size": 2}, 16, 8),
+    "w4-ulysses": (4, {"ulysses_size": 4}, 16, 8),
+    "w4-ulysses2xring2": (4, {"ulysses_size": 2, "ring_size": 2}, 16, 8),
+    "w2-ulysses-anything-odd": (2, {"ulysses_size": 2, "ulysses_anything": True}, 15, 7),
+    "w4-ring-anything-odd": (4, {"ring_size": 4, "ring_anything": True}, 17, 7),
+}
+# Tensor-parallel layouts: id -> (world, config).
+TP_LAYOUTS: dict[str, tuple[int, dict]] = {
+    "w2-tp": (2, {"tp_size": 2}),
+    "w4-tp": (4, {"tp_size": 4}),
+    "w4-ulysses2xtp2": (4, {"ulysses_size": 2, "tp_size": 2}),
+}
+# Mode letters of the table (docs/models.md) for each layout.
+MODE_OF_LAYOUT = {
+    "w2-ulysses": "U", "w4-ulysses": "U", "w2-ring": "R", "w4-ring": "R", "w4-ulysses2xring2": "U×R",
+    "w2-ulysses-anything-odd": "UA", "w4-ulysses-anything-odd-heads": "UA", "w4-ring-anything-odd": "RA",
+    "w2-tp": "TP", "w4-tp": "TP", "w4-ulysses2xtp2": "U×TP", "w4-ring2xtp2": "R×TP",
+}
+ALL_CP = tuple(CP_LAYOUTS)
+ALL_TP = tuple(TP_LAYOUTS)
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    """One denoiser class and what the tests run on it.
+
+    builder: name in `tiny_transformers.BUILDERS`; class_name: the diffusers class it builds (the case is skipped,
+    with the reason, on a release without the class); kind: "image", "video" or "audio"; cp / tp: layout ids run
+    (CP_LAYOUTS / TP_LAYOUTS); model_kwargs: builder overrides for every layout (e.g. heads=4 so 4 ranks divide
+    them); input_kwargs: extra input options; pipelines: pipeline classes run end to end elsewhere in the suite
+    (listed in the table); refused: why the class cannot be split, when it cannot (then cp and tp are empty and
+    the harness checks the refusal names that reason); suite: the test file that runs the case when it is not the
+    harness; notes: one line for the table; min_diffusers: the first release whose class the builder supports.
+    """
+
+    builder: str
+    class_name: str
+    kind: str = "image"
+    cp: tuple[str, ...] = ALL_CP
+    tp: tuple[str, ...] = ALL_TP
+    model_kwargs: dict = field(default_factory=lambda: {"heads": 4})
+    input_kwargs: dict = field(default_factory=dict)
+    pipelines: tuple[str, ...] = ()
+    refused: str | None = None
+    suite: str = "tests/test_families.py"
+    notes: str = ""
+
+    @property
+    def harness(self) -> bool:
+        return self.suite == "tests/test_families.py"
+
+    def modes(self) -> list[str]:
+        seen = []
+        for layout in (*self.cp, *self.tp):
+            mode = MODE_OF_LAYOUT[layout]
+            if mode not in seen:
+                seen.append(mode)
+        return seen
+
+
+# The first families: tested by their own files (layout ids as in those files' parameters).
+_FIRST_CP = ("w2-ulysses", "w2-ring", "w4-ulysses", "w4-ulysses2xring2", "w2-ulysses-anything-odd",
+             "w4-ring-anything-odd")
+FIRST_CASES = [
+    ModelCase("flux", "FluxTransformer2DModel", cp=_FIRST_CP, tp=("w2-tp", "w4-tp", "w4-ulysses2xtp2"),
+              pipelines=("FluxPipeline", "FluxControlNetPipeline"), suite="tests/test_transformer_cp.py"),
+    ModelCase("flux2", "Flux2Transformer2DModel", cp=_FIRST_CP, tp=("w2-tp", "w4-tp"),
+              pipelines=("Flux2Pipeline",), suite="tests/test_transformer_cp.py"),
+    ModelCase("qwenimage", "QwenImageTransformer2DModel", cp=_FIRST_CP, tp=("w2-tp", "w4-tp", "w4-ulysses2xtp2"),
+              pipelines=("QwenImagePipeline", "QwenImageControlNetPipeline"), suite="tests/test_transformer_cp.py"),
+    ModelCase("wan", "WanTransformer3DModel", kind="video", cp=_FIRST_CP, tp=("w2-tp", "w4-tp", "w4-ulysses2xtp2"),
+              pipelines=("WanPipeline",), suite="tests/test_transformer_cp.py"),
+]
+
+
+def _family_modules():
+    from diffpar.testing import tiny_models
+
+    for info in sorted(pkgutil.iter_modules(tiny_models.__path__), key=lambda i: i.name):
+        yield importlib.import_module(f"{tiny_models.__name__}.{info.name}")
+
+
+def load_family_builders() -> None:
+    """Import every tiny_models module (each registers its builders on import)."""
+    for _ in _family_modules():
+        pass
+
+
+def harness_cases() -> list[ModelCase]:
+    """Every case the family harness runs, in a stable order."""
+    cases = []
+    for module in _family_modules():
+        cases.extend(getattr(module, "CASES", ()))
+    return cases
+
+
+def all_cases() -> list[ModelCase]:
+    return FIRST_CASES + harness_cases()
+
+
+def class_available(class_name: str) -> bool:
+    import diffusers
+
+    try:
+        getattr(diffusers, class_name)
+    except (AttributeError, ImportError):
+        return False
+    return True
