@@ -79,18 +79,28 @@ class ModelCase:
         return seen
 
 
-# The first families: tested by their own files (layout ids as in those files' parameters).
+# The first families: tested by their own files (layout ids as in those files' parameters; a test checks they are).
 _FIRST_CP = ("w2-ulysses", "w2-ring", "w4-ulysses", "w4-ulysses2xring2", "w2-ulysses-anything-odd",
              "w4-ring-anything-odd")
+_CP_SUITE = "tests/test_transformer_cp.py"
+_OURS_SUITE = "tests/test_cp_plans_ours.py"
 FIRST_CASES = [
     ModelCase("flux", "FluxTransformer2DModel", cp=_FIRST_CP, tp=("w2-tp", "w4-tp", "w4-ulysses2xtp2"),
-              pipelines=("FluxPipeline", "FluxControlNetPipeline"), suite="tests/test_transformer_cp.py"),
-    ModelCase("flux2", "Flux2Transformer2DModel", cp=_FIRST_CP, tp=("w2-tp", "w4-tp"),
-              pipelines=("Flux2Pipeline",), suite="tests/test_transformer_cp.py"),
+              pipelines=("FluxPipeline", "FluxControlNetPipeline"), suite=_CP_SUITE),
+    ModelCase("flux2", "Flux2Transformer2DModel", cp=_FIRST_CP, tp=("w2-tp", "w4-tp", "w4-ulysses2xtp2"),
+              suite=_CP_SUITE),
     ModelCase("qwenimage", "QwenImageTransformer2DModel", cp=_FIRST_CP, tp=("w2-tp", "w4-tp", "w4-ulysses2xtp2"),
-              pipelines=("QwenImagePipeline", "QwenImageControlNetPipeline"), suite="tests/test_transformer_cp.py"),
+              pipelines=("QwenImageControlNetPipeline",), suite=_CP_SUITE,
+              notes="padded prompt mask: U tested; R refused"),
     ModelCase("wan", "WanTransformer3DModel", kind="video", cp=_FIRST_CP, tp=("w2-tp", "w4-tp", "w4-ulysses2xtp2"),
-              pipelines=("WanPipeline",), suite="tests/test_transformer_cp.py"),
+              pipelines=("WanPipeline",), suite=_CP_SUITE),
+    ModelCase("zimage", "ZImageTransformer2DModel", cp=_FIRST_CP, tp=("w2-tp", "w4-tp", "w4-ulysses2xtp2"),
+              pipelines=("ZImageControlNetPipeline",), suite=_OURS_SUITE,
+              notes="padding mask of unequal samples: refused under R"),
+    ModelCase("sd3", "SD3Transformer2DModel", cp=_FIRST_CP, tp=(),
+              pipelines=("StableDiffusion3ControlNetPipeline",), suite=_OURS_SUITE),
+    ModelCase("hunyuan_video", "HunyuanVideoTransformer3DModel", kind="video", cp=_FIRST_CP, tp=(),
+              suite=_OURS_SUITE, notes="image-to-video token_replace refused"),
 ]
 
 
