@@ -153,10 +153,10 @@ def readme_table() -> str:
     if audio != "-":
         lines.append(f"| audio transformers | same | {audio} |")
     lines += [
-        "| text encoders | tensor parallel | " + ", ".join(
+        "| text encoders | tensor parallel | " + ", ".join(dict.fromkeys(
             re.sub(r"(TextModel|EncoderModel|Model)$", "", c) for _, classes in supported_text_encoders()
             for c in classes if not c.endswith(("ForConditionalGeneration", "ForCausalLM", "WithProjection"))
-        ) + " |",
+        )) + " |",
         "| VAEs | split decode and encode, exact | " + ", ".join(_short(n) for n, _ in VAE_CLASSES.items()) + " |",
         "",
         f"All {len(rows)} denoiser classes, with plan sources, modes, pipelines and refusals: "
