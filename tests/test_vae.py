@@ -3,7 +3,12 @@ import diffusers
 import pytest
 from tolerances import BITWISE, PIPELINE_FP32, VAE_BF16_MARGIN, VAE_FP32, VAE_FP64, VAE_FP64_LTX
 
+def _needs(name):
+    return pytest.mark.skipif(not hasattr(diffusers, name), reason=f"this diffusers has no {name}")
+
+
 FAMILIES = ["kl", "flux2", "wan", "wan22", "qwen", "hunyuan", "ltx",
+            pytest.param("hunyuan_image", marks=_needs("AutoencoderKLHunyuanImage")),
             # Qwen-Image 2's VAE: added as one table entry (families/vaes/qwenimage21.py); newer diffusers only.
             pytest.param("qwen21", marks=pytest.mark.skipif(not hasattr(diffusers, "AutoencoderKLQwenImage21"),
                                                             reason="this diffusers has no AutoencoderKLQwenImage21"))]

@@ -142,6 +142,19 @@ def _hunyuan(channels=(8, 16, 16), layers=1, groups=4, latent=4):
     return vae, VaeShape(latent, 3, 4, True, 4)
 
 
+@builder("hunyuan_image")
+def _hunyuan_image(channels=(32, 64, 64), layers=1, latent=4):
+    """HunyuanImage 2.1: GroupNorm of 32 groups (fixed by the model), space-to-depth / depth-to-space with shortcuts,
+    single-head mid-block attention over the whole image; 4x spatial compression here (32x in the real model)."""
+    from diffusers import AutoencoderKLHunyuanImage
+
+    vae = AutoencoderKLHunyuanImage(
+        in_channels=3, out_channels=3, latent_channels=latent, block_out_channels=tuple(channels),
+        layers_per_block=layers, spatial_compression_ratio=4, sample_size=64,
+    )
+    return vae, VaeShape(latent, 3, 4, False)
+
+
 @builder("ltx")
 def _ltx(channels=(8, 16, 16), decoder_channels=(16, 16, 16), latent=8):
     """LTX-Video: per-pixel RMS norms, causal conv3d (frame repeat), strided conv and space-to-depth downsampling
