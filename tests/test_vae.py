@@ -9,9 +9,15 @@ def _needs(name):
 
 FAMILIES = ["kl", "flux2", "wan", "wan22", "qwen", "hunyuan", "ltx",
             pytest.param("hunyuan_image", marks=_needs("AutoencoderKLHunyuanImage")),
+            pytest.param("hunyuan_video15", marks=_needs("AutoencoderKLHunyuanVideo15")),
             # Qwen-Image 2's VAE: added as one table entry (families/vaes/qwenimage21.py); newer diffusers only.
             pytest.param("qwen21", marks=pytest.mark.skipif(not hasattr(diffusers, "AutoencoderKLQwenImage21"),
                                                             reason="this diffusers has no AutoencoderKLQwenImage21"))]
+
+
+# diffusers' own whole decode fails for these with batch > 1 (HunyuanVideo 1.5's mid-block mask, (B, L, L), is
+# broadcast against (B, heads, L, L)): the reference cannot be computed, so they run one sample.
+ONE_SAMPLE_ONLY = {"hunyuan_video15": 1}
 
 
 def _check_equivalence(results, tol, world, encode=True, all_split=True):
@@ -35,7 +41,8 @@ def _check_equivalence(results, tol, world, encode=True, all_split=True):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_split_matches_whole_fp32(ranks, family, world):
     """13 latent rows (not divisible by 2 or 4), batch 2, 3 latent frames for video VAEs; encode too."""
-    results = ranks(world, "workers.vae:equivalence", family=family, height=13, width=10, batch=2, frames=3)
+    results = ranks(world, "workers.vae:equivalence", family=family, height=13, width=10,
+                    batch=ONE_SAMPLE_ONLY.get(family, 2), frames=3)
     _check_equivalence(results, VAE_FP32, world)
     sizes = results[0]["sizes"]
     assert len(sizes) == world and len(set(sizes)) > 1, sizes  # uneven bands were exercised

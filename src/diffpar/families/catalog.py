@@ -20,6 +20,7 @@ from diffpar.families.transformers import zimage as _transformers_zimage
 from diffpar.families.vaes import base as _vaes_base
 from diffpar.families.vaes import hunyuan_image as _vaes_hunyuan_image
 from diffpar.families.vaes import hunyuan_video as _vaes_hunyuan_video
+from diffpar.families.vaes import hunyuan_video15 as _vaes_hunyuan_video15
 from diffpar.families.vaes import kl as _vaes_kl
 from diffpar.families.vaes import ltx as _vaes_ltx
 from diffpar.families.vaes import qwenimage21 as _vaes_qwenimage21

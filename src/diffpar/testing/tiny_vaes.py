@@ -155,6 +155,19 @@ def _hunyuan_image(channels=(32, 64, 64), layers=1, latent=4):
     return vae, VaeShape(latent, 3, 4, False)
 
 
+@builder("hunyuan_video15")
+def _hunyuan_video15(channels=(8, 16, 16), layers=1, latent=4):
+    """HunyuanVideo 1.5: replicate-padded causal conv3d, RMS norms, space-to-depth resampling (first frame apart),
+    frame-causal single-head mid-block attention; 4x spatial, 4x temporal compression here (16x / 4x real)."""
+    from diffusers import AutoencoderKLHunyuanVideo15
+
+    vae = AutoencoderKLHunyuanVideo15(
+        in_channels=3, out_channels=3, latent_channels=latent, block_out_channels=tuple(channels),
+        layers_per_block=layers, spatial_compression_ratio=4, temporal_compression_ratio=4,
+    )
+    return vae, VaeShape(latent, 3, 4, True, 4)
+
+
 @builder("ltx")
 def _ltx(channels=(8, 16, 16), decoder_channels=(16, 16, 16), latent=8):
     """LTX-Video: per-pixel RMS norms, causal conv3d (frame repeat), strided conv and space-to-depth downsampling
