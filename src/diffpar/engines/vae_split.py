@@ -357,6 +357,10 @@ def _entry_wrapper(state: VaeSplitState, kind: str, arg_name: str):
             out = wrapped(*new_args, **new_kwargs)
         finally:
             state.active = None
+        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+            # (output, state for the next call), e.g. CogVideoX's per-frame-batch conv cache: the state is this
+            # band's, and the next call (same latent height, so the same bands) hands it back on this rank.
+            return (split.gather(out[0], ROW_DIM), *out[1:])
         return split.gather(out, ROW_DIM)
 
     return wrapper

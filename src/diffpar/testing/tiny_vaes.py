@@ -168,6 +168,29 @@ def _hunyuan_video15(channels=(8, 16, 16), layers=1, latent=4):
     return vae, VaeShape(latent, 3, 4, True, 4)
 
 
+@builder("cogvideox")
+def _cogvideox(channels=(8, 16, 16), layers=1, groups=4, latent=4):
+    """CogVideoX: causal conv3d with per-frame-batch conv caches, GroupNorm, latent-conditioned spatial norm,
+    frame-pair averaging; 4x spatial, 4x temporal compression. Frame batches of 1 latent / 2 sample frames, so every
+    decode and encode here runs several batches and hands the conv cache from one to the next."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    n = len(channels)
+    vae = AutoencoderKLCogVideoX(
+        block_out_channels=tuple(channels), down_block_types=("CogVideoXDownBlock3D",) * n,
+        up_block_types=("CogVideoXUpBlock3D",) * n, latent_channels=latent, layers_per_block=layers,
+        norm_num_groups=groups, temporal_compression_ratio=4,
+    )
+    vae.num_latent_frames_batch_size = 1
+    vae.num_sample_frames_batch_size = 2
+    # Random weights give outputs up to ~10 here; a trained VAE's lie in [-1, 1], the range VAE_FP32 is set for.
+    with torch.no_grad():
+        for conv in (vae.decoder.conv_out.conv, vae.encoder.conv_out.conv):
+            conv.weight.mul_(0.2)
+            conv.bias.mul_(0.2)
+    return vae, VaeShape(latent, 3, 2 ** (n - 1), True, 4)
+
+
 @builder("ltx")
 def _ltx(channels=(8, 16, 16), decoder_channels=(16, 16, 16), latent=8):
     """LTX-Video: per-pixel RMS norms, causal conv3d (frame repeat), strided conv and space-to-depth downsampling
