@@ -191,6 +191,22 @@ def _cogvideox(channels=(8, 16, 16), layers=1, groups=4, latent=4):
     return vae, VaeShape(latent, 3, 2 ** (n - 1), True, 4)
 
 
+@builder("mochi")
+def _mochi(channels=(32, 32, 32), latent=4):
+    """Mochi 1: replicate-padded causal conv3d, per-frame GroupNorm (32 groups, fixed by the model), attention over
+    each pixel's frames, strided-conv downsampling, linear depth-to-space upsampling; 4x spatial, 2x temporal here
+    (8x / 6x real)."""
+    from diffusers import AutoencoderKLMochi
+
+    vae = AutoencoderKLMochi(
+        encoder_block_out_channels=tuple(channels), decoder_block_out_channels=tuple(channels),
+        latent_channels=latent, layers_per_block=(1,) * (len(channels) + 1), temporal_expansions=(1, 2),
+        spatial_expansions=(2, 2), add_attention_block=(False,) + (True,) * len(channels),
+        latents_mean=(0.0,) * latent, latents_std=(1.0,) * latent,
+    )
+    return vae, VaeShape(latent, 3, 4, True, 2)
+
+
 @builder("ltx")
 def _ltx(channels=(8, 16, 16), decoder_channels=(16, 16, 16), latent=8):
     """LTX-Video: per-pixel RMS norms, causal conv3d (frame repeat), strided conv and space-to-depth downsampling
