@@ -10,7 +10,7 @@ def _needs(name):
 FAMILIES = ["kl", "flux2", "wan", "wan22", "qwen", "hunyuan", "ltx",
             pytest.param("hunyuan_image", marks=_needs("AutoencoderKLHunyuanImage")),
             pytest.param("hunyuan_video15", marks=_needs("AutoencoderKLHunyuanVideo15")),
-            "cogvideox", "mochi",
+            "cogvideox", "mochi", "temporal_decoder",
             # Qwen-Image 2's VAE: added as one table entry (families/vaes/qwenimage21.py); newer diffusers only.
             pytest.param("qwen21", marks=pytest.mark.skipif(not hasattr(diffusers, "AutoencoderKLQwenImage21"),
                                                             reason="this diffusers has no AutoencoderKLQwenImage21"))]

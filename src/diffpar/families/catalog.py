@@ -26,4 +26,5 @@ from diffpar.families.vaes import kl as _vaes_kl
 from diffpar.families.vaes import ltx as _vaes_ltx
 from diffpar.families.vaes import mochi as _vaes_mochi
 from diffpar.families.vaes import qwenimage21 as _vaes_qwenimage21
+from diffpar.families.vaes import temporal_decoder as _vaes_temporal_decoder
 from diffpar.families.vaes import wan as _vaes_wan

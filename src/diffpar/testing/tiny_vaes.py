@@ -207,6 +207,24 @@ def _mochi(channels=(32, 32, 32), latent=4):
     return vae, VaeShape(latent, 3, 4, True, 2)
 
 
+@builder("temporal_decoder")
+def _temporal_decoder(channels=(32, 32, 32), layers=1, latent=4):
+    """Stable Video Diffusion: AutoencoderKL's encoder, a decoder that mixes frames per pixel (the batch of latents is
+    one clip's frames), GroupNorm of 32 groups (fixed by the decoder)."""
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    n = len(channels)
+    vae = AutoencoderKLTemporalDecoder(
+        block_out_channels=tuple(channels), down_block_types=("DownEncoderBlock2D",) * n, layers_per_block=layers,
+        latent_channels=latent,
+    )
+    return vae, VaeShape(latent, 3, 2 ** (n - 1), False, decode_kwargs=(("num_frames", _frame_count),))
+
+
+def _frame_count(latents):
+    return latents.shape[0]
+
+
 @builder("ltx")
 def _ltx(channels=(8, 16, 16), decoder_channels=(16, 16, 16), latent=8):
     """LTX-Video: per-pixel RMS norms, causal conv3d (frame repeat), strided conv and space-to-depth downsampling
