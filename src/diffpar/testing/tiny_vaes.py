@@ -247,6 +247,26 @@ def _timestep(latents):
     return torch.linspace(0.02, 0.08, latents.shape[0])
 
 
+@builder("ltx2")
+def _ltx2(patch_size=1, padding="reflect"):
+    """LTX-2: per-pixel RMS norms, frame-repeat causal encoder convs and a centred (non-causal) reflect-padded decoder
+    as in the real model, spatial / temporal / spatio-temporal space-to-depth downsamplers, depth-to-space upsamplers
+    with residuals; 8x spatial, 8x temporal compression here (32x / 8x real, with patchify 4)."""
+    from diffusers import AutoencoderKLLTX2Video
+
+    vae = AutoencoderKLLTX2Video(
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(16, 32, 64), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1), spatio_temporal_scaling=(True, True, True, True),
+        decoder_spatio_temporal_scaling=(True, True, True), decoder_inject_noise=(False,) * 4,
+        downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"), upsample_residual=(True,) * 3,
+        upsample_factor=(2, 2, 2), timestep_conditioning=False, patch_size=patch_size, patch_size_t=1,
+        encoder_causal=True, decoder_causal=False, encoder_spatial_padding_mode="zeros",
+        decoder_spatial_padding_mode=padding,
+    )
+    return vae, VaeShape(8, 3, 8 * patch_size, True, 8)
+
+
 @builder("kl_real")
 def _kl_real(channels=(32, 64, 128, 128), layers=2, groups=32, latent=16):
     """AutoencoderKL shaped like Flux.1's (4 blocks, 2 resnets per down block, 3 per up block, 16 latent channels),
