@@ -267,6 +267,27 @@ def _ltx2(patch_size=1, padding="reflect"):
     return vae, VaeShape(8, 3, 8 * patch_size, True, 8)
 
 
+@builder("dc")
+def _dc(channels=(8, 16, 32), latent=4):
+    """Sana's DC-AE: ResBlocks with per-pixel RMS norms, EfficientViT blocks (multi-scale ReLU linear attention over
+    the whole image) in the deeper stages, pixel (un)shuffle resampling with shortcuts; 4x spatial compression here
+    (32x real)."""
+    from diffusers import AutoencoderDC
+
+    n = len(channels)
+    blocks = ("ResBlock",) + ("EfficientViTBlock",) * (n - 1)
+    scales = ((),) + ((5,),) * (n - 1)
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=latent, attention_head_dim=4, encoder_block_types=blocks,
+        decoder_block_types=blocks, encoder_block_out_channels=tuple(channels),
+        decoder_block_out_channels=tuple(channels), encoder_layers_per_block=(1,) * n,
+        decoder_layers_per_block=(1,) * n, encoder_qkv_multiscales=scales, decoder_qkv_multiscales=scales,
+        upsample_block_type="pixel_shuffle", downsample_block_type="pixel_unshuffle",
+        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
+    )
+    return vae, VaeShape(latent, 3, 2 ** (n - 1), False)
+
+
 @builder("kl_real")
 def _kl_real(channels=(32, 64, 128, 128), layers=2, groups=32, latent=16):
     """AutoencoderKL shaped like Flux.1's (4 blocks, 2 resnets per down block, 3 per up block, 16 latent channels),
@@ -289,6 +310,7 @@ def decode(vae, latents) -> torch.Tensor:
 
 
 def encode(vae, images) -> torch.Tensor:
-    """The posterior's mean and log-variance (deterministic, unlike a sample)."""
+    """The posterior's mean and log-variance (deterministic, unlike a sample); a deterministic encoder's latents."""
     with torch.no_grad():
-        return vae.encode(images).latent_dist.parameters
+        out = vae.encode(images)
+    return out.latent_dist.parameters if hasattr(out, "latent_dist") else out.latent
