@@ -13,6 +13,7 @@ FAMILIES = ["kl", "flux2", "wan", "wan22", "qwen", "hunyuan", "ltx",
             pytest.param("hunyuan_video15", marks=_needs("AutoencoderKLHunyuanVideo15")),
             "cogvideox", "mochi", "temporal_decoder",
             pytest.param("ltx2", marks=_needs("AutoencoderKLLTX2Video")), "dc",
+            pytest.param("cosmos", marks=_needs("AutoencoderKLCosmos")),
             # Qwen-Image 2's VAE: added as one table entry (families/vaes/qwenimage21.py); newer diffusers only.
             pytest.param("qwen21", marks=pytest.mark.skipif(not hasattr(diffusers, "AutoencoderKLQwenImage21"),
                                                             reason="this diffusers has no AutoencoderKLQwenImage21"))]

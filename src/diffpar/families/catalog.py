@@ -19,6 +19,7 @@ from diffpar.families.transformers import wan as _transformers_wan
 from diffpar.families.transformers import zimage as _transformers_zimage
 from diffpar.families.vaes import base as _vaes_base
 from diffpar.families.vaes import cogvideox as _vaes_cogvideox
+from diffpar.families.vaes import cosmos as _vaes_cosmos
 from diffpar.families.vaes import dc as _vaes_dc
 from diffpar.families.vaes import hunyuan_image as _vaes_hunyuan_image
 from diffpar.families.vaes import hunyuan_video as _vaes_hunyuan_video

@@ -288,6 +288,22 @@ def _dc(channels=(8, 16, 32), latent=4):
     return vae, VaeShape(latent, 3, 2 ** (n - 1), False)
 
 
+@builder("cosmos")
+def _cosmos(channels=(8, 8, 8, 8), latent=4):
+    """Cosmos tokenizer: Haar-wavelet patchify 4, causal conv3d padding its own rows, per-frame GroupNorm, a
+    downsampler with bottom-edge padding, stride-2 conv and 2x2 average, spatial and temporal attention; 8x spatial,
+    4x temporal compression here (8x / 8x real)."""
+    from diffusers import AutoencoderKLCosmos
+
+    vae = AutoencoderKLCosmos(
+        in_channels=3, out_channels=3, latent_channels=latent, encoder_block_out_channels=tuple(channels),
+        decode_block_out_channels=tuple(channels), attention_resolutions=(8,), resolution=64, num_layers=1,
+        patch_size=4, patch_type="haar", spatial_compression_ratio=8, temporal_compression_ratio=4,
+        latents_mean=None, latents_std=None,
+    )
+    return vae, VaeShape(latent, 3, 8, True, 4)
+
+
 @builder("kl_real")
 def _kl_real(channels=(32, 64, 128, 128), layers=2, groups=32, latent=16):
     """AutoencoderKL shaped like Flux.1's (4 blocks, 2 resnets per down block, 3 per up block, 16 latent channels),
