@@ -188,11 +188,19 @@ def test_glm_fused_gate_up_is_split_per_chunk():
     assert not gate_up.gather_output
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "mistral3", "gemma3-multimodal"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "mistral3", "gemma3-multimodal", "qwen3_vl", "llava"])
 def test_multimodal_wrappers_shard_the_language_model_only(name):
     model, _ = tiny_text_encoders.build(name)
     plan = build_plan(model, 2)
     assert plan.layers and all(layer.path.startswith("model.language_model.") for layer in plan.layers)
+
+
+def test_qwen3_vl_layers_come_from_our_plan():
+    """transformers' Qwen3-VL text plan names only the embeddings; ours shards every attention and MLP layer."""
+    model, _ = tiny_text_encoders.build("qwen3_vl")
+    plan = build_plan(model, 2)
+    paths = {layer.path.rsplit(".", 1)[-1] for layer in plan.layers}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= paths, paths
 
 
 def test_unknown_transformers_style_is_refused():

@@ -268,6 +268,57 @@ def _glm4(heads=8, kv_heads=2, head_dim=8, hidden=64, intermediate=96, layers=2)
                                  partial_rotary_factor=0.5)
 
 
+@builder("qwen3_vl")
+def _qwen3_vl(heads=8, kv_heads=2, head_dim=8, hidden=64, intermediate=96, layers=2):
+    """Qwen3VLForConditionalGeneration (QwenImage 2.1, Krea 2, JoyImage): per-head q/k norms, interleaved MRoPE;
+    the vision tower stays whole."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    text = dict(**_decoder_kwargs(heads, kv_heads, head_dim, hidden, intermediate, layers),
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=hidden, patch_size=2,
+                  spatial_merge_size=1, temporal_patch_size=1, deepstack_visual_indexes=[])
+    return Qwen3VLForConditionalGeneration, Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=VOCAB - 1, video_token_id=VOCAB - 2,
+        vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 4, tie_word_embeddings=False,
+    )
+
+
+@builder("smollm3")
+def _smollm3(heads=8, kv_heads=2, head_dim=8, hidden=64, intermediate=96, layers=2):
+    """SmolLM3 (Bria FIBO): GQA, no RoPE on some layers."""
+    from transformers import SmolLM3Config, SmolLM3Model
+
+    kwargs = _decoder_kwargs(heads, kv_heads, head_dim, hidden, intermediate, layers)
+    kwargs.pop("head_dim")
+    return SmolLM3Model, SmolLM3Config(**kwargs, no_rope_layer_interval=2)
+
+
+@builder("t5gemma")
+def _t5gemma(heads=8, kv_heads=2, head_dim=8, hidden=32, intermediate=48, layers=2):
+    """T5GemmaEncoderModel (PRX, Motif-Video): bidirectional Gemma 2 layers, soft-capped logits."""
+    from transformers import T5GemmaConfig, T5GemmaEncoderModel, T5GemmaModuleConfig
+
+    module = T5GemmaModuleConfig(**_decoder_kwargs(heads, kv_heads, head_dim, hidden, intermediate, layers),
+                                 sliding_window=4, query_pre_attn_scalar=head_dim)
+    return T5GemmaEncoderModel, T5GemmaConfig(encoder=module, decoder=module, is_encoder_decoder=False,
+                                              vocab_size=VOCAB)
+
+
+@builder("llava")
+def _llava(heads=8, kv_heads=2, head_dim=8, hidden=64, intermediate=96, layers=2):
+    """LlavaForConditionalGeneration (HunyuanVideo image-to-video): a Llama language model beside a CLIP vision
+    tower, which stays whole."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=16, patch_size=4, projection_dim=16)
+    text = LlamaConfig(**_decoder_kwargs(heads, kv_heads, head_dim, hidden, intermediate, layers))
+    return LlavaForConditionalGeneration, LlavaConfig(vision_config=vision, text_config=text,
+                                                      image_token_index=VOCAB - 1)
+
+
 FAMILIES = tuple(BUILDERS)
 
 

@@ -1,8 +1,10 @@
 """Decoder LLMs used as text encoders, sharded by transformers' own `base_model_tp_plan`.
 
-Llama (HunyuanVideo, HiDream), Gemma 1/2 (Lumina, Sana), Gemma 3 (LTX-2), Mistral and Ministral 3 (the text
-part of Mistral3ForConditionalGeneration: Flux.2), Qwen3 (Z-Image, Flux.2 Klein), Qwen2.5-VL (the language
-model of Qwen2_5_VLForConditionalGeneration: QwenImage; its vision tower stays whole), GLM and GLM-4 (CogView4).
+Llama (HunyuanVideo, HiDream; LlavaForConditionalGeneration's language model: HunyuanVideo image-to-video),
+Gemma 1/2 (Lumina, Sana), Gemma 3 (LTX-2), Mistral and Ministral 3 (the text part of
+Mistral3ForConditionalGeneration: Flux.2), Qwen3 (Z-Image, Flux.2 Klein), Qwen2.5-VL and Qwen3-VL (the language
+models of their ...ForConditionalGeneration: QwenImage, QwenImage 2.1 and others; vision towers stay whole), GLM and
+GLM-4 (CogView4), SmolLM3 (Bria FIBO), T5Gemma's encoder (PRX, Motif-Video).
 
 An encoder is recognized by the class of its decoder stack and the `model_type` of that stack's config,
 wherever the stack sits inside the module the pipeline holds (`LlamaModel` itself, `Qwen3ForCausalLM.model`,
@@ -28,6 +30,17 @@ class DecoderSpec:
     attention_class: str
     # MLP class -> {layer: parts}: layers whose output the MLP's forward chunks into equal parts.
     packed: dict = field(default_factory=dict)
+    # Our plan for a stack whose config's base_model_tp_plan leaves its layers out (Qwen3-VL's names only the
+    # embeddings); None: the config's plan.
+    plan: dict | None = None
+
+
+# q/k/v and gate/up colwise, o and down rowwise: the plan transformers gives Llama-style decoders.
+LLAMA_STYLE_PLAN = {
+    "layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.k_proj": "colwise",
+    "layers.*.self_attn.v_proj": "colwise", "layers.*.self_attn.o_proj": "rowwise",
+    "layers.*.mlp.gate_proj": "colwise", "layers.*.mlp.up_proj": "colwise", "layers.*.mlp.down_proj": "rowwise",
+}
 
 
 # config.model_type of the decoder stack -> what diffpar has verified for it.
@@ -43,12 +56,20 @@ DECODER_SPECS = {
     # GLM's MLP runs one fused gate_up_proj and chunks it in two (gate, up).
     "glm": DecoderSpec("GLM", "GlmModel", "GlmAttention", packed={"GlmMLP": {"gate_up_proj": 2}}),
     "glm4": DecoderSpec("GLM-4", "Glm4Model", "Glm4Attention", packed={"Glm4MLP": {"gate_up_proj": 2}}),
+    # The language model of Qwen3VLForConditionalGeneration (QwenImage 2.1, Krea 2, JoyImage, ERNIE-Image...):
+    # Qwen3's per-head q/k norms and interleaved MRoPE; its vision tower stays whole.
+    "qwen3_vl_text": DecoderSpec("Qwen3-VL (language model)", "Qwen3VLTextModel", "Qwen3VLTextAttention",
+                                 plan=LLAMA_STYLE_PLAN),
+    "smollm3": DecoderSpec("SmolLM3", "SmolLM3Model", "SmolLM3Attention"),  # Bria FIBO
+    # T5Gemma's encoder stack (PRX, Motif-Video): bidirectional Gemma 2 layers.
+    "t5_gemma_module": DecoderSpec("T5Gemma (encoder)", "T5GemmaEncoder", "T5GemmaSelfAttention"),
 }
 
 # Wrappers whose text part is one of the stacks above (for the supported table; any wrapper works).
 WRAPPERS = (
     "Gemma3ForConditionalGeneration", "Mistral3ForConditionalGeneration", "Qwen3ForCausalLM",
-    "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel",
+    "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel", "Qwen3VLForConditionalGeneration", "Qwen3VLModel",
+    "T5GemmaEncoderModel", "LlavaForConditionalGeneration",
 )
 
 
@@ -101,7 +122,8 @@ class DecoderFamily(TextEncoderFamily):
                 )
 
     def targets(self, module: nn.Module):
-        return [(name, transformers_plan(stack.config)) for name, stack in _plan_carrying_stacks(module)]
+        return [(name, dict(_spec(stack).plan) if _spec(stack).plan else transformers_plan(stack.config))
+                for name, stack in _plan_carrying_stacks(module)]
 
     def attention_layout(self, parent: nn.Module):
         names = {s.attention_class for s in DECODER_SPECS.values()}
