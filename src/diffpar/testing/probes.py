@@ -77,6 +77,8 @@ UNSPLIT_ATTENTION = {
     # Cross-attention to the prompt: diffusers 0.37+ keeps the prompt whole (0.36 split it), so the image shard
     # attends to every key locally.
     "WanTransformer3DModel": ("blocks.*.attn2",),
+    # diffpar's LTX plan keeps the prompt whole: the cross-attention runs locally.
+    "LTXVideoTransformer3DModel": ("transformer_blocks.*.attn2",),
 }
 
 
