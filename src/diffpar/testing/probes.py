@@ -79,6 +79,10 @@ UNSPLIT_ATTENTION = {
     "WanTransformer3DModel": ("blocks.*.attn2",),
     # diffpar's LTX plan keeps the prompt whole: the cross-attention runs locally.
     "LTXVideoTransformer3DModel": ("transformer_blocks.*.attn2",),
+    # LTX-2: only the video self-attention is split; the prompt and audio attentions run locally, and the
+    # video-to-audio one gathers the video keys first.
+    "LTX2VideoTransformer3DModel": ("transformer_blocks.*.attn2", "transformer_blocks.*.audio_*",
+                                    "transformer_blocks.*.video_to_audio_attn"),
 }
 
 

@@ -47,13 +47,51 @@ def _ltx_video(heads=4, head_dim=16, layers=2):
     return model, inputs
 
 
+@builder("ltx2_video")
+def _ltx2_video(heads=4, head_dim=16, layers=2, rope_type="interleaved"):
+    from diffusers import LTX2VideoTransformer3DModel
+
+    model = construct(
+        LTX2VideoTransformer3DModel, in_channels=8, out_channels=8, num_attention_heads=heads,
+        attention_head_dim=head_dim, cross_attention_dim=heads * head_dim, audio_in_channels=8, audio_out_channels=8,
+        audio_num_attention_heads=heads, audio_attention_head_dim=8, audio_cross_attention_dim=heads * 8,
+        num_layers=layers, caption_channels=24, rope_type=rope_type,
+    )
+
+    def inputs(seq=16, text=8, batch=1, seed=1, frames=1, audio=5, text_padding=2):
+        # Video tokens = frames * 1 * (seq // frames); `audio` audio tokens (kept whole on every rank).
+        g = _gen(seed)
+        width = seq // frames
+        mask = torch.ones(batch, text, dtype=torch.long)
+        if text_padding:
+            mask[:, text - text_padding:] = 0
+        return dict(
+            hidden_states=torch.randn(batch, frames * width, 8, generator=g),
+            audio_hidden_states=torch.randn(batch, audio, 8, generator=g),
+            encoder_hidden_states=torch.randn(batch, text, 24, generator=g),
+            audio_encoder_hidden_states=torch.randn(batch, text, 24, generator=g),
+            timestep=torch.full((batch,), 500.0),
+            encoder_attention_mask=mask, audio_encoder_attention_mask=mask.clone(),
+            num_frames=frames, height=1, width=width, audio_num_frames=audio,
+            return_dict=False,
+        )
+
+    return model, inputs
+
+
 CASES = [
     ModelCase("ltx_video", "LTXVideoTransformer3DModel", kind="video",
               notes="our plan replaces diffusers' (prompt whole, cross-attention local)"),
     ModelCase("ltx_video_i2v", "LTXVideoTransformer3DModel", kind="video", cp=("w2-ulysses", "w2-ring",
               "w4-ring-anything-odd"), tp=(), input_kwargs={"per_token_timestep": True, "frames": 1},
               notes="per-token timestep (image-to-video)"),
+    ModelCase("ltx2_video", "LTX2VideoTransformer3DModel", kind="video",
+              notes="our plan replaces diffusers' (video split; audio and prompt whole)"),
+    ModelCase("ltx2_video_split_rope", "LTX2VideoTransformer3DModel", kind="video",
+              cp=("w2-ulysses", "w4-ulysses2xring2", "w2-ulysses-anything-odd"), tp=(),
+              model_kwargs={"heads": 4, "rope_type": "split"}, notes="LTX-2.3's split RoPE layout"),
 ]
+builder("ltx2_video_split_rope")(_ltx2_video)
 # The i2v case shares the builder under its own name so that its test ids differ.
 builder("ltx_video_i2v")(_ltx_video)
 
@@ -61,4 +99,8 @@ REAL_CONFIGS = {
     "LTX-Video 0.9 (2B)": ("LTXVideoTransformer3DModel", dict(
         in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
         attention_head_dim=64, cross_attention_dim=2048, num_layers=28, caption_channels=4096)),
+    "LTX-2 (19B)": ("LTX2VideoTransformer3DModel", dict(
+        in_channels=128, out_channels=128, num_attention_heads=32, attention_head_dim=128, cross_attention_dim=4096,
+        audio_in_channels=128, audio_out_channels=128, audio_num_attention_heads=32, audio_attention_head_dim=64,
+        audio_cross_attention_dim=2048, num_layers=48, caption_channels=3840)),
 }
