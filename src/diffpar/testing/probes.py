@@ -77,6 +77,8 @@ UNSPLIT_ATTENTION = {
     # Cross-attention to the prompt: diffusers 0.37+ keeps the prompt whole (0.36 split it), so the image shard
     # attends to every key locally.
     "WanTransformer3DModel": ("blocks.*.attn2",),
+    # diffusers' ChronoEdit plan keeps the prompt (and image context) whole, like Wan's.
+    "ChronoEditTransformer3DModel": ("blocks.*.attn2",),
     # diffpar's LTX plan keeps the prompt whole: the cross-attention runs locally.
     "LTXVideoTransformer3DModel": ("transformer_blocks.*.attn2",),
     # LTX-2: only the video self-attention is split; the prompt and audio attentions run locally, and the
