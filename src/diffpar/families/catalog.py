@@ -13,6 +13,7 @@ from diffpar.families.text_encoders import t5 as _text_encoders_t5
 from diffpar.families.transformers import chronoedit as _transformers_chronoedit
 from diffpar.families.transformers import flux as _transformers_flux
 from diffpar.families.transformers import flux2 as _transformers_flux2
+from diffpar.families.transformers import helios as _transformers_helios
 from diffpar.families.transformers import hunyuan_video as _transformers_hunyuan_video
 from diffpar.families.transformers import ltx as _transformers_ltx
 from diffpar.families.transformers import qwenimage as _transformers_qwenimage
