@@ -16,6 +16,7 @@ from diffpar.families.transformers import flux2 as _transformers_flux2
 from diffpar.families.transformers import helios as _transformers_helios
 from diffpar.families.transformers import hunyuan_video as _transformers_hunyuan_video
 from diffpar.families.transformers import ltx as _transformers_ltx
+from diffpar.families.transformers import minimax_h3 as _transformers_minimax_h3
 from diffpar.families.transformers import qwenimage as _transformers_qwenimage
 from diffpar.families.transformers import sd3 as _transformers_sd3
 from diffpar.families.transformers import wan as _transformers_wan

@@ -80,6 +80,8 @@ UNSPLIT_ATTENTION = {
     # diffusers' ChronoEdit plan keeps the prompt (and image context) whole, like Wan's.
     "ChronoEditTransformer3DModel": ("blocks.*.attn2",),
     "HeliosTransformer3DModel": ("blocks.*.attn2",),
+    # The text token refiner runs on the whole prompt before the split (diffpar keeps its attention local).
+    "MiniMaxH3Transformer3DModel": ("token_refiner.*",),
     # diffpar's LTX plan keeps the prompt whole: the cross-attention runs locally.
     "LTXVideoTransformer3DModel": ("transformer_blocks.*.attn2",),
     # LTX-2: only the video self-attention is split; the prompt and audio attentions run locally, and the
