@@ -20,6 +20,7 @@ from diffpar.families.transformers import minimax_h3 as _transformers_minimax_h3
 from diffpar.families.transformers import qwenimage as _transformers_qwenimage
 from diffpar.families.transformers import sd3 as _transformers_sd3
 from diffpar.families.transformers import wan as _transformers_wan
+from diffpar.families.transformers import wan_variants as _transformers_wan_variants
 from diffpar.families.transformers import zimage as _transformers_zimage
 from diffpar.families.vaes import base as _vaes_base
 from diffpar.families.vaes import hunyuan_video as _vaes_hunyuan_video

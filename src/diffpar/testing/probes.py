@@ -82,6 +82,9 @@ UNSPLIT_ATTENTION = {
     "HeliosTransformer3DModel": ("blocks.*.attn2",),
     # The text token refiner runs on the whole prompt before the split (diffpar keeps its attention local).
     "MiniMaxH3Transformer3DModel": ("token_refiner.*",),
+    # Wan derivatives (diffpar's plans): cross-attention to the whole prompt, locally.
+    "WanVACETransformer3DModel": ("blocks.*.attn2", "vace_blocks.*.attn2"),
+    "SkyReelsV2Transformer3DModel": ("blocks.*.attn2",),
     # diffpar's LTX plan keeps the prompt whole: the cross-attention runs locally.
     "LTXVideoTransformer3DModel": ("transformer_blocks.*.attn2",),
     # LTX-2: only the video self-attention is split; the prompt and audio attentions run locally, and the

@@ -1,0 +1,97 @@
+"""Tiny Wan derivatives (VACE, SkyReels-V2, Wan Animate, Wan Animate 2), their cases and real configs."""
+from __future__ import annotations
+
+import torch
+
+from diffpar.testing.coverage import ModelCase
+from diffpar.testing.tiny_transformers import builder, construct
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+_WAN_SMALL = dict(patch_size=(1, 2, 2), in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
+                  rope_max_seq_len=64)
+
+
+@builder("wan_vace")
+def _wan_vace(heads=4, head_dim=12, layers=2):
+    from diffusers import WanVACETransformer3DModel
+
+    model = construct(WanVACETransformer3DModel, num_attention_heads=heads, attention_head_dim=head_dim,
+                      num_layers=layers, vace_layers=[0, 1], vace_in_channels=8, **_WAN_SMALL)
+
+    def inputs(seq=16, text=8, batch=1, seed=1):
+        # Video tokens = 1 frame * (H/2) * (W/2) with H = 2: W = 2 * seq; the control latents have the same grid.
+        g = _gen(seed)
+        return dict(
+            hidden_states=torch.randn(batch, 4, 1, 2, 2 * seq, generator=g),
+            timestep=torch.full((batch,), 500.0),
+            encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+            control_hidden_states=torch.randn(batch, 8, 1, 2, 2 * seq, generator=g),
+            control_hidden_states_scale=torch.tensor([1.0, 0.5]),
+            return_dict=False,
+        )
+
+    return model, inputs
+
+
+@builder("skyreels_v2")
+def _skyreels_v2(heads=4, head_dim=12, layers=2, image=False, sample_info=False):
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    inner = heads * head_dim
+    extra = dict(image_dim=24, added_kv_proj_dim=inner) if image else {}
+    if sample_info:  # the fps conditioning of the diffusion-forcing checkpoints
+        extra["inject_sample_info"] = True
+    model = construct(SkyReelsV2Transformer3DModel, num_attention_heads=heads, attention_head_dim=head_dim,
+                      num_layers=layers, **_WAN_SMALL, **extra)
+
+    def inputs(seq=16, text=8, batch=1, seed=1, diffusion_forcing=False):
+        # Diffusion forcing: 1 timestep per latent frame. Frames: 2 for an even seq (seq / 2 tokens each), 3 for an
+        # odd one (seq // 3 tokens each, an odd count when seq // 3 is odd, as for 15 and 17).
+        g = _gen(seed)
+        frames = 2 if seq % 2 == 0 else 3
+        width = seq // frames
+        kw = dict(
+            hidden_states=torch.randn(batch, 4, frames, 2, 2 * width, generator=g),
+            timestep=torch.full((batch,), 500.0),
+            encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+            return_dict=False,
+        )
+        if diffusion_forcing:
+            kw["timestep"] = torch.linspace(0.0, 900.0, frames).repeat(batch, 1)
+            kw["enable_diffusion_forcing"] = True
+        if sample_info:
+            kw["fps"] = [1]
+        if image:  # the I2V processor takes all but the last 512 context tokens as image context
+            kw["encoder_hidden_states"] = torch.randn(batch, 512, 32, generator=g)
+            kw["encoder_hidden_states_image"] = torch.randn(batch, 3, 24, generator=g)
+        return kw
+
+    return model, inputs
+
+
+builder("skyreels_v2_df")(_skyreels_v2)
+builder("skyreels_v2_i2v")(_skyreels_v2)
+
+CASES = [
+    ModelCase("wan_vace", "WanVACETransformer3DModel", kind="video", notes="control branch split with the video"),
+    ModelCase("skyreels_v2", "SkyReelsV2Transformer3DModel", kind="video"),
+    ModelCase("skyreels_v2_df", "SkyReelsV2Transformer3DModel", kind="video", tp=("w2-tp", "w4-ulysses2xtp2"),
+              model_kwargs={"heads": 4, "sample_info": True}, input_kwargs={"diffusion_forcing": True},
+              notes="diffusion forcing: a timestep per frame; fps conditioning"),
+    ModelCase("skyreels_v2_i2v", "SkyReelsV2Transformer3DModel", kind="video",
+              cp=("w2-ulysses", "w2-ring", "w2-ulysses-anything-odd"), tp=("w2-tp",),
+              model_kwargs={"heads": 4, "image": True}, notes="image-to-video (image context)"),
+]
+
+_WAN14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+               text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads")
+REAL_CONFIGS = {
+    "Wan2.1-VACE-14B": ("WanVACETransformer3DModel", dict(_WAN14B, vace_layers=[0, 5, 10, 15, 20, 25, 30, 35],
+                                                          vace_in_channels=96)),
+    "SkyReels-V2-DF-14B": ("SkyReelsV2Transformer3DModel", dict(_WAN14B, inject_sample_info=True)),
+}
