@@ -85,6 +85,8 @@ UNSPLIT_ATTENTION = {
     # Wan derivatives (diffpar's plans): cross-attention to the whole prompt, locally.
     "WanVACETransformer3DModel": ("blocks.*.attn2", "vace_blocks.*.attn2"),
     "SkyReelsV2Transformer3DModel": ("blocks.*.attn2",),
+    # Wan Animate's face adapters attend from each frame's tokens to that frame's motion vectors, locally.
+    "WanAnimateTransformer3DModel": ("blocks.*.attn2", "face_adapter.*"),
     # diffpar's LTX plan keeps the prompt whole: the cross-attention runs locally.
     "LTXVideoTransformer3DModel": ("transformer_blocks.*.attn2",),
     # LTX-2: only the video self-attention is split; the prompt and audio attentions run locally, and the

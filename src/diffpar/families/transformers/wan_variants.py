@@ -13,7 +13,7 @@ from diffpar.engines.tp_shard import GATHER
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
 from diffpar.families.transformers.ltx import local_attention_processors
-from diffpar.families.transformers.tp_plans import TensorParallelPlan, register_tp_plan
+from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, register_tp_plan
 from diffpar.families.transformers.wan import _wan as wan_tp_plan
 
 _TOKENS = split_input(split_dim=1, expected_dims=3)
@@ -119,3 +119,119 @@ def skyreels_v2_tp_plan(model) -> TensorParallelPlan:
     # The fps conditioning MLP (dim -> dim -> 6 dim, on one vector per sample): columns, then rows.
     linears = {**plan.linears, "fps_projection.net.0.proj": "colwise", "fps_projection.net.2": "rowwise"}
     return dataclasses.replace(plan, linears=linears)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Wan Animate: Wan blocks, and after every few blocks a face adapter, a cross-attention from each video frame's
+# tokens to that frame's motion vectors (the face encoder's output: (B, frames, N, dim), computed whole on every
+# rank). diffusers' processor cuts the query tokens into `frames` equal groups, which holds for the whole sequence
+# only. While parallel, each face adapter gets `_frame_aligned_class(...)`: this rank's tokens are placed in the
+# whole sequence (their global positions are the split of arange(tokens), cut as the hooks cut the video), and
+# each frame they touch attends to its own motion vectors, locally, with diffusers' processor. The video's token
+# grid comes from a pre-hook on the model (undone on detach).
+# ------------------------------------------------------------------------------------------------------------
+
+_FRAME_ALIGNED: dict[type, type] = {}
+
+
+def _frame_aligned_class(base: type) -> type:
+    if base in _FRAME_ALIGNED:
+        return _FRAME_ALIGNED[base]
+
+    def _get(self):
+        return None
+
+    def _set(self, value):
+        self.__dict__["_split_config"] = value
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        import torch
+
+        from diffpar.compat.diffusers_cp_hooks import shard
+
+        config = self.__dict__.get("_split_config")
+        grid = self.__dict__.get("_grid", {})
+        if config is None or "tokens" not in grid:
+            return base.__call__(self, attn, hidden_states, encoder_hidden_states, attention_mask)
+        if attention_mask is not None:
+            raise UnsupportedError(
+                "WanAnimateTransformer3DModel: a face-adapter attention mask under context parallelism (it covers "
+                "the whole video); diffpar supports the model's own calls, which pass none."
+            )
+        frames = encoder_hidden_states.shape[1]
+        per_frame = grid["tokens"] // frames
+        positions = shard(torch.arange(grid["tokens"], device=hidden_states.device), 0,
+                          config.context_parallel_config)
+        frame_of = positions // per_frame
+        outputs, start = [], 0
+        for frame in range(int(frame_of[0]), int(frame_of[-1]) + 1) if len(positions) else ():
+            count = int((frame_of == frame).sum())
+            outputs.append(base.__call__(self, attn, hidden_states[:, start:start + count],
+                                         encoder_hidden_states[:, frame:frame + 1], None))
+            start += count
+        return torch.cat(outputs, dim=1) if outputs else hidden_states[:, :0]  # a rank without tokens
+
+    cls = type(f"FrameAligned{base.__name__}", (base,), {
+        "__doc__": f"{base.__name__} on a shard of the video: each frame's tokens attend to that frame's motion.",
+        "_parallel_config": property(_get, _set),
+        "__call__": __call__,
+    })
+    _FRAME_ALIGNED[base] = cls
+    return cls
+
+
+def _video_grid_hook(grid: dict):
+    def record(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        p_t, p_h, p_w = module.config.patch_size
+        _, _, frames, height, width = hidden.shape
+        grid["tokens"] = (frames // p_t) * (height // p_h) * (width // p_w)
+
+    return record
+
+
+def prepare_wan_animate(model, config, handle, name: str) -> None:
+    import copy
+
+    from diffusers.models.transformers import transformer_wan_animate as animate
+
+    local_attention_processors(model, ("blocks.*.attn2",), (animate.WanAttnProcessor,), handle, name)
+    grid: dict = {}
+    targets = []
+    handle.add(f"{name}: frame-aligned face adapters", lambda: [setattr(m, "processor", p) for m, p in targets])
+    for module in model.face_adapter:
+        if type(module.processor) is not animate.WanAnimateFaceBlockAttnProcessor:
+            raise UnsupportedError(
+                f"{type(model).__name__}: a face adapter has a {type(module.processor).__name__}, which has no "
+                "context-parallel version in diffpar. Remove what installed it before enable_cache.")
+        targets.append((module, module.processor))
+    for module, old in targets:
+        new = copy.copy(old)
+        new.__class__ = _frame_aligned_class(type(old))
+        new.__dict__["_grid"] = grid
+        module.processor = new
+    hooks = []
+    handle.add(f"{name}: video grid hook", lambda: [h.remove() for h in hooks])
+    hooks.append(model.register_forward_pre_hook(_video_grid_hook(grid), with_kwargs=True))
+
+
+@register_cp_plan("WanAnimateTransformer3DModel", prepare=prepare_wan_animate)
+def wan_animate_cp_plan(model) -> dict:
+    return {
+        "rope": {0: _WAN_ROPE, 1: _WAN_ROPE},
+        "blocks.0": {"hidden_states": _TOKENS},
+        "proj_out": gather_output(gather_dim=1, expected_dims=3),
+    }
+
+
+@register_tp_plan("WanAnimateTransformer3DModel")
+def wan_animate_tp_plan(model) -> TensorParallelPlan:
+    plan = wan_tp_plan(model)
+    # Face adapters: heads split by q/k/v columns, the output by rows (their q/k norms are per head).
+    linears = dict(plan.linears)
+    attrs = dict(plan.attention_attrs)
+    if len(model.face_adapter):
+        linears.update({"face_adapter.*.to_q": "colwise", "face_adapter.*.to_k": "colwise",
+                        "face_adapter.*.to_v": "colwise", "face_adapter.*.to_out": "rowwise"})
+        attrs["face_adapter.*"] = ATTN_ATTRS
+    return dataclasses.replace(plan, linears=linears, attention_attrs=attrs)

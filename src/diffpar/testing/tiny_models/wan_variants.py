@@ -73,6 +73,39 @@ def _skyreels_v2(heads=4, head_dim=12, layers=2, image=False, sample_info=False)
     return model, inputs
 
 
+@builder("wan_animate")
+def _wan_animate(heads=4, head_dim=12, layers=2):
+    from diffusers import WanAnimateTransformer3DModel
+
+    # Small motion encoder (diffusers' own test sizes), a face adapter after every block.
+    model = construct(
+        WanAnimateTransformer3DModel, patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
+        in_channels=12, latent_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=layers,
+        image_dim=24, rope_max_seq_len=64, motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16},
+        motion_encoder_size=16, motion_style_dim=8, motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16,
+        face_encoder_num_heads=2, inject_face_latents_blocks=1,
+    )
+
+    def inputs(seq=16, text=8, batch=1, seed=1):
+        # Latent frames: 2 for an even seq (seq / 2 tokens each), 3 for an odd one (seq // 3 each: 15 tokens for 15
+        # and 17, split across frame boundaries). The face video has 4 * (frames - 1) frames (the face encoder
+        # downsamples time by 4; a zero frame is prepended for the reference frame).
+        g = _gen(seed)
+        frames = 2 if seq % 2 == 0 else 3
+        width = seq // frames
+        return dict(
+            hidden_states=torch.randn(batch, 12, frames, 2, 2 * width, generator=g),
+            timestep=torch.full((batch,), 500.0),
+            encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+            encoder_hidden_states_image=torch.randn(batch, 3, 24, generator=g),
+            pose_hidden_states=torch.randn(batch, 4, frames - 1, 2, 2 * width, generator=g),
+            face_pixel_values=torch.randn(batch, 3, 4 * (frames - 1), 16, 16, generator=g),
+            return_dict=False,
+        )
+
+    return model, inputs
+
+
 builder("skyreels_v2_df")(_skyreels_v2)
 builder("skyreels_v2_i2v")(_skyreels_v2)
 
@@ -85,6 +118,8 @@ CASES = [
     ModelCase("skyreels_v2_i2v", "SkyReelsV2Transformer3DModel", kind="video",
               cp=("w2-ulysses", "w2-ring", "w2-ulysses-anything-odd"), tp=("w2-tp",),
               model_kwargs={"heads": 4, "image": True}, notes="image-to-video (image context)"),
+    ModelCase("wan_animate", "WanAnimateTransformer3DModel", kind="video",
+              notes="face adapters attend per frame on each rank's shard"),
 ]
 
 _WAN14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
@@ -93,5 +128,7 @@ _WAN14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=
 REAL_CONFIGS = {
     "Wan2.1-VACE-14B": ("WanVACETransformer3DModel", dict(_WAN14B, vace_layers=[0, 5, 10, 15, 20, 25, 30, 35],
                                                           vace_in_channels=96)),
+    "Wan2.2-Animate-14B": ("WanAnimateTransformer3DModel", dict(_WAN14B, in_channels=36, latent_channels=16,
+                                                                image_dim=1280)),
     "SkyReels-V2-DF-14B": ("SkyReelsV2Transformer3DModel", dict(_WAN14B, inject_sample_info=True)),
 }
