@@ -13,7 +13,7 @@ from diffpar.engines.tp_shard import GATHER
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
 from diffpar.families.transformers.ltx import local_attention_processors
-from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, register_tp_plan
+from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, present, register_tp_plan
 from diffpar.families.transformers.wan import _wan as wan_tp_plan
 
 _TOKENS = split_input(split_dim=1, expected_dims=3)
@@ -235,3 +235,42 @@ def wan_animate_tp_plan(model) -> TensorParallelPlan:
                         "face_adapter.*.to_v": "colwise", "face_adapter.*.to_out": "rowwise"})
         attrs["face_adapter.*"] = ATTN_ATTRS
     return dataclasses.replace(plan, linears=linears, attention_attrs=attrs)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Wan Animate 2: refused for context parallelism (tensor parallelism works). Its self-attention applies RoPE inside
+# the processor by each token's position in the whole sequence (from the patch grid), and its generation pass
+# attends through a flex `BlockMask` over a packed [generation | reference] buffer of the whole video, on the flex
+# backend, which has no context-parallel path in diffusers.
+# ------------------------------------------------------------------------------------------------------------
+
+WAN_ANIMATE_2_REFUSAL = (
+    "cannot be split along the sequence: its self-attention applies RoPE inside the processor by each token's "
+    "position in the whole sequence, and its generation pass attends through a flex BlockMask built over the whole "
+    "packed [generation | reference] video on the flex backend, which has no context-parallel path in diffusers"
+)
+
+
+@register_cp_plan("WanAnimate2Transformer3DModel")
+def wan_animate_2_cp_plan(model) -> dict:
+    raise UnsupportedError(
+        f"{type(model).__name__} {WAN_ANIMATE_2_REFUSAL}. Use tp_size (tensor parallelism: attention heads and the "
+        "MLP split over the ranks) for this model instead of ulysses_size / ring_size."
+    )
+
+
+@register_tp_plan("WanAnimate2Transformer3DModel")
+def wan_animate_2_tp_plan(model) -> TensorParallelPlan:
+    attn = {"to_q": "colwise", "to_k": "colwise", "to_v": "colwise", "to_out.0": "rowwise"}
+    block = {f"{a}.{k}": v for a in ("self_attn", "cross_attn") for k, v in attn.items()}
+    block.update({"cross_attn.add_k_proj": "colwise", "cross_attn.add_v_proj": "colwise",  # image context
+                  "ffn.0": "colwise", "ffn.2": "rowwise"})
+    norms = {n: None for n in ("self_attn.norm_q", "self_attn.norm_k", "cross_attn.norm_q", "cross_attn.norm_k",
+                               "cross_attn.norm_added_k")}  # RMSNorms across heads
+    linears = present(model, block, "blocks")
+    linears["time_projection.1"] = GATHER  # the 6 modulation vectors of every block
+    return TensorParallelPlan(
+        linears=linears,
+        attention_attrs={"blocks.*.self_attn": ATTN_ATTRS, "blocks.*.cross_attn": ATTN_ATTRS},
+        sharded_norms=tuple(present(model, norms, "blocks")),
+    )

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from diffpar.families.transformers.wan_variants import WAN_ANIMATE_2_REFUSAL
 from diffpar.testing.coverage import ModelCase
 from diffpar.testing.tiny_transformers import builder, construct
 
@@ -38,13 +39,15 @@ def _wan_vace(heads=4, head_dim=12, layers=2):
 
 
 @builder("skyreels_v2")
-def _skyreels_v2(heads=4, head_dim=12, layers=2, image=False, sample_info=False):
+def _skyreels_v2(heads=4, head_dim=12, layers=2, image=False, sample_info=False, causal_block=1):
     from diffusers import SkyReelsV2Transformer3DModel
 
     inner = heads * head_dim
     extra = dict(image_dim=24, added_kv_proj_dim=inner) if image else {}
     if sample_info:  # the fps conditioning of the diffusion-forcing checkpoints
         extra["inject_sample_info"] = True
+    if causal_block > 1:  # asynchronous diffusion forcing
+        extra["num_frame_per_block"] = causal_block
     model = construct(SkyReelsV2Transformer3DModel, num_attention_heads=heads, attention_head_dim=head_dim,
                       num_layers=layers, **_WAN_SMALL, **extra)
 
@@ -106,7 +109,35 @@ def _wan_animate(heads=4, head_dim=12, layers=2):
     return model, inputs
 
 
+@builder("wan_animate_2")
+def _wan_animate_2(heads=4, head_dim=12, layers=2):
+    from diffusers import WanAnimate2Transformer3DModel
+
+    dim = heads * head_dim
+    model = construct(WanAnimate2Transformer3DModel, patch_size=(1, 2, 2), text_len=16, in_dim=8, dim=dim, ffn_dim=64,
+                      freq_dim=32, text_dim=32, out_dim=4, num_heads=heads, num_layers=layers, use_img_emb=False)
+
+    def inputs(seq=16, text=8, batch=1, seed=1):
+        # The reference pass ("extract", dense self-attention; it fills the KV cache): 1 frame, H = 2, W = 2 * seq.
+        from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+
+        g = _gen(seed)
+        grid = torch.tensor([[1, 1, seq]])
+        return dict(
+            hidden_states=[torch.randn(4, 1, 2, 2 * seq, generator=g) for _ in range(batch)],
+            condition_latents=[torch.randn(4, 1, 2, 2 * seq, generator=g) for _ in range(batch)],
+            timestep=torch.full((batch,), 500.0),
+            encoder_hidden_states=[torch.randn(text, 32, generator=g) for _ in range(batch)],
+            kv_cache=WanAnimate2KVCache(layers), kv_cache_mode="extract", seq_len=seq, offset_grid_sizes=grid,
+            return_dict=False,
+        )
+
+    return model, inputs
+
+
+builder("wan_animate_2_refused")(_wan_animate_2)
 builder("skyreels_v2_df")(_skyreels_v2)
+builder("skyreels_v2_causal")(_skyreels_v2)
 builder("skyreels_v2_i2v")(_skyreels_v2)
 
 CASES = [
@@ -118,8 +149,14 @@ CASES = [
     ModelCase("skyreels_v2_i2v", "SkyReelsV2Transformer3DModel", kind="video",
               cp=("w2-ulysses", "w2-ring", "w2-ulysses-anything-odd"), tp=("w2-tp",),
               model_kwargs={"heads": 4, "image": True}, notes="image-to-video (image context)"),
+    ModelCase("skyreels_v2_causal", "SkyReelsV2Transformer3DModel", kind="video", cp=(), tp=(),
+              model_kwargs={"heads": 4, "causal_block": 2}, refused="causal mask over the whole video"),
     ModelCase("wan_animate", "WanAnimateTransformer3DModel", kind="video",
               notes="face adapters attend per frame on each rank's shard"),
+    ModelCase("wan_animate_2", "WanAnimate2Transformer3DModel", kind="video", cp=(), tp=("w2-tp", "w4-tp"),
+              notes="TP only: context parallelism refused (see wan_animate_2_refused)"),
+    ModelCase("wan_animate_2_refused", "WanAnimate2Transformer3DModel", kind="video", cp=(), tp=(),
+              refused=WAN_ANIMATE_2_REFUSAL),
 ]
 
 _WAN14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
@@ -130,5 +167,8 @@ REAL_CONFIGS = {
                                                           vace_in_channels=96)),
     "Wan2.2-Animate-14B": ("WanAnimateTransformer3DModel", dict(_WAN14B, in_channels=36, latent_channels=16,
                                                                 image_dim=1280)),
+    "Wan2.2-Animate-2": ("WanAnimate2Transformer3DModel", dict(
+        patch_size=(1, 2, 2), text_len=512, in_dim=36, dim=5120, ffn_dim=13824, freq_dim=256, text_dim=4096,
+        out_dim=16, num_heads=40, num_layers=40, use_img_emb=True)),
     "SkyReels-V2-DF-14B": ("SkyReelsV2Transformer3DModel", dict(_WAN14B, inject_sample_info=True)),
 }
