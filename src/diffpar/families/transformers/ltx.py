@@ -67,7 +67,7 @@ def local_attention_processors(model, patterns: tuple[str, ...], expected: tuple
         for module, old in targets:
             module.processor = old
 
-    handle.add(f"{name}: local cross-attention processors", restore)
+    handle.add(f"{name}: local attention processors", restore)
     for module, old in targets:
         new = copy.copy(old)
         new.__class__ = _local_class(type(old))
@@ -142,8 +142,13 @@ def _rope_token_dim(model) -> tuple[int, int]:
     return (2, 4) if getattr(model.config, "rope_type", "interleaved") == "split" else (1, 3)
 
 
+_GATHER_KEYS_CLASSES: dict[tuple[type, int], type] = {}
+
+
 def _gather_keys_class(base: type, token_dim: int) -> type:
     """`base` for the video-to-audio attention: the video keys (and their RoPE rows) of every rank, then local."""
+    if (base, token_dim) in _GATHER_KEYS_CLASSES:
+        return _GATHER_KEYS_CLASSES[(base, token_dim)]
 
     def _get(self):
         return None
@@ -162,11 +167,13 @@ def _gather_keys_class(base: type, token_dim: int) -> type:
         return base.__call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, query_rotary_emb,
                              key_rotary_emb, **kwargs)
 
-    return type(f"GatherKeys{base.__name__}", (base,), {
+    cls = type(f"GatherKeys{base.__name__}", (base,), {
         "__doc__": f"{base.__name__} with the video keys gathered from every rank, attention computed locally.",
         "_parallel_config": property(_get, _set),
         "__call__": __call__,
     })
+    _GATHER_KEYS_CLASSES[(base, token_dim)] = cls
+    return cls
 
 
 def _refuse_whole_video_inputs(module, args, kwargs):
