@@ -10,12 +10,17 @@ from diffpar.families.text_encoders import base as _text_encoders_base
 from diffpar.families.text_encoders import clip as _text_encoders_clip
 from diffpar.families.text_encoders import decoders as _text_encoders_decoders
 from diffpar.families.text_encoders import t5 as _text_encoders_t5
+from diffpar.families.transformers import chronoedit as _transformers_chronoedit
 from diffpar.families.transformers import flux as _transformers_flux
 from diffpar.families.transformers import flux2 as _transformers_flux2
+from diffpar.families.transformers import helios as _transformers_helios
 from diffpar.families.transformers import hunyuan_video as _transformers_hunyuan_video
+from diffpar.families.transformers import ltx as _transformers_ltx
+from diffpar.families.transformers import minimax_h3 as _transformers_minimax_h3
 from diffpar.families.transformers import qwenimage as _transformers_qwenimage
 from diffpar.families.transformers import sd3 as _transformers_sd3
 from diffpar.families.transformers import wan as _transformers_wan
+from diffpar.families.transformers import wan_variants as _transformers_wan_variants
 from diffpar.families.transformers import zimage as _transformers_zimage
 from diffpar.families.vaes import base as _vaes_base
 from diffpar.families.vaes import cogvideox as _vaes_cogvideox

@@ -67,16 +67,23 @@ class CPPlanEntry:
     # Whether the plan can run before `prepare` has swapped the attention processors (the local check then
     # trusts that `prepare` installs processors that take a parallel config).
     prepare_installs_processors: bool = False
+    # Whether this plan replaces diffusers' own `_cp_plan` for the class (used where diffusers' plan is wrong,
+    # e.g. LTX's splits the prompt and its mask, which breaks its attention under Ulysses). Default: diffusers'
+    # plan wins wherever the installed release ships one.
+    overrides_native: bool = False
 
 
 CP_PLANS: ClassRegistry[CPPlanEntry] = ClassRegistry("context-parallel plan")
 
 
-def register_cp_plan(*class_names: str, prepare: Callable | None = None):
-    """Register a plan builder for `class_names`, with an optional `prepare` step (see CPPlanEntry)."""
+def register_cp_plan(*class_names: str, prepare: Callable | None = None, overrides_native: bool = False):
+    """Register a plan builder for `class_names`, with an optional `prepare` step (see CPPlanEntry).
+    `overrides_native=True`: use it even where diffusers ships a `_cp_plan` for the class (say why in the family
+    file)."""
 
     def deco(fn):
-        CP_PLANS.register(class_names, CPPlanEntry(fn, prepare, prepare_installs_processors=prepare is not None))
+        CP_PLANS.register(class_names, CPPlanEntry(fn, prepare, prepare_installs_processors=prepare is not None,
+                                                   overrides_native=overrides_native))
         return fn
 
     return deco
@@ -84,6 +91,9 @@ def register_cp_plan(*class_names: str, prepare: Callable | None = None):
 
 def cp_plan_for(model: torch.nn.Module) -> tuple[dict, str]:
     """The plan for `model` and where it came from ("diffusers" or "diffpar")."""
+    entry = CP_PLANS.lookup(model)
+    if entry is not None and entry.overrides_native:
+        return entry.build(model), "diffpar"
     plan = native_cp_plan(type(model))
     if plan:
         return plan, "diffusers"
@@ -98,10 +108,13 @@ def cp_plan_for(model: torch.nn.Module) -> tuple[dict, str]:
 
 
 def cp_plan_entry(model: torch.nn.Module) -> CPPlanEntry | None:
-    """Our entry for `model` (None when diffusers ships the plan, or nobody has one)."""
+    """Our entry for `model` (None when diffusers' plan is used, or nobody has one)."""
+    entry = CP_PLANS.lookup(model)
+    if entry is not None and entry.overrides_native:
+        return entry
     if native_cp_plan(type(model)):
         return None
-    return CP_PLANS.lookup(model)
+    return entry
 
 
 # Classes that ship a `_cp_plan` in some diffusers release (0.36-0.42); each is checked on the installed one.

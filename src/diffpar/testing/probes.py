@@ -77,12 +77,36 @@ UNSPLIT_ATTENTION = {
     # Cross-attention to the prompt: diffusers 0.37+ keeps the prompt whole (0.36 split it), so the image shard
     # attends to every key locally.
     "WanTransformer3DModel": ("blocks.*.attn2",),
+    # diffusers' ChronoEdit plan keeps the prompt (and image context) whole, like Wan's.
+    "ChronoEditTransformer3DModel": ("blocks.*.attn2",),
+    "HeliosTransformer3DModel": ("blocks.*.attn2",),
+    # The text token refiner runs on the whole prompt before the split (diffpar keeps its attention local).
+    "MiniMaxH3Transformer3DModel": ("token_refiner.*",),
+    # Wan derivatives (diffpar's plans): cross-attention to the whole prompt, locally.
+    "WanVACETransformer3DModel": ("blocks.*.attn2", "vace_blocks.*.attn2"),
+    "SkyReelsV2Transformer3DModel": ("blocks.*.attn2",),
+    # Wan Animate's face adapters attend from each frame's tokens to that frame's motion vectors, locally.
+    "WanAnimateTransformer3DModel": ("blocks.*.attn2", "face_adapter.*"),
+    # diffpar's LTX plan keeps the prompt whole: the cross-attention runs locally.
+    "LTXVideoTransformer3DModel": ("transformer_blocks.*.attn2",),
+    # LTX-2: only the video self-attention is split; the prompt and audio attentions run locally, and the
+    # video-to-audio one gathers the video keys first.
+    "LTX2VideoTransformer3DModel": ("transformer_blocks.*.attn2", "transformer_blocks.*.audio_*",
+                                    "transformer_blocks.*.video_to_audio_attn"),
 }
 
 
 def _attention_modules(model: torch.nn.Module, unsplit) -> list[tuple[str, torch.nn.Module]]:
     return [(name, m) for name, m in model.named_modules()
             if hasattr(m, "processor") and not any(fnmatch.fnmatchcase(name, p) for p in unsplit)]
+
+
+def _split_at_own_input(attention: torch.nn.Module) -> bool:
+    """Whether a context-parallel split hook sits on this attention module itself (and it has a query projection
+    whose input then shows the split)."""
+    from diffpar.compat.diffusers_cp_hooks import has_split_hook
+
+    return isinstance(getattr(attention, "to_q", None), torch.nn.Module) and has_split_hook(attention)
 
 
 def _sequence_length(x) -> int:
@@ -134,6 +158,15 @@ class SplitProbe:
         self.text_tokens.append(_sequence_length(bound.get("encoder_hidden_states")))
         heads = getattr(module, "heads", None)
         self.heads.append(heads if isinstance(heads, int) else None)
+
+    def _query_pre_hook(self, attention):
+        def record(module, args):
+            self.image_tokens.append(_sequence_length(args[0] if args else None))
+            self.text_tokens.append(0)  # a self-attention: no encoder states
+            heads = getattr(attention, "heads", None)
+            self.heads.append(heads if isinstance(heads, int) else None)
+
+        return record
 
     def _enter_attention(self, module, args):
         self.attention_calls += 1
@@ -191,7 +224,12 @@ class SplitProbe:
     def __enter__(self) -> "SplitProbe":
         try:
             first = self._attention[0][1]
-            self._hooks.append(first.register_forward_pre_hook(self._first_pre_hook, with_kwargs=True))
+            if _split_at_own_input(first):
+                # diffusers' plan splits this attention's own input (Helios): a pre-hook on the module runs before
+                # that split, so its tokens are read where its query projection sees them.
+                self._hooks.append(first.to_q.register_forward_pre_hook(self._query_pre_hook(first)))
+            else:
+                self._hooks.append(first.register_forward_pre_hook(self._first_pre_hook, with_kwargs=True))
             for _, module in self._attention:
                 self._hooks.append(module.register_forward_pre_hook(self._enter_attention))
                 self._hooks.append(module.register_forward_hook(self._leave_attention))
