@@ -1,0 +1,123 @@
+"""Context-parallel versions of diffusers' generic attention processors (those that call
+`F.scaled_dot_product_attention` directly, so no parallel config can reach them).
+
+Each does what the original does, with one difference: attention over the split tokens (self-attention) goes
+through diffusers' dispatcher with the parallel config (Ulysses all-to-all, Ring KV exchange), while
+cross-attention to a prompt every rank holds whole runs locally, exactly as the original (the query shard attends
+to every key; no communication is needed).
+
+`check_generic_attention(model, label)` is the plan-time check: the options these processors cannot split exactly
+(a GroupNorm or spatial norm taken over the sequence, a residual added inside attention on a 4-D input) raise
+`UnsupportedError` before anything changes. Families swap processors with
+`families.transformers.sd3.replace_attention_processors(model, GENERIC_CP_PROCESSORS(), ...)`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from diffpar.compat.diffusers_cp import dispatch_attention
+from diffpar.errors import UnsupportedError
+
+
+def _mask_that_masks(mask: torch.Tensor | None, label: str) -> torch.Tensor | None:
+    """A self-attention mask under context parallelism: one that masks nothing is dropped (every rank holds the
+    same whole mask, so every rank decides the same); a real one is refused (keys are sharded, the mask is not)."""
+    if mask is None:
+        return None
+    keeps_all = bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
+    if keeps_all:
+        return None
+    raise UnsupportedError(
+        f"{label}: a self-attention mask over the split tokens reached attention under context parallelism; "
+        "diffpar cannot lay it out over sharded keys. Call the model without `attention_mask` (the pipelines "
+        "never pass one for self-attention), or run it without ulysses_size / ring_size."
+    )
+
+
+class ContextParallelAttnProcessor2_0:
+    """diffusers' `AttnProcessor2_0`: self-attention through the dispatcher with the parallel config,
+    cross-attention (an `encoder_hidden_states` is given) locally."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:  # refused at plan time; kept so the call stays the original's
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        cross = encoder_hidden_states is not None
+        batch_size, sequence_length, _ = (encoder_hidden_states if cross else hidden_states).shape
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if not cross:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+
+        def heads(x):  # (B, S, H * D) -> (B, S, H, D)
+            return x.view(batch_size, -1, attn.heads, head_dim)
+
+        query, key, value = heads(query), heads(key), heads(value)
+        # The original applies norm_q / norm_k on (B, H, S, D); they act on the last dimension, so (B, S, H, D)
+        # gives the same values.
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if cross or self._parallel_config is None:
+            if attention_mask is not None:
+                attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+                attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+            out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                                 attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+            out = out.transpose(1, 2)
+        else:
+            _mask_that_masks(attention_mask, type(self).__name__)
+            out = dispatch_attention(query, key, value, backend=self._attention_backend,
+                                     parallel_config=self._parallel_config)
+        hidden_states = out.reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def generic_cp_processors() -> dict[type, type]:
+    """diffusers' generic processor class -> its context-parallel version (built lazily: the keys come from the
+    installed diffusers)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    return {AttnProcessor2_0: ContextParallelAttnProcessor2_0}
+
+
+def check_generic_attention(model: torch.nn.Module, label: str) -> None:
+    """Plan-time refusal of attention options the context-parallel processors cannot split exactly."""
+    problems = []
+    for name, module in model.named_modules():
+        if not hasattr(module, "processor"):
+            continue
+        if getattr(module, "group_norm", None) is not None:
+            problems.append(f"{name}: group_norm (statistics over the whole sequence)")
+        if getattr(module, "spatial_norm", None) is not None:
+            problems.append(f"{name}: spatial_norm (statistics over the whole image)")
+    if problems:
+        raise UnsupportedError(
+            f"{label}: these attention modules normalize over all tokens before attention, which a token shard "
+            f"cannot reproduce: {problems}. Run this model without ulysses_size / ring_size."
+        )
