@@ -81,8 +81,11 @@ UNSPLIT_ATTENTION = {
 
 
 def _attention_modules(model: torch.nn.Module, unsplit) -> list[tuple[str, torch.nn.Module]]:
+    # diffusers' generic `Attention` marks cross-attention (keys from a prompt every rank holds whole, attended
+    # locally from the query shard): left whole like the `unsplit` patterns.
     return [(name, m) for name, m in model.named_modules()
-            if hasattr(m, "processor") and not any(fnmatch.fnmatchcase(name, p) for p in unsplit)]
+            if hasattr(m, "processor") and getattr(m, "is_cross_attention", False) is not True
+            and not any(fnmatch.fnmatchcase(name, p) for p in unsplit)]
 
 
 def _sequence_length(x) -> int:
