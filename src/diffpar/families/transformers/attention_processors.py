@@ -8,8 +8,8 @@ to every key; no communication is needed).
 
 `check_generic_attention(model, label)` is the plan-time check: the options these processors cannot split exactly
 (a GroupNorm or spatial norm taken over the sequence, a residual added inside attention on a 4-D input) raise
-`UnsupportedError` before anything changes. Families swap processors with
-`families.transformers.sd3.replace_attention_processors(model, GENERIC_CP_PROCESSORS(), ...)`.
+`UnsupportedError` before anything changes. `prepare_generic_attention` is the `prepare=` step of a plan whose
+model uses only these processors (it swaps them through `sd3.replace_attention_processors`, undone on detach).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from diffpar.compat.diffusers_cp import dispatch_attention
 from diffpar.errors import UnsupportedError
+from diffpar.families.transformers.sd3 import replace_attention_processors
 
 
 def _mask_that_masks(mask: torch.Tensor | None, label: str) -> torch.Tensor | None:
@@ -121,3 +122,9 @@ def check_generic_attention(model: torch.nn.Module, label: str) -> None:
             f"{label}: these attention modules normalize over all tokens before attention, which a token shard "
             f"cannot reproduce: {problems}. Run this model without ulysses_size / ring_size."
         )
+
+
+def prepare_generic_attention(model, config, handle, name: str) -> None:
+    """`register_cp_plan(..., prepare=prepare_generic_attention)`: every generic processor gets its context-parallel
+    version; any other processor is refused before a change."""
+    replace_attention_processors(model, generic_cp_processors(), handle, name, type(model).__name__)

@@ -15,8 +15,7 @@ from __future__ import annotations
 from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.engines.tp_shard import GATHER
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.attention_processors import check_generic_attention, generic_cp_processors
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.attention_processors import check_generic_attention, prepare_generic_attention
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, present, register_tp_plan
 
 _BLOCK = {
@@ -24,10 +23,6 @@ _BLOCK = {
     "attn2.to_q": "colwise", "attn2.to_k": "colwise", "attn2.to_v": "colwise", "attn2.to_out.0": "rowwise",
     "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
 }
-
-
-def prepare_generic_attention(model, config, handle, name: str) -> None:
-    replace_attention_processors(model, generic_cp_processors(), handle, name, type(model).__name__)
 
 
 @register_cp_plan("PixArtTransformer2DModel", prepare=prepare_generic_attention)
