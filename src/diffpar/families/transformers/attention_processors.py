@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffpar.compat.diffusers_cp import dispatch_attention
+from diffpar.compat.diffusers_cp import context_parallel_attention_takes_masks, dispatch_attention
 from diffpar.errors import UnsupportedError
 from diffpar.families.transformers.sd3 import replace_attention_processors
 
@@ -34,6 +34,30 @@ def _mask_that_masks(mask: torch.Tensor | None, label: str) -> torch.Tensor | No
         "diffpar cannot lay it out over sharded keys. Call the model without `attention_mask` (the pipelines "
         "never pass one for self-attention), or run it without ulysses_size / ring_size."
     )
+
+
+def attend_split(processor, query, key, value, mask: torch.Tensor | None, label: str, scale: float | None = None):
+    """Attention over (B, S, H, D) tensors whose queries and keys are this rank's token shard, through diffusers'
+    dispatcher with the processor's parallel config, and with a key-padding mask over the WHOLE sequence (B, 1, 1,
+    N) in its original order: after Ulysses' all-to-all every rank attends over the whole sequence in that order,
+    so the whole mask is the right one. A mask that masks nothing is dropped (exact, and the ring cannot take
+    one); a real one on a release whose context-parallel attention takes no mask (0.36) is refused clearly."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    if mask is not None and bool(mask.all()):
+        mask = None
+    if mask is not None and self_parallel(processor) and not context_parallel_attention_takes_masks():
+        raise UnsupportedError(
+            f"{label}: the samples in this batch differ in length, which needs a padding mask, and this diffusers "
+            "release's context-parallel attention takes none (0.37+ does). Run samples of different lengths in "
+            "separate calls, or upgrade diffusers."
+        )
+    return dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=scale,
+                                 backend=processor._attention_backend, parallel_config=processor._parallel_config)
+
+
+def self_parallel(processor) -> bool:
+    return getattr(processor, "_parallel_config", None) is not None
 
 
 class ContextParallelAttnProcessor2_0:
@@ -99,12 +123,76 @@ class ContextParallelAttnProcessor2_0:
         return hidden_states / attn.rescale_output_factor
 
 
+class ContextParallelLumina2AttnProcessor:
+    """diffusers' `Lumina2AttnProcessor2_0` (RMS-normed q/k, complex RoPE, grouped key/value heads, key-padding
+    mask) with attention through the dispatcher and the parallel config. Key/value heads are repeated to the query
+    heads first, as the original does, so Ulysses splits every tensor by the same heads."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None,
+                 base_sequence_length: int | None = None) -> torch.Tensor:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if base_sequence_length is not None and self._parallel_config is not None:
+            raise UnsupportedError(
+                "ContextParallelLumina2AttnProcessor: `base_sequence_length` scales attention by the log of the "
+                "whole sequence length, which a token shard does not know. Call attention without it, or run "
+                "without ulysses_size / ring_size."
+            )
+        batch_size, sequence_length, _ = hidden_states.shape
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = query.shape[-1] // attn.heads
+        kv_heads = key.shape[-1] // head_dim
+        dtype = query.dtype
+        query = query.view(batch_size, -1, attn.heads, head_dim)
+        key = key.view(batch_size, -1, kv_heads, head_dim)
+        value = value.view(batch_size, -1, kv_heads, head_dim)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, use_real=False)
+            key = apply_rotary_emb(key, image_rotary_emb, use_real=False)
+        query, key = query.to(dtype), key.to(dtype)
+        scale = attn.scale
+        if base_sequence_length is not None:
+            import math
+
+            scale = math.sqrt(math.log(sequence_length, base_sequence_length)) * attn.scale
+        repeats = attn.heads // kv_heads
+        if repeats >= 1:
+            key = key.repeat_interleave(repeats, dim=2)
+            value = value.repeat_interleave(repeats, dim=2)
+        mask = None if attention_mask is None else attention_mask.bool().view(batch_size, 1, 1, -1)
+        if self._parallel_config is None:
+            out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                                 attn_mask=mask, scale=scale).transpose(1, 2)
+        else:
+            out = attend_split(self, query, key, value, mask, type(self).__name__, scale=scale)
+        hidden_states = out.reshape(batch_size, -1, attn.heads * head_dim).type_as(query)
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
+
+
 def generic_cp_processors() -> dict[type, type]:
     """diffusers' generic processor class -> its context-parallel version (built lazily: the keys come from the
     installed diffusers)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    return {AttnProcessor2_0: ContextParallelAttnProcessor2_0}
+    processors = {AttnProcessor2_0: ContextParallelAttnProcessor2_0}
+    try:
+        from diffusers.models.transformers.transformer_lumina2 import Lumina2AttnProcessor2_0
+    except ImportError:  # a release without Lumina 2
+        pass
+    else:
+        processors[Lumina2AttnProcessor2_0] = ContextParallelLumina2AttnProcessor
+    return processors
 
 
 def check_generic_attention(model: torch.nn.Module, label: str) -> None:
@@ -124,7 +212,8 @@ def check_generic_attention(model: torch.nn.Module, label: str) -> None:
         )
 
 
-def prepare_generic_attention(model, config, handle, name: str) -> None:
-    """`register_cp_plan(..., prepare=prepare_generic_attention)`: every generic processor gets its context-parallel
-    version; any other processor is refused before a change."""
-    replace_attention_processors(model, generic_cp_processors(), handle, name, type(model).__name__)
+def prepare_generic_attention(model, config, handle, name: str, within: tuple[str, ...] = ("",)) -> None:
+    """`register_cp_plan(..., prepare=prepare_generic_attention)`: every processor with a version here (under the
+    `within` module-name prefixes: attention a plan keeps whole keeps its own processor) gets it; any other
+    processor there is refused before a change."""
+    replace_attention_processors(model, generic_cp_processors(), handle, name, type(model).__name__, within)
