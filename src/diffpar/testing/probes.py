@@ -77,6 +77,8 @@ UNSPLIT_ATTENTION = {
     # Cross-attention to the prompt: diffusers 0.37+ keeps the prompt whole (0.36 split it), so the image shard
     # attends to every key locally.
     "WanTransformer3DModel": ("blocks.*.attn2",),
+    # The context refiner runs on the whole prompt, with its padding mask, on every rank (diffpar's plan).
+    "Lumina2Transformer2DModel": ("context_refiner.*",),
 }
 
 
