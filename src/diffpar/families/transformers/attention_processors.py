@@ -180,12 +180,82 @@ class ContextParallelLumina2AttnProcessor:
         return attn.to_out[1](hidden_states)
 
 
+class ContextParallelLuminaAttnProcessor:
+    """diffusers' `LuminaAttnProcessor2_0` (norms across heads, complex RoPE, grouped key/value heads, a mask, the
+    "proportional attention" scale): self-attention (`attn.is_cross_attention` False: the block passes the same
+    tokens as `encoder_hidden_states`) through the dispatcher with the parallel config, cross-attention to the
+    whole prompt locally. The proportional scale needs the whole sequence length: the self-attention mask covers
+    the whole sequence on every rank, so its length is that length. Returns (B, S, H, D), as the original."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, query_rotary_emb: torch.Tensor | None = None,
+                 key_rotary_emb: torch.Tensor | None = None, base_sequence_length: int | None = None) -> torch.Tensor:
+        import math
+
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if hidden_states.ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = hidden_states.shape
+        split = self._parallel_config is not None and not attn.is_cross_attention
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = query.shape[-1] // attn.heads
+        kv_heads = key.shape[-1] // head_dim
+        dtype = query.dtype
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        query = query.view(batch_size, -1, attn.heads, head_dim)
+        key = key.view(batch_size, -1, kv_heads, head_dim)
+        value = value.view(batch_size, -1, kv_heads, head_dim)
+        if query_rotary_emb is not None:
+            query = apply_rotary_emb(query, query_rotary_emb, use_real=False)
+        if key_rotary_emb is not None:
+            key = apply_rotary_emb(key, key_rotary_emb, use_real=False)
+        query, key = query.to(dtype), key.to(dtype)
+        scale = None
+        if key_rotary_emb is not None:
+            scale = attn.scale
+            if base_sequence_length is not None:
+                whole = sequence_length
+                if split:
+                    if attention_mask is None:
+                        raise UnsupportedError(
+                            "ContextParallelLuminaAttnProcessor: proportional attention (`base_sequence_length`) "
+                            "needs the whole sequence length, which a token shard without the whole mask cannot "
+                            "tell. Pass the mask, or run without ulysses_size / ring_size."
+                        )
+                    whole = attention_mask.shape[-1]
+                scale = math.sqrt(math.log(whole, base_sequence_length)) * attn.scale
+        repeats = attn.heads // kv_heads
+        if repeats >= 1:
+            key = key.repeat_interleave(repeats, dim=2)
+            value = value.repeat_interleave(repeats, dim=2)
+        mask = None if attention_mask is None else attention_mask.bool().view(batch_size, 1, 1, -1)
+        if split:
+            out = attend_split(self, query, key, value, mask, type(self).__name__, scale=scale)
+        else:
+            if mask is not None:
+                mask = mask.expand(-1, attn.heads, sequence_length, -1)
+            out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                                 attn_mask=mask, scale=scale).transpose(1, 2)
+        return out.to(dtype)
+
+
 def generic_cp_processors() -> dict[type, type]:
     """diffusers' generic processor class -> its context-parallel version (built lazily: the keys come from the
     installed diffusers)."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.models.attention_processor import AttnProcessor2_0, LuminaAttnProcessor2_0
 
-    processors = {AttnProcessor2_0: ContextParallelAttnProcessor2_0}
+    processors = {AttnProcessor2_0: ContextParallelAttnProcessor2_0,
+                  LuminaAttnProcessor2_0: ContextParallelLuminaAttnProcessor}
     try:
         from diffusers.models.transformers.transformer_lumina2 import Lumina2AttnProcessor2_0
     except ImportError:  # a release without Lumina 2
