@@ -69,6 +69,13 @@ class ContextParallelAttnProcessor2_0:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
+        return self._attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    def _rotate(self, attn, query, key, image_rotary_emb):
+        """RoPE on (B, H, S, D) queries and keys; none here."""
+        return query, key
+
+    def _attention(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb=None):
         residual = hidden_states
         if attn.spatial_norm is not None:  # refused at plan time; kept so the call stays the original's
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -90,28 +97,26 @@ class ContextParallelAttnProcessor2_0:
         value = attn.to_v(encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
 
-        def heads(x):  # (B, S, H * D) -> (B, S, H, D)
-            return x.view(batch_size, -1, attn.heads, head_dim)
+        def heads(x):  # (B, S, H * D) -> (B, H, S, D), the original's layout up to attention
+            return x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
 
         query, key, value = heads(query), heads(key), heads(value)
-        # The original applies norm_q / norm_k on (B, H, S, D); they act on the last dimension, so (B, S, H, D)
-        # gives the same values.
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+        query, key = self._rotate(attn, query, key, image_rotary_emb)
 
         if cross or self._parallel_config is None:
             if attention_mask is not None:
                 attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
                 attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-            out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                                 attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-            out = out.transpose(1, 2)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                 is_causal=False).transpose(1, 2)
         else:
             _mask_that_masks(attention_mask, type(self).__name__)
-            out = dispatch_attention(query, key, value, backend=self._attention_backend,
-                                     parallel_config=self._parallel_config)
+            out = dispatch_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                     backend=self._attention_backend, parallel_config=self._parallel_config)
         hidden_states = out.reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
 
         hidden_states = attn.to_out[0](hidden_states)
@@ -121,6 +126,25 @@ class ContextParallelAttnProcessor2_0:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+class ContextParallelHunyuanAttnProcessor(ContextParallelAttnProcessor2_0):
+    """diffusers' `HunyuanAttnProcessor2_0`: `AttnProcessor2_0` plus RoPE on queries (and on keys in
+    self-attention); the RoPE table must hold this rank's query tokens (the plan splits it with them)."""
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 image_rotary_emb=None):
+        return self._attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb)
+
+    def _rotate(self, attn, query, key, image_rotary_emb):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb)
+            if not attn.is_cross_attention:
+                key = apply_rotary_emb(key, image_rotary_emb)
+        return query, key
 
 
 class ContextParallelLumina2AttnProcessor:
@@ -252,9 +276,10 @@ class ContextParallelLuminaAttnProcessor:
 def generic_cp_processors() -> dict[type, type]:
     """diffusers' generic processor class -> its context-parallel version (built lazily: the keys come from the
     installed diffusers)."""
-    from diffusers.models.attention_processor import AttnProcessor2_0, LuminaAttnProcessor2_0
+    from diffusers.models.attention_processor import AttnProcessor2_0, HunyuanAttnProcessor2_0, LuminaAttnProcessor2_0
 
     processors = {AttnProcessor2_0: ContextParallelAttnProcessor2_0,
+                  HunyuanAttnProcessor2_0: ContextParallelHunyuanAttnProcessor,
                   LuminaAttnProcessor2_0: ContextParallelLuminaAttnProcessor}
     try:
         from diffusers.models.transformers.transformer_lumina2 import Lumina2AttnProcessor2_0
