@@ -13,6 +13,7 @@ from diffpar.families.text_encoders import t5 as _text_encoders_t5
 from diffpar.families.transformers import dit as _transformers_dit
 from diffpar.families.transformers import flux as _transformers_flux
 from diffpar.families.transformers import flux2 as _transformers_flux2
+from diffpar.families.transformers import hunyuan_dit as _transformers_hunyuan_dit
 from diffpar.families.transformers import hunyuan_video as _transformers_hunyuan_video
 from diffpar.families.transformers import lumina2 as _transformers_lumina2
 from diffpar.families.transformers import lumina_next as _transformers_lumina_next
