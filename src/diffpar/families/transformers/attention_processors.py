@@ -273,12 +273,71 @@ class ContextParallelLuminaAttnProcessor:
         return out.to(dtype)
 
 
+class ContextParallelAuraFlowAttnProcessor:
+    """diffusers' `AuraFlowAttnProcessor2_0` (MMDiT joint attention, [text, image] with per-head norms, no mask, no
+    RoPE) through the dispatcher with the parallel config. Each rank holds [its text shard, its image shard]:
+    attention does not depend on the order of keys, so that needs no reordering."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 *args, **kwargs):
+        batch_size = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+
+        def heads(x):  # (B, S, H * D) -> (B, S, H, D)
+            return x.view(batch_size, -1, attn.heads, head_dim)
+
+        query, key, value = heads(query), heads(key), heads(value)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        text_tokens = 0
+        if encoder_hidden_states is not None:
+            text_tokens = encoder_hidden_states.shape[1]
+            text_query = heads(attn.add_q_proj(encoder_hidden_states))
+            text_key = heads(attn.add_k_proj(encoder_hidden_states))
+            text_value = heads(attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                text_query = attn.norm_added_q(text_query)
+            if attn.norm_added_k is not None:
+                text_key = attn.norm_added_k(text_key)
+            query = torch.cat([text_query, query], dim=1)
+            key = torch.cat([text_key, key], dim=1)
+            value = torch.cat([text_value, value], dim=1)
+
+        if self._parallel_config is None:
+            out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                                 dropout_p=0.0, scale=attn.scale, is_causal=False).transpose(1, 2)
+        else:
+            out = attend_split(self, query, key, value, None, type(self).__name__, scale=attn.scale)
+        hidden_states = out.reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        text_out = None
+        if encoder_hidden_states is not None:
+            text_out, hidden_states = hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if text_out is None:
+            return hidden_states
+        return hidden_states, attn.to_add_out(text_out)
+
+
 def generic_cp_processors() -> dict[type, type]:
     """diffusers' generic processor class -> its context-parallel version (built lazily: the keys come from the
     installed diffusers)."""
-    from diffusers.models.attention_processor import AttnProcessor2_0, HunyuanAttnProcessor2_0, LuminaAttnProcessor2_0
+    from diffusers.models.attention_processor import (
+        AttnProcessor2_0,
+        AuraFlowAttnProcessor2_0,
+        HunyuanAttnProcessor2_0,
+        LuminaAttnProcessor2_0,
+    )
 
     processors = {AttnProcessor2_0: ContextParallelAttnProcessor2_0,
+                  AuraFlowAttnProcessor2_0: ContextParallelAuraFlowAttnProcessor,
                   HunyuanAttnProcessor2_0: ContextParallelHunyuanAttnProcessor,
                   LuminaAttnProcessor2_0: ContextParallelLuminaAttnProcessor}
     try:
