@@ -326,18 +326,70 @@ class ContextParallelAuraFlowAttnProcessor:
         return hidden_states, attn.to_add_out(text_out)
 
 
+class ContextParallelCogVideoXAttnProcessor:
+    """diffusers' `CogVideoXAttnProcessor2_0` (joint attention over [text, image] with per-head norms, RoPE on the
+    image part) through the dispatcher with the parallel config. Each rank holds [its text shard, its image shard];
+    a RoPE table must hold this rank's image tokens (the plan splits it with them)."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None) -> torch.Tensor:
+        text_tokens = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        batch_size, sequence_length, _ = hidden_states.shape
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+
+        def heads(x):  # (B, S, H * D) -> (B, H, S, D), the original's layout up to attention
+            return x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        query, key, value = heads(query), heads(key), heads(value)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            query[:, :, text_tokens:] = apply_rotary_emb(query[:, :, text_tokens:], image_rotary_emb)
+            if not attn.is_cross_attention:
+                key[:, :, text_tokens:] = apply_rotary_emb(key[:, :, text_tokens:], image_rotary_emb)
+        if self._parallel_config is None:
+            if attention_mask is not None:
+                attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+                attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                 is_causal=False).transpose(1, 2)
+        else:
+            _mask_that_masks(attention_mask, type(self).__name__)
+            out = dispatch_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                     backend=self._attention_backend, parallel_config=self._parallel_config)
+        hidden_states = out.reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        encoder_hidden_states, hidden_states = hidden_states.split(
+            [text_tokens, hidden_states.size(1) - text_tokens], dim=1
+        )
+        return hidden_states, encoder_hidden_states
+
+
 def generic_cp_processors() -> dict[type, type]:
     """diffusers' generic processor class -> its context-parallel version (built lazily: the keys come from the
     installed diffusers)."""
     from diffusers.models.attention_processor import (
         AttnProcessor2_0,
         AuraFlowAttnProcessor2_0,
+        CogVideoXAttnProcessor2_0,
         HunyuanAttnProcessor2_0,
         LuminaAttnProcessor2_0,
     )
 
     processors = {AttnProcessor2_0: ContextParallelAttnProcessor2_0,
                   AuraFlowAttnProcessor2_0: ContextParallelAuraFlowAttnProcessor,
+                  CogVideoXAttnProcessor2_0: ContextParallelCogVideoXAttnProcessor,
                   HunyuanAttnProcessor2_0: ContextParallelHunyuanAttnProcessor,
                   LuminaAttnProcessor2_0: ContextParallelLuminaAttnProcessor}
     try:
