@@ -376,6 +376,62 @@ class ContextParallelCogVideoXAttnProcessor:
         return hidden_states, encoder_hidden_states
 
 
+class ContextParallelCogView4AttnProcessor:
+    """diffusers' `CogView4AttnProcessor` (joint [text, image] attention, per-head norms, RoPE on the image part)
+    through the dispatcher with the parallel config. Its optional text mask (B, text tokens) is an outer product
+    over the whole prompt: one that masks nothing is dropped; a real one is refused under context parallelism
+    (the prompt is split, the mask is not)."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
+        if self._parallel_config is not None and attention_mask is not None:
+            if not bool((attention_mask != 0).all()):
+                raise UnsupportedError(
+                    "ContextParallelCogView4AttnProcessor: a text padding mask reached attention under context "
+                    "parallelism, where the prompt tokens are split across ranks. Call the model without "
+                    "`attention_mask` (the pipeline passes none), or run without ulysses_size / ring_size."
+                )
+            attention_mask = None
+        dtype = encoder_hidden_states.dtype
+        batch_size, text_tokens, _ = encoder_hidden_states.shape
+        image_tokens = hidden_states.shape[1]
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query).to(dtype=dtype)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key).to(dtype=dtype)
+        if image_rotary_emb is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            query[:, :, text_tokens:, :] = apply_rotary_emb(query[:, :, text_tokens:, :], image_rotary_emb,
+                                                            use_real_unbind_dim=-2)
+            key[:, :, text_tokens:, :] = apply_rotary_emb(key[:, :, text_tokens:, :], image_rotary_emb,
+                                                          use_real_unbind_dim=-2)
+        if self._parallel_config is None:
+            if attention_mask is not None:  # the original's text mask, unchanged
+                mix = torch.ones((batch_size, text_tokens + image_tokens), device=query.device)
+                mix[:, :text_tokens] = attention_mask.float().to(query.device)
+                mix = mix.unsqueeze(2)
+                attention_mask = ((mix @ mix.transpose(1, 2)) > 0).unsqueeze(1).to(query.dtype)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                 is_causal=False).transpose(1, 2)
+        else:
+            out = dispatch_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                     backend=self._attention_backend, parallel_config=self._parallel_config)
+        hidden_states = out.flatten(2, 3).type_as(query)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        encoder_hidden_states, hidden_states = hidden_states.split(
+            [text_tokens, hidden_states.size(1) - text_tokens], dim=1
+        )
+        return hidden_states, encoder_hidden_states
+
+
 def generic_cp_processors() -> dict[type, type]:
     """diffusers' generic processor class -> its context-parallel version (built lazily: the keys come from the
     installed diffusers)."""
@@ -398,6 +454,12 @@ def generic_cp_processors() -> dict[type, type]:
         pass
     else:
         processors[Lumina2AttnProcessor2_0] = ContextParallelLumina2AttnProcessor
+    try:
+        from diffusers.models.transformers.transformer_cogview4 import CogView4AttnProcessor
+    except ImportError:  # a release without CogView4
+        pass
+    else:
+        processors[CogView4AttnProcessor] = ContextParallelCogView4AttnProcessor
     return processors
 
 
