@@ -12,6 +12,7 @@ from diffpar.families.text_encoders import decoders as _text_encoders_decoders
 from diffpar.families.text_encoders import t5 as _text_encoders_t5
 from diffpar.families.transformers import auraflow as _transformers_auraflow
 from diffpar.families.transformers import cogview3plus as _transformers_cogview3plus
+from diffpar.families.transformers import cogview4 as _transformers_cogview4
 from diffpar.families.transformers import dit as _transformers_dit
 from diffpar.families.transformers import flux as _transformers_flux
 from diffpar.families.transformers import flux2 as _transformers_flux2
