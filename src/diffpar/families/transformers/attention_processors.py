@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from diffpar.compat.diffusers_cp import context_parallel_attention_takes_masks, dispatch_attention
+from diffpar.compat.diffusers_cp_group import token_shards
 from diffpar.errors import UnsupportedError
 from diffpar.families.transformers.sd3 import replace_attention_processors
 
@@ -432,6 +433,69 @@ class ContextParallelCogView4AttnProcessor:
         return hidden_states, encoder_hidden_states
 
 
+class ContextParallelSanaLinearAttnProcessor:
+    """diffusers' `SanaLinearAttnProcessor2_0` (ReLU linear attention) on a token shard, exactly.
+
+    The output for a query is (V_pad K^T) q normalized by its last row: V_pad K^T, a (head_dim + 1) x head_dim
+    matrix per head, is a sum over all key tokens. Each rank sums over its own tokens, and one all-reduce over the
+    context-parallel ranks adds the shards' sums: the same matrix as one process (up to the order of the sum), at
+    a cost independent of the sequence length. Cross-attention (`encoder_hidden_states` given: keys every rank
+    holds whole) needs no exchange."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        import torch.distributed as dist
+
+        original_dtype = hidden_states.dtype
+        split = self._parallel_config is not None and encoder_hidden_states is None
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        query = F.relu(query.transpose(1, 2).unflatten(1, (attn.heads, -1))).float()  # (B, H, D, S)
+        key = F.relu(key.transpose(1, 2).unflatten(1, (attn.heads, -1)).transpose(2, 3)).float()  # (B, H, S, D)
+        value = value.transpose(1, 2).unflatten(1, (attn.heads, -1)).float()  # (B, H, D, S)
+        value = F.pad(value, (0, 0, 0, 1), mode="constant", value=1.0)  # a row of ones: the normalizer
+        summary = torch.matmul(value, key)  # (B, H, D + 1, D), summed over this rank's key tokens
+        if split:
+            dist.all_reduce(summary, group=token_shards(self._parallel_config).group)
+        hidden_states = torch.matmul(summary, query)
+        hidden_states = hidden_states[:, :, :-1] / (hidden_states[:, :, -1:] + 1e-15)
+        hidden_states = hidden_states.flatten(1, 2).transpose(1, 2).to(original_dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if original_dtype == torch.float16:
+            hidden_states = hidden_states.clip(-65504, 65504)
+        return hidden_states
+
+
+class ContextParallelSanaAttnProcessor:
+    """diffusers' `SanaAttnProcessor2_0` where it is cross-attention to the whole prompt: runs locally, unchanged
+    (the query shard attends to every key). Self-attention over split tokens is refused (none of diffusers' models
+    uses it so)."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
+
+        if encoder_hidden_states is None and self._parallel_config is not None:
+            raise UnsupportedError(
+                "ContextParallelSanaAttnProcessor: softmax self-attention over split tokens with Sana's processor "
+                "has no context-parallel version in diffpar. Run without ulysses_size / ring_size."
+            )
+        return SanaAttnProcessor2_0.__call__(self, attn, hidden_states, encoder_hidden_states, attention_mask)
+
+
 def generic_cp_processors() -> dict[type, type]:
     """diffusers' generic processor class -> its context-parallel version (built lazily: the keys come from the
     installed diffusers)."""
@@ -454,6 +518,15 @@ def generic_cp_processors() -> dict[type, type]:
         pass
     else:
         processors[Lumina2AttnProcessor2_0] = ContextParallelLumina2AttnProcessor
+    from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
+
+    processors[SanaLinearAttnProcessor2_0] = ContextParallelSanaLinearAttnProcessor
+    try:
+        from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
+    except ImportError:
+        pass
+    else:
+        processors[SanaAttnProcessor2_0] = ContextParallelSanaAttnProcessor
     try:
         from diffusers.models.transformers.transformer_cogview4 import CogView4AttnProcessor
     except ImportError:  # a release without CogView4
