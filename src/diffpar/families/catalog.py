@@ -22,6 +22,7 @@ from diffpar.families.transformers import lumina2 as _transformers_lumina2
 from diffpar.families.transformers import lumina_next as _transformers_lumina_next
 from diffpar.families.transformers import pixart as _transformers_pixart
 from diffpar.families.transformers import qwenimage as _transformers_qwenimage
+from diffpar.families.transformers import sana as _transformers_sana
 from diffpar.families.transformers import sd3 as _transformers_sd3
 from diffpar.families.transformers import wan as _transformers_wan
 from diffpar.families.transformers import zimage as _transformers_zimage
