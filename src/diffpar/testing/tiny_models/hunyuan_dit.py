@@ -26,7 +26,6 @@ def _hunyuan_dit(heads=2, head_dim=16, layers=4):
         # seq image tokens (2 x 2 patches, rows x cols grid) and the pipeline's RoPE pair for that grid. The prompt
         # lengths are the model's (`text` is unused); the last `text_padding` tokens of each prompt are padding.
         from diffusers.models.embeddings import get_2d_rotary_pos_embed
-        from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
 
         g = torch.Generator().manual_seed(seed)
         rows, cols = grid(seq)
@@ -36,7 +35,7 @@ def _hunyuan_dit(heads=2, head_dim=16, layers=4):
             m[:, tokens - text_padding:] = 0
             return m
 
-        crops = get_resize_crop_region_for_grid((rows, cols), 4)
+        crops = ((0, 0), (rows, cols))  # the grid's own region (the pipeline centers it in a base size)
         return dict(
             hidden_states=torch.randn(batch, 4, 2 * rows, 2 * cols, generator=g),
             timestep=torch.full((batch,), 500.0),
