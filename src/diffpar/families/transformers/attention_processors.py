@@ -1,14 +1,15 @@
 """Context-parallel versions of diffusers' generic attention processors (those that call
 `F.scaled_dot_product_attention` directly, so no parallel config can reach them).
 
-Each does what the original does, with one difference: attention over the split tokens (self-attention) goes
-through diffusers' dispatcher with the parallel config (Ulysses all-to-all, Ring KV exchange), while
-cross-attention to a prompt every rank holds whole runs locally, exactly as the original (the query shard attends
-to every key; no communication is needed).
+Each does what the original does, with one difference: attention over the split tokens (self-attention, or joint
+[text, image] attention) goes through diffusers' dispatcher with the parallel config (Ulysses all-to-all, Ring KV
+exchange), while cross-attention to a prompt every rank holds whole runs locally, exactly as the original (the
+query shard attends to every key; no communication is needed). Linear attention (Sana) is the exception: its
+key-value summary is a sum over tokens, so one all-reduce of the per-shard sums replaces the dispatcher.
 
+`generic_cp_processors()` maps each original class (of the installed release) to its version here.
 `check_generic_attention(model, label)` is the plan-time check: the options these processors cannot split exactly
-(a GroupNorm or spatial norm taken over the sequence, a residual added inside attention on a 4-D input) raise
-`UnsupportedError` before anything changes. `prepare_generic_attention` is the `prepare=` step of a plan whose
+(a GroupNorm or spatial norm taken over the whole sequence) raise `UnsupportedError` before anything changes. `prepare_generic_attention` is the `prepare=` step of a plan whose
 model uses only these processors (it swaps them through `sd3.replace_attention_processors`, undone on detach).
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ def attend_split(processor, query, key, value, mask: torch.Tensor | None, label:
 
     if mask is not None and bool(mask.all()):
         mask = None
-    if mask is not None and self_parallel(processor) and not context_parallel_attention_takes_masks():
+    if mask is not None and not context_parallel_attention_takes_masks():
         raise UnsupportedError(
             f"{label}: the samples in this batch differ in length, which needs a padding mask, and this diffusers "
             "release's context-parallel attention takes none (0.37+ does). Run samples of different lengths in "
@@ -55,10 +56,6 @@ def attend_split(processor, query, key, value, mask: torch.Tensor | None, label:
         )
     return dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=scale,
                                  backend=processor._attention_backend, parallel_config=processor._parallel_config)
-
-
-def self_parallel(processor) -> bool:
-    return getattr(processor, "_parallel_config", None) is not None
 
 
 class ContextParallelAttnProcessor2_0:
