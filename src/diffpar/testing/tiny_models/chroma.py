@@ -40,7 +40,7 @@ def _chroma(heads=2, head_dim=16, layers=1, single_layers=1):
 
 
 CASES = [
-    ModelCase("chroma", "ChromaTransformer2DModel", pipelines=("ChromaPipeline",),
+    ModelCase("chroma", "ChromaTransformer2DModel",
               notes="prompt-padding mask reordered for Ulysses; ring refuses a padded prompt"),
 ]
 
