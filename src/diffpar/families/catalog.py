@@ -15,6 +15,8 @@ from diffpar.families.transformers import flux as _transformers_flux
 from diffpar.families.transformers import flux2 as _transformers_flux2
 from diffpar.families.transformers import flux3 as _transformers_flux3
 from diffpar.families.transformers import hunyuan_video as _transformers_hunyuan_video
+from diffpar.families.transformers import longcat_image as _transformers_longcat_image
+from diffpar.families.transformers import ovis_image as _transformers_ovis_image
 from diffpar.families.transformers import qwenimage as _transformers_qwenimage
 from diffpar.families.transformers import qwenimage21 as _transformers_qwenimage21
 from diffpar.families.transformers import sd3 as _transformers_sd3
