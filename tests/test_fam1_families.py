@@ -10,8 +10,8 @@ ULYSSES = [(2, {"ulysses_size": 2}, 16, 8), (4, {"ulysses_size": 4}, 16, 8),
            (2, {"ulysses_size": 2, "ulysses_anything": True}, 15, 7)]
 
 
-PADDED_ULYSSES = [pytest.param("chroma", 3, *layout, id=f"chroma-{name}") for layout, name in
-                  zip(ULYSSES, ["w2-ulysses", "w4-ulysses", "w2-ulysses-anything"])]
+PADDED_ULYSSES = [pytest.param(builder, 3, *layout, id=f"{builder}-{name}") for builder in ("chroma", "bria_fibo")
+                  for layout, name in zip(ULYSSES, ["w2-ulysses", "w4-ulysses", "w2-ulysses-anything"])]
 PADDED_ULYSSES += [pytest.param("qwenimage21", 3, *ULYSSES[i], id=f"qwenimage21-{name}")
                    for i, name in ((0, "w2-ulysses"), (1, "w4-ulysses"))]
 
@@ -28,6 +28,8 @@ def test_padded_prompt_under_ulysses(ranks, builder, padding, world, config, seq
 
 REFUSED = [
     pytest.param("chroma", 3, {"ring_size": 2}, 16, 8, "ring attention with a padding attention mask", id="chroma-ring"),
+    pytest.param("bria_fibo", 3, {"ring_size": 2}, 16, 8, "ring attention with a padding attention mask",
+                 id="bria_fibo-ring"),
     pytest.param("qwenimage21", 0, {"ring_size": 2}, 16, 8, "block-causal", id="qwenimage21-ring"),
     pytest.param("qwenimage21", 0, {"ulysses_size": 2, "ulysses_anything": True}, 15, 7, "block-causal",
                  id="qwenimage21-ulysses-anything"),
