@@ -77,6 +77,9 @@ UNSPLIT_ATTENTION = {
     # Cross-attention to the prompt: diffusers 0.37+ keeps the prompt whole (0.36 split it), so the image shard
     # attends to every key locally.
     "WanTransformer3DModel": ("blocks.*.attn2",),
+    # The Perceiver squeezes the whole prompt into gist tokens before the split; the injection layers' cross-attention
+    # attends from the image shard to the whole prompt.
+    "BriaFibo2Transformer2DModel": ("perceiver.*", "layers.*.cross_attention"),
 }
 
 
