@@ -42,3 +42,21 @@ def test_unsupported_mode_is_refused(ranks, builder, padding, config, seq, text,
         ranks(2, "workers.cp_transformers:cp_equivalence", model_name=builder, config=config, seq=seq,
               text=text, model_kwargs={"heads": 4}, input_kwargs={"text_padding": padding})
     assert "2 rank(s) failed" in str(err.value) and reason in str(err.value)
+
+
+@pytest.mark.parametrize("world,config,seq,text", ULYSSES, ids=["w2-ulysses", "w4-ulysses", "w2-ulysses-anything"])
+def test_bria_fibo2_gist_padding_under_ulysses(ranks, world, config, seq, text):
+    # Two prompts of 16 and 4 real tokens: 8 and 4 gist tokens, so the main layers get a gist padding mask.
+    results = ranks(world, "workers.cp_transformers:cp_equivalence", model_name="bria_fibo2", config=config,
+                    seq=seq, text=16, batch=2, model_kwargs={"heads": 4}, input_kwargs={"text_padding": 12})
+    for r in results:
+        assert r["diff"] <= CP_FP32, (r["rank"], r["diff"])
+        assert r["detach_diff"] == 0.0
+    assert_split(results, config)
+
+
+def test_bria_fibo2_gist_padding_under_ring_is_refused(ranks):
+    with pytest.raises(RankFailure) as err:
+        ranks(2, "workers.cp_transformers:cp_equivalence", model_name="bria_fibo2", config={"ring_size": 2},
+              seq=16, text=16, batch=2, model_kwargs={"heads": 4}, input_kwargs={"text_padding": 12})
+    assert "2 rank(s) failed" in str(err.value) and "ring attention with a padding attention mask" in str(err.value)

@@ -11,6 +11,7 @@ from diffpar.families.text_encoders import clip as _text_encoders_clip
 from diffpar.families.text_encoders import decoders as _text_encoders_decoders
 from diffpar.families.text_encoders import t5 as _text_encoders_t5
 from diffpar.families.transformers import bria as _transformers_bria
+from diffpar.families.transformers import bria_fibo2 as _transformers_bria_fibo2
 from diffpar.families.transformers import chroma as _transformers_chroma
 from diffpar.families.transformers import flux as _transformers_flux
 from diffpar.families.transformers import flux2 as _transformers_flux2
