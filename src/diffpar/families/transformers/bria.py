@@ -12,7 +12,8 @@ from __future__ import annotations
 from diffpar.compat.diffusers_cp_hooks import split_input
 from diffpar.families.registry import register_cp_plan
 from diffpar.families.transformers.flux_like import flux_like_tp_plan, flux_token_split_plan, prepare_mask_reordering
-from diffpar.families.transformers.tp_plans import register_tp_plan
+from diffpar.engines.tp_shard import GATHER
+from diffpar.families.transformers.tp_plans import TensorParallelPlan, register_tp_plan
 
 
 @register_cp_plan("BriaTransformer2DModel")
@@ -36,4 +37,13 @@ def bria_fibo_cp_plan(model) -> dict:
     return plan
 
 
-register_tp_plan("BriaTransformer2DModel", "BriaFiboTransformer2DModel")(flux_like_tp_plan)
+register_tp_plan("BriaTransformer2DModel")(flux_like_tp_plan)
+
+
+@register_tp_plan("BriaFiboTransformer2DModel")
+def _bria_fibo(model) -> TensorParallelPlan:
+    """FLUX.1's plan, plus the per-block text-encoder projections (2% of FIBO) computed by slices and gathered."""
+    plan = flux_like_tp_plan(model)
+    if len(model.caption_projection):
+        plan.linears["caption_projection.*.linear"] = GATHER
+    return plan

@@ -11,7 +11,7 @@ tokens, matches [text shard, image shard, reference shard]. Each stream's own at
 call over that stream. The output (image tokens only) is gathered after `proj_out`.
 
 Tensor parallel: attention heads and the SwiGLU feed-forward split in every block; the per-stream modulation
-projections are gathered (colwise_gather).
+projections and the text input projection are gathered (colwise_gather).
 """
 from __future__ import annotations
 
@@ -53,4 +53,6 @@ def _flux3(model) -> TensorParallelPlan:
         for key in getattr(model, group).keys():
             linears[f"{group}.{key}.linear"] = GATHER
     linears["norm_out.linear"] = GATHER
+    # The text input projection reads 20480-wide stacked encoder states (1% of FLUX.3): computed by slices, gathered.
+    linears["context_embedder"] = GATHER
     return TensorParallelPlan(linears=linears, attention_attrs=attrs)
