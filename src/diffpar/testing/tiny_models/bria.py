@@ -57,7 +57,7 @@ CASES = [
 ]
 
 REAL_CONFIGS = {
-    "Bria-3.2": ("BriaTransformer2DModel", dict(
+    "Bria (diffusers class defaults, 11.9B; Bria 3.2 is 4B)": ("BriaTransformer2DModel", dict(
         patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
         num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=[16, 56, 56])),
     "Bria FIBO": ("BriaFiboTransformer2DModel", dict(

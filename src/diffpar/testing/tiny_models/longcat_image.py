@@ -41,7 +41,7 @@ def _longcat_image(heads=2, head_dim=16, layers=1, single_layers=1):
 CASES = [ModelCase("longcat_image", "LongCatImageTransformer2DModel", notes="FLUX.1's split and blocks")]
 
 REAL_CONFIGS = {
-    "LongCat-Image": ("LongCatImageTransformer2DModel", dict(
+    "LongCat-Image (diffusers class defaults, 11.9B; the released checkpoint is smaller)": ("LongCatImageTransformer2DModel", dict(
         patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
         num_attention_heads=24, joint_attention_dim=3584, pooled_projection_dim=3584, axes_dims_rope=[16, 56, 56])),
 }
