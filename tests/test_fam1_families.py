@@ -42,7 +42,10 @@ ULYSSES = [(2, {"ulysses_size": 2}, 16, 8), (4, {"ulysses_size": 4}, 16, 8),
 PADDED_ULYSSES = [pytest.param(builder, 3, *layout, id=f"{builder}-{name}") for builder in ("chroma", "bria_fibo")
                   for layout, name in zip(ULYSSES, ["w2-ulysses", "w4-ulysses", "w2-ulysses-anything"])]
 PADDED_ULYSSES += [pytest.param("qwenimage21", 3, *ULYSSES[i], id=f"qwenimage21-{name}")
-                   for i, name in ((0, "w2-ulysses"), (1, "w4-ulysses"))]
+                   for i, name in ((0, "w2-ulysses"), (1, "w4-ulysses"), (2, "w2-ulysses-anything"))]
+# Qwen-Image 2.1's own all-to-alls with four unequal parts (7 text + 16 image tokens: 6, 6, 6, 5).
+PADDED_ULYSSES += [pytest.param("qwenimage21", 3, 4, {"ulysses_size": 4, "ulysses_anything": True}, 15, 7,
+                                id="qwenimage21-w4-ulysses-anything")]
 
 
 @pytest.mark.parametrize("builder,padding,world,config,seq,text", PADDED_ULYSSES)
@@ -63,8 +66,6 @@ REFUSED = [
     pytest.param("bria_fibo", 3, {"ring_size": 2}, 16, 8, "ring attention with a padding attention mask",
                  id="bria_fibo-ring"),
     pytest.param("qwenimage21", 0, {"ring_size": 2}, 16, 8, "block-causal", id="qwenimage21-ring"),
-    pytest.param("qwenimage21", 0, {"ulysses_size": 2, "ulysses_anything": True}, 15, 7, "block-causal",
-                 id="qwenimage21-ulysses-anything"),
 ]
 
 

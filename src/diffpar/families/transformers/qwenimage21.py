@@ -12,13 +12,16 @@ one all-to-all to (whole sequence, this rank's heads), diffusers' own processor 
 attention (segments, padding mask, KV cache: each rank caches its heads) locally, and one all-to-all brings the
 output back to the local tokens before `to_out`. Undone on detach (the original processor objects come back).
 
-Not supported: ring attention and *_anything (the ring splits keys, which the segment structure needs whole),
-a joint sequence the Ulysses degree does not divide, and a head count (per tensor-parallel rank) the Ulysses
-degree does not divide.
+`ulysses_anything` (a joint sequence the degree does not divide, the usual case with real prompts): the split cuts
+unevenly and the all-to-alls carry each rank's own token count.
+
+Not supported: ring attention (it splits the keys, which the segment structure needs whole), and a head count (per
+tensor-parallel rank) the Ulysses degree does not divide.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from diffpar.compat.diffusers_cp_hooks import gather_output, split_input, ulysses_group
 from diffpar.engines.tp_shard import GATHER
@@ -34,45 +37,52 @@ _RING_REFUSAL = (
 )
 
 
-def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+def _all_to_all(x: torch.Tensor, group, output_sizes=None, input_sizes=None) -> torch.Tensor:
     import torch.distributed._functional_collectives as funcol
 
-    out = funcol.all_to_all_single(x.contiguous(), None, None, group)
+    out = funcol.all_to_all_single(x.contiguous(), output_sizes, input_sizes, group)
     return out.wait() if hasattr(out, "wait") else out
 
 
-def sequence_to_heads(x: torch.Tensor, degree: int, group, head_dim: int) -> torch.Tensor:
-    """(B, local tokens, local heads * D) -> (B, all tokens, local heads / degree * D), rank order of the tokens."""
+def sequence_to_heads(x: torch.Tensor, sizes: list[int], rank: int, group, head_dim: int) -> torch.Tensor:
+    """(B, sizes[rank] tokens, local heads * D) -> (B, all tokens, local heads / degree * D), tokens in rank order.
+    `sizes`: every rank's token count (unequal under ulysses_anything)."""
     b, s, c = x.shape
+    degree = len(sizes)
     if (c // head_dim) % degree:
         raise UnsupportedError(
             f"Qwen-Image 2.1 with ulysses_size={degree}: each rank computes {c // head_dim} attention heads, which "
             f"{degree} Ulysses ranks cannot share. Use a ulysses_size (times tp_size) that divides the head count."
         )
-    parts = x.reshape(b, s, degree, c // degree).permute(2, 0, 1, 3)  # (degree, B, s, C / degree)
-    return _all_to_all(parts, group).permute(1, 0, 2, 3).reshape(b, degree * s, c // degree)
+    part = c // degree
+    send = x.reshape(b, s, degree, part).permute(2, 0, 1, 3).flatten()  # head group j goes to rank j
+    recv = _all_to_all(send, group, [b * n * part for n in sizes], [b * s * part] * degree)
+    pieces = recv.split([b * n * part for n in sizes])
+    return torch.cat([p.reshape(b, n, part) for p, n in zip(pieces, sizes)], dim=1)
 
 
-def heads_to_sequence(y: torch.Tensor, degree: int, group) -> torch.Tensor:
+def heads_to_sequence(y: torch.Tensor, sizes: list[int], rank: int, group) -> torch.Tensor:
     """The inverse of `sequence_to_heads`."""
-    b, total, c = y.shape
-    parts = y.reshape(b, degree, total // degree, c).permute(1, 0, 2, 3)  # (degree, B, s, C / degree)
-    return _all_to_all(parts, group).permute(1, 2, 0, 3).reshape(b, total // degree, degree * c)
+    b, _, part = y.shape
+    degree = len(sizes)
+    send = torch.cat([p.flatten() for p in y.split(sizes, dim=1)])  # rank j's tokens go to rank j
+    recv = _all_to_all(send, group, [b * sizes[rank] * part] * degree, [b * n * part for n in sizes])
+    return recv.reshape(degree, b, sizes[rank], part).permute(1, 2, 0, 3).reshape(b, sizes[rank], degree * part)
 
 
 class _HeadShardedAttention:
     """The attention module as diffusers' processor sees it under Ulysses: projections yield the whole sequence for
     this rank's heads, and `to_out` takes them back to the local tokens. Everything else is the module's own."""
 
-    def __init__(self, attn, degree: int, group):
+    def __init__(self, attn, sizes: list[int], rank: int, group):
         self._attn = attn
         head_dim = attn.inner_dim // attn.heads
 
         def project(linear):
-            return lambda h: sequence_to_heads(linear(h), degree, group, head_dim)
+            return lambda h: sequence_to_heads(linear(h), sizes, rank, group, head_dim)
 
         self.to_q, self.to_k, self.to_v = project(attn.to_q), project(attn.to_k), project(attn.to_v)
-        self.to_out = [lambda o: attn.to_out[0](heads_to_sequence(o, degree, group)), attn.to_out[1]]
+        self.to_out = [lambda o: attn.to_out[0](heads_to_sequence(o, sizes, rank, group)), attn.to_out[1]]
 
     def __getattr__(self, name):
         return getattr(self._attn, name)
@@ -82,17 +92,22 @@ def _processor_class(base):
     """A subclass of diffusers' processor `base` (built lazily from the installed release)."""
 
     class QwenImage21UlyssesAttnProcessor(base):
-        def __call__(self, attn, hidden_states, *args, **kwargs):
+        def __call__(self, attn, hidden_states, attention_mask=None, rotary_emb=None, *args, **kwargs):
             config = self._parallel_config
             if config is None:
-                return super().__call__(attn, hidden_states, *args, **kwargs)
+                return super().__call__(attn, hidden_states, attention_mask, rotary_emb, *args, **kwargs)
             cp = config.context_parallel_config
             if cp.ring_degree != 1:
                 raise UnsupportedError(f"{_RING_REFUSAL}. Use ulysses_size instead of ring_size.")
-            sharded = _HeadShardedAttention(attn, cp.ulysses_degree, ulysses_group(config))
+            group = ulysses_group(config)
+            rank, degree = dist.get_rank(group), cp.ulysses_degree
+            # The RoPE table stays whole: its length is the sequence's, cut as the split hooks cut it (tensor_split).
+            total = rotary_emb.shape[0] if rotary_emb is not None else degree * hidden_states.shape[1]
+            sizes = [total // degree + (1 if r < total % degree else 0) for r in range(degree)]
+            sharded = _HeadShardedAttention(attn, sizes, rank, group)
             self._parallel_config = None  # the attention itself runs locally, on the whole sequence
             try:
-                return super().__call__(sharded, hidden_states, *args, **kwargs)
+                return super().__call__(sharded, hidden_states, attention_mask, rotary_emb, *args, **kwargs)
             finally:
                 self._parallel_config = config
 
@@ -103,11 +118,10 @@ def _processor_class(base):
 def prepare_qwenimage21(model, config, handle, name: str) -> None:
     from diffusers.models.transformers import transformer_qwenimage21 as q21
 
-    if config.ring_degree > 1 or config.ulysses_anything or config.ring_anything:
-        mode = "ring attention" if config.ring_degree > 1 else "ulysses_anything / ring_anything"
+    if config.ring_degree > 1 or config.ring_anything:
         raise UnsupportedError(
-            f"{type(model).__name__} with {mode}: {_RING_REFUSAL}, and diffpar's Ulysses path needs a joint "
-            "sequence the degree divides. Use ulysses_size (the prompt plus image tokens a multiple of it)."
+            f"{type(model).__name__} with ring attention: {_RING_REFUSAL}. Use ulysses_size (with "
+            "ulysses_anything=True for sequences the degree does not divide)."
         )
     bases = [q21.QwenImage21AttnProcessor]
     if getattr(q21, "QwenImage21FlexAttnProcessor", None) is not None:

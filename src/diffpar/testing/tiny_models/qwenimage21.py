@@ -44,8 +44,8 @@ def _qwenimage21(heads=2, head_dim=16, layers=2):
 
 
 CASES = [
-    ModelCase("qwenimage21", "QwenImage21Transformer2DModel", cp=("w2-ulysses", "w4-ulysses"),
-              notes="Ulysses only (block-causal attention run whole per head group); ring and *_anything refused"),
+    ModelCase("qwenimage21", "QwenImage21Transformer2DModel", cp=("w2-ulysses", "w4-ulysses", "w2-ulysses-anything-odd"),
+              notes="Ulysses only (block-causal attention run whole per head group); ring refused"),
 ]
 
 REAL_CONFIGS = {
