@@ -102,3 +102,17 @@ def test_bria_fibo2_gist_padding_under_ring_is_refused(ranks):
         ranks(2, "workers.cp_transformers:cp_equivalence", model_name="bria_fibo2", config={"ring_size": 2},
               seq=16, text=16, batch=2, model_kwargs={"heads": 4}, input_kwargs={"text_padding": 12})
     assert "2 rank(s) failed" in str(err.value) and "ring attention with a padding attention mask" in str(err.value)
+
+
+@pytest.mark.parametrize("world,config,seq,text", [ULYSSES[0], ULYSSES[2]], ids=["w2-ulysses", "w2-ulysses-anything"])
+def test_qwenimage21_prefix_kv_cache(ranks, expect_cp, world, config, seq, text):
+    # The pipeline's default: step one fills each layer's cache with the prefix keys and values (each rank its own
+    # heads), later steps run only the target image's tokens against them.
+    _require("qwenimage21")
+    results = expect_cp(ranks, world, config, "workers.fam1_kv:kv_cache_equivalence", seq=seq, text=text,
+                        text_padding=2)
+    if results is None:
+        return
+    for r in results:
+        assert max(r["diffs"]) <= CP_FP32, (r["rank"], r["diffs"])
+    assert_split(results, config)
