@@ -116,3 +116,20 @@ def test_qwenimage21_prefix_kv_cache(ranks, expect_cp, world, config, seq, text)
     for r in results:
         assert max(r["diffs"]) <= CP_FP32, (r["rank"], r["diffs"])
     assert_split(results, config)
+
+
+@pytest.mark.parametrize("world,config,seq,text", [(2, {"ulysses_size": 2}, 16, 8),
+                                                   (4, {"ring_size": 4, "ring_anything": True}, 17, 7)],
+                         ids=["w2-ulysses", "w4-ring-anything-odd"])
+def test_flux3_text_to_image(ranks, expect_cp, world, config, seq, text):
+    # The harness runs FLUX.3 with reference-image tokens; text-to-image has only the image and text streams.
+    if not class_available("Flux3Transformer2DModel"):
+        pytest.skip("this diffusers release has no Flux3Transformer2DModel")
+    results = expect_cp(ranks, world, config, "workers.cp_transformers:cp_equivalence", model_name="flux3", seq=seq,
+                        text=text, model_kwargs={"heads": 4}, input_kwargs={"reference": False})
+    if results is None:
+        return
+    for r in results:
+        assert r["diff"] <= CP_FP32, (r["rank"], r["diff"])
+        assert r["detach_diff"] == 0.0
+    assert_split(results, config)

@@ -8,7 +8,8 @@ attention processor goes through diffusers' dispatcher.
 Context parallel: every stream and its position ids are split as they enter the model; the per-stream RoPE tables
 are then computed for exactly the local tokens, and the joint blocks' table, concatenated per rank like the
 tokens, matches [text shard, image shard, reference shard]. Each stream's own attention is one context-parallel
-call over that stream. The output (image tokens only) is gathered after `proj_out`.
+call over that stream. The output (image tokens only) is gathered after `proj_out`. One forward change, undone on
+detach: a call without a reference image gets those inputs as explicit None (see `prepare_flux3`).
 
 Tensor parallel: attention heads and the SwiGLU feed-forward split in every block; the per-stream modulation
 projections and the text input projection are gathered (colwise_gather).
@@ -21,7 +22,29 @@ from diffpar.families.registry import register_cp_plan
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, register_tp_plan
 
 
-@register_cp_plan("Flux3Transformer2DModel")
+_OPTIONAL_STREAM = ("image_cond_hidden_states", "image_cond_ids")
+
+
+def prepare_flux3(model, config, handle, name: str) -> None:
+    """diffusers' split hook cannot look up a planned argument the call omits (an IndexError past the positional
+    arguments): a text-to-image call, which passes no reference image, gets those arguments as explicit None (which
+    the hook skips). A torch pre-hook runs before diffusers' hooks; removed on detach."""
+    import inspect
+
+    positions = list(inspect.signature(type(model).forward).parameters)[1:]
+
+    def name_omitted_inputs(module, args, kwargs):
+        for arg in _OPTIONAL_STREAM:
+            if arg not in kwargs and positions.index(arg) >= len(args):
+                kwargs[arg] = None
+        return args, kwargs
+
+    hooks = []
+    handle.add(f"{name}: pass the omitted reference-image inputs as None", lambda: [h.remove() for h in hooks])
+    hooks.append(model.register_forward_pre_hook(name_omitted_inputs, with_kwargs=True))
+
+
+@register_cp_plan("Flux3Transformer2DModel", prepare=prepare_flux3)
 def flux3_cp_plan(model) -> dict:
     tokens = split_input(split_dim=1, expected_dims=3)
     ids = split_input(split_dim=0, expected_dims=2)
