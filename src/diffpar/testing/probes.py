@@ -95,6 +95,9 @@ UNSPLIT_ATTENTION = {
                                     "transformer_blocks.*.video_to_audio_attn"),
     # The context refiner runs on the whole prompt, with its padding mask, on every rank (diffpar's plan).
     "Lumina2Transformer2DModel": ("context_refiner.*",),
+    # The Perceiver squeezes the whole prompt into gist tokens before the split; the injection layers' cross-attention
+    # attends from the image shard to the whole prompt.
+    "BriaFibo2Transformer2DModel": ("perceiver.*", "layers.*.cross_attention"),
 }
 
 
