@@ -116,6 +116,14 @@ def test_broken_pattern_raises_on_every_rank(ranks):
         assert r["error"] and "two cond calls in a row" in r["error"], r["error"]
 
 
+def _skip_unless_dbcache(pipe):
+    """DBCache needs diffusers' block metadata for the model's blocks (SD3's JointTransformerBlock: 0.37+)."""
+    try:
+        diffpar.plan(pipe, diffpar.DBCacheConfig(Bn_compute_blocks=1))
+    except diffpar.UnsupportedError as exc:
+        pytest.skip(str(exc))
+
+
 def test_plan_and_config():
     config = diffpar.ParallelismConfig(parallel_kwargs={"cfg_size": 2})
     assert config.cfg_size == 2 and config.describe()["cfg_size"] == 2
@@ -132,7 +140,8 @@ def test_plan_and_config():
     # batched guidance over every rank (each forward's batch is split over the groups).
     assert "model copy (2 ranks)" in str(diffpar.plan(pipe, diffpar.DBCacheConfig(),
                                              diffpar.ParallelismConfig(cfg_size=2, ulysses_size=2), world_size=4))
-    sd3, _ = tiny_cfg_pipelines.build("sd3")
+    sd3, _ = tiny_cfg_pipelines.build("sd3", layers=3)
+    _skip_unless_dbcache(sd3)
     assert "model copy (4 ranks)" in str(diffpar.plan(sd3, diffpar.DBCacheConfig(),
                                                       diffpar.ParallelismConfig(cfg_size=2, ulysses_size=2),
                                                       world_size=4))
@@ -154,6 +163,9 @@ def test_cache_under_cfg_skips_the_steps_one_process_skips(ranks, kind, world, c
     ranks that together compute one forward), so the same steps are skipped."""
     from tolerances import CACHE_FP32
 
+    from diffpar.testing import tiny_cfg_pipelines
+
+    _skip_unless_dbcache(tiny_cfg_pipelines.build(kind, **builder)[0])
     cache = {"Bn_compute_blocks": 1, "residual_diff_threshold": threshold}
     results = ranks(world, "workers.cfg:cfg_cache_equivalence", kind=kind, config=config, cache=cache,
                     builder=builder, timeout=300)
@@ -172,3 +184,13 @@ def test_cache_under_cfg_skips_the_steps_one_process_skips(ranks, kind, world, c
         assert [d[:3] for d in mine] == [d[:3] for d in reference], (mine, reference)
         for (_, _, _, a), (_, _, _, b) in zip(mine, reference):
             assert (a is None) == (b is None) and (a is None or abs(a - b) <= 1e-5 * max(1.0, abs(b))), (a, b)
+
+
+def test_generate_cfg_flag_sets_cfg_size():
+    from diffpar import generate
+    from diffpar.testing import tiny_cfg_pipelines
+
+    pipe, _ = tiny_cfg_pipelines.build("flux")
+    config = generate.parallelism_config(pipe, generate.parse_args(["/m", "--cfg", "2", "--ulysses", "2"]))
+    assert (config.cfg_size, config.ulysses_size) == (2, 2)
+    assert generate.parallelism_config(pipe, generate.parse_args(["/m"])).cfg_size is None
