@@ -72,9 +72,13 @@ def apply_plan(target, plan: ParallelPlan, config, handle: ParallelHandle) -> No
     outer_group = world_mesh[dims.outer_name].get_group() if cfg_plans else None
     handle.states["mesh"] = world_mesh
     if layout.dp > 1 and not cfg_plans:
+        per_group = layout.world_size // layout.dp
+        groups = [f"{g * per_group}-{(g + 1) * per_group - 1}" if per_group > 1 else str(g) for g in range(layout.dp)]
         logger.warning(
-            "diffpar: model degrees use %d of %d ranks; each of the %d groups computes the transformer redundantly.",
-            layout.world_size // layout.dp, layout.world_size, layout.dp,
+            "diffpar: model degrees use %d of %d ranks; each of the %d dp groups (ranks %s) computes the same "
+            "transformer calls (redundant). cfg_size=2 on a guided pipeline, larger ulysses/ring/tp degrees, or a "
+            "batch split (see the plan's note) would use them.",
+            per_group, layout.world_size, layout.dp, " / ".join(groups),
         )
 
     # 2. Local steps; a failure is carried to the status collective below.
