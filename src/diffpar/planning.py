@@ -175,7 +175,8 @@ def plan(target, cache_config=None, parallelism_config: ParallelismConfig | None
     model_group_size = 1
     if config is not None and world > 1:
         dims = ParallelDims(world, config.ulysses_degree, config.ring_degree, config.tp_degree, config.cfg_degree)
-        layout = MeshLayout(world_size=world, dp=dims.dp, ring=dims.ring, ulysses=dims.ulysses, tp=dims.tp)
+        layout = MeshLayout(world_size=world, dp=dims.dp, ring=dims.ring, ulysses=dims.ulysses, tp=dims.tp,
+                            cfg=dims.cfg)
         model_group_size = dims.cp * dims.tp
         denoisers = find_denoisers(target)
         for name, model in denoisers:
