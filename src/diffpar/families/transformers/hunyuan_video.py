@@ -1,4 +1,4 @@
-"""Context-parallel plan for HunyuanVideo (`HunyuanVideoTransformer3DModel`); diffusers ships none.
+"""Context- and tensor-parallel plans for HunyuanVideo (`HunyuanVideoTransformer3DModel`); diffusers ships neither.
 
 Plan: the video tokens and the refined text tokens are split where they enter the first block, the RoPE table as
 it leaves `rope`; blocks work on shards; gather after `proj_out`. The token refiner runs before the split, on the
@@ -30,7 +30,9 @@ from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.errors import UnsupportedError
 from diffpar.patch import Patch
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.engines.tp_shard import GATHER, Packed
+from diffpar.families.transformers.sd3 import per_block, replace_attention_processors
+from diffpar.families.transformers.tp_plans import ATTN_ATTRS, JOINT_ATTENTION, TensorParallelPlan, register_tp_plan
 
 _BLOCK_STACKS = ("transformer_blocks", "single_transformer_blocks")
 
@@ -174,3 +176,33 @@ def hunyuan_video_cp_plan(model) -> dict:
         f"{first}.0": {"hidden_states": tokens, "encoder_hidden_states": tokens},
         "proj_out": gather_output(gather_dim=1, expected_dims=3),
     }
+
+
+@register_tp_plan("HunyuanVideoTransformer3DModel")
+def hunyuan_video_tp_plan(model) -> TensorParallelPlan:
+    double = {
+        **JOINT_ATTENTION,
+        "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
+        "ff_context.net.0.proj": "colwise", "ff_context.net.2": "rowwise",
+        "norm1.linear": GATHER, "norm1_context.linear": GATHER,
+    }
+    linears = per_block(model, "transformer_blocks", double)
+    for index, block in enumerate(model.single_transformer_blocks):
+        path = f"single_transformer_blocks.{index}"
+        linears.update({
+            f"{path}.attn.to_q": "colwise", f"{path}.attn.to_k": "colwise", f"{path}.attn.to_v": "colwise",
+            f"{path}.proj_mlp": "colwise",
+            # proj_out reads cat([attention output, MLP hidden]): two column-sharded streams.
+            f"{path}.proj_out": Packed("rowwise", (block.attn.inner_dim, block.proj_mlp.out_features)),
+            f"{path}.norm.linear": GATHER,
+        })
+    # The token refiner (a few blocks on the prompt, before the split): the same split of heads and MLP.
+    refiner = {"attn.to_q": "colwise", "attn.to_k": "colwise", "attn.to_v": "colwise", "attn.to_out.0": "rowwise",
+               "ff.net.0.proj": "colwise", "ff.net.2": "rowwise", "norm_out.linear": GATHER}
+    refiner_stack = "context_embedder.token_refiner.refiner_blocks"
+    if len(model.get_submodule(refiner_stack)):
+        linears.update({f"{refiner_stack}.*.{k}": v for k, v in refiner.items()})
+    linears["norm_out.linear"] = GATHER
+    attrs = {f"{stack}.*.attn": ATTN_ATTRS for stack in (*_BLOCK_STACKS, refiner_stack)
+             if len(model.get_submodule(stack))}
+    return TensorParallelPlan(linears=linears, attention_attrs=attrs)
