@@ -88,8 +88,9 @@ def mask_for_sharded_keys(mask: torch.Tensor, video_tokens: int, text_tokens: in
     return mask.reshape(mask.shape[0], -1).index_select(1, index).reshape(mask.shape[0], 1, 1, -1)
 
 
-def text_tokens_to_keep(text_mask: torch.Tensor, config) -> int:
-    """How many leading text tokens the blocks must see; raises where no exact layout exists."""
+def text_tokens_to_keep(text_mask: torch.Tensor, config, label: str = "HunyuanVideo") -> int:
+    """How many leading text tokens the blocks must see; raises where no exact layout exists (`label`: the model
+    named in the message)."""
     valid = text_mask.bool()
     total = valid.shape[1]
     counts = valid.sum(dim=1)
@@ -115,18 +116,18 @@ def text_tokens_to_keep(text_mask: torch.Tensor, config) -> int:
         mode, other = "diffusers' context-parallel attention in this release", "upgrade diffusers (0.37+ takes masks)"
     if not right_padded or shortest != longest:
         raise UnsupportedError(
-            f"HunyuanVideo with context parallelism: the prompts in this batch have {sorted(counts.tolist())} real "
+            f"{label} with context parallelism: the prompts in this batch have {sorted(counts.tolist())} real "
             f"text tokens (of {total}){'' if right_padded else ', not all at the start'}, so a padding mask would be "
             f"needed, and {mode} cannot apply one across ranks. Run prompts of different lengths in separate calls, "
             f"or {other}."
         )
     if longest == 0:
-        raise UnsupportedError("HunyuanVideo: the prompt has no real text tokens (its attention mask is all zero).")
+        raise UnsupportedError(f"{label}: the prompt has no real text tokens (its attention mask is all zero).")
     if longest % degree and not uneven_ok:
         uneven = ("upgrade diffusers to 0.38+, which splits unevenly by itself (or set ring_anything=True there), or "
                   if config.ring_degree > 1 else "")
         raise UnsupportedError(
-            f"HunyuanVideo with context parallelism: the prompt has {longest} real text tokens, which {degree} ranks "
+            f"{label} with context parallelism: the prompt has {longest} real text tokens, which {degree} ranks "
             f"cannot split evenly, and padding it would need a mask {mode} cannot apply. To run it, {uneven}{other}."
         )
     return longest
