@@ -13,6 +13,7 @@ from diffpar.families.text_encoders import t5 as _text_encoders_t5
 from diffpar.families.transformers import ernie_image as _transformers_ernie_image
 from diffpar.families.transformers import flux as _transformers_flux
 from diffpar.families.transformers import flux2 as _transformers_flux2
+from diffpar.families.transformers import glm_image as _transformers_glm_image
 from diffpar.families.transformers import hidream as _transformers_hidream
 from diffpar.families.transformers import hunyuan_image as _transformers_hunyuan_image
 from diffpar.families.transformers import hunyuan_video as _transformers_hunyuan_video
