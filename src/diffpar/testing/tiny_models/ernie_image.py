@@ -31,6 +31,7 @@ def _ernie_image(heads=2, head_dim=16, layers=2):
 
     def inputs(seq=16, text=8, batch=1, seed=1, text_lens=None):
         # Image tokens = H * W with patch 1 and H = 1: W = seq. `text_lens`: each row's real prompt tokens.
+        text += text % 2  # one joined sequence: an even prompt keeps its length as odd as `seq`
         g = torch.Generator().manual_seed(seed)
         return dict(
             hidden_states=torch.randn(batch, 4, 1, seq, generator=g),

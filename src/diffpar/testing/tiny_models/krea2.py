@@ -34,6 +34,7 @@ def _krea2(heads=2, head_dim=16, layers=2, kv_heads=None):
 
     def inputs(seq=16, text=8, batch=1, seed=1, valid=None):
         # Packed image tokens; positions: text rows zero, image rows (0, 0, i). `valid`: real text tokens per row.
+        text += text % 2  # one joined sequence: an even prompt keeps its length as odd as `seq`
         g = torch.Generator().manual_seed(seed)
         positions = torch.zeros(text + seq, 3)
         positions[text:, 2] = torch.arange(seq, dtype=torch.float32)
