@@ -20,6 +20,7 @@ from diffpar.families.transformers import hunyuan_video as _transformers_hunyuan
 from diffpar.families.transformers import ideogram4 as _transformers_ideogram4
 from diffpar.families.transformers import krea2 as _transformers_krea2
 from diffpar.families.transformers import nucleusmoe as _transformers_nucleusmoe
+from diffpar.families.transformers import prx as _transformers_prx
 from diffpar.families.transformers import qwenimage as _transformers_qwenimage
 from diffpar.families.transformers import sd3 as _transformers_sd3
 from diffpar.families.transformers import wan as _transformers_wan
