@@ -19,6 +19,7 @@ from diffpar.families.transformers import hunyuan_image as _transformers_hunyuan
 from diffpar.families.transformers import hunyuan_video as _transformers_hunyuan_video
 from diffpar.families.transformers import ideogram4 as _transformers_ideogram4
 from diffpar.families.transformers import joyimage as _transformers_joyimage
+from diffpar.families.transformers import joyimage_edit_plus as _transformers_joyimage_edit_plus
 from diffpar.families.transformers import krea2 as _transformers_krea2
 from diffpar.families.transformers import nucleusmoe as _transformers_nucleusmoe
 from diffpar.families.transformers import prx as _transformers_prx
