@@ -22,8 +22,8 @@ from diffpar.families.transformers import joyimage as _transformers_joyimage
 from diffpar.families.transformers import joyimage_edit_plus as _transformers_joyimage_edit_plus
 from diffpar.families.transformers import krea2 as _transformers_krea2
 from diffpar.families.transformers import nucleusmoe as _transformers_nucleusmoe
-from diffpar.families.transformers import prx as _transformers_prx
 from diffpar.families.transformers import omnigen as _transformers_omnigen
+from diffpar.families.transformers import prx as _transformers_prx
 from diffpar.families.transformers import qwenimage as _transformers_qwenimage
 from diffpar.families.transformers import sd3 as _transformers_sd3
 from diffpar.families.transformers import wan as _transformers_wan
