@@ -74,6 +74,9 @@ def _group_size(group) -> int | None:
 UNSPLIT_ATTENTION = {
     # The token refiner runs on the whole prompt before the split (diffpar's plan pools over the prompt).
     "HunyuanVideoTransformer3DModel": ("context_embedder.*",),
+    "HunyuanImageTransformer2DModel": ("context_embedder.*",),  # the same token refiner
+    # Krea 2's text fusion runs on the whole prompt on every rank, before the split.
+    "Krea2Transformer2DModel": ("text_fusion.*",),
     # Cross-attention to the prompt: diffusers 0.37+ keeps the prompt whole (0.36 split it), so the image shard
     # attends to every key locally.
     "WanTransformer3DModel": ("blocks.*.attn2",),
