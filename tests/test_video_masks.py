@@ -1,0 +1,67 @@
+"""Text padding masks of the video families added through the harness (HunyuanVideo 1.5, Mochi, ...): padded
+prompts under context parallelism match one process, with the split proven; what a mode cannot mask is refused on
+every rank with the reason. (The harness runs these models on unpadded prompts.)"""
+import pytest
+from tolerances import CP_FP32
+
+from diffpar.compat.diffusers_cp import context_parallel_attention_takes_masks, uneven_split_option
+from diffpar.testing.coverage import class_available
+from diffpar.testing.probes import assert_split
+
+TAKES_MASKS = context_parallel_attention_takes_masks()
+needs_masks = pytest.mark.skipif(not TAKES_MASKS, reason="this release's CP attention takes no mask")
+needs_ring_uneven = pytest.mark.skipif(uneven_split_option(1, 2) is None, reason="no uneven ring on this release")
+
+
+def _require(class_name):
+    if not class_available(class_name):
+        pytest.skip(f"this diffusers release has no {class_name}")
+
+
+PADDED = [
+    # HunyuanVideo 1.5 text-to-video: the image token is masked out (zero image embeds) and cut before the split.
+    pytest.param("hunyuan_video15", "HunyuanVideo15Transformer3DModel", 2, {"ulysses_size": 2},
+                 {"image": False}, id="hv15-t2v-ulysses"),
+    pytest.param("hunyuan_video15", "HunyuanVideo15Transformer3DModel", 2, {"ring_size": 2},
+                 {"image": False, "valid": [3]}, id="hv15-t2v-padded-ring"),
+    pytest.param("hunyuan_video15", "HunyuanVideo15Transformer3DModel", 4, {"ulysses_size": 2, "ring_size": 2},
+                 {"image": False, "valid": [6], "seq": 16, "text": 10}, id="hv15-t2v-padded-ulysses2xring2"),
+    # Prompts of different lengths in one batch: a key mask laid out in Ulysses' gather order.
+    pytest.param("hunyuan_video15", "HunyuanVideo15Transformer3DModel", 2, {"ulysses_size": 2},
+                 {"valid": [5, 2], "batch": 2}, id="hv15-rows-differ-ulysses", marks=needs_masks),
+    pytest.param("hunyuan_video15", "HunyuanVideo15Transformer3DModel", 4, {"ulysses_size": 4},
+                 {"valid": [5, 2], "batch": 2, "seq": 16}, id="hv15-rows-differ-ulysses4", marks=needs_masks),
+]
+
+
+@pytest.mark.parametrize("builder,class_name,world,config,input_kwargs", PADDED)
+def test_padded_prompts_match_one_process(ranks, builder, class_name, world, config, input_kwargs):
+    _require(class_name)
+    kwargs = dict(input_kwargs)
+    batch, seq, text = kwargs.pop("batch", 1), kwargs.pop("seq", 15), kwargs.pop("text", 8)
+    results = ranks(world, "workers.cp_transformers:cp_equivalence", model_name=builder, config=config, seq=seq,
+                    text=text, batch=batch, model_kwargs={"heads": 4}, input_kwargs=kwargs)
+    for r in results:
+        assert r["diff"] <= CP_FP32, (r["rank"], r["diff"])
+        assert r["detach_diff"] == 0.0
+    assert_split(results, config, text_cut=True)
+
+
+REFUSED = [
+    pytest.param("hunyuan_video15", "HunyuanVideo15Transformer3DModel", {"ring_size": 2},
+                 {"valid": [5, 2], "batch": 2}, ["[5, 8] real text tokens", "ring attention cannot apply one"],
+                 id="hv15-ring-rows-differ"),
+]
+
+
+@pytest.mark.parametrize("builder,class_name,config,input_kwargs,expected", REFUSED)
+def test_masks_a_mode_cannot_apply_are_refused_on_every_rank(ranks, builder, class_name, config, input_kwargs,
+                                                             expected):
+    _require(class_name)
+    kwargs = dict(input_kwargs)
+    results = ranks(2, "workers.cp_plans_ours:cp_forward_error", model_name=builder, config=config,
+                    input_kwargs={"seq": 16, "text": 8, **kwargs})
+    for r in results:
+        assert r["type"] == "UnsupportedError", r
+        for part in expected:
+            assert part in r["message"], (part, r["message"])
