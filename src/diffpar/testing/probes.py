@@ -75,6 +75,7 @@ UNSPLIT_ATTENTION = {
     # The token refiner runs on the whole prompt before the split (diffpar's plan pools over the prompt).
     "HunyuanVideoTransformer3DModel": ("context_embedder.*",),
     "HunyuanVideo15Transformer3DModel": ("context_embedder.*",),
+    "HunyuanVideoFramepackTransformer3DModel": ("context_embedder.*",),
     # Cross-attention to the prompt: diffusers 0.37+ keeps the prompt whole (0.36 split it), so the image shard
     # attends to every key locally.
     "WanTransformer3DModel": ("blocks.*.attn2",),

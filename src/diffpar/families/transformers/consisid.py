@@ -26,22 +26,26 @@ from diffpar.families.transformers.cogvideox import (
 from diffpar.families.transformers.tp_plans import TensorParallelPlan, register_tp_plan
 
 
-def _gather_block_outputs(model):
+def gather_block_outputs(model, block, indices: tuple[int, ...], handle, name: str, why: str) -> None:
+    """Gather outputs `indices` of `block` (a tuple of sequence tensors) along the tokens, with a forward hook
+    removed on detach: for forwards that re-slice the sequence after the blocks by whole-sequence positions."""
+
     def hook(module, args, output):
         parallel_config = getattr(model, "_parallel_config", None)
         if parallel_config is None:
             return output
         cp = parallel_config.context_parallel_config
-        return tuple(unshard(x.contiguous(), 1, cp) for x in output)
+        return tuple(unshard(x.contiguous(), 1, cp) if i in indices else x for i, x in enumerate(output))
 
-    return hook
+    hooks = []
+    handle.add(f"{name}: {why}", lambda: [h.remove() for h in hooks])
+    hooks.append(block.register_forward_hook(hook))
 
 
 def prepare_consisid(model, config, handle, name: str) -> None:
     prepare_cogvideox(model, config, handle, name)
-    hooks = []
-    handle.add(f"{name}: gather the last block's video and text tokens", lambda: [h.remove() for h in hooks])
-    hooks.append(model.transformer_blocks[-1].register_forward_hook(_gather_block_outputs(model)))
+    gather_block_outputs(model, model.transformer_blocks[-1], (0, 1), handle, name,
+                         "gather the last block's video and text tokens")
 
 
 @register_cp_plan("ConsisIDTransformer3DModel", prepare=prepare_consisid)

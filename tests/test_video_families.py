@@ -1,4 +1,5 @@
-"""Text padding masks of the video families added through the harness (HunyuanVideo 1.5, Mochi, ...): padded
+"""Inputs the family harness does not vary, for the video families added through it (HunyuanVideo 1.5, Framepack,
+Mochi, ...): padded
 prompts under context parallelism match one process, with the split proven; what a mode cannot mask is refused on
 every rank with the reason. (The harness runs these models on unpadded prompts.)"""
 import pytest
@@ -31,6 +32,11 @@ PADDED = [
                  {"valid": [5, 2], "batch": 2}, id="hv15-rows-differ-ulysses", marks=needs_masks),
     pytest.param("hunyuan_video15", "HunyuanVideo15Transformer3DModel", 4, {"ulysses_size": 4},
                  {"valid": [5, 2], "batch": 2, "seq": 16}, id="hv15-rows-differ-ulysses4", marks=needs_masks),
+    # Framepack with two videos per call: the forward's key mask over [history + video, prompt], in Ulysses' order.
+    pytest.param("hunyuan_video_framepack", "HunyuanVideoFramepackTransformer3DModel", 2, {"ulysses_size": 2},
+                 {"valid": [6, 3], "batch": 2}, id="framepack-rows-differ-ulysses", marks=needs_masks),
+    pytest.param("hunyuan_video_framepack", "HunyuanVideoFramepackTransformer3DModel", 2, {"ring_size": 2},
+                 {"valid": [4]}, id="framepack-one-video-padded-ring"),
 ]
 
 
@@ -51,6 +57,9 @@ REFUSED = [
     pytest.param("hunyuan_video15", "HunyuanVideo15Transformer3DModel", {"ring_size": 2},
                  {"valid": [5, 2], "batch": 2}, ["[5, 8] real text tokens", "ring attention cannot apply one"],
                  id="hv15-ring-rows-differ"),
+    pytest.param("hunyuan_video_framepack", "HunyuanVideoFramepackTransformer3DModel", {"ring_size": 2},
+                 {"valid": [6, 3], "batch": 2}, ["padding mask", "ring attention", "ulysses_size"],
+                 id="framepack-ring-rows-differ", marks=needs_masks),
 ]
 
 
