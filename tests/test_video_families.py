@@ -37,6 +37,14 @@ PADDED = [
                  {"valid": [6, 3], "batch": 2}, id="framepack-rows-differ-ulysses", marks=needs_masks),
     pytest.param("hunyuan_video_framepack", "HunyuanVideoFramepackTransformer3DModel", 2, {"ring_size": 2},
                  {"valid": [4]}, id="framepack-one-video-padded-ring"),
+    # Mochi: the prompt cut to its real tokens (every mode), or a key mask in Ulysses' order for a mixed batch.
+    pytest.param("mochi", "MochiTransformer3DModel", 2, {"ring_size": 2}, {"valid": [5]}, id="mochi-padded-ring"),
+    pytest.param("mochi", "MochiTransformer3DModel", 4, {"ulysses_size": 2, "ring_size": 2},
+                 {"valid": [4, 4], "batch": 2, "seq": 16}, id="mochi-padded-ulysses2xring2"),
+    pytest.param("mochi", "MochiTransformer3DModel", 2, {"ulysses_size": 2}, {"valid": [6, 3], "batch": 2},
+                 id="mochi-rows-differ-ulysses", marks=needs_masks),
+    pytest.param("mochi", "MochiTransformer3DModel", 4, {"ulysses_size": 4}, {"valid": [7, 2], "batch": 2,
+                 "seq": 16}, id="mochi-rows-differ-ulysses4", marks=needs_masks),
 ]
 
 
@@ -60,7 +68,23 @@ REFUSED = [
     pytest.param("hunyuan_video_framepack", "HunyuanVideoFramepackTransformer3DModel", {"ring_size": 2},
                  {"valid": [6, 3], "batch": 2}, ["padding mask", "ring attention", "ulysses_size"],
                  id="framepack-ring-rows-differ", marks=needs_masks),
+    pytest.param("mochi", "MochiTransformer3DModel", {"ring_size": 2}, {"valid": [6, 3], "batch": 2},
+                 ["[3, 6] real text tokens", "ring attention cannot apply one"], id="mochi-ring-rows-differ"),
+    pytest.param("mochi", "MochiTransformer3DModel", {"ulysses_size": 2}, {"valid": [6], "left_pad": True},
+                 ["padding before real tokens", "Pad prompts at the end"], id="mochi-left-padding"),
 ]
+
+
+def test_mochi_tensor_parallel_is_refused_with_the_reason():
+    import diffpar
+    from diffpar.families.transformers.mochi import TP_REFUSAL
+    from diffpar.testing import tiny_transformers
+
+    _require("MochiTransformer3DModel")
+    model, _ = tiny_transformers.build("mochi", heads=4)
+    with pytest.raises(diffpar.UnsupportedError) as err:
+        diffpar.plan(model, parallelism_config=diffpar.ParallelismConfig(tp_size=2), world_size=2)
+    assert TP_REFUSAL in str(err.value) and "ulysses_size" in str(err.value)
 
 
 @pytest.mark.parametrize("builder,class_name,config,input_kwargs,expected", REFUSED)
