@@ -17,6 +17,7 @@ from diffpar.families.transformers import flux2 as _transformers_flux2
 from diffpar.families.transformers import hunyuan_video as _transformers_hunyuan_video
 from diffpar.families.transformers import hunyuan_video15 as _transformers_hunyuan_video15
 from diffpar.families.transformers import hunyuan_video_framepack as _transformers_hunyuan_video_framepack
+from diffpar.families.transformers import kandinsky5 as _transformers_kandinsky5
 from diffpar.families.transformers import mochi as _transformers_mochi
 from diffpar.families.transformers import qwenimage as _transformers_qwenimage
 from diffpar.families.transformers import sd3 as _transformers_sd3
