@@ -98,3 +98,47 @@ def test_masks_a_mode_cannot_apply_are_refused_on_every_rank(ranks, builder, cla
         assert r["type"] == "UnsupportedError", r
         for part in expected:
             assert part in r["message"], (part, r["message"])
+
+
+VARIANTS = [
+    # Cosmos 2 video-to-world: a timestep per latent frame makes the modulation per token (split with the tokens).
+    pytest.param("cosmos", "CosmosTransformer3DModel", 2, {"ulysses_size": 2}, {}, {"per_frame_timestep": True},
+                 15, id="cosmos-per-frame-timestep-ulysses-odd"),
+    pytest.param("cosmos", "CosmosTransformer3DModel", 4, {"ulysses_size": 2, "ring_size": 2}, {},
+                 {"per_frame_timestep": True}, 16, id="cosmos-per-frame-timestep-ulysses2xring2"),
+    # Cosmos 2.5: cross-attention to the prompt and to image-context tokens, both local.
+    pytest.param("cosmos", "CosmosTransformer3DModel", 2, {"ring_size": 2}, {"image_context": True}, {}, 16,
+                 id="cosmos-image-context-ring"),
+]
+
+
+@pytest.mark.parametrize("builder,class_name,world,config,model_kwargs,input_kwargs,seq", VARIANTS)
+def test_model_variants_match_one_process(ranks, builder, class_name, world, config, model_kwargs, input_kwargs,
+                                          seq):
+    _require(class_name)
+    results = ranks(world, "workers.cp_transformers:cp_equivalence", model_name=builder, config=config, seq=seq,
+                    text=8, model_kwargs={"heads": 4, **model_kwargs}, input_kwargs=input_kwargs)
+    for r in results:
+        assert r["diff"] <= CP_FP32, (r["rank"], r["diff"])
+        assert r["detach_diff"] == 0.0
+    assert_split(results, config)
+
+
+TP_VARIANTS = [
+    pytest.param("cosmos", "CosmosTransformer3DModel", {"tp_size": 2}, {"image_context": True},
+                 {"per_frame_timestep": True}, id="cosmos-2.5-per-frame-tp2"),
+]
+
+
+@pytest.mark.parametrize("builder,class_name,config,model_kwargs,input_kwargs", TP_VARIANTS)
+def test_model_variants_tensor_parallel_match_one_process(ranks, builder, class_name, config, model_kwargs,
+                                                          input_kwargs):
+    from tolerances import TRANSFORMER_TP_FP32
+
+    _require(class_name)
+    results = ranks(2, "workers.transformer_tp:tp_equivalence", model_name=builder, config=config, seq=15, text=7,
+                    model_kwargs={"heads": 4, **model_kwargs}, input_kwargs=input_kwargs)
+    for r in results:
+        assert r["diff"] <= TRANSFORMER_TP_FP32, (r["rank"], r["diff"])
+        assert r["bytes_ratio"] < 0.8 and r["plan_bytes_match"]
+        assert r["detach_diff"] == 0.0 and r["detach_weights_equal"]

@@ -12,6 +12,7 @@ from diffpar.families.text_encoders import decoders as _text_encoders_decoders
 from diffpar.families.text_encoders import t5 as _text_encoders_t5
 from diffpar.families.transformers import cogvideox as _transformers_cogvideox
 from diffpar.families.transformers import consisid as _transformers_consisid
+from diffpar.families.transformers import cosmos as _transformers_cosmos
 from diffpar.families.transformers import flux as _transformers_flux
 from diffpar.families.transformers import flux2 as _transformers_flux2
 from diffpar.families.transformers import hunyuan_video as _transformers_hunyuan_video
