@@ -21,6 +21,7 @@ from diffpar.families.transformers import hunyuan_video_framepack as _transforme
 from diffpar.families.transformers import kandinsky5 as _transformers_kandinsky5
 from diffpar.families.transformers import mochi as _transformers_mochi
 from diffpar.families.transformers import qwenimage as _transformers_qwenimage
+from diffpar.families.transformers import sana_video as _transformers_sana_video
 from diffpar.families.transformers import sd3 as _transformers_sd3
 from diffpar.families.transformers import wan as _transformers_wan
 from diffpar.families.transformers import zimage as _transformers_zimage
