@@ -109,6 +109,11 @@ VARIANTS = [
     # Cosmos 2.5: cross-attention to the prompt and to image-context tokens, both local.
     pytest.param("cosmos", "CosmosTransformer3DModel", 2, {"ring_size": 2}, {"image_context": True}, {}, 16,
                  id="cosmos-image-context-ring"),
+    # Allegro: the prompt's padding mask applies in the local cross-attention, so every mode takes it.
+    pytest.param("allegro", "AllegroTransformer3DModel", 4, {"ring_size": 4, "ring_anything": True}, {},
+                 {"prompt_padding": 3}, 17, id="allegro-prompt-padding-ring-anything", marks=needs_ring_uneven),
+    pytest.param("allegro", "AllegroTransformer3DModel", 2, {"ulysses_size": 2}, {}, {"prompt_padding": 3}, 16,
+                 id="allegro-prompt-padding-ulysses"),
 ]
 
 

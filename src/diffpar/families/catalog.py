@@ -10,6 +10,7 @@ from diffpar.families.text_encoders import base as _text_encoders_base
 from diffpar.families.text_encoders import clip as _text_encoders_clip
 from diffpar.families.text_encoders import decoders as _text_encoders_decoders
 from diffpar.families.text_encoders import t5 as _text_encoders_t5
+from diffpar.families.transformers import allegro as _transformers_allegro
 from diffpar.families.transformers import cogvideox as _transformers_cogvideox
 from diffpar.families.transformers import consisid as _transformers_consisid
 from diffpar.families.transformers import cosmos as _transformers_cosmos

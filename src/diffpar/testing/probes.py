@@ -79,6 +79,7 @@ UNSPLIT_ATTENTION = {
     # The prompt's own blocks run whole on every rank; the cross-attention reads the whole prompt locally.
     "Kandinsky5Transformer3DModel": ("text_transformer_blocks.*", "visual_transformer_blocks.*.cross_attention"),
     "CosmosTransformer3DModel": ("transformer_blocks.*.attn2",),
+    "AllegroTransformer3DModel": ("transformer_blocks.*.attn2",),
     # Cross-attention to the prompt: diffusers 0.37+ keeps the prompt whole (0.36 split it), so the image shard
     # attends to every key locally.
     "WanTransformer3DModel": ("blocks.*.attn2",),
