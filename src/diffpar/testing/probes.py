@@ -83,12 +83,27 @@ UNSPLIT_ATTENTION = {
     # Cross-attention to the prompt: diffusers 0.37+ keeps the prompt whole (0.36 split it), so the image shard
     # attends to every key locally.
     "WanTransformer3DModel": ("blocks.*.attn2",),
+    # The context refiner runs on the whole prompt, with its padding mask, on every rank (diffpar's plan).
+    "Lumina2Transformer2DModel": ("context_refiner.*",),
 }
 
 
+# Attention a plan splits exactly by all-reducing per-shard sums over the context-parallel ranks instead of
+# Ulysses' all-to-all or the ring: linear attention, whose key-value summary is a sum over all tokens (diffpar's
+# Sana plan). By model class: fnmatch patterns of module names. Where every watched attention is one of these, the
+# collective each call must issue is `REDUCE_COLLECTIVE`, over a group of the context-parallel degree.
+REDUCED_ATTENTION = {
+    "SanaTransformer2DModel": ("transformer_blocks.*.attn1",),
+}
+REDUCE_COLLECTIVE = "c10d.all_reduce"
+
+
 def _attention_modules(model: torch.nn.Module, unsplit) -> list[tuple[str, torch.nn.Module]]:
+    # diffusers' generic `Attention` marks cross-attention (keys from a prompt every rank holds whole, attended
+    # locally from the query shard): left whole like the `unsplit` patterns.
     return [(name, m) for name, m in model.named_modules()
-            if hasattr(m, "processor") and not any(fnmatch.fnmatchcase(name, p) for p in unsplit)]
+            if hasattr(m, "processor") and getattr(m, "is_cross_attention", False) is not True
+            and not any(fnmatch.fnmatchcase(name, p) for p in unsplit)]
 
 
 def _sequence_length(x) -> int:
@@ -114,6 +129,9 @@ class SplitProbe:
         if not self._attention:
             raise ValueError(f"{type(model).__name__} has no attention module (one with a `processor`) to watch")
         self.attention_name = self._attention[0][0]
+        reduced = REDUCED_ATTENTION.get(type(model).__name__, ())
+        self.reduced_attention = bool(reduced) and all(
+            any(fnmatch.fnmatchcase(name, p) for p in reduced) for name, _ in self._attention)
         self.image_tokens: list[int] = []  # hidden_states entering the first attention, per call
         self.text_tokens: list[int] = []  # encoder_hidden_states entering it (0 where it takes none)
         self.heads: list = []  # the first attention's `heads` at each call (tensor parallelism gives each rank some)
@@ -245,6 +263,7 @@ class SplitProbe:
         """Plain data (picklable) for a test to check on the parent side."""
         return {
             "attention": self.attention_name,
+            "reduced_attention": self.reduced_attention,
             "tokens": self.tokens,
             "image_tokens": list(self.image_tokens),
             "text_tokens": list(self.text_tokens),
@@ -295,6 +314,9 @@ def split_problems(reference: dict, summaries: list[dict], config: dict, text_cu
     """
     parts = context_parallel_degree(config)
     kinds = expected_collectives(config)
+    reduced = bool(summaries) and all(s.get("reduced_attention") for s in summaries)
+    if reduced and kinds:
+        kinds = [REDUCE_COLLECTIVE]
     if parts < 2 and config.get("tp_size", 1) > 1:
         return _tensor_parallel_problems(reference, summaries)
     problems = []
@@ -341,8 +363,9 @@ def split_problems(reference: dict, summaries: list[dict], config: dict, text_cu
             issued = s["attention_calls_with"].get(kind, 0)
             if issued < s["attention_calls"] or not issued:
                 problems.append(f"rank {rank}: {kind} issued in {issued} of {s['attention_calls']} attention calls")
-        for kind, size in ((ULYSSES_COLLECTIVE, config.get("ulysses_size", 1)),
-                           (RING_COLLECTIVE, config.get("ring_size", 1))):
+        sizes = (((REDUCE_COLLECTIVE, parts),) if reduced else
+                 ((ULYSSES_COLLECTIVE, config.get("ulysses_size", 1)), (RING_COLLECTIVE, config.get("ring_size", 1))))
+        for kind, size in sizes:
             if size > 1 and size not in s["group_sizes"].get(kind, ()):
                 problems.append(f"rank {rank}: no {kind} over a group of {size} ranks "
                                 f"(groups: {s['group_sizes'].get(kind, [])})")
