@@ -114,6 +114,11 @@ VARIANTS = [
                  {"prompt_padding": 3}, 17, id="allegro-prompt-padding-ring-anything", marks=needs_ring_uneven),
     pytest.param("allegro", "AllegroTransformer3DModel", 2, {"ulysses_size": 2}, {}, {"prompt_padding": 3}, 16,
                  id="allegro-prompt-padding-ulysses"),
+    # Latte with two videos: the temporal blocks' per-patch timestep rows are cut per video.
+    pytest.param("latte", "LatteTransformer3DModel", 2, {"ulysses_size": 2}, {}, {"batch": 2}, 15,
+                 id="latte-two-videos-ulysses-odd"),
+    pytest.param("latte", "LatteTransformer3DModel", 4, {"ulysses_size": 2, "ring_size": 2}, {"frames": 3},
+                 {"batch": 2}, 16, id="latte-three-frames-two-videos-ulysses2xring2"),
 ]
 
 
@@ -121,8 +126,10 @@ VARIANTS = [
 def test_model_variants_match_one_process(ranks, builder, class_name, world, config, model_kwargs, input_kwargs,
                                           seq):
     _require(class_name)
+    input_kwargs = dict(input_kwargs)
+    batch = input_kwargs.pop("batch", 1)
     results = ranks(world, "workers.cp_transformers:cp_equivalence", model_name=builder, config=config, seq=seq,
-                    text=8, model_kwargs={"heads": 4, **model_kwargs}, input_kwargs=input_kwargs)
+                    text=8, batch=batch, model_kwargs={"heads": 4, **model_kwargs}, input_kwargs=input_kwargs)
     for r in results:
         assert r["diff"] <= CP_FP32, (r["rank"], r["diff"])
         assert r["detach_diff"] == 0.0

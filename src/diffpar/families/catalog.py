@@ -25,6 +25,7 @@ from diffpar.families.transformers import hunyuan_video as _transformers_hunyuan
 from diffpar.families.transformers import hunyuan_video15 as _transformers_hunyuan_video15
 from diffpar.families.transformers import hunyuan_video_framepack as _transformers_hunyuan_video_framepack
 from diffpar.families.transformers import kandinsky5 as _transformers_kandinsky5
+from diffpar.families.transformers import latte as _transformers_latte
 from diffpar.families.transformers import lumina2 as _transformers_lumina2
 from diffpar.families.transformers import lumina_next as _transformers_lumina_next
 from diffpar.families.transformers import mochi as _transformers_mochi

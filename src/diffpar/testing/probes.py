@@ -80,6 +80,8 @@ UNSPLIT_ATTENTION = {
     "Kandinsky5Transformer3DModel": ("text_transformer_blocks.*", "visual_transformer_blocks.*.cross_attention"),
     "CosmosTransformer3DModel": ("transformer_blocks.*.attn2",),
     "AllegroTransformer3DModel": ("transformer_blocks.*.attn2",),
+    # Temporal attention runs over frames, which the plan does not split (each rank holds all frames of its patches).
+    "LatteTransformer3DModel": ("temporal_transformer_blocks.*",),
     # Cross-attention to the prompt: diffusers 0.37+ keeps the prompt whole (0.36 split it), so the image shard
     # attends to every key locally.
     "WanTransformer3DModel": ("blocks.*.attn2",),
