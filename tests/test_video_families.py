@@ -5,13 +5,32 @@ every rank with the reason. (The harness runs these models on unpadded prompts.)
 import pytest
 from tolerances import CP_FP32
 
-from diffpar.compat.diffusers_cp import context_parallel_attention_takes_masks, uneven_split_option
+from diffpar.compat.diffusers_cp import (
+    context_parallel_attention_takes_masks,
+    supports_ulysses_and_ring,
+    uneven_split_option,
+)
 from diffpar.testing.coverage import class_available
 from diffpar.testing.probes import assert_split
 
 TAKES_MASKS = context_parallel_attention_takes_masks()
 needs_masks = pytest.mark.skipif(not TAKES_MASKS, reason="this release's CP attention takes no mask")
 needs_ring_uneven = pytest.mark.skipif(uneven_split_option(1, 2) is None, reason="no uneven ring on this release")
+needs_ulysses_uneven = pytest.mark.skipif(uneven_split_option(2, 1) is None,
+                                          reason="no uneven Ulysses on this release")
+needs_both = pytest.mark.skipif(not supports_ulysses_and_ring(), reason="no Ulysses x Ring on this release")
+
+
+def _cosmos25() -> bool:
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, "CosmosTransformer3DModel", None)
+    return cls is not None and "img_context_dim_in" in inspect.signature(cls.__init__).parameters
+
+
+needs_cosmos25 = pytest.mark.skipif(not _cosmos25(), reason="no Cosmos 2.5 image context on this release")
 
 
 def _require(class_name):
@@ -22,11 +41,12 @@ def _require(class_name):
 PADDED = [
     # HunyuanVideo 1.5 text-to-video: the image token is masked out (zero image embeds) and cut before the split.
     pytest.param("hunyuan_video15", "HunyuanVideo15Transformer3DModel", 2, {"ulysses_size": 2},
-                 {"image": False}, id="hv15-t2v-ulysses"),
+                 {"image": False, "seq": 16, "text": 9}, id="hv15-t2v-ulysses"),
     pytest.param("hunyuan_video15", "HunyuanVideo15Transformer3DModel", 2, {"ring_size": 2},
-                 {"image": False, "valid": [3]}, id="hv15-t2v-padded-ring"),
+                 {"image": False, "valid": [4], "seq": 16}, id="hv15-t2v-padded-ring"),
     pytest.param("hunyuan_video15", "HunyuanVideo15Transformer3DModel", 4, {"ulysses_size": 2, "ring_size": 2},
-                 {"image": False, "valid": [6], "seq": 16, "text": 10}, id="hv15-t2v-padded-ulysses2xring2"),
+                 {"image": False, "valid": [6], "seq": 16, "text": 10}, id="hv15-t2v-padded-ulysses2xring2",
+                 marks=needs_both),
     # Prompts of different lengths in one batch: a key mask laid out in Ulysses' gather order.
     pytest.param("hunyuan_video15", "HunyuanVideo15Transformer3DModel", 2, {"ulysses_size": 2},
                  {"valid": [5, 2], "batch": 2}, id="hv15-rows-differ-ulysses", marks=needs_masks),
@@ -36,11 +56,11 @@ PADDED = [
     pytest.param("hunyuan_video_framepack", "HunyuanVideoFramepackTransformer3DModel", 2, {"ulysses_size": 2},
                  {"valid": [6, 3], "batch": 2}, id="framepack-rows-differ-ulysses", marks=needs_masks),
     pytest.param("hunyuan_video_framepack", "HunyuanVideoFramepackTransformer3DModel", 2, {"ring_size": 2},
-                 {"valid": [4]}, id="framepack-one-video-padded-ring"),
+                 {"valid": [5], "seq": 16}, id="framepack-one-video-padded-ring"),
     # Mochi: the prompt cut to its real tokens (every mode), or a key mask in Ulysses' order for a mixed batch.
-    pytest.param("mochi", "MochiTransformer3DModel", 2, {"ring_size": 2}, {"valid": [5]}, id="mochi-padded-ring"),
+    pytest.param("mochi", "MochiTransformer3DModel", 2, {"ring_size": 2}, {"valid": [6], "seq": 16}, id="mochi-padded-ring"),
     pytest.param("mochi", "MochiTransformer3DModel", 4, {"ulysses_size": 2, "ring_size": 2},
-                 {"valid": [4, 4], "batch": 2, "seq": 16}, id="mochi-padded-ulysses2xring2"),
+                 {"valid": [4, 4], "batch": 2, "seq": 16}, id="mochi-padded-ulysses2xring2", marks=needs_both),
     pytest.param("mochi", "MochiTransformer3DModel", 2, {"ulysses_size": 2}, {"valid": [6, 3], "batch": 2},
                  id="mochi-rows-differ-ulysses", marks=needs_masks),
     pytest.param("mochi", "MochiTransformer3DModel", 4, {"ulysses_size": 4}, {"valid": [7, 2], "batch": 2,
@@ -103,12 +123,12 @@ def test_masks_a_mode_cannot_apply_are_refused_on_every_rank(ranks, builder, cla
 VARIANTS = [
     # Cosmos 2 video-to-world: a timestep per latent frame makes the modulation per token (split with the tokens).
     pytest.param("cosmos", "CosmosTransformer3DModel", 2, {"ulysses_size": 2}, {}, {"per_frame_timestep": True},
-                 15, id="cosmos-per-frame-timestep-ulysses-odd"),
+                 15, id="cosmos-per-frame-timestep-ulysses-odd", marks=needs_ulysses_uneven),
     pytest.param("cosmos", "CosmosTransformer3DModel", 4, {"ulysses_size": 2, "ring_size": 2}, {},
-                 {"per_frame_timestep": True}, 16, id="cosmos-per-frame-timestep-ulysses2xring2"),
+                 {"per_frame_timestep": True}, 16, id="cosmos-per-frame-timestep-ulysses2xring2", marks=needs_both),
     # Cosmos 2.5: cross-attention to the prompt and to image-context tokens, both local.
     pytest.param("cosmos", "CosmosTransformer3DModel", 2, {"ring_size": 2}, {"image_context": True}, {}, 16,
-                 id="cosmos-image-context-ring"),
+                 id="cosmos-image-context-ring", marks=needs_cosmos25),
     # Allegro: the prompt's padding mask applies in the local cross-attention, so every mode takes it.
     pytest.param("allegro", "AllegroTransformer3DModel", 4, {"ring_size": 4, "ring_anything": True}, {},
                  {"prompt_padding": 3}, 17, id="allegro-prompt-padding-ring-anything", marks=needs_ring_uneven),
@@ -116,9 +136,9 @@ VARIANTS = [
                  id="allegro-prompt-padding-ulysses"),
     # Latte with two videos: the temporal blocks' per-patch timestep rows are cut per video.
     pytest.param("latte", "LatteTransformer3DModel", 2, {"ulysses_size": 2}, {}, {"batch": 2}, 15,
-                 id="latte-two-videos-ulysses-odd"),
+                 id="latte-two-videos-ulysses-odd", marks=needs_ulysses_uneven),
     pytest.param("latte", "LatteTransformer3DModel", 4, {"ulysses_size": 2, "ring_size": 2}, {"frames": 3},
-                 {"batch": 2}, 16, id="latte-three-frames-two-videos-ulysses2xring2"),
+                 {"batch": 2}, 16, id="latte-three-frames-two-videos-ulysses2xring2", marks=needs_both),
 ]
 
 
@@ -138,7 +158,7 @@ def test_model_variants_match_one_process(ranks, builder, class_name, world, con
 
 TP_VARIANTS = [
     pytest.param("cosmos", "CosmosTransformer3DModel", {"tp_size": 2}, {"image_context": True},
-                 {"per_frame_timestep": True}, id="cosmos-2.5-per-frame-tp2"),
+                 {"per_frame_timestep": True}, id="cosmos-2.5-per-frame-tp2", marks=needs_cosmos25),
 ]
 
 

@@ -16,6 +16,8 @@ is local and exact.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from diffpar.compat.diffusers_cp import dispatch_attention
@@ -70,11 +72,13 @@ def cosmos_cp_plan(model) -> dict:
         raise UnsupportedError(f"{type(model).__name__} has no transformer blocks to parallelize.")
     per_token = split_input(split_dim=1, expected_dims=3)  # left whole when it has no token dimension (2-D)
     rope = split_input(split_dim=0, expected_dims=2, split_output=True)
+    # ControlNet residuals reach the blocks from 0.37 (Transfer 2.5); earlier blocks take no such argument.
+    block_args = inspect.signature(type(model.transformer_blocks[0]).forward).parameters
+    residual = {"controlnet_residual": per_token} if "controlnet_residual" in block_args else {}
     plan = {
         "rope": {0: rope, 1: rope},
         "transformer_blocks.0": {"hidden_states": per_token},
-        "transformer_blocks.*": {"temb": per_token, "embedded_timestep": per_token,
-                                 "controlnet_residual": per_token},
+        "transformer_blocks.*": {"temb": per_token, "embedded_timestep": per_token, **residual},
         "norm_out": {"temb": per_token, "embedded_timestep": per_token},
         "proj_out": gather_output(gather_dim=1, expected_dims=3),
     }
