@@ -7,66 +7,26 @@ both parts where they enter the first block, so each rank holds [its text shard,
 enters the model. Blocks work on shards (their feed-forward is per token); gather after `proj_out`.
 
 Forward change, undone on detach: `CogVideoXAttnProcessor2_0` calls `F.scaled_dot_product_attention` directly,
-so each block's attention gets `CogVideoXContextParallelAttnProcessor`: the same projections, norms and RoPE on
-the video part, with attention through diffusers' dispatcher (which takes the parallel config). Joint attention has
-no mask here, so the order of keys across ranks does not matter. ConsisID (consisid.py) has the same blocks.
+so each block's attention gets the shared `ContextParallelCogVideoXAttnProcessor` (attention_processors.py): the
+same projections, norms and RoPE on the video part, with attention through diffusers' dispatcher (which takes the
+parallel config). Joint attention has no mask here, so the order of keys across ranks does not matter. ConsisID
+(consisid.py) has the same blocks.
 """
 from __future__ import annotations
 
-import torch
-
-from diffpar.compat.diffusers_cp import dispatch_attention
 from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.engines.tp_shard import GATHER
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
+from diffpar.families.transformers.attention_processors import ContextParallelCogVideoXAttnProcessor
 from diffpar.families.transformers.sd3 import replace_attention_processors
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, present, register_tp_plan
-
-
-class CogVideoXContextParallelAttnProcessor:
-    """CogVideoX's joint attention over [text, video] through `dispatch_attention_fn`."""
-
-    _attention_backend = None
-    _parallel_config = None
-
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None) -> tuple:
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        if attention_mask is not None:
-            raise UnsupportedError(
-                "CogVideoX with context parallelism: an attention_mask reached the joint attention (the model never "
-                "passes one); a mask over [text, video] would need reordering across ranks. Remove it."
-            )
-        text_tokens = encoder_hidden_states.shape[1]
-        joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        batch = joint.shape[0]
-
-        def heads(x):  # (B, S, H * D) -> (B, H, S, D): the layout of the original processor's norms and RoPE
-            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        query, key, value = heads(attn.to_q(joint)), heads(attn.to_k(joint)), heads(attn.to_v(joint))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if image_rotary_emb is not None:  # on the video part only, with this rank's rows of the table
-            query[:, :, text_tokens:] = apply_rotary_emb(query[:, :, text_tokens:], image_rotary_emb)
-            if not attn.is_cross_attention:
-                key[:, :, text_tokens:] = apply_rotary_emb(key[:, :, text_tokens:], image_rotary_emb)
-
-        out = dispatch_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                 backend=self._attention_backend, parallel_config=self._parallel_config)
-        out = out.flatten(2, 3).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        return out[:, text_tokens:], out[:, :text_tokens]
 
 
 def prepare_cogvideox(model, config, handle, name: str) -> None:
     from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
-    replace_attention_processors(model, {CogVideoXAttnProcessor2_0: CogVideoXContextParallelAttnProcessor}, handle,
+    replace_attention_processors(model, {CogVideoXAttnProcessor2_0: ContextParallelCogVideoXAttnProcessor}, handle,
                                  name, type(model).__name__, within=("transformer_blocks",))
 
 
