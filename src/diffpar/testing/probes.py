@@ -77,6 +77,14 @@ UNSPLIT_ATTENTION = {
     "HunyuanImageTransformer2DModel": ("context_embedder.*",),  # the same token refiner
     # Krea 2's text fusion runs on the whole prompt on every rank, before the split.
     "Krea2Transformer2DModel": ("text_fusion.*",),
+    "HunyuanVideo15Transformer3DModel": ("context_embedder.*",),
+    "HunyuanVideoFramepackTransformer3DModel": ("context_embedder.*",),
+    # The prompt's own blocks run whole on every rank; the cross-attention reads the whole prompt locally.
+    "Kandinsky5Transformer3DModel": ("text_transformer_blocks.*", "visual_transformer_blocks.*.cross_attention"),
+    "CosmosTransformer3DModel": ("transformer_blocks.*.attn2",),
+    "AllegroTransformer3DModel": ("transformer_blocks.*.attn2",),
+    # Temporal attention runs over frames, which the plan does not split (each rank holds all frames of its patches).
+    "LatteTransformer3DModel": ("temporal_transformer_blocks.*",),
     # Cross-attention to the prompt: diffusers 0.37+ keeps the prompt whole (0.36 split it), so the image shard
     # attends to every key locally.
     "WanTransformer3DModel": ("blocks.*.attn2",),
