@@ -125,9 +125,12 @@ REDUCE_COLLECTIVE = "c10d.all_reduce"
 def _attention_modules(model: torch.nn.Module, unsplit) -> list[tuple[str, torch.nn.Module]]:
     # diffusers' generic `Attention` marks cross-attention (keys from a prompt every rank holds whole, attended
     # locally from the query shard): left whole like the `unsplit` patterns.
-    return [(name, m) for name, m in model.named_modules()
-            if hasattr(m, "processor") and getattr(m, "is_cross_attention", False) is not True
-            and not any(fnmatch.fnmatchcase(name, p) for p in unsplit)]
+    candidates = [(name, m) for name, m in model.named_modules()
+                  if hasattr(m, "processor") and not any(fnmatch.fnmatchcase(name, p) for p in unsplit)]
+    self_attention = [(name, m) for name, m in candidates if getattr(m, "is_cross_attention", False) is not True]
+    # Some models build their self-attention with `cross_attention_dim` set (OmniGen), which marks every one of
+    # them cross-attention: then the flag says nothing, and all of them are watched.
+    return self_attention or candidates
 
 
 def _split_at_own_input(attention: torch.nn.Module) -> bool:
