@@ -144,6 +144,12 @@ def forward_op_lse_layout(ring_anything: bool) -> str:
     return "3d" if layout == "3d" else "4d"
 
 
+# forward_op_lse_layout for (False, True), filled when the shims are installed: the forward op reads this plain
+# dict, so torch.compile, tracing the op, never traces the one-time probe behind the lru_cache (it would try to
+# trace a ring run on CPU tensors with a torch.Generator and fail).
+_FORWARD_OP_LAYOUT: dict[bool, str] = {}
+
+
 @lru_cache(None)
 def context_parallel_attention_takes_masks() -> bool:
     """0.36's context-parallel attention refuses any attention mask (even one that masks nothing); 0.37+ takes one.
@@ -337,7 +343,9 @@ def _lse_forward_op_wrapper(wrapped, instance, args, kwargs):
     lse = lse.permute(0, 2, 1).contiguous()  # (B, S, H)
     cp_config = getattr(a["_parallel_config"], "context_parallel_config", None)
     ring_anything = bool(getattr(cp_config, "ring_anything", False))
-    if forward_op_lse_layout(ring_anything) == "4d":
+    layout = _FORWARD_OP_LAYOUT[ring_anything] if ring_anything in _FORWARD_OP_LAYOUT else (
+        forward_op_lse_layout(ring_anything))
+    if layout == "4d":
         lse = lse.unsqueeze(-1)
     return out, lse
 
@@ -596,6 +604,8 @@ class _SharedShims:
                 from diffusers.hooks import context_parallel as hcp
                 from diffusers.models import attention_dispatch as ad
 
+                for ring_anything in (False, True):
+                    _FORWARD_OP_LAYOUT[ring_anything] = forward_op_lse_layout(ring_anything)
                 self._patches = [
                     Patch(ad, "_native_attention_forward_op", _lse_forward_op_wrapper,
                           label="diffusers attention_dispatch._native_attention_forward_op"),

@@ -208,6 +208,11 @@ def attach_model_checker(model: torch.nn.Module, checker: CallChecker, handle) -
     handle.add(f"{checker.label}: agree on every call", lambda: [r.remove() for r in removable])
     forward = type(model).forward
 
+    # Run eagerly under torch.compile(model): the agreement is host work (checksums read as floats, JSON, a
+    # gloo exchange) that dynamo would otherwise split into ~20 graphs. Disabled, it costs one graph break at the
+    # very start of the forward, before any tensor work (docs/compile.md); in a pipeline the agreement wraps the
+    # pipeline call instead and the compiled transformer has no break from it.
+    @torch.compiler.disable
     def hook(module, args, kwargs):
         checker.agree(describe_call(forward, args, kwargs, skip_first=True))
 
