@@ -47,12 +47,23 @@ def weights_checksum(module: torch.nn.Module) -> list:
     """Checksum of every parameter and buffer of `module`, in registration order."""
     total, squares = 0.0, 0.0
     for t in list(module.parameters()) + list(module.buffers()):
-        if t.is_meta:
-            continue
-        s, q = tensor_checksum(t)
-        total += s
-        squares += q
+        for part in _plain_parts(t):
+            if part.is_meta:
+                continue
+            s, q = tensor_checksum(part)
+            total += s
+            squares += q
     return [total, squares]
+
+
+def _plain_parts(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding `t`'s values: `t` itself, or for a tensor subclass that implements no reductions
+    (torchao's quantized weights: int8 data and scales) its inner tensors, recursively."""
+    data = t.data if isinstance(t, torch.nn.Parameter) else t
+    if type(data) is torch.Tensor or not hasattr(data, "__tensor_flatten__"):
+        return [data]
+    names, _ = data.__tensor_flatten__()
+    return [part for name in names for part in _plain_parts(getattr(data, name))]
 
 
 def _text(value: str):
