@@ -58,12 +58,13 @@ def _wrapping(original, patched):
 def _install(target, name: str, wrapper):
     """Set `target.name` to a plain function calling `wrapper(wrapped, instance, args, kwargs)` as wrapt would;
     returns the object set."""
+    static = None
     if isinstance(target, type):
-        static = None
         for klass in target.__mro__:  # the raw attribute, wherever it is defined
             if name in vars(klass):
                 static = vars(klass)[name]
                 break
+    if isinstance(target, type) and (isinstance(static, (staticmethod, classmethod)) or inspect.isfunction(static)):
         if isinstance(static, staticmethod):
             fn = static.__func__
 
@@ -85,10 +86,10 @@ def _install(target, name: str, wrapper):
                 return wrapper(fn.__get__(self, type(self)), self, args, kwargs)
 
             installed = _wrapping(fn, patched_method)
-        else:
-            raise TypeError(f"cannot patch {target.__name__}.{name}: {type(static).__name__} is not a function")
     else:
-        # A module's function, or one object's (bound) method: the object is the instance, as wrapt has it.
+        # A module's function, one object's (bound) method, or a class attribute that is no Python function (e.g.
+        # a class without `__call__` of its own, resolved through its metaclass): wrapped as found, the object it
+        # is bound to as the instance, as wrapt has it.
         original = getattr(target, name)
         instance = original.__self__ if inspect.ismethod(original) else None
 
