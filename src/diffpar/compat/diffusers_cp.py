@@ -2,8 +2,8 @@
 
 Each feature is detected from what the installed release does (a constructor that refuses, a field that exists,
 diffusers' own function run once on tiny CPU tensors), not from its version number or its source text. Shims are
-installed with wrapt while at least one parallel handle needs them and removed with the last one. Plan entries and
-context-parallel hooks are in `diffusers_cp_hooks`.
+installed by `patch.Patch` (plain functions torch.compile traces) while at least one parallel handle needs them
+and removed with the last one. Plan entries and context-parallel hooks are in `diffusers_cp_hooks`.
 """
 from __future__ import annotations
 

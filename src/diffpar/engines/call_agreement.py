@@ -161,7 +161,7 @@ _CHECKER_ATTR = "_diffpar_call_checker"
 
 
 class _ClassCallPatches:
-    """One wrapt patch of `cls.__call__` per pipeline class, kept while any enabled instance of it needs it; the
+    """One patch of `cls.__call__` per pipeline class, kept while any enabled instance of it needs it; the
     wrapper checks only instances that carry a checker (others run untouched)."""
 
     def __init__(self):
