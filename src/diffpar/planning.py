@@ -20,7 +20,7 @@ from diffpar.engines import tensor_parallel
 from diffpar.engines.call_agreement import weights_checksum
 from diffpar.engines.cfg_parallel import BATCHED, TWO_CALLS, CfgPayload
 from diffpar.engines.context_parallel import check_context_parallel
-from diffpar.errors import DiffparError
+from diffpar.errors import DiffparError, UnsupportedError
 import diffpar.families.catalog  # noqa: F401  (every family file registers itself: explicit, no package scan)
 from diffpar.families.controlnets.base import check_controlnet_listed
 from diffpar.families.pipelines.cfg import batch_args_for, cfg_pattern_for, recognised_pipelines
@@ -98,6 +98,24 @@ def _ranks_will_agree() -> bool:
     """Whether this plan will be compared across running ranks: only then is a pass over every weight for the
     checksum worth its cost (a dry run or a one-process check has nothing to compare it with)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def check_offload(name: str, module: torch.nn.Module) -> None:
+    """Refuse, before anything changes, a module whose sub-modules carry accelerate hooks: sequential CPU offload
+    (`enable_sequential_cpu_offload`) or a `device_map` dispatch. Those keep weights on the meta device and move
+    each leaf's weights in and out around its own forward, so diffpar cannot shard them (tensor parallelism, VAE
+    split) and context parallelism under them is untested: on CPU it cannot be tested at all (accelerate 1.15 with
+    torch 2.13 fails moving a weight back to meta, in one process too). A hook on the whole model
+    (`enable_model_cpu_offload`) and diffusers' group offloading are supported (tests/test_offload.py)."""
+    hooked = [path for path, sub in module.named_modules() if path and hasattr(sub, "_hf_hook")]
+    if hooked:
+        raise UnsupportedError(
+            f"{name} ({type(module).__name__}) has accelerate hooks on its sub-modules ({', '.join(hooked[:3])}"
+            f"{', ...' if len(hooked) > 3 else ''}): sequential CPU offload or a device_map. diffpar cannot split a "
+            "model whose weights live on the meta device and move per layer. Use pipe.enable_model_cpu_offload() "
+            "(supported with context parallelism and text-encoder tensor parallelism) or diffusers' group offloading "
+            "(context parallelism), or load the model without device_map."
+        )
 
 
 def _weight_bytes(module: torch.nn.Module) -> int:
@@ -182,6 +200,7 @@ def plan(target, cache_config=None, parallelism_config: ParallelismConfig | None
         for name, model in denoisers:
             if dims.cp * dims.tp > 1:
                 check_eval_mode(name, model)
+                check_offload(name, model)
             components.append(_plan_denoiser(name, model, config, dims))
         cfg_component, cfg_note = _plan_cfg(target, denoisers, dims, cache_config is not None)
         if cfg_component is not None:
@@ -189,6 +208,7 @@ def plan(target, cache_config=None, parallelism_config: ParallelismConfig | None
         extras = resolve_extra_modules(target, config.extra_parallel_modules)
         for name, module in extras:
             check_eval_mode(name, module)
+            check_offload(name, module)
             adapter = extra_adapter_for(module)
             component = adapter.plan(module, name, world, config)
             if _ranks_will_agree():

@@ -5,9 +5,9 @@ import copy
 
 import torch
 import torch.distributed as dist
-import wrapt
 
 import diffpar
+from diffpar.patch import is_diffpar_patch
 from diffpar.testing import tiny_transformers
 from diffpar.testing.probes import SplitProbe
 
@@ -122,8 +122,8 @@ def leftovers_after_detach(model_names: list[str]):
             registry = getattr(module, "_diffusers_hook", None)
             if registry is not None and registry.hooks:
                 found.append(f"{module_name}: hooks {sorted(registry.hooks)}")
-            # diffusers' hook registry keeps its own (now empty) forward wrapper: only a wrapt patch is ours.
-            if isinstance(vars(module).get("forward"), wrapt.FunctionWrapper):
+            # diffusers' hook registry keeps its own (now empty) forward wrapper: only a diffpar Patch is ours.
+            if is_diffpar_patch(vars(module).get("forward")):
                 found.append(f"{module_name}: patched forward")
             processor = getattr(module, "processor", None)
             if processor is not processors[module_name]:

@@ -2,8 +2,8 @@
 
 Each feature is detected from what the installed release does (a constructor that refuses, a field that exists,
 diffusers' own function run once on tiny CPU tensors), not from its version number or its source text. Shims are
-installed with wrapt while at least one parallel handle needs them and removed with the last one. Plan entries and
-context-parallel hooks are in `diffusers_cp_hooks`.
+installed by `patch.Patch` (plain functions torch.compile traces) while at least one parallel handle needs them
+and removed with the last one. Plan entries and context-parallel hooks are in `diffusers_cp_hooks`.
 """
 from __future__ import annotations
 
@@ -142,6 +142,12 @@ def forward_op_lse_layout(ring_anything: bool) -> str:
     """The layout our forward op returns: what the ring in use expects (4-D where either is taken)."""
     layout = ring_anything_lse_layout() if ring_anything else ring_lse_layout()
     return "3d" if layout == "3d" else "4d"
+
+
+# forward_op_lse_layout for (False, True), filled when the shims are installed: the forward op reads this plain
+# dict, so torch.compile, tracing the op, never traces the one-time probe behind the lru_cache (it would try to
+# trace a ring run on CPU tensors with a torch.Generator and fail).
+_FORWARD_OP_LAYOUT: dict[bool, str] = {}
 
 
 @lru_cache(None)
@@ -337,7 +343,9 @@ def _lse_forward_op_wrapper(wrapped, instance, args, kwargs):
     lse = lse.permute(0, 2, 1).contiguous()  # (B, S, H)
     cp_config = getattr(a["_parallel_config"], "context_parallel_config", None)
     ring_anything = bool(getattr(cp_config, "ring_anything", False))
-    if forward_op_lse_layout(ring_anything) == "4d":
+    layout = _FORWARD_OP_LAYOUT[ring_anything] if ring_anything in _FORWARD_OP_LAYOUT else (
+        forward_op_lse_layout(ring_anything))
+    if layout == "4d":
         lse = lse.unsqueeze(-1)
     return out, lse
 
@@ -596,6 +604,8 @@ class _SharedShims:
                 from diffusers.hooks import context_parallel as hcp
                 from diffusers.models import attention_dispatch as ad
 
+                for ring_anything in (False, True):
+                    _FORWARD_OP_LAYOUT[ring_anything] = forward_op_lse_layout(ring_anything)
                 self._patches = [
                     Patch(ad, "_native_attention_forward_op", _lse_forward_op_wrapper,
                           label="diffusers attention_dispatch._native_attention_forward_op"),

@@ -47,12 +47,23 @@ def weights_checksum(module: torch.nn.Module) -> list:
     """Checksum of every parameter and buffer of `module`, in registration order."""
     total, squares = 0.0, 0.0
     for t in list(module.parameters()) + list(module.buffers()):
-        if t.is_meta:
-            continue
-        s, q = tensor_checksum(t)
-        total += s
-        squares += q
+        for part in _plain_parts(t):
+            if part.is_meta:
+                continue
+            s, q = tensor_checksum(part)
+            total += s
+            squares += q
     return [total, squares]
+
+
+def _plain_parts(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding `t`'s values: `t` itself, or for a tensor subclass that implements no reductions
+    (torchao's quantized weights: int8 data and scales) its inner tensors, recursively."""
+    data = t.data if isinstance(t, torch.nn.Parameter) else t
+    if type(data) is torch.Tensor or not hasattr(data, "__tensor_flatten__"):
+        return [data]
+    names, _ = data.__tensor_flatten__()
+    return [part for name in names for part in _plain_parts(getattr(data, name))]
 
 
 def _text(value: str):
@@ -150,7 +161,7 @@ _CHECKER_ATTR = "_diffpar_call_checker"
 
 
 class _ClassCallPatches:
-    """One wrapt patch of `cls.__call__` per pipeline class, kept while any enabled instance of it needs it; the
+    """One patch of `cls.__call__` per pipeline class, kept while any enabled instance of it needs it; the
     wrapper checks only instances that carry a checker (others run untouched)."""
 
     def __init__(self):
@@ -208,6 +219,11 @@ def attach_model_checker(model: torch.nn.Module, checker: CallChecker, handle) -
     handle.add(f"{checker.label}: agree on every call", lambda: [r.remove() for r in removable])
     forward = type(model).forward
 
+    # Run eagerly under torch.compile(model): the agreement is host work (checksums read as floats, JSON, a
+    # gloo exchange) that dynamo would otherwise split into ~20 graphs. Disabled, it costs one graph break at the
+    # very start of the forward, before any tensor work (docs/compile.md); in a pipeline the agreement wraps the
+    # pipeline call instead and the compiled transformer has no break from it.
+    @torch.compiler.disable
     def hook(module, args, kwargs):
         checker.agree(describe_call(forward, args, kwargs, skip_first=True))
 

@@ -81,8 +81,9 @@ class ModuleRule:
     """Everything diffpar knows about one module class on an encode/decode path, as one record.
 
     what: how it treats a band, in words (messages, docs).
-    wrap: `(state, module) -> wrapt wrapper` that runs the module on this rank's band during a split call (its own
-        forward otherwise); None: the module is row-local as it is (pointwise, per-pixel, composes its children).
+    wrap: `(state, module) -> wrapper` (wrapt's calling convention, installed by `patch.Patch`) that runs the
+        module on this rank's band during a split call (its own forward otherwise); None: the module is row-local
+        as it is (pointwise, per-pixel, composes its children).
     geometry: `module -> RowGeometry` for a layer whose windows cross band edges (halo rows, row extent, stride);
         a layer whose geometry mixes no rows (1x1, stride 1, no padding) is left unwrapped.
     row_factor: `module -> int`, how much the layer shrinks rows on an encoder path when that is not a geometry
@@ -367,8 +368,8 @@ def _entry_wrapper(state: VaeSplitState, kind: str, arg_name: str):
 
 
 def while_split(state: VaeSplitState, input_name: str):
-    """Turn `body(split, x, args, kwargs)` into a wrapt wrapper that runs it during a split decode/encode (x: the
-    module's input) and the module's own forward otherwise."""
+    """Turn `body(split, x, args, kwargs)` into a wrapper (wrapt's calling convention) that runs it during a
+    split decode/encode (x: the module's input) and the module's own forward otherwise."""
 
     def deco(body):
         def wrapper(wrapped, instance, args, kwargs):
