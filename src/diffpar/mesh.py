@@ -26,6 +26,9 @@ logger = logging.getLogger("diffpar")
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _MESH_CACHE: dict = {}
+# The `timeout_s` of the enable_cache call in progress (set by `ensure_process_group`): the groups a mesh creates
+# carry it when `ParallelDims.build` is not given one.
+_GROUP_TIMEOUT_S: list = [None]
 
 
 def torchrun_env_present() -> bool:
@@ -36,7 +39,9 @@ def ensure_process_group(timeout_s: float | None = None) -> bool:
     """Initialize torch.distributed from torchrun's environment if needed. Returns whether one exists.
 
     The group carries `timeout_s` (every collective on it, and the start-up rendezvous, waits at most that
-    long); when the peers named by torchrun's variables never arrive, a clear error names the variables."""
+    long); when the peers named by torchrun's variables never arrive, a clear error names the variables. The
+    sub-groups `ParallelDims.build` creates later carry the same timeout, also when the caller started the group."""
+    _GROUP_TIMEOUT_S[0] = timeout_s
     if dist.is_available() and dist.is_initialized():
         return True
     if not dist.is_available() or not torchrun_env_present():
@@ -112,18 +117,45 @@ class ParallelDims:
     def cp(self) -> int:
         return self.ulysses * self.ring
 
-    def build(self):
-        """The ("dp", "ring", "ulysses", "tp") mesh; every rank must call this (it creates process groups)."""
+    def build(self, timeout_s: float | None = None):
+        """The ("dp", "ring", "ulysses", "tp") mesh; every rank must call this (it creates process groups).
+
+        Every group of the mesh carries `timeout_s` (default: the one given to `ensure_process_group`), so a wait
+        inside diffusers' Ulysses all-to-all, a ring exchange or a TP all-reduce on a sub-group fails after it
+        instead of torch's default (30 min for gloo). That includes the flattened meshes made later with
+        `_flatten()` (diffusers' "ring_ulysses", diffpar's "ring_ulysses_tp"): they are made here, with the
+        timeout, and `_flatten()` returns them."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        key = (device_type_for_collectives(), self.dp, self.ring, self.ulysses, self.tp)
+        if timeout_s is None:
+            timeout_s = _GROUP_TIMEOUT_S[0]
+        key = (device_type_for_collectives(), self.dp, self.ring, self.ulysses, self.tp, timeout_s)
         mesh = _MESH_CACHE.get(key)
         if mesh is None:
-            mesh = init_device_mesh(
-                key[0], (self.dp, self.ring, self.ulysses, self.tp), mesh_dim_names=("dp", "ring", "ulysses", "tp")
-            )
+            names = ("dp", "ring", "ulysses", "tp")
+            override = None if timeout_s is None else {n: group_options(timeout_s) for n in names}
+            mesh = init_device_mesh(key[0], (self.dp, self.ring, self.ulysses, self.tp), mesh_dim_names=names,
+                                    backend_override=override)
+            if timeout_s is not None:
+                if self.cp > 1:
+                    mesh["ring", "ulysses"]._flatten(backend_override=group_options(timeout_s))
+                if self.dp > 1:
+                    mesh["ring", "ulysses", "tp"]._flatten(backend_override=group_options(timeout_s))
             _MESH_CACHE[key] = mesh
         return mesh
+
+
+def group_options(timeout_s: float) -> tuple:
+    """A DeviceMesh `backend_override` entry that gives a new group `timeout_s` (torch takes a group's timeout
+    from its options; without them a new group gets torch's default, not the default group's). One fresh options
+    object per call: NCCL writes each group's name into the options it is given."""
+    timeout = timedelta(seconds=timeout_s)
+    if "nccl" in str(dist.get_backend()) and dist.is_nccl_available():
+        options = dist.ProcessGroupNCCL.Options()
+    else:  # gloo reads only the timeout
+        options = dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    return (None, options)  # backend None: the default group's ("gloo", or "cpu:gloo,cuda:nccl")
 
 
 def fingerprint(obj) -> str:

@@ -22,10 +22,13 @@ import hashlib
 import inspect
 import numbers
 import threading
+import traceback
 
 import torch
+import torch.distributed as dist
 
 from diffpar import mesh as mesh_lib
+from diffpar.errors import DiffparError
 from diffpar.patch import Patch
 
 # Arguments whose values diffpar itself makes equal on every rank: compared by shape only.
@@ -134,6 +137,7 @@ class CallChecker:
         self.group = group
         self.weight_modules = weight_modules or {}
         self.timeout_s = timeout_s
+        self.agree_in_call = True  # pipelines agree in the `__call__` wrapper; bare models in a forward pre-hook
         self.calls = 0  # how many calls were agreed (tests and the benchmark count them)
 
     def agree(self, description: dict) -> None:
@@ -144,14 +148,80 @@ class CallChecker:
         self.calls += 1
 
 
-# -- pipelines: `pipe(...)` looks `__call__` up on the class, so the class is patched, shared by its instances ----
+# -- the call itself: `pipe(...)` and `model(...)` look `__call__` up on the class, so the class is patched, shared
+# by its instances; the wrapper acts only on instances that carry a checker (others run untouched).
 
 _CHECKER_ATTR = "_diffpar_call_checker"
 
+# What gloo raises when a wait on a group ends unanswered: the group's timeout ran out, or a peer's process ended.
+_PEER_FAILURE_TEXT = ("timed out waiting", "connection closed by peer", "connection reset by peer")
+
+
+def collective_failure(exc: BaseException, label: str, timeout_s: float | None) -> DiffparError | None:
+    """A clear error for a wait inside a collective that ended because a peer never came (or died), naming the
+    collective, the code that issued it and the ranks of its group; None for any other exception.
+
+    The wait itself was bounded by the group's timeout (every group diffpar creates carries `timeout_s`); this only
+    says what happened, in place of gloo's bare "Timed out waiting 5000ms for recv operation to complete"."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or not any(t in text.lower() for t in _PEER_FAILURE_TEXT):
+        return None
+    frames = list(traceback.walk_tb(exc.__traceback__))
+    in_torch = [i for i, (f, _) in enumerate(frames) if "torch/distributed" in _slashes(f.f_code.co_filename)]
+    if not in_torch:
+        return None
+    first = in_torch[0]
+    collective = frames[first][0].f_code.co_name  # the torch.distributed entry point that waited
+    callers = " > ".join(f"{f.f_code.co_name} ({_short_path(f.f_code.co_filename)}:{line})"
+                         for f, line in frames[max(0, first - 2):first])
+    ranks = ""
+    for f, _ in reversed(frames):  # innermost first: the group the waiting collective ran on
+        group = f.f_locals.get("group")
+        if isinstance(group, dist.ProcessGroup):
+            try:
+                ranks = f" on the group of ranks {dist.get_process_group_ranks(group)}"
+            except Exception:  # noqa: BLE001 (only for the message)
+                ranks = ""
+            break
+    why = ("a peer's process ended" if "connection" in text.lower() else
+           f"it did not complete within {f'timeout_s={timeout_s:g} s' if timeout_s else 'its timeout'}")
+    return DiffparError(
+        f"diffpar: a call of {label}: a collective{ranks} stopped waiting in {callers or 'torch'} > torch.distributed "
+        f"{collective}: {why}. Another rank of that group raised earlier in this call, skipped the call, or runs a "
+        "different script (its own error says why). ParallelismConfig(timeout_s=...) sets how long to wait. "
+        f"({type(exc).__name__}: {text[:300]})"
+    )
+
+
+def _slashes(path: str) -> str:
+    return path.replace("\\", "/")
+
+
+def _short_path(path: str) -> str:
+    parts = _slashes(path).split("/")
+    for anchor in ("site-packages", "src"):
+        if anchor in parts:
+            return "/".join(parts[parts.index(anchor) + 1:])
+    return "/".join(parts[-3:])
+
+
+def _call_wrapper(wrapped, instance, args, kwargs):
+    checker = vars(instance).get(_CHECKER_ATTR) if instance is not None and hasattr(instance, "__dict__") else None
+    if checker is None:
+        return wrapped(*args, **kwargs)
+    if checker.agree_in_call:
+        checker.agree(describe_call(wrapped, args, kwargs))  # `wrapped` is the bound method: no `self`
+    try:
+        return wrapped(*args, **kwargs)
+    except RuntimeError as exc:
+        clear = collective_failure(exc, checker.label, checker.timeout_s)
+        if clear is None:
+            raise
+        raise clear from exc
+
 
 class _ClassCallPatches:
-    """One wrapt patch of `cls.__call__` per pipeline class, kept while any enabled instance of it needs it; the
-    wrapper checks only instances that carry a checker (others run untouched)."""
+    """One wrapt patch of `cls.__call__` per class, kept while any enabled instance of it needs it."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -161,7 +231,7 @@ class _ClassCallPatches:
         with self._lock:
             patch, users = self._patches.get(cls, (None, 0))
             if patch is None:
-                patch = Patch(cls, "__call__", _pipeline_call_wrapper, label=f"{cls.__name__}.__call__")
+                patch = Patch(cls, "__call__", _call_wrapper, label=f"{cls.__name__}.__call__")
             self._patches[cls] = (patch, users + 1)
 
     def release(self, cls: type) -> None:
@@ -179,31 +249,31 @@ class _ClassCallPatches:
 CLASS_CALL_PATCHES = _ClassCallPatches()
 
 
-def _pipeline_call_wrapper(wrapped, instance, args, kwargs):
-    checker = vars(instance).get(_CHECKER_ATTR) if instance is not None and hasattr(instance, "__dict__") else None
-    if checker is not None:
-        checker.agree(describe_call(wrapped, args, kwargs))  # `wrapped` is the bound method: no `self`
-    return wrapped(*args, **kwargs)
-
-
-def attach_pipeline_checker(pipe, checker: CallChecker, handle) -> None:
-    """Agree on every call of `pipe(...)`; undo recorded first."""
-    cls = type(pipe)
+def _attach_to_calls(target, checker: "CallChecker", handle, what: str) -> None:
+    """Put `checker` on `target`'s calls (the class patch plus the instance attribute); undo recorded first."""
+    cls = type(target)
     state = {"acquired": False}
 
     def undo():
-        vars(pipe).pop(_CHECKER_ATTR, None)
+        vars(target).pop(_CHECKER_ATTR, None)
         if state["acquired"]:
             CLASS_CALL_PATCHES.release(cls)
 
-    handle.add(f"pipeline: agree on every call ({cls.__name__})", undo)
+    handle.add(what, undo)
     CLASS_CALL_PATCHES.acquire(cls)
     state["acquired"] = True
-    setattr(pipe, _CHECKER_ATTR, checker)
+    vars(target)[_CHECKER_ATTR] = checker  # not setattr: nn.Module's would look for parameters and submodules
+
+
+def attach_pipeline_checker(pipe, checker: CallChecker, handle) -> None:
+    """Agree on every call of `pipe(...)`, and name the collective when a wait inside the call fails."""
+    checker.agree_in_call = True
+    _attach_to_calls(pipe, checker, handle, f"pipeline: agree on every call ({type(pipe).__name__})")
 
 
 def attach_model_checker(model: torch.nn.Module, checker: CallChecker, handle) -> None:
-    """Agree on every call of a bare model (a forward pre-hook that sees the whole inputs, before any split)."""
+    """Agree on every call of a bare model (a forward pre-hook that sees the whole inputs, before any split), and
+    name the collective when a wait inside the call fails (the class's `__call__`)."""
     removable = []
     handle.add(f"{checker.label}: agree on every call", lambda: [r.remove() for r in removable])
     forward = type(model).forward
@@ -213,3 +283,5 @@ def attach_model_checker(model: torch.nn.Module, checker: CallChecker, handle) -
 
     # prepend: before diffusers' own hooks and any split, so every rank describes the same whole inputs
     removable.append(model.register_forward_pre_hook(hook, with_kwargs=True, prepend=True))
+    checker.agree_in_call = False
+    _attach_to_calls(model, checker, handle, f"{checker.label}: name a collective that failed")
