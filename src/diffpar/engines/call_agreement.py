@@ -2,11 +2,12 @@
 
 Ranks that call a parallel pipeline differently (another size, step count, prompt, guidance scale, number of
 images) either hang in a collective, abort inside gloo, or silently blend their inputs into one image. So each
-call starts with one small exchange (`mesh.agree`, two all-gathers of a few hundred bytes) of a plain description
-of its arguments; a mismatch is a `RankMismatchError` on every rank naming the argument and each rank's value.
+call starts with one small exchange (`mesh.agree`: one all-reduce of 3 integers; the descriptions themselves are
+exchanged only when they differ) of a plain description of its arguments; a mismatch is a `RankMismatchError` on every rank naming the argument and each rank's value.
 
 What is compared, per argument (`describe_value`):
-- tensors: shape, dtype and a checksum (float64 sum and sum of squares); arguments whose values diffpar makes
+- tensors: shape, dtype and a checksum of every element (float64 sum, sum of squares, position-weighted sum, read
+  in one transfer per call); arguments whose values diffpar makes
   equal itself (`latents`: the initial noise is broadcast from rank 0) by shape and dtype only;
 - strings: the text (shortened) and its hash; lists and tuples element by element; dicts by key;
 - numbers, booleans, None: the value; PIL images and numpy arrays: size and a hash of their bytes;
@@ -46,6 +47,18 @@ def tensor_checksum(t: torch.Tensor) -> list:
     return [float(d.sum()), float((d * d).sum())]
 
 
+def argument_checksum(t: torch.Tensor) -> torch.Tensor:
+    """[sum, sum of squares, position-weighted sum] of every element, in float64, as one tensor on `t`'s device
+    (read with the other arguments' in one transfer). The weighted sum (weights n, n-1, ..., 1, from a cumulative
+    sum) tells apart tensors that hold the same values in another order: a batch of prompt embeddings given in
+    another order on one rank."""
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    d = t.reshape(-1).to(torch.float64)
+    return torch.stack([d.sum(), d.dot(d), d.cumsum(0).sum()])
+
+
 def weights_checksum(module: torch.nn.Module) -> list:
     """Checksum of every parameter and buffer of `module`, in registration order."""
     total, squares = 0.0, 0.0
@@ -64,12 +77,23 @@ def _text(value: str):
     return f"{shown!r} (sha {digest})"
 
 
-def describe_value(value, name: str = ""):
-    """A plain, JSON-able, rank-comparable description of one call argument."""
+def describe_value(value, name: str = "", checksums: list | None = None):
+    """A plain, JSON-able, rank-comparable description of one call argument.
+
+    A tensor's checksum is computed where the tensor lives; with `checksums` given, the description holds a
+    placeholder and (description, checksum tensor) is appended to it, for `fill_checksums` to read them all at
+    once (one device-to-host transfer per call, not two per tensor)."""
     if isinstance(value, torch.Tensor):
         if name in BROADCAST_ARGS:
             return {"shape": list(value.shape), "dtype": str(value.dtype)}
-        return {"shape": list(value.shape), "dtype": str(value.dtype), "checksum": tensor_checksum(value)}
+        out = {"shape": list(value.shape), "dtype": str(value.dtype), "checksum": None}
+        if value.numel() == 0:
+            out["checksum"] = [0.0, 0.0, 0.0]
+        elif checksums is None:
+            out["checksum"] = argument_checksum(value).tolist()
+        else:
+            checksums.append((out, argument_checksum(value)))
+        return out
     if isinstance(value, str):
         return _text(value)
     if value is None or isinstance(value, bool):
@@ -79,9 +103,9 @@ def describe_value(value, name: str = ""):
     if isinstance(value, torch.Generator):
         return "<generator: not compared, the initial noise is broadcast from rank 0>"
     if isinstance(value, (list, tuple)):
-        return [describe_value(v, name) for v in value]
+        return [describe_value(v, name, checksums) for v in value]
     if isinstance(value, dict):
-        return {str(k): describe_value(v, str(k)) for k, v in value.items()}
+        return {str(k): describe_value(v, str(k), checksums) for k, v in value.items()}
     tobytes = getattr(value, "tobytes", None)
     if callable(tobytes):  # PIL images, numpy arrays
         size = getattr(value, "size", None)
@@ -119,13 +143,25 @@ def describe_call(fn, args: tuple, kwargs: dict, *, skip_first: bool = False) ->
     if items is None:
         plain = args[1:] if skip_first else args
         items = [(f"arg{i}", a) for i, a in enumerate(plain)] + list(kwargs.items())
-    out = {}
+    out, checksums = {}, []
     for name, value in items:
         if kinds.get(name) == inspect.Parameter.VAR_KEYWORD and isinstance(value, dict):
-            out.update({k: describe_value(v, k) for k, v in value.items()})
+            out.update({k: describe_value(v, k, checksums) for k, v in value.items()})
         else:
-            out[name] = describe_value(value, name)
+            out[name] = describe_value(value, name, checksums)
+    fill_checksums(checksums)
     return out
+
+
+def fill_checksums(checksums: list) -> None:
+    """Read the pending checksums of one call's tensors in one transfer per device and put them in place."""
+    by_device: dict = {}
+    for entry in checksums:
+        by_device.setdefault(entry[1].device, []).append(entry)
+    for entries in by_device.values():
+        values = torch.stack([c for _, c in entries]).tolist()
+        for (description, _), value in zip(entries, values):
+            description["checksum"] = value
 
 
 class CallChecker:
