@@ -182,3 +182,36 @@ def test_plain_script_exits_cleanly_every_time(tmp_path):
         assert proc.returncode == 0, (run, output[-3000:])
         # Both ranks finished, each with half of the 256 image tokens one process sees, exchanged by all-to-all.
         assert proc.stdout.count("image (1, 3, 64, 64) image tokens 128 all-to-all True") == 2, (run, output[-3000:])
+
+
+def test_rank_without_parallelism_config_fails_the_others_after_the_timeout():
+    """One rank enables with `parallelism_config=None` (nothing to agree on, it returns at once); the other, in a
+    group the caller started, fails after timeout_s instead of waiting for it (torch's default: 30 minutes)."""
+    try:
+        r0, r1 = get_pool(2).run("workers.bounded_waits:one_rank_without_parallelism", timeout=120, timeout_s=3.0)
+    finally:
+        get_pool(2).kill()  # rank 0's half-made group must not pair with a later test's
+    assert r1["error"] is None, r1
+    assert r0["error"] == "DiffparError", r0
+    assert "not every rank came to set up diffpar's process group within 3 s" in r0["message"], r0
+    assert "parallelism_config=None" in r0["message"], r0
+    assert r0["seconds"] < 3.0 + MARGIN_S, r0  # measured: 4.0 s
+
+
+# -- the per-call description --------------------------------------------------------------------------------------
+
+
+def test_argument_checksum_tells_apart_a_batch_in_another_order():
+    """Prompt embeddings for ["a", "b"] on one rank and ["b", "a"] on another hold the same values: a sum and a sum
+    of squares agree, the position-weighted sum does not (each rank would silently get the other's image)."""
+    import torch
+
+    from diffpar.engines.call_agreement import describe_value
+
+    embeds = torch.randn(2, 16, 32)
+    swapped = embeds.flip(0)
+    a, b = describe_value(embeds, "prompt_embeds"), describe_value(swapped, "prompt_embeds")
+    assert a["shape"] == b["shape"] and a["checksum"][:2] == pytest.approx(b["checksum"][:2], rel=1e-12)
+    assert a["checksum"] != b["checksum"]
+    assert describe_value(embeds.clone(), "prompt_embeds") == a  # equal tensors: equal descriptions
+    assert describe_value(embeds, "latents") == {"shape": [2, 16, 32], "dtype": "torch.float32"}  # broadcast

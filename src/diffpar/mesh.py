@@ -52,7 +52,15 @@ def ensure_process_group(timeout_s: float | None = None) -> bool:
     _GROUP_TIMEOUT_S[0] = timeout_s
     if dist.is_available() and dist.is_initialized():
         if timeout_s is not None and timeout_s not in _WORLD_GROUPS and dist.get_world_size() > 1:
-            _WORLD_GROUPS[timeout_s] = dist.new_group(timeout=timedelta(seconds=timeout_s))
+            try:
+                _WORLD_GROUPS[timeout_s] = dist.new_group(timeout=timedelta(seconds=timeout_s))
+            except RuntimeError as exc:  # gloo's "Wait timeout": a peer never came to make the group
+                raise DiffparError(
+                    f"diffpar.enable_cache: not every rank came to set up diffpar's process group within "
+                    f"{timeout_s:g} s (a rank that did not call enable_cache, called it with "
+                    "parallelism_config=None, or failed before it). Every rank must make the same enable_cache "
+                    f"call; ParallelismConfig(timeout_s=...) sets how long to wait. ({type(exc).__name__}: {exc})"
+                ) from None
         return True
     if not dist.is_available() or not torchrun_env_present():
         return False

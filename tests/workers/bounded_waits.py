@@ -49,3 +49,19 @@ def subgroup_wait_times_out(timeout_s: float, mode: str) -> dict:
         return result
     finally:
         handle.detach()
+
+
+def one_rank_without_parallelism(timeout_s: float) -> dict:
+    """Rank 1 calls `enable_cache` with `parallelism_config=None` (no parallelism: nothing to agree); rank 0 asks
+    for Ulysses 2 and must fail after `timeout_s` saying that not every rank joined, instead of blocking."""
+    model, _ = tiny_transformers.build("flux")
+    config = None if dist.get_rank() == 1 else diffpar.ParallelismConfig(ulysses_size=2, timeout_s=timeout_s)
+    result = {"rank": dist.get_rank(), "error": None, "message": ""}
+    started = time.monotonic()
+    try:
+        handle = diffpar.enable_cache(model, parallelism_config=config)
+        handle.detach()
+    except Exception as exc:  # noqa: BLE001 (reported to the test)
+        result.update(error=type(exc).__name__, message=str(exc))
+    result["seconds"] = time.monotonic() - started
+    return result
