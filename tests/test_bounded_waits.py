@@ -153,6 +153,7 @@ def test_timed_out_rank_exits_under_torchrun(tmp_path, mode, error):
 # What a user writes: enable_cache starts torch.distributed, one call, the end of the script. No detach, no
 # destroy_process_group, no end_process: diffpar's atexit handler tears the groups down before C++ destructors run.
 PLAIN_SCRIPT = """
+import sys
 import torch
 import diffpar
 from diffpar.testing.probes import ULYSSES_COLLECTIVE, SplitProbe
@@ -167,8 +168,10 @@ with SplitProbe(pipe.transformer) as probe:
     images = pipe("a lighthouse at dawn", height=64, width=64, num_inference_steps=2, output_type="pt",
                   generator=torch.Generator().manual_seed(0)).images
 split = probe.summary()
-print("image", tuple(images.shape), "image tokens", split["image_tokens"][0], "all-to-all",
-      split["collectives"].get(ULYSSES_COLLECTIVE, 0) > 0, flush=True)
+line = (f"image {tuple(images.shape)} image tokens {split['image_tokens'][0]} all-to-all "
+        f"{split['collectives'].get(ULYSSES_COLLECTIVE, 0) > 0}\n")
+sys.stdout.write(line)  # one write: both ranks share the pipe
+sys.stdout.flush()
 """
 # Runs in a row (each launch takes 15-75 s on 2 loaded cores: mostly importing torch and diffusers twice).
 PLAIN_RUNS = int(os.environ.get("DIFFPAR_EXIT_RUNS", "10"))
