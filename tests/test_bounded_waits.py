@@ -169,7 +169,7 @@ with SplitProbe(pipe.transformer) as probe:
                   generator=torch.Generator().manual_seed(0)).images
 split = probe.summary()
 line = (f"image {tuple(images.shape)} image tokens {split['image_tokens'][0]} all-to-all "
-        f"{split['collectives'].get(ULYSSES_COLLECTIVE, 0) > 0}\n")
+        f"{split['collectives'].get(ULYSSES_COLLECTIVE, 0) > 0}\\n")
 sys.stdout.write(line)  # one write: both ranks share the pipe
 sys.stdout.flush()
 """
