@@ -3,8 +3,10 @@
     torchrun --nproc_per_node=2 benchmarks/bench_call_agreement.py [--size 64] [--steps 4] [--rounds 5]
 
 Runs the demo's tiny FLUX pipeline (ulysses 2, VAE split) with `check_every_call=True` and `False`, interleaved
-round by round, and times the agreement exchange alone (describe the call's arguments + two small all-gathers).
-Prints the exchange's median time, the median time per denoising step, and their ratio (target: under 1%).
+round by round, and times the agreement exchange alone (describe the call's arguments, fingerprint them, one
+all-reduce of 3 integers), for a call with a text prompt and for one with precomputed prompt embeddings (their
+checksums are part of the description). Prints each exchange's median time, the median time per denoising step,
+and their ratio (target: under 1%), and where an exchange's time goes (describe / fingerprint / collective).
 """
 from __future__ import annotations
 
@@ -21,12 +23,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--exchanges", type=int, default=200, help="agreement exchanges timed alone")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     import diffpar
     from diffpar.engines.call_agreement import describe_call
-    from diffpar.mesh import ensure_process_group
+    from diffpar.mesh import ensure_process_group, fingerprint
     from diffpar.testing.tiny_pipelines import build_tiny_flux_pipeline
 
     ensure_process_group()
@@ -49,25 +52,47 @@ def main() -> None:
                 pipe(**call, generator=torch.Generator().manual_seed(0))
                 times[check].append(time.perf_counter() - started)
     checker = pipes[True]._diffpar_handle.state("call_checker")
-    exchange = []
-    for _ in range(50):
+    pipe_call = type(pipes[True]).__call__
+    with torch.no_grad():
+        prompt_embeds, pooled, _ = pipes[False].encode_prompt(call["prompt"], None, max_sequence_length=16)
+    embeds_call = dict(call, prompt=None, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled)
+    samples = {"prompt": [], "embeds": [], "describe": [], "fingerprint": [], "collective": []}
+    for _ in range(args.exchanges):
+        for kind, kwargs in (("prompt", call), ("embeds", embeds_call)):
+            dist.barrier()
+            started = time.perf_counter()
+            checker.agree(describe_call(pipe_call, (), dict(kwargs), skip_first=False))
+            samples[kind].append(time.perf_counter() - started)
+        # The parts of one exchange (embeddings call), each timed alone.
         dist.barrier()
         started = time.perf_counter()
-        checker.agree(describe_call(type(pipes[True]).__call__, (), dict(call), skip_first=False))
-        exchange.append(time.perf_counter() - started)
+        description = {"arguments": describe_call(pipe_call, (), dict(embeds_call), skip_first=False)}
+        samples["describe"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        fingerprint(description)
+        samples["fingerprint"].append(time.perf_counter() - started)
+        dist.barrier()
+        started = time.perf_counter()
+        dist.all_reduce(torch.zeros(3, dtype=torch.int64), op=dist.ReduceOp.MAX)
+        samples["collective"].append(time.perf_counter() - started)
 
     with_check = statistics.median(times[True][1:])
     without = statistics.median(times[False][1:])
     per_step = without / args.steps
-    one_exchange = statistics.median(exchange)
+    one_exchange = statistics.median(samples["prompt"])
+    embeds_exchange = statistics.median(samples["embeds"])
     if dist.get_rank() == 0:
         print(f"tiny FLUX pipeline {args.size}x{args.size}, {args.steps} steps, 2 ranks x 1 thread, "
               f"median of {args.rounds} rounds")
         print(f"  pipeline call, check_every_call=False : {without * 1e3:8.1f} ms ({per_step * 1e3:.1f} ms per step)")
         print(f"  pipeline call, check_every_call=True  : {with_check * 1e3:8.1f} ms")
-        print(f"  one agreement exchange (median of 50)  : {one_exchange * 1e3:8.3f} ms "
-              f"= {100 * one_exchange / per_step:.2f}% of a denoising step, "
-              f"{100 * one_exchange / without:.2f}% of the call")
+        n = args.exchanges
+        for label, value in (("prompt", one_exchange), ("prompt embeddings", embeds_exchange)):
+            print(f"  one agreement exchange, {label:17s} (median of {n}): {value * 1e3:7.3f} ms "
+                  f"= {100 * value / per_step:.2f}% of a denoising step, {100 * value / without:.2f}% of the call")
+        parts = ", ".join(f"{k} {statistics.median(samples[k]) * 1e3:.3f} ms"
+                          for k in ("describe", "fingerprint", "collective"))
+        print(f"  where an exchange's time goes (medians, embeddings call): {parts}")
     dist.destroy_process_group()
 
 

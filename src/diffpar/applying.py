@@ -67,7 +67,7 @@ def apply_plan(target, plan: ParallelPlan, config, handle: ParallelHandle) -> No
     cfg_plans = plan.by_role("cfg")
     cfg_degree = layout.dp if any(c.payload.dim == "cfg" for c in cfg_plans) else 1
     dims = mesh_lib.ParallelDims(layout.world_size, layout.ulysses, layout.ring, layout.tp, cfg_degree)
-    world_mesh = dims.build()
+    world_mesh = dims.build(config.timeout_s)  # every group of the mesh carries timeout_s
     cache_group = cache_decision_group(world_mesh, layout, cfg_plans) if cache_plans else None
     outer_group = world_mesh[dims.outer_name].get_group() if cfg_plans else None
     handle.states["mesh"] = world_mesh
@@ -115,12 +115,14 @@ def _apply_local_steps(target, plan: ParallelPlan, config, handle, world_mesh, c
         if component.role in ("denoiser", "cache", "cfg"):
             continue
         extra = component.payload
-        state = apply_step("extra module", extra.adapter.apply, extra.module, extra.plan, dist.group.WORLD, handle,
-                           config, context)
+        # The whole world, as a group whose collectives end after timeout_s (the user may have started the default
+        # group with torch's own timeout).
+        state = apply_step("extra module", extra.adapter.apply, extra.module, extra.plan,
+                           mesh_lib.world_group(config.timeout_s), handle, config, context)
         if state is not None:
             handle.states[component.name] = state
     if config.broadcast_latents and is_pipeline(target) and hasattr(target, "prepare_latents"):
-        apply_step("latent broadcast", broadcast_latents, target, handle)
+        apply_step("latent broadcast", broadcast_latents, target, handle, mesh_lib.world_group(config.timeout_s))
     if config.check_every_call:
         apply_step("call agreement", attach_call_checker, target, plan, config, handle)
 
@@ -149,8 +151,9 @@ def apply_step(step: str, fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def broadcast_latents(pipe, handle: ParallelHandle) -> None:
-    """Every rank must start from rank 0's noise: without a generator, each rank would draw its own."""
+def broadcast_latents(pipe, handle: ParallelHandle, group=None) -> None:
+    """Every rank must start from rank 0's noise: without a generator, each rank would draw its own. `group`: the
+    whole world (one whose waits end after timeout_s; default: the default group)."""
 
     def wrapper(wrapped, instance, args, kwargs):
         result = wrapped(*args, **kwargs)
@@ -158,7 +161,7 @@ def broadcast_latents(pipe, handle: ParallelHandle) -> None:
         for item in items:
             if isinstance(item, torch.Tensor):
                 buf = item if item.is_contiguous() else item.contiguous()
-                dist.broadcast(buf, src=0)
+                dist.broadcast(buf, src=0, group=group)
                 if buf is not item:
                     item.copy_(buf)
         return result

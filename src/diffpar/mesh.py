@@ -8,6 +8,7 @@ own full copy of the transformer, while extra modules still use the whole world.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -26,6 +27,12 @@ logger = logging.getLogger("diffpar")
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _MESH_CACHE: dict = {}
+# The `timeout_s` of the enable_cache call in progress (set by `ensure_process_group`): the groups a mesh creates
+# carry it when `ParallelDims.build` is not given one.
+_GROUP_TIMEOUT_S: list = [None]
+# Whole-world groups that carry a timeout, by timeout_s (the default group itself when diffpar started it with
+# that timeout). A wait on one ends by the group's own timeout, so nothing stays pending after it fires.
+_WORLD_GROUPS: dict = {}
 
 
 def torchrun_env_present() -> bool:
@@ -36,8 +43,24 @@ def ensure_process_group(timeout_s: float | None = None) -> bool:
     """Initialize torch.distributed from torchrun's environment if needed. Returns whether one exists.
 
     The group carries `timeout_s` (every collective on it, and the start-up rendezvous, waits at most that
-    long); when the peers named by torchrun's variables never arrive, a clear error names the variables."""
+    long); when the peers named by torchrun's variables never arrive, a clear error names the variables. The
+    sub-groups `ParallelDims.build` creates later carry the same timeout, also when the caller started the group.
+
+    When the caller started torch.distributed, its default group carries the caller's timeout (torch's default
+    is 30 minutes), so a whole-world group carrying `timeout_s` is made here, once per timeout (a collective:
+    every rank calls this at the same point, at the start of `enable_cache`); `agree` waits on it."""
+    _GROUP_TIMEOUT_S[0] = timeout_s
     if dist.is_available() and dist.is_initialized():
+        if timeout_s is not None and timeout_s not in _WORLD_GROUPS and dist.get_world_size() > 1:
+            try:
+                _WORLD_GROUPS[timeout_s] = dist.new_group(timeout=timedelta(seconds=timeout_s))
+            except RuntimeError as exc:  # gloo's "Wait timeout": a peer never came to make the group
+                raise DiffparError(
+                    f"diffpar.enable_cache: not every rank came to set up diffpar's process group within "
+                    f"{timeout_s:g} s (a rank that did not call enable_cache, called it with "
+                    "parallelism_config=None, or failed before it). Every rank must make the same enable_cache "
+                    f"call; ParallelismConfig(timeout_s=...) sets how long to wait. ({type(exc).__name__}: {exc})"
+                ) from None
         return True
     if not dist.is_available() or not torchrun_env_present():
         return False
@@ -58,7 +81,31 @@ def ensure_process_group(timeout_s: float | None = None) -> bool:
             "(`torchrun --nproc_per_node=N script.py`), or unset these variables to run in one process "
             f"(they may be left over from another launch). ({type(exc).__name__}: {str(exc)[:300]})"
         ) from None
+    if timeout_s is not None:
+        _WORLD_GROUPS[timeout_s] = dist.group.WORLD
+    atexit.register(release_process_groups)
     return True
+
+
+def release_process_groups() -> None:
+    """Destroy torch.distributed's groups, newest first (torch's order), if diffpar started them and they are
+    still there: registered with `atexit` when diffpar starts the default group, so a script that never tears it
+    down does not leave the groups and their threads to C++ destructors at interpreter exit (which can abort:
+    "terminate called without an active exception"). Not a collective; the other ranks do the same at their
+    exit. Every collective diffpar waits on carries `timeout_s`, so none is left pending to block this."""
+    _MESH_CACHE.clear()
+    _WORLD_GROUPS.clear()
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 (exiting anyway; a broken group must not turn a success into a failure)
+            pass
+
+
+def world_group(timeout_s: float | None = None):
+    """The whole world as a group whose collectives end after `timeout_s` by themselves (made by
+    `ensure_process_group`); the default group when there is none for that timeout."""
+    return _WORLD_GROUPS.get(timeout_s, dist.group.WORLD)
 
 
 def end_process(code: int = 0, timeout_s: float = 60.0):
@@ -129,32 +176,64 @@ class ParallelDims:
     def cp(self) -> int:
         return self.ulysses * self.ring
 
-    def build(self):
+    def build(self, timeout_s: float | None = None):
         """The (outer, "ring", "ulysses", "tp") mesh, outer being "cfg" or "dp"; every rank must call this (it
-        creates process groups)."""
+        creates process groups).
+
+        Every group of the mesh carries `timeout_s` (default: the one given to `ensure_process_group`), so a wait
+        inside diffusers' Ulysses all-to-all, a ring exchange or a TP all-reduce on a sub-group fails after it
+        instead of torch's default (30 min for gloo). That includes the flattened meshes made later with
+        `_flatten()` (diffusers' "ring_ulysses", diffpar's "ring_ulysses_tp"): they are made here, with the
+        timeout, and `_flatten()` returns them."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        key = (device_type_for_collectives(), self.outer_name, self.dp, self.ring, self.ulysses, self.tp)
+        if timeout_s is None:
+            timeout_s = _GROUP_TIMEOUT_S[0]
+        key = (device_type_for_collectives(), self.outer_name, self.dp, self.ring, self.ulysses, self.tp, timeout_s)
         mesh = _MESH_CACHE.get(key)
         if mesh is None:
-            mesh = init_device_mesh(
-                key[0], (self.dp, self.ring, self.ulysses, self.tp),
-                mesh_dim_names=(self.outer_name, "ring", "ulysses", "tp"),
-            )
+            names = (self.outer_name, "ring", "ulysses", "tp")
+            override = None if timeout_s is None else {n: group_options(timeout_s) for n in names}
+            mesh = init_device_mesh(key[0], (self.dp, self.ring, self.ulysses, self.tp), mesh_dim_names=names,
+                                    backend_override=override)
+            if timeout_s is not None:
+                if self.cp > 1:
+                    mesh["ring", "ulysses"]._flatten(backend_override=group_options(timeout_s))
+                if self.dp > 1:
+                    mesh["ring", "ulysses", "tp"]._flatten(backend_override=group_options(timeout_s))
             _MESH_CACHE[key] = mesh
         return mesh
+
+
+def group_options(timeout_s: float) -> tuple:
+    """A DeviceMesh `backend_override` entry that gives a new group `timeout_s` (torch takes a group's timeout
+    from its options; without them a new group gets torch's default, not the default group's). One fresh options
+    object per call: NCCL writes each group's name into the options it is given."""
+    timeout = timedelta(seconds=timeout_s)
+    if "nccl" in str(dist.get_backend()) and dist.is_nccl_available():
+        options = dist.ProcessGroupNCCL.Options()
+    else:  # gloo reads only the timeout
+        options = dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    return (None, options)  # backend None: the default group's ("gloo", or "cpu:gloo,cuda:nccl")
 
 
 def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
 
-def _wait(work, what: str, timeout_s: float | None) -> None:
+def _wait(work, what: str, timeout_s: float | None, group_carries_timeout: bool = False) -> None:
+    """Wait for `work`, at most `timeout_s`. On a group that carries the timeout the collective ends by itself
+    when it fires (nothing stays pending: the process can exit); on another group (one the caller made, with
+    its own timeout) the wait is polled, and the collective stays pending until that group's timeout."""
     if timeout_s is None:
         work.wait()
         return
     try:
-        work.wait(timeout=timedelta(seconds=timeout_s))
+        if group_carries_timeout:
+            work.wait()
+        else:
+            work.wait(timeout=timedelta(seconds=timeout_s))
     except RuntimeError as exc:
         raise DiffparError(
             f"{what}: waited {timeout_s:.0f} s for the other ranks and not every rank arrived (a rank that raised "
@@ -163,19 +242,20 @@ def _wait(work, what: str, timeout_s: float | None) -> None:
         ) from None
 
 
-def _exchange_json(payload: dict, group=None, what: str = "diffpar", timeout_s: float | None = None) -> list[dict]:
+def _exchange_json(payload: dict, group=None, what: str = "diffpar", timeout_s: float | None = None,
+                   group_carries_timeout: bool = False) -> list[dict]:
     """All-gather one JSON document per rank as uint8 tensors (never pickles: a peer's bytes are only parsed as
     JSON). Two collectives, the sizes then the padded bytes, each wait bounded by `timeout_s`."""
     data = json.dumps(payload, sort_keys=True, default=repr).encode()
     world = dist.get_world_size(group)
     size = torch.tensor([len(data)], dtype=torch.int64)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    _wait(dist.all_gather(sizes, size, group=group, async_op=True), what, timeout_s)
+    _wait(dist.all_gather(sizes, size, group=group, async_op=True), what, timeout_s, group_carries_timeout)
     longest = max(int(s.item()) for s in sizes)
     buf = torch.zeros(longest, dtype=torch.uint8)
     buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     bufs = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)]
-    _wait(dist.all_gather(bufs, buf, group=group, async_op=True), what, timeout_s)
+    _wait(dist.all_gather(bufs, buf, group=group, async_op=True), what, timeout_s, group_carries_timeout)
     return [json.loads(bytes(b[: int(n.item())].tolist()).decode()) for b, n in zip(bufs, sizes)]
 
 
@@ -198,7 +278,7 @@ def agree(what: str, description: dict, local_error: BaseException | None = None
           failed: str = "failed its checks", timeout_s: float | None = None) -> None:
     """One collective exchange that every rank enters, even a rank whose local checks failed.
 
-    Every rank sends a fingerprint of its description and whether it failed (one all-gather of 3 integers); only
+    Every rank sends a fingerprint of its description and whether it failed (one all-reduce of 3 integers); only
     when something differs do they exchange the descriptions and errors themselves, as JSON, to say what. Then
     every rank raises the same error, so a mistake found on one rank never leaves the others waiting in a later
     collective. A mismatch names only the fields that differ, with each rank's value.
@@ -207,13 +287,18 @@ def agree(what: str, description: dict, local_error: BaseException | None = None
         if local_error is not None:
             raise local_error
         return
+    carries = False
+    if group is None and timeout_s is not None and timeout_s in _WORLD_GROUPS:
+        group, carries = _WORLD_GROUPS[timeout_s], True  # the whole world, with collectives that end by themselves
     fp = fingerprint(description)
-    # Round 1, one all-gather of 3 integers: did anyone fail, and does everyone's fingerprint match? The common
-    # case ends here. Every rank sees the same gathered values, so every rank takes the same branch below.
-    mine = torch.tensor([int(local_error is not None), int(fp[:8], 16), int(fp[8:16], 16)], dtype=torch.int64)
-    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    _wait(dist.all_gather(everyone, mine, group=group, async_op=True), what, timeout_s)
-    if all(int(e[0]) == 0 and torch.equal(e[1:], mine[1:]) for e in everyone):
+    # Round 1, one all-reduce (MAX) of [failed, h, -h], h = 62 bits of the fingerprint: max(-h) is -min(h), so
+    # every rank learns whether anyone failed and whether the smallest and largest fingerprints are equal. The
+    # common case ends here. Every rank sees the same reduced values, so every rank takes the same branch below.
+    h = int(fp, 16) >> 2
+    probe = torch.tensor([int(local_error is not None), h, -h], dtype=torch.int64)
+    _wait(dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=group, async_op=True), what, timeout_s, carries)
+    failed_any, largest, minus_smallest = probe.tolist()
+    if failed_any == 0 and largest == -minus_smallest:
         return
     # Round 2, only to explain: every rank's description and error, as JSON.
     payload = {
@@ -223,7 +308,7 @@ def agree(what: str, description: dict, local_error: BaseException | None = None
         if local_error is None
         else [type(local_error).__name__, str(local_error), "".join(traceback.format_exception(local_error))],
     }
-    gathered = _exchange_json(payload, group, what, timeout_s)
+    gathered = _exchange_json(payload, group, what, timeout_s, carries)
     errors = [(r, p["error"]) for r, p in enumerate(gathered) if p["error"] is not None]
     if errors:
         if local_error is not None:

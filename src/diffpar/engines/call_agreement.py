@@ -2,11 +2,12 @@
 
 Ranks that call a parallel pipeline differently (another size, step count, prompt, guidance scale, number of
 images) either hang in a collective, abort inside gloo, or silently blend their inputs into one image. So each
-call starts with one small exchange (`mesh.agree`, two all-gathers of a few hundred bytes) of a plain description
-of its arguments; a mismatch is a `RankMismatchError` on every rank naming the argument and each rank's value.
+call starts with one small exchange (`mesh.agree`: one all-reduce of 3 integers; the descriptions themselves are
+exchanged only when they differ) of a plain description of its arguments; a mismatch is a `RankMismatchError` on every rank naming the argument and each rank's value.
 
 What is compared, per argument (`describe_value`):
-- tensors: shape, dtype and a checksum (float64 sum and sum of squares); arguments whose values diffpar makes
+- tensors: shape, dtype and a checksum of every element (float64 sum, sum of squares, position-weighted sum, read
+  in one transfer per call); arguments whose values diffpar makes
   equal itself (`latents`: the initial noise is broadcast from rank 0) by shape and dtype only;
 - strings: the text (shortened) and its hash; lists and tuples element by element; dicts by key;
 - numbers, booleans, None: the value; PIL images and numpy arrays: size and a hash of their bytes;
@@ -22,10 +23,13 @@ import hashlib
 import inspect
 import numbers
 import threading
+import traceback
 
 import torch
+import torch.distributed as dist
 
 from diffpar import mesh as mesh_lib
+from diffpar.errors import DiffparError
 from diffpar.patch import Patch
 
 # Arguments whose values diffpar itself makes equal on every rank: compared by shape only.
@@ -41,6 +45,18 @@ def tensor_checksum(t: torch.Tensor) -> list:
         t = torch.view_as_real(t)
     d = t.to(torch.float64)
     return [float(d.sum()), float((d * d).sum())]
+
+
+def argument_checksum(t: torch.Tensor) -> torch.Tensor:
+    """[sum, sum of squares, position-weighted sum] of every element, in float64, as one tensor on `t`'s device
+    (read with the other arguments' in one transfer). The weighted sum (weights n, n-1, ..., 1, from a cumulative
+    sum) tells apart tensors that hold the same values in another order: a batch of prompt embeddings given in
+    another order on one rank."""
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    d = t.reshape(-1).to(torch.float64)
+    return torch.stack([d.sum(), d.dot(d), d.cumsum(0).sum()])
 
 
 def weights_checksum(module: torch.nn.Module) -> list:
@@ -72,12 +88,23 @@ def _text(value: str):
     return f"{shown!r} (sha {digest})"
 
 
-def describe_value(value, name: str = ""):
-    """A plain, JSON-able, rank-comparable description of one call argument."""
+def describe_value(value, name: str = "", checksums: list | None = None):
+    """A plain, JSON-able, rank-comparable description of one call argument.
+
+    A tensor's checksum is computed where the tensor lives; with `checksums` given, the description holds a
+    placeholder and (description, checksum tensor) is appended to it, for `fill_checksums` to read them all at
+    once (one device-to-host transfer per call, not two per tensor)."""
     if isinstance(value, torch.Tensor):
         if name in BROADCAST_ARGS:
             return {"shape": list(value.shape), "dtype": str(value.dtype)}
-        return {"shape": list(value.shape), "dtype": str(value.dtype), "checksum": tensor_checksum(value)}
+        out = {"shape": list(value.shape), "dtype": str(value.dtype), "checksum": None}
+        if value.numel() == 0:
+            out["checksum"] = [0.0, 0.0, 0.0]
+        elif checksums is None:
+            out["checksum"] = argument_checksum(value).tolist()
+        else:
+            checksums.append((out, argument_checksum(value)))
+        return out
     if isinstance(value, str):
         return _text(value)
     if value is None or isinstance(value, bool):
@@ -87,9 +114,9 @@ def describe_value(value, name: str = ""):
     if isinstance(value, torch.Generator):
         return "<generator: not compared, the initial noise is broadcast from rank 0>"
     if isinstance(value, (list, tuple)):
-        return [describe_value(v, name) for v in value]
+        return [describe_value(v, name, checksums) for v in value]
     if isinstance(value, dict):
-        return {str(k): describe_value(v, str(k)) for k, v in value.items()}
+        return {str(k): describe_value(v, str(k), checksums) for k, v in value.items()}
     tobytes = getattr(value, "tobytes", None)
     if callable(tobytes):  # PIL images, numpy arrays
         size = getattr(value, "size", None)
@@ -127,13 +154,25 @@ def describe_call(fn, args: tuple, kwargs: dict, *, skip_first: bool = False) ->
     if items is None:
         plain = args[1:] if skip_first else args
         items = [(f"arg{i}", a) for i, a in enumerate(plain)] + list(kwargs.items())
-    out = {}
+    out, checksums = {}, []
     for name, value in items:
         if kinds.get(name) == inspect.Parameter.VAR_KEYWORD and isinstance(value, dict):
-            out.update({k: describe_value(v, k) for k, v in value.items()})
+            out.update({k: describe_value(v, k, checksums) for k, v in value.items()})
         else:
-            out[name] = describe_value(value, name)
+            out[name] = describe_value(value, name, checksums)
+    fill_checksums(checksums)
     return out
+
+
+def fill_checksums(checksums: list) -> None:
+    """Read the pending checksums of one call's tensors in one transfer per device and put them in place."""
+    by_device: dict = {}
+    for entry in checksums:
+        by_device.setdefault(entry[1].device, []).append(entry)
+    for entries in by_device.values():
+        values = torch.stack([c for _, c in entries]).tolist()
+        for (description, _), value in zip(entries, values):
+            description["checksum"] = value
 
 
 class CallChecker:
@@ -145,6 +184,7 @@ class CallChecker:
         self.group = group
         self.weight_modules = weight_modules or {}
         self.timeout_s = timeout_s
+        self.agree_in_call = True  # pipelines agree in the `__call__` wrapper; bare models in a forward pre-hook
         self.calls = 0  # how many calls were agreed (tests and the benchmark count them)
 
     def agree(self, description: dict) -> None:
@@ -155,14 +195,81 @@ class CallChecker:
         self.calls += 1
 
 
-# -- pipelines: `pipe(...)` looks `__call__` up on the class, so the class is patched, shared by its instances ----
+# -- the call itself: `pipe(...)` and `model(...)` look `__call__` up on the class, so the class is patched, shared
+# by its instances; the wrapper acts only on instances that carry a checker (others run untouched).
 
 _CHECKER_ATTR = "_diffpar_call_checker"
 
+# What gloo raises when a wait on a group ends unanswered: the group's timeout ran out, or a peer's process ended.
+_PEER_FAILURE_TEXT = ("timed out waiting", "connection closed by peer", "connection reset by peer")
+
+
+def collective_failure(exc: BaseException, label: str, timeout_s: float | None) -> DiffparError | None:
+    """A clear error for a wait inside a collective that ended because a peer never came (or died), naming the
+    collective, the code that issued it and the ranks of its group; None for any other exception.
+
+    The wait itself was bounded by the group's timeout (every group diffpar creates carries `timeout_s`); this only
+    says what happened, in place of gloo's bare "Timed out waiting 5000ms for recv operation to complete"."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or not any(t in text.lower() for t in _PEER_FAILURE_TEXT):
+        return None
+    frames = list(traceback.walk_tb(exc.__traceback__))
+    in_torch = [i for i, (f, _) in enumerate(frames) if "torch/distributed" in _slashes(f.f_code.co_filename)]
+    if not in_torch:
+        return None
+    first = in_torch[0]
+    collective = frames[first][0].f_code.co_name  # the torch.distributed entry point that waited
+    callers = " > ".join(f"{f.f_code.co_name} ({_short_path(f.f_code.co_filename)}:{line})"
+                         for f, line in frames[max(0, first - 2):first])
+    ranks = ""
+    for f, _ in reversed(frames):  # innermost first: the group the waiting collective ran on
+        group = f.f_locals.get("group")
+        if isinstance(group, dist.ProcessGroup):
+            try:
+                ranks = f" on the group of ranks {dist.get_process_group_ranks(group)}"
+            except Exception:  # noqa: BLE001 (only for the message)
+                ranks = ""
+            break
+    why = ("a peer's process ended" if "connection" in text.lower() else
+           f"it did not complete within {f'timeout_s={timeout_s:g} s' if timeout_s else 'its timeout'}")
+    return DiffparError(
+        f"diffpar: a call of {label}: a collective{ranks} stopped waiting in {callers or 'torch'} > torch.distributed "
+        f"{collective}: {why}. Another rank of that group raised earlier in this call, skipped the call, or runs a "
+        "different script (its own error says why). ParallelismConfig(timeout_s=...) sets how long to wait. "
+        f"({type(exc).__name__}: {text[:300]})"
+    )
+
+
+def _slashes(path: str) -> str:
+    return path.replace("\\", "/")
+
+
+def _short_path(path: str) -> str:
+    parts = _slashes(path).split("/")
+    for anchor in ("site-packages", "src"):
+        if anchor in parts:
+            return "/".join(parts[parts.index(anchor) + 1:])
+    return "/".join(parts[-3:])
+
+
+def _call_wrapper(wrapped, instance, args, kwargs):
+    checker = vars(instance).get(_CHECKER_ATTR) if instance is not None and hasattr(instance, "__dict__") else None
+    if checker is None:
+        return wrapped(*args, **kwargs)
+    if checker.agree_in_call:
+        checker.agree(describe_call(wrapped, args, kwargs))  # `wrapped` is the bound method: no `self`
+    try:
+        return wrapped(*args, **kwargs)
+    except RuntimeError as exc:
+        clear = collective_failure(exc, checker.label, checker.timeout_s)
+        if clear is None:
+            raise
+        raise clear from exc
+
 
 class _ClassCallPatches:
-    """One patch of `cls.__call__` per pipeline class, kept while any enabled instance of it needs it; the
-    wrapper checks only instances that carry a checker (others run untouched)."""
+    """One patch of `cls.__call__` per class (a pipeline's, or a bare model's), kept while any enabled instance of
+    it needs it; the wrapper checks only instances that carry a checker (others run untouched)."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -172,7 +279,7 @@ class _ClassCallPatches:
         with self._lock:
             patch, users = self._patches.get(cls, (None, 0))
             if patch is None:
-                patch = Patch(cls, "__call__", _pipeline_call_wrapper, label=f"{cls.__name__}.__call__")
+                patch = Patch(cls, "__call__", _call_wrapper, label=f"{cls.__name__}.__call__")
             self._patches[cls] = (patch, users + 1)
 
     def release(self, cls: type) -> None:
@@ -190,31 +297,31 @@ class _ClassCallPatches:
 CLASS_CALL_PATCHES = _ClassCallPatches()
 
 
-def _pipeline_call_wrapper(wrapped, instance, args, kwargs):
-    checker = vars(instance).get(_CHECKER_ATTR) if instance is not None and hasattr(instance, "__dict__") else None
-    if checker is not None:
-        checker.agree(describe_call(wrapped, args, kwargs))  # `wrapped` is the bound method: no `self`
-    return wrapped(*args, **kwargs)
-
-
-def attach_pipeline_checker(pipe, checker: CallChecker, handle) -> None:
-    """Agree on every call of `pipe(...)`; undo recorded first."""
-    cls = type(pipe)
+def _attach_to_calls(target, checker: "CallChecker", handle, what: str) -> None:
+    """Put `checker` on `target`'s calls (the class patch plus the instance attribute); undo recorded first."""
+    cls = type(target)
     state = {"acquired": False}
 
     def undo():
-        vars(pipe).pop(_CHECKER_ATTR, None)
+        vars(target).pop(_CHECKER_ATTR, None)
         if state["acquired"]:
             CLASS_CALL_PATCHES.release(cls)
 
-    handle.add(f"pipeline: agree on every call ({cls.__name__})", undo)
+    handle.add(what, undo)
     CLASS_CALL_PATCHES.acquire(cls)
     state["acquired"] = True
-    setattr(pipe, _CHECKER_ATTR, checker)
+    vars(target)[_CHECKER_ATTR] = checker  # not setattr: nn.Module's would look for parameters and submodules
+
+
+def attach_pipeline_checker(pipe, checker: CallChecker, handle) -> None:
+    """Agree on every call of `pipe(...)`, and name the collective when a wait inside the call fails."""
+    checker.agree_in_call = True
+    _attach_to_calls(pipe, checker, handle, f"pipeline: agree on every call ({type(pipe).__name__})")
 
 
 def attach_model_checker(model: torch.nn.Module, checker: CallChecker, handle) -> None:
-    """Agree on every call of a bare model (a forward pre-hook that sees the whole inputs, before any split)."""
+    """Agree on every call of a bare model (a forward pre-hook that sees the whole inputs, before any split), and
+    name the collective when a wait inside the call fails (the class's `__call__`)."""
     removable = []
     handle.add(f"{checker.label}: agree on every call", lambda: [r.remove() for r in removable])
     forward = type(model).forward
@@ -229,3 +336,5 @@ def attach_model_checker(model: torch.nn.Module, checker: CallChecker, handle) -
 
     # prepend: before diffusers' own hooks and any split, so every rank describes the same whole inputs
     removable.append(model.register_forward_pre_hook(hook, with_kwargs=True, prepend=True))
+    checker.agree_in_call = False
+    _attach_to_calls(model, checker, handle, f"{checker.label}: name a collective that failed")
