@@ -44,7 +44,10 @@ def test_compiled_parallel_matches_eager_parallel(ranks, model_name, config, mod
         first, *later = r["graphs_after_each_call"]
         assert first > 0 and all(n == first for n in later), ("compiled again after the first call", r)
         assert r["recompiles"] == 0, r
-        assert r["graph_breaks"] == 0, r["graph_break_reasons"]
+        # A bare model compiled whole: the per-call agreement is host work run eagerly (torch.compiler.disable), one
+        # break at the very start of the call, before any tensor work (docs/compile.md). Nothing else may break.
+        allowed = [x for x in r["graph_break_reasons"] if "compiler.disable" in x and "attach_model_checker" in x]
+        assert r["graph_breaks"] == len(allowed) <= (1 if mode == "whole" else 0), r["graph_break_reasons"]
         assert r["collectives_in_graphs"].get(GRAPH_COLLECTIVE[kind], 0) > 0, r["collectives_in_graphs"]
     assert_split(results, config)
 
