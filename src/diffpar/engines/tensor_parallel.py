@@ -38,7 +38,7 @@ from diffpar.engines.tensor_parallel_linear import (
     gather_full,
     mark_detached,
 )
-from diffpar.engines.tp_shard import COLUMN, HEAD_TABLE, ROW, LayerShard, NormShard, ShardPlan
+from diffpar.engines.tp_shard import COLUMN, HEAD_TABLE, ROW, LayerShard, NormShard, OutputSlice, ShardPlan
 from diffpar.errors import DiffparError, UnsupportedError
 
 logger = logging.getLogger("diffpar")
@@ -61,6 +61,25 @@ def _make_shard(layer: nn.Module, shard: LayerShard, rank: int, group) -> nn.Mod
     if shard.kind == HEAD_TABLE:
         return HeadParallelEmbedding.from_embedding(layer, ranges)
     raise DiffparError(f"tensor parallel: unknown shard kind {shard.kind!r} for {shard.path}")
+
+
+def _narrow(tensor: torch.Tensor, dim: int, ranges) -> torch.Tensor:
+    parts = [tensor.narrow(dim, a, b - a) for a, b in ranges]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def _output_slicer(spec: OutputSlice, rank: int):
+    """A forward hook narrowing every tensor output to this rank's columns (see `OutputSlice`)."""
+    ranges = spec.ranges[rank]
+
+    def hook(_module, _args, output):
+        if isinstance(output, torch.Tensor):
+            return _narrow(output, spec.dim, ranges)
+        if isinstance(output, (tuple, list)):
+            return type(output)(_narrow(t, spec.dim, ranges) if isinstance(t, torch.Tensor) else t for t in output)
+        return output
+
+    return hook
 
 
 def _gather_back(original: nn.Module, new: nn.Module, spec, group) -> None:
@@ -100,8 +119,11 @@ def shard_module(module: nn.Module, plan: ShardPlan, group, handle, label: str, 
     replaced = []  # [parent, child, original, shard, spec, device the original was on before it went to the CPU]
     old_attrs = []  # (module, attribute, value before)
     released = []
+    hooks = []  # forward hooks of `plan.output_slices`
 
     def undo():
+        for hook in hooks:
+            hook.remove()
         if released and detach == "dropped":
             for _parent, child, _orig, new, _spec, _dev in replaced:
                 mark_detached(new, f"{type(module).__name__} ({child})", world)
@@ -151,6 +173,8 @@ def shard_module(module: nn.Module, plan: ShardPlan, group, handle, label: str, 
         for key, value in attr.values[rank].items():
             old_attrs.append((target, key, getattr(target, key)))
             setattr(target, key, value)
+    for spec in plan.output_slices:
+        hooks.append(module.get_submodule(spec.path).register_forward_hook(_output_slicer(spec, rank)))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ of ranks, and `engines/tensor_parallel.py` carries it out. A `ShardPlan` holds, 
 - `attributes` (`AttributeShard`): per-rank values of attributes a forward reads (head counts, inner widths);
 - `norms` (`NormShard`): RMSNorms taken over all heads at once, keeping the weight of this rank's features and
   all-reducing the mean of squares;
-- `heads`: attention module path -> per-rank (query heads, key/value heads), for checks and reports.
+- `heads`: attention module path -> per-rank (query heads, key/value heads), for checks and reports;
+- `output_slices` (`OutputSlice`): modules whose tensor outputs each rank narrows to its own columns (a RoPE
+  table spanning an attention's whole inner width, applied to the output of a column-split projection).
 
 Ranges are half-open feature (or head) indices of the full layer and may differ in size between ranks (uneven
 splits; key/value heads replicated on the ranks that share them). Everything here is data computed from shapes
@@ -168,6 +170,19 @@ class NormShard:
     ranges: tuple[tuple[Range, ...], ...]
 
 
+@dataclass(frozen=True)
+class OutputSlice:
+    """Every tensor the module at `path` returns (a tensor, or each tensor of a tuple) is narrowed along `dim` to
+    `ranges[rank]` (concatenated): e.g. a RoPE table (cos, sin) cut to the columns of this rank's heads."""
+
+    path: str
+    dim: int
+    ranges: tuple[tuple[Range, ...], ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "ranges", tuple(tuple(tuple(r) for r in rs) for rs in self.ranges))
+
+
 @dataclass
 class ShardPlan:
     """Every rank's shards of one module on `world` ranks (see the module docstring)."""
@@ -178,6 +193,7 @@ class ShardPlan:
     attributes: list[AttributeShard] = field(default_factory=list)
     norms: list[NormShard] = field(default_factory=list)
     heads: dict = field(default_factory=dict)  # attention path -> per-rank (q heads, kv heads)
+    output_slices: list[OutputSlice] = field(default_factory=list)
     origin: str = ""  # short name of the plan's author ("diffusers", "diffpar", "transformers" ...)
 
     def summary(self) -> dict:
@@ -237,18 +253,31 @@ class Packed:
     blocks: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class ColumnsOf:
+    """A plan data style for `EvenSplitPlan.sliced_outputs`: narrow a module's outputs along `dim` to the columns
+    this rank keeps of the colwise linear at `linear` (a full module path in the same plan), counted in units of
+    `unit` features (1: one table column per feature; head_dim: one table row per head)."""
+
+    linear: str
+    dim: int = -1
+    unit: int = 1
+
+
 @dataclass
 class EvenSplitPlan:
     """A transformer plan in styles: each rank gets an equal share of every split width.
 
     `linears`: module-path glob (one `*` over a ModuleList) -> COLWISE / ROWWISE / GATHER / `Packed`;
     `attention_attrs`: attention glob -> attributes (head counts, head-sized widths) divided by the ranks;
-    `sharded_norms`: globs of RMSNorms over all heads (their weight is split like the heads).
+    `sharded_norms`: globs of RMSNorms over all heads (their weight is split like the heads);
+    `sliced_outputs`: module path -> `ColumnsOf` (a RoPE table over the whole inner width of split attentions).
     """
 
     linears: dict[str, object]
     attention_attrs: dict[str, tuple[str, ...]] = field(default_factory=dict)
     sharded_norms: tuple[str, ...] = ()
+    sliced_outputs: dict[str, ColumnsOf] = field(default_factory=dict)
 
 
 def expand(model: torch.nn.Module, pattern: str) -> list[tuple[str, torch.nn.Module]]:
@@ -393,5 +422,16 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
             if width % tp:
                 raise UnsupportedError(f"tp_size={tp} does not divide the width {width} of the norm at {path}.")
             out.norms.append(NormShard(path, width, tuple((r,) for r in split_ranges(width, tp))))
+    columns = {s.path: s for s in out.layers if s.kind == COLUMN and not s.gather_output}
+    for path, like in plan.sliced_outputs.items():
+        shard = columns.get(like.linear)
+        if shard is None:
+            raise DiffparError(f"tensor-parallel plan: {path} takes the columns of {like.linear}, which the plan "
+                               "does not split colwise")
+        if any(a % like.unit or b % like.unit for rs in shard.ranges for a, b in rs):
+            raise UnsupportedError(f"tp_size={tp}: the columns of {like.linear} are not whole units of {like.unit} "
+                                   f"(the rows of the table {path} returns).")
+        ranges = tuple(tuple((a // like.unit, b // like.unit) for a, b in rs) for rs in shard.ranges)
+        out.output_slices.append(OutputSlice(path, like.dim, ranges))
     out.heads = {path: [(h // tp, h // tp)] * tp for path, h in heads.items()}
     return out
