@@ -69,3 +69,26 @@ def test_rope_table_cut_to_head_rows_in_the_split_layout(ranks):
         assert r["bytes_ratio"] < 0.8, "each rank must hold a fraction of the block weights"
         assert r["plan_bytes_match"]
         assert r["detach_diff"] == BITWISE and r["detach_weights_equal"]
+
+
+def test_feed_forward_convolutions_are_split_at_real_config():
+    """Sana's GLUMBConv (1x1, depthwise 3x3, 1x1) is split by channels (before: 0.737 of the weights per rank)."""
+    assert _real_config_ratio("sana", "Sana-1600M-1024px", 2) <= 0.51
+
+
+def test_only_pointwise_and_depthwise_convolutions_are_split():
+    """A 3x3 convolution mixing channels cannot be split by output channels like a Linear: refused by name."""
+    import torch
+
+    from diffpar.engines.tensor_parallel import check_tensor_parallel
+    from diffpar.engines.tp_shard import DEPTHWISE, EvenSplitPlan, even_shard_plan
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1), torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                                torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(4, 4, 3, padding=1))
+    good = even_shard_plan(model, EvenSplitPlan({"0": "colwise", "1": DEPTHWISE, "2": "rowwise"}), 2,
+                           source="test", origin="test")
+    check_tensor_parallel(model, good)
+    assert good.weight_bytes(model)["per_rank"] < good.weight_bytes(model)["full"]
+    bad = even_shard_plan(model, EvenSplitPlan({"3": "colwise"}), 2, source="test", origin="test")
+    with pytest.raises(diffpar.UnsupportedError, match="3 is a Conv2d"):
+        check_tensor_parallel(model, bad)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from diffpar.engines.tensor_parallel_linear import (
+    ChannelParallelConv2d,
     ColumnParallelLinear,
     HeadParallelEmbedding,
     HeadShardedRMSNorm,
@@ -38,7 +39,7 @@ from diffpar.engines.tensor_parallel_linear import (
     gather_full,
     mark_detached,
 )
-from diffpar.engines.tp_shard import COLUMN, HEAD_TABLE, ROW, LayerShard, NormShard, OutputSlice, ShardPlan
+from diffpar.engines.tp_shard import CHANNELS, COLUMN, HEAD_TABLE, ROW, LayerShard, NormShard, OutputSlice, ShardPlan
 from diffpar.errors import DiffparError, UnsupportedError
 
 logger = logging.getLogger("diffpar")
@@ -53,6 +54,9 @@ DETACH_MODES = ("gather", "kept", "dropped")
 
 def _make_shard(layer: nn.Module, shard: LayerShard, rank: int, group) -> nn.Module:
     ranges = shard.ranges[rank]
+    if isinstance(layer, nn.Conv2d):
+        mode = {COLUMN: "column", ROW: "row", CHANNELS: "depthwise"}[shard.kind]
+        return ChannelParallelConv2d(layer, mode, ranges, group)
     if shard.kind == COLUMN:
         return ColumnParallelLinear.from_linear(layer, ranges, group, gather_output=shard.gather_output,
                                                 all_out_sizes=shard.sizes() if shard.gather_output else None)
@@ -92,7 +96,7 @@ def _gather_back(original: nn.Module, new: nn.Module, spec, group) -> None:
             elif spec.kind == ROW and key == "bias":
                 full = local.detach().clone()  # whole on every rank
             else:
-                dim = 0 if spec.kind == COLUMN else 1
+                dim = 0 if spec.kind in (COLUMN, CHANNELS) else 1
                 full = gather_full(local.detach(), dim, spec.ranges, placeholder.shape[dim], group)
             setattr(original, key, nn.Parameter(full.to(placeholder.dtype), requires_grad=placeholder.requires_grad))
 
@@ -197,6 +201,9 @@ def check_tensor_parallel(model: nn.Module, plan: ShardPlan, config=None) -> Non
         )
     for shard in plan.layers:
         layer = model.get_submodule(shard.path)
+        if isinstance(layer, nn.Conv2d) and type(layer.weight.data) is torch.Tensor:
+            _check_conv(model, shard, layer, tp_degree)
+            continue
         if not isinstance(layer, nn.Linear) or type(layer.weight.data) is not torch.Tensor:
             raise UnsupportedError(
                 f"tp_size={tp_degree} on {type(model).__name__}: {shard.path} is a {type(layer).__name__}, not a "
@@ -205,6 +212,20 @@ def check_tensor_parallel(model: nn.Module, plan: ShardPlan, config=None) -> Non
             )
     if config is not None:
         check_hybrid(model, plan, config)
+
+
+def _check_conv(model: nn.Module, shard: LayerShard, conv: nn.Conv2d, tp_degree: int) -> None:
+    """Convolutions diffpar splits by channels: 1x1 (column / row, like a Linear) and depthwise (channels)."""
+    pointwise = conv.kernel_size == (1, 1) and conv.groups == 1 and conv.padding in ((0, 0), "valid")
+    depthwise = conv.groups == conv.in_channels == conv.out_channels
+    ok = conv.padding_mode == "zeros" and (depthwise if shard.kind == CHANNELS else pointwise and not
+                                          shard.gather_output)
+    if not ok:
+        raise UnsupportedError(
+            f"tp_size={tp_degree} on {type(model).__name__}: {shard.path} is a Conv2d (kernel {conv.kernel_size}, "
+            f"groups {conv.groups}) that the plan splits as {shard.kind!r}; diffpar splits only 1x1 convolutions "
+            "by output / input channels and depthwise convolutions by channel."
+        )
 
 
 def check_hybrid(model: nn.Module, plan: ShardPlan, config) -> None:

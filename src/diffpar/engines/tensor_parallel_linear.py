@@ -202,6 +202,45 @@ class HeadParallelEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim} of {self.full_embedding_dim} heads {list(self.head_ranges)}"
 
 
+class ChannelParallelConv2d(nn.Module):
+    """This rank's channels of a Conv2d, channels in dim 1 of a (B, C, H, W) input:
+    - "column": a 1x1 convolution keeping the output channels `ranges` (a ColumnParallelLinear over channels);
+    - "row": a 1x1 convolution keeping the input channels `ranges`: partial sums, one all-reduce, bias added once;
+    - "depthwise": a depthwise convolution (groups == channels) keeping the channels `ranges`, in and out alike:
+      each channel only reads itself, so no communication.
+    """
+
+    def __init__(self, conv: nn.Conv2d, mode: str, ranges: Sequence[Range], group):
+        super().__init__()
+        if mode not in ("column", "row", "depthwise"):
+            raise ValueError(f"mode must be column, row or depthwise, got {mode!r}")
+        self.mode = mode
+        self.ranges = tuple(tuple(r) for r in ranges)
+        self.group = group
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.full_in_channels, self.full_out_channels = conv.in_channels, conv.out_channels
+        slice_ = _slice_cols if mode == "row" else _slice_rows
+        self.weight = nn.Parameter(slice_(conv.weight.data, self.ranges), conv.weight.requires_grad)
+        self.bias = None
+        if conv.bias is not None:
+            bias = conv.bias.data.clone() if mode == "row" else _slice_rows(conv.bias.data, self.ranges)
+            self.bias = nn.Parameter(bias, conv.bias.requires_grad)
+        self.groups = _total(self.ranges) if mode == "depthwise" else 1
+        self.detached_reason: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.detached_reason is not None:
+            raise ShardedModuleDetachedError(self.detached_reason)
+        if self.mode != "row":
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        y = all_reduce_sum(F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation), self.group)
+        return y + self.bias.view(1, -1, 1, 1) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"{self.mode}, channels {list(self.ranges)} of in {self.full_in_channels} / out "
+                f"{self.full_out_channels}, kernel {tuple(self.weight.shape[2:])}, bias={self.bias is not None}")
+
+
 def mark_detached(layer: nn.Module, label: str, world: int) -> None:
     """Make a shard refuse to run (a clear error, not a wrong result or a hang) once diffpar is detached."""
     layer.detached_reason = _DETACHED_MESSAGE.format(label=label, world=world)
@@ -262,4 +301,5 @@ def gather_full(local: torch.Tensor, dim: int, all_ranges: Sequence[Sequence[Ran
     return full.movedim(0, dim).contiguous()
 
 
-PARALLEL_LAYER_TYPES = (ColumnParallelLinear, RowParallelLinear, HeadParallelEmbedding, HeadShardedRMSNorm)
+PARALLEL_LAYER_TYPES = (ColumnParallelLinear, RowParallelLinear, HeadParallelEmbedding, HeadShardedRMSNorm,
+                        ChannelParallelConv2d)

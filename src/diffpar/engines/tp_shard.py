@@ -7,7 +7,8 @@ of ranks, and `engines/tensor_parallel.py` carries it out. A `ShardPlan` holds, 
 - `layers` (`LayerShard`): a layer replaced by its shard. "column": a Linear keeping the output features in
   `ranges[rank]` (several ranges for a packed projection: one piece of each block, concatenated in order);
   "row": a Linear keeping those input features, followed by one all-reduce and the bias added once;
-  "head_table": an Embedding(n, heads) keeping those columns. `gather_output` (column) all-gathers the full output;
+  "head_table": an Embedding(n, heads) keeping those columns; "channels": a depthwise Conv2d keeping those
+  channels (a 1x1 Conv2d is "column" / "row" like a Linear, over channels). `gather_output` (column) all-gathers the full output;
   `input_is_parallel=False` (row) slices the full input first;
 - `attributes` (`AttributeShard`): per-rank values of attributes a forward reads (head counts, inner widths);
 - `norms` (`NormShard`): RMSNorms taken over all heads at once, keeping the weight of this rank's features and
@@ -35,7 +36,7 @@ from diffpar.errors import DiffparError, UnsupportedError
 
 Range = tuple[int, int]
 
-COLUMN, ROW, HEAD_TABLE = "column", "row", "head_table"
+COLUMN, ROW, HEAD_TABLE, CHANNELS = "column", "row", "head_table", "channels"
 
 
 # -- the splitter ----------------------------------------------------------------------------------------------
@@ -140,7 +141,7 @@ class LayerShard:
     """Replace the layer at `path` by its shard on each rank."""
 
     path: str
-    kind: str  # COLUMN, ROW, HEAD_TABLE
+    kind: str  # COLUMN, ROW, HEAD_TABLE, CHANNELS
     ranges: tuple[tuple[Range, ...], ...]  # rank -> feature ranges (column: outputs; row: inputs; table: heads)
     gather_output: bool = False
     input_is_parallel: bool = True
@@ -227,7 +228,7 @@ class ShardPlan:
                         kept[r] += nbytes(p.numel(), p)
                     continue
                 # Sliced along one dimension: weight rows (column), weight columns (row, table), bias entries.
-                dim = 0 if shard.kind == COLUMN else (1 if p.dim() > 1 else 0)
+                dim = 0 if shard.kind in (COLUMN, CHANNELS) else (1 if p.dim() > 1 else 0)
                 other = p.numel() // p.shape[dim]
                 for r, size in enumerate(shard.sizes()):
                     kept[r] += nbytes(size * other, p)
@@ -242,14 +243,14 @@ class ShardPlan:
 
 
 # -- even splits of transformer plans --------------------------------------------------------------------------
-COLWISE, ROWWISE, GATHER = "colwise", "rowwise", "colwise_gather"
+COLWISE, ROWWISE, GATHER, DEPTHWISE = "colwise", "rowwise", "colwise_gather", "depthwise"
 
 
 @dataclass(frozen=True)
 class Packed:
     """A fused Linear sharded block by block. `blocks` are absolute widths along the sharded dimension."""
 
-    kind: str  # COLWISE | ROWWISE
+    kind: str  # COLWISE | ROWWISE | DEPTHWISE
     blocks: tuple[int, ...]
 
 
@@ -268,7 +269,8 @@ class ColumnsOf:
 class EvenSplitPlan:
     """A transformer plan in styles: each rank gets an equal share of every split width.
 
-    `linears`: module-path glob (one `*` over a ModuleList) -> COLWISE / ROWWISE / GATHER / `Packed`;
+    `linears`: module-path glob (one `*` over a ModuleList) -> COLWISE / ROWWISE / GATHER / DEPTHWISE / `Packed`
+    (a Linear, or a Conv2d: 1x1 for COLWISE / ROWWISE, depthwise for DEPTHWISE, split by channels);
     `attention_attrs`: attention glob -> attributes (head counts, head-sized widths) divided by the ranks;
     `sharded_norms`: globs of RMSNorms over all heads (their weight is split like the heads);
     `sliced_outputs`: module path -> `ColumnsOf` (a RoPE table over the whole inner width of split attentions).
@@ -301,10 +303,12 @@ def _parent_path(path: str) -> str:
 
 
 def style_blocks(style, linear) -> tuple[str, tuple[int, ...]]:
-    """(COLWISE | ROWWISE | GATHER, block widths along the split dimension)."""
+    """(COLWISE | ROWWISE | GATHER | DEPTHWISE, block widths along the split dimension)."""
     if isinstance(style, Packed):
         return style.kind, tuple(style.blocks)
-    if style in (COLWISE, ROWWISE, GATHER):
+    if style in (COLWISE, ROWWISE, GATHER, DEPTHWISE):
+        if isinstance(linear, torch.nn.Conv2d):
+            return style, ((linear.in_channels if style == ROWWISE else linear.out_channels),)
         return style, ((linear.in_features if style == ROWWISE else linear.out_features),)
     raise DiffparError(f"tensor-parallel plan: unknown style {style!r}")
 
@@ -362,8 +366,8 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
         for path, linear in expand(model, pattern):
             kind, blocks = style_blocks(style, linear)
             expanded.append((path, linear, kind, blocks))
-    heads = _attention_heads(model, [p for p, _, kind, _ in expanded if kind != GATHER])
-    widths = [(f"{path} ({'rowwise' if kind == ROWWISE else 'colwise'}, width {b})", b)
+    heads = _attention_heads(model, [p for p, _, kind, _ in expanded if kind not in (GATHER, DEPTHWISE)])
+    widths = [(f"{path} ({kind if kind in (ROWWISE, DEPTHWISE) else 'colwise'}, width {b})", b)
               for path, _, kind, blocks in expanded for b in blocks]
     kv_heads = _key_value_heads(model, heads)
     constraints = sorted(set(heads.values()) | set(kv_heads.values()) | {w for _, w in widths})
@@ -399,6 +403,8 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
         ranges = block_ranges(blocks, tp)
         if kind == ROWWISE:
             out.layers.append(LayerShard(path, ROW, ranges))
+        elif kind == DEPTHWISE:
+            out.layers.append(LayerShard(path, CHANNELS, ranges))
         else:
             out.layers.append(LayerShard(path, COLUMN, ranges, gather_output=kind == GATHER))
     for pattern, attrs in plan.attention_attrs.items():
