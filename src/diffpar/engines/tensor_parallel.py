@@ -63,6 +63,8 @@ def _make_shard(layer: nn.Module, shard: LayerShard, rank: int, group) -> nn.Mod
     if shard.kind == ROW:
         return RowParallelLinear.from_linear(layer, ranges, group, input_is_parallel=shard.input_is_parallel)
     if shard.kind == HEAD_TABLE:
+        if shard.gather_output:
+            return HeadParallelEmbedding.from_embedding(layer, ranges, group=group, all_sizes=shard.sizes())
         return HeadParallelEmbedding.from_embedding(layer, ranges)
     raise DiffparError(f"tensor parallel: unknown shard kind {shard.kind!r} for {shard.path}")
 
@@ -203,6 +205,11 @@ def check_tensor_parallel(model: nn.Module, plan: ShardPlan, config=None) -> Non
         layer = model.get_submodule(shard.path)
         if isinstance(layer, nn.Conv2d) and type(layer.weight.data) is torch.Tensor:
             _check_conv(model, shard, layer, tp_degree)
+            continue
+        if shard.kind == HEAD_TABLE and type(layer) is nn.Embedding and type(layer.weight.data) is torch.Tensor:
+            if layer.max_norm is not None:  # renormalizes whole rows: a column shard would see only its part
+                raise UnsupportedError(f"tp_size={tp_degree} on {type(model).__name__}: {shard.path} is an "
+                                       "Embedding with max_norm; diffpar cannot split it by columns.")
             continue
         if not isinstance(layer, nn.Linear) or type(layer.weight.data) is not torch.Tensor:
             raise UnsupportedError(

@@ -175,31 +175,41 @@ class RowParallelLinear(nn.Module):
 
 
 class HeadParallelEmbedding(nn.Module):
-    """A table whose columns are attention heads (T5's relative-position bias, Embedding(buckets, heads)),
-    keeping this rank's heads only. A lookup needs no communication."""
+    """A table keeping this rank's columns only: a table whose columns are attention heads (T5's relative-position
+    bias, Embedding(buckets, heads)), where a lookup needs no communication; or (`gather_output`) an embedding
+    split along its width (DiT's class labels), whose looked-up rows are all-gathered back to the full width."""
 
-    def __init__(self, num_embeddings: int, head_ranges: Sequence[Range], full_heads: int, *, device=None, dtype=None):
+    def __init__(self, num_embeddings: int, head_ranges: Sequence[Range], full_heads: int, *, device=None, dtype=None,
+                 group=None, all_sizes: Sequence[int] | None = None):
         super().__init__()
         self.num_embeddings = num_embeddings
         self.head_ranges = tuple(tuple(r) for r in head_ranges)
         self.embedding_dim = _total(self.head_ranges)
         self.full_embedding_dim = full_heads
+        self.group = group
+        self.all_sizes = tuple(all_sizes) if all_sizes is not None else None  # set: gather the output
         self.weight = nn.Parameter(torch.empty(num_embeddings, self.embedding_dim, device=device, dtype=dtype))
         self.detached_reason: str | None = None
 
     @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, head_ranges: Sequence[Range]) -> "HeadParallelEmbedding":
-        layer = cls(embedding.num_embeddings, head_ranges, embedding.embedding_dim, device="meta")
+    def from_embedding(cls, embedding: nn.Embedding, head_ranges: Sequence[Range], *, group=None,
+                       all_sizes: Sequence[int] | None = None) -> "HeadParallelEmbedding":
+        layer = cls(embedding.num_embeddings, head_ranges, embedding.embedding_dim, device="meta", group=group,
+                    all_sizes=all_sizes)
         layer.weight = nn.Parameter(_slice_cols(embedding.weight.data, head_ranges), embedding.weight.requires_grad)
         return layer
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         if self.detached_reason is not None:
             raise ShardedModuleDetachedError(self.detached_reason)
-        return F.embedding(indices, self.weight)
+        out = F.embedding(indices, self.weight)
+        if self.all_sizes is not None:
+            out = all_gather_last_dim(out, self.all_sizes, self.group)
+        return out
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim} of {self.full_embedding_dim} heads {list(self.head_ranges)}"
+        return (f"{self.num_embeddings}, {self.embedding_dim} of {self.full_embedding_dim} columns "
+                f"{list(self.head_ranges)}, gather_output={self.all_sizes is not None}")
 
 
 class ChannelParallelConv2d(nn.Module):

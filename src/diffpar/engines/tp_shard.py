@@ -7,7 +7,8 @@ of ranks, and `engines/tensor_parallel.py` carries it out. A `ShardPlan` holds, 
 - `layers` (`LayerShard`): a layer replaced by its shard. "column": a Linear keeping the output features in
   `ranges[rank]` (several ranges for a packed projection: one piece of each block, concatenated in order);
   "row": a Linear keeping those input features, followed by one all-reduce and the bias added once;
-  "head_table": an Embedding(n, heads) keeping those columns; "channels": a depthwise Conv2d keeping those
+  "head_table": an Embedding(n, heads) keeping those columns (with `gather_output`: any Embedding split along
+  its width, the looked-up rows all-gathered); "channels": a depthwise Conv2d keeping those
   channels (a 1x1 Conv2d is "column" / "row" like a Linear, over channels). `gather_output` (column) all-gathers the full output;
   `input_is_parallel=False` (row) slices the full input first;
 - `attributes` (`AttributeShard`): per-rank values of attributes a forward reads (head counts, inner widths);
@@ -270,7 +271,8 @@ class EvenSplitPlan:
     """A transformer plan in styles: each rank gets an equal share of every split width.
 
     `linears`: module-path glob (one `*` over a ModuleList) -> COLWISE / ROWWISE / GATHER / DEPTHWISE / `Packed`
-    (a Linear, or a Conv2d: 1x1 for COLWISE / ROWWISE, depthwise for DEPTHWISE, split by channels);
+    (a Linear, or a Conv2d: 1x1 for COLWISE / ROWWISE, depthwise for DEPTHWISE, split by channels; or an
+    Embedding as GATHER: split along its width, rows all-gathered);
     `attention_attrs`: attention glob -> attributes (head counts, head-sized widths) divided by the ranks;
     `sharded_norms`: globs of RMSNorms over all heads (their weight is split like the heads);
     `sliced_outputs`: module path -> `ColumnsOf` (a RoPE table over the whole inner width of split attentions).
@@ -309,6 +311,10 @@ def style_blocks(style, linear) -> tuple[str, tuple[int, ...]]:
     if style in (COLWISE, ROWWISE, GATHER, DEPTHWISE):
         if isinstance(linear, torch.nn.Conv2d):
             return style, ((linear.in_channels if style == ROWWISE else linear.out_channels),)
+        if isinstance(linear, torch.nn.Embedding):
+            if style != GATHER:
+                raise DiffparError(f"tensor-parallel plan: an Embedding is split only as {GATHER!r}, not {style!r}")
+            return style, (linear.embedding_dim,)
         return style, ((linear.in_features if style == ROWWISE else linear.out_features),)
     raise DiffparError(f"tensor-parallel plan: unknown style {style!r}")
 
@@ -405,6 +411,8 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
             out.layers.append(LayerShard(path, ROW, ranges))
         elif kind == DEPTHWISE:
             out.layers.append(LayerShard(path, CHANNELS, ranges))
+        elif isinstance(_linear, torch.nn.Embedding):  # GATHER: a table split along its width, rows gathered
+            out.layers.append(LayerShard(path, HEAD_TABLE, ranges, gather_output=True))
         else:
             out.layers.append(LayerShard(path, COLUMN, ranges, gather_output=kind == GATHER))
     for pattern, attrs in plan.attention_attrs.items():
