@@ -23,3 +23,77 @@ def test_key_value_head_refusal_on_every_rank(ranks):
                      model_kwargs={"heads": 4, "kv_heads": 2})
     assert len(messages) == 4
     assert all(m and "key/value heads" in m for m in messages), messages
+
+
+def _real_config_ratio(module: str, label: str, tp: int) -> float:
+    """The largest rank's share of the weights of a real configuration (meta device, bf16), from the plan."""
+    import importlib
+
+    import diffusers
+    import torch
+
+    from diffpar.families.transformers import tp_plans
+
+    cls_name, config = importlib.import_module(f"diffpar.testing.tiny_models.{module}").REAL_CONFIGS[label]
+    with torch.device("meta"):
+        model = getattr(diffusers, cls_name)(**config)
+    acc = tp_plans.shard_plan_for(model, tp).weight_bytes(model, bytes_per_element=2)
+    return acc["per_rank"] / acc["full"]
+
+
+@pytest.mark.parametrize("label", ["LTX-Video 0.9 (2B)", "LTX-2 (19B)"])
+def test_rope_attentions_are_split_at_real_configs(label):
+    """Attentions whose RoPE table spans the whole inner width are split too (the table is cut to each rank's
+    columns), so a rank holds about 1/tp of the weights (before: 0.63 / 0.44 of LTX-Video at tp 2 / 4)."""
+    assert _real_config_ratio("ltx", label, 2) <= 0.51
+    assert _real_config_ratio("ltx", label, 4) <= 0.26
+
+
+def test_rope_table_cut_to_head_rows_in_the_split_layout(ranks):
+    """LTX-2.3's split RoPE layout, (B, heads, T, head_dim / 2): the table is cut by heads, not by columns."""
+    from tolerances import BITWISE, TRANSFORMER_TP_FP32
+
+    from diffpar.families.transformers import tp_plans
+    from diffpar.testing import tiny_transformers
+
+    model, _ = tiny_transformers.build("ltx2_video_split_rope", heads=4, rope_type="split")
+    plan = tp_plans.shard_plan_for(model, 2)
+    assert "transformer_blocks.0.attn1.to_q" in {s.path for s in plan.layers}
+    rope = {s.path: s for s in plan.output_slices}["rope"]
+    assert rope.dim == 1 and rope.ranges == (((0, 2),), ((2, 4),))  # heads, not columns
+
+    results = ranks(2, "workers.transformer_tp:tp_equivalence", model_name="ltx2_video_split_rope",
+                    config={"tp_size": 2}, seq=15, text=7, model_kwargs={"heads": 4, "rope_type": "split"})
+    for r in results:
+        assert r["diff"] <= TRANSFORMER_TP_FP32, (r["rank"], r["diff"])
+        assert r["bytes_ratio"] < 0.8, "each rank must hold a fraction of the block weights"
+        assert r["plan_bytes_match"]
+        assert r["detach_diff"] == BITWISE and r["detach_weights_equal"]
+
+
+def test_feed_forward_convolutions_are_split_at_real_config():
+    """Sana's GLUMBConv (1x1, depthwise 3x3, 1x1) is split by channels (before: 0.737 of the weights per rank)."""
+    assert _real_config_ratio("sana", "Sana-1600M-1024px", 2) <= 0.51
+
+
+def test_only_pointwise_and_depthwise_convolutions_are_split():
+    """A 3x3 convolution mixing channels cannot be split by output channels like a Linear: refused by name."""
+    import torch
+
+    from diffpar.engines.tensor_parallel import check_tensor_parallel
+    from diffpar.engines.tp_shard import DEPTHWISE, EvenSplitPlan, even_shard_plan
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1), torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                                torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(4, 4, 3, padding=1))
+    good = even_shard_plan(model, EvenSplitPlan({"0": "colwise", "1": DEPTHWISE, "2": "rowwise"}), 2,
+                           source="test", origin="test")
+    check_tensor_parallel(model, good)
+    assert good.weight_bytes(model)["per_rank"] < good.weight_bytes(model)["full"]
+    bad = even_shard_plan(model, EvenSplitPlan({"3": "colwise"}), 2, source="test", origin="test")
+    with pytest.raises(diffpar.UnsupportedError, match="3 is a Conv2d"):
+        check_tensor_parallel(model, bad)
+
+
+def test_class_label_tables_are_split_at_real_config():
+    """DiT's per-block class-label tables are split along their width, rows all-gathered (before: 0.527)."""
+    assert _real_config_ratio("dit", "DiT-XL-2-256", 2) <= 0.51

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from diffpar.engines.tensor_parallel_linear import (
+    ChannelParallelConv2d,
     ColumnParallelLinear,
     HeadParallelEmbedding,
     HeadShardedRMSNorm,
@@ -38,7 +39,7 @@ from diffpar.engines.tensor_parallel_linear import (
     gather_full,
     mark_detached,
 )
-from diffpar.engines.tp_shard import COLUMN, HEAD_TABLE, ROW, LayerShard, NormShard, ShardPlan
+from diffpar.engines.tp_shard import CHANNELS, COLUMN, HEAD_TABLE, ROW, LayerShard, NormShard, OutputSlice, ShardPlan
 from diffpar.errors import DiffparError, UnsupportedError
 
 logger = logging.getLogger("diffpar")
@@ -53,14 +54,38 @@ DETACH_MODES = ("gather", "kept", "dropped")
 
 def _make_shard(layer: nn.Module, shard: LayerShard, rank: int, group) -> nn.Module:
     ranges = shard.ranges[rank]
+    if isinstance(layer, nn.Conv2d):
+        mode = {COLUMN: "column", ROW: "row", CHANNELS: "depthwise"}[shard.kind]
+        return ChannelParallelConv2d(layer, mode, ranges, group)
     if shard.kind == COLUMN:
         return ColumnParallelLinear.from_linear(layer, ranges, group, gather_output=shard.gather_output,
                                                 all_out_sizes=shard.sizes() if shard.gather_output else None)
     if shard.kind == ROW:
         return RowParallelLinear.from_linear(layer, ranges, group, input_is_parallel=shard.input_is_parallel)
     if shard.kind == HEAD_TABLE:
+        if shard.gather_output:
+            return HeadParallelEmbedding.from_embedding(layer, ranges, group=group, all_sizes=shard.sizes())
         return HeadParallelEmbedding.from_embedding(layer, ranges)
     raise DiffparError(f"tensor parallel: unknown shard kind {shard.kind!r} for {shard.path}")
+
+
+def _narrow(tensor: torch.Tensor, dim: int, ranges) -> torch.Tensor:
+    parts = [tensor.narrow(dim, a, b - a) for a, b in ranges]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def _output_slicer(spec: OutputSlice, rank: int):
+    """A forward hook narrowing every tensor output to this rank's columns (see `OutputSlice`)."""
+    ranges = spec.ranges[rank]
+
+    def hook(_module, _args, output):
+        if isinstance(output, torch.Tensor):
+            return _narrow(output, spec.dim, ranges)
+        if isinstance(output, (tuple, list)):
+            return type(output)(_narrow(t, spec.dim, ranges) if isinstance(t, torch.Tensor) else t for t in output)
+        return output
+
+    return hook
 
 
 def _gather_back(original: nn.Module, new: nn.Module, spec, group) -> None:
@@ -73,7 +98,7 @@ def _gather_back(original: nn.Module, new: nn.Module, spec, group) -> None:
             elif spec.kind == ROW and key == "bias":
                 full = local.detach().clone()  # whole on every rank
             else:
-                dim = 0 if spec.kind == COLUMN else 1
+                dim = 0 if spec.kind in (COLUMN, CHANNELS) else 1
                 full = gather_full(local.detach(), dim, spec.ranges, placeholder.shape[dim], group)
             setattr(original, key, nn.Parameter(full.to(placeholder.dtype), requires_grad=placeholder.requires_grad))
 
@@ -100,8 +125,11 @@ def shard_module(module: nn.Module, plan: ShardPlan, group, handle, label: str, 
     replaced = []  # [parent, child, original, shard, spec, device the original was on before it went to the CPU]
     old_attrs = []  # (module, attribute, value before)
     released = []
+    hooks = []  # forward hooks of `plan.output_slices`
 
     def undo():
+        for hook in hooks:
+            hook.remove()
         if released and detach == "dropped":
             for _parent, child, _orig, new, _spec, _dev in replaced:
                 mark_detached(new, f"{type(module).__name__} ({child})", world)
@@ -151,6 +179,8 @@ def shard_module(module: nn.Module, plan: ShardPlan, group, handle, label: str, 
         for key, value in attr.values[rank].items():
             old_attrs.append((target, key, getattr(target, key)))
             setattr(target, key, value)
+    for spec in plan.output_slices:
+        hooks.append(module.get_submodule(spec.path).register_forward_hook(_output_slicer(spec, rank)))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -173,6 +203,14 @@ def check_tensor_parallel(model: nn.Module, plan: ShardPlan, config=None) -> Non
         )
     for shard in plan.layers:
         layer = model.get_submodule(shard.path)
+        if isinstance(layer, nn.Conv2d) and type(layer.weight.data) is torch.Tensor:
+            _check_conv(model, shard, layer, tp_degree)
+            continue
+        if shard.kind == HEAD_TABLE and type(layer) is nn.Embedding and type(layer.weight.data) is torch.Tensor:
+            if layer.max_norm is not None:  # renormalizes whole rows: a column shard would see only its part
+                raise UnsupportedError(f"tp_size={tp_degree} on {type(model).__name__}: {shard.path} is an "
+                                       "Embedding with max_norm; diffpar cannot split it by columns.")
+            continue
         if not isinstance(layer, nn.Linear) or type(layer.weight.data) is not torch.Tensor:
             raise UnsupportedError(
                 f"tp_size={tp_degree} on {type(model).__name__}: {shard.path} is a {type(layer).__name__}, not a "
@@ -181,6 +219,20 @@ def check_tensor_parallel(model: nn.Module, plan: ShardPlan, config=None) -> Non
             )
     if config is not None:
         check_hybrid(model, plan, config)
+
+
+def _check_conv(model: nn.Module, shard: LayerShard, conv: nn.Conv2d, tp_degree: int) -> None:
+    """Convolutions diffpar splits by channels: 1x1 (column / row, like a Linear) and depthwise (channels)."""
+    pointwise = conv.kernel_size == (1, 1) and conv.groups == 1 and conv.padding in ((0, 0), "valid")
+    depthwise = conv.groups == conv.in_channels == conv.out_channels
+    ok = conv.padding_mode == "zeros" and (depthwise if shard.kind == CHANNELS else pointwise and not
+                                          shard.gather_output)
+    if not ok:
+        raise UnsupportedError(
+            f"tp_size={tp_degree} on {type(model).__name__}: {shard.path} is a Conv2d (kernel {conv.kernel_size}, "
+            f"groups {conv.groups}) that the plan splits as {shard.kind!r}; diffpar splits only 1x1 convolutions "
+            "by output / input channels and depthwise convolutions by channel."
+        )
 
 
 def check_hybrid(model: nn.Module, plan: ShardPlan, config) -> None:

@@ -175,31 +175,80 @@ class RowParallelLinear(nn.Module):
 
 
 class HeadParallelEmbedding(nn.Module):
-    """A table whose columns are attention heads (T5's relative-position bias, Embedding(buckets, heads)),
-    keeping this rank's heads only. A lookup needs no communication."""
+    """A table keeping this rank's columns only: a table whose columns are attention heads (T5's relative-position
+    bias, Embedding(buckets, heads)), where a lookup needs no communication; or (`gather_output`) an embedding
+    split along its width (DiT's class labels), whose looked-up rows are all-gathered back to the full width."""
 
-    def __init__(self, num_embeddings: int, head_ranges: Sequence[Range], full_heads: int, *, device=None, dtype=None):
+    def __init__(self, num_embeddings: int, head_ranges: Sequence[Range], full_heads: int, *, device=None, dtype=None,
+                 group=None, all_sizes: Sequence[int] | None = None):
         super().__init__()
         self.num_embeddings = num_embeddings
         self.head_ranges = tuple(tuple(r) for r in head_ranges)
         self.embedding_dim = _total(self.head_ranges)
         self.full_embedding_dim = full_heads
+        self.group = group
+        self.all_sizes = tuple(all_sizes) if all_sizes is not None else None  # set: gather the output
         self.weight = nn.Parameter(torch.empty(num_embeddings, self.embedding_dim, device=device, dtype=dtype))
         self.detached_reason: str | None = None
 
     @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, head_ranges: Sequence[Range]) -> "HeadParallelEmbedding":
-        layer = cls(embedding.num_embeddings, head_ranges, embedding.embedding_dim, device="meta")
+    def from_embedding(cls, embedding: nn.Embedding, head_ranges: Sequence[Range], *, group=None,
+                       all_sizes: Sequence[int] | None = None) -> "HeadParallelEmbedding":
+        layer = cls(embedding.num_embeddings, head_ranges, embedding.embedding_dim, device="meta", group=group,
+                    all_sizes=all_sizes)
         layer.weight = nn.Parameter(_slice_cols(embedding.weight.data, head_ranges), embedding.weight.requires_grad)
         return layer
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         if self.detached_reason is not None:
             raise ShardedModuleDetachedError(self.detached_reason)
-        return F.embedding(indices, self.weight)
+        out = F.embedding(indices, self.weight)
+        if self.all_sizes is not None:
+            out = all_gather_last_dim(out, self.all_sizes, self.group)
+        return out
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim} of {self.full_embedding_dim} heads {list(self.head_ranges)}"
+        return (f"{self.num_embeddings}, {self.embedding_dim} of {self.full_embedding_dim} columns "
+                f"{list(self.head_ranges)}, gather_output={self.all_sizes is not None}")
+
+
+class ChannelParallelConv2d(nn.Module):
+    """This rank's channels of a Conv2d, channels in dim 1 of a (B, C, H, W) input:
+    - "column": a 1x1 convolution keeping the output channels `ranges` (a ColumnParallelLinear over channels);
+    - "row": a 1x1 convolution keeping the input channels `ranges`: partial sums, one all-reduce, bias added once;
+    - "depthwise": a depthwise convolution (groups == channels) keeping the channels `ranges`, in and out alike:
+      each channel only reads itself, so no communication.
+    """
+
+    def __init__(self, conv: nn.Conv2d, mode: str, ranges: Sequence[Range], group):
+        super().__init__()
+        if mode not in ("column", "row", "depthwise"):
+            raise ValueError(f"mode must be column, row or depthwise, got {mode!r}")
+        self.mode = mode
+        self.ranges = tuple(tuple(r) for r in ranges)
+        self.group = group
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.full_in_channels, self.full_out_channels = conv.in_channels, conv.out_channels
+        slice_ = _slice_cols if mode == "row" else _slice_rows
+        self.weight = nn.Parameter(slice_(conv.weight.data, self.ranges), conv.weight.requires_grad)
+        self.bias = None
+        if conv.bias is not None:
+            bias = conv.bias.data.clone() if mode == "row" else _slice_rows(conv.bias.data, self.ranges)
+            self.bias = nn.Parameter(bias, conv.bias.requires_grad)
+        self.groups = _total(self.ranges) if mode == "depthwise" else 1
+        self.detached_reason: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.detached_reason is not None:
+            raise ShardedModuleDetachedError(self.detached_reason)
+        if self.mode != "row":
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        y = all_reduce_sum(F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation), self.group)
+        return y + self.bias.view(1, -1, 1, 1) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"{self.mode}, channels {list(self.ranges)} of in {self.full_in_channels} / out "
+                f"{self.full_out_channels}, kernel {tuple(self.weight.shape[2:])}, bias={self.bias is not None}")
 
 
 def mark_detached(layer: nn.Module, label: str, world: int) -> None:
@@ -262,4 +311,5 @@ def gather_full(local: torch.Tensor, dim: int, all_ranges: Sequence[Sequence[Ran
     return full.movedim(0, dim).contiguous()
 
 
-PARALLEL_LAYER_TYPES = (ColumnParallelLinear, RowParallelLinear, HeadParallelEmbedding, HeadShardedRMSNorm)
+PARALLEL_LAYER_TYPES = (ColumnParallelLinear, RowParallelLinear, HeadParallelEmbedding, HeadShardedRMSNorm,
+                        ChannelParallelConv2d)

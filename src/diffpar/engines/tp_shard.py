@@ -7,12 +7,16 @@ of ranks, and `engines/tensor_parallel.py` carries it out. A `ShardPlan` holds, 
 - `layers` (`LayerShard`): a layer replaced by its shard. "column": a Linear keeping the output features in
   `ranges[rank]` (several ranges for a packed projection: one piece of each block, concatenated in order);
   "row": a Linear keeping those input features, followed by one all-reduce and the bias added once;
-  "head_table": an Embedding(n, heads) keeping those columns. `gather_output` (column) all-gathers the full output;
+  "head_table": an Embedding(n, heads) keeping those columns (with `gather_output`: any Embedding split along
+  its width, the looked-up rows all-gathered); "channels": a depthwise Conv2d keeping those
+  channels (a 1x1 Conv2d is "column" / "row" like a Linear, over channels). `gather_output` (column) all-gathers the full output;
   `input_is_parallel=False` (row) slices the full input first;
 - `attributes` (`AttributeShard`): per-rank values of attributes a forward reads (head counts, inner widths);
 - `norms` (`NormShard`): RMSNorms taken over all heads at once, keeping the weight of this rank's features and
   all-reducing the mean of squares;
-- `heads`: attention module path -> per-rank (query heads, key/value heads), for checks and reports.
+- `heads`: attention module path -> per-rank (query heads, key/value heads), for checks and reports;
+- `output_slices` (`OutputSlice`): modules whose tensor outputs each rank narrows to its own columns (a RoPE
+  table spanning an attention's whole inner width, applied to the output of a column-split projection).
 
 Ranges are half-open feature (or head) indices of the full layer and may differ in size between ranks (uneven
 splits; key/value heads replicated on the ranks that share them). Everything here is data computed from shapes
@@ -33,7 +37,7 @@ from diffpar.errors import DiffparError, UnsupportedError
 
 Range = tuple[int, int]
 
-COLUMN, ROW, HEAD_TABLE = "column", "row", "head_table"
+COLUMN, ROW, HEAD_TABLE, CHANNELS = "column", "row", "head_table", "channels"
 
 
 # -- the splitter ----------------------------------------------------------------------------------------------
@@ -138,7 +142,7 @@ class LayerShard:
     """Replace the layer at `path` by its shard on each rank."""
 
     path: str
-    kind: str  # COLUMN, ROW, HEAD_TABLE
+    kind: str  # COLUMN, ROW, HEAD_TABLE, CHANNELS
     ranges: tuple[tuple[Range, ...], ...]  # rank -> feature ranges (column: outputs; row: inputs; table: heads)
     gather_output: bool = False
     input_is_parallel: bool = True
@@ -168,6 +172,19 @@ class NormShard:
     ranges: tuple[tuple[Range, ...], ...]
 
 
+@dataclass(frozen=True)
+class OutputSlice:
+    """Every tensor the module at `path` returns (a tensor, or each tensor of a tuple) is narrowed along `dim` to
+    `ranges[rank]` (concatenated): e.g. a RoPE table (cos, sin) cut to the columns of this rank's heads."""
+
+    path: str
+    dim: int
+    ranges: tuple[tuple[Range, ...], ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "ranges", tuple(tuple(tuple(r) for r in rs) for rs in self.ranges))
+
+
 @dataclass
 class ShardPlan:
     """Every rank's shards of one module on `world` ranks (see the module docstring)."""
@@ -178,6 +195,7 @@ class ShardPlan:
     attributes: list[AttributeShard] = field(default_factory=list)
     norms: list[NormShard] = field(default_factory=list)
     heads: dict = field(default_factory=dict)  # attention path -> per-rank (q heads, kv heads)
+    output_slices: list[OutputSlice] = field(default_factory=list)
     origin: str = ""  # short name of the plan's author ("diffusers", "diffpar", "transformers" ...)
 
     def summary(self) -> dict:
@@ -211,7 +229,7 @@ class ShardPlan:
                         kept[r] += nbytes(p.numel(), p)
                     continue
                 # Sliced along one dimension: weight rows (column), weight columns (row, table), bias entries.
-                dim = 0 if shard.kind == COLUMN else (1 if p.dim() > 1 else 0)
+                dim = 0 if shard.kind in (COLUMN, CHANNELS) else (1 if p.dim() > 1 else 0)
                 other = p.numel() // p.shape[dim]
                 for r, size in enumerate(shard.sizes()):
                     kept[r] += nbytes(size * other, p)
@@ -226,29 +244,44 @@ class ShardPlan:
 
 
 # -- even splits of transformer plans --------------------------------------------------------------------------
-COLWISE, ROWWISE, GATHER = "colwise", "rowwise", "colwise_gather"
+COLWISE, ROWWISE, GATHER, DEPTHWISE = "colwise", "rowwise", "colwise_gather", "depthwise"
 
 
 @dataclass(frozen=True)
 class Packed:
     """A fused Linear sharded block by block. `blocks` are absolute widths along the sharded dimension."""
 
-    kind: str  # COLWISE | ROWWISE
+    kind: str  # COLWISE | ROWWISE | DEPTHWISE
     blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ColumnsOf:
+    """A plan data style for `EvenSplitPlan.sliced_outputs`: narrow a module's outputs along `dim` to the columns
+    this rank keeps of the colwise linear at `linear` (a full module path in the same plan), counted in units of
+    `unit` features (1: one table column per feature; head_dim: one table row per head)."""
+
+    linear: str
+    dim: int = -1
+    unit: int = 1
 
 
 @dataclass
 class EvenSplitPlan:
     """A transformer plan in styles: each rank gets an equal share of every split width.
 
-    `linears`: module-path glob (one `*` over a ModuleList) -> COLWISE / ROWWISE / GATHER / `Packed`;
+    `linears`: module-path glob (one `*` over a ModuleList) -> COLWISE / ROWWISE / GATHER / DEPTHWISE / `Packed`
+    (a Linear, or a Conv2d: 1x1 for COLWISE / ROWWISE, depthwise for DEPTHWISE, split by channels; or an
+    Embedding as GATHER: split along its width, rows all-gathered);
     `attention_attrs`: attention glob -> attributes (head counts, head-sized widths) divided by the ranks;
-    `sharded_norms`: globs of RMSNorms over all heads (their weight is split like the heads).
+    `sharded_norms`: globs of RMSNorms over all heads (their weight is split like the heads);
+    `sliced_outputs`: module path -> `ColumnsOf` (a RoPE table over the whole inner width of split attentions).
     """
 
     linears: dict[str, object]
     attention_attrs: dict[str, tuple[str, ...]] = field(default_factory=dict)
     sharded_norms: tuple[str, ...] = ()
+    sliced_outputs: dict[str, ColumnsOf] = field(default_factory=dict)
 
 
 def expand(model: torch.nn.Module, pattern: str) -> list[tuple[str, torch.nn.Module]]:
@@ -272,10 +305,16 @@ def _parent_path(path: str) -> str:
 
 
 def style_blocks(style, linear) -> tuple[str, tuple[int, ...]]:
-    """(COLWISE | ROWWISE | GATHER, block widths along the split dimension)."""
+    """(COLWISE | ROWWISE | GATHER | DEPTHWISE, block widths along the split dimension)."""
     if isinstance(style, Packed):
         return style.kind, tuple(style.blocks)
-    if style in (COLWISE, ROWWISE, GATHER):
+    if style in (COLWISE, ROWWISE, GATHER, DEPTHWISE):
+        if isinstance(linear, torch.nn.Conv2d):
+            return style, ((linear.in_channels if style == ROWWISE else linear.out_channels),)
+        if isinstance(linear, torch.nn.Embedding):
+            if style != GATHER:
+                raise DiffparError(f"tensor-parallel plan: an Embedding is split only as {GATHER!r}, not {style!r}")
+            return style, (linear.embedding_dim,)
         return style, ((linear.in_features if style == ROWWISE else linear.out_features),)
     raise DiffparError(f"tensor-parallel plan: unknown style {style!r}")
 
@@ -333,8 +372,8 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
         for path, linear in expand(model, pattern):
             kind, blocks = style_blocks(style, linear)
             expanded.append((path, linear, kind, blocks))
-    heads = _attention_heads(model, [p for p, _, kind, _ in expanded if kind != GATHER])
-    widths = [(f"{path} ({'rowwise' if kind == ROWWISE else 'colwise'}, width {b})", b)
+    heads = _attention_heads(model, [p for p, _, kind, _ in expanded if kind not in (GATHER, DEPTHWISE)])
+    widths = [(f"{path} ({kind if kind in (ROWWISE, DEPTHWISE) else 'colwise'}, width {b})", b)
               for path, _, kind, blocks in expanded for b in blocks]
     kv_heads = _key_value_heads(model, heads)
     constraints = sorted(set(heads.values()) | set(kv_heads.values()) | {w for _, w in widths})
@@ -370,6 +409,10 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
         ranges = block_ranges(blocks, tp)
         if kind == ROWWISE:
             out.layers.append(LayerShard(path, ROW, ranges))
+        elif kind == DEPTHWISE:
+            out.layers.append(LayerShard(path, CHANNELS, ranges))
+        elif isinstance(_linear, torch.nn.Embedding):  # GATHER: a table split along its width, rows gathered
+            out.layers.append(LayerShard(path, HEAD_TABLE, ranges, gather_output=True))
         else:
             out.layers.append(LayerShard(path, COLUMN, ranges, gather_output=kind == GATHER))
     for pattern, attrs in plan.attention_attrs.items():
@@ -393,5 +436,16 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
             if width % tp:
                 raise UnsupportedError(f"tp_size={tp} does not divide the width {width} of the norm at {path}.")
             out.norms.append(NormShard(path, width, tuple((r,) for r in split_ranges(width, tp))))
+    columns = {s.path: s for s in out.layers if s.kind == COLUMN and not s.gather_output}
+    for path, like in plan.sliced_outputs.items():
+        shard = columns.get(like.linear)
+        if shard is None:
+            raise DiffparError(f"tensor-parallel plan: {path} takes the columns of {like.linear}, which the plan "
+                               "does not split colwise")
+        if any(a % like.unit or b % like.unit for rs in shard.ranges for a, b in rs):
+            raise UnsupportedError(f"tp_size={tp}: the columns of {like.linear} are not whole units of {like.unit} "
+                                   f"(the rows of the table {path} returns).")
+        ranges = tuple(tuple((a // like.unit, b // like.unit) for a, b in rs) for rs in shard.ranges)
+        out.output_slices.append(OutputSlice(path, like.dim, ranges))
     out.heads = {path: [(h // tp, h // tp)] * tp for path, h in heads.items()}
     return out

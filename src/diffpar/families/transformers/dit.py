@@ -6,8 +6,8 @@ dispatcher with `ContextParallelAttnProcessor2_0`); gather after `proj_out_2`, b
 the image side from the whole token count).
 
 TP plan: attention by heads, MLP by width; every block's AdaLN-Zero modulation (`norm1.linear`, 6 x dim) and its
-own timestep embedding's second linear gathered; the output modulation (`proj_out_1`) gathered. The class-label
-tables and the first timestep linears stay whole.
+own timestep embedding's second linear and class-label table (split along its width) gathered; the output
+modulation (`proj_out_1`) gathered. The first timestep linears stay whole.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ _BLOCK = {
     "attn1.to_q": "colwise", "attn1.to_k": "colwise", "attn1.to_v": "colwise", "attn1.to_out.0": "rowwise",
     "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
     "norm1.linear": GATHER, "norm1.emb.timestep_embedder.linear_2": GATHER,
+    "norm1.emb.class_embedder.embedding_table": GATHER,  # (classes + 1) x dim per block, rows gathered
 }
 
 

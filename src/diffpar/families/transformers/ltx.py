@@ -18,7 +18,7 @@ import copy
 import fnmatch
 
 from diffpar.compat.diffusers_cp_hooks import gather_output, split_input, unshard
-from diffpar.engines.tp_shard import GATHER
+from diffpar.engines.tp_shard import GATHER, ColumnsOf
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, present, register_tp_plan
@@ -93,23 +93,31 @@ def ltx_cp_plan(model) -> dict:
     }
 
 
+_ATTENTION = {"to_q": "colwise", "to_k": "colwise", "to_v": "colwise", "to_out.0": "rowwise",
+              "to_gate_logits": "colwise"}  # LTX-2.3's per-head gates: one column per head
+
+
+def _attention_entries(names) -> tuple[dict, dict]:
+    """(linears, RMSNorms across heads) of the attentions `names` in a block."""
+    linears = {f"{a}.{k}": v for a in names for k, v in _ATTENTION.items()}
+    norms = {f"{a}.{n}": None for a in names for n in ("norm_q", "norm_k")}
+    return linears, norms
+
+
 @register_tp_plan("LTXVideoTransformer3DModel")
 def ltx_tp_plan(model) -> TensorParallelPlan:
-    # The self-attention (attn1) stays whole: its RoPE table spans the whole inner width (one column per query
-    # channel, applied before the split into heads), so a rank holding some heads would need the matching columns
-    # of the table, and diffusers' processor applies the whole table. The cross-attention, the MLP and the
-    # modulation are split.
-    block = {
-        "attn2.to_q": "colwise", "attn2.to_k": "colwise", "attn2.to_v": "colwise", "attn2.to_out.0": "rowwise",
-        "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
-    }
-    norms = {n: None for n in ("attn2.norm_q", "attn2.norm_k")}  # RMSNorms across heads
-    linears = present(model, block, "transformer_blocks")
+    # Both attentions, the MLP and the modulation are split. The self-attention's RoPE table (`rope`: cos, sin of
+    # shape (B, tokens, inner width), one column per query channel, applied before the split into heads) is cut to
+    # the columns of this rank's heads as it leaves `rope`: every block's attn1 splits the same way.
+    linears, norms = _attention_entries(("attn1", "attn2"))
+    linears.update({"ff.net.0.proj": "colwise", "ff.net.2": "rowwise"})
+    linears = present(model, linears, "transformer_blocks")
     linears["time_embed.linear"] = GATHER  # the 6 modulation vectors of every block
     return TensorParallelPlan(
         linears=linears,
-        attention_attrs={"transformer_blocks.*.attn2": ATTN_ATTRS},
+        attention_attrs={f"transformer_blocks.*.{a}": ATTN_ATTRS for a in ("attn1", "attn2")},
         sharded_norms=tuple(present(model, norms, "transformer_blocks")),
+        sliced_outputs={"rope": ColumnsOf("transformer_blocks.0.attn1.to_q")},
     )
 
 
@@ -234,21 +242,32 @@ def ltx2_cp_plan(model) -> dict:
 
 @register_tp_plan("LTX2VideoTransformer3DModel")
 def ltx2_tp_plan(model) -> TensorParallelPlan:
-    # Attentions with RoPE (attn1, audio_attn1, audio_to_video_attn, video_to_audio_attn) stay whole: their tables
-    # span the whole inner width (see LTX). The prompt cross-attentions, both MLPs and the modulation are split.
-    attn = {"to_q": "colwise", "to_k": "colwise", "to_v": "colwise", "to_out.0": "rowwise"}
-    block = {f"{a}.{k}": v for a in ("attn2", "audio_attn2") for k, v in attn.items()}
-    block.update({"ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
-                  "audio_ff.net.0.proj": "colwise", "audio_ff.net.2": "rowwise"})
-    norms = {f"{a}.{n}": None for a in ("attn2", "audio_attn2") for n in ("norm_q", "norm_k")}
-    linears = present(model, block, "transformer_blocks")
+    # Every attention, both MLPs and the modulation are split. The RoPE tables are cut to this rank's heads as they
+    # leave their modules: `rope` (video self-attention), `audio_rope` (audio self-attention), and the two tables of
+    # the audio<->video attentions (`cross_attn_rope`, `cross_attn_audio_rope`, at the audio attention width).
+    # Interleaved tables are (B, T, inner width): columns; split tables are (B, heads, T, head_dim / 2): heads.
+    attentions = ("attn1", "attn2", "audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn")
+    linears, norms = _attention_entries(attentions)
+    linears.update({"ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
+                    "audio_ff.net.0.proj": "colwise", "audio_ff.net.2": "rowwise"})
+    linears = present(model, linears, "transformer_blocks")
     for embed in ("time_embed", "audio_time_embed", "av_cross_attn_video_scale_shift",
                   "av_cross_attn_audio_scale_shift", "av_cross_attn_video_a2v_gate", "av_cross_attn_audio_v2a_gate",
                   "prompt_adaln", "audio_prompt_adaln"):
         if hasattr(model, embed):
             linears[f"{embed}.linear"] = GATHER
+    split_layout = getattr(model.config, "rope_type", "interleaved") == "split"
+    tables = {"rope": "attn1", "audio_rope": "audio_attn1", "cross_attn_rope": "audio_to_video_attn",
+              "cross_attn_audio_rope": "video_to_audio_attn"}
+    sliced = {}
+    for table, attention in tables.items():
+        if hasattr(model, table) and len(model.transformer_blocks):
+            first = model.transformer_blocks[0].get_submodule(attention)
+            like = f"transformer_blocks.0.{attention}.to_q"
+            sliced[table] = ColumnsOf(like, dim=1, unit=first.head_dim) if split_layout else ColumnsOf(like)
     return TensorParallelPlan(
         linears=linears,
-        attention_attrs={"transformer_blocks.*.attn2": ATTN_ATTRS, "transformer_blocks.*.audio_attn2": ATTN_ATTRS},
+        attention_attrs={f"transformer_blocks.*.{a}": ATTN_ATTRS for a in attentions},
         sharded_norms=tuple(present(model, norms, "transformer_blocks")),
+        sliced_outputs=sliced,
     )

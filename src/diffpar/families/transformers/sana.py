@@ -9,16 +9,15 @@ each block see more than the rank's tokens, and each is made exact:
   (`ContextParallelSanaLinearAttnProcessor`; no all-to-all, and a cost independent of the image size);
 - cross-attention attends from the shard to the whole prompt, with its mask, locally;
 - the feed-forward (`GLUMBConv`) has a 3 x 3 depthwise convolution over the 2-D token grid: a token needs its
-  neighbours one row above and below, which may sit on other ranks. Each block's `ff` is wrapped
-  (`HaloFeedForward`): every rank shares its first and last (width + 1) tokens with the others (one all-gather),
+  neighbours one row above and below, which may sit on other ranks. Each block's `ff` gets a forward of its
+  own (`HaloFeedForward`): every rank shares its first and last (width + 1) tokens with the others (one all-gather),
   lays its shard and those halo tokens out at their rows of the image, runs the original feed-forward there and
   keeps its own tokens. A forward pre-hook on each block hands the block (1, shard length) as its grid, so the
   block's reshape to (height, width) works on a shard, and records the true grid for the wrapper.
 All three are undone on detach.
 
 TP plan: self- and cross-attention by heads, the caption projection by width, the AdaLN-single modulation
-gathered. The feed-forward is made of convolutions, which diffpar's tensor-parallel engine does not shard: it
-stays whole on every rank.
+gathered, the feed-forward's convolutions by channels (1x1 colwise / rowwise, the depthwise 3x3 by channel).
 """
 from __future__ import annotations
 
@@ -28,25 +27,30 @@ import torch.nn.functional as F
 
 from diffpar.compat.diffusers_cp_group import token_shards
 from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
-from diffpar.engines.tp_shard import GATHER, even_split
+from diffpar.engines.tp_shard import DEPTHWISE, GATHER, Packed, even_split
+from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
 from diffpar.families.transformers.attention_processors import check_generic_attention, prepare_generic_attention
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, present, register_tp_plan
 
 
-class HaloFeedForward(torch.nn.Module):
+class HaloFeedForward:
     """A block's feed-forward on a token shard of a (height, width) grid, given the block's (B, C, 1, n) view of
-    the shard; outside context parallelism (no grid recorded) it is the original module."""
+    the shard; outside context parallelism (no grid recorded) it is the original forward. Installed as the
+    feed-forward's own `forward` (not a wrapping module), so module paths stay what the tensor-parallel plan
+    names (`ff.conv_inverted`, ...) in the hybrid."""
 
     def __init__(self, ff: torch.nn.Module, grid: dict):
-        super().__init__()
         self.ff = ff
         self.grid = grid  # set by the block's pre-hook for this call: height, width, shards
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def run_ff(self, x: torch.Tensor) -> torch.Tensor:
+        return type(self.ff).forward(self.ff, x)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         grid = self.grid.get("shape")
         if grid is None:
-            return self.ff(x)
+            return self.run_ff(x)
         height, width = grid
         shards = self.grid["shards"]
         batch, channels, _, local = x.shape
@@ -71,7 +75,7 @@ class HaloFeedForward(torch.nn.Module):
         offset = first - top * width
         rows[..., offset:offset + extended.shape[-1]] = extended
         # Positions of those rows not filled hold zeros: only outputs this rank does not keep can see them.
-        out = self.ff(rows.unflatten(-1, (bottom - top + 1, width)))
+        out = self.run_ff(rows.unflatten(-1, (bottom - top + 1, width)))
         keep = start - top * width
         return out.flatten(2)[..., keep:keep + local].unsqueeze(2)
 
@@ -102,14 +106,17 @@ def prepare_sana(model, config, handle, name: str) -> None:
     def restore():
         for hook in hooks:
             hook.remove()
-        for block, ff in wrapped:
-            block.ff = ff
+        for ff in wrapped:
+            ff.__dict__.pop("forward", None)
 
     handle.add(f"{name}: feed-forward halo exchange", restore)
     for block in model.transformer_blocks:
         grid: dict = {}
-        wrapped.append((block, block.ff))
-        block.ff = HaloFeedForward(block.ff, grid)
+        if "forward" in block.ff.__dict__:
+            raise UnsupportedError(f"{type(model).__name__}: a block's feed-forward already has its forward "
+                                   "replaced (by another tool); diffpar cannot add its halo exchange to it.")
+        wrapped.append(block.ff)
+        block.ff.forward = HaloFeedForward(block.ff, grid)
         hooks.append(block.register_forward_pre_hook(_block_grid_hook(block, grid), with_kwargs=True))
 
 
@@ -129,6 +136,15 @@ def sana_tp_plan(model) -> TensorParallelPlan:
         "attn2.to_q": "colwise", "attn2.to_k": "colwise", "attn2.to_v": "colwise", "attn2.to_out.0": "rowwise",
     }
     linears = present(model, block, "transformer_blocks")
+    # The feed-forward (GLUMBConv) by channels: conv_inverted (1x1) makes [value | gate] channels, each block split
+    # over the ranks; the depthwise 3x3 keeps the same channels (each only reads itself, so the token halo of
+    # context parallelism is unchanged); the local chunk(2) then pairs this rank's values with their gates, and
+    # conv_point (1x1) sums over the ranks' channels.
+    if len(model.transformer_blocks):
+        hidden = model.transformer_blocks[0].ff.conv_point.in_channels
+        linears["transformer_blocks.*.ff.conv_inverted"] = Packed("colwise", (hidden, hidden))
+        linears["transformer_blocks.*.ff.conv_depth"] = Packed(DEPTHWISE, (hidden, hidden))
+        linears["transformer_blocks.*.ff.conv_point"] = "rowwise"
     # Sana 1.5 normalizes queries and keys over all heads (qk_norm="rms_norm_across_heads").
     norms = {f"{attn}.{n}": None for attn in ("attn1", "attn2") for n in ("norm_q", "norm_k")}
     linears["caption_projection.linear_1"] = "colwise"
