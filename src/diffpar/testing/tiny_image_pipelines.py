@@ -1,0 +1,116 @@
+"""Tiny, seeded, image-conditioned diffusers pipelines (edit, fill, img2img) for tests (no Hub access needed).
+
+`build(kind, seed=0)` returns `(pipe, call_kwargs)`: `call_kwargs(seed=..., steps=2)` gives the arguments of one
+valid 32 px call, including the input image(s) (and mask) as tensors in [0, 1], so the pipeline runs its VAE
+*encode* on them. `PARALLEL_MODULES[kind]` names the pipeline components a whole-world run makes parallel
+(text encoders tensor parallel, VAE split) beside the transformer. Every call with the same arguments builds the
+same weights, so each rank (and a one-process reference) can build its own copy.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from diffpar.testing import tiny_pipelines, tiny_text_encoders
+from diffpar.testing.tiny_transformers import rope_axes
+
+BUILDERS: dict[str, Callable] = {}
+PARALLEL_MODULES: dict[str, tuple[str, ...]] = {}
+PROMPT = "a red fox in snow"
+
+
+def builder(name: str, parallel_modules: tuple[str, ...]):
+    def deco(fn):
+        BUILDERS[name] = fn
+        PARALLEL_MODULES[name] = parallel_modules
+        return fn
+
+    return deco
+
+
+def build(kind: str, seed: int = 0, **overrides):
+    pipe, call_kwargs = BUILDERS[kind](seed=seed, **overrides)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, call_kwargs
+
+
+def _image(height: int, width: int, seed: int, batch: int = 1) -> torch.Tensor:
+    """An RGB image batch in [0, 1] (what the pipelines' image processors accept as a tensor)."""
+    return torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def _mask(height: int, width: int) -> torch.Tensor:
+    """A mask covering the lower-right quarter (1: repaint), so both split halves see masked and kept rows."""
+    mask = torch.zeros(1, 1, height, width)
+    mask[..., height // 2:, width // 2:] = 1.0
+    return mask
+
+
+# -- Flux.1 --------------------------------------------------------------------------------------------------
+_FLUX_MODULES = ("text_encoder", "text_encoder_2", "vae")
+
+
+def _flux_parts(seed: int, heads: int, pipeline_cls):
+    """The tiny FluxPipeline's components (CLIP + T5 encoders, transformer, VAE, scheduler, tokenizers) that
+    `pipeline_cls` takes; optional ones it takes beyond them (IP-Adapter image encoder) are None."""
+    import inspect
+
+    components = tiny_pipelines.build_tiny_flux_pipeline(seed=seed, heads=heads).components
+    accepted = [p for p in inspect.signature(pipeline_cls.__init__).parameters if p != "self"]
+    return {name: components.get(name) for name in accepted}
+
+
+def _flux_call(steps=2, seed=0, height=32, width=32, **extra):
+    return dict(prompt=PROMPT, height=height, width=width, num_inference_steps=steps, max_sequence_length=16,
+                guidance_scale=3.5, generator=torch.Generator().manual_seed(seed), output_type="pt", **extra)
+
+
+@builder("flux-kontext", _FLUX_MODULES)
+def _flux_kontext(seed=0, heads=4):
+    """FluxKontextPipeline: the input image's latents join the image tokens (64 + 64 at 32 px)."""
+    from diffusers import FluxKontextPipeline
+
+    pipe = FluxKontextPipeline(**_flux_parts(seed, heads, FluxKontextPipeline))
+
+    def call_kwargs(steps=2, seed=0, height=32, width=32):
+        return _flux_call(steps, seed, height, width, image=_image(height, width, 11), _auto_resize=False,
+                          max_area=height * width)  # the default (1024 ** 2) rescales the output to 1024 px
+
+    return pipe, call_kwargs
+
+
+@builder("flux-fill", _FLUX_MODULES)
+def _flux_fill(seed=0, heads=4, head_dim=16):
+    """FluxFillPipeline: the transformer takes noise (16) + masked-image latents (16) + packed mask (2*2*4 = 16)."""
+    from diffusers import FluxFillPipeline, FluxTransformer2DModel
+
+    parts = _flux_parts(seed, heads, FluxFillPipeline)
+    torch.manual_seed(seed + 2)
+    parts["transformer"] = FluxTransformer2DModel(
+        patch_size=1, in_channels=48, out_channels=16, num_layers=1, num_single_layers=1,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=True, axes_dims_rope=rope_axes(head_dim),
+    ).eval()
+    pipe = FluxFillPipeline(**parts)
+
+    def call_kwargs(steps=2, seed=0, height=32, width=32):
+        return _flux_call(steps, seed, height, width, image=_image(height, width, 12),
+                          mask_image=_mask(height, width))
+
+    return pipe, call_kwargs
+
+
+@builder("flux-img2img", _FLUX_MODULES)
+def _flux_img2img(seed=0, heads=4):
+    """FluxImg2ImgPipeline: the encoded image, noised to `strength`, is the starting latent."""
+    from diffusers import FluxImg2ImgPipeline
+
+    pipe = FluxImg2ImgPipeline(**_flux_parts(seed, heads, FluxImg2ImgPipeline))
+
+    def call_kwargs(steps=2, seed=0, height=32, width=32):
+        # strength 0.5 of 2 * steps: `steps` denoising steps starting from a half-noised image (strength 1 would
+        # start from pure noise, where the encoded image has no weight)
+        return _flux_call(2 * steps, seed, height, width, image=_image(height, width, 13), strength=0.5)
+
+    return pipe, call_kwargs
