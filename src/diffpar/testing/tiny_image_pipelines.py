@@ -114,3 +114,37 @@ def _flux_img2img(seed=0, heads=4):
         return _flux_call(2 * steps, seed, height, width, image=_image(height, width, 13), strength=0.5)
 
     return pipe, call_kwargs
+
+
+# -- Stable Diffusion 3 ----------------------------------------------------------------------------------------
+@builder("sd3-img2img", ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"))
+def _sd3_img2img(seed=0, heads=4, head_dim=16):
+    """StableDiffusion3Img2ImgPipeline: CLIP-L and CLIG-G with projection (hidden 24 each, padded into T5's 64),
+    a T5 (gated-gelu), an SD3.5-shaped transformer (dual attention in block 0), classifier-free guidance."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Img2ImgPipeline
+
+    clip_kwargs = dict(attn="sdpa", heads=4, hidden=24, intermediate=37, layers=2, max_positions=16)
+    clip_l, _ = tiny_text_encoders.build("clip-projection", seed=seed, **clip_kwargs)
+    clip_g, _ = tiny_text_encoders.build("clip-projection", seed=seed + 1, **clip_kwargs)
+    t5, _ = tiny_text_encoders.build("t5-gated", seed=seed + 4, heads=4, d_kv=8, d_model=64, d_ff=61, layers=2)
+    torch.manual_seed(seed + 2)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=64, caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=2 * 24, pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+    ).eval()
+    vae = tiny_pipelines.tiny_image_vae(seed + 3, shift_factor=0.0609, scaling_factor=1.5305)
+    pipe = StableDiffusion3Img2ImgPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=clip_l, tokenizer=tiny_text_encoders.clip_tokenizer(16),
+        text_encoder_2=clip_g, tokenizer_2=tiny_text_encoders.clip_tokenizer(16),
+        text_encoder_3=t5, tokenizer_3=tiny_text_encoders.t5_tokenizer(512),
+    )
+
+    def call_kwargs(steps=2, seed=0, height=32, width=32):
+        # strength 0.5 of 2 * steps: `steps` denoising steps from a half-noised encoded image
+        return dict(prompt=PROMPT, image=_image(height, width, 14), strength=0.5, height=height, width=width,
+                    num_inference_steps=2 * steps, max_sequence_length=16, guidance_scale=4.0,
+                    generator=torch.Generator().manual_seed(seed), output_type="pt")
+
+    return pipe, call_kwargs
