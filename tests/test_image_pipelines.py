@@ -33,6 +33,7 @@ CASES = [
     pytest.param("flux-fill", False, marks=[pytest.mark.compat, _needs("FluxFillPipeline")]),
     pytest.param("flux-img2img", True, marks=[pytest.mark.compat, _needs("FluxImg2ImgPipeline")]),
     pytest.param("sd3-img2img", True, marks=[pytest.mark.compat, _needs("StableDiffusion3Img2ImgPipeline")]),
+    pytest.param("flux2-reference", True, marks=[pytest.mark.compat, _needs("Flux2Pipeline")]),
 ]
 
 

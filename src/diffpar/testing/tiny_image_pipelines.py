@@ -148,3 +148,54 @@ def _sd3_img2img(seed=0, heads=4, head_dim=16):
                     generator=torch.Generator().manual_seed(seed), output_type="pt")
 
     return pipe, call_kwargs
+
+
+# -- Flux.2 ------------------------------------------------------------------------------------------------------
+# Renders the user's text parts only, so a 16-token max_sequence_length holds the prompt, not the system message.
+_USER_TEXT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{% for c in m['content'] %}"
+                       "{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}")
+
+
+def _pil(height: int, width: int, seed: int):
+    from PIL import Image
+
+    pixels = (_image(height, width, seed)[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
+@builder("flux2-reference", ("text_encoder", "vae"))
+def _flux2_reference(seed=0, heads=4, head_dim=16):
+    """Flux2Pipeline with two reference images (64 px, the smallest it takes; each encoded by the VAE, their
+    tokens appended to the image's).
+
+    Its tokenizer is a T5-style word tokenizer with a chat template, not a PixtralProcessor: transformers'
+    PixtralProcessor needs torchvision, which the test environment lacks, and for a text-only prompt the pipeline
+    only calls `apply_chat_template`. The text encoder (Mistral3, 2 layers) gives 3 hidden states; the pipeline
+    stacks all three (text_encoder_out_layers=(0, 1, 2)): joint_attention_dim = 3 * 64."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+
+    from diffpar.testing import tiny_vaes
+
+    mistral, _ = tiny_text_encoders.build("mistral3", seed=seed)
+    tokenizer = tiny_text_encoders.t5_tokenizer(512)
+    tokenizer.chat_template = _USER_TEXT_TEMPLATE
+    torch.manual_seed(seed + 2)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=3 * 64, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
+    ).eval()
+    # 4x scale, then 2 x 2 patches: the 32 px output is 4 x 4 tokens, each 64 px reference image 8 x 8 more
+    vae, _, _ = tiny_vaes.build("flux2", seed=seed + 3)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=mistral, tokenizer=tokenizer,
+                         transformer=transformer)
+
+    def call_kwargs(steps=2, seed=0, height=32, width=32):
+        return dict(prompt=PROMPT, image=[_pil(64, 64, 15), _pil(64, 64, 16)], height=height,
+                    width=width, num_inference_steps=steps, max_sequence_length=16, guidance_scale=4.0,
+                    text_encoder_out_layers=(0, 1, 2), generator=torch.Generator().manual_seed(seed),
+                    output_type="pt")
+
+    return pipe, call_kwargs
