@@ -34,6 +34,7 @@ CASES = [
     pytest.param("flux-img2img", True, marks=[pytest.mark.compat, _needs("FluxImg2ImgPipeline")]),
     pytest.param("sd3-img2img", True, marks=[pytest.mark.compat, _needs("StableDiffusion3Img2ImgPipeline")]),
     pytest.param("flux2-reference", True, marks=[pytest.mark.compat, _needs("Flux2Pipeline")]),
+    pytest.param("qwenimage-inpaint", True, marks=[pytest.mark.compat, _needs("QwenImageInpaintPipeline")]),
 ]
 
 

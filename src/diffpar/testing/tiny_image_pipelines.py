@@ -199,3 +199,38 @@ def _flux2_reference(seed=0, heads=4, head_dim=16):
                     output_type="pt")
 
     return pipe, call_kwargs
+
+
+# -- QwenImage ---------------------------------------------------------------------------------------------------
+def _qwen_parts(seed: int, heads: int, head_dim: int):
+    """Qwen2.5-VL text encoder (hidden 56), a QwenImage transformer reading it, a Qwen VAE (4x, 2 x 2 packing)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
+    from diffpar.testing import tiny_vaes
+
+    text_encoder, _ = tiny_text_encoders.build("qwen2_5_vl", seed=seed)
+    torch.manual_seed(seed + 2)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=text_encoder.config.text_config.hidden_size,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    vae, _, _ = tiny_vaes.build("qwen", seed=seed + 3, temporal=(False, False))
+    return dict(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
+                transformer=transformer)
+
+
+@builder("qwenimage-inpaint", ("text_encoder", "vae"))
+def _qwenimage_inpaint(seed=0, heads=4, head_dim=16):
+    """QwenImageInpaintPipeline: a tokenizer only (no processor); image and masked image go through VAE encode."""
+    from diffusers import QwenImageInpaintPipeline
+
+    pipe = QwenImageInpaintPipeline(tokenizer=tiny_text_encoders.t5_tokenizer(1024),
+                                    **_qwen_parts(seed, heads, head_dim))
+
+    def call_kwargs(steps=2, seed=0, height=32, width=32):
+        return dict(prompt=PROMPT, image=_image(height, width, 17), mask_image=_mask(height, width), strength=0.5,
+                    height=height, width=width, num_inference_steps=2 * steps, max_sequence_length=16,
+                    generator=torch.Generator().manual_seed(seed), output_type="pt")
+
+    return pipe, call_kwargs
