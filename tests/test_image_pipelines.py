@@ -35,6 +35,7 @@ CASES = [
     pytest.param("sd3-img2img", True, marks=[pytest.mark.compat, _needs("StableDiffusion3Img2ImgPipeline")]),
     pytest.param("flux2-reference", True, marks=[pytest.mark.compat, _needs("Flux2Pipeline")]),
     pytest.param("qwenimage-inpaint", True, marks=[pytest.mark.compat, _needs("QwenImageInpaintPipeline")]),
+    pytest.param("qwenimage-edit", True, marks=[pytest.mark.compat, _needs("QwenImageEditPipeline")]),
 ]
 
 

@@ -234,3 +234,77 @@ def _qwenimage_inpaint(seed=0, heads=4, head_dim=16):
                     generator=torch.Generator().manual_seed(seed), output_type="pt")
 
     return pipe, call_kwargs
+
+
+class QwenVLTextImageProcessor:
+    """What the QwenImage edit pipelines call as `processor(text=..., images=..., padding=True, return_tensors="pt")`:
+    Qwen2-VL's pixel patches and grid from `Qwen2VLImageProcessorPil`, each `<|image_pad|>` expanded to the image's
+    token count, then the tokenizer. It stands in for transformers' Qwen2VLProcessor, whose constructor checks its
+    video processor's class, which fails without torchvision (not installed here)."""
+
+    image_token = "<|image_pad|>"
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    def __call__(self, text, images=None, padding=True, return_tensors="pt"):
+        from transformers import BatchFeature
+
+        text = [text] if isinstance(text, str) else list(text)
+        image_inputs = {}
+        if images is not None:
+            image_inputs = dict(self.image_processor(images=images, return_tensors=return_tensors))
+            counts = iter((image_inputs["image_grid_thw"].prod(-1) // self.image_processor.merge_size ** 2).tolist())
+            expanded = []
+            for t in text:
+                while self.image_token in t:
+                    t = t.replace(self.image_token, "<|placeholder|>" * next(counts), 1)
+                expanded.append(t.replace("<|placeholder|>", self.image_token))
+            text = expanded
+        encoded = self.tokenizer(text, padding=padding, return_tensors=return_tensors)
+        return BatchFeature({**encoded, **image_inputs})
+
+
+def qwen_vl_tokenizer():
+    """The T5-style word tokenizer with Qwen's chat and vision tokens as special tokens, at the ids the tiny
+    Qwen2.5-VL encoder expects (vision start, video, image: the last three of its 96)."""
+    from transformers import T5Tokenizer
+
+    chat = ["<|im_start|>", "<|im_end|>", "<|vision_end|>"]
+    vision = ["<|vision_start|>", "<|video_pad|>", "<|image_pad|>"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -1.0 - i * 0.01) for i, w in enumerate(tiny_text_encoders._WORDS)]
+    vocab += [(c, -10.0) for c in "abcdefghijklmnopqrstuvwxyz"] + [(s, 0.0) for s in chat]
+    vocab += [(f"<unused{i}>", -20.0) for i in range(len(vocab), tiny_text_encoders.VOCAB - len(vision))]
+    vocab += [(s, 0.0) for s in vision]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, additional_special_tokens=chat + vision, model_max_length=1024)
+
+
+def qwen_vl_processor():
+    from transformers import Qwen2VLImageProcessorPil
+
+    # patch 2, no merge, one frame: the tiny encoder's vision tower; at most 16 x 16 px: 64 image tokens
+    image_processor = Qwen2VLImageProcessorPil(patch_size=2, merge_size=1, temporal_patch_size=1, min_pixels=16,
+                                               max_pixels=16 * 16)
+    return QwenVLTextImageProcessor(qwen_vl_tokenizer(), image_processor)
+
+
+@builder("qwenimage-edit", ("text_encoder", "vae"))
+def _qwenimage_edit(seed=0, heads=4, head_dim=16):
+    """QwenImageEditPipeline. It resizes the input image to 1024 x 1024 for the VAE, whatever the output size:
+    a 16x VAE (4 downsamplings) keeps that at 32 x 32 latent tokens; the 64 px output is 2 x 2."""
+    from diffusers import QwenImageEditPipeline
+
+    from diffpar.testing import tiny_vaes
+
+    parts = _qwen_parts(seed, heads, head_dim)
+    parts["vae"], _, _ = tiny_vaes.build("qwen", seed=seed + 3, mult=(1, 1, 2, 2, 2), temporal=(False,) * 4)
+    processor = qwen_vl_processor()
+    pipe = QwenImageEditPipeline(tokenizer=processor.tokenizer, processor=processor, **parts)
+
+    def call_kwargs(steps=2, seed=0, height=64, width=64):
+        return dict(prompt=PROMPT, image=_pil(32, 32, 18), height=height, width=width, num_inference_steps=steps,
+                    max_sequence_length=16, generator=torch.Generator().manual_seed(seed), output_type="pt")
+
+    return pipe, call_kwargs
