@@ -36,6 +36,7 @@ CASES = [
     pytest.param("flux2-reference", True, marks=[pytest.mark.compat, _needs("Flux2Pipeline")]),
     pytest.param("qwenimage-inpaint", True, marks=[pytest.mark.compat, _needs("QwenImageInpaintPipeline")]),
     pytest.param("qwenimage-edit", True, marks=[pytest.mark.compat, _needs("QwenImageEditPipeline")]),
+    pytest.param("qwenimage-edit-plus", True, marks=[pytest.mark.compat, _needs("QwenImageEditPlusPipeline")]),
 ]
 
 

@@ -308,3 +308,24 @@ def _qwenimage_edit(seed=0, heads=4, head_dim=16):
                     max_sequence_length=16, generator=torch.Generator().manual_seed(seed), output_type="pt")
 
     return pipe, call_kwargs
+
+
+@builder("qwenimage-edit-plus", ("text_encoder", "vae"))
+def _qwenimage_edit_plus(seed=0, heads=4, head_dim=16):
+    """QwenImageEditPlusPipeline with two input images (each resized to 1024 x 1024 for the VAE: the 16x VAE of
+    qwenimage-edit keeps each at 32 x 32 latent tokens)."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    from diffpar.testing import tiny_vaes
+
+    parts = _qwen_parts(seed, heads, head_dim)
+    parts["vae"], _, _ = tiny_vaes.build("qwen", seed=seed + 3, mult=(1, 1, 2, 2, 2), temporal=(False,) * 4)
+    processor = qwen_vl_processor()
+    pipe = QwenImageEditPlusPipeline(tokenizer=processor.tokenizer, processor=processor, **parts)
+
+    def call_kwargs(steps=2, seed=0, height=64, width=64):
+        return dict(prompt=PROMPT, image=[_pil(32, 32, 19), _pil(32, 32, 20)], height=height, width=width,
+                    num_inference_steps=steps, max_sequence_length=16, generator=torch.Generator().manual_seed(seed),
+                    output_type="pt")
+
+    return pipe, call_kwargs
