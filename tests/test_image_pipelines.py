@@ -35,8 +35,9 @@ CASES = [
     pytest.param("sd3-img2img", True, marks=[pytest.mark.compat, _needs("StableDiffusion3Img2ImgPipeline")]),
     pytest.param("flux2-reference", True, marks=[pytest.mark.compat, _needs("Flux2Pipeline")]),
     pytest.param("qwenimage-inpaint", True, marks=[pytest.mark.compat, _needs("QwenImageInpaintPipeline")]),
-    pytest.param("qwenimage-edit", True, marks=[pytest.mark.compat, _needs("QwenImageEditPipeline")]),
-    pytest.param("qwenimage-edit-plus", True, marks=[pytest.mark.compat, _needs("QwenImageEditPlusPipeline")]),
+    # not compat-marked: 1.5-2 min each (a 1024 px VAE encode per input image), not yet run on 0.36.0
+    pytest.param("qwenimage-edit", True, marks=_needs("QwenImageEditPipeline")),
+    pytest.param("qwenimage-edit-plus", True, marks=_needs("QwenImageEditPlusPipeline")),
 ]
 
 
