@@ -182,8 +182,8 @@ def _flux2_reference(seed=0, heads=4, head_dim=16):
     torch.manual_seed(seed + 2)
     transformer = construct(  # guidance_embeds: newer releases only
         Flux2Transformer2DModel, patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=3 * 64, timestep_guidance_channels=32,
-        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=3 * 64,
+        timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
     ).eval()
     # 4x scale, then 2 x 2 patches: the 32 px output is 4 x 4 tokens, each 64 px reference image 8 x 8 more
     vae, _, _ = tiny_vaes.build("flux2", seed=seed + 3)
