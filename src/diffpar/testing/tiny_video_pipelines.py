@@ -1,0 +1,119 @@
+"""Tiny, seeded, complete diffusers video pipelines (image-to-video and more) for whole-pipeline tests.
+
+`build(kind, seed=0)` returns a pipeline whose every model is built from a config with seeded random weights
+(tokenizers in memory, no Hub); the same arguments build the same weights, so each rank and a one-process
+reference can build their own copies. `call_arguments(kind)` gives the arguments of a valid, small call (2 steps
+unless overridden by the caller, tiny sizes, a deterministic conditioning image) without the generator.
+`PIPELINE_CLASS[kind]` names the diffusers class, so tests can skip where the installed release lacks it.
+
+Head counts are 4 (text encoders and transformers) so Ulysses and text-encoder TP both work on 2 ranks.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from diffpar.testing import tiny_text_encoders
+
+PROMPT = "a red fox in snow"
+TEXT_WIDTH = 32
+
+PIPELINE_CLASS: dict[str, str] = {}
+_BUILDERS: dict = {}
+_CALLS: dict = {}
+
+
+def _register(kind: str, class_name: str, call):
+    def deco(fn):
+        PIPELINE_CLASS[kind] = class_name
+        _BUILDERS[kind] = fn
+        _CALLS[kind] = call
+        return fn
+
+    return deco
+
+
+def build(kind: str, seed: int = 0):
+    pipe = _BUILDERS[kind](seed=seed)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call_arguments(kind: str) -> dict:
+    return dict(_CALLS[kind]())
+
+
+def available(kind: str) -> bool:
+    import diffusers
+
+    return hasattr(diffusers, PIPELINE_CLASS[kind])
+
+
+def conditioning_image(height: int = 32, width: int = 32, seed: int = 7):
+    """A deterministic RGB PIL image (smooth gradients plus seeded noise)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x / width, y / height, (x + y) / (height + width)], axis=-1) * 200
+    pixels = np.clip(base + rng.integers(0, 55, size=base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, mode="RGB")
+
+
+def _seeded(seed: int):
+    torch.manual_seed(seed)
+
+
+def _umt5(seed: int):
+    encoder, _ = tiny_text_encoders.build("umt5", seed=seed, heads=4, d_kv=8, d_model=TEXT_WIDTH, d_ff=48, layers=2)
+    return encoder
+
+
+def _wan_vae(seed: int):
+    """The tiny Wan VAE of tiny_pipelines: 16 latent channels, 8x spatial, 4x temporal compression."""
+    from diffusers import AutoencoderKLWan
+
+    _seeded(seed)
+    return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True]).eval()
+
+
+def _clip_vision(seed: int, hidden: int = 32, image_size: int = 32):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    tiny_text_encoders._quiet()
+    _seeded(seed)
+    config = CLIPVisionConfig(hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=image_size, patch_size=8, projection_dim=hidden)
+    return CLIPVisionModel(config).eval()
+
+
+def _clip_image_processor(size: int = 32):
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def _wan_call():
+    return dict(image=conditioning_image(), prompt=PROMPT, height=32, width=32, num_frames=5, guidance_scale=1.0,
+                max_sequence_length=16)
+
+
+@_register("wan_i2v", "WanImageToVideoPipeline", _wan_call)
+def build_wan_i2v(seed: int = 0):
+    """Wan 2.1 image-to-video: UMT5, a CLIP vision encoder whose penultimate states join the prompt in every
+    cross-attention (added K/V projections), and a transformer taking noise + mask + encoded first frame (36 ch)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+
+    heads, head_dim = 4, 12
+    _seeded(seed + 2)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=36,
+        out_channels=16, text_dim=TEXT_WIDTH, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=32, added_kv_proj_dim=heads * head_dim,
+    ).eval()
+    return WanImageToVideoPipeline(
+        tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=_umt5(seed), vae=_wan_vae(seed + 3),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), image_processor=_clip_image_processor(),
+        image_encoder=_clip_vision(seed + 4), transformer=transformer,
+    )

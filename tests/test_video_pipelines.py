@@ -1,0 +1,43 @@
+"""Whole video pipelines on 2 ranks (issue 13, item 4): the transformer context parallel, every text encoder the
+pipeline builds tensor parallel and the VAE split, the video within PIPELINE_FP32 of the same pipeline in one
+process. Every test proves the split: the transformer's attention saw a shard and issued its collectives
+(assert_split), each text encoder holds a share of its weights, the VAE ran its decode (and encode) split."""
+import pytest
+from tolerances import PIPELINE_FP32
+
+from diffpar.testing import tiny_video_pipelines
+from diffpar.testing.probes import assert_split
+
+ULYSSES = {"ulysses_size": 2}
+
+
+def _needs(kind):
+    name = tiny_video_pipelines.PIPELINE_CLASS[kind]
+    return pytest.mark.skipif(not tiny_video_pipelines.available(kind), reason=f"this diffusers has no {name}")
+
+
+def _check(results, config, encoders=(), encode=False, **split_options):
+    for r in results:
+        assert r["diff"] <= PIPELINE_FP32, (r["rank"], r["diff"], r["scale"])
+        assert r["ranks_identical"], "every rank must hold the same video"
+        for name in encoders:  # tensor parallel: each rank holds about half of the encoder's weights
+            share = r["text_encoders"][name]
+            assert share["bytes_ratio"] < 0.6, (name, share)
+        calls = r["vae_calls"]
+        assert calls["decode"]["split"] >= 1 and calls["decode"]["whole"] == 0, calls
+        if encode:
+            assert calls["encode"]["split"] >= 1 and calls["encode"]["whole"] == 0, calls
+    assert_split(results, config, **split_options)  # every transformer forward ran on a shard
+
+
+@_needs("wan_i2v")
+@pytest.mark.compat
+def test_wan_image_to_video(ranks):
+    """WanImageToVideoPipeline (Wan 2.1 I2V): transformer Ulysses 2, UMT5 tensor parallel, the first frame's VAE
+    encode and the final decode split by rows (vae_split_min_rows=0 so the 4 latent rows split). Its CLIP image
+    encoder stays whole on every rank (a 32 px image, 17 tokens: nothing worth splitting; diffpar has no vision-tower
+    plan)."""
+    config = dict(ULYSSES, vae_split_min_rows=0)
+    results = ranks(2, "workers.video_pipelines:video_equivalence", kind="wan_i2v", config=config,
+                    extra=["text_encoder", "vae"], timeout=300)
+    _check(results, ULYSSES, encoders=["text_encoder"], encode=True)
