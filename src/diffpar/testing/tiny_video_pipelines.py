@@ -117,3 +117,61 @@ def build_wan_i2v(seed: int = 0):
         scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), image_processor=_clip_image_processor(),
         image_encoder=_clip_vision(seed + 4), transformer=transformer,
     )
+
+
+def _t5(seed: int):
+    """T5 v1.1 style (CogVideoX, LTX-Video): gated-gelu, 4 heads."""
+    encoder, _ = tiny_text_encoders.build("t5-gated", seed=seed, heads=4, d_kv=8, d_model=TEXT_WIDTH, d_ff=48,
+                                          layers=2)
+    return encoder
+
+
+def _cogvideox_transformer(seed: int, in_channels: int):
+    """CogVideoX 1.0 5B layout: RoPE over (frames, rows, columns), no learned positional embedding, 2x2 patches."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    _seeded(seed)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=4, attention_head_dim=16, in_channels=in_channels, out_channels=4, time_embed_dim=16,
+        text_embed_dim=TEXT_WIDTH, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=True,
+    ).eval()
+
+
+def _cogvideox_vae(seed: int):
+    from diffpar.testing import tiny_vaes
+
+    vae, _, _ = tiny_vaes.build("cogvideox", seed=seed)  # 4 latent channels, 4x spatial and temporal compression
+    return vae
+
+
+def _cogvideox_call():
+    return dict(prompt=PROMPT, height=32, width=32, num_frames=9, guidance_scale=1.0, max_sequence_length=16)
+
+
+def _cogvideox_i2v_call():
+    return dict(_cogvideox_call(), image=conditioning_image())
+
+
+@_register("cogvideox", "CogVideoXPipeline", _cogvideox_call)
+def build_cogvideox(seed: int = 0):
+    """CogVideoX text-to-video: T5, CogVideoXTransformer3DModel (joint [text, video] attention), the causal
+    AutoencoderKLCogVideoX; 9 frames of 32 x 32 -> 3 latent frames of 8 x 8, 48 video + 16 text tokens."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    return CogVideoXPipeline(
+        tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=_t5(seed), vae=_cogvideox_vae(seed + 3),
+        transformer=_cogvideox_transformer(seed + 2, in_channels=4), scheduler=CogVideoXDDIMScheduler(),
+    )
+
+
+@_register("cogvideox_i2v", "CogVideoXImageToVideoPipeline", _cogvideox_i2v_call)
+def build_cogvideox_i2v(seed: int = 0):
+    """CogVideoX image-to-video: as text-to-video, the encoded first frame (sampled from the VAE posterior) padded
+    with zero frames is concatenated to the noise along channels (8 input channels)."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline
+
+    return CogVideoXImageToVideoPipeline(
+        tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=_t5(seed), vae=_cogvideox_vae(seed + 3),
+        transformer=_cogvideox_transformer(seed + 2, in_channels=8), scheduler=CogVideoXDDIMScheduler(),
+    )
