@@ -71,3 +71,14 @@ def test_cogvideox_image_to_video(ranks):
     results = ranks(2, "workers.video_pipelines:video_equivalence", kind="cogvideox_i2v", config=config,
                     extra=["text_encoder", "vae"], timeout=300)
     _check(results, ULYSSES, encoders=["text_encoder"], encode=True)
+
+
+@_needs("ltx_i2v")
+@pytest.mark.compat
+def test_ltx_image_to_video(ranks):
+    """LTXImageToVideoPipeline: transformer Ulysses 2, T5 tensor parallel, the first frame's encode and the
+    timestep-conditioned decode of the LTX VAE split by rows."""
+    config = dict(ULYSSES, vae_split_min_rows=0)
+    results = ranks(2, "workers.video_pipelines:video_equivalence", kind="ltx_i2v", config=config,
+                    extra=["text_encoder", "vae"], timeout=300)
+    _check(results, ULYSSES, encoders=["text_encoder"], encode=True)

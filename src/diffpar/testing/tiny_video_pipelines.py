@@ -175,3 +175,28 @@ def build_cogvideox_i2v(seed: int = 0):
         tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=_t5(seed), vae=_cogvideox_vae(seed + 3),
         transformer=_cogvideox_transformer(seed + 2, in_channels=8), scheduler=CogVideoXDDIMScheduler(),
     )
+
+
+def _ltx_call():
+    return dict(image=conditioning_image(), prompt=PROMPT, height=32, width=32, num_frames=9, guidance_scale=1.0,
+                max_sequence_length=16)
+
+
+@_register("ltx_i2v", "LTXImageToVideoPipeline", _ltx_call)
+def build_ltx_i2v(seed: int = 0):
+    """LTX-Video image-to-video: T5, LTXVideoTransformer3DModel (the first frame's tokens conditioned by a per-token
+    timestep of 0), the timestep-conditioned AutoencoderKLLTXVideo of tiny_vaes (8x spatial, 2x temporal)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTXImageToVideoPipeline, LTXVideoTransformer3DModel
+
+    from diffpar.testing import tiny_vaes
+
+    vae, _, _ = tiny_vaes.build("ltx", seed=seed + 3)
+    _seeded(seed + 2)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=12,
+        cross_attention_dim=48, num_layers=2, caption_channels=TEXT_WIDTH,
+    ).eval()
+    return LTXImageToVideoPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=_t5(seed),
+        tokenizer=tiny_text_encoders.t5_tokenizer(512), transformer=transformer,
+    )
