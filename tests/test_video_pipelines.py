@@ -82,3 +82,14 @@ def test_ltx_image_to_video(ranks):
     results = ranks(2, "workers.video_pipelines:video_equivalence", kind="ltx_i2v", config=config,
                     extra=["text_encoder", "vae"], timeout=300)
     _check(results, ULYSSES, encoders=["text_encoder"], encode=True)
+
+
+@_needs("skyreels_v2_df")
+@pytest.mark.compat
+def test_skyreels_v2_diffusion_forcing(ranks):
+    """SkyReelsV2DiffusionForcingPipeline, asynchronous (ar_step=1, causal blocks of one latent frame: a timestep
+    per frame): transformer Ulysses 2, UMT5 tensor parallel, the Wan VAE decode split by rows."""
+    config = dict(ULYSSES, vae_split_min_rows=0)
+    results = ranks(2, "workers.video_pipelines:video_equivalence", kind="skyreels_v2_df", config=config,
+                    extra=["text_encoder", "vae"], timeout=300)
+    _check(results, ULYSSES, encoders=["text_encoder"])

@@ -200,3 +200,29 @@ def build_ltx_i2v(seed: int = 0):
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=_t5(seed),
         tokenizer=tiny_text_encoders.t5_tokenizer(512), transformer=transformer,
     )
+
+
+def _skyreels_call():
+    # Asynchronous diffusion forcing: each latent frame (causal block of 1) one step behind the previous one, so
+    # the transformer gets a timestep per frame; 9 frames -> 3 latent frames of 4 x 4 (2 x 2 patches: 4 tokens each).
+    return dict(prompt=PROMPT, height=32, width=32, num_frames=9, base_num_frames=9, guidance_scale=1.0,
+                max_sequence_length=16, ar_step=1, causal_block_size=1)
+
+
+@_register("skyreels_v2_df", "SkyReelsV2DiffusionForcingPipeline", _skyreels_call)
+def build_skyreels_v2_df(seed: int = 0):
+    """SkyReels-V2 diffusion forcing (text-to-video): UMT5, SkyReelsV2Transformer3DModel (Wan blocks, per-frame
+    timesteps), the tiny Wan VAE, UniPC."""
+    from diffusers import SkyReelsV2DiffusionForcingPipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
+
+    _seeded(seed + 2)
+    transformer = SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=TEXT_WIDTH, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ).eval()
+    return SkyReelsV2DiffusionForcingPipeline(
+        tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=_umt5(seed), transformer=transformer,
+        vae=_wan_vae(seed + 3), scheduler=UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True,
+                                                                  prediction_type="flow_prediction"),
+    )
