@@ -93,3 +93,14 @@ def test_skyreels_v2_diffusion_forcing(ranks):
     results = ranks(2, "workers.video_pipelines:video_equivalence", kind="skyreels_v2_df", config=config,
                     extra=["text_encoder", "vae"], timeout=300)
     _check(results, ULYSSES, encoders=["text_encoder"])
+
+
+@_needs("wan_vace")
+@pytest.mark.compat
+def test_wan_vace(ranks):
+    """WanVACEPipeline with a conditioning video, its mask and a reference image: transformer (and its VACE blocks)
+    Ulysses 2, UMT5 tensor parallel, the conditioning encodes and the decode split by rows."""
+    config = dict(ULYSSES, vae_split_min_rows=0)
+    results = ranks(2, "workers.video_pipelines:video_equivalence", kind="wan_vace", config=config,
+                    extra=["text_encoder", "vae"], timeout=300)
+    _check(results, ULYSSES, encoders=["text_encoder"], encode=True)

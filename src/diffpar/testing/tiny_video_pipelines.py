@@ -226,3 +226,32 @@ def build_skyreels_v2_df(seed: int = 0):
         vae=_wan_vae(seed + 3), scheduler=UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True,
                                                                   prediction_type="flow_prediction"),
     )
+
+
+def _vace_call():
+    """First frame given (mask black: keep), the other 8 to generate (gray frames, mask white), one reference image
+    (it adds a latent frame in front: 3 + 1 latent frames)."""
+    from PIL import Image
+
+    frames = [conditioning_image()] + [Image.new("RGB", (32, 32), (128, 128, 128))] * 8
+    masks = [Image.new("L", (32, 32), 0)] + [Image.new("L", (32, 32), 255)] * 8
+    return dict(prompt=PROMPT, video=frames, mask=masks, reference_images=[conditioning_image(seed=11)], height=32,
+                width=32, num_frames=9, guidance_scale=1.0, max_sequence_length=16)
+
+
+@_register("wan_vace", "WanVACEPipeline", _vace_call)
+def build_wan_vace(seed: int = 0):
+    """Wan VACE: UMT5, WanVACETransformer3DModel (VACE blocks at layers 0 and 1 add hints from the encoded
+    video, mask and reference image: 16 + 16 + 64 = 96 channels), the tiny Wan VAE (it encodes the conditioning)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanVACEPipeline, WanVACETransformer3DModel
+
+    _seeded(seed + 2)
+    transformer = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=TEXT_WIDTH, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, vace_layers=[0, 1], vace_in_channels=96,
+    ).eval()
+    return WanVACEPipeline(
+        tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=_umt5(seed), transformer=transformer,
+        vae=_wan_vae(seed + 3), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+    )
