@@ -255,3 +255,44 @@ def build_wan_vace(seed: int = 0):
         tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=_umt5(seed), transformer=transformer,
         vae=_wan_vae(seed + 3), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
     )
+
+
+def _hunyuan_video15_call():
+    # The quoted words reach the ByT5 glyph encoder (without quotes it is never run).
+    return dict(prompt='a red fox in snow by a sign that says "day"', height=32, width=32, num_frames=5)
+
+
+@_register("hunyuan_video15", "HunyuanVideo15Pipeline", _hunyuan_video15_call)
+def build_hunyuan_video15(seed: int = 0):
+    """HunyuanVideo 1.5 text-to-video: a Qwen2.5-VL language model (its third-last hidden states), a ByT5 glyph
+    encoder (T5 over bytes), HunyuanVideo15Transformer3DModel, the tiny AutoencoderKLHunyuanVideo15 (4x spatial and
+    temporal). Prompt lengths shrunk after construction: 16 MLLM tokens (no system-prompt crop), 8 ByT5 tokens, 4
+    (zero) image tokens; guidance 1 (one transformer pass per step)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel
+    from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import ByT5Tokenizer
+
+    from diffpar.testing import tiny_vaes
+
+    qwen, _ = tiny_text_encoders.build("qwen2_5_vl", seed=seed, heads=4, kv_heads=2, hidden=TEXT_WIDTH,
+                                       intermediate=48, layers=3)
+    byt5, _ = tiny_text_encoders.build("t5-gated", seed=seed + 1, heads=4, d_kv=8, d_model=TEXT_WIDTH, d_ff=48,
+                                       layers=2, vocab=384)
+    vae, _, _ = tiny_vaes.build("hunyuan_video15", seed=seed + 3)
+    _seeded(seed + 2)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=4, attention_head_dim=16, num_layers=2,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=TEXT_WIDTH,
+        text_embed_2_dim=TEXT_WIDTH, image_embed_dim=12, rope_axes_dim=(4, 6, 6), task_type="t2v",
+    ).eval()
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=qwen.model.language_model, tokenizer=tiny_text_encoders.chat_tokenizer(64),
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=byt5, tokenizer_2=ByT5Tokenizer(), guider=ClassifierFreeGuidance(guidance_scale=1.0),
+    )
+    pipe.system_message = "a"
+    pipe.prompt_template_encode_start_idx = 0
+    pipe.tokenizer_max_length = 16
+    pipe.tokenizer_2_max_length = 8
+    pipe.vision_num_semantic_tokens = 4
+    return pipe
