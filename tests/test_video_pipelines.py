@@ -117,3 +117,14 @@ def test_hunyuan_video15_text_to_video(ranks):
     results = ranks(2, "workers.video_pipelines:video_equivalence", kind="hunyuan_video15", config=config,
                     extra=["text_encoder", "text_encoder_2", "vae"], timeout=300)
     _check(results, ULYSSES, encoders=["text_encoder", "text_encoder_2"], text_cut=True)
+
+
+@_needs("kandinsky5_t2v")
+@_needs_plan("Kandinsky5Transformer3DModel")
+def test_kandinsky5_text_to_video(ranks):
+    """Kandinsky5T2VPipeline: transformer Ulysses 2 (visual self-attention split; prompt blocks and cross-attention
+    on the whole prompt), Qwen2.5-VL and CLIP tensor parallel, the HunyuanVideo VAE decode split by rows."""
+    config = dict(ULYSSES, vae_split_min_rows=0)
+    results = ranks(2, "workers.video_pipelines:video_equivalence", kind="kandinsky5_t2v", config=config,
+                    extra=["text_encoder", "text_encoder_2", "vae"], timeout=300)
+    _check(results, ULYSSES, encoders=["text_encoder", "text_encoder_2"])

@@ -296,3 +296,55 @@ def build_hunyuan_video15(seed: int = 0):
     pipe.tokenizer_2_max_length = 8
     pipe.vision_num_semantic_tokens = 4
     return pipe
+
+
+class TextOnlyProcessor:
+    """Stands in for a Qwen2-VL processor where a pipeline only ever passes text (images=None, videos=None)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text=None, images=None, videos=None, **kwargs):
+        if images is not None or videos is not None:
+            raise ValueError("TextOnlyProcessor: text only")
+        return self.tokenizer(text, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+def _kandinsky5_call():
+    return dict(prompt=PROMPT, height=32, width=32, num_frames=5, guidance_scale=1.0, max_sequence_length=16)
+
+
+@_register("kandinsky5_t2v", "Kandinsky5T2VPipeline", _kandinsky5_call)
+def build_kandinsky5_t2v(seed: int = 0):
+    """Kandinsky 5 text-to-video: Qwen2.5-VL (last hidden states; the prompt template shrunk to the bare prompt),
+    CLIP (pooled), Kandinsky5Transformer3DModel (prompt blocks, then visual blocks with self- and cross-attention;
+    full attention), the tiny AutoencoderKLHunyuanVideo (4x spatial and temporal)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Kandinsky5T2VPipeline, Kandinsky5Transformer3DModel
+
+    from diffpar.testing import tiny_vaes
+
+    qwen, _ = tiny_text_encoders.build("qwen2_5_vl", seed=seed, heads=4, kv_heads=2, hidden=TEXT_WIDTH,
+                                       intermediate=48, layers=2)
+    clip, _ = tiny_text_encoders.build("clip", seed=seed + 1, heads=4, hidden=TEXT_WIDTH, intermediate=37, layers=2,
+                                       max_positions=77)
+    vae, _, _ = tiny_vaes.build("hunyuan", seed=seed + 3)
+    _seeded(seed + 2)
+    transformer = Kandinsky5Transformer3DModel(
+        in_visual_dim=4, in_text_dim=TEXT_WIDTH, in_text_dim2=TEXT_WIDTH, time_dim=16, out_visual_dim=4,
+        patch_size=(1, 2, 2), model_dim=64, ff_dim=128, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6),
+    ).eval()
+    with torch.no_grad():  # modulations start at zero (the checkpoint sets them): seeded values instead
+        for name, p in transformer.named_parameters():
+            if "modulation" in name:
+                p.copy_(torch.randn(p.shape) * 0.2)
+    pipe = Kandinsky5T2VPipeline(
+        transformer=transformer, vae=vae, text_encoder=qwen,
+        tokenizer=TextOnlyProcessor(tiny_text_encoders.t5_tokenizer(512)), text_encoder_2=clip,
+        tokenizer_2=tiny_text_encoders.clip_tokenizer(77), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+    )
+    pipe.prompt_template = "{}"
+    pipe.prompt_template_encode_start_idx = 0
+    return pipe
