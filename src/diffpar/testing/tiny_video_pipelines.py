@@ -78,7 +78,7 @@ def _wan_vae(seed: int):
                             temperal_downsample=[False, True, True]).eval()
 
 
-def _clip_vision(seed: int, hidden: int = 32, image_size: int = 32):
+def _clip_vision(seed: int, hidden: int = 32, image_size: int = 24):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     tiny_text_encoders._quiet()
@@ -88,7 +88,7 @@ def _clip_vision(seed: int, hidden: int = 32, image_size: int = 32):
     return CLIPVisionModel(config).eval()
 
 
-def _clip_image_processor(size: int = 32):
+def _clip_image_processor(size: int = 24):
     from transformers import CLIPImageProcessor
 
     return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
@@ -102,7 +102,10 @@ def _wan_call():
 @_register("wan_i2v", "WanImageToVideoPipeline", _wan_call)
 def build_wan_i2v(seed: int = 0):
     """Wan 2.1 image-to-video: UMT5, a CLIP vision encoder whose penultimate states join the prompt in every
-    cross-attention (added K/V projections), and a transformer taking noise + mask + encoded first frame (36 ch)."""
+    cross-attention (added K/V projections), and a transformer taking noise + mask + encoded first frame (36 ch).
+    The CLIP tower sees 24 px (3 x 3 patches + CLS = 10 tokens), so image + prompt = 26 tokens: diffusers 0.36
+    splits that context evenly over the ranks (0.37+ keeps it whole). Real Wan 2.1 I2V has 257 + 512 = 769, which
+    0.36 cannot split in 2: diffpar refuses it there, naming the tokens."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
 
     heads, head_dim = 4, 12
