@@ -56,6 +56,7 @@ def _needs_plan(class_name):
 
 @_needs("cogvideox")
 @_needs_plan("CogVideoXTransformer3DModel")
+@pytest.mark.compat
 def test_cogvideox_text_to_video(ranks):
     """CogVideoXPipeline: transformer Ulysses 2 (joint text + video attention), T5 tensor parallel, the causal
     CogVideoX VAE decode split by rows (8 latent rows, frame batches carrying their conv caches)."""
@@ -67,6 +68,7 @@ def test_cogvideox_text_to_video(ranks):
 
 @_needs("cogvideox_i2v")
 @_needs_plan("CogVideoXTransformer3DModel")
+@pytest.mark.compat
 def test_cogvideox_image_to_video(ranks):
     """CogVideoXImageToVideoPipeline: as text-to-video, plus the first frame's VAE encode split by rows."""
     config = dict(ULYSSES, vae_split_min_rows=0)
@@ -110,6 +112,7 @@ def test_wan_vace(ranks):
 
 @_needs("hunyuan_video15")
 @_needs_plan("HunyuanVideo15Transformer3DModel")
+@pytest.mark.compat
 def test_hunyuan_video15_text_to_video(ranks):
     """HunyuanVideo15Pipeline: transformer Ulysses 2, both text encoders (Qwen2.5-VL language model and the ByT5
     glyph encoder) tensor parallel, the HunyuanVideo 1.5 VAE decode split by rows."""
@@ -121,6 +124,7 @@ def test_hunyuan_video15_text_to_video(ranks):
 
 @_needs("kandinsky5_t2v")
 @_needs_plan("Kandinsky5Transformer3DModel")
+@pytest.mark.compat
 def test_kandinsky5_text_to_video(ranks):
     """Kandinsky5T2VPipeline: transformer Ulysses 2 (visual self-attention split; prompt blocks and cross-attention
     on the whole prompt), Qwen2.5-VL and CLIP tensor parallel, the HunyuanVideo VAE decode split by rows."""
