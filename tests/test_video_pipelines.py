@@ -132,3 +132,15 @@ def test_kandinsky5_text_to_video(ranks):
     results = ranks(2, "workers.video_pipelines:video_equivalence", kind="kandinsky5_t2v", config=config,
                     extra=["text_encoder", "text_encoder_2", "vae"], timeout=300)
     _check(results, ULYSSES, encoders=["text_encoder", "text_encoder_2"])
+
+
+@_needs("hunyuan_video15_i2v")
+@_needs_plan("HunyuanVideo15Transformer3DModel")
+@pytest.mark.compat
+def test_hunyuan_video15_image_to_video(ranks):
+    """HunyuanVideo15ImageToVideoPipeline: as text-to-video, plus the first frame's VAE encode split by rows. Its
+    SigLIP image encoder stays whole on every rank (4 image tokens here; diffpar has no vision-tower plan)."""
+    config = dict(ULYSSES, vae_split_min_rows=0)
+    results = ranks(2, "workers.video_pipelines:video_equivalence", kind="hunyuan_video15_i2v", config=config,
+                    extra=["text_encoder", "text_encoder_2", "vae"], timeout=300)
+    _check(results, ULYSSES, encoders=["text_encoder", "text_encoder_2"], encode=True, text_cut=True)

@@ -351,3 +351,49 @@ def build_kandinsky5_t2v(seed: int = 0):
     pipe.prompt_template = "{}"
     pipe.prompt_template_encode_start_idx = 0
     return pipe
+
+
+def _hunyuan_video15_i2v_call():
+    return dict(image=conditioning_image(), prompt='a red fox in snow by a sign that says "day"', num_frames=5)
+
+
+@_register("hunyuan_video15_i2v", "HunyuanVideo15ImageToVideoPipeline", _hunyuan_video15_i2v_call)
+def build_hunyuan_video15_i2v(seed: int = 0):
+    """HunyuanVideo 1.5 image-to-video: the text-to-video components (target size 32 px, so a 32 px image gives
+    32 x 32), plus a SigLIP vision tower (16 px: 2 x 2 patches = 4 image tokens into the joint sequence) and the
+    first frame encoded by the VAE as the condition latents."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15ImageToVideoPipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import ByT5Tokenizer, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    from diffpar.testing import tiny_vaes
+
+    qwen, _ = tiny_text_encoders.build("qwen2_5_vl", seed=seed, heads=4, kv_heads=2, hidden=TEXT_WIDTH,
+                                       intermediate=48, layers=3)
+    byt5, _ = tiny_text_encoders.build("t5-gated", seed=seed + 1, heads=4, d_kv=8, d_model=TEXT_WIDTH, d_ff=48,
+                                       layers=2, vocab=384)
+    vae, _, _ = tiny_vaes.build("hunyuan_video15", seed=seed + 3)
+    _seeded(seed + 4)
+    siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=12, intermediate_size=24, num_hidden_layers=1,
+                                                  num_attention_heads=2, image_size=16, patch_size=8)).eval()
+    _seeded(seed + 2)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=4, attention_head_dim=16, num_layers=2,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=TEXT_WIDTH,
+        text_embed_2_dim=TEXT_WIDTH, image_embed_dim=12, rope_axes_dim=(4, 6, 6), target_size=32, task_type="i2v",
+    ).eval()
+    pipe = HunyuanVideo15ImageToVideoPipeline(
+        text_encoder=qwen.model.language_model, tokenizer=tiny_text_encoders.chat_tokenizer(64),
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=byt5, tokenizer_2=ByT5Tokenizer(), guider=ClassifierFreeGuidance(guidance_scale=1.0),
+        image_encoder=siglip, feature_extractor=SiglipImageProcessor(size={"height": 16, "width": 16}),
+    )
+    pipe.system_message = "a"
+    pipe.prompt_template_encode_start_idx = 0
+    pipe.tokenizer_max_length = 16
+    pipe.tokenizer_2_max_length = 8
+    return pipe
