@@ -106,8 +106,9 @@ def test_yaml_config_when_pyyaml_is_installed(tmp_path):
 
 
 def test_cfg_parallelism_is_refused_clearly():
-    with pytest.raises(SystemExit, match="--cfg 2 is not supported yet"):
-        generate.parse_args(["/m", "--cfg", "2"])
+    with pytest.raises(SystemExit, match="--cfg is 1 or 2"):
+        generate.parse_args(["/m", "--cfg", "3"])
+    assert generate.parse_args(["/m", "--cfg", "2"]).cfg == 2
     assert generate.parse_args(["/m", "--cfg", "1"]).cfg == 1
 
 

@@ -13,6 +13,7 @@ pytestmark = pytest.mark.compat
 
 CP = ({"ulysses_size": 2}, ["text_encoder", "text_encoder_2", "vae"])
 TP = ({"tp_size": 2}, ["text_encoder_2"])
+CFG = ({"cfg_size": 2}, ["text_encoder", "vae"])  # the cfg step runs only with cfg groups
 # Measured: a rolled-back enable_cache returns in under 2 s on 2 CPU ranks; a hang would reach the 60 s
 # process-group timeout.
 MAX_SECONDS = 30
@@ -20,7 +21,7 @@ MAX_SECONDS = 30
 
 def _cases():
     for step in APPLY_STEPS:
-        config, extra = TP if step == "tensor parallel" else CP
+        config, extra = {"tensor parallel": TP, "cfg parallel": CFG}.get(step, CP)
         for who in ("one", "all"):
             yield pytest.param(step, who, config, extra, id=f"{step.replace(' ', '-')}-{who}")
 

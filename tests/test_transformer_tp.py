@@ -111,7 +111,7 @@ def test_hybrid_local_heads_not_divisible_by_ulysses(ranks):
 
 
 def test_model_without_plan_is_refused(ranks):
-    messages = ranks(2, "workers.transformer_tp:expect_error", model_name="sd3", config={"tp_size": 2})
+    messages = ranks(2, "workers.transformer_tp:expect_error", model_name="unplanned", config={"tp_size": 2})
     _assert_all(messages, "has a tensor-parallel plan", "Models with a plan", "ulysses_size / ring_size")
 
 

@@ -1,11 +1,12 @@
 """Apply a `ParallelPlan` that every rank agreed on, step by step, each step's undo recorded before its change.
 
-1. Setup (collectives, no change to any module): the ("dp", "ring", "ulysses", "tp") mesh and the sub-groups the
+1. Setup (collectives, no change to any module): the ("dp" or "cfg", "ring", "ulysses", "tp") mesh and the sub-groups the
    engines need (the model-copy group the cache agrees over).
 2. Local steps, in this order, no collective: the cache (before the context-parallel hooks: diffusers nests the
    hook registered last outermost, and plans that split the sequence in a hook on block 0 - QwenImage, Z-Image -
    must split before a cache hook on that block measures it), each denoiser's context- then tensor-parallel
-   engine, each extra module's engine, the latent broadcast.
+   engine, the cfg/batch split over the outer groups (outside those hooks), each extra module's engine, the latent
+   broadcast, the call agreement.
 3. One status collective: a rank whose step failed brings every rank down with the same error, and all roll back
    together (until `commit`, every undo is local: weights a rollback needs are still held).
 """
@@ -21,6 +22,7 @@ from diffpar.cache import apply_cache
 from diffpar.components import is_pipeline
 from diffpar.engines import tensor_parallel
 from diffpar.engines.call_agreement import CallChecker, attach_model_checker, attach_pipeline_checker
+from diffpar.engines.cfg_parallel import apply_cfg_parallel
 from diffpar.engines.context_parallel import apply_context_parallel, new_parallel_config
 from diffpar.handle import ParallelHandle
 from diffpar.patch import Patch
@@ -29,7 +31,8 @@ from diffpar.plan_types import ApplyContext, ParallelPlan
 logger = logging.getLogger("diffpar")
 
 # The named steps, in order (tests inject failures into each of them).
-APPLY_STEPS = ("cache", "context parallel", "tensor parallel", "extra module", "latent broadcast", "call agreement")
+APPLY_STEPS = ("cache", "context parallel", "tensor parallel", "cfg parallel", "extra module", "latent broadcast",
+               "call agreement")
 
 
 def model_group(mesh, layout):
@@ -43,6 +46,14 @@ def model_group(mesh, layout):
     return mesh["ring", "ulysses", "tp"]._flatten().get_group()
 
 
+def cache_decision_group(mesh, layout, cfg_plans):
+    """Where a cache's skip decision is agreed: the model copy, or the whole world when the batch of each forward
+    is split over the cfg/dp groups (planning.cache_group_size says why). A collective: setup only."""
+    if any(c.payload.mode == "batched" for c in cfg_plans):
+        return dist.group.WORLD
+    return model_group(mesh, layout)
+
+
 def apply_plan(target, plan: ParallelPlan, config, handle: ParallelHandle) -> None:
     """Carry out `plan` on this rank. Every rank must call it after the agreement (it creates process groups)."""
     layout = plan.layout
@@ -53,20 +64,27 @@ def apply_plan(target, plan: ParallelPlan, config, handle: ParallelHandle) -> No
         return
 
     # 1. Setup: collectives only.
-    dims = mesh_lib.ParallelDims(layout.world_size, layout.ulysses, layout.ring, layout.tp)
+    cfg_plans = plan.by_role("cfg")
+    cfg_degree = layout.dp if any(c.payload.dim == "cfg" for c in cfg_plans) else 1
+    dims = mesh_lib.ParallelDims(layout.world_size, layout.ulysses, layout.ring, layout.tp, cfg_degree)
     world_mesh = dims.build()
-    cache_group = model_group(world_mesh, layout) if cache_plans else None
+    cache_group = cache_decision_group(world_mesh, layout, cfg_plans) if cache_plans else None
+    outer_group = world_mesh[dims.outer_name].get_group() if cfg_plans else None
     handle.states["mesh"] = world_mesh
-    if layout.dp > 1:
+    if layout.dp > 1 and not cfg_plans:
+        per_group = layout.world_size // layout.dp
+        groups = [f"{g * per_group}-{(g + 1) * per_group - 1}" if per_group > 1 else str(g) for g in range(layout.dp)]
         logger.warning(
-            "diffpar: model degrees use %d of %d ranks; each of the %d groups computes the transformer redundantly.",
-            layout.world_size // layout.dp, layout.world_size, layout.dp,
+            "diffpar: model degrees use %d of %d ranks; each of the %d dp groups (ranks %s) computes the same "
+            "transformer calls (redundant). cfg_size=2 on a guided pipeline, larger ulysses/ring/tp degrees, or a "
+            "batch split (see the plan's note) would use them.",
+            per_group, layout.world_size, layout.dp, " / ".join(groups),
         )
 
     # 2. Local steps; a failure is carried to the status collective below.
     local_error = None
     try:
-        _apply_local_steps(target, plan, config, handle, world_mesh, cache_group)
+        _apply_local_steps(target, plan, config, handle, world_mesh, cache_group, outer_group)
     except Exception as exc:  # every rank must still reach the status collective
         local_error = exc
 
@@ -75,7 +93,7 @@ def apply_plan(target, plan: ParallelPlan, config, handle: ParallelHandle) -> No
                    failed="failed while applying the agreed plan, so every rank rolled back", timeout_s=config.timeout_s)
 
 
-def _apply_local_steps(target, plan: ParallelPlan, config, handle, world_mesh, cache_group) -> None:
+def _apply_local_steps(target, plan: ParallelPlan, config, handle, world_mesh, cache_group, outer_group) -> None:
     for component in plan.by_role("cache"):
         handle.states["cache"] = apply_step("cache", apply_cache, component, handle, cache_group)
     context = ApplyContext(pipeline=target if is_pipeline(target) else None, mesh=world_mesh)
@@ -89,8 +107,12 @@ def _apply_local_steps(target, plan: ParallelPlan, config, handle, world_mesh, c
         if payload.tp_engine is not None:
             apply_step("tensor parallel", tensor_parallel.apply_tensor_parallel, payload.module, payload.tp_plan,
                        world_mesh["tp"], handle, component.name)
+    # After the context- and tensor-parallel hooks, so the split wraps them: each cfg/dp group is its own mesh.
+    for component in plan.by_role("cfg"):
+        handle.states["cfg"] = apply_step("cfg parallel", apply_cfg_parallel, component.payload, outer_group, handle,
+                                          config.timeout_s)
     for component in plan.components:
-        if component.role in ("denoiser", "cache"):
+        if component.role in ("denoiser", "cache", "cfg"):
             continue
         extra = component.payload
         state = apply_step("extra module", extra.adapter.apply, extra.module, extra.plan, dist.group.WORLD, handle,

@@ -26,6 +26,7 @@ _PARALLEL_KWARGS_FIELDS = (
     "timeout_s",
     "check_every_call",
     "verify_weights",
+    "cfg_size",
 )
 
 
@@ -35,6 +36,9 @@ class ParallelismConfig:
 
     ulysses_size / ring_size: context-parallel degrees for the transformer (and ControlNet).
     tp_size: tensor-parallel degree for the transformer.
+    cfg_size: 2 splits classifier-free guidance over two rank groups (the outermost mesh dimension): the
+        conditional and unconditional branches of each denoising step run on different ranks, and batches split
+        over the groups; each group is its own context-/tensor-parallel mesh (docs/cfg.md). None or 1: off.
     ulysses_anything / ring_anything: allow sequence lengths (and, for Ulysses, head counts) that the degree
         does not divide.
     convert_to_fp32: accumulate ring attention partial results in fp32 (diffusers' option).
@@ -58,6 +62,7 @@ class ParallelismConfig:
     ulysses_size: int | None = None
     ring_size: int | None = None
     tp_size: int | None = None
+    cfg_size: int | None = None
     ulysses_anything: bool = False
     ring_anything: bool = False
     convert_to_fp32: bool = True
@@ -92,7 +97,7 @@ class ParallelismConfig:
         self._validate()
 
     def _validate(self):
-        for name in ("ulysses_size", "ring_size", "tp_size"):
+        for name in ("ulysses_size", "ring_size", "tp_size", "cfg_size"):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -102,6 +107,12 @@ class ParallelismConfig:
                      "keep_original_text_encoders", "check_every_call", "verify_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise DiffparError(f"ParallelismConfig: {name} must be True or False, got {getattr(self, name)!r}.")
+        if self.cfg_degree > 2:
+            raise DiffparError(
+                f"ParallelismConfig: cfg_size={self.cfg_size}: classifier-free guidance has two branches "
+                "(conditional and unconditional), so cfg_size is 1 or 2. Use ulysses_size / ring_size / tp_size "
+                "for the other ranks."
+            )
         if self.ulysses_anything and self.ulysses_degree == 1:
             raise DiffparError("ParallelismConfig: ulysses_anything=True needs ulysses_size > 1.")
         if self.ring_anything and self.ring_degree == 1:
@@ -149,6 +160,10 @@ class ParallelismConfig:
         return self.tp_size or 1
 
     @property
+    def cfg_degree(self) -> int:
+        return self.cfg_size or 1
+
+    @property
     def cp_degree(self) -> int:
         return self.ulysses_degree * self.ring_degree
 
@@ -164,6 +179,7 @@ class ParallelismConfig:
             "ulysses_size": self.ulysses_degree,
             "ring_size": self.ring_degree,
             "tp_size": self.tp_degree,
+            "cfg_size": self.cfg_degree,
             "ulysses_anything": self.ulysses_anything,
             "ring_anything": self.ring_anything,
             "convert_to_fp32": self.convert_to_fp32,

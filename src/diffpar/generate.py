@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ulysses", type=int, default=1, help="Ulysses (all-to-all) context-parallel degree")
     parser.add_argument("--ring", type=int, default=1, help="ring context-parallel degree")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of the transformer")
-    parser.add_argument("--cfg", type=int, default=1, help="classifier-free-guidance parallel degree (only 1 yet)")
+    parser.add_argument("--cfg", type=int, default=1, help="classifier-free-guidance parallel degree: 2 puts the conditional and unconditional branches on two rank groups (docs/cfg.md)")
     parser.add_argument("--parallel-text-encoder", action=argparse.BooleanOptionalAction, default=False,
                         help="every text encoder tensor-parallel over all ranks")
     parser.add_argument("--parallel-vae", action=argparse.BooleanOptionalAction, default=False,
@@ -114,11 +114,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.model_dir is None:
         parser.error("MODEL_DIR is required (a positional argument or model_dir in --config)")
-    if args.cfg != 1:
+    if args.cfg not in (1, 2):
         raise SystemExit(
-            f"diffpar.generate: --cfg {args.cfg} is not supported yet: classifier-free-guidance parallelism (one "
-            "rank per guidance branch) is not implemented in diffpar. Use --cfg 1 and spread the ranks with "
-            "--ulysses / --ring / --tp."
+            f"diffpar.generate: --cfg {args.cfg}: classifier-free guidance has two branches, so --cfg is 1 or 2 "
+            "(2: one rank group per branch). Spread the other ranks with --ulysses / --ring / --tp."
         )
     for name in ("ulysses", "ring", "tp"):
         if getattr(args, name) < 1:
@@ -176,6 +175,7 @@ def parallelism_config(pipe, args):
         ulysses_size=args.ulysses if args.ulysses > 1 else None,
         ring_size=args.ring if args.ring > 1 else None,
         tp_size=args.tp if args.tp > 1 else None,
+        cfg_size=args.cfg if args.cfg > 1 else None,
         extra_parallel_modules=extra,
     )
 

@@ -2,7 +2,7 @@
 
 `ensure_process_group()` starts torch.distributed from torchrun's environment when nobody did (NCCL for CUDA
 tensors, gloo for CPU ones). `ParallelDims` checks degrees against the world once; `ParallelDims.build()`
-returns the 4-D mesh ("dp", "ring", "ulysses", "tp"), cached so two models sharing a layout share groups.
+returns the 4-D mesh ("dp" or "cfg", "ring", "ulysses", "tp"), cached so two models sharing a layout share groups.
 A "dp" dimension larger than 1 means the model degrees do not use the whole world: each dp group runs its
 own full copy of the transformer, while extra modules still use the whole world.
 """
@@ -90,10 +90,15 @@ def device_type_for_collectives() -> str:
 
 @dataclass(frozen=True)
 class ParallelDims:
+    """The degrees, checked against the world once. The outermost dimension is "cfg" when `cfg` > 1 (the two
+    guidance branches: one exchange of the prediction per step, the least traffic of all dimensions, so across
+    nodes in a multi-node launch), else "dp" (the ranks the model degrees leave over)."""
+
     world_size: int
     ulysses: int = 1
     ring: int = 1
     tp: int = 1
+    cfg: int = 1
 
     def __post_init__(self):
         model = self.ulysses * self.ring * self.tp
@@ -103,24 +108,38 @@ class ParallelDims:
                 f"world of {self.world_size} processes: the product must divide the world size. Launch "
                 f"`torchrun --nproc_per_node={model}` or choose degrees whose product divides {self.world_size}."
             )
+        if self.cfg > 1 and self.cfg * model != self.world_size:
+            raise DiffparError(
+                f"cfg_size={self.cfg} x ulysses_size={self.ulysses} x ring_size={self.ring} x tp_size={self.tp} = "
+                f"{self.cfg * model} ranks, but the world has {self.world_size}: with cfg_size, the degrees must "
+                f"use every rank. Launch `torchrun --nproc_per_node={self.cfg * model}`, or raise ulysses_size / "
+                f"ring_size / tp_size so that cfg_size x their product = {self.world_size}."
+            )
 
     @property
     def dp(self) -> int:
+        """Size of the outermost dimension: the cfg groups, or the dp groups."""
         return self.world_size // (self.ulysses * self.ring * self.tp)
+
+    @property
+    def outer_name(self) -> str:
+        return "cfg" if self.cfg > 1 else "dp"
 
     @property
     def cp(self) -> int:
         return self.ulysses * self.ring
 
     def build(self):
-        """The ("dp", "ring", "ulysses", "tp") mesh; every rank must call this (it creates process groups)."""
+        """The (outer, "ring", "ulysses", "tp") mesh, outer being "cfg" or "dp"; every rank must call this (it
+        creates process groups)."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        key = (device_type_for_collectives(), self.dp, self.ring, self.ulysses, self.tp)
+        key = (device_type_for_collectives(), self.outer_name, self.dp, self.ring, self.ulysses, self.tp)
         mesh = _MESH_CACHE.get(key)
         if mesh is None:
             mesh = init_device_mesh(
-                key[0], (self.dp, self.ring, self.ulysses, self.tp), mesh_dim_names=("dp", "ring", "ulysses", "tp")
+                key[0], (self.dp, self.ring, self.ulysses, self.tp),
+                mesh_dim_names=(self.outer_name, "ring", "ulysses", "tp"),
             )
             _MESH_CACHE[key] = mesh
         return mesh

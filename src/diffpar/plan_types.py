@@ -100,6 +100,7 @@ class MeshLayout:
     ring: int = 1
     ulysses: int = 1
     tp: int = 1
+    cfg: int = 1  # > 1: the outer dimension (of size dp) holds the guidance branches, not copies
 
     @property
     def cp(self) -> int:
@@ -110,11 +111,12 @@ class MeshLayout:
         return self.cp * self.tp
 
     def describe(self) -> dict:
-        return {"world_size": self.world_size, "dp": self.dp, "ring": self.ring, "ulysses": self.ulysses,
-                "tp": self.tp}
+        return {"world_size": self.world_size, "dp": self.dp, "cfg": self.cfg, "ring": self.ring,
+                "ulysses": self.ulysses, "tp": self.tp}
 
     def line(self) -> str:
-        return (f"world {self.world_size} = dp {self.dp} x ring {self.ring} x ulysses {self.ulysses} x tp {self.tp}")
+        outer = f"cfg {self.dp}" if self.cfg > 1 else f"dp {self.dp}"
+        return f"world {self.world_size} = {outer} x ring {self.ring} x ulysses {self.ulysses} x tp {self.tp}"
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,12 @@ from diffpar.components import find_denoisers, is_pipeline, resolve_extra_module
 from diffpar.config import ParallelismConfig
 from diffpar.engines import tensor_parallel
 from diffpar.engines.call_agreement import weights_checksum
+from diffpar.engines.cfg_parallel import BATCHED, TWO_CALLS, CfgPayload
 from diffpar.engines.context_parallel import check_context_parallel
 from diffpar.errors import DiffparError
 import diffpar.families.catalog  # noqa: F401  (every family file registers itself: explicit, no package scan)
 from diffpar.families.controlnets.base import check_controlnet_listed
+from diffpar.families.pipelines.cfg import batch_args_for, cfg_pattern_for, recognised_pipelines
 from diffpar.families.registry import cp_plan_entry, cp_plan_for, extra_adapter_for
 from diffpar.families.transformers import tp_plans
 from diffpar.mesh import ParallelDims
@@ -139,7 +141,10 @@ def _plan_denoiser(name: str, model: torch.nn.Module, config: ParallelismConfig,
     if _ranks_will_agree():  # ranks with different weights would blend them: refused by name
         facts["weights"] = weights_checksum(model)
     if dims.dp > 1:
-        details.append(f"{dims.dp} copies (dp groups), each computing the whole denoiser for the same input")
+        if dims.cfg > 1:
+            details.append(f"{dims.dp} copies (cfg groups), each computing its share of every step (see cfg)")
+        else:
+            details.append(f"{dims.dp} copies (dp groups), each computing the whole denoiser for the same input")
     return ComponentPlan(
         name=name, role="denoiser", module_class=type(model).__name__,
         engine=" + ".join(engines) or "whole on every rank", group=group or "each rank alone",
@@ -169,13 +174,18 @@ def plan(target, cache_config=None, parallelism_config: ParallelismConfig | None
     shims: tuple[str, ...] = ()
     model_group_size = 1
     if config is not None and world > 1:
-        dims = ParallelDims(world, config.ulysses_degree, config.ring_degree, config.tp_degree)
-        layout = MeshLayout(world_size=world, dp=dims.dp, ring=dims.ring, ulysses=dims.ulysses, tp=dims.tp)
+        dims = ParallelDims(world, config.ulysses_degree, config.ring_degree, config.tp_degree, config.cfg_degree)
+        layout = MeshLayout(world_size=world, dp=dims.dp, ring=dims.ring, ulysses=dims.ulysses, tp=dims.tp,
+                            cfg=dims.cfg)
         model_group_size = dims.cp * dims.tp
-        for name, model in find_denoisers(target):
+        denoisers = find_denoisers(target)
+        for name, model in denoisers:
             if dims.cp * dims.tp > 1:
                 check_eval_mode(name, model)
             components.append(_plan_denoiser(name, model, config, dims))
+        cfg_component, cfg_note = _plan_cfg(target, denoisers, dims, cache_config is not None)
+        if cfg_component is not None:
+            components.append(cfg_component)
         extras = resolve_extra_modules(target, config.extra_parallel_modules)
         for name, module in extras:
             check_eval_mode(name, module)
@@ -188,18 +198,15 @@ def plan(target, cache_config=None, parallelism_config: ParallelismConfig | None
             check_controlnet_listed(target, config, {name for name, _ in extras})
         if config.cp_degree > 1 or any(c.role == "controlnet" for c in components):
             shims = tuple(diffusers_cp.SHARED_SHIMS.planned_names())
-        if dims.dp > 1:
-            notes.append(
-                f"model degrees use {world // dims.dp} of {world} ranks: each of the {dims.dp} dp groups computes the "
-                "denoiser redundantly"
-            )
+        if cfg_note:
+            notes.append(cfg_note)
         if config.broadcast_latents and is_pipeline(target) and hasattr(target, "prepare_latents"):
             notes.append("initial latents broadcast from rank 0 (every rank starts from the same noise)")
     elif config is not None:
         find_denoisers(target)  # the same errors as a parallel launch for a target with no denoiser
         notes.append("one process: parallelism is a no-op (launch with torchrun --nproc_per_node=N)")
     if cache_config is not None:
-        components.append(plan_cache(target, cache_config, model_group_size))
+        components.append(plan_cache(target, cache_config, cache_group_size(components, model_group_size, world)))
     return ParallelPlan(
         target_class=type(target).__name__,
         layout=layout,
@@ -208,6 +215,92 @@ def plan(target, cache_config=None, parallelism_config: ParallelismConfig | None
         notes=tuple(notes),
         config=ComponentPlan.freeze_facts(config.describe() if config is not None else {}),
         versions=ComponentPlan.freeze_facts(versions.describe()),
+    )
+
+
+def cache_group_size(components, model_group_size: int, world: int) -> int:
+    """Ranks a cache's skip decision is agreed over: the ranks that compute one forward of the one-process model
+    together. That is one model copy, unless the batch of each forward is split over the cfg/dp groups: then the
+    measure is summed over every group too (the same sums as one process over the whole batch). Two-call guidance
+    keeps one model copy: each branch has its own cache context, computed whole by its group."""
+    split = [c for c in components if c.role == "cfg" and c.payload.mode == BATCHED]
+    return world if split else model_group_size
+
+
+def _plan_cfg(target, denoisers, dims: ParallelDims, with_cache: bool) -> tuple[ComponentPlan | None, str | None]:
+    """The split over the outermost groups: guidance branches (cfg_size=2) or batches (dp groups), or None with
+    the note that says why the dp groups stay redundant. Local checks only."""
+    if dims.dp == 1:
+        return None, None
+    used = f"model degrees use {dims.world_size // dims.dp} of {dims.world_size} ranks"
+    if dims.cfg == 1:
+        batch_args = {name: batch_args_for(model) for name, model in denoisers}
+        unknown = [type(m).__name__ for n, m in denoisers if batch_args[n] is None]
+        redundant = f"each of the {dims.dp} dp groups computes the denoiser redundantly"
+        known_loop = is_pipeline(target) and cfg_pattern_for(target) is not None
+        if with_cache or unknown or not known_loop:
+            if with_cache:
+                why = "a cache decides from the whole batch"
+            elif not known_loop:
+                why = f"diffpar does not know what else {type(target).__name__} passes per sample"
+            else:
+                why = f"diffpar does not know which arguments of {', '.join(unknown)} carry the batch"
+            return None, f"{used}: {redundant} ({why}; cfg_size=2 would split guidance where supported)"
+        payload = CfgPayload(BATCHED, tuple((n, m, batch_args[n]) for n, m in denoisers), target, dim="dp")
+        return _cfg_component(target, payload, dims), (
+            f"{used}: batches split over the {dims.dp} dp groups; a batch smaller than {dims.dp} runs whole, so "
+            f"{redundant} for it")
+    name = type(target).__name__
+    if not is_pipeline(target):
+        raise DiffparError(
+            f"cfg_size={dims.cfg}: the guidance branches are the pipeline's, so diffpar needs the pipeline: call "
+            f"enable_cache(pipe, ...) rather than on the bare {name}."
+        )
+    pattern = cfg_pattern_for(target)
+    if pattern is None:
+        raise DiffparError(
+            f"cfg_size={dims.cfg}: diffpar does not recognise how {name} runs classifier-free guidance (neither a "
+            f"batched pattern nor cond/uncond calls are registered for {name} in "
+            f"diffpar/families/pipelines/cfg.py; recognised: {', '.join(recognised_pipelines())}). Use cfg_size=1 "
+            "and spread the ranks with ulysses_size / ring_size / tp_size."
+        )
+    entries = []
+    for dname, model in denoisers:
+        args = batch_args_for(model)
+        if pattern == BATCHED and args is None:
+            raise DiffparError(
+                f"cfg_size={dims.cfg}: {name} batches its guidance branches, but diffpar does not know which "
+                f"arguments of {dname} ({type(model).__name__}) carry the batch. Use cfg_size=1."
+            )
+        if pattern == TWO_CALLS and not callable(getattr(model, "cache_context", None)):
+            raise DiffparError(
+                f"cfg_size={dims.cfg}: {name} marks its guidance branches with {dname}.cache_context('cond' / "
+                f"'uncond'), but {type(model).__name__} has no cache_context in this diffusers release. Use "
+                "cfg_size=1."
+            )
+        entries.append((dname, model, args))
+    if pattern == TWO_CALLS and not callable(getattr(target, "prepare_latents", None)):
+        raise DiffparError(f"cfg_size={dims.cfg}: {name} has no prepare_latents, where each call would start.")
+    payload = CfgPayload(pattern, tuple(entries), target, dim="cfg")
+    return _cfg_component(target, payload, dims), f"{used} per cfg group; the {dims.dp} cfg groups split guidance"
+
+
+def _cfg_component(target, payload: CfgPayload, dims: ParallelDims) -> ComponentPlan:
+    if payload.mode == BATCHED:
+        engine = "batch parallel" if payload.dim == "dp" else "cfg parallel (batched branches)"
+        details = [f"{n}: per-sample arguments {', '.join((*a.tensors, *a.lists))} split along the batch over "
+                   f"{dims.dp} {payload.dim} groups, outputs all-gathered" for n, _, a in payload.denoisers]
+    else:
+        engine = "cfg parallel (two calls)"
+        details = [f"{n}: cache_context('cond') calls on {payload.dim} group 0, ('uncond') on group 1; one "
+                   "exchange of the prediction per step" for n, _, _ in payload.denoisers]
+    facts = {"mode": payload.mode, "groups": dims.dp, "dim": payload.dim,
+             "denoisers": {n: None if a is None else [list(a.tensors), list(a.lists)]
+                           for n, _, a in payload.denoisers}}
+    return ComponentPlan(
+        name="cfg", role="cfg", module_class=type(target).__name__, engine=engine, group=payload.dim,
+        source="diffpar families/pipelines/cfg.py", details=tuple(details),
+        facts=ComponentPlan.freeze_facts(facts), payload=payload,
     )
 
 

@@ -246,3 +246,8 @@ def remove_plan_hooks(model: torch.nn.Module, plan: dict) -> None:
             continue
         for target in targets:
             remove_named_hook(target, _hook_name(module_id, entries))
+
+
+def ulysses_group(parallel_config):
+    """The process group of the Ulysses ranks of a processor's parallel config (diffusers keeps its mesh private)."""
+    return parallel_config.context_parallel_config._ulysses_mesh.get_group()

@@ -310,6 +310,19 @@ def _attention_heads(model, linear_paths) -> dict[str, int]:
     return counts
 
 
+def _key_value_heads(model, attention_paths) -> dict[str, int]:
+    """Attention module path -> key/value heads where they are fewer than the query heads (grouped-query attention
+    in diffusers' `Attention`: `inner_kv_dim` narrower than `inner_dim`). Splitting K/V projections by width alone
+    would cut through a head when tp does not divide these."""
+    counts = {}
+    for path in attention_paths:
+        attention = model.get_submodule(path)
+        inner, inner_kv = getattr(attention, "inner_dim", None), getattr(attention, "inner_kv_dim", None)
+        if isinstance(inner, int) and isinstance(inner_kv, int) and 0 < inner_kv < inner:
+            counts[path] = attention.heads * inner_kv // inner
+    return counts
+
+
 def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, source: str, origin: str,
                     world: int | None = None) -> ShardPlan:
     """`plan` on `tp` ranks as a `ShardPlan`. Local, no collective; raises UnsupportedError (naming the largest tp
@@ -323,9 +336,19 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
     heads = _attention_heads(model, [p for p, _, kind, _ in expanded if kind != GATHER])
     widths = [(f"{path} ({'rowwise' if kind == ROWWISE else 'colwise'}, width {b})", b)
               for path, _, kind, blocks in expanded for b in blocks]
-    constraints = sorted(set(heads.values()) | {w for _, w in widths})
+    kv_heads = _key_value_heads(model, heads)
+    constraints = sorted(set(heads.values()) | set(kv_heads.values()) | {w for _, w in widths})
     works = max(d for d in range(1, tp + 1)
                 if all(c % d == 0 for c in constraints) and (world is None or world % d == 0))
+    bad_kv = {p: h for p, h in kv_heads.items() if h % tp}
+    if bad_kv:
+        path, h = next(iter(bad_kv.items()))
+        raise UnsupportedError(
+            f"tp_size={tp} does not divide the {h} key/value heads of {name} ({path}, grouped-query attention with "
+            f"{heads[path]} query heads): tensor parallelism gives each rank whole key/value heads. The largest "
+            f"tp_size that works for this model is {works}; use it, or ulysses_size / ring_size for the rest of the "
+            "ranks."
+        )
     bad_heads = {p: h for p, h in heads.items() if h % tp}
     if bad_heads:
         path, h = next(iter(bad_heads.items()))

@@ -74,6 +74,17 @@ def _group_size(group) -> int | None:
 UNSPLIT_ATTENTION = {
     # The token refiner runs on the whole prompt before the split (diffpar's plan pools over the prompt).
     "HunyuanVideoTransformer3DModel": ("context_embedder.*",),
+    "HunyuanImageTransformer2DModel": ("context_embedder.*",),  # the same token refiner
+    # Krea 2's text fusion runs on the whole prompt on every rank, before the split.
+    "Krea2Transformer2DModel": ("text_fusion.*",),
+    "HunyuanVideo15Transformer3DModel": ("context_embedder.*",),
+    "HunyuanVideoFramepackTransformer3DModel": ("context_embedder.*",),
+    # The prompt's own blocks run whole on every rank; the cross-attention reads the whole prompt locally.
+    "Kandinsky5Transformer3DModel": ("text_transformer_blocks.*", "visual_transformer_blocks.*.cross_attention"),
+    "CosmosTransformer3DModel": ("transformer_blocks.*.attn2",),
+    "AllegroTransformer3DModel": ("transformer_blocks.*.attn2",),
+    # Temporal attention runs over frames, which the plan does not split (each rank holds all frames of its patches).
+    "LatteTransformer3DModel": ("temporal_transformer_blocks.*",),
     # Cross-attention to the prompt: diffusers 0.37+ keeps the prompt whole (0.36 split it), so the image shard
     # attends to every key locally.
     "WanTransformer3DModel": ("blocks.*.attn2",),
@@ -95,6 +106,9 @@ UNSPLIT_ATTENTION = {
                                     "transformer_blocks.*.video_to_audio_attn"),
     # The context refiner runs on the whole prompt, with its padding mask, on every rank (diffpar's plan).
     "Lumina2Transformer2DModel": ("context_refiner.*",),
+    # The Perceiver squeezes the whole prompt into gist tokens before the split; the injection layers' cross-attention
+    # attends from the image shard to the whole prompt.
+    "BriaFibo2Transformer2DModel": ("perceiver.*", "layers.*.cross_attention"),
 }
 
 

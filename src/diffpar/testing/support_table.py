@@ -63,28 +63,41 @@ def transformer_rows() -> list[dict]:
     from diffpar.families.transformers.tp_plans import TP_PLANS
     from diffpar.testing.coverage import all_cases
 
-    cases = {c.class_name: c for c in all_cases()}
+    cases: dict[str, list] = {}
+    for c in all_cases():  # a class may have several cases (extra inputs, a refused option)
+        cases.setdefault(c.class_name, []).append(c)
     rows = []
     for cls in denoiser_classes():
-        case = cases.get(cls.__name__)
-        if native_cp_plan(cls):
+        mine = cases.get(cls.__name__, [])
+        case = mine[0] if mine else None
+        ours = CP_PLANS.lookup(cls)
+        if ours is not None and getattr(ours, "overrides_native", False) and native_cp_plan(cls):
+            cp = "diffpar (replaces diffusers')"
+        elif native_cp_plan(cls):
             cp = "diffusers"
-        elif CP_PLANS.lookup(cls) is not None:
+        elif ours is not None:
             cp = "diffpar"
         else:
             cp = ""
         native_tp = has_native_tp() and bool(getattr(cls, "_tp_plan", None))
         tp = "diffusers" if native_tp else ("diffpar" if TP_PLANS.lookup(cls) is not None else "")
-        if case is not None and case.refused:
-            status, note = "refused", case.refused
-        elif case is not None:
-            status, note = " ".join(case.modes()), case.notes
+        tested = [c for c in mine if not c.refused]
+        refusals = [c.refused for c in mine if c.refused]
+        if mine and not tested:
+            status, note = "refused", "; ".join(refusals)
+        elif tested:
+            modes = []
+            for c in tested:
+                modes += [m for m in c.modes() if m not in modes]
+            status = " ".join(modes)
+            note = "; ".join([c.notes for c in tested if c.notes] + [f"refused: {r}" for r in refusals])
         else:
             status = "plan, untested" if (cp or tp) else "no plan: refused by name"
             note = ""
+        pipelines = sorted({p for c in mine for p in c.pipelines})
         rows.append({
             "class": cls.__name__, "kind": _kind(cls, case), "cp": cp or "-", "tp": tp or "-", "tested": status,
-            "pipelines": ", ".join(case.pipelines) if case is not None else "", "notes": note,
+            "pipelines": ", ".join(pipelines), "notes": note,
         })
     return rows
 

@@ -1,4 +1,4 @@
-"""Context-parallel plan for HunyuanVideo (`HunyuanVideoTransformer3DModel`); diffusers ships none.
+"""Context- and tensor-parallel plans for HunyuanVideo (`HunyuanVideoTransformer3DModel`); diffusers ships neither.
 
 Plan: the video tokens and the refined text tokens are split where they enter the first block, the RoPE table as
 it leaves `rope`; blocks work on shards; gather after `proj_out`. The token refiner runs before the split, on the
@@ -30,7 +30,9 @@ from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.errors import UnsupportedError
 from diffpar.patch import Patch
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.engines.tp_shard import GATHER, Packed
+from diffpar.families.transformers.sd3 import per_block, replace_attention_processors
+from diffpar.families.transformers.tp_plans import ATTN_ATTRS, JOINT_ATTENTION, TensorParallelPlan, register_tp_plan
 
 _BLOCK_STACKS = ("transformer_blocks", "single_transformer_blocks")
 
@@ -86,8 +88,9 @@ def mask_for_sharded_keys(mask: torch.Tensor, video_tokens: int, text_tokens: in
     return mask.reshape(mask.shape[0], -1).index_select(1, index).reshape(mask.shape[0], 1, 1, -1)
 
 
-def text_tokens_to_keep(text_mask: torch.Tensor, config) -> int:
-    """How many leading text tokens the blocks must see; raises where no exact layout exists."""
+def text_tokens_to_keep(text_mask: torch.Tensor, config, label: str = "HunyuanVideo") -> int:
+    """How many leading text tokens the blocks must see; raises where no exact layout exists (`label`: the model
+    named in the message)."""
     valid = text_mask.bool()
     total = valid.shape[1]
     counts = valid.sum(dim=1)
@@ -113,18 +116,18 @@ def text_tokens_to_keep(text_mask: torch.Tensor, config) -> int:
         mode, other = "diffusers' context-parallel attention in this release", "upgrade diffusers (0.37+ takes masks)"
     if not right_padded or shortest != longest:
         raise UnsupportedError(
-            f"HunyuanVideo with context parallelism: the prompts in this batch have {sorted(counts.tolist())} real "
+            f"{label} with context parallelism: the prompts in this batch have {sorted(counts.tolist())} real "
             f"text tokens (of {total}){'' if right_padded else ', not all at the start'}, so a padding mask would be "
             f"needed, and {mode} cannot apply one across ranks. Run prompts of different lengths in separate calls, "
             f"or {other}."
         )
     if longest == 0:
-        raise UnsupportedError("HunyuanVideo: the prompt has no real text tokens (its attention mask is all zero).")
+        raise UnsupportedError(f"{label}: the prompt has no real text tokens (its attention mask is all zero).")
     if longest % degree and not uneven_ok:
         uneven = ("upgrade diffusers to 0.38+, which splits unevenly by itself (or set ring_anything=True there), or "
                   if config.ring_degree > 1 else "")
         raise UnsupportedError(
-            f"HunyuanVideo with context parallelism: the prompt has {longest} real text tokens, which {degree} ranks "
+            f"{label} with context parallelism: the prompt has {longest} real text tokens, which {degree} ranks "
             f"cannot split evenly, and padding it would need a mask {mode} cannot apply. To run it, {uneven}{other}."
         )
     return longest
@@ -174,3 +177,33 @@ def hunyuan_video_cp_plan(model) -> dict:
         f"{first}.0": {"hidden_states": tokens, "encoder_hidden_states": tokens},
         "proj_out": gather_output(gather_dim=1, expected_dims=3),
     }
+
+
+@register_tp_plan("HunyuanVideoTransformer3DModel")
+def hunyuan_video_tp_plan(model) -> TensorParallelPlan:
+    double = {
+        **JOINT_ATTENTION,
+        "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
+        "ff_context.net.0.proj": "colwise", "ff_context.net.2": "rowwise",
+        "norm1.linear": GATHER, "norm1_context.linear": GATHER,
+    }
+    linears = per_block(model, "transformer_blocks", double)
+    for index, block in enumerate(model.single_transformer_blocks):
+        path = f"single_transformer_blocks.{index}"
+        linears.update({
+            f"{path}.attn.to_q": "colwise", f"{path}.attn.to_k": "colwise", f"{path}.attn.to_v": "colwise",
+            f"{path}.proj_mlp": "colwise",
+            # proj_out reads cat([attention output, MLP hidden]): two column-sharded streams.
+            f"{path}.proj_out": Packed("rowwise", (block.attn.inner_dim, block.proj_mlp.out_features)),
+            f"{path}.norm.linear": GATHER,
+        })
+    # The token refiner (a few blocks on the prompt, before the split): the same split of heads and MLP.
+    refiner = {"attn.to_q": "colwise", "attn.to_k": "colwise", "attn.to_v": "colwise", "attn.to_out.0": "rowwise",
+               "ff.net.0.proj": "colwise", "ff.net.2": "rowwise", "norm_out.linear": GATHER}
+    refiner_stack = "context_embedder.token_refiner.refiner_blocks"
+    if len(model.get_submodule(refiner_stack)):
+        linears.update({f"{refiner_stack}.*.{k}": v for k, v in refiner.items()})
+    linears["norm_out.linear"] = GATHER
+    attrs = {f"{stack}.*.attn": ATTN_ATTRS for stack in (*_BLOCK_STACKS, refiner_stack)
+             if len(model.get_submodule(stack))}
+    return TensorParallelPlan(linears=linears, attention_attrs=attrs)

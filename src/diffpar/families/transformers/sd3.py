@@ -1,4 +1,5 @@
-"""Context-parallel plan for Stable Diffusion 3 / 3.5 (`SD3Transformer2DModel`); diffusers ships none.
+"""Context- and tensor-parallel plans for Stable Diffusion 3 / 3.5 (`SD3Transformer2DModel`); diffusers ships
+neither.
 
 Plan: split the image tokens as they leave `pos_embed` (the positional embedding is added inside it, per token, on
 the whole 2-D latent, so splitting its output is exact) and the text tokens as they leave `context_embedder`;
@@ -16,8 +17,10 @@ import torch
 
 from diffpar.compat.diffusers_cp import dispatch_attention
 from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
+from diffpar.engines.tp_shard import GATHER
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
+from diffpar.families.transformers.tp_plans import ATTN_ATTRS, JOINT_ATTENTION, TensorParallelPlan, register_tp_plan
 
 
 class SD3ContextParallelAttnProcessor:
@@ -118,3 +121,39 @@ def sd3_cp_plan(model) -> dict:
         "context_embedder": tokens,
         "proj_out": gather_output(gather_dim=1, expected_dims=3),
     }
+
+
+def per_block(model, container: str, styles: dict) -> dict:
+    """Plan entries for every block of `container` whose module at each suffix exists (blocks of one stack may
+    differ: SD3's last block has no text output projection or text MLP, only some blocks have a second
+    attention), as plain paths."""
+    entries = {}
+    for index, block in enumerate(getattr(model, container, ())):
+        for suffix, style in styles.items():
+            obj = block
+            for atom in suffix.split("."):
+                obj = getattr(obj, atom, None) if not atom.isdigit() else (obj[int(atom)] if obj is not None else None)
+                if obj is None:
+                    break
+            if obj is not None:
+                entries[f"{container}.{index}.{suffix}"] = style
+    return entries
+
+
+@register_tp_plan("SD3Transformer2DModel")
+def sd3_tp_plan(model) -> TensorParallelPlan:
+    block = {
+        **JOINT_ATTENTION,
+        # SD3.5's dual attention: a second, image-only self-attention in the first blocks.
+        "attn2.to_q": "colwise", "attn2.to_k": "colwise", "attn2.to_v": "colwise", "attn2.to_out.0": "rowwise",
+        "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
+        "ff_context.net.0.proj": "colwise", "ff_context.net.2": "rowwise",
+        # AdaLN modulation (6 or 9 vectors of the hidden width per stream and block).
+        "norm1.linear": GATHER, "norm1_context.linear": GATHER,
+    }
+    linears = per_block(model, "transformer_blocks", block)
+    linears["norm_out.linear"] = GATHER
+    # The per-head q/k RMSNorms (head_dim wide) need no change: each rank holds whole heads.
+    attrs = {f"transformer_blocks.{i}.{name}": ATTN_ATTRS for i, b in enumerate(model.transformer_blocks)
+             for name in ("attn", "attn2") if getattr(b, name, None) is not None}
+    return TensorParallelPlan(linears=linears, attention_attrs=attrs)

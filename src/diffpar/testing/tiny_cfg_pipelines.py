@@ -1,0 +1,110 @@
+"""Tiny, seeded pipelines that run classifier-free guidance, each with the call arguments that switch it on.
+
+`build(kind, **kwargs) -> (pipe, call_kwargs)`; `call_kwargs(guidance=True, batch=1, steps=2, seed=7)` returns
+the pipeline arguments (prompt embeddings drawn from `seed`, so no text encoder is needed where the pipeline
+accepts embeddings). Kinds and their guidance pattern:
+- "sd3": StableDiffusion3Pipeline, branches batched (`torch.cat([latents] * 2)`), guidance_scale 4 (1: off);
+- "flux": FluxPipeline with `true_cfg_scale` 2 and a negative prompt: cond and uncond calls;
+- "qwenimage": QwenImagePipeline with `true_cfg_scale` 4 and negative embeddings: cond and uncond calls;
+- "wan": WanPipeline with guidance_scale 5: cond and uncond calls.
+Every call with the same arguments builds the same weights, so each rank and a one-process reference agree.
+"""
+from __future__ import annotations
+
+import torch
+
+from diffpar.testing import tiny_pipelines, tiny_transformers
+
+KINDS = ("sd3", "flux", "qwenimage", "wan")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def build(kind: str, **kwargs):
+    return {"sd3": _sd3, "flux": _flux, "qwenimage": _qwenimage, "wan": _wan}[kind](**kwargs)
+
+
+def _sd3(seed=0, heads=4, head_dim=16, layers=2):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed + 2)
+    transformer, _ = tiny_transformers.build("sd3", heads=heads, head_dim=head_dim, layers=layers)
+    vae = tiny_pipelines.tiny_image_vae(seed + 3, shift_factor=0.0609, scaling_factor=1.5305)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+    def call_kwargs(guidance=True, batch=1, steps=2, seed=7, text=8, height=32, width=32):
+        g = _gen(seed)
+        return dict(
+            prompt_embeds=torch.randn(batch, text, 32, generator=g),
+            pooled_prompt_embeds=torch.randn(batch, 32, generator=g),
+            negative_prompt_embeds=torch.randn(batch, text, 32, generator=g),
+            negative_pooled_prompt_embeds=torch.randn(batch, 32, generator=g),
+            height=height, width=width, num_inference_steps=steps, guidance_scale=4.0 if guidance else 1.0,
+            output_type="pt", generator=torch.Generator().manual_seed(seed),
+        )
+
+    return pipe, call_kwargs
+
+
+def _flux(seed=0, heads=4, **kwargs):
+    pipe = tiny_pipelines.build_tiny_flux_pipeline(seed=seed, heads=heads, **kwargs)
+
+    def call_kwargs(guidance=True, batch=1, steps=2, seed=7, height=32, width=32):
+        prompts = [f"a red fox in snow {i}" for i in range(batch)]
+        return dict(
+            prompt=prompts, negative_prompt=["blurry"] * batch, true_cfg_scale=2.0 if guidance else 1.0,
+            guidance_scale=3.5, height=height, width=width, num_inference_steps=steps, max_sequence_length=16,
+            output_type="pt", generator=torch.Generator().manual_seed(seed),
+        )
+
+    return pipe, call_kwargs
+
+
+def _qwenimage(seed=0, heads=4, head_dim=16, layers=2):
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    from diffpar.testing import tiny_vaes
+
+    torch.manual_seed(seed + 2)
+    transformer, _ = tiny_transformers.build("qwenimage", heads=heads, head_dim=head_dim, layers=layers)
+    vae, _, _ = tiny_vaes.build("qwen", seed=seed + 3, temporal=(False, False))
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=None,
+                             tokenizer=None, transformer=transformer.eval())
+
+    def call_kwargs(guidance=True, batch=1, steps=2, seed=7, text=8, height=32, width=32):
+        g = _gen(seed)
+        return dict(
+            prompt_embeds=torch.randn(batch, text, 32, generator=g),
+            prompt_embeds_mask=torch.ones(batch, text, dtype=torch.long),
+            negative_prompt_embeds=torch.randn(batch, text, 32, generator=g),
+            negative_prompt_embeds_mask=torch.ones(batch, text, dtype=torch.long),
+            true_cfg_scale=4.0 if guidance else 1.0, height=height, width=width, num_inference_steps=steps,
+            output_type="pt", generator=torch.Generator().manual_seed(seed),
+        )
+
+    return pipe, call_kwargs
+
+
+def _wan(seed=0, heads=4, **kwargs):
+    pipe = tiny_pipelines.build_tiny_wan_pipeline(seed=seed, heads=heads, **kwargs)
+
+    def call_kwargs(guidance=True, batch=1, steps=2, seed=7, height=32, width=32):
+        return dict(
+            prompt=[f"a red fox in snow {i}" for i in range(batch)], negative_prompt=["blurry"] * batch,
+            guidance_scale=5.0 if guidance else 1.0, height=height, width=width, num_frames=5,
+            num_inference_steps=steps, max_sequence_length=16, output_type="pt",
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    return pipe, call_kwargs
+
+
+def images(kind: str, output) -> torch.Tensor:
+    """The pipeline output as one tensor (frames for video pipelines)."""
+    return output.frames if kind == "wan" else output.images

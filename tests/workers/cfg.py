@@ -1,0 +1,151 @@
+"""Rank-side runs for CFG and batch parallelism: one process vs `enable_cache(pipe, cfg_size=2, ...)`."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import wrapt
+
+import diffpar
+from diffpar.testing import tiny_cfg_pipelines
+
+
+class ForwardCounter:
+    """Counts the denoiser forwards this rank really ran, and their batch sizes: a pre-hook on the output
+    projection, inside every wrapper (a placeholder or a skipped call never reaches it)."""
+
+    def __init__(self, transformer):
+        self.batches = []
+        self._hook = transformer.proj_out.register_forward_pre_hook(self._seen)
+
+    def _seen(self, module, args):
+        self.batches.append(int(args[0].shape[0]))
+
+    def remove(self):
+        self._hook.remove()
+
+
+def _run(kind, pipe, call_kwargs, **options):
+    with torch.no_grad():
+        return tiny_cfg_pipelines.images(kind, pipe(**call_kwargs(**options))).float()
+
+
+def cfg_equivalence(kind: str, config: dict, batch: int = 1, guidance: bool = True, steps: int = 2):
+    """The image of a guided call on this world vs one process, with what each rank's denoiser computed."""
+    options = dict(batch=batch, guidance=guidance, steps=steps)
+    reference_pipe, call_kwargs = tiny_cfg_pipelines.build(kind)
+    reference_pipe.set_progress_bar_config(disable=True)
+    counter = ForwardCounter(reference_pipe.transformer)
+    reference = _run(kind, reference_pipe, call_kwargs, **options)
+    counter.remove()
+    reference_batches = counter.batches
+    del reference_pipe
+
+    pipe, call_kwargs = tiny_cfg_pipelines.build(kind)
+    pipe.set_progress_bar_config(disable=True)
+    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(**config))
+    try:
+        counter = ForwardCounter(pipe.transformer)
+        out = _run(kind, pipe, call_kwargs, **options)
+        counter.remove()
+        state = handle.states.get("cfg")
+        first = None if state is None else dict(vars(state.counters["transformer"]))
+        again = _run(kind, pipe, call_kwargs, **options)
+    except BaseException:
+        handle.detach(strict=False)
+        raise
+    gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, out.contiguous())
+    mesh = handle.state("mesh")
+    result = {
+        "rank": dist.get_rank(),
+        "group": mesh.get_coordinate()[0],
+        "diff": (out - reference).abs().max().item(),
+        "finite": bool(torch.isfinite(out).all()),
+        "repeat_diff": (again - out).abs().max().item(),
+        "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
+        "batches": counter.batches,
+        "reference_batches": reference_batches,
+        "mode": None if state is None else state.mode,
+        "exchanges": None if first is None else first["exchanges"],
+        "placeholders": None if first is None else first["placeholders"],
+        "steps": handle.step_names,
+    }
+    handle.detach()
+    own = vars(pipe.transformer)  # diffpar's wrappers gone (diffusers' hook registry may keep its own forward)
+    result["detached"] = not isinstance(own.get("forward"), wrapt.ObjectProxy) and "cache_context" not in own
+    after = _run(kind, pipe, call_kwargs, **options)
+    result["detach_diff"] = (after - reference).abs().max().item()
+    return result
+
+
+def refused_pipeline(config: dict):
+    """A pipeline whose guidance pattern diffpar does not know (SD3 with a ControlNet): every rank must refuse
+    before anything changed."""
+    from diffpar.testing import tiny_controlnets
+
+    pipe, _ = tiny_controlnets.build_pipeline("sd3")
+    before = (dict(vars(pipe.transformer)).keys(), dict(vars(pipe)).keys())
+    try:
+        diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(**config))
+    except diffpar.DiffparError as exc:
+        after = (dict(vars(pipe.transformer)).keys(), dict(vars(pipe)).keys())
+        return {"error": str(exc), "unchanged": before == after, "handle": hasattr(pipe, "_diffpar_handle")}
+    return {"error": None}
+
+
+def broken_pattern():
+    """A denoising loop that, after a guided step, makes two cond calls in a row: every rank raises, none blends."""
+    pipe, _ = tiny_cfg_pipelines.build("flux")
+    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(cfg_size=2))
+    transformer = pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+                  pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
+                  img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]),
+                  return_dict=False)
+    try:
+        with torch.no_grad():
+            for branch in ("cond", "uncond", "cond", "cond"):
+                with transformer.cache_context(branch):
+                    transformer(**inputs)
+    except diffpar.DiffparError as exc:
+        return {"error": str(exc)}
+    finally:
+        handle.detach()
+    return {"error": None}
+
+
+def _decisions(pipe):
+    from diffpar.cache import cache_stats
+
+    return [(d.context, d.step, d.computed, d.diff) for d in cache_stats(pipe).decisions]
+
+
+def cfg_cache_equivalence(kind: str, config: dict, cache: dict, builder: dict, steps: int = 6):
+    """A cache under cfg: the image, and each cache context's decisions (and the measure they used) vs one
+    process with the same cache."""
+    reference_pipe, call_kwargs = tiny_cfg_pipelines.build(kind, **builder)
+    reference_pipe.set_progress_bar_config(disable=True)
+    diffpar.enable_cache(reference_pipe, cache_config=diffpar.DBCacheConfig(**cache))  # one process: cache only
+    reference = _run(kind, reference_pipe, call_kwargs, steps=steps)
+    reference_decisions = _decisions(reference_pipe)
+    diffpar.disable_cache(reference_pipe)
+
+    pipe, call_kwargs = tiny_cfg_pipelines.build(kind, **builder)
+    pipe.set_progress_bar_config(disable=True)
+    handle = diffpar.enable_cache(pipe, cache_config=diffpar.DBCacheConfig(**cache),
+                                  parallelism_config=diffpar.ParallelismConfig(**config))
+    try:
+        out = _run(kind, pipe, call_kwargs, steps=steps)
+        decisions = _decisions(pipe)
+    finally:
+        handle.detach()
+    return {
+        "rank": dist.get_rank(),
+        "group": handle.state("mesh").get_coordinate()[0],
+        "diff": (out - reference).abs().max().item(),
+        "decisions": decisions,
+        "reference_decisions": reference_decisions,
+        "cache_group_size": handle.state("cache").group_size,
+        "computed_forwards": handle.state("cfg").counters["transformer"].computed,
+    }
