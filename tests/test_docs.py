@@ -133,3 +133,16 @@ def test_public_names_in_docs_exist():
             if not hasattr(diffpar, name):
                 missing.add(f"{path.name}: diffpar.{name}")
     assert not missing, sorted(missing)
+
+
+def test_pipelines_the_table_claims_are_in_their_test_files():
+    from diffpar.testing.coverage import PIPELINES_TESTED
+
+    source = {}
+    for path in list((ROOT / "tests").rglob("*.py")) + list((ROOT / "src/diffpar/testing").rglob("*.py")):
+        source[path] = path.read_text()
+    everything = "\n".join(source.values())
+    for cls, pipelines in PIPELINES_TESTED.items():
+        for pipeline, test_file in pipelines.items():
+            assert (ROOT / test_file).exists(), (cls, pipeline, test_file)
+            assert pipeline in everything, f"{pipeline} ({cls}) is named by no test or builder"

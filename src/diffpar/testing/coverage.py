@@ -104,6 +104,39 @@ FIRST_CASES = [
 ]
 
 
+# Whole pipelines run end to end on 2 ranks (transformer, text encoders and VAE all parallel) against one process,
+# by denoiser class: pipeline class -> the test file that runs it (tests/test_docs.py checks the file names it).
+PIPELINES_TESTED: dict[str, dict[str, str]] = {
+    "FluxTransformer2DModel": {
+        "FluxPipeline": "tests/test_pipelines.py", "FluxControlNetPipeline": "tests/test_controlnet.py",
+        "FluxKontextPipeline": "tests/test_image_pipelines.py", "FluxFillPipeline": "tests/test_image_pipelines.py",
+        "FluxImg2ImgPipeline": "tests/test_image_pipelines.py"},
+    "Flux2Transformer2DModel": {"Flux2Pipeline": "tests/test_image_pipelines.py"},
+    "SD3Transformer2DModel": {
+        "StableDiffusion3Pipeline": "tests/test_cfg.py",
+        "StableDiffusion3Img2ImgPipeline": "tests/test_image_pipelines.py",
+        "StableDiffusion3ControlNetPipeline": "tests/test_controlnet.py"},
+    "QwenImageTransformer2DModel": {
+        "QwenImagePipeline": "tests/test_cfg.py", "QwenImageEditPipeline": "tests/test_image_pipelines.py",
+        "QwenImageEditPlusPipeline": "tests/test_image_pipelines.py",
+        "QwenImageInpaintPipeline": "tests/test_image_pipelines.py",
+        "QwenImageControlNetPipeline": "tests/test_controlnet.py"},
+    "ZImageTransformer2DModel": {"ZImageControlNetPipeline": "tests/test_controlnet.py"},
+    "WanTransformer3DModel": {
+        "WanPipeline": "tests/test_pipelines.py", "WanImageToVideoPipeline": "tests/test_video_pipelines.py"},
+    "WanVACETransformer3DModel": {"WanVACEPipeline": "tests/test_video_pipelines.py"},
+    "CogVideoXTransformer3DModel": {
+        "CogVideoXPipeline": "tests/test_video_pipelines.py",
+        "CogVideoXImageToVideoPipeline": "tests/test_video_pipelines.py"},
+    "HunyuanVideo15Transformer3DModel": {
+        "HunyuanVideo15Pipeline": "tests/test_video_pipelines.py",
+        "HunyuanVideo15ImageToVideoPipeline": "tests/test_video_pipelines.py"},
+    "LTXVideoTransformer3DModel": {"LTXImageToVideoPipeline": "tests/test_video_pipelines.py"},
+    "SkyReelsV2Transformer3DModel": {"SkyReelsV2DiffusionForcingPipeline": "tests/test_video_pipelines.py"},
+    "Kandinsky5Transformer3DModel": {"Kandinsky5T2VPipeline": "tests/test_video_pipelines.py"},
+}
+
+
 def _family_modules():
     from diffpar.testing import tiny_models
 

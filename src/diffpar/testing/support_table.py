@@ -61,7 +61,7 @@ def transformer_rows() -> list[dict]:
     from diffpar.compat.diffusers_tp import has_native_tp
     from diffpar.families.registry import CP_PLANS
     from diffpar.families.transformers.tp_plans import TP_PLANS
-    from diffpar.testing.coverage import all_cases
+    from diffpar.testing.coverage import PIPELINES_TESTED, all_cases
 
     cases: dict[str, list] = {}
     for c in all_cases():  # a class may have several cases (extra inputs, a refused option)
@@ -94,7 +94,7 @@ def transformer_rows() -> list[dict]:
         else:
             status = "plan, untested" if (cp or tp) else "no plan: refused by name"
             note = ""
-        pipelines = sorted({p for c in mine for p in c.pipelines})
+        pipelines = sorted({p for c in mine for p in c.pipelines} | set(PIPELINES_TESTED.get(cls.__name__, {})))
         rows.append({
             "class": cls.__name__, "kind": _kind(cls, case), "cp": cp or "-", "tp": tp or "-", "tested": status,
             "pipelines": ", ".join(pipelines), "notes": note,
