@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*truncated.*")
 
     import diffpar
-    from diffpar.mesh import ensure_process_group
+    from diffpar.mesh import ensure_process_group, gather_json
     from diffpar.testing.probes import ULYSSES_COLLECTIVE, SplitProbe, split_problems
     from diffpar.testing.tiny_pipelines import build_tiny_flux_pipeline
 
@@ -101,8 +101,7 @@ def main(argv=None) -> int:
     stats = torch.tensor([diff, parallel_s, _rss_mib(), _param_mib(pipe)], dtype=torch.float64)
     gathered = [torch.empty_like(stats) for _ in range(world)]
     dist.all_gather(gathered, stats)
-    splits = [None] * world
-    dist.all_gather_object(splits, probe.summary())
+    splits = gather_json(probe.summary(), what="diffpar demo: split report")
     if rank == 0:
         print(f"diffpar demo: tiny FLUX pipeline, {args.size}x{args.size}, {args.steps} steps, {world} processes "
               f"(ulysses_size={world}; text encoders and VAE over all ranks), {args.threads} thread(s) each")

@@ -421,7 +421,7 @@ def main(argv=None) -> int:
         return dry_run(args)
 
     import diffpar
-    from diffpar.mesh import ensure_process_group
+    from diffpar.mesh import ensure_process_group, gather_json
 
     multi_rank = ensure_process_group()
     rank, world = (dist.get_rank(), dist.get_world_size()) if multi_rank else (0, 1)
@@ -461,11 +461,9 @@ def main(argv=None) -> int:
     reports = [report]
     splits = [probe.summary()] if probe is not None else []
     if multi_rank:
-        reports = [None] * world
-        dist.all_gather_object(reports, report)
+        reports = gather_json(report, what="diffpar.generate: rank reports")
         if probe is not None:
-            splits = [None] * world
-            dist.all_gather_object(splits, probe.summary())
+            splits = gather_json(probe.summary(), what="diffpar.generate: split report")
     if rank == 0:
         array = output_array(output)
         written = save_output(array, args.out)

@@ -259,6 +259,12 @@ def _exchange_json(payload: dict, group=None, what: str = "diffpar", timeout_s: 
     return [json.loads(bytes(b[: int(n.item())].tolist()).decode()) for b, n in zip(bufs, sizes)]
 
 
+def gather_json(payload: dict, group=None, timeout_s: float | None = None, what: str = "diffpar") -> list[dict]:
+    """Every rank's `payload` (JSON-able), in rank order: for reports a program prints on rank 0. JSON in uint8
+    tensors, never pickles; waits bounded by `timeout_s`."""
+    return _exchange_json(payload, group, what, timeout_s)
+
+
 def _leaves(value, prefix: str = "") -> dict:
     """Nested dicts flattened to {"a.b.c": leaf}, so a mismatch names the exact field."""
     if isinstance(value, dict):
