@@ -130,3 +130,15 @@ def test_training_mode_with_dropout_is_refused_by_name():
     model, _ = tiny_transformers.build("flux")
     model.train()  # diffusers' transformers have dropout 0: training mode alone changes nothing, so it is allowed
     diffpar.plan(model, parallelism_config=diffpar.ParallelismConfig(ulysses_size=2), world_size=2)
+
+
+def test_attention_backend_without_its_package_is_refused_before_the_agreement(ranks):
+    """flash / sage without their package: every rank refuses at planning (issue 10 item 4), naming the package,
+    instead of one rank failing alone while applying."""
+    from diffpar.compat.diffusers_cp import backend_unavailable_reason
+
+    if backend_unavailable_reason("flash") is None:
+        pytest.skip("flash-attn is installed here")
+    messages = ranks(2, "workers.transformer_tp:expect_error", model_name="flux", model_kwargs={"heads": 4},
+                     config={"ulysses_size": 2, "attention_backend": "flash"})
+    assert all(m and "cannot run in this process" in m and "flash-attn" in m for m in messages), messages

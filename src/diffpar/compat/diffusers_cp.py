@@ -188,6 +188,19 @@ def set_active_backend(backend) -> None:
         _AttentionBackendRegistry._active_backend = backend
 
 
+def backend_unavailable_reason(backend: str) -> str | None:
+    """Why the attention backend `backend` cannot run in this process (its package missing or too old: flash,
+    sage, xformers...), from diffusers' own requirement check; None when it can. Local, no collective: planning
+    calls it so that a rank without the package fails before the ranks agree, not alone while applying."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(backend))
+    except (RuntimeError, ImportError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
 def set_model_backend(model, backend: str, processors) -> callable:
     """Set `backend` on `model`'s attention processors only (diffusers' setter also changes the process-wide
     default: put that back). Returns the undo, which restores each processor's previous backend."""

@@ -50,6 +50,12 @@ def check_context_parallel(model: torch.nn.Module, config, *, processors_come_wi
             f"attention_backend={backend!r} is not a diffusers attention backend. Context-parallel capable ones: "
             f"{diffusers_cp.cp_capable_backends()}."
         )
+    missing = diffusers_cp.backend_unavailable_reason(backend)
+    if missing:
+        raise UnsupportedError(
+            f"attention backend {backend!r} cannot run in this process: {missing} Install it on every rank, or "
+            f"use another of {diffusers_cp.cp_capable_backends()} (on CPU: 'native')."
+        )
     if not diffusers_cp.backend_supports_cp(backend):
         raise UnsupportedError(
             f"attention backend {backend!r} does not support context parallelism (diffusers would ignore the "
