@@ -45,6 +45,10 @@ def _real_config_ratio(module: str, label: str, tp: int) -> float:
 def test_rope_attentions_are_split_at_real_configs(label):
     """Attentions whose RoPE table spans the whole inner width are split too (the table is cut to each rank's
     columns), so a rank holds about 1/tp of the weights (before: 0.63 / 0.44 of LTX-Video at tp 2 / 4)."""
+    from diffpar.testing.coverage import class_available
+
+    if not class_available("LTX2VideoTransformer3DModel" if "LTX-2" in label else "LTXVideoTransformer3DModel"):
+        pytest.skip(f"this diffusers release has no class for {label}")
     assert _real_config_ratio("ltx", label, 2) <= 0.51
     assert _real_config_ratio("ltx", label, 4) <= 0.26
 
@@ -55,7 +59,10 @@ def test_rope_table_cut_to_head_rows_in_the_split_layout(ranks):
 
     from diffpar.families.transformers import tp_plans
     from diffpar.testing import tiny_transformers
+    from diffpar.testing.coverage import class_available
 
+    if not class_available("LTX2VideoTransformer3DModel"):
+        pytest.skip("this diffusers release has no LTX2VideoTransformer3DModel")
     model, _ = tiny_transformers.build("ltx2_video_split_rope", heads=4, rope_type="split")
     plan = tp_plans.shard_plan_for(model, 2)
     assert "transformer_blocks.0.attn1.to_q" in {s.path for s in plan.layers}
