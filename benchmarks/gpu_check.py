@@ -309,7 +309,10 @@ def main(argv=None) -> int:
     for check in (lambda: check_ring_op(device, args.small), lambda: check_tp_mlp(device, args.small),
                   lambda: check_vae_split_math(device, args.small), lambda: check_placement(device),
                   lambda: baseline_transformer(device, args.small), lambda: baseline_vae(device, args.small)):
-        check()
+        try:
+            check()
+        except Exception as exc:  # noqa: BLE001 - one check that crashes is reported; the others still run
+            report(f"crashed[{len(RESULTS)}]", False, error=f"{type(exc).__name__}: {exc}"[:300])
         if device.type == "cuda":
             torch.cuda.empty_cache()
     failed = [name for name, r in RESULTS.items() if r["ok"] is False]
