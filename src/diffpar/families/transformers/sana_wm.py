@@ -20,6 +20,10 @@ SanaWMLTX2RefinerTransformer3DModel has LTX-2's modules under LTX-2's names (the
   its own heads' columns and the pipeline's token trimming is unchanged; the RoPE tables the pipeline builds
   (`build_rotary_emb_for_absolute_positions`, for the active block and for the sink) come out of `rope`, which the
   plan cuts to this rank's columns.
+  Parallelize the refiner's pipeline (`SanaWMLTX2Refiner`), not the bare transformer: on a bare model diffpar
+  agrees on every forward call's arguments, and the `video_rotary_emb` the caller builds from this rank's `rope` is
+  this rank's columns, so the ranks' calls differ by design (RankMismatchError). On a pipeline the agreement wraps
+  the pipeline call, whose arguments are the same on every rank.
 """
 from __future__ import annotations
 
