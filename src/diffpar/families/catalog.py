@@ -12,6 +12,7 @@ from diffpar.families.text_encoders import clip as _text_encoders_clip
 from diffpar.families.text_encoders import decoders as _text_encoders_decoders
 from diffpar.families.text_encoders import t5 as _text_encoders_t5
 from diffpar.families.transformers import allegro as _transformers_allegro
+from diffpar.families.transformers import anyflow as _transformers_anyflow
 from diffpar.families.transformers import auraflow as _transformers_auraflow
 from diffpar.families.transformers import bria as _transformers_bria
 from diffpar.families.transformers import bria_fibo2 as _transformers_bria_fibo2
@@ -57,6 +58,7 @@ from diffpar.families.transformers import qwenimage as _transformers_qwenimage
 from diffpar.families.transformers import qwenimage21 as _transformers_qwenimage21
 from diffpar.families.transformers import sana as _transformers_sana
 from diffpar.families.transformers import sana_video as _transformers_sana_video
+from diffpar.families.transformers import sana_wm as _transformers_sana_wm
 from diffpar.families.transformers import sd3 as _transformers_sd3
 from diffpar.families.transformers import wan as _transformers_wan
 from diffpar.families.transformers import wan_variants as _transformers_wan_variants

@@ -96,6 +96,8 @@ UNSPLIT_ATTENTION = {
     # Wan derivatives (diffpar's plans): cross-attention to the whole prompt, locally.
     "WanVACETransformer3DModel": ("blocks.*.attn2", "vace_blocks.*.attn2"),
     "SkyReelsV2Transformer3DModel": ("blocks.*.attn2",),
+    # AnyFlow (Wan 2.1 blocks, diffpar's plan): cross-attention to the whole prompt, locally.
+    "AnyFlowTransformer3DModel": ("blocks.*.attn2",),
     # Wan Animate's face adapters attend from each frame's tokens to that frame's motion vectors, locally.
     "WanAnimateTransformer3DModel": ("blocks.*.attn2", "face_adapter.*"),
     # diffpar's LTX plan keeps the prompt whole: the cross-attention runs locally.
