@@ -40,6 +40,7 @@ from diffpar.families.transformers import ideogram4 as _transformers_ideogram4
 from diffpar.families.transformers import joyimage as _transformers_joyimage
 from diffpar.families.transformers import joyimage_edit_plus as _transformers_joyimage_edit_plus
 from diffpar.families.transformers import kandinsky5 as _transformers_kandinsky5
+from diffpar.families.transformers import kandinsky6 as _transformers_kandinsky6
 from diffpar.families.transformers import krea2 as _transformers_krea2
 from diffpar.families.transformers import latte as _transformers_latte
 from diffpar.families.transformers import longcat_image as _transformers_longcat_image
