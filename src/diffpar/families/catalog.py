@@ -49,6 +49,7 @@ from diffpar.families.transformers import lumina2 as _transformers_lumina2
 from diffpar.families.transformers import lumina_next as _transformers_lumina_next
 from diffpar.families.transformers import minimax_h3 as _transformers_minimax_h3
 from diffpar.families.transformers import mochi as _transformers_mochi
+from diffpar.families.transformers import motif_video as _transformers_motif_video
 from diffpar.families.transformers import nucleusmoe as _transformers_nucleusmoe
 from diffpar.families.transformers import omnigen as _transformers_omnigen
 from diffpar.families.transformers import ovis_image as _transformers_ovis_image

@@ -110,6 +110,8 @@ UNSPLIT_ATTENTION = {
                                      "visual_transformer_blocks.*.video_dec_block.cross_attention",
                                      "visual_transformer_blocks.*.va_cross_attention",
                                      "visual_transformer_blocks.*.av_cross_attention"),
+    # Motif-Video: the text cross-attention gathers the whole prompt, then attends locally.
+    "MotifVideoTransformer3DModel": ("*.cross_attn",),
     # The context refiner runs on the whole prompt, with its padding mask, on every rank (diffpar's plan).
     "Lumina2Transformer2DModel": ("context_refiner.*",),
     # The Perceiver squeezes the whole prompt into gist tokens before the split; the injection layers' cross-attention
