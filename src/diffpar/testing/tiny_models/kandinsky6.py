@@ -22,9 +22,10 @@ def _seeded_modulations(model) -> None:
                 p.copy_(torch.randn(p.shape) * 0.2)
 
 
+@builder("kandinsky6_padded")  # the same model with a right-padded prompt and its mask
 @builder("kandinsky6_video_only")  # the same model called without audio (the fused blocks skip the audio path)
 @builder("kandinsky6")
-def _kandinsky6(heads=2, head_dim=16, text_layers=1, layers=2, audio=6):
+def _kandinsky6(heads=2, head_dim=16, text_layers=1, layers=2, audio=6, padded=False):
     from diffusers import Kandinsky6Transformer3DModel
 
     model = construct(
@@ -37,9 +38,9 @@ def _kandinsky6(heads=2, head_dim=16, text_layers=1, layers=2, audio=6):
     )
     _seeded_modulations(model)
 
-    default_audio = audio
+    default_audio, default_padded = audio, padded
 
-    def inputs(seq=16, text=8, batch=1, seed=1, audio=default_audio):
+    def inputs(seq=16, text=8, batch=1, seed=1, audio=default_audio, padded=default_padded):
         # One latent frame of 2 x 2*seq pixels, channels last (noisy latent, condition, mask): seq video tokens with
         # 1x2x2 patches; `audio` audio latent frames (0: video only).
         g = torch.Generator().manual_seed(seed)
@@ -52,6 +53,10 @@ def _kandinsky6(heads=2, head_dim=16, text_layers=1, layers=2, audio=6):
         )
         if audio:
             kwargs["audio_hidden_states"] = torch.randn(batch, audio, 4, generator=g)
+        if padded:  # the last quarter of the prompt is padding (the prompt attentions run whole, with the mask)
+            mask = torch.ones(batch, text, dtype=torch.bool)
+            mask[:, text - max(1, text // 4):] = False
+            kwargs["encoder_attention_mask"] = mask
         return kwargs
 
     return model, inputs
@@ -88,6 +93,9 @@ CASES = [
     ModelCase("kandinsky6_video_only", "Kandinsky6Transformer3DModel", kind="video",
               cp=("w2-ulysses", "w4-ring-anything-odd"), tp=("w2-tp",), model_kwargs={"heads": 4, "audio": 0},
               notes="called without audio"),
+    ModelCase("kandinsky6_padded", "Kandinsky6Transformer3DModel", kind="video",
+              cp=("w2-ulysses", "w2-ring", "w4-ring-anything-odd"), tp=("w2-tp",),
+              model_kwargs={"heads": 4, "padded": True}, notes="padded prompt mask (prompt attentions are local)"),
     ModelCase("kandinsky6_sr", "Kandinsky6SRTransformer3DModel", kind="video", cp=(), tp=("w2-tp", "w4-tp"),
               notes="TP only: context parallelism refused (see kandinsky6_sr_refused)"),
     ModelCase("kandinsky6_sr_refused", "Kandinsky6SRTransformer3DModel", kind="video", cp=(), tp=(),
