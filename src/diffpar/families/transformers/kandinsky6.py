@@ -154,7 +154,7 @@ def _kandinsky6_tp(model) -> TensorParallelPlan:
 # Kandinsky 6 SR
 # ------------------------------------------------------------------------------------------------------------
 
-K6_SR_REFUSAL = ("NABLA sparse attention builds its block mask from the queries and keys of the whole video")
+K6_SR_REFUSAL = "NABLA sparse attention builds its block mask from the queries and keys of the whole video"
 
 
 @register_cp_plan("Kandinsky6SRTransformer3DModel")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from diffpar.families.transformers.kandinsky6 import K6_SR_REFUSAL
 from diffpar.testing.coverage import ModelCase
 from diffpar.testing.tiny_transformers import builder, construct
 
@@ -83,8 +84,6 @@ def _kandinsky6_sr(heads=2, head_dim=16, layers=2):
 
     return model, inputs
 
-
-K6_SR_REFUSAL = "NABLA sparse attention builds its block mask from the queries and keys of the whole video"
 
 CASES = [
     ModelCase("kandinsky6", "Kandinsky6Transformer3DModel", kind="video",
