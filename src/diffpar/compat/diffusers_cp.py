@@ -528,10 +528,12 @@ def _output_fields(output):
 def _split_post_forward_wrapper(wrapped, hook, args, kwargs):
     module, output = args
     splits = {i: e for i, e in hook.metadata.items() if getattr(e, "split_output", False)}
+    if not splits:
+        # Nothing to split in the output: diffusers would only check that it is tensors, and refuse a block that
+        # returns (tensor, None) (Kandinsky 6's fused block called without audio).
+        return output
     fields = _output_fields(output)
     if fields is not None:
-        if not splits:
-            return output
         names, values = fields
         return type(output)(**dict(zip(names, _split_post_forward_wrapper(wrapped, hook, (module, values), {}))))
     outputs = [output] if isinstance(output, torch.Tensor) else output

@@ -41,6 +41,7 @@ from diffpar.families.transformers import ideogram4 as _transformers_ideogram4
 from diffpar.families.transformers import joyimage as _transformers_joyimage
 from diffpar.families.transformers import joyimage_edit_plus as _transformers_joyimage_edit_plus
 from diffpar.families.transformers import kandinsky5 as _transformers_kandinsky5
+from diffpar.families.transformers import kandinsky6 as _transformers_kandinsky6
 from diffpar.families.transformers import krea2 as _transformers_krea2
 from diffpar.families.transformers import latte as _transformers_latte
 from diffpar.families.transformers import longcat_image as _transformers_longcat_image
@@ -49,6 +50,7 @@ from diffpar.families.transformers import lumina2 as _transformers_lumina2
 from diffpar.families.transformers import lumina_next as _transformers_lumina_next
 from diffpar.families.transformers import minimax_h3 as _transformers_minimax_h3
 from diffpar.families.transformers import mochi as _transformers_mochi
+from diffpar.families.transformers import motif_video as _transformers_motif_video
 from diffpar.families.transformers import nucleusmoe as _transformers_nucleusmoe
 from diffpar.families.transformers import omnigen as _transformers_omnigen
 from diffpar.families.transformers import ovis_image as _transformers_ovis_image

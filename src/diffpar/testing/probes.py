@@ -106,6 +106,14 @@ UNSPLIT_ATTENTION = {
     # video-to-audio one gathers the video keys first.
     "LTX2VideoTransformer3DModel": ("transformer_blocks.*.attn2", "transformer_blocks.*.audio_*",
                                     "transformer_blocks.*.video_to_audio_attn"),
+    # Kandinsky 6: only the video self-attention is split; the text branches, prompt and audio attentions run
+    # locally, and the audio-to-video one gathers the video keys first.
+    "Kandinsky6Transformer3DModel": ("*_text_transformer_blocks.*", "visual_transformer_blocks.*.audio_dec_block.*",
+                                     "visual_transformer_blocks.*.video_dec_block.cross_attention",
+                                     "visual_transformer_blocks.*.va_cross_attention",
+                                     "visual_transformer_blocks.*.av_cross_attention"),
+    # Motif-Video: the text cross-attention gathers the whole prompt, then attends locally.
+    "MotifVideoTransformer3DModel": ("*.cross_attn",),
     # The context refiner runs on the whole prompt, with its padding mask, on every rank (diffpar's plan).
     "Lumina2Transformer2DModel": ("context_refiner.*",),
     # The Perceiver squeezes the whole prompt into gist tokens before the split; the injection layers' cross-attention
