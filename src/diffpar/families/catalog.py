@@ -66,6 +66,7 @@ from diffpar.families.vaes import cogvideox as _vaes_cogvideox
 from diffpar.families.vaes import cosmos as _vaes_cosmos
 from diffpar.families.vaes import dc as _vaes_dc
 from diffpar.families.vaes import hunyuan_image as _vaes_hunyuan_image
+from diffpar.families.vaes import hunyuan_image_refiner as _vaes_hunyuan_image_refiner
 from diffpar.families.vaes import hunyuan_video as _vaes_hunyuan_video
 from diffpar.families.vaes import hunyuan_video15 as _vaes_hunyuan_video15
 from diffpar.families.vaes import kl as _vaes_kl

@@ -168,6 +168,21 @@ def _hunyuan_video15(channels=(8, 16, 16), layers=1, latent=4):
     return vae, VaeShape(latent, 3, 4, True, 4)
 
 
+@builder("hunyuan_image_refiner")
+def _hunyuan_image_refiner(channels=(8, 16, 16), layers=1, latent=4):
+    """HunyuanImage 2.1's refiner: HunyuanVideo 1.5's layout with frame-uniform resampling and an unmasked
+    single-head mid-block attention over every frame's pixels; 4x spatial, 4x temporal compression here (16x / 4x
+    real)."""
+    from diffusers import AutoencoderKLHunyuanImageRefiner
+
+    vae = AutoencoderKLHunyuanImageRefiner(
+        in_channels=3, out_channels=3, latent_channels=latent, block_out_channels=tuple(channels),
+        layers_per_block=layers, spatial_compression_ratio=4, temporal_compression_ratio=4,
+    )
+    # Three blocks leave no room for temporal downsampling: every image frame is a latent frame here.
+    return vae, VaeShape(latent, 3, 4, True, 1)
+
+
 @builder("cogvideox")
 def _cogvideox(channels=(8, 16, 16), layers=1, groups=4, latent=4):
     """CogVideoX: causal conv3d with per-frame-batch conv caches, GroupNorm, latent-conditioned spatial norm,
