@@ -12,6 +12,7 @@ def _needs(name):
 
 FAMILIES = [
     pytest.param("hunyuan_image_refiner", marks=_needs("AutoencoderKLHunyuanImageRefiner")),
+    pytest.param("magvit", marks=_needs("AutoencoderKLMagvit")),
 ]
 
 
