@@ -61,6 +61,7 @@ from diffpar.families.transformers import sd3 as _transformers_sd3
 from diffpar.families.transformers import wan as _transformers_wan
 from diffpar.families.transformers import wan_variants as _transformers_wan_variants
 from diffpar.families.transformers import zimage as _transformers_zimage
+from diffpar.families.vaes import allegro as _vaes_allegro
 from diffpar.families.vaes import base as _vaes_base
 from diffpar.families.vaes import cogvideox as _vaes_cogvideox
 from diffpar.families.vaes import cosmos as _vaes_cosmos

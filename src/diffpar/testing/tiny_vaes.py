@@ -202,6 +202,26 @@ def _magvit(channels=(8, 16, 16), layers=1, groups=4, latent=4):
     return vae, VaeShape(latent, 3, 2 ** (n - 1), True, 2 ** (n - 2))
 
 
+@builder("allegro")
+def _allegro(channels=(8, 16, 16), layers=1, groups=4, latent=4):
+    """Allegro: AutoencoderKL's 2D layers per frame between temporal conv layers, decoded and encoded only in tiles
+    (diffusers has no untiled path). Tiles here: 11 x 10 latents every 2 latent rows and 3 frames, so a 13-row
+    latent (52 image rows) runs two overlapping tiles, each split; no temporal compression (4x real)."""
+    from diffusers import AutoencoderKLAllegro
+
+    n = len(channels)
+    vae = AutoencoderKLAllegro(
+        in_channels=3, out_channels=3, block_out_channels=tuple(channels), latent_channels=latent,
+        down_block_types=("AllegroDownBlock3D",) * n, up_block_types=("AllegroUpBlock3D",) * n,
+        temporal_downsample_blocks=(False,) * n, temporal_upsample_blocks=(False,) * n, layers_per_block=layers,
+        norm_num_groups=groups, temporal_compression_ratio=1, sample_size=44,
+    )
+    spatial = 2 ** (n - 1)
+    vae.use_tiling = True
+    vae.kernel, vae.stride = (3, 11 * spatial, 10 * spatial), (1, 2 * spatial, 2 * spatial)
+    return vae, VaeShape(latent, 3, spatial, True, 1)
+
+
 @builder("cogvideox")
 def _cogvideox(channels=(8, 16, 16), layers=1, groups=4, latent=4):
     """CogVideoX: causal conv3d with per-frame-batch conv caches, GroupNorm, latent-conditioned spatial norm,
