@@ -14,11 +14,15 @@ FAMILIES = [
     pytest.param("hunyuan_image_refiner", marks=_needs("AutoencoderKLHunyuanImageRefiner")),
     pytest.param("magvit", marks=_needs("AutoencoderKLMagvit")),
     pytest.param("allegro", marks=_needs("AutoencoderKLAllegro")),
+    pytest.param("kvae", marks=_needs("AutoencoderKLKVAE")),
+    pytest.param("kvae_video", marks=_needs("AutoencoderKLKVAEVideo")),
 ]
 
 # diffusers decodes Allegro only in tiles, one sample at a time (its tile buffer has batch 1); the tiny builder's
 # tiles are 11 latent rows every 2 rows and 3 frames, so inputs are 13 x 10 latents, 3 frames (two tiles, each split).
-SHAPES = {"allegro": {"batch": 1, "frames": 3, "fp64": (13, 10, 3)}}
+# KVAE video runs its clip in 16-frame segments that hand the conv caches on: 7 latent frames (25 image frames)
+# make two segments.
+SHAPES = {"allegro": {"batch": 1, "frames": 3, "fp64": (13, 10, 3)}, "kvae_video": {"frames": 7, "fp64": (11, 9, 7)}}
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

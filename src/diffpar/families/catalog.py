@@ -71,6 +71,8 @@ from diffpar.families.vaes import hunyuan_image_refiner as _vaes_hunyuan_image_r
 from diffpar.families.vaes import hunyuan_video as _vaes_hunyuan_video
 from diffpar.families.vaes import hunyuan_video15 as _vaes_hunyuan_video15
 from diffpar.families.vaes import kl as _vaes_kl
+from diffpar.families.vaes import kvae as _vaes_kvae
+from diffpar.families.vaes import kvae_video as _vaes_kvae_video
 from diffpar.families.vaes import ltx as _vaes_ltx
 from diffpar.families.vaes import ltx2 as _vaes_ltx2
 from diffpar.families.vaes import magvit as _vaes_magvit

@@ -222,6 +222,30 @@ def _allegro(channels=(8, 16, 16), layers=1, groups=4, latent=4):
     return vae, VaeShape(latent, 3, spatial, True, 1)
 
 
+@builder("kvae")
+def _kvae(channels=32, mult=(1, 1, 2), blocks=1, latent=4):
+    """Kandinsky's KVAE (image): replicate / reflect padded convs, GroupNorm of 32 groups (fixed by the model), a
+    latent-modulated decoder norm, pixel-(un)shuffle resampling beside strided / upsampled convs; 4x spatial
+    compression here (8x real)."""
+    from diffusers import AutoencoderKLKVAE
+
+    vae = AutoencoderKLKVAE(in_channels=3, channels=channels, num_enc_blocks=blocks, num_dec_blocks=blocks,
+                            z_channels=latent, ch_mult=tuple(mult))
+    return vae, VaeShape(latent, 3, 2 ** (len(mult) - 1), False)
+
+
+@builder("kvae_video")
+def _kvae_video(channels=32, mult=(1, 1, 2), blocks=1, latent=4):
+    """Kandinsky's KVAE (video): causal conv3d with time caches handed from one 16-frame segment to the next,
+    GroupNorm of 32 groups (fixed by the model), a latent-modulated decoder norm, pixel-(un)shuffle resampling beside
+    strided / upsampled convs, time resampling per pixel; 4x spatial, 4x temporal compression here (8x / 4x real)."""
+    from diffusers import AutoencoderKLKVAEVideo
+
+    vae = AutoencoderKLKVAEVideo(ch=channels, ch_mult=tuple(mult), num_res_blocks=blocks, in_channels=3, out_ch=3,
+                                 z_channels=latent, temporal_compress_times=4)
+    return vae, VaeShape(latent, 3, 2 ** (len(mult) - 1), True, 4)
+
+
 @builder("cogvideox")
 def _cogvideox(channels=(8, 16, 16), layers=1, groups=4, latent=4):
     """CogVideoX: causal conv3d with per-frame-batch conv caches, GroupNorm, latent-conditioned spatial norm,
