@@ -16,11 +16,14 @@ Peak memory is measured two ways during the same decode:
   it, with glibc's mmap / trim thresholds fixed at 1 MiB so freed tensors leave the resident set (bench_vae.py).
 Both include the decoded output (the split gathers the whole output on every rank, as diffpar does).
 
-Modes: the whole decode of the clip (one process, a child of rank 0); the row split over the ranks; and, for the
-question whether splitting frames too would lower the peak, the whole decode of the first half of the latent frames
-(ceil(T / 2)), which is what a frame-split rank would decode at most before its outputs are gathered, and the row
-split of that half. Wan decodes one latent frame at a time through its causal caches already, so a frame split can
-only spread the chunks and the output, not shrink a chunk's working set; the figures show how much that is worth.
+Modes: the whole decode of the clip (one process, a child of rank 0) and the row split over the ranks. Whether
+splitting frames too would lower the peak is read off the same decodes: Wan decodes one latent frame at a time
+through its causal caches, so a frame split over 2 ranks gives one rank the first ceil(T / 2) latent frames and the
+other the rest (it needs the caches of the first ones, which a frame split would hand over). The tracking hook
+takes the peak of each part apart: the first part's peak, and the second part's peak less the outputs of the first
+part (which that rank would not hold; the final concatenation of the whole output stays counted, as diffpar gathers
+the whole output on every rank). A frame split's per-rank peak is the larger of the two; "rows and frames" is the
+same split of the row-split decode.
 """
 from __future__ import annotations
 
@@ -59,29 +62,54 @@ def latents_for(args, frames):
     return torch.randn(1, 16, args.frames, args.height, args.width, generator=g)[:, :, :frames]
 
 
+class FramePartPeaks:
+    """Splits the tracked peak of one decode at the decoder call that starts latent frame `first_of_second`: the
+    peak before it, and the peak from it on less the outputs of the earlier calls (still held by the VAE's loop)."""
+
+    def __init__(self, vae, tracker: LiveTensorBytes, first_of_second: int):
+        self.tracker, self.first_of_second = tracker, first_of_second
+        self.calls, self.frames_seen, self.earlier_output_bytes, self.first_peak = 0, 0, 0, None
+        self.hooks = [vae.decoder.register_forward_pre_hook(self.before_call),
+                      vae.decoder.register_forward_hook(self.after_call)]
+
+    def before_call(self, module, args):
+        if self.first_peak is None and self.frames_seen >= self.first_of_second:
+            self.first_peak = self.tracker.peak
+            self.tracker.peak = self.tracker.bytes
+
+    def after_call(self, module, args, out):
+        self.frames_seen += args[0].shape[2]
+        if self.first_peak is None:
+            self.earlier_output_bytes += out.untyped_storage().nbytes()
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+        second = self.tracker.peak - self.earlier_output_bytes
+        return self.first_peak / 2**20, second / 2**20, max(self.first_peak, self.tracker.peak) / 2**20
+
+
 def measure(vae, latents):
-    """(peak tensor MiB, peak resident growth MiB, seconds, output) of one decode."""
+    """Figures of one decode (MiB, seconds) and its output."""
     before = rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
     start = time.perf_counter()
     with LiveTensorBytes() as tracker:
+        parts = FramePartPeaks(vae, tracker, (latents.shape[2] + 1) // 2)
         out = tiny_vaes.decode(vae, latents)
     seconds = time.perf_counter() - start
-    return tracker.peak / 2**20, (rss_kib("VmHWM") - before) / 1024, seconds, out
+    first, second, tensors = parts.close()
+    return {"tensors": tensors, "resident": (rss_kib("VmHWM") - before) / 1024, "time": seconds,
+            "first_part": first, "second_part": second}, out
 
 
 def whole_child(args):
     torch.set_num_threads(1)
     track_live_memory()
     vae = build()
-    results = {}
-    for frames in (args.frames, (args.frames + 1) // 2):
-        tensors, resident, seconds, out = measure(vae, latents_for(args, frames))
-        results[frames] = {"tensors": tensors, "resident": resident, "time": seconds}
-        if frames == args.frames:
-            torch.save(out, args.whole + ".pt")
-        del out
+    results, out = measure(vae, latents_for(args, args.frames))
+    torch.save(out, args.whole + ".pt")
     with open(args.whole, "w") as f:
         json.dump(results, f)
 
@@ -116,14 +144,9 @@ def main():
     handle = ParallelHandle(target=vae)
     state = adapter.apply(vae, adapter.plan(vae, "vae", world, config), dist.group.WORLD, handle, config, None)
     handle.commit()
-    mine = {}
-    for frames in (args.frames, (args.frames + 1) // 2):
-        dist.barrier()
-        tensors, resident, seconds, out = measure(vae, latents_for(args, frames))
-        mine[frames] = {"tensors": tensors, "resident": resident, "time": seconds, "bands": state.last_sizes}
-        if frames == args.frames:
-            split_out = out
-        del out
+    dist.barrier()
+    mine, split_out = measure(vae, latents_for(args, args.frames))
+    mine["bands"] = state.last_sizes
     handle.detach()
     per_rank = [None] * world
     dist.all_gather_object(per_rank, mine)
@@ -133,23 +156,29 @@ def main():
     if child.returncode:
         raise SystemExit(f"the whole-decode child failed ({child.returncode})")
     with open(whole_path) as f:
-        whole = {int(k): v for k, v in json.load(f).items()}
+        whole = json.load(f)
     reference = torch.load(whole_path + ".pt")
     half = (args.frames + 1) // 2
+    split = {k: max(r[k] for r in per_rank) for k in ("tensors", "resident", "time", "first_part", "second_part")}
     print(f"VAE: AutoencoderKLWan, Wan 2.1 config {WAN21}, random weights, fp32, 1 thread per process")
     print(f"latent (1, 16, {args.frames}, {args.height}, {args.width}) -> image {tuple(split_out.shape)}; "
-          f"bands {per_rank[0][args.frames]['bands']} latent rows")
-    rows = [("whole decode, all frames", whole[args.frames], None),
-            (f"row split x{world}, all frames", None, args.frames),
-            (f"whole decode, first {half} latent frame(s) (a frame-split rank's share)", whole[half], None),
-            (f"row split x{world}, first {half} latent frame(s) (rows and frames)", None, half)]
-    base_t, base_r = whole[args.frames]["tensors"], whole[args.frames]["resident"]
-    for label, one, frames in rows:
-        figs = one if one is not None else {k: max(r[frames][k] for r in per_rank) for k in ("tensors", "resident",
-                                                                                               "time")}
-        print(f"{label:72s} peak tensors {figs['tensors']:8.1f} MiB ({figs['tensors'] / base_t:.2f}x), resident "
-              f"+{figs['resident']:8.1f} MiB ({figs['resident'] / base_r:.2f}x), {figs['time']:6.1f} s"
-              + ("" if one is not None else " (worst rank)"))
+          f"bands {per_rank[0]['bands']} latent rows; frame split: latent frames [0, {half}) and [{half}, "
+          f"{args.frames})")
+    base_t, base_r = whole["tensors"], whole["resident"]
+
+    def line(label, tensors, resident=None, seconds=None, note=""):
+        text = f"{label:44s} peak tensors {tensors:8.1f} MiB ({tensors / base_t:.2f}x)"
+        if resident is not None:
+            text += f", resident +{resident:8.1f} MiB ({resident / base_r:.2f}x), {seconds:6.1f} s"
+        print(text + note)
+
+    line("whole decode", whole["tensors"], whole["resident"], whole["time"])
+    line(f"row split x{world}", split["tensors"], split["resident"], split["time"], " (worst rank)")
+    line("frame split x2 (derived)", max(whole["first_part"], whole["second_part"]),
+         note=f"  (first frames {whole['first_part']:.1f}, last frames {whole['second_part']:.1f} MiB)")
+    line(f"rows x{world} and frames x2 (derived)", max(split["first_part"], split["second_part"]),
+         note=f"  (first frames {split['first_part']:.1f}, last frames {split['second_part']:.1f} MiB; "
+              f"{2 * world} ranks)")
     print(f"max abs diff, row split vs whole: {(split_out - reference).abs().max().item():.2e}")
     print(f"wall time {time.perf_counter() - start:.0f} s; load average (1 min) {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores")

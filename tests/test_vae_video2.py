@@ -16,6 +16,7 @@ FAMILIES = [
     pytest.param("allegro", marks=_needs("AutoencoderKLAllegro")),
     pytest.param("kvae", marks=_needs("AutoencoderKLKVAE")),
     pytest.param("kvae_video", marks=_needs("AutoencoderKLKVAEVideo")),
+    pytest.param("minimax_h3", marks=_needs("AutoencoderKLMiniMaxH3")),
 ]
 
 # diffusers decodes Allegro only in tiles, one sample at a time (its tile buffer has batch 1); the tiny builder's

@@ -246,6 +246,27 @@ def _kvae_video(channels=32, mult=(1, 1, 2), blocks=1, latent=4):
     return vae, VaeShape(latent, 3, 2 ** (len(mult) - 1), True, 4)
 
 
+@builder("minimax_h3")
+def _minimax_h3(channels=(8, 16, 16), layers=1, groups=4, latent=4):
+    """MiniMax-H3 video: reflect-padded causal conv3d encoder with per-frame GroupNorm, a ViT decoder (RoPE over the
+    whole clip, register tokens, full self-attention); 4x spatial, 2x temporal compression here (16x / 4x real).
+    Its zero-initialised residual scales and register tokens are drawn at random, so attention shapes the output."""
+    from diffusers import AutoencoderKLMiniMaxH3
+
+    vae = AutoencoderKLMiniMaxH3(
+        in_channels=3, out_channels=3, latent_channels=latent, block_out_channels=tuple(channels),
+        layers_per_block=layers, spatial_downsample_factors=(2, 2, 1), temporal_downsample_factors=(1, 2, 1),
+        norm_num_groups=groups, decoder_num_layers=2, decoder_num_attention_heads=2, decoder_attention_head_dim=16,
+        decoder_num_register_tokens=2, decoder_ffn_mult=2, clip_length=5, token_drop=1,
+        latents_mean=(0.0,) * latent, latents_std=(1.0,) * latent,
+    )
+    with torch.no_grad():
+        for name, param in vae.decoder.named_parameters():
+            if name.endswith(("scale1", "scale2")) or name == "register_tokens":
+                param.normal_(0.0, 0.5)
+    return vae, VaeShape(latent, 3, 4, True, 2)
+
+
 @builder("cogvideox")
 def _cogvideox(channels=(8, 16, 16), layers=1, groups=4, latent=4):
     """CogVideoX: causal conv3d with per-frame-batch conv caches, GroupNorm, latent-conditioned spatial norm,
