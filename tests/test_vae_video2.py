@@ -23,7 +23,8 @@ FAMILIES = [
 # tiles are 11 latent rows every 2 rows and 3 frames, so inputs are 13 x 10 latents, 3 frames (two tiles, each split).
 # KVAE video runs its clip in 16-frame segments that hand the conv caches on: 7 latent frames (25 image frames)
 # make two segments.
-SHAPES = {"allegro": {"batch": 1, "frames": 3, "fp64": (13, 10, 3)}, "kvae_video": {"frames": 7, "fp64": (11, 9, 7)}}
+SHAPES = {"allegro": {"batch": 1, "frames": 3, "fp64": (13, 10, 3), "split_rows": 44},
+          "kvae_video": {"frames": 7, "fp64": (11, 9, 7)}}
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -34,8 +35,11 @@ def test_split_matches_whole_fp32(ranks, family, world):
     results = ranks(world, "workers.vae:equivalence", family=family, height=13, width=10,
                     batch=shape.get("batch", 2), frames=shape.get("frames", 3))
     _check_equivalence(results, VAE_FP32, world)
-    sizes = results[0]["sizes"]
-    assert len(sizes) == world and len(set(sizes)) > 1, sizes  # uneven bands: the split was real
+    sizes = results[0]["sizes"]  # the bands of the last split call: the encode's, in image rows
+    # One band of rows per rank, uneven, covering the image (Allegro's: each 44-row tile) exactly.
+    assert len(sizes) == world and len(set(sizes)) > 1 and min(sizes) >= 2, sizes
+    assert sum(sizes) == SHAPES.get(family, {}).get("split_rows", results[0]["want_shape"][-2]), sizes
+    assert all(r["sizes"] == sizes for r in results)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

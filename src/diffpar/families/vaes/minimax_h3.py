@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffpar.engines.halo import pad_rows_at_edges
-from diffpar.engines.vae_split import ModuleRule, RowGeometry, group_norm_whole_image, halo_conv, while_split
+from diffpar.engines.halo import group_norm_whole_image, pad_rows_at_edges
+from diffpar.engines.vae_split import ModuleRule, RowGeometry, halo_conv, while_split
 from diffpar.families.vaes.base import register_vae
 from diffpar.families.vaes.rules import ROW_LOCAL
 
