@@ -49,3 +49,20 @@ def test_split_is_exact_in_fp64(ranks, family):
     results = ranks(3, "workers.vae:equivalence", family=family, height=height, width=width, batch=1, frames=frames,
                     dtype="float64")
     _check_equivalence(results, VAE_FP64, 3)
+
+
+@_needs("AutoencoderKLMiniMaxH3")
+def test_minimax_decoder_with_another_attention_backend_is_refused():
+    """The ViT decoder's split computes attention itself: a backend chosen for it would be silently bypassed."""
+    import diffpar.families.catalog  # noqa: F401
+    from diffpar.errors import UnsupportedError
+    from diffpar.families.vaes.base import VaeAdapter
+    from diffpar.testing import tiny_vaes
+
+    vae, _, _ = tiny_vaes.build("minimax_h3")
+    split = VaeAdapter().plan(vae, "vae", 2, None).payload
+    assert ("decoder", "") in {(part, name) for part, name, _ in split.wraps}  # the whole ViT decoder, one wrapper
+    assert split.attention_gathers == 1
+    vae.decoder.transformer_blocks[1].attn.processor._attention_backend = "flash"
+    with pytest.raises(UnsupportedError, match="an attention backend or diffusers' own context parallelism"):
+        VaeAdapter().plan(vae, "vae", 2, None)
