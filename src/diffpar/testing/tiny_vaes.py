@@ -168,6 +168,105 @@ def _hunyuan_video15(channels=(8, 16, 16), layers=1, latent=4):
     return vae, VaeShape(latent, 3, 4, True, 4)
 
 
+@builder("hunyuan_image_refiner")
+def _hunyuan_image_refiner(channels=(8, 16, 16), layers=1, latent=4):
+    """HunyuanImage 2.1's refiner: HunyuanVideo 1.5's layout with frame-uniform resampling and an unmasked
+    single-head mid-block attention over every frame's pixels; 4x spatial, 4x temporal compression here (16x / 4x
+    real)."""
+    from diffusers import AutoencoderKLHunyuanImageRefiner
+
+    vae = AutoencoderKLHunyuanImageRefiner(
+        in_channels=3, out_channels=3, latent_channels=latent, block_out_channels=tuple(channels),
+        layers_per_block=layers, spatial_compression_ratio=4, temporal_compression_ratio=4,
+    )
+    # Three blocks leave no room for temporal downsampling: every image frame is a latent frame here.
+    return vae, VaeShape(latent, 3, 4, True, 1)
+
+
+@builder("magvit")
+def _magvit(channels=(8, 16, 16), layers=1, groups=4, latent=4):
+    """EasyAnimate's MagVit: causal conv3d with frame caches across calls, GroupNorm per frame, bottom-edge padded
+    stride-2 downsamplers, nearest upsampling; the VAE runs the first frame alone, then frame batches (2 sample
+    frames per encoder call here, 1 latent frame per decoder call) handing each conv's cache on. 4x spatial, 2x
+    temporal compression here (8x / 4x real)."""
+    from diffusers import AutoencoderKLMagvit
+
+    n = len(channels)
+    vae = AutoencoderKLMagvit(
+        in_channels=3, latent_channels=latent, out_channels=3, block_out_channels=tuple(channels),
+        down_block_types=("SpatialDownBlock3D",) + ("SpatialTemporalDownBlock3D",) * (n - 1),
+        up_block_types=("SpatialUpBlock3D",) + ("SpatialTemporalUpBlock3D",) * (n - 1), layers_per_block=layers,
+        norm_num_groups=groups,
+    )
+    vae.num_sample_frames_batch_size = 2
+    return vae, VaeShape(latent, 3, 2 ** (n - 1), True, 2 ** (n - 2))
+
+
+@builder("allegro")
+def _allegro(channels=(8, 16, 16), layers=1, groups=4, latent=4):
+    """Allegro: AutoencoderKL's 2D layers per frame between temporal conv layers, decoded and encoded only in tiles
+    (diffusers has no untiled path). Tiles here: 11 x 10 latents every 2 latent rows and 3 frames, so a 13-row
+    latent (52 image rows) runs two overlapping tiles, each split; no temporal compression (4x real)."""
+    from diffusers import AutoencoderKLAllegro
+
+    n = len(channels)
+    vae = AutoencoderKLAllegro(
+        in_channels=3, out_channels=3, block_out_channels=tuple(channels), latent_channels=latent,
+        down_block_types=("AllegroDownBlock3D",) * n, up_block_types=("AllegroUpBlock3D",) * n,
+        temporal_downsample_blocks=(False,) * n, temporal_upsample_blocks=(False,) * n, layers_per_block=layers,
+        norm_num_groups=groups, temporal_compression_ratio=1, sample_size=44,
+    )
+    spatial = 2 ** (n - 1)
+    vae.use_tiling = True
+    vae.kernel, vae.stride = (3, 11 * spatial, 10 * spatial), (1, 2 * spatial, 2 * spatial)
+    return vae, VaeShape(latent, 3, spatial, True, 1)
+
+
+@builder("kvae")
+def _kvae(channels=32, mult=(1, 1, 2), blocks=1, latent=4):
+    """Kandinsky's KVAE (image): replicate / reflect padded convs, GroupNorm of 32 groups (fixed by the model), a
+    latent-modulated decoder norm, pixel-(un)shuffle resampling beside strided / upsampled convs; 4x spatial
+    compression here (8x real)."""
+    from diffusers import AutoencoderKLKVAE
+
+    vae = AutoencoderKLKVAE(in_channels=3, channels=channels, num_enc_blocks=blocks, num_dec_blocks=blocks,
+                            z_channels=latent, ch_mult=tuple(mult))
+    return vae, VaeShape(latent, 3, 2 ** (len(mult) - 1), False)
+
+
+@builder("kvae_video")
+def _kvae_video(channels=32, mult=(1, 1, 2), blocks=1, latent=4):
+    """Kandinsky's KVAE (video): causal conv3d with time caches handed from one 16-frame segment to the next,
+    GroupNorm of 32 groups (fixed by the model), a latent-modulated decoder norm, pixel-(un)shuffle resampling beside
+    strided / upsampled convs, time resampling per pixel; 4x spatial, 4x temporal compression here (8x / 4x real)."""
+    from diffusers import AutoencoderKLKVAEVideo
+
+    vae = AutoencoderKLKVAEVideo(ch=channels, ch_mult=tuple(mult), num_res_blocks=blocks, in_channels=3, out_ch=3,
+                                 z_channels=latent, temporal_compress_times=4)
+    return vae, VaeShape(latent, 3, 2 ** (len(mult) - 1), True, 4)
+
+
+@builder("minimax_h3")
+def _minimax_h3(channels=(8, 16, 16), layers=1, groups=4, latent=4):
+    """MiniMax-H3 video: reflect-padded causal conv3d encoder with per-frame GroupNorm, a ViT decoder (RoPE over the
+    whole clip, register tokens, full self-attention); 4x spatial, 2x temporal compression here (16x / 4x real).
+    Its zero-initialised residual scales and register tokens are drawn at random, so attention shapes the output."""
+    from diffusers import AutoencoderKLMiniMaxH3
+
+    vae = AutoencoderKLMiniMaxH3(
+        in_channels=3, out_channels=3, latent_channels=latent, block_out_channels=tuple(channels),
+        layers_per_block=layers, spatial_downsample_factors=(2, 2, 1), temporal_downsample_factors=(1, 2, 1),
+        norm_num_groups=groups, decoder_num_layers=2, decoder_num_attention_heads=2, decoder_attention_head_dim=16,
+        decoder_num_register_tokens=2, decoder_ffn_mult=2, clip_length=5, token_drop=1,
+        latents_mean=(0.0,) * latent, latents_std=(1.0,) * latent,
+    )
+    with torch.no_grad():
+        for name, param in vae.decoder.named_parameters():
+            if name.endswith(("scale1", "scale2")) or name == "register_tokens":
+                param.normal_(0.0, 0.5)
+    return vae, VaeShape(latent, 3, 4, True, 2)
+
+
 @builder("cogvideox")
 def _cogvideox(channels=(8, 16, 16), layers=1, groups=4, latent=4):
     """CogVideoX: causal conv3d with per-frame-batch conv caches, GroupNorm, latent-conditioned spatial norm,
