@@ -109,6 +109,8 @@ UNSPLIT_ATTENTION = {
     # The Perceiver squeezes the whole prompt into gist tokens before the split; the injection layers' cross-attention
     # attends from the image shard to the whole prompt.
     "BriaFibo2Transformer2DModel": ("perceiver.*", "layers.*.cross_attention"),
+    # Audio DiTs (diffpar's plans): cross-attention from the frame shard to the whole prompt, locally.
+    "StableAudio3DiTModel": ("transformer_blocks.*.cross_attn",),
 }
 
 
