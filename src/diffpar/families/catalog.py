@@ -59,6 +59,7 @@ from diffpar.families.transformers import sana as _transformers_sana
 from diffpar.families.transformers import sana_video as _transformers_sana_video
 from diffpar.families.transformers import sd3 as _transformers_sd3
 from diffpar.families.transformers import stable_audio as _transformers_stable_audio
+from diffpar.families.transformers import stable_audio3 as _transformers_stable_audio3
 from diffpar.families.transformers import wan as _transformers_wan
 from diffpar.families.transformers import wan_variants as _transformers_wan_variants
 from diffpar.families.transformers import zimage as _transformers_zimage
