@@ -47,6 +47,7 @@ from diffpar.families.transformers import ltx as _transformers_ltx
 from diffpar.families.transformers import lumina2 as _transformers_lumina2
 from diffpar.families.transformers import lumina_next as _transformers_lumina_next
 from diffpar.families.transformers import minimax_h3 as _transformers_minimax_h3
+from diffpar.families.transformers import minimax_music3 as _transformers_minimax_music3
 from diffpar.families.transformers import mochi as _transformers_mochi
 from diffpar.families.transformers import nucleusmoe as _transformers_nucleusmoe
 from diffpar.families.transformers import omnigen as _transformers_omnigen
