@@ -111,6 +111,7 @@ UNSPLIT_ATTENTION = {
     "BriaFibo2Transformer2DModel": ("perceiver.*", "layers.*.cross_attention"),
     # Audio DiTs (diffpar's plans): cross-attention from the frame shard to the whole prompt, locally.
     "StableAudio3DiTModel": ("transformer_blocks.*.cross_attn",),
+    "LongCatAudioDiTTransformer": ("blocks.*.cross_attn",),
 }
 
 
