@@ -43,6 +43,7 @@ from diffpar.families.transformers import kandinsky5 as _transformers_kandinsky5
 from diffpar.families.transformers import krea2 as _transformers_krea2
 from diffpar.families.transformers import latte as _transformers_latte
 from diffpar.families.transformers import longcat_image as _transformers_longcat_image
+from diffpar.families.transformers import longcat_audio_dit as _transformers_longcat_audio_dit
 from diffpar.families.transformers import ltx as _transformers_ltx
 from diffpar.families.transformers import lumina2 as _transformers_lumina2
 from diffpar.families.transformers import lumina_next as _transformers_lumina_next
