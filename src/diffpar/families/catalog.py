@@ -11,6 +11,7 @@ from diffpar.families.text_encoders import base as _text_encoders_base
 from diffpar.families.text_encoders import clip as _text_encoders_clip
 from diffpar.families.text_encoders import decoders as _text_encoders_decoders
 from diffpar.families.text_encoders import t5 as _text_encoders_t5
+from diffpar.families.transformers import ace_step as _transformers_ace_step
 from diffpar.families.transformers import allegro as _transformers_allegro
 from diffpar.families.transformers import auraflow as _transformers_auraflow
 from diffpar.families.transformers import bria as _transformers_bria
