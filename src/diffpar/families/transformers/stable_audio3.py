@@ -9,8 +9,9 @@ tokens already prepended, so both splits cut the same rows); gather the tokens a
 then drops the memory tokens, which a shard cannot do). Self-attention already goes through diffusers' dispatcher
 with the parallel config. Cross-attention to the context (prompt + duration token, whole on every rank) runs
 locally: its processor gets a class that never passes the parallel config on (`ltx.local_attention_processors`).
-Inpainting's `local_add_cond` (added to the audio rows only, after the memory tokens, inside each block) is refused
-under context parallelism with a clear error at the call.
+Inpainting's `local_add_cond` (one row per audio frame, added after the memory tokens inside each block): a
+pre-hook on every block (undone on detach) gives it the rows of this rank's audio frames and the count of memory
+tokens this shard holds.
 
 TP plan: the fused self-attention projection [q1 | q2 | k1 | k2 | v] and the cross-attention's [q1 | q2] and
 [k1 | k2 | v] split part by part (whole heads on each rank), outputs by rows; the SwiGLU feed-forward's gate and
@@ -19,6 +20,9 @@ value halves each split; the inpainting projection `to_local_embed` by width; th
 """
 from __future__ import annotations
 
+import torch
+
+from diffpar.compat.diffusers_cp_group import token_shards
 from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.engines.tp_shard import GATHER, Packed
 from diffpar.errors import UnsupportedError
@@ -26,16 +30,36 @@ from diffpar.families.registry import register_cp_plan
 from diffpar.families.transformers.ltx import local_attention_processors
 from diffpar.families.transformers.tp_plans import TensorParallelPlan, register_tp_plan
 
-INPAINT_REFUSAL = "local_add_cond (inpainting) under context parallelism"
+
+def _shard_of(whole: int, parallel_config) -> tuple[int, int]:
+    """(first row, rows) of this rank's token shard of a `whole`-token sequence, as diffusers' split hooks deal it
+    (`tensor_split` sizes in the order of the context-parallel group's ranks)."""
+    shards = token_shards(parallel_config)
+    sizes = [len(part) for part in torch.arange(whole).tensor_split(shards.size)]
+    return sum(sizes[:shards.rank]), sizes[shards.rank]
 
 
-def _refuse_local_add_cond(module, args, kwargs):
-    if kwargs.get("local_add_cond") is not None or len(args) > 5 and args[5] is not None:
-        raise UnsupportedError(
-            f"StableAudio3DiTModel: {INPAINT_REFUSAL}: each block adds the inpainting sequence to the audio rows "
-            "after the memory tokens, and a token shard does not know where those rows start. Run "
-            "StableAudio3InpaintPipeline without ulysses_size / ring_size (tp_size works)."
-        )
+def _inpaint_rows(model):
+    """Pre-hook of every block: inpainting's `local_seq` (one row per audio frame, added after the memory tokens)
+    cut to the audio frames of this rank's shard, and `num_memory_tokens` to the memory tokens it holds. Computed
+    from the whole length, so it holds before block 0's split hook too."""
+
+    def hook(module, args, kwargs):
+        local_seq = kwargs.get("local_seq")
+        if local_seq is None:
+            return None
+        parallel_config = model.transformer_blocks[0].self_attn.processor._parallel_config
+        if parallel_config is None:
+            return None
+        memory = kwargs.get("num_memory_tokens", 0)
+        first, rows = _shard_of(memory + local_seq.shape[1], parallel_config)
+        held_memory = max(0, min(first + rows, memory) - first)
+        audio_from = max(first, memory) - memory
+        audio_rows = rows - held_memory
+        return args, {**kwargs, "local_seq": local_seq[:, audio_from:audio_from + audio_rows],
+                      "num_memory_tokens": held_memory}
+
+    return hook
 
 
 def prepare_stable_audio3(model, config, handle, name: str) -> None:
@@ -44,8 +68,9 @@ def prepare_stable_audio3(model, config, handle, name: str) -> None:
     local_attention_processors(model, ("transformer_blocks.*.cross_attn",), (StableAudio3CrossAttnProcessor,),
                                handle, name)
     hooks = []
-    handle.add(f"{name}: refuse local_add_cond", lambda: [h.remove() for h in hooks])
-    hooks.append(model.register_forward_pre_hook(_refuse_local_add_cond, with_kwargs=True))
+    handle.add(f"{name}: inpainting rows per shard", lambda: [h.remove() for h in hooks])
+    for block in model.transformer_blocks:
+        hooks.append(block.register_forward_pre_hook(_inpaint_rows(model), with_kwargs=True))
 
 
 @register_cp_plan("StableAudio3DiTModel", prepare=prepare_stable_audio3)

@@ -30,7 +30,7 @@ def _stable_audio3(heads=2, head_dim=8, layers=2, differential=True):
                     p.copy_(torch.randn(p.shape) * 0.1)
         model.prompt_padding_embedding.copy_(torch.randn(model.prompt_padding_embedding.shape))
 
-    def inputs(seq=16, text=8, batch=1, seed=1, text_padding=0):
+    def inputs(seq=16, text=8, batch=1, seed=1, text_padding=0, inpaint=False):
         g = torch.Generator().manual_seed(seed)
         mask = torch.ones(batch, text, dtype=torch.bool)
         if text_padding:
@@ -41,6 +41,8 @@ def _stable_audio3(heads=2, head_dim=8, layers=2, differential=True):
             encoder_hidden_states=torch.randn(batch, text, 12, generator=g),
             global_hidden_states=torch.randn(batch, 10, generator=g),
             encoder_attention_mask=mask,
+            # Inpainting: one row per audio frame (mask + masked latents), as StableAudio3InpaintPipeline passes.
+            local_add_cond=torch.randn(batch, 5, seq - MEMORY_TOKENS, generator=g) if inpaint else None,
             return_dict=False,
         )
 
@@ -48,8 +50,8 @@ def _stable_audio3(heads=2, head_dim=8, layers=2, differential=True):
 
 
 CASES = [
-    ModelCase("stable_audio3", "StableAudio3DiTModel", kind="audio", input_kwargs={"text_padding": 2},
-              notes="64 memory tokens + frames; differential attention; cross-attention local; inpainting: CP refused"),
+    ModelCase("stable_audio3", "StableAudio3DiTModel", kind="audio", input_kwargs={"text_padding": 2, "inpaint": True},
+              notes="64 memory tokens + frames; differential attention; cross-attention local; inpainting rows per shard"),
 ]
 
 REAL_CONFIGS = {
