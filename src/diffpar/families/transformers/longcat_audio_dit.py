@@ -16,7 +16,8 @@ split gave it, `tensor_split` order over the context-parallel group) and the who
 TP plan: both attentions by heads (their q/k RMSNorms span all heads: head-sharded), the GELU feed-forward by
 width, the AdaLN expansions (`adaln_global_mlp.mlp.1`, or each block's `adaln_mlp.mlp.1`: 6 x dim; `norm_out.linear`)
 gathered, the input MLPs (frames, prompt, latent condition, timestep) by width. The prompt's ConvNeXt refiner
-(`text_conv_layer`, 4% of the weights) stays whole: its GRN divides by a mean over all channels.
+(`text_conv_layer`, 4% of the weights): its GRN divides by a mean over all channels, so its pointwise Linears are
+split by output and gathered (the prompt is short) and the GRN runs whole.
 """
 from __future__ import annotations
 
@@ -151,6 +152,11 @@ def longcat_audio_dit_tp_plan(model) -> TensorParallelPlan:
         embedders += ["latent_embed.proj", "latent_cond_embedder.proj"]
     for mlp in embedders:
         linears[f"{mlp}.0"], linears[f"{mlp}.2"] = "colwise", "rowwise"
+    if model.config.text_conv:
+        # The prompt's ConvNeXt refiner: its GRN divides by a mean over all channels, so both pointwise Linears
+        # gather their outputs (a few hundred prompt tokens, once per forward) and the GRN runs whole.
+        linears["text_conv_layer.*.pwconv1"] = GATHER
+        linears["text_conv_layer.*.pwconv2"] = GATHER
     norms = tuple(f"blocks.*.{a}.{n}" for a in attentions for n in ("q_norm", "k_norm")) if model.config.qk_norm \
         else ()
     return TensorParallelPlan(
