@@ -5,11 +5,11 @@ the audio latent frames (Stable Audio Open 1.0 at 47 s: 1024 frames, 1025 tokens
 input (`rotary_embedding`, a (cos, sin) pair of (tokens, rot_dim) tables the pipeline builds for global + frames)
 and every block receives it whole.
 
-CP plan: split the rotary pair as it enters the model (`""`: the model's own forward) and the tokens as they enter
-the first block (after the global token is prepended, so the rows of both splits line up); gather after
+CP plan: split the tokens as they enter the first block (after the global token is prepended); gather after
 `proj_out` (the forward then drops the global token and runs a 1x1 convolution, which needs every frame). Each
 block's self-attention (`attn1`) goes through diffusers' dispatcher (`StableAudioContextParallelAttnProcessor`,
-swapped in while parallel); cross-attention (`attn2`, to the whole prompt every rank holds, grouped-query) keeps
+swapped in while parallel), with this rank's rows of the whole rotary pair every block receives
+(`longcat_audio_dit.shard_rows`: the rows diffusers' split gave the tokens); cross-attention (`attn2`, to the whole prompt every rank holds, grouped-query) keeps
 diffusers' own processor and runs locally. A self-attention mask (`attention_mask`, never passed by the pipeline)
 goes to the dispatcher over the whole sequence (see `attention_processors.attend_split`).
 
@@ -25,6 +25,7 @@ from diffpar.engines.tp_shard import Packed
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
 from diffpar.families.transformers.attention_processors import attend_split
+from diffpar.families.transformers.longcat_audio_dit import shard_rows
 from diffpar.families.transformers.sd3 import replace_attention_processors
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, register_tp_plan
 
@@ -67,6 +68,7 @@ class StableAudioContextParallelAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if rotary_emb is not None:
+            rotary_emb = tuple(shard_rows(t, query.shape[2], self._parallel_config) for t in rotary_emb)
             dtype = query.dtype
             query = _rotate_partial(query.float(), rotary_emb).to(dtype)
             key = _rotate_partial(key.float(), rotary_emb).to(dtype)
@@ -94,9 +96,7 @@ def prepare_stable_audio(model, config, handle, name: str) -> None:
 def stable_audio_cp_plan(model) -> dict:
     if not len(model.transformer_blocks):
         raise UnsupportedError(f"{type(model).__name__} has no transformer blocks to parallelize.")
-    rows = split_input(split_dim=0, expected_dims=2)
     return {
-        "": {"rotary_embedding": [rows, rows]},
         "transformer_blocks.0": {"hidden_states": split_input(split_dim=1, expected_dims=3)},
         "proj_out": gather_output(gather_dim=1, expected_dims=3),
     }
