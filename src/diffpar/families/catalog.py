@@ -11,6 +11,7 @@ from diffpar.families.text_encoders import base as _text_encoders_base
 from diffpar.families.text_encoders import clip as _text_encoders_clip
 from diffpar.families.text_encoders import decoders as _text_encoders_decoders
 from diffpar.families.text_encoders import t5 as _text_encoders_t5
+from diffpar.families.transformers import ace_step as _transformers_ace_step
 from diffpar.families.transformers import allegro as _transformers_allegro
 from diffpar.families.transformers import anyflow as _transformers_anyflow
 from diffpar.families.transformers import auraflow as _transformers_auraflow
@@ -45,10 +46,12 @@ from diffpar.families.transformers import kandinsky6 as _transformers_kandinsky6
 from diffpar.families.transformers import krea2 as _transformers_krea2
 from diffpar.families.transformers import latte as _transformers_latte
 from diffpar.families.transformers import longcat_image as _transformers_longcat_image
+from diffpar.families.transformers import longcat_audio_dit as _transformers_longcat_audio_dit
 from diffpar.families.transformers import ltx as _transformers_ltx
 from diffpar.families.transformers import lumina2 as _transformers_lumina2
 from diffpar.families.transformers import lumina_next as _transformers_lumina_next
 from diffpar.families.transformers import minimax_h3 as _transformers_minimax_h3
+from diffpar.families.transformers import minimax_music3 as _transformers_minimax_music3
 from diffpar.families.transformers import mochi as _transformers_mochi
 from diffpar.families.transformers import motif_video as _transformers_motif_video
 from diffpar.families.transformers import nucleusmoe as _transformers_nucleusmoe
@@ -62,6 +65,8 @@ from diffpar.families.transformers import sana as _transformers_sana
 from diffpar.families.transformers import sana_video as _transformers_sana_video
 from diffpar.families.transformers import sana_wm as _transformers_sana_wm
 from diffpar.families.transformers import sd3 as _transformers_sd3
+from diffpar.families.transformers import stable_audio as _transformers_stable_audio
+from diffpar.families.transformers import stable_audio3 as _transformers_stable_audio3
 from diffpar.families.transformers import wan as _transformers_wan
 from diffpar.families.transformers import wan_variants as _transformers_wan_variants
 from diffpar.families.transformers import zimage as _transformers_zimage

@@ -119,6 +119,12 @@ UNSPLIT_ATTENTION = {
     # The Perceiver squeezes the whole prompt into gist tokens before the split; the injection layers' cross-attention
     # attends from the image shard to the whole prompt.
     "BriaFibo2Transformer2DModel": ("perceiver.*", "layers.*.cross_attention"),
+    # Audio DiTs (diffpar's plans): cross-attention from the frame shard to the whole prompt, locally.
+    "StableAudio3DiTModel": ("transformer_blocks.*.cross_attn",),
+    "LongCatAudioDiTTransformer": ("blocks.*.cross_attn",),
+    # ACE-Step's sliding-window layers (the even ones, by default) all-gather every rank's keys (c10d) and attend
+    # locally under their band rows; not counted: the full-attention layers carry the Ulysses / Ring evidence.
+    "AceStepTransformer1DModel": ("layers.*[02468].self_attn",),
 }
 
 
