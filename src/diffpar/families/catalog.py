@@ -22,6 +22,7 @@ from diffpar.families.transformers import cogview3plus as _transformers_cogview3
 from diffpar.families.transformers import cogview4 as _transformers_cogview4
 from diffpar.families.transformers import consisid as _transformers_consisid
 from diffpar.families.transformers import cosmos as _transformers_cosmos
+from diffpar.families.transformers import cosmos3 as _transformers_cosmos3
 from diffpar.families.transformers import dit as _transformers_dit
 from diffpar.families.transformers import dreamlite as _transformers_dreamlite
 from diffpar.families.transformers import easyanimate as _transformers_easyanimate
