@@ -193,3 +193,28 @@ def dreamlite_tp_plan(model) -> TensorParallelPlan:
         if entries:
             attrs[f"transformer_blocks.*.{attn_name}"] = ATTN_ATTRS
     return TensorParallelPlan(linears=present(model, per_block, "transformer_blocks"), attention_attrs=attrs)
+
+
+def _attention_stages(model) -> list[tuple[str, torch.nn.Module]]:
+    return [(name, module) for name, module in model.named_modules()
+            if type(module).__name__ == "DreamLiteTransformer2DModel"]
+
+
+def prepare_dreamlite_unet(model, config, handle, name: str) -> None:
+    stages = tuple(f"{stage}." for stage, _ in _attention_stages(model))
+    replace_attention_processors(model, _dreamlite_processors(), handle, name, type(model).__name__, within=stages)
+
+
+@register_cp_plan("DreamLiteUNetModel", prepare=prepare_dreamlite_unet)
+def dreamlite_unet_cp_plan(model) -> dict:
+    """The DreamLite U-Net: each attention stage (a DreamLiteTransformer2DModel) splits its tokens as they enter
+    its first block and gathers them as they leave its last, as the stage's own plan does; the ResNets, convolutions,
+    GroupNorms and resampling between stages run on the whole latent on every rank (a convolution needs its
+    neighbours' rows and a GroupNorm the whole image). Only attention, the quadratic part, is split."""
+    stages = _attention_stages(model)
+    if not stages:
+        raise UnsupportedError(f"{type(model).__name__} has no attention stage to parallelize.")
+    plan = {}
+    for stage_name, stage in stages:
+        plan.update({f"{stage_name}.{key}": entry for key, entry in dreamlite_cp_plan(stage).items()})
+    return plan

@@ -90,3 +90,42 @@ REAL_CONFIGS = {
         num_attention_heads=64, attention_head_dim=20, in_channels=1280, num_layers=1, norm_num_groups=32,
         cross_attention_dim=2048, qk_norm="rms_norm", num_kv_heads=1, ff_mult=6)),
 }
+
+
+@builder("dreamlite_unet")
+def _dreamlite_unet(heads=4, layers=1):
+    """The DreamLite U-Net: one attention stage with self-attention and one without on the way down, the mid
+    stage, one on the way up; `heads` heads of 4 channels at the first level (attention_head_dim is read as heads)."""
+    from diffusers import DreamLiteUNetModel
+
+    model = construct(
+        DreamLiteUNetModel,
+        sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DreamLiteCrossAttnDownBlock2D", "DreamLiteCrossAttnNoSelfAttnDownBlock2D"),
+        up_block_types=("DreamLiteCrossAttnUpBlock2D", "DreamLiteUpBlock2D"),
+        block_out_channels=(4 * heads, 8 * heads), layers_per_block=1, transformer_layers_per_block=layers,
+        norm_num_groups=4, cross_attention_dim=16, attention_head_dim=heads, qk_norm="rms_norm", num_kv_heads=1,
+        ff_mult=6,
+    )
+
+    def inputs(seq=16, text=8, batch=1, seed=1, text_padding=0):
+        # A (2 rows) x (2 cols) latent: 4 * seq tokens in the first stage, seq after the one downsampling.
+        g = torch.Generator().manual_seed(seed)
+        rows, cols = grid(seq)
+        mask = torch.ones(batch, text)
+        if text_padding:
+            mask[:, text - text_padding:] = 0
+        return dict(
+            sample=torch.randn(batch, 4, 2 * rows, 2 * cols, generator=g),
+            timestep=torch.full((batch,), 500.0),
+            encoder_hidden_states=torch.randn(batch, text, 16, generator=g),
+            encoder_attention_mask=mask,
+            return_dict=False,
+        )
+
+    return model, inputs
+
+
+CASES.append(ModelCase("dreamlite_unet", "DreamLiteUNetModel", input_kwargs={"text_padding": 3}, tp=(),
+                       model_kwargs={"heads": 4},
+                       notes="every attention stage split; ResNets and resampling whole on every rank"))
