@@ -127,5 +127,5 @@ def _dreamlite_unet(heads=4, layers=1):
 
 
 CASES.append(ModelCase("dreamlite_unet", "DreamLiteUNetModel", input_kwargs={"text_padding": 3}, tp=(),
-                       model_kwargs={"heads": 4},
+                       model_kwargs={"heads": 4}, pipelines=("DreamLitePipeline",),
                        notes="every attention stage split; ResNets and resampling whole on every rank"))
