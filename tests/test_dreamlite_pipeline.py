@@ -1,6 +1,6 @@
 """DreamLitePipeline (text to image) end to end on 2 ranks vs one process: the DreamLite U-Net's attention stages
-context parallel (Ulysses), the Qwen3-VL text encoder tensor parallel. The VAE (AutoencoderTiny) is not split:
-diffpar has no split rule for it, so it runs whole on every rank."""
+context parallel (Ulysses), the Qwen3-VL text encoder tensor parallel, the VAE (AutoencoderTiny) decode split by
+rows."""
 import pytest
 from tolerances import PIPELINE_FP32
 
@@ -21,4 +21,5 @@ def test_dreamlite_pipeline_whole_world(ranks):
         assert r["repeat_diff"] == 0.0, "a second call must give the same image (no state left between calls)"
         assert r["ranks_identical"], "every rank must hold the same image"
         assert any("text_encoder" in s for s in r["steps"]), r["steps"]  # the text encoder was made parallel
+        assert r["vae_calls"]["decode"]["split"] >= 1, r["vae_calls"]  # the image was decoded split
     assert_split(results, config)  # every denoising step's U-Net attention ran on a token shard

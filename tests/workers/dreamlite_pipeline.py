@@ -1,7 +1,9 @@
 """Rank-side end-to-end run of DreamLitePipeline (text to image): one process vs `enable_cache(pipe, ...)` with the
-U-Net's attention stages context parallel and the Qwen3-VL text encoder tensor parallel. The VAE
-(AutoencoderTiny) runs whole on every rank: diffpar has no split rule for it."""
+U-Net's attention stages context parallel, the Qwen3-VL text encoder tensor parallel and the VAE (AutoencoderTiny)
+decode split by rows."""
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.distributed as dist
@@ -43,7 +45,7 @@ def pipeline_equivalence(config: dict, steps: int = 2, rank_seeds: bool = True):
     del reference_pipe
     pipe = build_pipeline()
     handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
-        **config, extra_parallel_modules=[pipe.text_encoder]))
+        **config, extra_parallel_modules=[pipe.text_encoder, pipe.vae], vae_split_min_rows=0))
     seed = dist.get_rank() if rank_seeds else 0
     try:
         with torch.no_grad():
@@ -52,6 +54,7 @@ def pipeline_equivalence(config: dict, steps: int = 2, rank_seeds: bool = True):
             again = pipe(**call_kwargs(steps, seed=seed)).images
         text_encoder_state = handle.state("text_encoder")
         step_names = list(handle.step_names)
+        vae_calls = copy.deepcopy(handle.state("vae").calls)
     finally:
         problems = handle.detach(strict=False)  # also on error: no shim may outlive the test
     gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
@@ -66,6 +69,7 @@ def pipeline_equivalence(config: dict, steps: int = 2, rank_seeds: bool = True):
         "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
         "shape": tuple(out.shape),
         "steps": step_names,
+        "vae_calls": vae_calls,
         "text_encoder_state": repr(text_encoder_state)[:300],
         "detach_problems": problems,
     }

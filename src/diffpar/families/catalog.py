@@ -76,4 +76,5 @@ from diffpar.families.vaes import ltx2 as _vaes_ltx2
 from diffpar.families.vaes import mochi as _vaes_mochi
 from diffpar.families.vaes import qwenimage21 as _vaes_qwenimage21
 from diffpar.families.vaes import temporal_decoder as _vaes_temporal_decoder
+from diffpar.families.vaes import tiny as _vaes_tiny
 from diffpar.families.vaes import wan as _vaes_wan
