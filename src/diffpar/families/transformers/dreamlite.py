@@ -11,6 +11,10 @@ repeats key/value heads to the query heads before attention, so Ulysses splits a
 Refused: GLIGEN fusers (`attention_type` "gated"), which attend over the image tokens and the objects at once,
 and positional embeddings by token index (neither is used by DreamLite).
 
+The DreamLite U-Net (`DreamLiteUNetModel`, the DreamLite pipeline's denoiser) gets the union of its attention
+stages' CP plans: attention, the quadratic part, is split stage by stage; ResNets, convolutions and resampling run
+whole on every rank. No TP plan for it (its stages have one key/value head, see below).
+
 TP plan: each block's attention by heads (queries, keys, values; outputs by rows), its GEGLU MLP by width, each half
 of the fused projection split alike. GroupNorm and the projections in and out stay whole. With grouped-query
 attention each rank needs whole key/value heads (the TP engine checks it and names the tp that works); with ONE
