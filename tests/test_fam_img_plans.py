@@ -42,3 +42,12 @@ def test_cosmos3_refuses_when_another_helper_holds_the_seams():
     model._cp_shard_fn = lambda und, gen, rope: (und, gen, rope)
     with pytest.raises(diffpar.UnsupportedError, match="_cp_shard_fn"):
         _plan(model, ring_size=2)
+
+
+def test_cosmos3_lengths_that_do_not_divide_refused_where_no_uneven_path(ranks):
+    # Ulysses x Ring has no uneven split on any release: 7 prompt and 15 vision tokens over 4 ranks are refused
+    # clearly at the shard seam, on every rank (the worker detaches on the error).
+    _require("Cosmos3OmniTransformer")
+    with pytest.raises(Exception, match="do not divide over 4 context-parallel ranks"):
+        ranks(4, "workers.cp_transformers:cp_equivalence", model_name="cosmos3",
+              config={"ulysses_size": 2, "ring_size": 2}, seq=15, text=7, model_kwargs={"heads": 8, "kv_heads": 4})
