@@ -17,12 +17,12 @@ whole on every rank. No TP plan for it (its stages have one key/value head, see 
 
 TP plan: each block's attention by heads (queries, keys, values; outputs by rows), its GEGLU MLP by width, each half
 of the fused projection split alike. GroupNorm and the projections in and out stay whole. With grouped-query
-attention each rank needs whole key/value heads (the TP engine checks it and names the tp that works); with ONE
-key/value head (num_kv_heads=1, the DreamLite U-Net's default) that is no tp > 1. Keeping that single head's
-key/value projections whole on every rank would be exact (the processor repeats it to the rank's query heads),
-but the engine's grouped-query check (engines/tp_shard.py `_key_value_heads`) refuses any split attention with
-fewer key/value heads than query heads; relaxing it to attentions whose K/V projections are split is a change
-for the engine's owner.
+attention each rank needs whole key/value heads (the TP engine checks it and names the tp that works). With ONE
+key/value head (num_kv_heads=1, the DreamLite U-Net's default) the plan keeps the key/value projections whole on
+every rank (exact: the processor repeats that head to the rank's query heads), but the engine's grouped-query check
+(engines/tp_shard.py `_key_value_heads`) still refuses any split attention with fewer key/value heads than query
+heads, also where K/V are not split; limiting that check to attentions whose `to_k` the plan splits (a change for
+the engine's owner) makes tp 2 and 4 work here.
 """
 from __future__ import annotations
 
@@ -160,22 +160,26 @@ def dreamlite_cp_plan(model) -> dict:
     }
 
 
-def _attention_entries(model, attn_name: str) -> dict:
-    """The linears of one attention of the blocks, split by heads. Keys/values too: with grouped-query attention
-    (DreamLite's num_kv_heads) the TP engine requires whole key/value heads per rank and names the tp that works
-    (one key/value head, the U-Net's default, admits none; see the module docstring)."""
+def _attention_entries(model, attn_name: str) -> tuple[dict, tuple[str, ...]]:
+    """The linears and divided attributes of one attention of the blocks, split by heads. Keys/values too, except
+    with ONE key/value head (MQA): those projections stay whole on every rank and the processor repeats that head
+    to the rank's query heads (exact; see the module docstring for what the engine still refuses)."""
     attn = getattr(model.transformer_blocks[0], attn_name, None)
     if attn is None:
-        return {}
+        return {}, ()
+    head_dim = attn.inner_dim // attn.heads
     weight = getattr(attn.norm_q, "weight", None)
-    if weight is not None and weight.numel() != attn.inner_dim // attn.heads:
+    if weight is not None and weight.numel() != head_dim:
         raise UnsupportedError(
             f"{type(model).__name__}: {attn_name} normalizes q/k across all heads (qk_norm '*_across_heads'), "
             "which diffpar's tensor parallelism does not split for this model. DreamLite uses qk_norm='rms_norm' "
             "(per head); run this configuration with ulysses_size / ring_size instead."
         )
-    return {f"{attn_name}.{linear}": style for linear, style in
-            (("to_q", "colwise"), ("to_k", "colwise"), ("to_v", "colwise"), ("to_out.0", "rowwise"))}
+    entries = {f"{attn_name}.to_q": "colwise", f"{attn_name}.to_out.0": "rowwise"}
+    if attn.inner_kv_dim // head_dim == 1:
+        return entries, ("heads", "inner_dim")
+    entries.update({f"{attn_name}.to_k": "colwise", f"{attn_name}.to_v": "colwise"})
+    return entries, ATTN_ATTRS
 
 
 @register_tp_plan("DreamLiteTransformer2DModel")
@@ -192,10 +196,10 @@ def dreamlite_tp_plan(model) -> TensorParallelPlan:
     per_block = {"ff.net.0.proj": ff_up, "ff.net.2": "rowwise"}
     attrs = {}
     for attn_name in ("attn1", "attn2"):
-        entries = _attention_entries(model, attn_name)
+        entries, attn_attrs = _attention_entries(model, attn_name)
         per_block.update(entries)
         if entries:
-            attrs[f"transformer_blocks.*.{attn_name}"] = ATTN_ATTRS
+            attrs[f"transformer_blocks.*.{attn_name}"] = attn_attrs
     return TensorParallelPlan(linears=present(model, per_block, "transformer_blocks"), attention_attrs=attrs)
 
 
