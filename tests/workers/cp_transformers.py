@@ -12,7 +12,9 @@ from diffpar.testing.probes import SplitProbe
 
 
 def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out.sample
+    first = out[0] if isinstance(out, (tuple, list)) else out.sample
+    # Per-item outputs (Cosmos 3 returns one tensor per packed item in a list): the single item.
+    return first[0] if isinstance(first, list) and len(first) == 1 else first
 
 
 def cp_equivalence(model_name: str, config: dict, seq: int = 16, text: int = 8, batch: int = 1,

@@ -24,7 +24,9 @@ from diffpar.families.transformers import cogview3plus as _transformers_cogview3
 from diffpar.families.transformers import cogview4 as _transformers_cogview4
 from diffpar.families.transformers import consisid as _transformers_consisid
 from diffpar.families.transformers import cosmos as _transformers_cosmos
+from diffpar.families.transformers import cosmos3 as _transformers_cosmos3
 from diffpar.families.transformers import dit as _transformers_dit
+from diffpar.families.transformers import dreamlite as _transformers_dreamlite
 from diffpar.families.transformers import easyanimate as _transformers_easyanimate
 from diffpar.families.transformers import ernie_image as _transformers_ernie_image
 from diffpar.families.transformers import flux as _transformers_flux
@@ -89,4 +91,5 @@ from diffpar.families.vaes import minimax_h3 as _vaes_minimax_h3
 from diffpar.families.vaes import mochi as _vaes_mochi
 from diffpar.families.vaes import qwenimage21 as _vaes_qwenimage21
 from diffpar.families.vaes import temporal_decoder as _vaes_temporal_decoder
+from diffpar.families.vaes import tiny as _vaes_tiny
 from diffpar.families.vaes import wan as _vaes_wan

@@ -204,9 +204,14 @@ class SplitProbe:
             bound = self._signature.bind_partial(*args, **kwargs).arguments
         except TypeError:
             bound = dict(kwargs)
-        hidden = bound.get("hidden_states", args[0] if args else None)
-        self.image_tokens.append(_sequence_length(hidden))
-        self.text_tokens.append(_sequence_length(bound.get("encoder_hidden_states")))
+        if "gen_seq" in bound:  # Cosmos 3's packed pathways (no batch dimension): the generation tokens are split,
+            # the causal prompt prefix (`und_seq`) is whole on every rank by design
+            self.image_tokens.append(int(bound["gen_seq"].shape[0]))
+            self.text_tokens.append(0)
+        else:
+            hidden = bound.get("hidden_states", args[0] if args else None)
+            self.image_tokens.append(_sequence_length(hidden))
+            self.text_tokens.append(_sequence_length(bound.get("encoder_hidden_states")))
         heads = getattr(module, "heads", None)
         self.heads.append(heads if isinstance(heads, int) else None)
 
