@@ -112,6 +112,7 @@ PIPELINES_TESTED: dict[str, dict[str, str]] = {
         "FluxKontextPipeline": "tests/test_image_pipelines.py", "FluxFillPipeline": "tests/test_image_pipelines.py",
         "FluxImg2ImgPipeline": "tests/test_image_pipelines.py"},
     "Flux2Transformer2DModel": {"Flux2Pipeline": "tests/test_image_pipelines.py"},
+    "DreamLiteUNetModel": {"DreamLitePipeline": "tests/test_dreamlite_pipeline.py"},
     "SD3Transformer2DModel": {
         "StableDiffusion3Pipeline": "tests/test_cfg.py",
         "StableDiffusion3Img2ImgPipeline": "tests/test_image_pipelines.py",
