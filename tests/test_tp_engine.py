@@ -104,3 +104,79 @@ def test_only_pointwise_and_depthwise_convolutions_are_split():
 def test_class_label_tables_are_split_at_real_config():
     """DiT's per-block class-label tables are split along their width, rows all-gathered (before: 0.527)."""
     assert _real_config_ratio("dit", "DiT-XL-2-256", 2) <= 0.51
+
+
+# -- uneven head counts: whole heads per rank, one more on some ----------------------------------------------
+
+
+def _assert_uneven_split(results, layer: str, head_dim: int, heads_per_rank: list[int], attention: str):
+    """Every rank matches one process, detaches bit for bit, and holds exactly its heads' rows of `layer`."""
+    from tolerances import BITWISE, TRANSFORMER_TP_FP32
+
+    assert len(results) == len(heads_per_rank)
+    for r in sorted(results, key=lambda r: r["rank"]):
+        assert r["diff"] <= TRANSFORMER_TP_FP32, (r["rank"], r["diff"])
+        assert r["detach_diff"] == BITWISE and r["detach_weights_equal"], r["rank"]
+        expected = heads_per_rank[r["rank"]]
+        assert r["local_shapes"][layer][0] == expected * head_dim, (r["rank"], r["local_shapes"][layer])
+        assert r["local_heads"][attention] == expected, (r["rank"], r["local_heads"][attention])
+    # The plan reports the largest rank's bytes (rank 0 holds one head more).
+    assert {r["plan_bytes"] for r in results} == {max(r["sharded_bytes"] for r in results)}
+    assert next(r for r in results if r["rank"] == 0)["plan_bytes_match"]
+    # The ranks hold different shares: a rank with one head more holds more of the weights.
+    ratios = {r["rank"]: r["bytes_ratio"] for r in results}
+    assert ratios[0] > ratios[len(results) - 1] and max(ratios.values()) < 0.9, ratios
+
+
+def test_odd_head_count_at_tp_2(ranks):
+    """5 heads on 2 ranks (diffpar's Wan plan): 3 and 2 heads; the out-projection takes the matching inputs."""
+    results = ranks(2, "workers.transformer_tp:tp_equivalence", model_name="wan", config={"tp_size": 2},
+                    model_kwargs={"heads": 5})
+    _assert_uneven_split(results, "blocks.0.attn1.to_q", 16, [3, 2], "blocks.0.attn1")
+    for r in results:
+        assert r["local_shapes"]["blocks.0.attn1.to_out.0"][1] == [48, 32][r["rank"]]
+
+
+def test_uneven_heads_on_three_ranks(ranks):
+    """4 heads on 3 ranks (Flux, diffusers' plan translated): 2, 1, 1 heads; the single blocks' fused output
+    projection takes each rank's attention columns (whole heads) and its MLP columns."""
+    results = ranks(3, "workers.transformer_tp:tp_equivalence", model_name="flux", config={"tp_size": 3},
+                    model_kwargs={"heads": 4})
+    _assert_uneven_split(results, "transformer_blocks.0.attn.to_q", 16, [2, 1, 1], "transformer_blocks.0.attn")
+
+
+def test_uneven_heads_plan_at_real_configs():
+    """Sana (70 heads), SD3.5 Large (38), Ideogram 4 (18) and Z-Image (30) were refused at tp 4: now every rank
+    holds whole heads, one more on some, and about a quarter of the weights."""
+    from diffpar.testing.coverage import class_available
+
+    for module, label, cls in [("sana", "Sana-1600M-1024px", "SanaTransformer2DModel"),
+                               ("ideogram4", "Ideogram 4", "Ideogram4Transformer2DModel")]:
+        if class_available(cls):
+            assert _real_config_ratio(module, label, 4) <= 0.27, label
+
+
+def test_fewer_heads_than_ranks_is_refused():
+    from diffpar.testing import tiny_transformers
+
+    model, _ = tiny_transformers.build("wan", heads=3)
+    with pytest.raises(diffpar.UnsupportedError) as err:
+        diffpar.plan(model, parallelism_config=diffpar.ParallelismConfig(tp_size=4), world_size=4)
+    assert "tp_size=4 is more than the 3 attention heads" in str(err.value)
+    assert "largest tp_size that works for this model is 2" in str(err.value)
+
+
+def test_ulysses_over_uneven_local_heads_is_refused_naming_them():
+    """U x TP: Ulysses spreads each tensor-parallel rank's local heads; 8 heads on tp 3 are 3, 3 and 2."""
+    from diffpar.engines.tensor_parallel import check_hybrid
+    from diffpar.families.transformers import tp_plans
+    from diffpar.testing import tiny_transformers
+
+    model, _ = tiny_transformers.build("wan", heads=8)
+    plan = tp_plans.shard_plan_for(model, 3)
+    assert sorted({q for q, _ in plan.heads["blocks.0.attn1"]}) == [2, 3]
+    with pytest.raises(diffpar.UnsupportedError) as err:
+        check_hybrid(model, plan, diffpar.ParallelismConfig(ulysses_size=2, tp_size=3))
+    message = str(err.value)
+    assert "2 or 3 of the 8 heads" in message and "ulysses_anything=True" in message, message
+    check_hybrid(model, plan, diffpar.ParallelismConfig(ulysses_size=2, tp_size=3, ulysses_anything=True))

@@ -20,7 +20,8 @@ locally. At commit they are released, and what detach does afterwards is the cal
 
 With ulysses_size / ring_size as well (hybrid), context-parallel hooks are applied first on the ("ring",
 "ulysses") sub-mesh and the shards on the "tp" sub-mesh; Ulysses then spreads each rank's local heads, so
-heads / tp_size must divide by ulysses_size.
+every rank's head count (heads / tp_size, or one more or less when tp_size does not divide them) must divide by
+ulysses_size, unless ulysses_anything.
 """
 from __future__ import annotations
 
@@ -239,13 +240,17 @@ def check_hybrid(model: nn.Module, plan: ShardPlan, config) -> None:
     if config.ulysses_degree <= 1 or config.ulysses_anything:
         return
     tp_degree = plan.world
-    for path, h in plan.full_heads().items():
-        local = h // tp_degree
-        if local % config.ulysses_degree:
+    for path, per_rank in plan.heads.items():
+        h = sum(q for q, _ in per_rank)
+        local = sorted({q for q, _ in per_rank})
+        bad = [q for q in local if q % config.ulysses_degree]
+        if bad:
+            holds = (f"{h}/{tp_degree} = {local[0]} heads" if len(local) == 1 else
+                     f"{' or '.join(map(str, local))} of the {h} heads (uneven: tp_size does not divide {h})")
             raise UnsupportedError(
                 f"ulysses_size={config.ulysses_degree} x tp_size={tp_degree} on {type(model).__name__}: each tensor-"
-                f"parallel rank holds {h}/{tp_degree} = {local} heads of {path}, and Ulysses must spread those over "
-                f"{config.ulysses_degree} ranks; {config.ulysses_degree} does not divide {local}. Use ulysses_size x "
+                f"parallel rank holds {holds} of {path}, and Ulysses must spread those over "
+                f"{config.ulysses_degree} ranks; {config.ulysses_degree} does not divide {bad[0]}. Use ulysses_size x "
                 f"tp_size dividing {h} (e.g. a smaller ulysses_size and ring_size for the rest), or "
                 "ulysses_anything=True."
             )

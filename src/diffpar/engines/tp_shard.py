@@ -202,6 +202,12 @@ class ShardPlan:
         head_counts = sorted({tuple(v) for v in self.heads.values()})
         return {"source": self.source, "sharded_layers": len(self.layers), "heads_per_rank": head_counts}
 
+    def uneven(self) -> bool:
+        """Whether some split gives ranks different shares (tp does not divide a head count or a width)."""
+        shares = [s.sizes() for s in self.layers] + [[total(r) for r in n.ranges] for n in self.norms]
+        shares += [[q for q, _ in per_rank] for per_rank in self.heads.values()]
+        return any(len(set(share)) > 1 for share in shares)
+
     def full_heads(self) -> dict[str, int]:
         """Attention path -> its number of query heads in the full model."""
         return {path: sum(q for q, _ in per_rank) for path, per_rank in self.heads.items()}
@@ -331,18 +337,23 @@ def norm_width(norm, path: str) -> int:
     raise UnsupportedError(f"tensor parallel: cannot tell the width of the norm at {path} ({type(norm).__name__}).")
 
 
-def _divisors_up_to(n: int, limit: int) -> list[int]:
-    return [d for d in range(1, limit + 1) if n % d == 0]
+def _head_count(module) -> int | None:
+    """An attention module's query heads: diffusers' `heads`, or `num_heads` (Ideogram 4, Z-Image's own)."""
+    for attr in ("heads", "num_heads"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _attention_heads(model, linear_paths) -> dict[str, int]:
-    """Attention module path -> heads, for the nearest ancestor with an int `heads` of each split linear."""
+    """Attention module path -> heads, for the nearest ancestor with a head count of each split linear."""
     counts = {}
     for path in linear_paths:
         parent = _parent_path(path)
         while parent:
-            heads = getattr(model.get_submodule(parent), "heads", None)
-            if isinstance(heads, int):
+            heads = _head_count(model.get_submodule(parent))
+            if heads is not None:
                 counts[parent] = heads
                 break
             parent = _parent_path(parent)
@@ -351,21 +362,67 @@ def _attention_heads(model, linear_paths) -> dict[str, int]:
 
 def _key_value_heads(model, attention_paths) -> dict[str, int]:
     """Attention module path -> key/value heads where they are fewer than the query heads (grouped-query attention
-    in diffusers' `Attention`: `inner_kv_dim` narrower than `inner_dim`). Splitting K/V projections by width alone
-    would cut through a head when tp does not divide these."""
+    in diffusers' `Attention`: `inner_kv_dim` narrower than `inner_dim`)."""
     counts = {}
     for path in attention_paths:
         attention = model.get_submodule(path)
         inner, inner_kv = getattr(attention, "inner_dim", None), getattr(attention, "inner_kv_dim", None)
-        if isinstance(inner, int) and isinstance(inner_kv, int) and 0 < inner_kv < inner:
-            counts[path] = attention.heads * inner_kv // inner
+        heads = _head_count(attention)
+        if isinstance(inner, int) and isinstance(inner_kv, int) and 0 < inner_kv < inner and heads:
+            counts[path] = heads * inner_kv // inner
     return counts
+
+
+@dataclass(frozen=True)
+class _AttentionSplit:
+    """How one attention's heads are dealt: per-rank query / key-value head ranges, and its head width."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int | None
+    shards: tuple[HeadShard, ...]
+
+    def q_features(self, unit: int) -> list[tuple[Range, ...]]:
+        return [((s.q[0] * unit, s.q[1] * unit),) for s in self.shards]
+
+    def kv_features(self, unit: int) -> list[tuple[Range, ...]]:
+        return [((s.kv[0] * unit, s.kv[1] * unit),) for s in self.shards]
+
+    def ranges_for(self, width: int) -> list[tuple[Range, ...]] | None:
+        """Feature ranges of a width this attention's heads span (q: heads x head_dim; k/v: kv_heads x
+        head_dim; or any multiple of the head count), whole heads per rank; None for a width not made of heads."""
+        if self.head_dim and width == self.heads * self.head_dim:
+            return self.q_features(self.head_dim)
+        if self.head_dim and width == self.kv_heads * self.head_dim:
+            return self.kv_features(self.head_dim)
+        if self.head_dim is None and width % self.heads == 0:  # head width unknown: any multiple of the heads
+            return self.q_features(width // self.heads)
+        return None
+
+
+def _head_dim(attention, heads: int) -> int | None:
+    inner = getattr(attention, "inner_dim", None)
+    if isinstance(inner, int) and inner % heads == 0:
+        return inner // heads
+    head_dim = getattr(attention, "head_dim", None)
+    return head_dim if isinstance(head_dim, int) and not isinstance(head_dim, bool) else None
+
+
+def _largest_tp(limits: list[int], tp: int, world: int | None) -> int:
+    """The largest tp <= `tp` giving every rank a head of every attention (and dividing `world`, if given)."""
+    return max(d for d in range(1, tp + 1) if all(d <= n for n in limits) and (world is None or world % d == 0))
 
 
 def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, source: str, origin: str,
                     world: int | None = None) -> ShardPlan:
-    """`plan` on `tp` ranks as a `ShardPlan`. Local, no collective; raises UnsupportedError (naming the largest tp
-    that works, within `world` if given) when a head count or a split width does not divide by `tp`."""
+    """`plan` on `tp` ranks as a `ShardPlan`. Local, no collective.
+
+    Attention projections are split at head boundaries (`split_heads`: a rank may hold one head more when tp
+    does not divide the head count); row-parallel projections take the matching input features. Widths made of
+    no attention's heads (MLP, modulation, channels) are split as evenly as possible, by features. A width equal
+    to an attention's query width outside it (a fused [attention | MLP] output projection) follows those heads,
+    so both sides of every split width agree. Raises UnsupportedError (naming the largest tp that works, within
+    `world` if given) when an attention has fewer heads, or key/value heads, than ranks."""
     name = type(model).__name__
     expanded = []  # (path, linear, kind, blocks)
     for pattern, style in plan.linears.items():
@@ -373,40 +430,73 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
             kind, blocks = style_blocks(style, linear)
             expanded.append((path, linear, kind, blocks))
     heads = _attention_heads(model, [p for p, _, kind, _ in expanded if kind not in (GATHER, DEPTHWISE)])
-    widths = [(f"{path} ({kind if kind in (ROWWISE, DEPTHWISE) else 'colwise'}, width {b})", b)
-              for path, _, kind, blocks in expanded for b in blocks]
+    for pattern in plan.attention_attrs:
+        for path, attn in expand(model, pattern):
+            if _head_count(attn) is not None:
+                heads.setdefault(path, _head_count(attn))
     kv_heads = _key_value_heads(model, heads)
-    constraints = sorted(set(heads.values()) | set(kv_heads.values()) | {w for _, w in widths})
-    works = max(d for d in range(1, tp + 1)
-                if all(c % d == 0 for c in constraints) and (world is None or world % d == 0))
-    bad_kv = {p: h for p, h in kv_heads.items() if h % tp}
+    works = _largest_tp(list(heads.values()) + list(kv_heads.values()), tp, world)
+    bad_kv = {p: h for p, h in kv_heads.items() if h < tp}
     if bad_kv:
         path, h = next(iter(bad_kv.items()))
         raise UnsupportedError(
-            f"tp_size={tp} does not divide the {h} key/value heads of {name} ({path}, grouped-query attention with "
+            f"tp_size={tp} is more than the {h} key/value heads of {name} ({path}, grouped-query attention with "
             f"{heads[path]} query heads): tensor parallelism gives each rank whole key/value heads. The largest "
             f"tp_size that works for this model is {works}; use it, or ulysses_size / ring_size for the rest of the "
             "ranks."
         )
-    bad_heads = {p: h for p, h in heads.items() if h % tp}
-    if bad_heads:
-        path, h = next(iter(bad_heads.items()))
+    few = {p: h for p, h in heads.items() if h < tp}
+    if few:
+        path, h = next(iter(few.items()))
         raise UnsupportedError(
-            f"tp_size={tp} does not divide the {h} attention heads of {name} ({path}): tensor "
-            f"parallelism gives each rank whole heads. The largest tp_size that works for this model is {works} "
-            f"(heads {h} divide by {_divisors_up_to(h, tp)}{f', world {world}' if world else ''}); use it, "
-            "or ulysses_size / ring_size for the rest of the ranks."
+            f"tp_size={tp} is more than the {h} attention heads of {name} ({path}): tensor parallelism gives each "
+            f"rank at least one whole head. The largest tp_size that works for this model is {works}; use it, or "
+            "ulysses_size / ring_size for the rest of the ranks."
         )
-    bad_widths = [what for what, w in widths if w % tp]
-    if bad_widths:
-        raise UnsupportedError(
-            f"tp_size={tp} does not divide a width {name} splits: {bad_widths[0]}"
-            f"{f' (and {len(bad_widths) - 1} more)' if len(bad_widths) > 1 else ''}. Each rank must get an equal "
-            f"slice. The largest tp_size that works for this model is {works}."
-        )
+    splits = {}
+    for path, h in heads.items():
+        kv = kv_heads.get(path, h)
+        splits[path] = _AttentionSplit(h, kv, _head_dim(model.get_submodule(path), h),
+                                       tuple(split_heads(h, kv, tp, what=f"{name} ({path})")))
+    # Query widths of the attentions -> their split, for layers outside an attention that consume or produce one
+    # (dropped where two attentions of one width split it differently: then plain features).
+    by_width: dict[int, list] = {}
+    for split in splits.values():
+        if split.head_dim:
+            by_width.setdefault(split.heads * split.head_dim, []).append(split.q_features(split.head_dim))
+    head_widths = {w: found[0] for w, found in by_width.items() if all(f == found[0] for f in found)}
+
+    def owner(path: str) -> _AttentionSplit | None:
+        parent = _parent_path(path)
+        while parent:
+            if parent in splits:
+                return splits[parent]
+            parent = _parent_path(parent)
+        return None
+
+    def width_ranges(width: int, attention: _AttentionSplit | None, what: str) -> list[tuple[Range, ...]]:
+        if width < tp:
+            raise UnsupportedError(f"tp_size={tp} is more than the width {width} {name} splits at {what}: every rank "
+                                   f"needs a part. The largest tp_size that works for this model is "
+                                   f"{min(works, width)}.")
+        found = attention.ranges_for(width) if attention is not None else None
+        if found is None:  # not this attention's heads: the same rule for every layer, so both sides agree
+            found = head_widths.get(width)
+        return found if found is not None else [((a, b),) for a, b in split_ranges(width, tp)]
+
+    def packed_ranges(blocks, attention, what) -> tuple[tuple[Range, ...], ...]:
+        per_rank = [[] for _ in range(tp)]
+        offset = 0
+        for width in blocks:
+            for r, ranges in enumerate(width_ranges(width, attention, what)):
+                per_rank[r].extend((offset + a, offset + b) for a, b in ranges)
+            offset += width
+        return tuple(tuple(r) for r in per_rank)
+
     out = ShardPlan(world=tp, source=source, origin=origin)
     for path, _linear, kind, blocks in expanded:
-        ranges = block_ranges(blocks, tp)
+        attention = owner(path) if kind not in (GATHER, DEPTHWISE) else None
+        ranges = packed_ranges(blocks, attention, path)
         if kind == ROWWISE:
             out.layers.append(LayerShard(path, ROW, ranges))
         elif kind == DEPTHWISE:
@@ -417,25 +507,30 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
             out.layers.append(LayerShard(path, COLUMN, ranges, gather_output=kind == GATHER))
     for pattern, attrs in plan.attention_attrs.items():
         for path, attn in expand(model, pattern):
-            values = {}
+            split = splits.get(path)
+            values = [{} for _ in range(tp)]
             for attr in attrs:
                 value = getattr(attn, attr, None)
                 if not isinstance(value, int) or isinstance(value, bool):
                     continue
-                if value % tp:
+                per_rank = _attribute_values(attr, value, split)
+                if per_rank is None and value >= tp:  # a width split by features (an MLP's): as its linears are
+                    per_rank = [total(r) for r in width_ranges(value, split, f"{path}.{attr}")]
+                if per_rank is None:
                     raise UnsupportedError(
-                        f"tp_size={tp}: {path}.{attr}={value} is not divisible by it. The largest tp_size "
-                        f"that works for this model is {works}."
+                        f"tp_size={tp}: {path}.{attr}={value} cannot be dealt with the heads of {path} "
+                        f"({split.heads if split else '?'} heads). The largest tp_size that works for this model is "
+                        f"{works}."
                     )
-                values[attr] = value // tp
-            if values:
-                out.attributes.append(AttributeShard(path, tuple(dict(values) for _ in range(tp))))
+                for r, v in enumerate(per_rank):
+                    values[r][attr] = v
+            if values[0]:
+                out.attributes.append(AttributeShard(path, tuple(values)))
     for pattern in plan.sharded_norms:
         for path, norm in expand(model, pattern):
             width = norm_width(norm, path)
-            if width % tp:
-                raise UnsupportedError(f"tp_size={tp} does not divide the width {width} of the norm at {path}.")
-            out.norms.append(NormShard(path, width, tuple((r,) for r in split_ranges(width, tp))))
+            ranges = width_ranges(width, owner(path), path)
+            out.norms.append(NormShard(path, width, tuple(ranges)))
     columns = {s.path: s for s in out.layers if s.kind == COLUMN and not s.gather_output}
     for path, like in plan.sliced_outputs.items():
         shard = columns.get(like.linear)
@@ -447,5 +542,16 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
                                    f"(the rows of the table {path} returns).")
         ranges = tuple(tuple((a // like.unit, b // like.unit) for a, b in rs) for rs in shard.ranges)
         out.output_slices.append(OutputSlice(path, like.dim, ranges))
-    out.heads = {path: [(h // tp, h // tp)] * tp for path, h in heads.items()}
+    out.heads = {path: [(s.num_q, s.num_kv) for s in split.shards] for path, split in splits.items()}
     return out
+
+
+def _attribute_values(attr: str, value: int, split: _AttentionSplit | None) -> list[int] | None:
+    """Per-rank values of a head count or head-sized width: scaled by each rank's share of the query heads (of the
+    key/value heads for an attribute naming them); None when `value` is not made of whole heads."""
+    if split is not None:
+        if "kv" in attr and value % split.kv_heads == 0:
+            return [value // split.kv_heads * s.num_kv for s in split.shards]
+        if value % split.heads == 0:
+            return [value // split.heads * s.num_q for s in split.shards]
+    return None

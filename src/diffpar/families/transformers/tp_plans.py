@@ -78,12 +78,16 @@ def _translated_native_plan(model: torch.nn.Module, native: dict) -> TensorParal
 def shard_plan_for(model: torch.nn.Module, tp: int, world: int | None = None) -> ShardPlan:
     """The `ShardPlan` of `model` on `tp` ranks: diffusers' `_tp_plan` (translated) where the installed release
     has one, else ours. Local, no collective; raises UnsupportedError when neither exists or `tp` does not divide
-    a head count or a split width (naming the largest tp that works, within `world` when given)."""
+    an attention has fewer heads than ranks (naming the largest tp that works, within `world` when given);
+    uneven head counts and widths are split by whole heads (a rank may hold one head more)."""
     native = diffusers_tp.native_tp_plan(model)
     if native:
         plan = _translated_native_plan(model, native)
         shards = even_shard_plan(model, plan, tp, source="diffusers _tp_plan", origin="diffusers", world=world)
-        diffusers_tp.native_tp_prechecks(model, tp)  # after ours: our head-count message names what works
+        if not shards.uneven():
+            # after ours: our head-count message names what works. diffusers' own check refuses any tp that does
+            # not divide a head count or width, which diffpar's uneven split (whole heads) carries out itself.
+            diffusers_tp.native_tp_prechecks(model, tp)
         return shards
     plan = diffpar_tp_plan_for(model)
     if plan is None:
