@@ -151,9 +151,11 @@ def test_uneven_heads_plan_at_real_configs():
     from diffpar.testing.coverage import class_available
 
     for module, label, cls in [("sana", "Sana-1600M-1024px", "SanaTransformer2DModel"),
+                               ("first_families_tp", "SD3.5 Large", "SD3Transformer2DModel"),
                                ("ideogram4", "Ideogram 4", "Ideogram4Transformer2DModel")]:
         if class_available(cls):
-            assert _real_config_ratio(module, label, 4) <= 0.27, label
+            # Ideogram 4: 5 of 18 heads on the largest rank (0.263 of the weights).
+            assert _real_config_ratio(module, label, 4) <= 0.265, label
 
 
 def test_fewer_heads_than_ranks_is_refused():
