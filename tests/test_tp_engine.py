@@ -182,3 +182,27 @@ def test_ulysses_over_uneven_local_heads_is_refused_naming_them():
     message = str(err.value)
     assert "2 or 3 of the 8 heads" in message and "ulysses_anything=True" in message, message
     check_hybrid(model, plan, diffpar.ParallelismConfig(ulysses_size=2, tp_size=3, ulysses_anything=True))
+
+
+def test_packed_experts_are_split_along_their_hidden_width(ranks):
+    """Nucleus-MoE's routed experts are one 3-D parameter for all experts (before: 0.967 of the real model's
+    weights per rank at tp 2): each rank keeps the gate/up columns and down rows of its part of the hidden width,
+    and the experts' output is all-reduced. 3 ranks over a hidden width of 32: 11, 11 and 10."""
+    from tolerances import BITWISE, TRANSFORMER_TP_FP32
+
+    from diffpar.testing.coverage import class_available
+
+    if not class_available("NucleusMoEImageTransformer2DModel"):
+        pytest.skip("this diffusers release has no NucleusMoEImageTransformer2DModel")
+    assert _real_config_ratio("nucleusmoe", "Nucleus-MoE Image", 2) <= 0.51
+    assert _real_config_ratio("nucleusmoe", "Nucleus-MoE Image", 4) <= 0.26
+    results = ranks(3, "workers.transformer_tp:tp_equivalence", model_name="nucleusmoe", config={"tp_size": 3},
+                    model_kwargs={"heads": 3})
+    for r in results:
+        assert r["diff"] <= TRANSFORMER_TP_FP32, (r["rank"], r["diff"])
+        assert r["detach_diff"] == BITWISE and r["detach_weights_equal"], r["rank"]
+        hidden = [11, 11, 10][r["rank"]]
+        shapes = r["local_parameter_shapes"]
+        assert shapes["transformer_blocks.1.img_mlp.experts.gate_up_proj"][2] == 2 * hidden, shapes
+        assert shapes["transformer_blocks.1.img_mlp.experts.down_proj"][1] == hidden, shapes
+    assert {r["plan_bytes"] for r in results} == {max(r["sharded_bytes"] for r in results)}

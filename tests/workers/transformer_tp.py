@@ -76,6 +76,10 @@ def tp_equivalence(model_name: str, config: dict, seq: int = 16, text: int = 8, 
             "local_shapes": {s.path: tuple(model.get_submodule(s.path).weight.shape)
                              for s in getattr(handle.plan.component(type(model).__name__).payload.tp_plan, "layers",
                                               ())},
+            "local_parameter_shapes": {
+                f"{spec.path}.{name}": tuple(getattr(model.get_submodule(spec.path).inner, name).shape)
+                for spec in getattr(handle.plan.component(type(model).__name__).payload.tp_plan, "parameters", ())
+                for name, _, _ in spec.params},
             "local_heads": {name: m.heads for name, m in model.named_modules()
                             if isinstance(getattr(m, "heads", None), int) and not isinstance(m.heads, bool)},
         }

@@ -16,7 +16,10 @@ of ranks, and `engines/tensor_parallel.py` carries it out. A `ShardPlan` holds, 
   all-reducing the mean of squares;
 - `heads`: attention module path -> per-rank (query heads, key/value heads), for checks and reports;
 - `output_slices` (`OutputSlice`): modules whose tensor outputs each rank narrows to its own columns (a RoPE
-  table spanning an attention's whole inner width, applied to the output of a column-split projection).
+  table spanning an attention's whole inner width, applied to the output of a column-split projection);
+- `parameters` (`ParameterShard`): modules whose own parameters are sliced, each along one dimension (packed
+  mixture-of-experts weights: one 3-D tensor for all experts, split along the hidden width), the module's output
+  all-reduced like a row layer's.
 
 Ranges are half-open feature (or head) indices of the full layer and may differ in size between ranks (uneven
 splits; key/value heads replicated on the ranks that share them). Everything here is data computed from shapes
@@ -185,6 +188,22 @@ class OutputSlice:
         object.__setattr__(self, "ranges", tuple(tuple(tuple(r) for r in rs) for rs in self.ranges))
 
 
+@dataclass(frozen=True)
+class ParameterShard:
+    """The module at `path` keeps, of each own parameter `name`, the indices `ranges[rank]` along `dim`
+    (`params`: (name, dim, per-rank ranges)); its output is a partial sum, all-reduced over the ranks (the sliced
+    dimension is a hidden width contracted inside the module: gate/up columns and down rows of SwiGLU experts).
+    `attributes`: per-rank values of attributes of the module (its local hidden width)."""
+
+    path: str
+    params: tuple[tuple[str, int, tuple[tuple[Range, ...], ...]], ...]
+    attributes: tuple[dict, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "params", tuple(
+            (name, dim, tuple(tuple(tuple(r) for r in rs) for rs in ranges)) for name, dim, ranges in self.params))
+
+
 @dataclass
 class ShardPlan:
     """Every rank's shards of one module on `world` ranks (see the module docstring)."""
@@ -196,7 +215,8 @@ class ShardPlan:
     norms: list[NormShard] = field(default_factory=list)
     heads: dict = field(default_factory=dict)  # attention path -> per-rank (q heads, kv heads)
     output_slices: list[OutputSlice] = field(default_factory=list)
-    origin: str = ""  # short name of the plan's author ("diffusers", "diffpar", "transformers" ...)
+    origin: str = ""
+    parameters: list[ParameterShard] = field(default_factory=list)  # short name of the plan's author ("diffusers", "diffpar", "transformers" ...)
 
     def summary(self) -> dict:
         head_counts = sorted({tuple(v) for v in self.heads.values()})
@@ -205,6 +225,7 @@ class ShardPlan:
     def uneven(self) -> bool:
         """Whether some split gives ranks different shares (tp does not divide a head count or a width)."""
         shares = [s.sizes() for s in self.layers] + [[total(r) for r in n.ranges] for n in self.norms]
+        shares += [[total(r) for r in ranges] for p in self.parameters for _, _, ranges in p.params]
         shares += [[q for q, _ in per_rank] for per_rank in self.heads.values()]
         return any(len(set(share)) > 1 for share in shares)
 
@@ -245,6 +266,14 @@ class ShardPlan:
                 sharded += nbytes(weight.numel(), weight)
                 for r, ranges in enumerate(norm.ranges):
                     kept[r] += nbytes(total(ranges), weight)
+        for spec in self.parameters:
+            owner = module.get_submodule(spec.path)
+            for name, dim, ranges in spec.params:
+                p = getattr(owner, name)
+                sharded += nbytes(p.numel(), p)
+                other = p.numel() // p.shape[dim]
+                for r, rs in enumerate(ranges):
+                    kept[r] += nbytes(total(rs) * other, p)
         per_rank = [full - sharded + k for k in kept]
         return {"full": full, "per_rank": max(per_rank), "per_rank_all": per_rank, "sharded": sharded}
 
@@ -272,6 +301,16 @@ class ColumnsOf:
     unit: int = 1
 
 
+@dataclass(frozen=True)
+class PackedParameters:
+    """Plan data for `EvenSplitPlan.reduced_parameters`: parameter name -> (dim, block widths along it), all blocks
+    split alike (e.g. experts' gate_up (E, D, 2I): dim 2, blocks (I, I); down (E, I, D): dim 1, blocks (I,)), and
+    `width_attribute`: the module attribute holding the hidden width (set per rank)."""
+
+    params: tuple[tuple[str, int, tuple[int, ...]], ...]
+    width_attribute: str | None = None
+
+
 @dataclass
 class EvenSplitPlan:
     """A transformer plan in styles: each rank gets an equal share of every split width.
@@ -281,13 +320,16 @@ class EvenSplitPlan:
     Embedding as GATHER: split along its width, rows all-gathered);
     `attention_attrs`: attention glob -> attributes (head counts, head-sized widths) divided by the ranks;
     `sharded_norms`: globs of RMSNorms over all heads (their weight is split like the heads);
-    `sliced_outputs`: module path -> `ColumnsOf` (a RoPE table over the whole inner width of split attentions).
+    `sliced_outputs`: module path -> `ColumnsOf` (a RoPE table over the whole inner width of split attentions);
+    `reduced_parameters`: module glob -> `PackedParameters` (packed experts: own parameters sliced along a hidden
+    width, the output all-reduced).
     """
 
     linears: dict[str, object]
     attention_attrs: dict[str, tuple[str, ...]] = field(default_factory=dict)
     sharded_norms: tuple[str, ...] = ()
     sliced_outputs: dict[str, ColumnsOf] = field(default_factory=dict)
+    reduced_parameters: dict[str, "PackedParameters"] = field(default_factory=dict)
 
 
 def expand(model: torch.nn.Module, pattern: str) -> list[tuple[str, torch.nn.Module]]:
@@ -531,6 +573,15 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
             width = norm_width(norm, path)
             ranges = width_ranges(width, owner(path), path)
             out.norms.append(NormShard(path, width, tuple(ranges)))
+    for pattern, packed in plan.reduced_parameters.items():
+        for path, owner in expand(model, pattern):
+            params = [(name, dim, packed_ranges(blocks, None, f"{path}.{name}")) for name, dim, blocks in packed.params]
+            attributes = ()
+            if packed.width_attribute is not None:
+                width = getattr(owner, packed.width_attribute)
+                attributes = tuple({packed.width_attribute: total(r)}
+                                   for r in packed_ranges((width,), None, f"{path}.{packed.width_attribute}"))
+            out.parameters.append(ParameterShard(path, tuple(params), attributes))
     columns = {s.path: s for s in out.layers if s.kind == COLUMN and not s.gather_output}
     for path, like in plan.sliced_outputs.items():
         shard = columns.get(like.linear)

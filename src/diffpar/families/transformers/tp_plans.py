@@ -72,7 +72,7 @@ def _translated_native_plan(model: torch.nn.Module, native: dict) -> TensorParal
         return TensorParallelPlan(linears=linears)
     linears.update({k: v for k, v in ours.linears.items() if v == GATHER and k not in linears})
     return TensorParallelPlan(linears=linears, attention_attrs=ours.attention_attrs, sharded_norms=ours.sharded_norms,
-                              sliced_outputs=ours.sliced_outputs)
+                              sliced_outputs=ours.sliced_outputs, reduced_parameters=ours.reduced_parameters)
 
 
 def shard_plan_for(model: torch.nn.Module, tp: int, world: int | None = None) -> ShardPlan:
