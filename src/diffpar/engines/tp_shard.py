@@ -27,7 +27,7 @@ alone, so it also works on meta-device models (`ShardPlan.weight_bytes`).
 
 `EvenSplitPlan` is the style vocabulary of transformer plans (diffusers' `_tp_plan` translated, and ours):
 module-path globs -> "colwise" / "rowwise" / "colwise_gather" / `Packed`; `even_shard_plan` turns it into a
-`ShardPlan`, refusing any width or head count the ranks would not share equally.
+`ShardPlan`, as evenly as whole heads allow (a rank may hold one head more), refusing only fewer heads than ranks.
 """
 from __future__ import annotations
 
@@ -313,7 +313,8 @@ class PackedParameters:
 
 @dataclass
 class EvenSplitPlan:
-    """A transformer plan in styles: each rank gets an equal share of every split width.
+    """A transformer plan in styles: each rank gets an equal share of every split width, give or take one head
+    (or one feature, for widths made of no heads).
 
     `linears`: module-path glob (one `*` over a ModuleList) -> COLWISE / ROWWISE / GATHER / DEPTHWISE / `Packed`
     (a Linear, or a Conv2d: 1x1 for COLWISE / ROWWISE, depthwise for DEPTHWISE, split by channels; or an

@@ -84,10 +84,10 @@ def shard_plan_for(model: torch.nn.Module, tp: int, world: int | None = None) ->
     if native:
         plan = _translated_native_plan(model, native)
         shards = even_shard_plan(model, plan, tp, source="diffusers _tp_plan", origin="diffusers", world=world)
-        if not shards.uneven():
-            # after ours: our head-count message names what works. diffusers' own check refuses any tp that does
-            # not divide a head count or width, which diffpar's uneven split (whole heads) carries out itself.
-            diffusers_tp.native_tp_prechecks(model, tp)
+        # After ours: our head-count message names what works. diffusers' degree checks refuse any tp that does not
+        # divide a head count or a width, which diffpar's uneven split (whole heads) carries out itself: then only
+        # its checks of the model's state run.
+        diffusers_tp.native_tp_prechecks(model, tp, degree_checks=not shards.uneven())
         return shards
     plan = diffpar_tp_plan_for(model)
     if plan is None:
