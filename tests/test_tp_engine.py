@@ -206,3 +206,19 @@ def test_packed_experts_are_split_along_their_hidden_width(ranks):
         assert shapes["transformer_blocks.1.img_mlp.experts.gate_up_proj"][2] == 2 * hidden, shapes
         assert shapes["transformer_blocks.1.img_mlp.experts.down_proj"][1] == hidden, shapes
     assert {r["plan_bytes"] for r in results} == {max(r["sharded_bytes"] for r in results)}
+
+
+def test_ulysses_anything_over_too_few_local_heads_is_refused():
+    """ulysses_anything pads each tensor-parallel rank's local heads: 5 heads on tp 4 leave a rank 1 head, too few
+    to pad over 2 Ulysses ranks; 8 heads on tp 3 (3, 3, 2) pad."""
+    from diffpar.engines.tensor_parallel import check_hybrid
+    from diffpar.families.transformers import tp_plans
+    from diffpar.testing import tiny_transformers
+
+    model, _ = tiny_transformers.build("wan", heads=5)
+    config = diffpar.ParallelismConfig(ulysses_size=2, tp_size=4, ulysses_anything=True)
+    with pytest.raises(diffpar.UnsupportedError, match="holds 1 of the 5 heads"):
+        check_hybrid(model, tp_plans.shard_plan_for(model, 4), config)
+    model, _ = tiny_transformers.build("wan", heads=8)
+    check_hybrid(model, tp_plans.shard_plan_for(model, 3),
+                 diffpar.ParallelismConfig(ulysses_size=2, tp_size=3, ulysses_anything=True))

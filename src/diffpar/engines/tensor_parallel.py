@@ -267,9 +267,12 @@ def _check_conv(model: nn.Module, shard: LayerShard, conv: nn.Conv2d, tp_degree:
 
 
 def check_hybrid(model: nn.Module, plan: ShardPlan, config) -> None:
-    if config.ulysses_degree <= 1 or config.ulysses_anything:
+    if config.ulysses_degree <= 1:
         return
     tp_degree = plan.world
+    if config.ulysses_anything:
+        _check_hybrid_anything(model, plan, config.ulysses_degree)
+        return
     for path, per_rank in plan.heads.items():
         h = sum(q for q, _ in per_rank)
         local = sorted({q for q, _ in per_rank})
@@ -284,6 +287,20 @@ def check_hybrid(model: nn.Module, plan: ShardPlan, config) -> None:
                 f"tp_size dividing {h} (e.g. a smaller ulysses_size and ring_size for the rest), or "
                 "ulysses_anything=True."
             )
+
+
+def _check_hybrid_anything(model: nn.Module, plan: ShardPlan, ulysses: int) -> None:
+    """ulysses_anything pads each rank's local heads up to a multiple of `ulysses`, the padding on the last Ulysses
+    rank only: it needs fewer padding heads than heads per rank (the same rule the context-parallel check applies
+    to the whole model's heads, here to each tensor-parallel rank's share)."""
+    for path, per_rank in plan.heads.items():
+        for local in sorted({q for q, _ in per_rank}):
+            if local % ulysses and (ulysses - local % ulysses) >= -(-local // ulysses):
+                raise UnsupportedError(
+                    f"ulysses_size={ulysses} x tp_size={plan.world} with ulysses_anything on {type(model).__name__}: a "
+                    f"tensor-parallel rank holds {local} of the {sum(q for q, _ in per_rank)} heads of {path}, too "
+                    f"few to pad over {ulysses} Ulysses ranks. Use a smaller ulysses_size or tp_size."
+                )
 
 
 def apply_tensor_parallel(model: nn.Module, plan: ShardPlan, tp_mesh, handle, name: str) -> None:
