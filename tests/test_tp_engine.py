@@ -4,25 +4,28 @@ import pytest
 import diffpar
 
 
-def test_key_value_heads_that_do_not_divide_are_refused_at_planning():
-    """Grouped-query attention (Lumina 2: 4 query heads, 2 key/value heads) at tp 4: splitting the K/V projections
-    by width alone would cut through a head. Refused when planning, naming the heads and the tp that works."""
+def test_key_value_heads_fewer_than_ranks_are_held_by_the_ranks_sharing_them():
+    """Grouped-query attention (Lumina 2: 4 query heads, 2 key/value heads) at tp 4: each rank computes one query
+    head and holds the key/value head it reads (replicated on the two ranks sharing it), as text encoders do.
+    Multi-rank equivalence: tests/test_families.py (lumina2-w4-tp)."""
+    from diffpar.families.transformers import tp_plans
     from diffpar.testing import tiny_transformers
 
     model, _ = tiny_transformers.build("lumina2", heads=4, kv_heads=2)
-    diffpar.plan(model, parallelism_config=diffpar.ParallelismConfig(tp_size=2), world_size=2)  # divides: plans
-    with pytest.raises(diffpar.UnsupportedError) as err:
-        diffpar.plan(model, parallelism_config=diffpar.ParallelismConfig(tp_size=4), world_size=4)
-    message = str(err.value)
-    assert "2 key/value heads" in message and "4 query heads" in message, message
-    assert "largest tp_size that works for this model is 2" in message, message
+    plan = tp_plans.shard_plan_for(model, 4)
+    layers = {s.path: s.ranges for s in plan.layers}
+    head_dim = model.layers[0].attn.inner_dim // 4
+    assert layers["layers.0.attn.to_q"] == tuple(((h * head_dim, (h + 1) * head_dim),) for h in range(4))
+    assert layers["layers.0.attn.to_k"] == tuple(((k * head_dim, (k + 1) * head_dim),) for k in (0, 0, 1, 1))
+    assert plan.heads["layers.0.attn"] == [(1, 1)] * 4
 
 
-def test_key_value_head_refusal_on_every_rank(ranks):
+def test_fewer_query_heads_than_ranks_refused_on_every_rank(ranks):
     messages = ranks(4, "workers.transformer_tp:expect_error", model_name="lumina2", config={"tp_size": 4},
-                     model_kwargs={"heads": 4, "kv_heads": 2})
+                     model_kwargs={"heads": 2, "kv_heads": 1})
     assert len(messages) == 4
-    assert all(m and "key/value heads" in m for m in messages), messages
+    assert all(m and "is more than the 2 attention heads" in m and "largest tp_size that works for this model is 2"
+               in m for m in messages), messages
 
 
 def _real_config_ratio(module: str, label: str, tp: int) -> float:

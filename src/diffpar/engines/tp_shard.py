@@ -464,8 +464,9 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
     does not divide the head count); row-parallel projections take the matching input features. Widths made of
     no attention's heads (MLP, modulation, channels) are split as evenly as possible, by features. A width equal
     to an attention's query width outside it (a fused [attention | MLP] output projection) follows those heads,
-    so both sides of every split width agree. Raises UnsupportedError (naming the largest tp that works, within
-    `world` if given) when an attention has fewer heads, or key/value heads, than ranks."""
+    so both sides of every split width agree. Key/value heads fewer than ranks are held by every rank computing
+    their query heads (`split_heads`). Raises UnsupportedError (naming the largest tp that works, within `world`
+    if given) when an attention has fewer query heads than ranks."""
     name = type(model).__name__
     expanded = []  # (path, linear, kind, blocks)
     for pattern, style in plan.linears.items():
@@ -478,16 +479,7 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
             if _head_count(attn) is not None:
                 heads.setdefault(path, _head_count(attn))
     kv_heads = _key_value_heads(model, heads)
-    works = _largest_tp(list(heads.values()) + list(kv_heads.values()), tp, world)
-    bad_kv = {p: h for p, h in kv_heads.items() if h < tp}
-    if bad_kv:
-        path, h = next(iter(bad_kv.items()))
-        raise UnsupportedError(
-            f"tp_size={tp} is more than the {h} key/value heads of {name} ({path}, grouped-query attention with "
-            f"{heads[path]} query heads): tensor parallelism gives each rank whole key/value heads. The largest "
-            f"tp_size that works for this model is {works}; use it, or ulysses_size / ring_size for the rest of the "
-            "ranks."
-        )
+    works = _largest_tp(list(heads.values()), tp, world)
     few = {p: h for p, h in heads.items() if h < tp}
     if few:
         path, h = next(iter(few.items()))
