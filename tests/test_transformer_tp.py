@@ -84,24 +84,29 @@ def _assert_all(messages, *parts):
             assert part in m, m
 
 
-def test_heads_not_divisible_names_the_largest_tp_that_works(ranks):
+def test_fewer_heads_than_ranks_names_the_largest_tp_that_works(ranks):
+    # tp_size that does not divide the heads splits them unevenly (tests/test_tp_engine.py); fewer heads than
+    # ranks would leave a rank with none.
     messages = ranks(4, "workers.transformer_tp:expect_error", model_name="flux", config={"tp_size": 4},
-                     model_kwargs={"heads": 6})
-    _assert_all(messages, "tp_size=4 does not divide the 6 attention heads", "largest tp_size that works for this "
+                     model_kwargs={"heads": 3})
+    _assert_all(messages, "tp_size=4 is more than the 3 attention heads", "largest tp_size that works for this "
                 "model is 2")
 
 
-def test_heads_not_divisible_in_our_plans(ranks):
-    messages = ranks(2, "workers.transformer_tp:expect_error", model_name="wan", config={"tp_size": 2},
+def test_fewer_heads_than_ranks_in_our_plans(ranks):
+    messages = ranks(4, "workers.transformer_tp:expect_error", model_name="wan", config={"tp_size": 4},
                      model_kwargs={"heads": 3})
-    _assert_all(messages, "does not divide the 3 attention heads", "largest tp_size that works for this model is 1")
+    _assert_all(messages, "is more than the 3 attention heads", "largest tp_size that works for this model is 2")
 
 
-def test_mlp_width_not_divisible_is_refused(ranks):
-    # Z-Image's MLP is int(dim / 3 * 8) wide: 85 for dim 32, odd.
-    messages = ranks(2, "workers.transformer_tp:expect_error", model_name="zimage", config={"tp_size": 2},
-                     model_kwargs={"heads": 2})
-    _assert_all(messages, "does not divide a width", "feed_forward.w1", "width 85")
+def test_mlp_width_not_divisible_is_split_unevenly(ranks):
+    # Z-Image's MLP is int(dim / 3 * 8) wide: 85 for dim 32, odd: 43 and 42 features.
+    results = ranks(2, "workers.transformer_tp:tp_equivalence", model_name="zimage", config={"tp_size": 2},
+                    model_kwargs={"heads": 2})
+    for r in results:
+        assert r["diff"] <= TRANSFORMER_TP_FP32 and r["detach_diff"] == BITWISE, r
+        assert r["local_shapes"]["layers.0.feed_forward.w1"][0] == [43, 42][r["rank"]]
+        assert r["local_shapes"]["layers.0.feed_forward.w2"][1] == [43, 42][r["rank"]]
 
 
 def test_hybrid_local_heads_not_divisible_by_ulysses(ranks):

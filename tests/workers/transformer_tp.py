@@ -67,8 +67,21 @@ def tp_equivalence(model_name: str, config: dict, seq: int = 16, text: int = 8, 
             "bytes_ratio": sharded_bytes / full_bytes,
             # Accounting from the plan alone (what diffpar.plan reports) matches what this rank holds.
             "plan_bytes_match": handle.plan.component(type(model).__name__).weight_bytes_per_rank == sharded_bytes,
+            # (the plan reports the largest rank's bytes: with uneven heads the other ranks hold less)
+            "plan_bytes": handle.plan.component(type(model).__name__).weight_bytes_per_rank,
+            "sharded_bytes": sharded_bytes,
             "steps": handle.step_names,
             "rank": dist.get_rank(),
+            # What this rank holds of every split layer, and the head counts its attentions read.
+            "local_shapes": {s.path: tuple(model.get_submodule(s.path).weight.shape)
+                             for s in getattr(handle.plan.component(type(model).__name__).payload.tp_plan, "layers",
+                                              ())},
+            "local_parameter_shapes": {
+                f"{spec.path}.{name}": tuple(getattr(model.get_submodule(spec.path).inner, name).shape)
+                for spec in getattr(handle.plan.component(type(model).__name__).payload.tp_plan, "parameters", ())
+                for name, _, _ in spec.params},
+            "local_heads": {name: m.heads for name, m in model.named_modules()
+                            if isinstance(getattr(m, "heads", None), int) and not isinstance(m.heads, bool)},
         }
         handle.detach()
         with torch.no_grad():

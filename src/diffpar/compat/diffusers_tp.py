@@ -34,8 +34,12 @@ def native_tp_plan(model: torch.nn.Module) -> dict | None:
     return getattr(type(model), "_tp_plan", None) or None
 
 
-def native_tp_prechecks(model: torch.nn.Module, tp_degree: int) -> None:
-    """diffusers' refusals for a model in memory; head counts are checked by diffpar before this."""
+def native_tp_prechecks(model: torch.nn.Module, tp_degree: int, *, degree_checks: bool = True) -> None:
+    """diffusers' refusals for a model in memory; head counts are checked by diffpar before this.
+
+    `degree_checks=False`: only the checks of the model's state (offloaded, quantized, adapter-wrapped), run at
+    degree 1, for a split diffpar deals unevenly itself (diffusers refuses any degree that does not divide a head
+    count or a width)."""
     from diffusers.hooks import tensor_parallel as htp
     from diffusers.models._modeling_parallel import TensorParallelConfig
 
@@ -47,10 +51,11 @@ def native_tp_prechecks(model: torch.nn.Module, tp_degree: int) -> None:
         return  # a release whose pre-check we do not know: diffpar's own checks stand alone
     kwargs = {"model": model} if "model" in params else {}
     try:
-        check(type(model).__name__, type(model)._tp_plan, None, TensorParallelConfig(tp_degree=tp_degree), **kwargs)
+        degree = tp_degree if degree_checks else 1
+        check(type(model).__name__, type(model)._tp_plan, None, TensorParallelConfig(tp_degree=degree), **kwargs)
         specs = getattr(htp, "resolve_tp_shard_specs", None)
         if specs is not None:
-            specs(model, type(model)._tp_plan, tp_degree)
+            specs(model, type(model)._tp_plan, degree)
     except ValueError as exc:
         raise UnsupportedError(f"tp_size={tp_degree} on {type(model).__name__}: {exc}") from None
 

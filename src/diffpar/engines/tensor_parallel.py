@@ -5,7 +5,8 @@ text encoders in `extra_parallel_modules` (transformers' `base_model_tp_plan` or
 Every planned layer is replaced by its shard: `ColumnParallelLinear` (this rank's output features; an all-gather
 when the plan says `gather_output`), `RowParallelLinear` (this rank's input features, one all-reduce, the bias
 added once), `HeadParallelEmbedding` (this rank's heads of a per-head table), `HeadShardedRMSNorm` (an RMSNorm over
-all heads: the mean of squares is all-reduced); attributes a forward reads (head counts, widths) get per-rank
+all heads: the mean of squares is all-reduced), `ReducedOutputModule` (packed experts: own parameters sliced along
+the hidden width, the output all-reduced); attributes a forward reads (head counts, widths) get per-rank
 values. Weights are plain tensors: a shard's `.weight.shape` is this rank's slice.
 
 Undo. Until `handle.commit()` the replaced layers stay referenced, so a rollback puts them back exactly and
@@ -20,7 +21,8 @@ locally. At commit they are released, and what detach does afterwards is the cal
 
 With ulysses_size / ring_size as well (hybrid), context-parallel hooks are applied first on the ("ring",
 "ulysses") sub-mesh and the shards on the "tp" sub-mesh; Ulysses then spreads each rank's local heads, so
-heads / tp_size must divide by ulysses_size.
+every rank's head count (heads / tp_size, or one more or less when tp_size does not divide them) must divide by
+ulysses_size, unless ulysses_anything.
 """
 from __future__ import annotations
 
@@ -35,11 +37,22 @@ from diffpar.engines.tensor_parallel_linear import (
     ColumnParallelLinear,
     HeadParallelEmbedding,
     HeadShardedRMSNorm,
+    ReducedOutputModule,
     RowParallelLinear,
     gather_full,
     mark_detached,
 )
-from diffpar.engines.tp_shard import CHANNELS, COLUMN, HEAD_TABLE, ROW, LayerShard, NormShard, OutputSlice, ShardPlan
+from diffpar.engines.tp_shard import (
+    CHANNELS,
+    COLUMN,
+    HEAD_TABLE,
+    ROW,
+    LayerShard,
+    NormShard,
+    OutputSlice,
+    ParameterShard,
+    ShardPlan,
+)
 from diffpar.errors import DiffparError, UnsupportedError
 
 logger = logging.getLogger("diffpar")
@@ -91,6 +104,13 @@ def _output_slicer(spec: OutputSlice, rank: int):
 def _gather_back(original: nn.Module, new: nn.Module, spec, group) -> None:
     """Put the full parameters back into `original` (released at commit), gathered from every rank's shard."""
     with torch.no_grad():
+        if isinstance(spec, ParameterShard):  # the sliced parameters live on the wrapper's inner copy
+            for name, dim, ranges in spec.params:
+                placeholder = getattr(original, name)
+                full = gather_full(getattr(new.inner, name).detach(), dim, ranges, placeholder.shape[dim], group)
+                setattr(original, name, nn.Parameter(full.to(placeholder.dtype),
+                                                     requires_grad=placeholder.requires_grad))
+            return
         for key, local in new.named_parameters(recurse=False):
             placeholder = getattr(original, key)
             if isinstance(spec, NormShard):
@@ -155,13 +175,17 @@ def shard_module(module: nn.Module, plan: ShardPlan, group, handle, label: str, 
     handle.add(label, undo, irreversible_reason=irreversible_reason if detach == "dropped" else None,
                irreversible=lambda: bool(released) and detach == "dropped")
     handle.on_commit(release)
-    specs = [(s.path, s) for s in plan.layers] + [(n.path, n) for n in plan.norms]
+    specs = ([(s.path, s) for s in plan.layers] + [(n.path, n) for n in plan.norms]
+             + [(p.path, p) for p in plan.parameters])
     for path, spec in specs:
         parent_path, _, child = path.rpartition(".")
         parent = module.get_submodule(parent_path) if parent_path else module
         original = getattr(parent, child)
         if isinstance(spec, NormShard):
             new = HeadShardedRMSNorm.from_norm(original, spec.width, spec.ranges[rank], group)
+        elif isinstance(spec, ParameterShard):
+            new = ReducedOutputModule.from_module(original, spec.params, rank,
+                                                  spec.attributes[rank] if spec.attributes else {}, group)
         else:
             new = _make_shard(original, spec, rank, group)
         entry = [parent, child, original, new, spec, None]
@@ -217,6 +241,13 @@ def check_tensor_parallel(model: nn.Module, plan: ShardPlan, config=None) -> Non
                 "plain torch.nn.Linear (LoRA adapters or quantized layers?); diffpar can only split plain layers. "
                 "Fuse or unload adapters and load the model unquantized."
             )
+    for spec in plan.parameters:
+        owner = model.get_submodule(spec.path)
+        if any(type(getattr(owner, name).data) is not torch.Tensor for name, _, _ in spec.params):
+            raise UnsupportedError(
+                f"tp_size={tp_degree} on {type(model).__name__}: the parameters of {spec.path} are not plain "
+                "tensors (quantized?); diffpar can only slice plain weights. Load the model unquantized."
+            )
     if config is not None:
         check_hybrid(model, plan, config)
 
@@ -236,19 +267,40 @@ def _check_conv(model: nn.Module, shard: LayerShard, conv: nn.Conv2d, tp_degree:
 
 
 def check_hybrid(model: nn.Module, plan: ShardPlan, config) -> None:
-    if config.ulysses_degree <= 1 or config.ulysses_anything:
+    if config.ulysses_degree <= 1:
         return
     tp_degree = plan.world
-    for path, h in plan.full_heads().items():
-        local = h // tp_degree
-        if local % config.ulysses_degree:
+    if config.ulysses_anything:
+        _check_hybrid_anything(model, plan, config.ulysses_degree)
+        return
+    for path, per_rank in plan.heads.items():
+        h = sum(q for q, _ in per_rank)
+        local = sorted({q for q, _ in per_rank})
+        bad = [q for q in local if q % config.ulysses_degree]
+        if bad:
+            holds = (f"{h}/{tp_degree} = {local[0]} heads" if len(local) == 1 else
+                     f"{' or '.join(map(str, local))} of the {h} heads (uneven: tp_size does not divide {h})")
             raise UnsupportedError(
                 f"ulysses_size={config.ulysses_degree} x tp_size={tp_degree} on {type(model).__name__}: each tensor-"
-                f"parallel rank holds {h}/{tp_degree} = {local} heads of {path}, and Ulysses must spread those over "
-                f"{config.ulysses_degree} ranks; {config.ulysses_degree} does not divide {local}. Use ulysses_size x "
+                f"parallel rank holds {holds} of {path}, and Ulysses must spread those over "
+                f"{config.ulysses_degree} ranks; {config.ulysses_degree} does not divide {bad[0]}. Use ulysses_size x "
                 f"tp_size dividing {h} (e.g. a smaller ulysses_size and ring_size for the rest), or "
                 "ulysses_anything=True."
             )
+
+
+def _check_hybrid_anything(model: nn.Module, plan: ShardPlan, ulysses: int) -> None:
+    """ulysses_anything pads each rank's local heads up to a multiple of `ulysses`, the padding on the last Ulysses
+    rank only: it needs fewer padding heads than heads per rank (the same rule the context-parallel check applies
+    to the whole model's heads, here to each tensor-parallel rank's share)."""
+    for path, per_rank in plan.heads.items():
+        for local in sorted({q for q, _ in per_rank}):
+            if local % ulysses and (ulysses - local % ulysses) >= -(-local // ulysses):
+                raise UnsupportedError(
+                    f"ulysses_size={ulysses} x tp_size={plan.world} with ulysses_anything on {type(model).__name__}: a "
+                    f"tensor-parallel rank holds {local} of the {sum(q for q, _ in per_rank)} heads of {path}, too "
+                    f"few to pad over {ulysses} Ulysses ranks. Use a smaller ulysses_size or tp_size."
+                )
 
 
 def apply_tensor_parallel(model: nn.Module, plan: ShardPlan, tp_mesh, handle, name: str) -> None:

@@ -291,6 +291,42 @@ class HeadShardedRMSNorm(nn.Module):
         return f"{_total(self.ranges)} of {self.full_width} features {list(self.ranges)}, eps={self.eps}"
 
 
+class ReducedOutputModule(nn.Module):
+    """A module keeping a slice of its own parameters along a hidden width it contracts (packed SwiGLU experts: the
+    gate/up columns and down rows of this rank's part of the hidden width), so its output is a partial sum:
+    all-reduced over the group. `inner` is a shallow copy of the original module with the sliced parameters (the
+    original stays untouched for the undo)."""
+
+    def __init__(self, inner: nn.Module, group):
+        super().__init__()
+        self.inner = inner
+        self.group = group
+
+    @classmethod
+    def from_module(cls, module: nn.Module, params, rank: int, attributes: dict, group) -> "ReducedOutputModule":
+        import copy
+
+        inner = copy.copy(module)
+        inner._parameters = dict(module._parameters)  # own dict: the original keeps its full parameters
+        inner.__dict__.update(attributes)
+        with torch.no_grad():
+            for name, dim, ranges in params:
+                full = getattr(module, name)
+                parts = [full.narrow(dim, a, b - a) for a, b in ranges[rank]]
+                piece = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)).clone()
+                inner._parameters[name] = nn.Parameter(piece, requires_grad=full.requires_grad)
+        return cls(inner, group)
+
+    def forward(self, *args, **kwargs):
+        reason = getattr(self, "detached_reason", None)
+        if reason:
+            raise ShardedModuleDetachedError(reason)
+        return all_reduce_sum(self.inner(*args, **kwargs), self.group)
+
+    def extra_repr(self) -> str:
+        return f"output all-reduced; {', '.join(f'{n}={tuple(p.shape)}' for n, p in self.inner._parameters.items())}"
+
+
 def gather_full(local: torch.Tensor, dim: int, all_ranges: Sequence[Sequence[Range]], full_size: int,
                 group) -> torch.Tensor:
     """The full tensor back from every rank's `local` piece along `dim` (a collective over `group`): rank r's
@@ -312,4 +348,4 @@ def gather_full(local: torch.Tensor, dim: int, all_ranges: Sequence[Sequence[Ran
 
 
 PARALLEL_LAYER_TYPES = (ColumnParallelLinear, RowParallelLinear, HeadParallelEmbedding, HeadShardedRMSNorm,
-                        ChannelParallelConv2d)
+                        ChannelParallelConv2d, ReducedOutputModule)

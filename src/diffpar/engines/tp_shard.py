@@ -16,7 +16,10 @@ of ranks, and `engines/tensor_parallel.py` carries it out. A `ShardPlan` holds, 
   all-reducing the mean of squares;
 - `heads`: attention module path -> per-rank (query heads, key/value heads), for checks and reports;
 - `output_slices` (`OutputSlice`): modules whose tensor outputs each rank narrows to its own columns (a RoPE
-  table spanning an attention's whole inner width, applied to the output of a column-split projection).
+  table spanning an attention's whole inner width, applied to the output of a column-split projection);
+- `parameters` (`ParameterShard`): modules whose own parameters are sliced, each along one dimension (packed
+  mixture-of-experts weights: one 3-D tensor for all experts, split along the hidden width), the module's output
+  all-reduced like a row layer's.
 
 Ranges are half-open feature (or head) indices of the full layer and may differ in size between ranks (uneven
 splits; key/value heads replicated on the ranks that share them). Everything here is data computed from shapes
@@ -24,7 +27,7 @@ alone, so it also works on meta-device models (`ShardPlan.weight_bytes`).
 
 `EvenSplitPlan` is the style vocabulary of transformer plans (diffusers' `_tp_plan` translated, and ours):
 module-path globs -> "colwise" / "rowwise" / "colwise_gather" / `Packed`; `even_shard_plan` turns it into a
-`ShardPlan`, refusing any width or head count the ranks would not share equally.
+`ShardPlan`, as evenly as whole heads allow (a rank may hold one head more), refusing only fewer heads than ranks.
 """
 from __future__ import annotations
 
@@ -185,6 +188,22 @@ class OutputSlice:
         object.__setattr__(self, "ranges", tuple(tuple(tuple(r) for r in rs) for rs in self.ranges))
 
 
+@dataclass(frozen=True)
+class ParameterShard:
+    """The module at `path` keeps, of each own parameter `name`, the indices `ranges[rank]` along `dim`
+    (`params`: (name, dim, per-rank ranges)); its output is a partial sum, all-reduced over the ranks (the sliced
+    dimension is a hidden width contracted inside the module: gate/up columns and down rows of SwiGLU experts).
+    `attributes`: per-rank values of attributes of the module (its local hidden width)."""
+
+    path: str
+    params: tuple[tuple[str, int, tuple[tuple[Range, ...], ...]], ...]
+    attributes: tuple[dict, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "params", tuple(
+            (name, dim, tuple(tuple(tuple(r) for r in rs) for rs in ranges)) for name, dim, ranges in self.params))
+
+
 @dataclass
 class ShardPlan:
     """Every rank's shards of one module on `world` ranks (see the module docstring)."""
@@ -196,11 +215,19 @@ class ShardPlan:
     norms: list[NormShard] = field(default_factory=list)
     heads: dict = field(default_factory=dict)  # attention path -> per-rank (q heads, kv heads)
     output_slices: list[OutputSlice] = field(default_factory=list)
-    origin: str = ""  # short name of the plan's author ("diffusers", "diffpar", "transformers" ...)
+    origin: str = ""
+    parameters: list[ParameterShard] = field(default_factory=list)  # short name of the plan's author ("diffusers", "diffpar", "transformers" ...)
 
     def summary(self) -> dict:
         head_counts = sorted({tuple(v) for v in self.heads.values()})
         return {"source": self.source, "sharded_layers": len(self.layers), "heads_per_rank": head_counts}
+
+    def uneven(self) -> bool:
+        """Whether some split gives ranks different shares (tp does not divide a head count or a width)."""
+        shares = [s.sizes() for s in self.layers] + [[total(r) for r in n.ranges] for n in self.norms]
+        shares += [[total(r) for r in ranges] for p in self.parameters for _, _, ranges in p.params]
+        shares += [[q for q, _ in per_rank] for per_rank in self.heads.values()]
+        return any(len(set(share)) > 1 for share in shares)
 
     def full_heads(self) -> dict[str, int]:
         """Attention path -> its number of query heads in the full model."""
@@ -239,6 +266,14 @@ class ShardPlan:
                 sharded += nbytes(weight.numel(), weight)
                 for r, ranges in enumerate(norm.ranges):
                     kept[r] += nbytes(total(ranges), weight)
+        for spec in self.parameters:
+            owner = module.get_submodule(spec.path)
+            for name, dim, ranges in spec.params:
+                p = getattr(owner, name)
+                sharded += nbytes(p.numel(), p)
+                other = p.numel() // p.shape[dim]
+                for r, rs in enumerate(ranges):
+                    kept[r] += nbytes(total(rs) * other, p)
         per_rank = [full - sharded + k for k in kept]
         return {"full": full, "per_rank": max(per_rank), "per_rank_all": per_rank, "sharded": sharded}
 
@@ -266,22 +301,36 @@ class ColumnsOf:
     unit: int = 1
 
 
+@dataclass(frozen=True)
+class PackedParameters:
+    """Plan data for `EvenSplitPlan.reduced_parameters`: parameter name -> (dim, block widths along it), all blocks
+    split alike (e.g. experts' gate_up (E, D, 2I): dim 2, blocks (I, I); down (E, I, D): dim 1, blocks (I,)), and
+    `width_attribute`: the module attribute holding the hidden width (set per rank)."""
+
+    params: tuple[tuple[str, int, tuple[int, ...]], ...]
+    width_attribute: str | None = None
+
+
 @dataclass
 class EvenSplitPlan:
-    """A transformer plan in styles: each rank gets an equal share of every split width.
+    """A transformer plan in styles: each rank gets an equal share of every split width, give or take one head
+    (or one feature, for widths made of no heads).
 
     `linears`: module-path glob (one `*` over a ModuleList) -> COLWISE / ROWWISE / GATHER / DEPTHWISE / `Packed`
     (a Linear, or a Conv2d: 1x1 for COLWISE / ROWWISE, depthwise for DEPTHWISE, split by channels; or an
     Embedding as GATHER: split along its width, rows all-gathered);
     `attention_attrs`: attention glob -> attributes (head counts, head-sized widths) divided by the ranks;
     `sharded_norms`: globs of RMSNorms over all heads (their weight is split like the heads);
-    `sliced_outputs`: module path -> `ColumnsOf` (a RoPE table over the whole inner width of split attentions).
+    `sliced_outputs`: module path -> `ColumnsOf` (a RoPE table over the whole inner width of split attentions);
+    `reduced_parameters`: module glob -> `PackedParameters` (packed experts: own parameters sliced along a hidden
+    width, the output all-reduced).
     """
 
     linears: dict[str, object]
     attention_attrs: dict[str, tuple[str, ...]] = field(default_factory=dict)
     sharded_norms: tuple[str, ...] = ()
     sliced_outputs: dict[str, ColumnsOf] = field(default_factory=dict)
+    reduced_parameters: dict[str, "PackedParameters"] = field(default_factory=dict)
 
 
 def expand(model: torch.nn.Module, pattern: str) -> list[tuple[str, torch.nn.Module]]:
@@ -331,18 +380,23 @@ def norm_width(norm, path: str) -> int:
     raise UnsupportedError(f"tensor parallel: cannot tell the width of the norm at {path} ({type(norm).__name__}).")
 
 
-def _divisors_up_to(n: int, limit: int) -> list[int]:
-    return [d for d in range(1, limit + 1) if n % d == 0]
+def _head_count(module) -> int | None:
+    """An attention module's query heads: diffusers' `heads`, or `num_heads` (Ideogram 4, Z-Image's own)."""
+    for attr in ("heads", "num_heads"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _attention_heads(model, linear_paths) -> dict[str, int]:
-    """Attention module path -> heads, for the nearest ancestor with an int `heads` of each split linear."""
+    """Attention module path -> heads, for the nearest ancestor with a head count of each split linear."""
     counts = {}
     for path in linear_paths:
         parent = _parent_path(path)
         while parent:
-            heads = getattr(model.get_submodule(parent), "heads", None)
-            if isinstance(heads, int):
+            heads = _head_count(model.get_submodule(parent))
+            if heads is not None:
                 counts[parent] = heads
                 break
             parent = _parent_path(parent)
@@ -351,21 +405,68 @@ def _attention_heads(model, linear_paths) -> dict[str, int]:
 
 def _key_value_heads(model, attention_paths) -> dict[str, int]:
     """Attention module path -> key/value heads where they are fewer than the query heads (grouped-query attention
-    in diffusers' `Attention`: `inner_kv_dim` narrower than `inner_dim`). Splitting K/V projections by width alone
-    would cut through a head when tp does not divide these."""
+    in diffusers' `Attention`: `inner_kv_dim` narrower than `inner_dim`)."""
     counts = {}
     for path in attention_paths:
         attention = model.get_submodule(path)
         inner, inner_kv = getattr(attention, "inner_dim", None), getattr(attention, "inner_kv_dim", None)
-        if isinstance(inner, int) and isinstance(inner_kv, int) and 0 < inner_kv < inner:
-            counts[path] = attention.heads * inner_kv // inner
+        heads = _head_count(attention)
+        if isinstance(inner, int) and isinstance(inner_kv, int) and 0 < inner_kv < inner and heads:
+            counts[path] = heads * inner_kv // inner
     return counts
+
+
+@dataclass(frozen=True)
+class _AttentionSplit:
+    """How one attention's heads are dealt: per-rank query / key-value head ranges, and its head width."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int | None
+    shards: tuple[HeadShard, ...]
+
+    def q_features(self, unit: int) -> list[tuple[Range, ...]]:
+        return [((s.q[0] * unit, s.q[1] * unit),) for s in self.shards]
+
+    def kv_features(self, unit: int) -> list[tuple[Range, ...]]:
+        return [((s.kv[0] * unit, s.kv[1] * unit),) for s in self.shards]
+
+    def ranges_for(self, width: int) -> list[tuple[Range, ...]] | None:
+        """Feature ranges of a width this attention's heads span (q: heads x head_dim; k/v: kv_heads x
+        head_dim; or any multiple of the head count), whole heads per rank; None for a width not made of heads."""
+        if self.head_dim and width == self.heads * self.head_dim:
+            return self.q_features(self.head_dim)
+        if self.head_dim and width == self.kv_heads * self.head_dim:
+            return self.kv_features(self.head_dim)
+        if self.head_dim is None and width % self.heads == 0:  # head width unknown: any multiple of the heads
+            return self.q_features(width // self.heads)
+        return None
+
+
+def _head_dim(attention, heads: int) -> int | None:
+    inner = getattr(attention, "inner_dim", None)
+    if isinstance(inner, int) and inner % heads == 0:
+        return inner // heads
+    head_dim = getattr(attention, "head_dim", None)
+    return head_dim if isinstance(head_dim, int) and not isinstance(head_dim, bool) else None
+
+
+def _largest_tp(limits: list[int], tp: int, world: int | None) -> int:
+    """The largest tp <= `tp` giving every rank a head of every attention (and dividing `world`, if given)."""
+    return max(d for d in range(1, tp + 1) if all(d <= n for n in limits) and (world is None or world % d == 0))
 
 
 def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, source: str, origin: str,
                     world: int | None = None) -> ShardPlan:
-    """`plan` on `tp` ranks as a `ShardPlan`. Local, no collective; raises UnsupportedError (naming the largest tp
-    that works, within `world` if given) when a head count or a split width does not divide by `tp`."""
+    """`plan` on `tp` ranks as a `ShardPlan`. Local, no collective.
+
+    Attention projections are split at head boundaries (`split_heads`: a rank may hold one head more when tp
+    does not divide the head count); row-parallel projections take the matching input features. Widths made of
+    no attention's heads (MLP, modulation, channels) are split as evenly as possible, by features. A width equal
+    to an attention's query width outside it (a fused [attention | MLP] output projection) follows those heads,
+    so both sides of every split width agree. Key/value heads fewer than ranks are held by every rank computing
+    their query heads (`split_heads`). Raises UnsupportedError (naming the largest tp that works, within `world`
+    if given) when an attention has fewer query heads than ranks."""
     name = type(model).__name__
     expanded = []  # (path, linear, kind, blocks)
     for pattern, style in plan.linears.items():
@@ -373,40 +474,64 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
             kind, blocks = style_blocks(style, linear)
             expanded.append((path, linear, kind, blocks))
     heads = _attention_heads(model, [p for p, _, kind, _ in expanded if kind not in (GATHER, DEPTHWISE)])
-    widths = [(f"{path} ({kind if kind in (ROWWISE, DEPTHWISE) else 'colwise'}, width {b})", b)
-              for path, _, kind, blocks in expanded for b in blocks]
+    for pattern in plan.attention_attrs:
+        for path, attn in expand(model, pattern):
+            if _head_count(attn) is not None:
+                heads.setdefault(path, _head_count(attn))
     kv_heads = _key_value_heads(model, heads)
-    constraints = sorted(set(heads.values()) | set(kv_heads.values()) | {w for _, w in widths})
-    works = max(d for d in range(1, tp + 1)
-                if all(c % d == 0 for c in constraints) and (world is None or world % d == 0))
-    bad_kv = {p: h for p, h in kv_heads.items() if h % tp}
-    if bad_kv:
-        path, h = next(iter(bad_kv.items()))
+    works = _largest_tp(list(heads.values()), tp, world)
+    few = {p: h for p, h in heads.items() if h < tp}
+    if few:
+        path, h = next(iter(few.items()))
         raise UnsupportedError(
-            f"tp_size={tp} does not divide the {h} key/value heads of {name} ({path}, grouped-query attention with "
-            f"{heads[path]} query heads): tensor parallelism gives each rank whole key/value heads. The largest "
-            f"tp_size that works for this model is {works}; use it, or ulysses_size / ring_size for the rest of the "
-            "ranks."
+            f"tp_size={tp} is more than the {h} attention heads of {name} ({path}): tensor parallelism gives each "
+            f"rank at least one whole head. The largest tp_size that works for this model is {works}; use it, or "
+            "ulysses_size / ring_size for the rest of the ranks."
         )
-    bad_heads = {p: h for p, h in heads.items() if h % tp}
-    if bad_heads:
-        path, h = next(iter(bad_heads.items()))
-        raise UnsupportedError(
-            f"tp_size={tp} does not divide the {h} attention heads of {name} ({path}): tensor "
-            f"parallelism gives each rank whole heads. The largest tp_size that works for this model is {works} "
-            f"(heads {h} divide by {_divisors_up_to(h, tp)}{f', world {world}' if world else ''}); use it, "
-            "or ulysses_size / ring_size for the rest of the ranks."
-        )
-    bad_widths = [what for what, w in widths if w % tp]
-    if bad_widths:
-        raise UnsupportedError(
-            f"tp_size={tp} does not divide a width {name} splits: {bad_widths[0]}"
-            f"{f' (and {len(bad_widths) - 1} more)' if len(bad_widths) > 1 else ''}. Each rank must get an equal "
-            f"slice. The largest tp_size that works for this model is {works}."
-        )
+    splits = {}
+    for path, h in heads.items():
+        kv = kv_heads.get(path, h)
+        splits[path] = _AttentionSplit(h, kv, _head_dim(model.get_submodule(path), h),
+                                       tuple(split_heads(h, kv, tp, what=f"{name} ({path})")))
+    # Query widths of the attentions -> their split, for layers outside an attention that consume or produce one
+    # (dropped where two attentions of one width split it differently: then plain features).
+    by_width: dict[int, list] = {}
+    for split in splits.values():
+        if split.head_dim:
+            by_width.setdefault(split.heads * split.head_dim, []).append(split.q_features(split.head_dim))
+    head_widths = {w: found[0] for w, found in by_width.items() if all(f == found[0] for f in found)}
+
+    def owner(path: str) -> _AttentionSplit | None:
+        parent = _parent_path(path)
+        while parent:
+            if parent in splits:
+                return splits[parent]
+            parent = _parent_path(parent)
+        return None
+
+    def width_ranges(width: int, attention: _AttentionSplit | None, what: str) -> list[tuple[Range, ...]]:
+        if width < tp:
+            raise UnsupportedError(f"tp_size={tp} is more than the width {width} {name} splits at {what}: every rank "
+                                   f"needs a part. The largest tp_size that works for this model is "
+                                   f"{min(works, width)}.")
+        found = attention.ranges_for(width) if attention is not None else None
+        if found is None:  # not this attention's heads: the same rule for every layer, so both sides agree
+            found = head_widths.get(width)
+        return found if found is not None else [((a, b),) for a, b in split_ranges(width, tp)]
+
+    def packed_ranges(blocks, attention, what) -> tuple[tuple[Range, ...], ...]:
+        per_rank = [[] for _ in range(tp)]
+        offset = 0
+        for width in blocks:
+            for r, ranges in enumerate(width_ranges(width, attention, what)):
+                per_rank[r].extend((offset + a, offset + b) for a, b in ranges)
+            offset += width
+        return tuple(tuple(r) for r in per_rank)
+
     out = ShardPlan(world=tp, source=source, origin=origin)
     for path, _linear, kind, blocks in expanded:
-        ranges = block_ranges(blocks, tp)
+        attention = owner(path) if kind not in (GATHER, DEPTHWISE) else None
+        ranges = packed_ranges(blocks, attention, path)
         if kind == ROWWISE:
             out.layers.append(LayerShard(path, ROW, ranges))
         elif kind == DEPTHWISE:
@@ -417,25 +542,39 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
             out.layers.append(LayerShard(path, COLUMN, ranges, gather_output=kind == GATHER))
     for pattern, attrs in plan.attention_attrs.items():
         for path, attn in expand(model, pattern):
-            values = {}
+            split = splits.get(path)
+            values = [{} for _ in range(tp)]
             for attr in attrs:
                 value = getattr(attn, attr, None)
                 if not isinstance(value, int) or isinstance(value, bool):
                     continue
-                if value % tp:
+                per_rank = _attribute_values(attr, value, split)
+                if per_rank is None and value >= tp:  # a width split by features (an MLP's): as its linears are
+                    per_rank = [total(r) for r in width_ranges(value, split, f"{path}.{attr}")]
+                if per_rank is None:
                     raise UnsupportedError(
-                        f"tp_size={tp}: {path}.{attr}={value} is not divisible by it. The largest tp_size "
-                        f"that works for this model is {works}."
+                        f"tp_size={tp}: {path}.{attr}={value} cannot be dealt with the heads of {path} "
+                        f"({split.heads if split else '?'} heads). The largest tp_size that works for this model is "
+                        f"{works}."
                     )
-                values[attr] = value // tp
-            if values:
-                out.attributes.append(AttributeShard(path, tuple(dict(values) for _ in range(tp))))
+                for r, v in enumerate(per_rank):
+                    values[r][attr] = v
+            if values[0]:
+                out.attributes.append(AttributeShard(path, tuple(values)))
     for pattern in plan.sharded_norms:
         for path, norm in expand(model, pattern):
             width = norm_width(norm, path)
-            if width % tp:
-                raise UnsupportedError(f"tp_size={tp} does not divide the width {width} of the norm at {path}.")
-            out.norms.append(NormShard(path, width, tuple((r,) for r in split_ranges(width, tp))))
+            ranges = width_ranges(width, owner(path), path)
+            out.norms.append(NormShard(path, width, tuple(ranges)))
+    for pattern, packed in plan.reduced_parameters.items():
+        for path, owner in expand(model, pattern):
+            params = [(name, dim, packed_ranges(blocks, None, f"{path}.{name}")) for name, dim, blocks in packed.params]
+            attributes = ()
+            if packed.width_attribute is not None:
+                width = getattr(owner, packed.width_attribute)
+                attributes = tuple({packed.width_attribute: total(r)}
+                                   for r in packed_ranges((width,), None, f"{path}.{packed.width_attribute}"))
+            out.parameters.append(ParameterShard(path, tuple(params), attributes))
     columns = {s.path: s for s in out.layers if s.kind == COLUMN and not s.gather_output}
     for path, like in plan.sliced_outputs.items():
         shard = columns.get(like.linear)
@@ -447,5 +586,16 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
                                    f"(the rows of the table {path} returns).")
         ranges = tuple(tuple((a // like.unit, b // like.unit) for a, b in rs) for rs in shard.ranges)
         out.output_slices.append(OutputSlice(path, like.dim, ranges))
-    out.heads = {path: [(h // tp, h // tp)] * tp for path, h in heads.items()}
+    out.heads = {path: [(s.num_q, s.num_kv) for s in split.shards] for path, split in splits.items()}
     return out
+
+
+def _attribute_values(attr: str, value: int, split: _AttentionSplit | None) -> list[int] | None:
+    """Per-rank values of a head count or head-sized width: scaled by each rank's share of the query heads (of the
+    key/value heads for an attribute naming them); None when `value` is not made of whole heads."""
+    if split is not None:
+        if "kv" in attr and value % split.kv_heads == 0:
+            return [value // split.kv_heads * s.num_kv for s in split.shards]
+        if value % split.heads == 0:
+            return [value // split.heads * s.num_q for s in split.shards]
+    return None

@@ -19,14 +19,15 @@ Forward changes, undone on detach:
 
 Tensor parallel: heads by q/k/v columns (GQA k/v and the text k/v by their own heads), outputs by rows; dense and
 shared-expert SwiGLU MLPs by their hidden width; modulation and the per-block text projection gathered. The routed
-experts (packed `SwiGLUExperts` parameters, not Linear layers) and the router stay whole on every rank.
+experts (packed `SwiGLUExperts` parameters, not Linear layers) are split along their hidden width (gate/up columns,
+down rows) with the output all-reduced; the router (small) stays whole, so every rank routes the same tokens.
 """
 from __future__ import annotations
 
 import torch
 
 from diffpar.compat.diffusers_cp_hooks import gather_output, shard, split_input, unshard
-from diffpar.engines.tp_shard import GATHER, Packed
+from diffpar.engines.tp_shard import GATHER, Packed, PackedParameters
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
 from diffpar.families.transformers.sd3 import replace_attention_processors
@@ -121,7 +122,7 @@ def _swiglu(prefix: str, module) -> dict:
 
 @register_tp_plan("NucleusMoEImageTransformer2DModel")
 def nucleusmoe_tp_plan(model) -> TensorParallelPlan:
-    linears = {}
+    linears, experts = {}, {}
     for index, block in enumerate(model.transformer_blocks):
         path = f"transformer_blocks.{index}"
         for proj in ("to_q", "to_k", "to_v", "add_k_proj", "add_v_proj"):
@@ -132,7 +133,14 @@ def nucleusmoe_tp_plan(model) -> TensorParallelPlan:
         mlp = block.img_mlp
         if block.moe_enabled:
             linears.update(_swiglu(f"{path}.img_mlp.shared_expert", mlp.shared_expert))
+            # Routed experts, packed: gate_up (E, D, [gate I | up I]) by its gate and up columns, down (E, I, D) by
+            # the same rows; each rank computes every expert on its part of I, the outputs summed over the ranks.
+            inner = mlp.experts.moe_intermediate_dim
+            experts[f"{path}.img_mlp.experts"] = PackedParameters(
+                (("gate_up_proj", 2, (inner, inner)), ("down_proj", 1, (inner,))),
+                width_attribute="moe_intermediate_dim")
         else:
             linears.update(_swiglu(f"{path}.img_mlp", mlp))
     linears["norm_out.linear"] = GATHER
-    return TensorParallelPlan(linears=linears, attention_attrs={"transformer_blocks.*.attn": ATTN_ATTRS})
+    return TensorParallelPlan(linears=linears, attention_attrs={"transformer_blocks.*.attn": ATTN_ATTRS},
+                              reduced_parameters=experts)

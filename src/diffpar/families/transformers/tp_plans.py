@@ -72,18 +72,22 @@ def _translated_native_plan(model: torch.nn.Module, native: dict) -> TensorParal
         return TensorParallelPlan(linears=linears)
     linears.update({k: v for k, v in ours.linears.items() if v == GATHER and k not in linears})
     return TensorParallelPlan(linears=linears, attention_attrs=ours.attention_attrs, sharded_norms=ours.sharded_norms,
-                              sliced_outputs=ours.sliced_outputs)
+                              sliced_outputs=ours.sliced_outputs, reduced_parameters=ours.reduced_parameters)
 
 
 def shard_plan_for(model: torch.nn.Module, tp: int, world: int | None = None) -> ShardPlan:
     """The `ShardPlan` of `model` on `tp` ranks: diffusers' `_tp_plan` (translated) where the installed release
     has one, else ours. Local, no collective; raises UnsupportedError when neither exists or `tp` does not divide
-    a head count or a split width (naming the largest tp that works, within `world` when given)."""
+    an attention has fewer heads than ranks (naming the largest tp that works, within `world` when given);
+    uneven head counts and widths are split by whole heads (a rank may hold one head more)."""
     native = diffusers_tp.native_tp_plan(model)
     if native:
         plan = _translated_native_plan(model, native)
         shards = even_shard_plan(model, plan, tp, source="diffusers _tp_plan", origin="diffusers", world=world)
-        diffusers_tp.native_tp_prechecks(model, tp)  # after ours: our head-count message names what works
+        # After ours: our head-count message names what works. diffusers' degree checks refuse any tp that does not
+        # divide a head count or a width, which diffpar's uneven split (whole heads) carries out itself: then only
+        # its checks of the model's state run.
+        diffusers_tp.native_tp_prechecks(model, tp, degree_checks=not shards.uneven())
         return shards
     plan = diffpar_tp_plan_for(model)
     if plan is None:

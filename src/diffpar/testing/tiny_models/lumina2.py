@@ -42,9 +42,10 @@ def _lumina2(heads=2, kv_heads=None, head_dim=8, layers=2, refiner_layers=1):
 CASES = [
     # 4 of the prompt's tokens are padding: the joint sequences (real prompt + image tokens: 20, 18, 20) then
     # divide as the even layouts (Ulysses x Ring) need.
-    # Grouped key/value heads (4 query, 2 key/value) as the real model has (24, 8); w4-tp would need 4.
+    # Grouped key/value heads (4 query, 2 key/value) as the real model has (24, 8); at w4-tp each key/value head is
+    # held by the two ranks computing its query heads.
     ModelCase("lumina2", "Lumina2Transformer2DModel", model_kwargs={"heads": 4, "kv_heads": 2},
-              input_kwargs={"text_padding": 4}, tp=("w2-tp", "w4-ulysses2xtp2"),
+              input_kwargs={"text_padding": 4},
               notes="noise refiner and joint layers split; the context refiner runs whole on every rank"),
 ]
 
