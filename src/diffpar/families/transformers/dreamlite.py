@@ -19,10 +19,8 @@ TP plan: each block's attention by heads (queries, keys, values; outputs by rows
 of the fused projection split alike. GroupNorm and the projections in and out stay whole. With grouped-query
 attention each rank needs whole key/value heads (the TP engine checks it and names the tp that works). With ONE
 key/value head (num_kv_heads=1, the DreamLite U-Net's default) the plan keeps the key/value projections whole on
-every rank (exact: the processor repeats that head to the rank's query heads), but the engine's grouped-query check
-(engines/tp_shard.py `_key_value_heads`) still refuses any split attention with fewer key/value heads than query
-heads, also where K/V are not split; limiting that check to attentions whose `to_k` the plan splits (a change for
-the engine's owner) makes tp 2 and 4 work here.
+every rank (exact: the processor repeats that head to the rank's query heads); the engine deals key/value heads
+fewer than ranks to every rank that reads them, so tp 2 and 4 run (tested).
 """
 from __future__ import annotations
 
@@ -163,7 +161,7 @@ def dreamlite_cp_plan(model) -> dict:
 def _attention_entries(model, attn_name: str) -> tuple[dict, tuple[str, ...]]:
     """The linears and divided attributes of one attention of the blocks, split by heads. Keys/values too, except
     with ONE key/value head (MQA): those projections stay whole on every rank and the processor repeats that head
-    to the rank's query heads (exact; see the module docstring for what the engine still refuses)."""
+    to the rank's query heads (exact)."""
     attn = getattr(model.transformer_blocks[0], attn_name, None)
     if attn is None:
         return {}, ()

@@ -72,8 +72,8 @@ def _dreamlite_mha(heads=4, head_dim=8, layers=1):
 
 
 CASES = [
-    ModelCase("dreamlite", "DreamLiteTransformer2DModel", input_kwargs={"text_padding": 3}, tp=(),
-              notes="U-Net attention stage (1 key/value head): blocks split; TP refused for 1 key/value head"),
+    ModelCase("dreamlite", "DreamLiteTransformer2DModel", input_kwargs={"text_padding": 3},
+              notes="U-Net attention stage (1 key/value head): blocks split; the one key/value head held by every rank under TP"),
     ModelCase("dreamlite_gqa", "DreamLiteTransformer2DModel", input_kwargs={"text_padding": 3},
               cp=("w2-ulysses", "w4-ring-anything-odd"), tp=("w2-tp", "w4-ulysses2xtp2"),
               notes="2 key/value heads for 4 query heads: TP gives each rank whole key/value heads"),
