@@ -23,14 +23,19 @@ def _check_image(results, exact=False):
 
 
 def _check_two_calls(results, batch=1):
-    """Group 0 computed the cond call of every step, group 1 the uncond call of every step plus the first step's
-    cond (it learns the output shape there): half the calls of one process each, plus one."""
+    """First call: group 0 computed the cond call of every step, group 1 the uncond call of every step plus the
+    first step's cond (it learns the output template there): half the calls of one process each, plus one."""
     for r in results:
         assert r["reference_batches"] == [batch] * (2 * STEPS)
         expected = STEPS if r["group"] == 0 else STEPS + 1
         assert r["batches"] == [batch] * expected, (r["rank"], r["batches"])
         assert r["exchanges"] == STEPS and r["mode"] == "two_calls"
         assert r["placeholders"] == (0 if r["group"] == 0 else STEPS - 1)
+        # The second call has inputs of the same shapes and says guidance is on: it splits from its first step,
+        # every group computing exactly half the calls.
+        assert r["split_from_first_step"] == 1, r
+        assert r["again_batches"] == [batch] * STEPS, (r["rank"], r["again_batches"])
+        assert r["again_placeholders"] == (0 if r["group"] == 0 else STEPS)
 
 
 @pytest.mark.parametrize("kind", ["flux", "qwenimage", "wan"])

@@ -47,9 +47,14 @@ def cfg_equivalence(kind: str, config: dict, batch: int = 1, guidance: bool = Tr
         counter = ForwardCounter(pipe.transformer)
         out = _run(kind, pipe, call_kwargs, **options)
         counter.remove()
+        first_batches = counter.batches
         state = handle.states.get("cfg")
         first = None if state is None else dict(vars(state.counters["transformer"]))
+        counter = ForwardCounter(pipe.transformer)
         again = _run(kind, pipe, call_kwargs, **options)
+        counter_again = counter
+        counter.remove()
+        second = None if state is None else dict(vars(state.counters["transformer"]))
     except BaseException:
         handle.detach(strict=False)
         raise
@@ -63,7 +68,10 @@ def cfg_equivalence(kind: str, config: dict, batch: int = 1, guidance: bool = Tr
         "finite": bool(torch.isfinite(out).all()),
         "repeat_diff": (again - out).abs().max().item(),
         "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
-        "batches": counter.batches,
+        "batches": first_batches,
+        "again_batches": counter_again.batches,
+        "again_placeholders": None if second is None else second["placeholders"] - first["placeholders"],
+        "split_from_first_step": None if second is None else second.get("split_from_first_step", 0),
         "reference_batches": reference_batches,
         "mode": None if state is None else state.mode,
         "exchanges": None if first is None else first["exchanges"],
