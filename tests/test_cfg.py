@@ -199,3 +199,18 @@ def test_generate_cfg_flag_sets_cfg_size():
     config = generate.parallelism_config(pipe, generate.parse_args(["/m", "--cfg", "2", "--ulysses", "2"]))
     assert (config.cfg_size, config.ulysses_size) == (2, 2)
     assert generate.parallelism_config(pipe, generate.parse_args(["/m"])).cfg_size is None
+
+
+@pytest.mark.parametrize("kind", ["ltx", "ltx_i2v"])
+@pytest.mark.parametrize("world,config", [(2, {"cfg_size": 2}), (4, {"cfg_size": 2, "ulysses_size": 2})],
+                         ids=["cfg2", "cfg2xulysses2"])
+def test_ltx_batched_cfg(ranks, kind, world, config):
+    """LTX-Video (text- and image-to-video: the latter's per-token timestep splits with the batch): one process
+    runs both branches in one batch of 2, each cfg group one of them, within 1e-5 of one process."""
+    results = ranks(world, "workers.cfg:cfg_equivalence", kind=kind, config=config, steps=STEPS, timeout=300)
+    _check_image(results)
+    assert [r["group"] for r in results] == ([0, 1] if world == 2 else [0, 0, 1, 1])
+    for r in results:
+        assert r["reference_batches"] == [2] * STEPS
+        assert r["batches"] == r["again_batches"] == [1] * STEPS and r["exchanges"] == STEPS
+        assert r["mode"] == "batched"

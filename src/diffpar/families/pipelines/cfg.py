@@ -43,6 +43,7 @@ BATCH_ARGS: ClassRegistry[BatchArgs] = ClassRegistry("batch arguments")
 # One line per pipeline class.
 CFG_PATTERNS.register(("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                        "StableDiffusion3InpaintPipeline"), BATCHED)
+CFG_PATTERNS.register(("LTXPipeline", "LTXImageToVideoPipeline"), BATCHED)
 CFG_PATTERNS.register(("FluxPipeline",), TWO_CALLS)  # true_cfg_scale > 1 with a negative prompt
 CFG_PATTERNS.register(("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline",
                        "QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline"),
@@ -60,6 +61,9 @@ GUIDANCE_FLAGS.register(("WanPipeline", "WanImageToVideoPipeline"),
 # One line per denoiser class.
 BATCH_ARGS.register(("SD3Transformer2DModel",),
                     BatchArgs(("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")))
+BATCH_ARGS.register(("LTXVideoTransformer3DModel",),  # image-to-video: a per-token timestep (batch, tokens)
+                    BatchArgs(("hidden_states", "encoder_hidden_states", "timestep", "encoder_attention_mask",
+                               "video_coords")))
 BATCH_ARGS.register(("FluxTransformer2DModel",),
                     BatchArgs(("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
                                "guidance")))
