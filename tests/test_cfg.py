@@ -214,3 +214,22 @@ def test_ltx_batched_cfg(ranks, kind, world, config):
         assert r["reference_batches"] == [2] * STEPS
         assert r["batches"] == r["again_batches"] == [1] * STEPS and r["exchanges"] == STEPS
         assert r["mode"] == "batched"
+
+
+@pytest.mark.parametrize("world,config", [(2, {"cfg_size": 2}), (4, {"cfg_size": 2, "ulysses_size": 2})],
+                         ids=["cfg2", "cfg2xulysses2"])
+def test_wan22_both_experts_split(ranks, world, config):
+    """Wan 2.2: `transformer` (2 high-noise steps) and `transformer_2` (2 low-noise steps) each split their guidance
+    branches over the cfg groups (and their tokens over Ulysses), within 1e-5 of one process, on two calls."""
+    results = ranks(world, "workers.cfg:two_experts_equivalence", config=config, steps=4, timeout=300)
+    ulysses = config.get("ulysses_size", 1)
+    for r in results:
+        for n in ("transformer", "transformer_2"):
+            batches, tokens = r["reference_seen"][n]
+            assert batches == [1] * 4, (n, batches)  # one process: cond + uncond in each of its 2 steps
+            for call, computed in zip(r["calls"], (2 + r["group"], 2)):  # group 1 learns in the first call
+                assert call["finite"] and call["diff"] <= PIPELINE_FP32, call["diff"]
+                mine_batches, mine_tokens = call["seen"][n]
+                assert mine_batches == [1] * computed, (r["rank"], n, mine_batches)
+                assert mine_tokens == [tokens[0] // ulysses] * computed, (r["rank"], n, mine_tokens)
+            assert r["split_from_first_step"][n] == 1

@@ -14,11 +14,12 @@ class ForwardCounter:
     projection, inside every wrapper (a placeholder or a skipped call never reaches it)."""
 
     def __init__(self, transformer):
-        self.batches = []
+        self.batches, self.tokens = [], []
         self._hook = transformer.proj_out.register_forward_pre_hook(self._seen)
 
     def _seen(self, module, args):
         self.batches.append(int(args[0].shape[0]))
+        self.tokens.append(int(args[0].shape[1]) if args[0].dim() >= 2 else None)
 
     def remove(self):
         self._hook.remove()
@@ -157,3 +158,35 @@ def cfg_cache_equivalence(kind: str, config: dict, cache: dict, builder: dict, s
         "cache_group_size": handle.state("cache").group_size,
         "computed_forwards": handle.state("cfg").counters["transformer"].computed,
     }
+
+
+def two_experts_equivalence(config: dict, steps: int = 4):
+    """Wan 2.2 with its low-noise expert (`transformer_2`): two calls of the pipeline on this world vs one process,
+    with the forwards (batch, tokens into proj_out) each expert really ran on this rank, per call."""
+    kind, options = "wan22", dict(steps=steps)
+    reference_pipe, call_kwargs = tiny_cfg_pipelines.build(kind)
+    reference_pipe.set_progress_bar_config(disable=True)
+    counters = {n: ForwardCounter(getattr(reference_pipe, n)) for n in ("transformer", "transformer_2")}
+    reference = _run(kind, reference_pipe, call_kwargs, **options)
+    reference_seen = {n: (c.batches, c.tokens) for n, c in counters.items()}
+    del reference_pipe
+
+    pipe, call_kwargs = tiny_cfg_pipelines.build(kind)
+    pipe.set_progress_bar_config(disable=True)
+    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(**config))
+    calls = []
+    try:
+        for _ in range(2):
+            counters = {n: ForwardCounter(getattr(pipe, n)) for n in ("transformer", "transformer_2")}
+            out = _run(kind, pipe, call_kwargs, **options)
+            for c in counters.values():
+                c.remove()
+            calls.append({"diff": (out - reference).abs().max().item(), "finite": bool(torch.isfinite(out).all()),
+                          "seen": {n: (c.batches, c.tokens) for n, c in counters.items()}})
+        state = handle.state("cfg")
+        split_first = {n: c.split_from_first_step for n, c in state.counters.items()}
+        mesh = handle.state("mesh")
+    finally:
+        handle.detach()
+    return {"rank": dist.get_rank(), "group": mesh.get_coordinate()[0], "calls": calls,
+            "reference_seen": reference_seen, "split_from_first_step": split_first}

@@ -7,6 +7,8 @@ accepts embeddings). Kinds and their guidance pattern:
 - "flux": FluxPipeline with `true_cfg_scale` 2 and a negative prompt: cond and uncond calls;
 - "qwenimage": QwenImagePipeline with `true_cfg_scale` 4 and negative embeddings: cond and uncond calls;
 - "wan": WanPipeline with guidance_scale 5: cond and uncond calls;
+- "wan22": WanPipeline with two experts (Wan 2.2: `transformer` above `boundary_ratio` 0.875 of the timesteps,
+  `transformer_2`, the low-noise expert, below it; 4 steps give each expert 2), cond and uncond calls on each;
 - "ltx" / "ltx_i2v": LTXPipeline / LTXImageToVideoPipeline with guidance_scale 3, branches batched.
 Every call with the same arguments builds the same weights, so each rank and a one-process reference agree.
 """
@@ -16,8 +18,8 @@ import torch
 
 from diffpar.testing import tiny_pipelines, tiny_transformers
 
-KINDS = ("sd3", "flux", "qwenimage", "wan", "ltx", "ltx_i2v")
-VIDEO_KINDS = ("wan", "ltx", "ltx_i2v")
+KINDS = ("sd3", "flux", "qwenimage", "wan", "wan22", "ltx", "ltx_i2v")
+VIDEO_KINDS = ("wan", "wan22", "ltx", "ltx_i2v")
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -27,7 +29,7 @@ def _gen(seed: int) -> torch.Generator:
 def build(kind: str, **kwargs):
     if kind in ("ltx", "ltx_i2v"):
         return _ltx(image=kind == "ltx_i2v", **kwargs)
-    return {"sd3": _sd3, "flux": _flux, "qwenimage": _qwenimage, "wan": _wan}[kind](**kwargs)
+    return {"sd3": _sd3, "flux": _flux, "qwenimage": _qwenimage, "wan": _wan, "wan22": _wan22}[kind](**kwargs)
 
 
 def _sd3(seed=0, heads=4, head_dim=16, layers=2):
@@ -106,6 +108,16 @@ def _wan(seed=0, heads=4, **kwargs):
             generator=torch.Generator().manual_seed(seed),
         )
 
+    return pipe, call_kwargs
+
+
+def _wan22(seed=0, heads=4, **kwargs):
+    from diffusers import WanPipeline
+
+    one, call_kwargs = _wan(seed=seed, heads=heads, **kwargs)
+    low_noise = tiny_pipelines.build_tiny_wan_pipeline(seed=seed + 10, heads=heads, **kwargs).transformer
+    components = {k: v for k, v in one.components.items() if k != "transformer_2"}
+    pipe = WanPipeline(**components, transformer_2=low_noise, boundary_ratio=0.875)
     return pipe, call_kwargs
 
 
