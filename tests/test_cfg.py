@@ -121,6 +121,13 @@ def test_broken_pattern_raises_on_every_rank(ranks):
         assert r["error"] and "two cond calls in a row" in r["error"], r["error"]
 
 
+def test_wrong_guidance_flag_raises_on_every_rank(ranks):
+    results = ranks(2, "workers.cfg:wrong_guidance_flag", timeout=300)
+    for r in results:
+        assert r["error"] and "two cond calls in a row" in r["error"], r["error"]
+        assert r["split_from_first_step"] == 1
+
+
 def _skip_unless_dbcache(pipe):
     """DBCache needs diffusers' block metadata for the model's blocks (SD3's JointTransformerBlock: 0.37+)."""
     try:
@@ -233,3 +240,17 @@ def test_wan22_both_experts_split(ranks, world, config):
                 assert mine_batches == [1] * computed, (r["rank"], n, mine_batches)
                 assert mine_tokens == [tokens[0] // ulysses] * computed, (r["rank"], n, mine_tokens)
             assert r["split_from_first_step"][n] == 1
+
+
+@pytest.mark.parametrize("kind", ["flux", "wan"])
+def test_guidance_switched_between_calls(ranks, kind):
+    """A guided call, then an unguided one, then a guided one on the same parallel pipeline: the pipeline's own
+    flag (Flux: its do_true_cfg, Wan: do_classifier_free_guidance) is read as each call starts, so the unguided
+    call runs whole on every rank and exact, and the third call splits from its first step."""
+    results = ranks(2, "workers.cfg:guidance_switch", kind=kind, steps=STEPS, timeout=300)
+    for r in results:
+        first, off, again = r["calls"]
+        assert off["diff"] == 0.0 and off["batches"] == [1] * STEPS, off  # whole, as one process
+        assert first["diff"] <= PIPELINE_FP32 and again["diff"] <= PIPELINE_FP32, (first, again)
+        assert first["batches"] == [1] * (STEPS + r["group"])  # group 1 learns in the first call
+        assert again["batches"] == [1] * STEPS  # every group: half the calls of one process

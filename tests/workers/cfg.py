@@ -124,6 +124,36 @@ def broken_pattern():
     return {"error": None}
 
 
+def wrong_guidance_flag():
+    """The pipeline says guidance is on (its __call__'s do_true_cfg) but makes two cond calls in a row: after a
+    first call learned the output template, the second splits from its first step, and every rank raises."""
+    pipe, _ = tiny_cfg_pipelines.build("flux")
+    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(cfg_size=2))
+    transformer = pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+                  pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
+                  img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]),
+                  return_dict=False)
+
+    def __call__(self, do_true_cfg, branches):  # stands for the pipeline's own __call__ (the flag is its local)
+        self.prepare_latents(1, 4, 32, 32, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(0))
+        for branch in branches:
+            with transformer.cache_context(branch):
+                transformer(**inputs)
+
+    try:
+        with torch.no_grad():
+            __call__(pipe, True, ("cond", "uncond"))  # learns the template
+            __call__(pipe, True, ("cond", "cond"))
+    except diffpar.DiffparError as exc:
+        return {"error": str(exc), "split_from_first_step": handle.state("cfg").counters["transformer"]
+                .split_from_first_step}
+    finally:
+        handle.detach()
+    return {"error": None}
+
+
 def _decisions(pipe):
     from diffpar.cache import cache_stats
 
@@ -190,3 +220,28 @@ def two_experts_equivalence(config: dict, steps: int = 4):
         handle.detach()
     return {"rank": dist.get_rank(), "group": mesh.get_coordinate()[0], "calls": calls,
             "reference_seen": reference_seen, "split_from_first_step": split_first}
+
+
+def guidance_switch(kind: str, steps: int = 2):
+    """Guided, unguided, guided again on one parallel pipeline (same shapes): each call vs one process, with the
+    forwards this rank ran per call. The pipeline says before each call whether guidance is on."""
+    sequence = (True, False, True)
+    reference_pipe, call_kwargs = tiny_cfg_pipelines.build(kind)
+    reference_pipe.set_progress_bar_config(disable=True)
+    references = {g: _run(kind, reference_pipe, call_kwargs, guidance=g, steps=steps) for g in (True, False)}
+    del reference_pipe
+    pipe, call_kwargs = tiny_cfg_pipelines.build(kind)
+    pipe.set_progress_bar_config(disable=True)
+    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(cfg_size=2))
+    calls = []
+    try:
+        for guided in sequence:
+            counter = ForwardCounter(pipe.transformer)
+            out = _run(kind, pipe, call_kwargs, guidance=guided, steps=steps)
+            counter.remove()
+            calls.append({"guided": guided, "diff": (out - references[guided]).abs().max().item(),
+                          "batches": counter.batches})
+        mesh = handle.state("mesh")
+    finally:
+        handle.detach()
+    return {"rank": dist.get_rank(), "group": mesh.get_coordinate()[0], "calls": calls}
