@@ -23,14 +23,19 @@ def _check_image(results, exact=False):
 
 
 def _check_two_calls(results, batch=1):
-    """Group 0 computed the cond call of every step, group 1 the uncond call of every step plus the first step's
-    cond (it learns the output shape there): half the calls of one process each, plus one."""
+    """First call: group 0 computed the cond call of every step, group 1 the uncond call of every step plus the
+    first step's cond (it learns the output template there): half the calls of one process each, plus one."""
     for r in results:
         assert r["reference_batches"] == [batch] * (2 * STEPS)
         expected = STEPS if r["group"] == 0 else STEPS + 1
         assert r["batches"] == [batch] * expected, (r["rank"], r["batches"])
         assert r["exchanges"] == STEPS and r["mode"] == "two_calls"
         assert r["placeholders"] == (0 if r["group"] == 0 else STEPS - 1)
+        # The second call has inputs of the same shapes and says guidance is on: it splits from its first step,
+        # every group computing exactly half the calls.
+        assert r["split_from_first_step"] == 1, r
+        assert r["again_batches"] == [batch] * STEPS, (r["rank"], r["again_batches"])
+        assert r["again_placeholders"] == (0 if r["group"] == 0 else STEPS)
 
 
 @pytest.mark.parametrize("kind", ["flux", "qwenimage", "wan"])
@@ -116,6 +121,13 @@ def test_broken_pattern_raises_on_every_rank(ranks):
         assert r["error"] and "two cond calls in a row" in r["error"], r["error"]
 
 
+def test_wrong_guidance_flag_raises_on_every_rank(ranks):
+    results = ranks(2, "workers.cfg:wrong_guidance_flag", timeout=300)
+    for r in results:
+        assert r["error"] and "two cond calls in a row" in r["error"], r["error"]
+        assert r["split_from_first_step"] == 1
+
+
 def _skip_unless_dbcache(pipe):
     """DBCache needs diffusers' block metadata for the model's blocks (SD3's JointTransformerBlock: 0.37+)."""
     try:
@@ -194,3 +206,51 @@ def test_generate_cfg_flag_sets_cfg_size():
     config = generate.parallelism_config(pipe, generate.parse_args(["/m", "--cfg", "2", "--ulysses", "2"]))
     assert (config.cfg_size, config.ulysses_size) == (2, 2)
     assert generate.parallelism_config(pipe, generate.parse_args(["/m"])).cfg_size is None
+
+
+@pytest.mark.parametrize("kind", ["ltx", "ltx_i2v"])
+@pytest.mark.parametrize("world,config", [(2, {"cfg_size": 2}), (4, {"cfg_size": 2, "ulysses_size": 2})],
+                         ids=["cfg2", "cfg2xulysses2"])
+def test_ltx_batched_cfg(ranks, kind, world, config):
+    """LTX-Video (text- and image-to-video: the latter's per-token timestep splits with the batch): one process
+    runs both branches in one batch of 2, each cfg group one of them, within 1e-5 of one process."""
+    results = ranks(world, "workers.cfg:cfg_equivalence", kind=kind, config=config, steps=STEPS, timeout=300)
+    _check_image(results)
+    assert [r["group"] for r in results] == ([0, 1] if world == 2 else [0, 0, 1, 1])
+    for r in results:
+        assert r["reference_batches"] == [2] * STEPS
+        assert r["batches"] == r["again_batches"] == [1] * STEPS and r["exchanges"] == STEPS
+        assert r["mode"] == "batched"
+
+
+@pytest.mark.parametrize("world,config", [(2, {"cfg_size": 2}), (4, {"cfg_size": 2, "ulysses_size": 2})],
+                         ids=["cfg2", "cfg2xulysses2"])
+def test_wan22_both_experts_split(ranks, world, config):
+    """Wan 2.2: `transformer` (2 high-noise steps) and `transformer_2` (2 low-noise steps) each split their guidance
+    branches over the cfg groups (and their tokens over Ulysses), within 1e-5 of one process, on two calls."""
+    results = ranks(world, "workers.cfg:two_experts_equivalence", config=config, steps=4, timeout=300)
+    ulysses = config.get("ulysses_size", 1)
+    for r in results:
+        for n in ("transformer", "transformer_2"):
+            batches, tokens = r["reference_seen"][n]
+            assert batches == [1] * 4, (n, batches)  # one process: cond + uncond in each of its 2 steps
+            for call, computed in zip(r["calls"], (2 + r["group"], 2)):  # group 1 learns in the first call
+                assert call["finite"] and call["diff"] <= PIPELINE_FP32, call["diff"]
+                mine_batches, mine_tokens = call["seen"][n]
+                assert mine_batches == [1] * computed, (r["rank"], n, mine_batches)
+                assert mine_tokens == [tokens[0] // ulysses] * computed, (r["rank"], n, mine_tokens)
+            assert r["split_from_first_step"][n] == 1
+
+
+@pytest.mark.parametrize("kind", ["flux", "wan"])
+def test_guidance_switched_between_calls(ranks, kind):
+    """A guided call, then an unguided one, then a guided one on the same parallel pipeline: the pipeline's own
+    flag (Flux: its do_true_cfg, Wan: do_classifier_free_guidance) is read as each call starts, so the unguided
+    call runs whole on every rank and exact, and the third call splits from its first step."""
+    results = ranks(2, "workers.cfg:guidance_switch", kind=kind, steps=STEPS, timeout=300)
+    for r in results:
+        first, off, again = r["calls"]
+        assert off["diff"] == 0.0 and off["batches"] == [1] * STEPS, off  # whole, as one process
+        assert first["diff"] <= PIPELINE_FP32 and again["diff"] <= PIPELINE_FP32, (first, again)
+        assert first["batches"] == [1] * (STEPS + r["group"])  # group 1 learns in the first call
+        assert again["batches"] == [1] * STEPS  # every group: half the calls of one process

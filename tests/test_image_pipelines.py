@@ -26,8 +26,8 @@ def _check(results, config):
 
 
 # rank_seeds: rank r passes generator seed r, relying on diffpar to make every rank use rank 0's randomness.
-# FluxFill samples its masked-image latents (VAE encode posterior) with the generator outside prepare_latents,
-# which diffpar does not broadcast: see test_fill_with_rank_seeds_needs_encode_sample_broadcast.
+# FluxFill samples its masked-image latents (VAE encode posterior) with the generator outside prepare_latents:
+# rank seeds there in test_fill_with_rank_seeds_needs_encode_sample_broadcast.
 CASES = [
     pytest.param("flux-kontext", True, marks=[pytest.mark.compat, _needs("FluxKontextPipeline")]),
     pytest.param("flux-fill", False, marks=[pytest.mark.compat, _needs("FluxFillPipeline")]),
@@ -50,9 +50,9 @@ def test_image_pipeline_whole_world(ranks, kind, rank_seeds):
 
 
 @_needs("FluxFillPipeline")
-@pytest.mark.xfail(strict=True, reason="diffpar bug: FluxFillPipeline.prepare_mask_latents samples the VAE "
-                   "posterior with each rank's own generator, and only prepare_latents is broadcast from rank 0")
 def test_fill_with_rank_seeds_needs_encode_sample_broadcast(ranks):
+    """FluxFillPipeline.prepare_mask_latents samples the VAE posterior with the generator after prepare_latents:
+    the generator gets rank 0's state at prepare_latents, so those samples agree too."""
     config = {"ulysses_size": 2}
     results = ranks(2, "workers.image_pipelines:pipeline_equivalence", kind="flux-fill", config=config,
                     rank_seeds=True, timeout=300)

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -151,11 +152,46 @@ def apply_step(step: str, fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
+def _generators(value) -> list[torch.Generator]:
+    if isinstance(value, torch.Generator):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [g for g in value if isinstance(g, torch.Generator)]
+    return []
+
+
+def _generator_argument(wrapped, args, kwargs):
+    if "generator" in kwargs:
+        return kwargs["generator"]
+    try:
+        return inspect.signature(wrapped).bind_partial(*args, **kwargs).arguments.get("generator")
+    except (TypeError, ValueError):
+        return None
+
+
+def broadcast_generator_states(generators: list[torch.Generator], group=None) -> None:
+    """Give every rank rank 0's state of each generator (rank r may have seeded its own): every later draw from
+    them agrees, including those outside prepare_latents (e.g. FluxFill's masked-image posterior sample)."""
+    device = None
+    if "nccl" in str(dist.get_backend(group)).lower():  # NCCL moves device tensors only
+        device = torch.device("cuda", torch.cuda.current_device())
+    for generator in generators:
+        state = generator.get_state()
+        buf = state if device is None else state.to(device)
+        dist.broadcast(buf, src=0, group=group)
+        if dist.get_rank() != 0:
+            generator.set_state(buf.cpu() if device is not None else buf)
+
+
 def broadcast_latents(pipe, handle: ParallelHandle, group=None) -> None:
-    """Every rank must start from rank 0's noise: without a generator, each rank would draw its own. `group`: the
-    whole world (one whose waits end after timeout_s; default: the default group)."""
+    """Every rank must start from rank 0's noise: without a generator, each rank would draw its own. The
+    generators passed to prepare_latents get rank 0's state first, so the pipeline's later draws agree too.
+    `group`: the whole world (one whose waits end after timeout_s; default: the default group)."""
 
     def wrapper(wrapped, instance, args, kwargs):
+        generators = _generators(_generator_argument(wrapped, args, kwargs))
+        if generators:
+            broadcast_generator_states(generators, group)
         result = wrapped(*args, **kwargs)
         items = result if isinstance(result, tuple) else (result,)
         for item in items:

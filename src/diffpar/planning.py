@@ -23,7 +23,12 @@ from diffpar.engines.context_parallel import check_context_parallel
 from diffpar.errors import DiffparError, UnsupportedError
 import diffpar.families.catalog  # noqa: F401  (every family file registers itself: explicit, no package scan)
 from diffpar.families.controlnets.base import check_controlnet_listed
-from diffpar.families.pipelines.cfg import batch_args_for, cfg_pattern_for, recognised_pipelines
+from diffpar.families.pipelines.cfg import (
+    batch_args_for,
+    cfg_pattern_for,
+    guidance_probe_for,
+    recognised_pipelines,
+)
 from diffpar.families.registry import cp_plan_entry, cp_plan_for, extra_adapter_for
 from diffpar.families.transformers import tp_plans
 from diffpar.mesh import ParallelDims
@@ -301,7 +306,8 @@ def _plan_cfg(target, denoisers, dims: ParallelDims, with_cache: bool) -> tuple[
         entries.append((dname, model, args))
     if pattern == TWO_CALLS and not callable(getattr(target, "prepare_latents", None)):
         raise DiffparError(f"cfg_size={dims.cfg}: {name} has no prepare_latents, where each call would start.")
-    payload = CfgPayload(pattern, tuple(entries), target, dim="cfg")
+    payload = CfgPayload(pattern, tuple(entries), target, dim="cfg",
+                         guided=guidance_probe_for(target) if pattern == TWO_CALLS else None)
     return _cfg_component(target, payload, dims), f"{used} per cfg group; the {dims.dp} cfg groups split guidance"
 
 

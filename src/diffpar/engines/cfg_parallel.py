@@ -11,10 +11,13 @@ it sits outside them (each group is its own context-/tensor-parallel mesh and se
 - `two_calls`: the pipeline calls the denoiser twice per step, inside `cache_context("cond")` and
   `cache_context("uncond")`. Group 0 computes the cond call; group 1 returns at once a NaN placeholder of the
   learned output shape (the pipeline keeps that very tensor), then computes the uncond call; at the uncond call
-  the two exchange [cond, uncond] and group 1 fills its placeholder in place. The output shape, and whether the
-  pipeline call has an uncond branch at all, are learned in its first step, which every rank computes; a call
-  without uncond (guidance 1, a distilled model) runs whole on every rank. A call sequence that breaks the
-  learned pattern raises on every rank (every rank sees the same calls), never returns a blend.
+  the two exchange [cond, uncond] and group 1 fills its placeholder in place. The placeholder needs the output's
+  structure, shape and dtype, and group 1 needs to know that an uncond call will follow: the first pipeline call
+  learns both in its first step, which every rank computes; a later call whose first cond call has inputs of the
+  same shapes reuses the learned output template, and starts split from its first step when the pipeline says,
+  before its first denoiser call, that guidance is on (`CfgPayload.guided`). A call without uncond (guidance 1, a
+  distilled model) runs whole on every rank. A call sequence that breaks the learned or announced pattern raises
+  on every rank (every rank sees the same calls and decides alike), never returns a blend.
 
 Never imports a family: the plan (mode, batch arguments) comes in `CfgPayload`.
 """
@@ -49,6 +52,9 @@ class CfgPayload:
     denoisers: tuple  # ((name, module, batch_args), ...)
     pipeline: object = None
     dim: str = "cfg"
+    # two calls: guided(pipeline) -> True / False / None (unknown), asked as each pipeline call starts
+    # (prepare_latents): True lets a call whose output template is known split from its first step.
+    guided: object = None
 
 
 class CfgPatternError(DiffparError):
@@ -62,6 +68,7 @@ class DenoiserCounters:
     calls: int = 0  # forwards the pipeline made
     computed: int = 0  # forwards this rank ran
     placeholders: int = 0  # cond calls answered with a placeholder (group 1)
+    split_from_first_step: int = 0  # pipeline calls split from their first step (a known template, guidance on)
     exchanges: int = 0  # collectives this wrapper issued
     bytes_sent: int = 0  # bytes this rank contributed to those collectives
     batches: list = field(default_factory=list)  # batch size of each forward this rank ran
@@ -119,6 +126,40 @@ def _tensors(output) -> list[torch.Tensor]:
     found = []
     _map_tensors(output, lambda t: found.append(t) or t)
     return found
+
+
+@dataclass(frozen=True)
+class OutputTemplate:
+    """A denoiser output's structure with its one tensor on the meta device (no memory), and that tensor's device:
+    enough to build group 1's placeholder."""
+
+    structure: object
+    device: torch.device
+
+    @classmethod
+    def of(cls, output, tensor: torch.Tensor) -> "OutputTemplate":
+        return cls(_map_tensors(output, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta")), tensor.device)
+
+    def placeholder(self) -> torch.Tensor:
+        meta = _tensors(self.structure)[0]
+        return torch.full(meta.shape, float("nan"), dtype=meta.dtype, device=self.device)
+
+    def fill(self, tensor: torch.Tensor):
+        return _map_tensors(self.structure, lambda _: tensor)
+
+
+def _input_key(value):
+    """What of a forward's arguments decides its output's structure, shape and dtype: every tensor's shape, dtype
+    and device, and the plain values (return_dict, sizes, shape lists). Anything else counts by type only."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_input_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _input_key(v)) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))))
+    return ("object", type(value).__qualname__)
 
 
 # -- arguments as keywords ---------------------------------------------------------------------------------------
@@ -208,17 +249,24 @@ class BatchSplitter:
 class TwoCallsSplitter:
     """Group 0 computes the cond call, group 1 the uncond call, one exchange per step (see module doc)."""
 
+    TEMPLATES_KEPT = 8  # output templates remembered per denoiser (one per distinct input shapes)
+
     def __init__(self, name, model, group, timeout_s, runtime: CfgRuntime):
         self.name, self.group, self.timeout_s, self.runtime = name, group, timeout_s, runtime
         self.rank = dist.get_rank(group)
         self.counters = runtime.counters.setdefault(name, DenoiserCounters())
         self.branches: list[str | None] = []  # the cache_context names entered, innermost last
+        # input key -> OutputTemplate, learned from first-step cond calls, which every rank computes: every rank
+        # holds the same entries, so every rank decides alike whether a call splits from its first step.
+        self.templates: dict = {}
         self.reset()
 
-    def reset(self) -> None:
-        """A new pipeline call: learn again (sizes and guidance may change between calls)."""
+    def reset(self, guided: bool | None = None) -> None:
+        """A new pipeline call: learn again (sizes and guidance may change between calls). `guided`: what the
+        pipeline says of this call's guidance before its first denoiser call (None: it does not say)."""
         self.mode = "learning"  # -> "cfg" after the first uncond call, "plain" when a cond follows a cond
-        self.template = None  # the first cond output of this call: structure, shape and dtype
+        self.guided = guided
+        self.template = None  # this call's cond output template (group 1 builds its placeholders from it)
         self.pending = None  # group 0: its cond result; group 1: the placeholder it handed out
         self.awaiting_uncond = False
 
@@ -271,22 +319,37 @@ class TwoCallsSplitter:
     def _cond(self, wrapped, args, kwargs):
         if self.awaiting_uncond:
             if self.mode == "cfg":
-                raise self._error("two cond calls in a row, where a cond call was always followed by an uncond one")
+                raise self._error("two cond calls in a row, where a cond call was always followed by an uncond one "
+                                  "(or the pipeline said guidance was on for this call)")
             self.mode = "plain"
             self.runtime.note_once(
                 f"{self.name}: this pipeline call has no unconditional branch (guidance off): every rank computes "
                 "every step, as without cfg_size."
             )
+        key = None
+        if self.mode == "learning":  # the first cond call of this pipeline call
+            key = _input_key((args, kwargs))
+            known = self.templates.get(key)
+            if known is not None and self.guided is True:  # split from this first step
+                self.mode, self.template = "cfg", known
+                self.counters.split_from_first_step += 1
         if self.mode != "cfg" or self.rank == 0:
             output, tensor = self._compute(wrapped, args, kwargs)
-            self.template, self.pending = output, tensor
+            if self.mode != "cfg":
+                self.template = OutputTemplate.of(output, tensor)
+                if key is not None:
+                    self.templates.pop(key, None)
+                    self.templates[key] = self.template
+                    while len(self.templates) > self.TEMPLATES_KEPT:
+                        self.templates.pop(next(iter(self.templates)))
+            self.pending = tensor
             self.awaiting_uncond = True
             return output
-        placeholder = torch.full_like(_tensors(self.template)[0], float("nan"))
+        placeholder = self.template.placeholder()
         self.counters.placeholders += 1
         self.pending = placeholder
         self.awaiting_uncond = True
-        return _map_tensors(self.template, lambda _: placeholder)
+        return self.template.fill(placeholder)
 
     def _uncond(self, wrapped, args, kwargs):
         if not self.awaiting_uncond:
@@ -310,7 +373,7 @@ class TwoCallsSplitter:
         self.awaiting_uncond = False
         if output is not None:
             return output
-        return _map_tensors(self.template, lambda _: uncond)
+        return self.template.fill(uncond)
 
 
 # -- apply -----------------------------------------------------------------------------------------------------------
@@ -339,8 +402,14 @@ def apply_cfg_parallel(payload: CfgPayload, group, handle, timeout_s: float) -> 
         patches.append(Patch(model, "forward", splitter, label=f"{name}.forward"))
     if splitters and payload.pipeline is not None:
         def new_call(wrapped, instance, args, kwargs):
+            guided = None
+            if payload.guided is not None:
+                try:
+                    guided = payload.guided(payload.pipeline)
+                except Exception:  # a hint only: without it the call learns in its first step
+                    guided = None
             for s in splitters:
-                s.reset()
+                s.reset(guided if isinstance(guided, bool) else None)
             return wrapped(*args, **kwargs)
 
         patches.append(Patch(payload.pipeline, "prepare_latents", new_call,

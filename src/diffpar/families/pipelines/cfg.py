@@ -12,6 +12,7 @@ Two patterns (read from each pipeline's denoising loop, diffusers 0.36-0.42.1):
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from diffpar.families.registry import ClassRegistry
@@ -26,12 +27,23 @@ class BatchArgs:
     lists: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class GuidanceFlag:
+    """Where a two-call pipeline says, before its first denoiser call, whether this call runs the uncond branch:
+    a local variable of its `__call__` ("local") or a public attribute or property ("attribute")."""
+
+    source: str
+    name: str
+
+
 CFG_PATTERNS: ClassRegistry[str] = ClassRegistry("CFG pattern")
+GUIDANCE_FLAGS: ClassRegistry[GuidanceFlag] = ClassRegistry("guidance flag")
 BATCH_ARGS: ClassRegistry[BatchArgs] = ClassRegistry("batch arguments")
 
 # One line per pipeline class.
 CFG_PATTERNS.register(("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                        "StableDiffusion3InpaintPipeline"), BATCHED)
+CFG_PATTERNS.register(("LTXPipeline", "LTXImageToVideoPipeline"), BATCHED)
 CFG_PATTERNS.register(("FluxPipeline",), TWO_CALLS)  # true_cfg_scale > 1 with a negative prompt
 CFG_PATTERNS.register(("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline",
                        "QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline"),
@@ -39,9 +51,19 @@ CFG_PATTERNS.register(("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenIma
 CFG_PATTERNS.register(("WanPipeline", "WanImageToVideoPipeline"), TWO_CALLS)
 CFG_PATTERNS.register(("HunyuanVideoPipeline",), TWO_CALLS)  # true_cfg_scale > 1 with a negative prompt
 
+# One line per two-call pipeline family: what decides its uncond call (read from each denoising loop).
+GUIDANCE_FLAGS.register(("FluxPipeline", "HunyuanVideoPipeline", "QwenImagePipeline", "QwenImageImg2ImgPipeline",
+                         "QwenImageInpaintPipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline",
+                         "QwenImageEditInpaintPipeline"), GuidanceFlag("local", "do_true_cfg"))
+GUIDANCE_FLAGS.register(("WanPipeline", "WanImageToVideoPipeline"),
+                        GuidanceFlag("attribute", "do_classifier_free_guidance"))
+
 # One line per denoiser class.
 BATCH_ARGS.register(("SD3Transformer2DModel",),
                     BatchArgs(("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")))
+BATCH_ARGS.register(("LTXVideoTransformer3DModel",),  # image-to-video: a per-token timestep (batch, tokens)
+                    BatchArgs(("hidden_states", "encoder_hidden_states", "timestep", "encoder_attention_mask",
+                               "video_coords")))
 BATCH_ARGS.register(("FluxTransformer2DModel",),
                     BatchArgs(("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
                                "guidance")))
@@ -62,3 +84,34 @@ def batch_args_for(model) -> BatchArgs | None:
 
 def recognised_pipelines() -> list[str]:
     return CFG_PATTERNS.names()
+
+
+
+def guidance_probe_for(pipeline):
+    """`guided(pipeline) -> bool | None` for the cfg engine, asked as each pipeline call starts (its prepare_latents,
+    inside `__call__`, after the guidance flag is set), or None where the class has no registered flag. None from the
+    probe (flag not found, e.g. another diffusers release) makes the call learn in its first step, as before; a
+    wrong True is refused by the engine on every rank (two cond calls in a row), never blended."""
+    flag = GUIDANCE_FLAGS.lookup(pipeline)
+    if flag is None:
+        return None
+    if flag.source == "attribute":
+        def from_attribute(pipe):
+            value = getattr(pipe, flag.name, None)
+            return value if isinstance(value, bool) else None
+
+        return from_attribute
+
+    def from_call_locals(pipe):
+        frame = inspect.currentframe()
+        try:
+            while frame is not None:
+                if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipe:
+                    value = frame.f_locals.get(flag.name)
+                    return value if isinstance(value, bool) else None
+                frame = frame.f_back
+            return None
+        finally:
+            del frame
+
+    return from_call_locals
