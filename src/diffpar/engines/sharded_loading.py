@@ -234,7 +234,7 @@ def plan_loading(name: str, module: nn.Module, path: str, shard_plan: ShardPlan 
     for pid, paths in aliases.items():
         p = params[pid]
         key, file = found(paths, p.shape, "the parameter")
-        used.add(key)
+        used.update(a for a in paths if a in index)  # a tied weight may be saved under each of its names
         split = next((sliced[a] for a in paths if a in sliced), None)
         size = _element_size(p.dtype)
         full_bytes += p.numel() * size
