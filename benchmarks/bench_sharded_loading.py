@@ -153,7 +153,8 @@ def main():
             folder = os.path.join(args.dir, name)
             for f in sorted(os.listdir(folder)):
                 if f.endswith(".safetensors"):
-                    whole.append(load_file(os.path.join(folder, f)))
+                    # Copied out of the memory map: what a rank holds when it loads the whole model.
+                    whole.append({k: v.clone() for k, v in load_file(os.path.join(folder, f)).items()})
         report["baseline"] = host_memory()
         del whole
     reports = gather_json(report)
@@ -176,8 +177,8 @@ def main():
                   f"file-backed {gib(r['sampled']['RssFile'])} (pages of the memory-mapped files: shared page cache)")
             if "baseline" in r:
                 b = r["baseline"]
-                print(f"  baseline, both files loaded whole in this process: RSS {gib(b['VmRSS'])}, peak "
-                      f"{gib(b['peak'])}")
+                print(f"  baseline, both files loaded whole as well in this process: anonymous RSS "
+                      f"{gib(b['RssAnon'])} (+{gib(b['RssAnon'] - a['RssAnon'])} over the shards), peak {gib(b['peak'])}")
     dist.barrier()
     dist.destroy_process_group()
 

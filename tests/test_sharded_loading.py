@@ -20,24 +20,30 @@ from diffpar.testing.probes import assert_split
 CONFIGS = [
     pytest.param(2, {"tp_size": 2}, id="tp2"),
     pytest.param(4, {"ulysses_size": 2, "tp_size": 2}, id="ulysses2xtp2"),
+    # Context parallel only: the transformer is read whole on every rank, the text encoders still by shards.
+    pytest.param(2, {"ulysses_size": 2}, id="ulysses2"),
 ]
 
 
 @pytest.mark.parametrize("world,config", CONFIGS)
 def test_meta_pipeline_reads_only_its_shards(ranks, tmp_path, world, config):
     results = ranks(world, "workers.sharded_loading:load_and_compare", directory=str(tmp_path), config=config)
-    tp = config["tp_size"]
+    tp = config.get("tp_size", 1)
     for r in results:
         assert r["diff"] <= TRANSFORMER_TP_FP32, (r["rank"], r["diff"])
         assert max(r["embed_diffs"]) <= TP_FP32, (r["rank"], r["embed_diffs"])
         assert r["forbidden_shapes"] > 0 and r["full_size_allocations"] == [], r["full_size_allocations"]
         for name, m in r["modules"].items():
             assert m["meta_left"] == [], (name, m["meta_left"])
+            if name == "transformer" and tp == 1:
+                assert m["sliced_count"] == 0 and m["read_bytes"] == m["full_bytes"] == m["plan_bytes"], m
+                continue
+            split = world if name.startswith("text_encoder") else tp
             assert m["sliced_count"] > 0 and m["sliced_whole"] == [], (name, m["sliced_whole"])
             # What the files gave this rank is what its plan says and what the module now holds.
             assert m["read_bytes"] == m["state_bytes"] == m["plan_bytes"], (name, m)
             # The split weights are most of each module: a rank reads well under the whole.
-            assert m["read_bytes"] < m["full_bytes"] * (1 - 0.5 * (1 - 1 / tp)), (name, m)
+            assert m["read_bytes"] < m["full_bytes"] * (1 - 0.5 * (1 - 1 / split)), (name, m)
         assert r["modules"]["transformer"]["held_bytes"] == r["modules"]["transformer"]["read_bytes"]
         # Text encoders never had their full weights: detach says to reload them; the transformer gathers.
         assert r["detach_error"] and "text_encoder" in r["detach_error"]
@@ -126,6 +132,7 @@ def test_refusals_name_the_problem(saved, tmp_path):
         _plan(on_meta, {"text_encoder": good["text_encoder"]}, extra_parallel_modules=["text_encoder"])
     with pytest.raises(DiffparError, match="weights_from"):
         diffpar.ParallelismConfig(weights_from=["transformer"])
+    assert diffpar.ParallelismConfig(parallel_kwargs={"weights_from": good}).weights_from == good
     # Every check passes on the good files.
     assert len(_plan(pipe, good, **extras).by_role("weights")) == 3
 
