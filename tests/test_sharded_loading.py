@@ -51,12 +51,15 @@ def test_meta_pipeline_reads_only_its_shards(ranks, tmp_path, world, config):
     assert_split(results, config)
 
 
-def test_failure_after_loading_rolls_back_to_meta(ranks, tmp_path):
+@pytest.mark.parametrize("where", ["after", "during"])
+def test_failure_rolls_back_to_meta(ranks, tmp_path, where):
     results = ranks(2, "workers.sharded_loading:rollback_leaves_meta", directory=str(tmp_path),
-                    config={"tp_size": 2})
+                    config={"tp_size": 2}, where=where)
     for r in results:
-        assert r["error"] and "injected failure" in r["error"]
+        assert r["error"] and ("injected failure" in r["error"] or "rank 1 failed" in r["error"]), r["error"]
         assert r["structure_equal"] and r["all_meta"], r
+        if where == "during":
+            assert r["reads"] >= 80, r
 
 
 # -- one process: plan-time refusals ----------------------------------------------------------------------------

@@ -200,22 +200,33 @@ def load_and_compare(directory: str, config: dict):
     return result
 
 
-def rollback_leaves_meta(directory: str, config: dict):
-    """A failure after the weights were read (in the call-agreement step, on rank 1) rolls every rank back to the
-    meta modules it was given."""
+def rollback_leaves_meta(directory: str, config: dict, where: str = "after"):
+    """A failure on rank 1 rolls every rank back to the meta modules it was given: `where="after"` in the
+    call-agreement step (every weight read), `where="during"` inside the loading itself, after a few tensors of
+    the second module were read (a partial load)."""
     reference = tiny_pipelines.build_tiny_flux_pipeline()
     _save(reference, directory)
     pipe = _meta_pipeline(reference)
     before = {name: {n: (type(m).__name__, tuple(p.shape) if (p := getattr(m, "weight", None)) is not None else None)
                      for n, m in getattr(pipe, name).named_modules()} for name in LOADED}
-    real_step = applying.apply_step
+    real_step, real_materialise = applying.apply_step, sharded_loading.materialise
+    calls = []
 
     def failing(step, fn, *args, **kwargs):
         if step == "call agreement" and dist.get_rank() == 1:
             raise RuntimeError("injected failure")
         return real_step(step, fn, *args, **kwargs)
 
-    applying.apply_step = failing
+    def failing_read(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 80 and dist.get_rank() == 1:  # the transformer has 66 tensors: inside the next module
+            raise RuntimeError("injected failure")
+        return real_materialise(*args, **kwargs)
+
+    if where == "after":
+        applying.apply_step = failing
+    else:
+        sharded_loading.materialise = failing_read
     error = None
     try:
         diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
@@ -224,7 +235,7 @@ def rollback_leaves_meta(directory: str, config: dict):
     except Exception as exc:  # noqa: BLE001 - the test asserts the message
         error = str(exc)
     finally:
-        applying.apply_step = real_step
+        applying.apply_step, sharded_loading.materialise = real_step, real_materialise
     after = {name: {n: (type(m).__name__, tuple(p.shape) if (p := getattr(m, "weight", None)) is not None else None)
                     for n, m in getattr(pipe, name).named_modules()} for name in LOADED}
     return {
@@ -232,4 +243,5 @@ def rollback_leaves_meta(directory: str, config: dict):
         "error": error,
         "structure_equal": before == after,
         "all_meta": all(p.is_meta for name in LOADED for p in getattr(pipe, name).parameters()),
+        "reads": len(calls),
     }
