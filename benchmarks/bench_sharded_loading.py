@@ -12,7 +12,9 @@ once with save_pretrained (safetensors); every rank then builds the pipeline wit
 held afterwards vs the whole module, and host memory (peak RSS from resource.getrusage, and the current
 anonymous / file-backed RSS from /proc/self/status: the file-backed part is the page cache of the memory-mapped
 files, shared by every rank on the host; a thread samples both while enabling). `--baseline` then loads both files whole in each process (what tensor
-parallelism needed before) and prints that peak too.
+parallelism needed before) and prints that peak too. With CUDA it also prints each rank's device memory
+(allocated after enabling, and the peak while enabling); on a one-GPU machine the ranks share the GPU over gloo
+(loading issues no CUDA collective).
 """
 from __future__ import annotations
 
@@ -113,6 +115,12 @@ def main():
     parser.add_argument("--baseline", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    local_rank, world_env = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available() and torch.cuda.device_count() < world_env:
+        # Several ranks on one GPU (a lent one-GPU machine): NCCL refuses a duplicate GPU, and nothing here needs
+        # a CUDA collective (loading issues none), so gloo alone, every rank on the GPUs there are.
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dist.init_process_group("gloo")
     if not ensure_process_group():
         raise SystemExit("launch with: torchrun --nproc_per_node=2 benchmarks/bench_sharded_loading.py")
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -138,6 +146,9 @@ def main():
     after = host_memory()
     report = {"rank": rank, "seconds": seconds, "start": start, "after": after, "sampled": sampler.peak,
               "modules": {}}
+    if torch.cuda.is_available():
+        report["cuda"] = {"device": torch.cuda.get_device_name(), "allocated": torch.cuda.memory_allocated(),
+                          "peak": torch.cuda.max_memory_allocated()}
     for name in ("transformer", "text_encoder_2"):
         state = handle.state(f"weights:{name}")
         module = getattr(pipe, name)
@@ -175,6 +186,10 @@ def main():
                   f"{gib(a['VmRSS'])} = anonymous {gib(a['RssAnon'])} + file-backed {gib(a['RssFile'])}; peak "
                   f"{gib(a['peak'])}; sampled peaks while enabling: anonymous {gib(r['sampled']['RssAnon'])}, "
                   f"file-backed {gib(r['sampled']['RssFile'])} (pages of the memory-mapped files: shared page cache)")
+            if "cuda" in r:
+                c = r["cuda"]
+                print(f"  {c['device']}: allocated by this rank after enabling {gib(c['allocated'])}, peak while "
+                      f"enabling {gib(c['peak'])} (the whole model: {gib(total_full)})")
             if "baseline" in r:
                 b = r["baseline"]
                 print(f"  baseline, both files loaded whole as well in this process: anonymous RSS "
