@@ -96,6 +96,10 @@ def test_plan_reports_bytes_per_rank(saved):
     assert load.bytes_per_rank[0] < load.full_bytes and len(load.sharded_keys) > 0
     # The same accounting as the tensor-parallel plan (the transformer has no tied weights).
     assert max(load.bytes_per_rank) == plan.by_role("denoiser")[0].weight_bytes_per_rank
+    # "device" is where the weights go, not a component; it stays out of what the ranks compare.
+    placed = _plan(pipe, {"transformer": str(directory / "transformer"), "device": "cpu"})
+    assert [c.payload.device for c in placed.by_role("weights")] == ["cpu"]
+    assert placed.describe()["weights:transformer"] == plan.describe()["weights:transformer"]
     # A file path works as well as its directory.
     file = directory / "transformer" / "diffusion_pytorch_model.safetensors"
     assert _plan(pipe, {"transformer": str(file)}).by_role("weights")[0].payload.full_bytes == load.full_bytes
