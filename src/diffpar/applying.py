@@ -21,6 +21,7 @@ import torch.distributed as dist
 from diffpar import mesh as mesh_lib
 from diffpar.cache import apply_cache
 from diffpar.components import is_pipeline
+from diffpar.engines import sharded_loading
 from diffpar.engines import tensor_parallel
 from diffpar.engines.call_agreement import CallChecker, attach_model_checker, attach_pipeline_checker
 from diffpar.engines.cfg_parallel import apply_cfg_parallel
@@ -113,7 +114,7 @@ def _apply_local_steps(target, plan: ParallelPlan, config, handle, world_mesh, c
         handle.states["cfg"] = apply_step("cfg parallel", apply_cfg_parallel, component.payload, outer_group, handle,
                                           config.timeout_s)
     for component in plan.components:
-        if component.role in ("denoiser", "cache", "cfg"):
+        if component.role in ("denoiser", "cache", "cfg", "weights"):
             continue
         extra = component.payload
         # The whole world, as a group whose collectives end after timeout_s (the user may have started the default
@@ -122,6 +123,14 @@ def _apply_local_steps(target, plan: ParallelPlan, config, handle, world_mesh, c
                            mesh_lib.world_group(config.timeout_s), handle, config, context)
         if state is not None:
             handle.states[component.name] = state
+    # After the engines that replace layers by (meta) shards: each rank reads exactly what its shards hold.
+    for component in plan.by_role("weights"):
+        load = component.payload
+        rank = world_mesh["tp"].get_local_rank() if load.rank_group == "tp" else (
+            dist.get_rank() if load.rank_group == "world" else 0)
+        # Not through apply_step: the shared rollback cases (tests/test_rollback.py) build loaded pipelines;
+        # tests/test_sharded_loading.py injects failures into this step itself.
+        handle.states[f"weights:{component.name}"] = sharded_loading.apply_loading(load, rank, handle)
     if config.broadcast_latents and is_pipeline(target) and hasattr(target, "prepare_latents"):
         apply_step("latent broadcast", broadcast_latents, target, handle, mesh_lib.world_group(config.timeout_s))
     if config.check_every_call:

@@ -6,6 +6,7 @@ the same fields. Nothing here touches torch.distributed: the world is checked la
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ _PARALLEL_KWARGS_FIELDS = (
     "check_every_call",
     "verify_weights",
     "cfg_size",
+    "weights_from",
 )
 
 
@@ -57,6 +59,14 @@ class ParallelismConfig:
         exchange; a mismatch is a clear error on every rank (default True).
     verify_weights: with every call, also compare a checksum of the weights of the modules that are not sharded
         (for weights changed after enabling, e.g. a LoRA loaded on one rank only; default False).
+    weights_from: sharded loading, for modules larger than one device: {component name: safetensors file, or a
+        directory of them (with or without an index)}, e.g. {"transformer": "/m/transformer", "text_encoder_2":
+        "/m/text_encoder_2"}, plus optionally "device": where the weights go (default: the rank's current CUDA
+        device, else the CPU). Each named module (a denoiser, or a text encoder in extra_parallel_modules) must be
+        built on the meta device (`with torch.device("meta"): ...from_config(...)`, or accelerate's
+        init_empty_weights()); each rank then reads only its tensor-parallel shard of every split weight, as a
+        slice of the memory-mapped file, and the rest whole. detach() of such a transformer gathers the FULL
+        weights on every rank; a text encoder loaded this way must be reloaded after detach (docs/loading.md).
     """
 
     ulysses_size: int | None = None
@@ -74,6 +84,7 @@ class ParallelismConfig:
     timeout_s: float = 300.0
     check_every_call: bool = True
     verify_weights: bool = False
+    weights_from: dict = field(default_factory=dict)
     parallel_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -86,7 +97,7 @@ class ParallelismConfig:
         defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
         for key, value in kwargs.items():
             current = getattr(self, key)
-            is_default = current == [] if key == "extra_parallel_modules" else current == defaults.get(key)
+            is_default = current in ([], {}) if key in ("extra_parallel_modules", "weights_from") else current == defaults.get(key)
             if not is_default and current != value:
                 raise DiffparError(
                     f"ParallelismConfig: {key!r} was given both as a field ({current!r}) and in parallel_kwargs "
@@ -140,12 +151,24 @@ class ParallelismConfig:
                     "ParallelismConfig: extra_parallel_modules entries must be modules of the pipeline "
                     f"(e.g. pipe.text_encoder) or their attribute names (e.g. 'text_encoder'), got {type(entry).__name__}."
                 )
+        self._validate_weights_from()
         timeout = self.timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise DiffparError(f"ParallelismConfig: timeout_s must be a number of seconds > 0, got {timeout!r}.")
         self.timeout_s = float(timeout)
         if self.vae_split_min_rows is not None and (not isinstance(self.vae_split_min_rows, int) or self.vae_split_min_rows < 0):
             raise DiffparError("ParallelismConfig: vae_split_min_rows must be a non-negative integer or None.")
+
+    def _validate_weights_from(self):
+        if not isinstance(self.weights_from, dict):
+            raise DiffparError("ParallelismConfig: weights_from must be a dict {component name: safetensors path}, "
+                               f"got {type(self.weights_from).__name__}.")
+        for key, value in self.weights_from.items():
+            ok = isinstance(value, (str, torch.device)) if key == "device" else isinstance(value, (str, os.PathLike))
+            if not isinstance(key, str) or not ok:
+                raise DiffparError(
+                    f"ParallelismConfig: weights_from[{key!r}] must be a path to a .safetensors file or directory "
+                    f"(or, for 'device', a device), got {value!r}.")
 
     @property
     def ulysses_degree(self) -> int:
@@ -175,6 +198,7 @@ class ParallelismConfig:
     def describe(self) -> dict:
         """A plain, rank-comparable summary (module objects replaced by their class names)."""
         extra = [e if isinstance(e, str) else type(e).__name__ for e in self.extra_parallel_modules]
+        loaded = {"weights_from": sorted(k for k in self.weights_from if k != "device")} if self.weights_from else {}
         return {
             "ulysses_size": self.ulysses_degree,
             "ring_size": self.ring_degree,
@@ -191,4 +215,5 @@ class ParallelismConfig:
             "timeout_s": self.timeout_s,
             "check_every_call": self.check_every_call,
             "verify_weights": self.verify_weights,
+            **loaded,  # names only: each rank may read its own copy of the files
         }

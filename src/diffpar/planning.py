@@ -16,7 +16,7 @@ from diffpar.cache import plan_cache
 from diffpar.compat import diffusers_cp, versions
 from diffpar.components import find_denoisers, is_pipeline, resolve_extra_modules
 from diffpar.config import ParallelismConfig
-from diffpar.engines import tensor_parallel
+from diffpar.engines import sharded_loading, tensor_parallel
 from diffpar.engines.call_agreement import weights_checksum
 from diffpar.engines.cfg_parallel import BATCHED, TWO_CALLS, CfgPayload
 from diffpar.engines.context_parallel import check_context_parallel
@@ -185,6 +185,12 @@ def plan(target, cache_config=None, parallelism_config: ParallelismConfig | None
     to check a configuration (degrees, heads, plans, extra modules, cache) before launching 8 GPUs.
     `print(plan)` shows which module gets what and the weight bytes per rank.
     """
+    # Modules named in weights_from are built on the meta device on purpose: the engines' checks accept them.
+    with sharded_loading.planning_loads(_modules_to_load(target, parallelism_config)):
+        return _plan(target, cache_config, parallelism_config, world_size=world_size)
+
+
+def _plan(target, cache_config, parallelism_config, *, world_size) -> ParallelPlan:
     if parallelism_config is not None and not isinstance(parallelism_config, ParallelismConfig):
         raise DiffparError(
             f"parallelism_config must be a diffpar.ParallelismConfig, got {type(parallelism_config).__name__}."
@@ -219,6 +225,7 @@ def plan(target, cache_config=None, parallelism_config: ParallelismConfig | None
             if _ranks_will_agree():
                 component = replace(component, facts=component.facts + (("weights", tuple(weights_checksum(module))),))
             components.append(_with_payload(component, ExtraPayload(module, adapter, component)))
+        components.extend(_plan_weights(components, config))
         if is_pipeline(target):
             check_controlnet_listed(target, config, {name for name, _ in extras})
         if config.cp_degree > 1 or any(c.role == "controlnet" for c in components):
@@ -230,6 +237,8 @@ def plan(target, cache_config=None, parallelism_config: ParallelismConfig | None
     elif config is not None:
         find_denoisers(target)  # the same errors as a parallel launch for a target with no denoiser
         notes.append("one process: parallelism is a no-op (launch with torchrun --nproc_per_node=N)")
+        if config.weights_from:
+            notes.append("one process: weights_from is not applied (load the modules normally)")
     if cache_config is not None:
         components.append(plan_cache(target, cache_config, cache_group_size(components, model_group_size, world)))
     return ParallelPlan(
@@ -328,6 +337,51 @@ def _cfg_component(target, payload: CfgPayload, dims: ParallelDims) -> Component
         source="diffpar families/pipelines/cfg.py", details=tuple(details),
         facts=ComponentPlan.freeze_facts(facts), payload=payload,
     )
+
+
+def _modules_to_load(target, config) -> list[torch.nn.Module]:
+    if not isinstance(config, ParallelismConfig) or not config.weights_from:
+        return []
+    paths, _ = sharded_loading.split_request(config.weights_from)
+    named = dict(find_denoisers(target))
+    if is_pipeline(target):
+        named.update({n: m for n, m in target.components.items() if isinstance(m, torch.nn.Module)})
+    return [named[n] for n in paths if n in named]
+
+
+def _plan_weights(components, config: ParallelismConfig) -> list[ComponentPlan]:
+    """One "weights" component per module in `weights_from`: what each rank reads of which file (every check of
+    the files and of the meta module runs here; engines/sharded_loading.py)."""
+    if not config.weights_from:
+        return []
+    paths, device = sharded_loading.split_request(config.weights_from)
+    loadable = {c.name: c for c in components if c.role in ("denoiser", "text encoder")}
+    out = []
+    for name, path in paths.items():
+        component = loadable.get(name)
+        if component is None:
+            raise DiffparError(
+                f"weights_from names {name!r}, which is neither a denoiser nor a text encoder in "
+                f"extra_parallel_modules here; it can load: {sorted(loadable)}.")
+        if component.role == "denoiser":
+            module, shards = component.payload.module, component.payload.tp_plan
+            group = "tp" if shards is not None else "none"
+        else:
+            if config.keep_original_text_encoders:
+                raise DiffparError(
+                    f"weights_from[{name!r}] with keep_original_text_encoders=True: a text encoder loaded by shards "
+                    "never had its full weights, so there is nothing to keep. Drop one of the two.")
+            module, shards, group = component.payload.module, component.payload.plan.payload, "world"
+        load = sharded_loading.plan_loading(name, module, path, shards, group, device)
+        facts = sharded_loading.describe_plan(load)
+        out.append(ComponentPlan(
+            name=name, role="weights", module_class=type(module).__name__, engine="sharded loading",
+            group=group, source="safetensors",
+            details=(f"{facts['tensors']} tensors from {', '.join(facts['files'])}; {facts['sliced']} read as "
+                     f"this rank's slice, the rest whole",),
+            facts=ComponentPlan.freeze_facts(facts), weight_bytes=load.full_bytes,
+            weight_bytes_per_rank=max(load.bytes_per_rank), payload=load))
+    return out
 
 
 def _with_payload(component: ComponentPlan, payload) -> ComponentPlan:

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from diffpar.engines.sharded_loading import loaded_later
 from diffpar.engines.tensor_parallel_linear import (
     ChannelParallelConv2d,
     ColumnParallelLinear,
@@ -215,7 +216,7 @@ def shard_module(module: nn.Module, plan: ShardPlan, group, handle, label: str, 
 def check_tensor_parallel(model: nn.Module, plan: ShardPlan, config=None) -> None:
     """Local checks, no collectives: the weights can be sliced, and (with `config`) the hybrid with Ulysses."""
     tp_degree = plan.world
-    if any(p.device.type == "meta" for p in model.parameters()):
+    if not loaded_later(model) and any(p.device.type == "meta" for p in model.parameters()):
         raise UnsupportedError(
             f"tp_size={tp_degree} on {type(model).__name__}: some weights are on the meta device (offloaded or not "
             "loaded). Load the model fully onto this rank's device before enabling tensor parallelism."

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from diffpar.errors import DiffparError, UnsupportedError
+from diffpar.engines.sharded_loading import loaded_later
 from diffpar.engines.tensor_parallel import shard_module
 from diffpar.engines.tensor_parallel_linear import PARALLEL_LAYER_TYPES
 from diffpar.engines.tp_shard import (
@@ -192,7 +193,7 @@ def _check_layer(encoder: nn.Module, path: str, layer: nn.Module, style: str) ->
             "encoder from extra_parallel_modules, or load it unquantized."
         )
     for pname, p in layer.named_parameters(recurse=False):
-        if p.device.type == "meta":
+        if p.device.type == "meta" and not loaded_later(encoder):  # weights_from reads its shards later
             raise UnsupportedError(
                 f"{label}.{pname} is on the meta device (weights not loaded, e.g. sequential CPU offload or a "
                 "device_map): diffpar needs the real weights to split them. Load the encoder fully, or remove it "

@@ -1,0 +1,152 @@
+"""Sharded loading (`ParallelismConfig.weights_from`): modules built on the meta device, each rank reading only
+its tensor-parallel shards from safetensors files (engines/sharded_loading.py).
+
+Multi-rank: a tiny Flux pipeline (transformer, CLIP and T5 text encoders) saved with save_pretrained, rebuilt
+on meta, enabled with tp 2 (world 2) and Ulysses 2 x tp 2 (world 4): outputs match the normally loaded model in
+one process; each rank read exactly its plan's bytes (a fraction of the sharded weights plus the replicated
+ones), never a sharded weight whole, and no op created a tensor of a sharded weight's full shape.
+One process: every plan-time refusal names what is wrong.
+"""
+import os
+
+import pytest
+import torch
+from tolerances import TP_FP32, TRANSFORMER_TP_FP32
+
+import diffpar
+from diffpar.errors import DiffparError
+from diffpar.testing.probes import assert_split
+
+CONFIGS = [
+    pytest.param(2, {"tp_size": 2}, id="tp2"),
+    pytest.param(4, {"ulysses_size": 2, "tp_size": 2}, id="ulysses2xtp2"),
+    # Context parallel only: the transformer is read whole on every rank, the text encoders still by shards.
+    pytest.param(2, {"ulysses_size": 2}, id="ulysses2"),
+]
+
+
+@pytest.mark.parametrize("world,config", CONFIGS)
+def test_meta_pipeline_reads_only_its_shards(ranks, tmp_path, world, config):
+    results = ranks(world, "workers.sharded_loading:load_and_compare", directory=str(tmp_path), config=config)
+    tp = config.get("tp_size", 1)
+    for r in results:
+        assert r["diff"] <= TRANSFORMER_TP_FP32, (r["rank"], r["diff"])
+        assert max(r["embed_diffs"]) <= TP_FP32, (r["rank"], r["embed_diffs"])
+        assert r["forbidden_shapes"] > 0 and r["full_size_allocations"] == [], r["full_size_allocations"]
+        for name, m in r["modules"].items():
+            assert m["meta_left"] == [], (name, m["meta_left"])
+            if name == "transformer" and tp == 1:
+                assert m["sliced_count"] == 0 and m["read_bytes"] == m["full_bytes"] == m["plan_bytes"], m
+                continue
+            split = world if name.startswith("text_encoder") else tp
+            assert m["sliced_count"] > 0 and m["sliced_whole"] == [], (name, m["sliced_whole"])
+            # What the files gave this rank is what its plan says and what the module now holds.
+            assert m["read_bytes"] == m["state_bytes"] == m["plan_bytes"], (name, m)
+            # The split weights are most of each module: a rank reads well under the whole.
+            assert m["read_bytes"] < m["full_bytes"] * (1 - 0.5 * (1 - 1 / split)), (name, m)
+        assert r["modules"]["transformer"]["held_bytes"] == r["modules"]["transformer"]["read_bytes"]
+        # Text encoders never had their full weights: detach says to reload them; the transformer gathers.
+        assert r["detach_error"] and "text_encoder" in r["detach_error"]
+        assert r["detach_equal"]
+    assert_split(results, config)
+
+
+@pytest.mark.parametrize("where", ["after", "during"])
+def test_failure_rolls_back_to_meta(ranks, tmp_path, where):
+    results = ranks(2, "workers.sharded_loading:rollback_leaves_meta", directory=str(tmp_path),
+                    config={"tp_size": 2}, where=where)
+    for r in results:
+        assert r["error"] and ("injected failure" in r["error"] or "rank 1 failed" in r["error"]), r["error"]
+        assert r["structure_equal"] and r["all_meta"], r
+        if where == "during":
+            assert r["reads"] >= 80, r
+
+
+# -- one process: plan-time refusals ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from diffpar.testing import tiny_pipelines
+
+    directory = tmp_path_factory.mktemp("weights")
+    reference = tiny_pipelines.build_tiny_flux_pipeline()
+    for name in ("transformer", "text_encoder", "text_encoder_2"):
+        getattr(reference, name).save_pretrained(directory / name)
+    return reference, directory
+
+
+def _plan(pipe, weights_from, **config):
+    config.setdefault("tp_size", 2)
+    return diffpar.plan(pipe, parallelism_config=diffpar.ParallelismConfig(weights_from=weights_from, **config),
+                        world_size=2)
+
+
+def _meta(reference, **kwargs):
+    from workers.sharded_loading import _meta_pipeline
+
+    return _meta_pipeline(reference, **kwargs)
+
+
+def test_plan_reports_bytes_per_rank(saved):
+    reference, directory = saved
+    pipe = _meta(reference, names=("transformer",))
+    plan = _plan(pipe, {"transformer": str(directory / "transformer")})
+    weights = plan.by_role("weights")[0]
+    load = weights.payload
+    assert weights.engine == "sharded loading" and "sharded loading" in str(plan)
+    assert load.bytes_per_rank[0] < load.full_bytes and len(load.sharded_keys) > 0
+    # The same accounting as the tensor-parallel plan (the transformer has no tied weights).
+    assert max(load.bytes_per_rank) == plan.by_role("denoiser")[0].weight_bytes_per_rank
+    # "device" is where the weights go, not a component; it stays out of what the ranks compare.
+    placed = _plan(pipe, {"transformer": str(directory / "transformer"), "device": "cpu"})
+    assert [c.payload.device for c in placed.by_role("weights")] == ["cpu"]
+    assert placed.describe()["weights:transformer"] == plan.describe()["weights:transformer"]
+    # A file path works as well as its directory.
+    file = directory / "transformer" / "diffusion_pytorch_model.safetensors"
+    assert _plan(pipe, {"transformer": str(file)}).by_role("weights")[0].payload.full_bytes == load.full_bytes
+
+
+def test_refusals_name_the_problem(saved, tmp_path):
+    from safetensors.torch import save_file
+
+    reference, directory = saved
+    pipe = _meta(reference)
+    good = {n: str(directory / n) for n in ("transformer", "text_encoder", "text_encoder_2")}
+    extras = {"extra_parallel_modules": ["text_encoder", "text_encoder_2"]}
+    with pytest.raises(DiffparError, match="does not exist"):
+        _plan(pipe, {"transformer": str(tmp_path / "missing")})
+    # Files of another model: the first tensor that differs is named.
+    state = {k: v for k, v in reference.transformer.state_dict().items()}
+    key = "x_embedder.weight"
+    state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] + 1)
+    save_file(state, str(tmp_path / "other.safetensors"))
+    with pytest.raises(DiffparError, match=r"x_embedder\.weight has shape"):
+        _plan(pipe, {"transformer": str(tmp_path / "other.safetensors")})
+    state = {k: v.contiguous() for k, v in reference.transformer.state_dict().items() if k != "proj_out.weight"}
+    save_file(state, str(tmp_path / "short.safetensors"))
+    with pytest.raises(DiffparError, match=r"proj_out\.weight .* in none of the files"):
+        _plan(pipe, {"transformer": str(tmp_path / "short.safetensors")})
+    # A module that is already loaded is not overwritten.
+    loaded = _meta(reference, names=("text_encoder",))
+    with pytest.raises(DiffparError, match="already loaded"):
+        _plan(loaded, {"transformer": good["transformer"]})
+    with pytest.raises(DiffparError, match="neither a denoiser nor a text encoder"):
+        _plan(pipe, {"transformer": good["transformer"], "vae": good["transformer"]})
+    with pytest.raises(DiffparError, match="nothing to keep"):
+        _plan(pipe, good, keep_original_text_encoders=True, **extras)
+    # torch.device("meta") also puts CLIP's position ids (not saved) on meta: init_empty_weights is needed.
+    on_meta = _meta(reference, names=("text_encoder",), on_meta_device=True)
+    with pytest.raises(DiffparError, match="init_empty_weights"):
+        _plan(on_meta, {"text_encoder": good["text_encoder"]}, extra_parallel_modules=["text_encoder"])
+    with pytest.raises(DiffparError, match="weights_from"):
+        diffpar.ParallelismConfig(weights_from=["transformer"])
+    assert diffpar.ParallelismConfig(parallel_kwargs={"weights_from": good}).weights_from == good
+    # Every check passes on the good files.
+    assert len(_plan(pipe, good, **extras).by_role("weights")) == 3
+
+
+def test_meta_without_weights_from_is_still_refused(saved):
+    from diffpar.errors import UnsupportedError
+
+    reference, _ = saved
+    with pytest.raises(UnsupportedError, match="meta device"):
+        _plan(_meta(reference, names=("transformer",)), {})
