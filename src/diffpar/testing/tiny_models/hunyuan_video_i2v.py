@@ -32,5 +32,6 @@ def _hunyuan_video_i2v(heads=2, head_dim=16, layers=1, single_layers=1, refiner_
 
 CASES = [
     ModelCase("hunyuan_video_i2v", "HunyuanVideoTransformer3DModel", kind="video", model_kwargs={"heads": 4},
+              pipelines=("HunyuanVideoImageToVideoPipeline",),  # tests/test_hunyuan_i2v_pipeline.py
               notes="image-to-video token_replace: first-frame tokens counted per rank from its shard's offset"),
 ]
