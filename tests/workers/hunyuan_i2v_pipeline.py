@@ -44,6 +44,7 @@ def llama_style_tokenizer():
 
 def build(seed: int = 0):
     from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoImageToVideoPipeline
+    from transformers import CLIPImageProcessor
 
     from diffpar.testing import tiny_transformers, tiny_vaes
 
@@ -61,7 +62,7 @@ def build(seed: int = 0):
         text_encoder=llava, tokenizer=tokenizer, transformer=transformer, vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip,
         tokenizer_2=tiny_text_encoders.clip_tokenizer(77),
-        image_processor=tiny_video_pipelines._clip_image_processor(16),
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
