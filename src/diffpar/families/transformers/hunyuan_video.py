@@ -17,8 +17,14 @@ small forward changes, both undone on detach, keep every mode exact:
    out in the order Ulysses gathers keys: [video_0, text_0, video_1, text_1, ...], each part as long as the split
    cut it (unequal where a call whose video tokens do not divide took the uneven path by itself).
 
-Not supported: Ring (or *_anything) with prompts of different lengths in one batch, and the image-to-video
-"token_replace" variant (its first-frame tokens are addressed by position in the whole sequence).
+Image-to-video ("token_replace"): the blocks modulate the first latent frame's tokens (the first
+`first_frame_num_tokens` of the video sequence) with their own timestep embedding, addressed as
+`[:, :num_tokens]` of whatever sequence the block holds. After the split a rank holds video tokens
+[start, end) of the whole sequence, so each block is called with the count of ITS tokens that lie in the first
+frame, max(0, min(first, end) - start): a forward pre-hook per block rewrites `num_tokens`, knowing the whole
+video length from `x_embedder` (which runs before the split) and the rank's shard from the split's own layout.
+
+Not supported: Ring (or *_anything) with prompts of different lengths in one batch.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from diffpar.compat.diffusers_cp import context_parallel_attention_takes_masks, uneven_split_option
+from diffpar.compat.diffusers_cp_group import token_shards
 from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.errors import UnsupportedError
 from diffpar.patch import Patch
@@ -145,6 +152,43 @@ def _trim_prompt_padding(config, kept: dict):
     return wrapper
 
 
+def first_frame_tokens_here(first_frame_tokens: int, video_tokens: int, shard: int, shards: int) -> int:
+    """How many of shard `shard`'s video tokens (of `video_tokens` split over `shards` as the split hooks cut them)
+    lie in the first `first_frame_tokens` of the whole sequence."""
+    sizes = _parts(video_tokens, shards)
+    start = sum(sizes[:shard])
+    return max(0, min(first_frame_tokens - start, sizes[shard]))
+
+
+def _split_first_frame_tokens(model, handle, name: str) -> None:
+    """Token-replace blocks: `num_tokens` (first-frame tokens of the whole sequence) -> those of this rank's shard."""
+    seen: dict = {}  # this call's whole video length, recorded before the split
+    removers: list = []
+    handle.add(f"{name}: first-frame token count per rank", lambda: [r.remove() for r in removers])
+
+    def record_video_tokens(module, args, output):
+        seen["video_tokens"] = output.shape[1]
+
+    def rewrite_num_tokens(block, args, kwargs):
+        parallel_config = getattr(model, "_parallel_config", None)
+        in_kwargs = "num_tokens" in kwargs
+        # Both token-replace blocks: forward(hidden_states, encoder_hidden_states, temb, attention_mask,
+        # image_rotary_emb / freqs_cis, token_replace_emb, num_tokens).
+        if parallel_config is None or "video_tokens" not in seen or (not in_kwargs and len(args) < 7):
+            return None
+        whole = kwargs["num_tokens"] if in_kwargs else args[6]
+        shards = token_shards(parallel_config)
+        here = first_frame_tokens_here(int(whole), seen["video_tokens"], shards.rank, shards.size)
+        if in_kwargs:
+            return args, {**kwargs, "num_tokens": here}
+        return (*args[:6], here, *args[7:]), kwargs
+
+    removers.append(model.x_embedder.register_forward_hook(record_video_tokens))
+    for stack in _BLOCK_STACKS:
+        for block in getattr(model, stack):
+            removers.append(block.register_forward_pre_hook(rewrite_num_tokens, with_kwargs=True))
+
+
 def prepare_hunyuan_video(model, config, handle, name: str) -> None:
     from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
@@ -157,16 +201,12 @@ def prepare_hunyuan_video(model, config, handle, name: str) -> None:
     handle.add(f"{name}: cut prompt padding after the token refiner", lambda: [p.undo() for p in patches])
     patches.append(Patch(model.context_embedder, "forward", _trim_prompt_padding(config, kept),
                          label=f"{label}.context_embedder.forward"))
+    if getattr(model.config, "image_condition_type", None) == "token_replace":
+        _split_first_frame_tokens(model, handle, name)
 
 
 @register_cp_plan("HunyuanVideoTransformer3DModel", prepare=prepare_hunyuan_video)
 def hunyuan_video_cp_plan(model) -> dict:
-    if getattr(model.config, "image_condition_type", None) == "token_replace":
-        raise UnsupportedError(
-            f"{type(model).__name__} with image_condition_type='token_replace' (HunyuanVideo image-to-video): its "
-            "blocks treat the first frame's tokens by their position in the whole sequence, which a sequence split "
-            "moves. Context parallelism supports the text-to-video and 'latent_concat' variants."
-        )
     first = next((stack for stack in _BLOCK_STACKS if len(getattr(model, stack))), None)
     if first is None:
         raise UnsupportedError(f"{type(model).__name__} has no transformer blocks to parallelize.")
