@@ -222,15 +222,6 @@ def test_hunyuan_video_prompts_the_ring_cannot_mask_are_refused_on_every_rank(ra
             assert part in r["message"], (part, r["message"])
 
 
-def test_hunyuan_video_token_replace_is_refused_before_anything_changes(ranks):
-    results = ranks(2, "workers.cp_plans_ours:cp_enable_error", model_name="hunyuan_video",
-                    config={"ulysses_size": 2}, model_kwargs={"image_condition_type": "token_replace"})
-    for r in results:
-        assert r["type"] == "UnsupportedError", r
-        assert "token_replace" in r["message"] and "latent_concat" in r["message"]
-        assert r["untouched"]
-
-
 # SD3's own processor takes no backend (it calls SDPA itself); its replacement uses diffusers' active one.
 @pytest.mark.parametrize("model_name", ["zimage", "hunyuan_video"])
 def test_attention_backend_survives_the_processor_swap(ranks, model_name):

@@ -100,7 +100,7 @@ FIRST_CASES = [
     ModelCase("sd3", "SD3Transformer2DModel", cp=_FIRST_CP, tp=(),
               pipelines=("StableDiffusion3ControlNetPipeline",), suite=_OURS_SUITE),
     ModelCase("hunyuan_video", "HunyuanVideoTransformer3DModel", kind="video", cp=_FIRST_CP, tp=(),
-              suite=_OURS_SUITE, notes="image-to-video token_replace refused"),
+              suite=_OURS_SUITE, notes="image-to-video token_replace: see hunyuan_video_i2v"),
 ]
 
 
@@ -113,6 +113,7 @@ PIPELINES_TESTED: dict[str, dict[str, str]] = {
         "FluxImg2ImgPipeline": "tests/test_image_pipelines.py"},
     "Flux2Transformer2DModel": {"Flux2Pipeline": "tests/test_image_pipelines.py"},
     "DreamLiteUNetModel": {"DreamLitePipeline": "tests/test_dreamlite_pipeline.py"},
+    "HunyuanVideoTransformer3DModel": {"HunyuanVideoImageToVideoPipeline": "tests/test_hunyuan_i2v_pipeline.py"},
     "SD3Transformer2DModel": {
         "StableDiffusion3Pipeline": "tests/test_cfg.py",
         "StableDiffusion3Img2ImgPipeline": "tests/test_image_pipelines.py",
