@@ -5,7 +5,12 @@ Multi-rank: a tiny Flux pipeline (transformer, CLIP and T5 text encoders) saved 
 on meta, enabled with tp 2 (world 2) and Ulysses 2 x tp 2 (world 4): outputs match the normally loaded model in
 one process; each rank read exactly its plan's bytes (a fraction of the sharded weights plus the replicated
 ones), never a sharded weight whole, and no op created a tensor of a sharded weight's full shape.
-One process: every plan-time refusal names what is wrong.
+The recipe (docs/loading.md): a tiny Flux pipeline saved with save_pretrained, rebuilt by diffpar.empty_pipeline
+and enabled with weights_from="auto" on 2 ranks: the image matches FluxPipeline.from_pretrained in one process, with
+the same per-rank reads; a failure right after the loading step (on one rank or on both) rolls every rank back to
+the meta modules, fast, and the pipeline then enables normally.
+One process: every plan-time refusal names what is wrong; empty_pipeline reads no weight of a module it builds
+empty.
 """
 import os
 

@@ -28,7 +28,7 @@ def build_empty(cls, directory: str, dtype: torch.dtype | None) -> torch.nn.Modu
         if issubclass(cls, ModelMixin):
             module = cls.from_config(cls.load_config(directory))
             if dtype is not None:
-                module = module.to(dtype)
+                _cast_like_from_pretrained(module, dtype)
         elif issubclass(cls, PreTrainedModel):
             config = cls.config_class.from_pretrained(directory)
             # sdpa, as from_pretrained picks when torch has it; dtype as from_pretrained's torch_dtype would give.
@@ -38,3 +38,18 @@ def build_empty(cls, directory: str, dtype: torch.dtype | None) -> torch.nn.Modu
             raise TypeError(f"{cls.__name__} in {os.path.basename(directory)} is neither a diffusers nor a "
                             "transformers model")
     return module.eval()
+
+
+def _cast_like_from_pretrained(module, dtype: torch.dtype) -> None:
+    """`dtype` for every floating parameter and buffer, except those diffusers' from_pretrained keeps in float32
+    (`_keep_in_fp32_modules`: a tensor whose dotted name has one of them as a component)."""
+    keep = module._keep_in_fp32_modules or []
+    keep = {keep} if isinstance(keep, str) else set(keep)
+    for name, sub in module.named_modules():
+        target = torch.float32 if keep & set(name.split(".")) else dtype
+        for param in sub.parameters(recurse=False):
+            if param.is_floating_point():
+                param.data = param.data.to(target)
+        for key, buffer in sub.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                sub._buffers[key] = buffer.to(target)
