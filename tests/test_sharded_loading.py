@@ -153,6 +153,10 @@ def test_empty_pipeline_and_auto_refusals(tmp_path):
     # A pipeline diffpar did not build empty: "auto" has nothing to load, and says what to do.
     with pytest.raises(DiffparError, match="empty_pipeline"):
         _plan(reference, "auto")
+    # In one process weights_from is not applied: the same script runs on a normally loaded pipeline.
+    single = diffpar.plan(reference, parallelism_config=diffpar.ParallelismConfig(tp_size=2, weights_from="auto"),
+                          world_size=1)
+    assert any("weights_from is not applied" in note for note in single.notes), single.notes
     # A text encoder built empty but not in extra_parallel_modules: named.
     pipe = diffpar.empty_pipeline(tmp_path, ["transformer", "text_encoder_2"])
     with pytest.raises(DiffparError, match="text_encoder_2"):

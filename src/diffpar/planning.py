@@ -352,7 +352,8 @@ def _modules_to_load(target, config) -> list[torch.nn.Module]:
     if not isinstance(config, ParallelismConfig) or not config.weights_from:
         return []
     named = _named_modules(target)
-    paths, _ = sharded_loading.split_request(sharded_loading.resolve_auto(config.weights_from, named))
+    # Not required here: one process plans without loading (the error, if any, comes from _plan_weights).
+    paths, _ = sharded_loading.split_request(sharded_loading.resolve_auto(config.weights_from, named, required=False))
     return [named[n] for n in paths if n in named]
 
 

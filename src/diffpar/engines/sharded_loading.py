@@ -64,15 +64,16 @@ AUTO = "auto"  # weights_from="auto": every module diffpar.empty_pipeline built 
 SOURCE_ATTR = "_diffpar_weights_dir"
 
 
-def resolve_auto(weights_from, named_modules: dict[str, nn.Module]):
+def resolve_auto(weights_from, named_modules: dict[str, nn.Module], required: bool = True):
     """`weights_from` with "auto" replaced by {name: the module's saved directory} for every module of
-    `named_modules` that diffpar.empty_pipeline built empty and that is still on the meta device."""
+    `named_modules` that diffpar.empty_pipeline built empty and that is still on the meta device. `required`:
+    finding none is an error (not in one process, where weights_from is not applied)."""
     if weights_from != AUTO:
         return weights_from
     found = {name: getattr(module, SOURCE_ATTR) for name, module in named_modules.items()
              if getattr(module, SOURCE_ATTR, None) is not None
              and any(p.is_meta for p in module.parameters())}
-    if not found:
+    if not found and required:
         raise DiffparError(
             'weights_from="auto": no module of this pipeline was built empty by diffpar.empty_pipeline (or each '
             "one is already loaded). Build the pipeline with diffpar.empty_pipeline(directory, ...), or name the "
