@@ -139,6 +139,8 @@ def main():
     # The recipe of docs/loading.md: the large modules built empty from their saved configs, the rest loaded.
     pipe = diffpar.empty_pipeline(args.dir, ["transformer", "text_encoder_2"], torch_dtype=torch.bfloat16)
     config = diffpar.ParallelismConfig(tp_size=world, extra_parallel_modules=["text_encoder_2"], weights_from="auto")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the peak while enabling, per rank
     began = time.perf_counter()
     with PeakSampler() as sampler:
         handle = diffpar.enable_cache(pipe, parallelism_config=config)
