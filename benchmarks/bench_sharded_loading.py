@@ -6,9 +6,9 @@ Real-shaped layers, scaled in depth only (the full models are 24 GB and 9.5 GB o
 benchmark cannot write): a FLUX.1-dev-shaped transformer (24 heads of 128, joint_attention_dim 4096, in_channels
 64, guidance) with 1 double-stream and 1 single-stream block (of 19 and 38), and a T5-XXL-shaped encoder (d_model
 4096, 64 heads of 64, d_ff 10240 gated-gelu, vocabulary 32128) with 2 layers (of 24), in bf16. Rank 0 writes them
-once with save_pretrained (safetensors); every rank then builds the pipeline with both on the meta device
-(accelerate's init_empty_weights) and enables tp_size=world with the T5 in extra_parallel_modules and
-`weights_from` pointing at the files. Per rank it prints: the bytes read from the files (the slices copied) and
+once in a pipeline directory with save_pretrained (safetensors; the other components tiny); every rank then
+builds the pipeline with `diffpar.empty_pipeline(dir, ["transformer", "text_encoder_2"])` (both on the meta
+device) and enables tp_size=world with the T5 in extra_parallel_modules and `weights_from="auto"`. Per rank it prints: the bytes read from the files (the slices copied) and
 held afterwards vs the whole module, and host memory (peak RSS from resource.getrusage, and the current
 anonymous / file-backed RSS from /proc/self/status: the file-backed part is the page cache of the memory-mapped
 files, shared by every rank on the host; a thread samples both while enabling). `--baseline` then loads both files whole in each process (what tensor
@@ -52,19 +52,25 @@ def _empty(names=("transformer", "text_encoder_2")):
 
 
 def write_files(directory: str) -> None:
-    """Zero-filled bf16 weights of the real shapes (values do not matter for what is measured)."""
-    for name, module in _empty().items():
-        target = os.path.join(directory, name)
-        if os.path.isdir(target):
-            continue
+    """A saved pipeline directory (model_index.json + subfolders, as save_pretrained writes it): the two large
+    modules as zero-filled bf16 weights of the real shapes (values do not matter for what is measured), the rest
+    (scheduler, VAE, CLIP, tokenizers: not measured) tiny."""
+    if os.path.isfile(os.path.join(directory, "model_index.json")):
+        return
+    from diffusers import FluxPipeline
+
+    from diffpar.testing import tiny_pipelines
+
+    large = _empty()
+    for module in large.values():
         module.to_empty(device="cpu")
         if hasattr(module, "tie_weights"):
             module.tie_weights()  # T5's embedding is saved once, as from_pretrained would
         with torch.no_grad():
             for p in module.parameters():
                 p.zero_()
-        module.save_pretrained(target)
-        del module
+    small = tiny_pipelines.build_tiny_flux_pipeline().components
+    FluxPipeline(**{**small, **large}).save_pretrained(directory)
 
 
 def host_memory() -> dict:
@@ -111,7 +117,7 @@ def gib(n: int) -> str:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dir", default="/tmp/diffpar_sharded_loading")
+    parser.add_argument("--dir", default="/tmp/diffpar_sharded_loading_pipeline")
     parser.add_argument("--baseline", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -129,16 +135,12 @@ def main():
         write_files(args.dir)
     dist.barrier()
 
-    from diffusers import FluxPipeline
-
-    from diffpar.testing import tiny_pipelines
-
-    small = tiny_pipelines.build_tiny_flux_pipeline().components  # scheduler, VAE, CLIP, tokenizers: not measured
     start = host_memory()
-    pipe = FluxPipeline(**{**small, **_empty()})
-    config = diffpar.ParallelismConfig(
-        tp_size=world, extra_parallel_modules=["text_encoder_2"],
-        weights_from={n: os.path.join(args.dir, n) for n in ("transformer", "text_encoder_2")})
+    # The recipe of docs/loading.md: the large modules built empty from their saved configs, the rest loaded.
+    pipe = diffpar.empty_pipeline(args.dir, ["transformer", "text_encoder_2"], torch_dtype=torch.bfloat16)
+    config = diffpar.ParallelismConfig(tp_size=world, extra_parallel_modules=["text_encoder_2"], weights_from="auto")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the peak while enabling, per rank
     began = time.perf_counter()
     with PeakSampler() as sampler:
         handle = diffpar.enable_cache(pipe, parallelism_config=config)
@@ -172,7 +174,7 @@ def main():
     if rank == 0:
         print(f"world={world}, tp_size={world}, torch {torch.__version__}, bf16, files in {args.dir}")
         print("FLUX.1-dev-shaped transformer with 1 double + 1 single block (of 19 + 38); T5-XXL-shaped encoder "
-              "with 2 layers (of 24); both built on meta, loaded with weights_from")
+              "with 2 layers (of 24); both built empty by diffpar.empty_pipeline, loaded with weights_from=\"auto\"")
         for r in reports:
             print(f"\nrank {r['rank']}: enable_cache {r['seconds']:.2f} s")
             for name, m in r["modules"].items():
@@ -186,7 +188,7 @@ def main():
                   f"{gib(a['VmRSS'])} = anonymous {gib(a['RssAnon'])} + file-backed {gib(a['RssFile'])}; peak "
                   f"{gib(a['peak'])}; sampled peaks while enabling: anonymous {gib(r['sampled']['RssAnon'])}, "
                   f"file-backed {gib(r['sampled']['RssFile'])} (pages of the memory-mapped files: shared page cache)")
-            if "cuda" in r:
+            if "cuda" in r:  # per rank: what sharded loading put on this rank's GPU
                 c = r["cuda"]
                 print(f"  {c['device']}: allocated by this rank after enabling {gib(c['allocated'])}, peak while "
                       f"enabling {gib(c['peak'])} (the whole model: {gib(total_full)})")

@@ -5,13 +5,18 @@ Multi-rank: a tiny Flux pipeline (transformer, CLIP and T5 text encoders) saved 
 on meta, enabled with tp 2 (world 2) and Ulysses 2 x tp 2 (world 4): outputs match the normally loaded model in
 one process; each rank read exactly its plan's bytes (a fraction of the sharded weights plus the replicated
 ones), never a sharded weight whole, and no op created a tensor of a sharded weight's full shape.
-One process: every plan-time refusal names what is wrong.
+The recipe (docs/loading.md): a tiny Flux pipeline saved with save_pretrained, rebuilt by diffpar.empty_pipeline
+and enabled with weights_from="auto" on 2 ranks: the image matches FluxPipeline.from_pretrained in one process, with
+the same per-rank reads; a failure right after the loading step (on one rank or on both) rolls every rank back to
+the meta modules, fast, and the pipeline then enables normally.
+One process: every plan-time refusal names what is wrong; empty_pipeline reads no weight of a module it builds
+empty.
 """
 import os
 
 import pytest
 import torch
-from tolerances import TP_FP32, TRANSFORMER_TP_FP32
+from tolerances import PIPELINE_FP32, TP_FP32, TRANSFORMER_TP_FP32
 
 import diffpar
 from diffpar.errors import DiffparError
@@ -60,6 +65,103 @@ def test_failure_rolls_back_to_meta(ranks, tmp_path, where):
         assert r["structure_equal"] and r["all_meta"], r
         if where == "during":
             assert r["reads"] >= 80, r
+
+
+# -- the recipe: diffpar.empty_pipeline(saved directory) + weights_from="auto" (docs/loading.md) -----------------
+@pytest.mark.parametrize("config", [pytest.param({"tp_size": 2}, id="tp2"),
+                                    pytest.param({"ulysses_size": 2}, id="ulysses2")])
+def test_recipe_from_a_saved_pipeline_directory(ranks, tmp_path, config):
+    """save_pretrained -> empty_pipeline -> enable_cache(tp 2 or Ulysses 2, text encoders by shards, VAE split)
+    -> call. With context parallelism only, the transformer is read whole on each rank."""
+    results = ranks(2, "workers.sharded_loading:recipe_from_directory", directory=str(tmp_path), config=config)
+    for r in results:
+        assert all(r["built_meta"].values()), r["built_meta"]
+        assert r["loaded"] == ["text_encoder", "text_encoder_2", "transformer"], r["loaded"]
+        assert r["vae_engine"] != "none", r["vae_engine"]  # the VAE (read whole by from_pretrained) is split too
+        assert r["diff"] <= PIPELINE_FP32, (r["rank"], r["diff"])
+        assert r["forbidden_shapes"] > 0 and r["full_size_allocations"] == [], r["full_size_allocations"]
+        for name, m in r["modules"].items():
+            assert m["meta_left"] == [] and m["read_bytes"] == m["state_bytes"] == m["plan_bytes"], (name, m)
+            if name == "transformer" and "tp_size" not in config:
+                assert m["sliced_count"] == 0 and m["read_bytes"] == m["full_bytes"], m
+                continue
+            assert m["sliced_count"] > 0 and m["sliced_whole"] == [] and m["read_bytes"] < m["full_bytes"], (name, m)
+    # The ranks read different slices: together more than one rank, each less than the whole.
+    assert_split(results, config)
+
+
+# Measured: a rolled-back enable_cache returns in about 2 s on 2 CPU ranks; a hang would reach the 60 s timeout.
+MAX_ROLLBACK_SECONDS = 30
+
+
+@pytest.mark.parametrize("who", ["one", "all"])
+def test_failure_after_the_loading_step_rolls_back_every_rank(ranks, tmp_path, who):
+    """The injection of tests/test_rollback.py, for the loading step (which needs a meta-built pipeline, so it is
+    not in applying.APPLY_STEPS): the step fails right after every module was read, on rank 1 or on both."""
+    fail_ranks = [1] if who == "one" else [0, 1]
+    results = ranks(2, "workers.sharded_loading:fail_after_loading", timeout=120, directory=str(tmp_path),
+                    config={"tp_size": 2}, fail_ranks=fail_ranks)
+    for r in results:
+        assert r["loaded"] == ["transformer", "text_encoder", "text_encoder_2"], r["loaded"]  # the step ran
+        assert r["error"] is not None, f"rank {r['rank']} did not raise"
+        if r["rank"] in fail_ranks:
+            assert "injected failure after the loading step" in r["error"], r["error"]
+        else:
+            assert "rank 1 failed while applying the agreed plan" in r["error"], r["error"]
+        assert r["seconds"] < MAX_ROLLBACK_SECONDS, r
+        assert r["changed_parameters"] == [] and r["changed_structure"] == [], r
+        assert not r["shims_active"], r
+        assert r["second_diff"] <= PIPELINE_FP32, r
+
+
+def test_empty_pipeline_reads_no_weight_of_an_empty_module(tmp_path):
+    """The empty modules' weight files are garbage here: empty_pipeline never opens them, and the rest loads."""
+    from diffpar.testing import tiny_pipelines
+
+    tiny_pipelines.build_tiny_flux_pipeline().save_pretrained(tmp_path)
+    saved = {file: file.read_bytes() for name in ("transformer", "text_encoder_2")
+             for file in (tmp_path / name).glob("*.safetensors")}
+    for file in saved:
+        file.write_bytes(b"not a safetensors file")
+    pipe = diffpar.empty_pipeline(tmp_path, ["transformer", "text_encoder_2"])
+    for file, data in saved.items():  # the plan below reads the headers
+        file.write_bytes(data)
+    for name in ("transformer", "text_encoder_2"):
+        assert all(p.is_meta for p in getattr(pipe, name).parameters()), name
+    assert not any(p.is_meta for name in ("vae", "text_encoder") for p in getattr(pipe, name).parameters())
+    assert type(pipe).__name__ == "FluxPipeline" and pipe.tokenizer is not None and pipe.scheduler is not None
+    # "auto" resolves to each empty module's own subfolder; the denoisers are the default.
+    plan = diffpar.plan(pipe, parallelism_config=diffpar.ParallelismConfig(
+        tp_size=2, extra_parallel_modules=["text_encoder_2"], weights_from="auto"), world_size=2)
+    assert {c.name: c.payload.reads[0].file.split(os.sep)[-2] for c in plan.by_role("weights")} == \
+        {"transformer": "transformer", "text_encoder_2": "text_encoder_2"}
+    assert [n for n, m in diffpar.empty_pipeline(tmp_path).components.items()
+            if isinstance(m, torch.nn.Module) and any(p.is_meta for p in m.parameters())] == ["transformer"]
+
+
+def test_empty_pipeline_and_auto_refusals(tmp_path):
+    from diffpar.testing import tiny_pipelines
+
+    with pytest.raises(DiffparError, match="no model_index.json"):
+        diffpar.empty_pipeline(tmp_path)
+    reference = tiny_pipelines.build_tiny_flux_pipeline()
+    reference.save_pretrained(tmp_path)
+    with pytest.raises(DiffparError, match="no component 'unet'"):
+        diffpar.empty_pipeline(tmp_path, ["unet"])
+    with pytest.raises(DiffparError, match="only model weights"):
+        diffpar.empty_pipeline(tmp_path, ["scheduler"])
+    # A pipeline diffpar did not build empty: "auto" has nothing to load, and says what to do.
+    with pytest.raises(DiffparError, match="empty_pipeline"):
+        _plan(reference, "auto")
+    # In one process weights_from is not applied: the same script runs on a normally loaded pipeline.
+    single = diffpar.plan(reference, parallelism_config=diffpar.ParallelismConfig(tp_size=2, weights_from="auto"),
+                          world_size=1)
+    assert any("weights_from is not applied" in note for note in single.notes), single.notes
+    # A text encoder built empty but not in extra_parallel_modules: named.
+    pipe = diffpar.empty_pipeline(tmp_path, ["transformer", "text_encoder_2"])
+    with pytest.raises(DiffparError, match="text_encoder_2"):
+        _plan(pipe, "auto")
+    assert diffpar.ParallelismConfig(weights_from="auto").describe()["weights_from"] == "auto"
 
 
 # -- one process: plan-time refusals ----------------------------------------------------------------------------

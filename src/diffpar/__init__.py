@@ -1,6 +1,7 @@
 """diffpar: spread a whole diffusers pipeline over several processes with one config."""
 from diffpar.api import disable_cache, enable_cache, parallelize
 from diffpar.planning import plan
+from diffpar.loading import empty_pipeline
 from diffpar.plan_types import ComponentPlan, ParallelPlan
 from diffpar.cache_config import DBCacheConfig
 from diffpar.config import ParallelismConfig
@@ -14,6 +15,7 @@ __all__ = [
     "enable_cache",
     "disable_cache",
     "plan",
+    "empty_pipeline",
     "ParallelPlan",
     "ComponentPlan",
     "ParallelHandle",

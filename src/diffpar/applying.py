@@ -128,8 +128,9 @@ def _apply_local_steps(target, plan: ParallelPlan, config, handle, world_mesh, c
         load = component.payload
         rank = world_mesh["tp"].get_local_rank() if load.rank_group == "tp" else (
             dist.get_rank() if load.rank_group == "world" else 0)
-        # Not through apply_step: the shared rollback cases (tests/test_rollback.py) build loaded pipelines;
-        # tests/test_sharded_loading.py injects failures into this step itself.
+        # Not through apply_step: the shared rollback cases (tests/test_rollback.py) build loaded pipelines, where
+        # this step never runs; tests/test_sharded_loading.py injects the same failures (right after this step, on
+        # one rank or all, and inside it) on a pipeline built by diffpar.empty_pipeline.
         handle.states[f"weights:{component.name}"] = sharded_loading.apply_loading(load, rank, handle)
     if config.broadcast_latents and is_pipeline(target) and hasattr(target, "prepare_latents"):
         apply_step("latent broadcast", broadcast_latents, target, handle, mesh_lib.world_group(config.timeout_s))

@@ -67,6 +67,8 @@ class ParallelismConfig:
         init_empty_weights()); each rank then reads only its tensor-parallel shard of every split weight, as a
         slice of the memory-mapped file, and the rest whole. detach() of such a transformer gathers the FULL
         weights on every rank; a text encoder loaded this way must be reloaded after detach (docs/loading.md).
+        weights_from="auto": every module `diffpar.empty_pipeline(directory, ...)` built empty, each from its
+        own subfolder of that directory (the recipe of docs/loading.md).
     """
 
     ulysses_size: int | None = None
@@ -160,9 +162,11 @@ class ParallelismConfig:
             raise DiffparError("ParallelismConfig: vae_split_min_rows must be a non-negative integer or None.")
 
     def _validate_weights_from(self):
+        if self.weights_from == "auto":  # resolved when planning (engines/sharded_loading.resolve_auto)
+            return
         if not isinstance(self.weights_from, dict):
-            raise DiffparError("ParallelismConfig: weights_from must be a dict {component name: safetensors path}, "
-                               f"got {type(self.weights_from).__name__}.")
+            raise DiffparError("ParallelismConfig: weights_from must be a dict {component name: safetensors path} "
+                               f'or "auto", got {type(self.weights_from).__name__}.')
         for key, value in self.weights_from.items():
             ok = isinstance(value, (str, torch.device)) if key == "device" else isinstance(value, (str, os.PathLike))
             if not isinstance(key, str) or not ok:
@@ -198,7 +202,10 @@ class ParallelismConfig:
     def describe(self) -> dict:
         """A plain, rank-comparable summary (module objects replaced by their class names)."""
         extra = [e if isinstance(e, str) else type(e).__name__ for e in self.extra_parallel_modules]
-        loaded = {"weights_from": sorted(k for k in self.weights_from if k != "device")} if self.weights_from else {}
+        if isinstance(self.weights_from, str):  # "auto"
+            loaded = {"weights_from": self.weights_from}
+        else:
+            loaded = {"weights_from": sorted(k for k in self.weights_from if k != "device")} if self.weights_from else {}
         return {
             "ulysses_size": self.ulysses_degree,
             "ring_size": self.ring_degree,

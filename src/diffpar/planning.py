@@ -225,7 +225,9 @@ def _plan(target, cache_config, parallelism_config, *, world_size) -> ParallelPl
             if _ranks_will_agree():
                 component = replace(component, facts=component.facts + (("weights", tuple(weights_checksum(module))),))
             components.append(_with_payload(component, ExtraPayload(module, adapter, component)))
-        components.extend(_plan_weights(components, config))
+        weights_from = sharded_loading.resolve_auto(config.weights_from, _named_modules(target)) \
+            if config.weights_from else {}
+        components.extend(_plan_weights(components, weights_from, config))
         if is_pipeline(target):
             check_controlnet_listed(target, config, {name for name, _ in extras})
         if config.cp_degree > 1 or any(c.role == "controlnet" for c in components):
@@ -339,22 +341,28 @@ def _cfg_component(target, payload: CfgPayload, dims: ParallelDims) -> Component
     )
 
 
-def _modules_to_load(target, config) -> list[torch.nn.Module]:
-    if not isinstance(config, ParallelismConfig) or not config.weights_from:
-        return []
-    paths, _ = sharded_loading.split_request(config.weights_from)
+def _named_modules(target) -> dict[str, torch.nn.Module]:
     named = dict(find_denoisers(target))
     if is_pipeline(target):
         named.update({n: m for n, m in target.components.items() if isinstance(m, torch.nn.Module)})
+    return named
+
+
+def _modules_to_load(target, config) -> list[torch.nn.Module]:
+    if not isinstance(config, ParallelismConfig) or not config.weights_from:
+        return []
+    named = _named_modules(target)
+    # Not required here: one process plans without loading (the error, if any, comes from _plan_weights).
+    paths, _ = sharded_loading.split_request(sharded_loading.resolve_auto(config.weights_from, named, required=False))
     return [named[n] for n in paths if n in named]
 
 
-def _plan_weights(components, config: ParallelismConfig) -> list[ComponentPlan]:
-    """One "weights" component per module in `weights_from`: what each rank reads of which file (every check of
-    the files and of the meta module runs here; engines/sharded_loading.py)."""
-    if not config.weights_from:
+def _plan_weights(components, weights_from: dict, config: ParallelismConfig) -> list[ComponentPlan]:
+    """One "weights" component per module in `weights_from` ("auto" already resolved): what each rank reads of
+    which file (every check of the files and of the meta module runs here; engines/sharded_loading.py)."""
+    if not weights_from:
         return []
-    paths, device = sharded_loading.split_request(config.weights_from)
+    paths, device = sharded_loading.split_request(weights_from)
     loadable = {c.name: c for c in components if c.role in ("denoiser", "text encoder")}
     out = []
     for name, path in paths.items():

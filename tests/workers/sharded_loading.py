@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -11,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import diffpar
 from diffpar import applying
+from diffpar.compat.diffusers_cp import SHARED_SHIMS
 from diffpar.engines import sharded_loading
 from diffpar.testing import tiny_pipelines, tiny_transformers
 from diffpar.testing.probes import SplitProbe
@@ -122,33 +124,9 @@ def _encode(pipe):
     return embeds, pooled
 
 
-def load_and_compare(directory: str, config: dict):
-    """One process (normally loaded) vs the meta-built pipeline with `weights_from`, per rank: outputs, bytes read,
-    shapes allocated, the split, and detach."""
-    reference = tiny_pipelines.build_tiny_flux_pipeline()
-    _save(reference, directory)
-    pipe = _meta_pipeline(reference)
-    inputs = _transformer_inputs()
-    with torch.no_grad():
-        ref_embeds = _encode(reference)
-        with SplitProbe(reference.transformer) as probe_reference:
-            ref_out = reference.transformer(**copy.deepcopy(inputs))[0]
-    reads = []
-    real_open = sharded_loading.safe_open
-    sharded_loading.safe_open = lambda path, *a, **k: _CountingFile(real_open(path, *a, **k), reads, path)
-    watch = _WatchAllocations()
-    try:
-        parallel = diffpar.ParallelismConfig(
-            **config, extra_parallel_modules=["text_encoder", "text_encoder_2"],
-            weights_from={name: os.path.join(directory, name) for name in LOADED})
-        with watch:
-            handle = diffpar.enable_cache(pipe, parallelism_config=parallel)
-    finally:
-        sharded_loading.safe_open = real_open
-    with torch.no_grad():
-        embeds = _encode(pipe)
-        with SplitProbe(pipe.transformer) as probe:
-            out = pipe.transformer(**copy.deepcopy(inputs))[0]
+def _loading_report(handle, pipe, reads, watch):
+    """Per loaded module: the bytes the files gave this rank vs its plan, sharded weights read whole, meta left;
+    and every op that allocated a tensor of a shape only a whole sharded weight has."""
     plans = {c.name: c.payload for c in handle.plan.by_role("weights")}
     full_shapes = {r.key: r.shape for plan in plans.values() for r in plan.reads}
     sliced = {plan.name: plan.sharded_keys for plan in plans.values()}
@@ -178,13 +156,44 @@ def load_and_compare(directory: str, config: dict):
             "meta_left": [n for n, p in getattr(pipe, name).named_parameters() if p.is_meta],
             "held_bytes": sum(p.numel() * p.element_size() for p in getattr(pipe, name).parameters()),
         }
+    return per_module, forbidden, sorted((s, watch.shapes[s]) for s in set(watch.shapes) & forbidden)
+
+
+def load_and_compare(directory: str, config: dict):
+    """One process (normally loaded) vs the meta-built pipeline with `weights_from`, per rank: outputs, bytes read,
+    shapes allocated, the split, and detach."""
+    reference = tiny_pipelines.build_tiny_flux_pipeline()
+    _save(reference, directory)
+    pipe = _meta_pipeline(reference)
+    inputs = _transformer_inputs()
+    with torch.no_grad():
+        ref_embeds = _encode(reference)
+        with SplitProbe(reference.transformer) as probe_reference:
+            ref_out = reference.transformer(**copy.deepcopy(inputs))[0]
+    reads = []
+    real_open = sharded_loading.safe_open
+    sharded_loading.safe_open = lambda path, *a, **k: _CountingFile(real_open(path, *a, **k), reads, path)
+    watch = _WatchAllocations()
+    try:
+        parallel = diffpar.ParallelismConfig(
+            **config, extra_parallel_modules=["text_encoder", "text_encoder_2"],
+            weights_from={name: os.path.join(directory, name) for name in LOADED})
+        with watch:
+            handle = diffpar.enable_cache(pipe, parallelism_config=parallel)
+    finally:
+        sharded_loading.safe_open = real_open
+    with torch.no_grad():
+        embeds = _encode(pipe)
+        with SplitProbe(pipe.transformer) as probe:
+            out = pipe.transformer(**copy.deepcopy(inputs))[0]
+    per_module, forbidden, full_size = _loading_report(handle, pipe, reads, watch)
     result = {
         "rank": dist.get_rank(),
         "diff": (out - ref_out).abs().max().item(),
         "embed_diffs": [(a - b).abs().max().item() for a, b in zip(embeds, ref_embeds)],
         "modules": per_module,
         "forbidden_shapes": len(forbidden),
-        "full_size_allocations": sorted((s, watch.shapes[s]) for s in set(watch.shapes) & forbidden),
+        "full_size_allocations": full_size,
         "split": probe.summary(),
         "split_reference": probe_reference.summary(),
     }
@@ -245,3 +254,136 @@ def rollback_leaves_meta(directory: str, config: dict, where: str = "after"):
         "all_meta": all(p.is_meta for name in LOADED for p in getattr(pipe, name).parameters()),
         "reads": len(calls),
     }
+
+
+# -- the recipe: diffpar.empty_pipeline(saved directory) + weights_from="auto" ------------------------------------
+EMPTY = ("transformer", "text_encoder", "text_encoder_2")  # the VAE, tokenizers and scheduler load normally
+
+
+def _save_pipeline(directory: str) -> None:
+    """Rank 0 saves a tiny Flux pipeline with save_pretrained (model_index.json + one subfolder per component)."""
+    if dist.get_rank() == 0:
+        tiny_pipelines.build_tiny_flux_pipeline().save_pretrained(directory)
+    dist.barrier()
+
+
+def _image(pipe):
+    with torch.no_grad():
+        return pipe(prompt=PROMPTS[1], height=32, width=32, num_inference_steps=2, max_sequence_length=16,
+                    generator=torch.Generator().manual_seed(0), output_type="pt", guidance_scale=3.5).images
+
+
+def _recipe_config(config: dict):
+    return diffpar.ParallelismConfig(**config, extra_parallel_modules=["text_encoder", "text_encoder_2", "vae"],
+                                     weights_from="auto")
+
+
+def recipe_from_directory(directory: str, config: dict):
+    """`FluxPipeline.from_pretrained(directory)` in one process vs `diffpar.empty_pipeline(directory)` +
+    `weights_from="auto"` on every rank: the image, the bytes each rank read, the shapes allocated, the split."""
+    from diffusers import FluxPipeline
+
+    _save_pipeline(directory)
+    reference = FluxPipeline.from_pretrained(directory)
+    reference.set_progress_bar_config(disable=True)
+    with SplitProbe(reference.transformer) as probe_reference:
+        ref_image = _image(reference)
+    pipe = diffpar.empty_pipeline(directory, EMPTY)
+    pipe.set_progress_bar_config(disable=True)
+    built_meta = {name: all(p.is_meta for p in getattr(pipe, name).parameters()) for name in EMPTY}
+    reads = []
+    real_open = sharded_loading.safe_open
+    sharded_loading.safe_open = lambda path, *a, **k: _CountingFile(real_open(path, *a, **k), reads, path)
+    watch = _WatchAllocations()
+    try:
+        with watch:
+            handle = diffpar.enable_cache(pipe, parallelism_config=_recipe_config(config))
+    finally:
+        sharded_loading.safe_open = real_open
+    with SplitProbe(pipe.transformer) as probe:
+        image = _image(pipe)
+    per_module, forbidden, full_size = _loading_report(handle, pipe, reads, watch)
+    result = {
+        "rank": dist.get_rank(),
+        "built_meta": built_meta,
+        "loaded": sorted(c.name for c in handle.plan.by_role("weights")),
+        "vae_engine": next(c.engine for c in handle.plan.components if c.name == "vae"),
+        "diff": (image - ref_image).abs().max().item(),
+        "modules": per_module,
+        "forbidden_shapes": len(forbidden),
+        "full_size_allocations": full_size,
+        "split": probe.summary(),
+        "split_reference": probe_reference.summary(),
+    }
+    try:
+        handle.detach()
+    except RuntimeError:  # the text encoders say they must be reloaded (test_meta_pipeline_reads_only_its_shards)
+        pass
+    return result
+
+
+def _parameters(pipe) -> dict:
+    """Every parameter and buffer of the empty modules: where it lives, its shape and dtype, and a real buffer's
+    value (a meta tensor has none)."""
+    return {f"{name}.{key}": (t.device.type, tuple(t.shape), t.dtype, None if t.is_meta else t.clone())
+            for name in EMPTY for key, t in [*getattr(pipe, name).named_parameters(),
+                                             *getattr(pipe, name).named_buffers()]}
+
+
+def _same(a: dict, b: dict) -> list[str]:
+    def equal(x, y):
+        return x[:3] == y[:3] and (x[3] is None) == (y[3] is None) and (x[3] is None or torch.equal(x[3], y[3]))
+
+    return sorted(k for k in set(a) | set(b) if k not in a or k not in b or not equal(a[k], b[k]))
+
+
+def fail_after_loading(directory: str, config: dict, fail_ranks: list[int]):
+    """The loading step fails on `fail_ranks` right after it read every module (the harshest point: all weights
+    real): every rank raises, fast; the empty modules are exactly as empty_pipeline built them (meta back), the
+    structure (hooks, processors, classes) as before; and a second enable_cache then loads and runs normally."""
+    from diffusers import FluxPipeline
+
+    from workers.rollback import _structure
+
+    _save_pipeline(directory)
+    pipe = diffpar.empty_pipeline(directory, EMPTY)
+    pipe.set_progress_bar_config(disable=True)
+    parameters, structure = _parameters(pipe), _structure(pipe)
+    real_load, loaded = sharded_loading.apply_loading, []
+
+    def failing_load(load, rank, handle):
+        state = real_load(load, rank, handle)
+        loaded.append(load.name)
+        if len(loaded) == len(EMPTY) and dist.get_rank() in fail_ranks:
+            raise RuntimeError("injected failure after the loading step")
+        return state
+
+    sharded_loading.apply_loading = failing_load
+    started, error = time.monotonic(), None
+    try:
+        diffpar.enable_cache(pipe, parallelism_config=_recipe_config(config))
+    except Exception as exc:  # noqa: BLE001 - the test asserts the message
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        sharded_loading.apply_loading = real_load
+    seconds = time.monotonic() - started
+    result = {
+        "rank": dist.get_rank(),
+        "error": error,
+        "seconds": seconds,
+        "loaded": loaded,
+        "changed_parameters": _same(parameters, _parameters(pipe))[:5],
+        "changed_structure": [k for k in set(structure) | set(_structure(pipe))
+                              if structure.get(k) != _structure(pipe).get(k)][:5],
+        "shims_active": SHARED_SHIMS.active,
+    }
+    # The rolled-back pipeline is as good as a fresh one: enabling again loads it, and the image is right.
+    reference = FluxPipeline.from_pretrained(directory)
+    reference.set_progress_bar_config(disable=True)
+    handle = diffpar.enable_cache(pipe, parallelism_config=_recipe_config(config))
+    result["second_diff"] = (_image(pipe) - _image(reference)).abs().max().item()
+    try:
+        handle.detach()
+    except RuntimeError:
+        pass
+    return result

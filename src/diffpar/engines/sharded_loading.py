@@ -59,8 +59,30 @@ def planning_loads(modules):
         _LOADED_LATER.reset(token)
 
 
+AUTO = "auto"  # weights_from="auto": every module diffpar.empty_pipeline built empty, from its own subfolder
+# Set by diffpar.empty_pipeline on each module it built empty: the directory its weights are saved in.
+SOURCE_ATTR = "_diffpar_weights_dir"
+
+
+def resolve_auto(weights_from, named_modules: dict[str, nn.Module], required: bool = True):
+    """`weights_from` with "auto" replaced by {name: the module's saved directory} for every module of
+    `named_modules` that diffpar.empty_pipeline built empty and that is still on the meta device. `required`:
+    finding none is an error (not in one process, where weights_from is not applied)."""
+    if weights_from != AUTO:
+        return weights_from
+    found = {name: getattr(module, SOURCE_ATTR) for name, module in named_modules.items()
+             if getattr(module, SOURCE_ATTR, None) is not None
+             and any(p.is_meta for p in module.parameters())}
+    if not found and required:
+        raise DiffparError(
+            'weights_from="auto": no module of this pipeline was built empty by diffpar.empty_pipeline (or each '
+            "one is already loaded). Build the pipeline with diffpar.empty_pipeline(directory, ...), or name the "
+            'files: weights_from={"transformer": "/dir/transformer", ...}.')
+    return found
+
+
 def split_request(weights_from: dict) -> tuple[dict[str, str], str | None]:
-    """({component name: path}, device or None) from the user's `weights_from`."""
+    """({component name: path}, device or None) from the user's `weights_from` (after `resolve_auto`)."""
     paths = {k: v for k, v in weights_from.items() if k != DEVICE_KEY}
     device = weights_from.get(DEVICE_KEY)
     return paths, (None if device is None else str(device))
