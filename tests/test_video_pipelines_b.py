@@ -1,0 +1,50 @@
+"""Whole video pipelines on 2 ranks, second set (issue 13, item 4): the transformer context parallel (Ulysses 2,
+an odd prompt length), every text encoder the pipeline builds tensor parallel and the VAE split (decode, and encode
+where the pipeline encodes an image), the video within PIPELINE_FP32 of the same pipeline in one process. Every test
+proves the split: the transformer's attention saw a shard and issued its collectives (assert_split), each text
+encoder holds a share of its weights, the VAE ran its decode (and encode) split."""
+import pytest
+from tolerances import PIPELINE_FP32
+from workers import video_pipelines_b
+
+from diffpar.testing.probes import assert_split
+
+ULYSSES = {"ulysses_size": 2}
+# vae_split_min_rows=0: the tiny latents (4 rows) split too.
+CONFIG = dict(ULYSSES, vae_split_min_rows=0)
+
+
+def _needs(kind):
+    name = video_pipelines_b.PIPELINE_CLASS[kind]
+    return pytest.mark.skipif(not video_pipelines_b.available(kind), reason=f"this diffusers has no {name}")
+
+
+def _check(results, encoders=(), encode=False, **split_options):
+    for r in results:
+        assert r["diff"] <= PIPELINE_FP32, (r["rank"], r["diff"], r["scale"])
+        assert r["ranks_identical"], "every rank must hold the same video"
+        for name in encoders:  # each rank holds a share of every attention's heads and MLP (embeddings stay whole)
+            share = r["text_encoders"][name]
+            assert share["bytes_ratio"] < 0.75, (name, share)
+            for layout in share["heads_per_rank"]:  # per attention layout: (query heads, KV heads) on each rank
+                assert len(layout) == len(results) and all(q < sum(h[0] for h in layout) for q, _ in layout), share
+        calls = r["vae_calls"]
+        assert calls["decode"]["split"] >= 1 and calls["decode"]["whole"] == 0, calls
+        if encode:
+            assert calls["encode"]["split"] >= 1 and calls["encode"]["whole"] == 0, calls
+    assert_split(results, ULYSSES, **split_options)  # every transformer forward ran on a shard
+
+
+def _run(ranks, kind, extra):
+    return ranks(2, "workers.video_pipelines_b:video_equivalence", kind=kind, config=CONFIG, extra=extra,
+                 timeout=300)
+
+
+@_needs("ltx2_i2v")
+@pytest.mark.compat
+def test_ltx2_image_to_video(ranks):
+    """LTX2ImageToVideoPipeline: transformer Ulysses 2 (video tokens split; audio and prompt whole), Gemma 3 (the
+    language model inside Gemma3ForConditionalGeneration) tensor parallel, the first frame's encode and the decode
+    of the LTX-2 VAE split by rows. The connectors, audio VAE and vocoder stay whole on every rank."""
+    results = _run(ranks, "ltx2_i2v", ["text_encoder", "vae"])
+    _check(results, encoders=["text_encoder"], encode=True)

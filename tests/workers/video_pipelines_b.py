@@ -1,0 +1,159 @@
+"""Rank-side whole video pipelines, second set (tests/test_video_pipelines_b.py): LTX-2 image-to-video,
+HunyuanVideo, ChronoEdit, Helios. Tiny builders live here (seeded weights, in-memory tokenizers, no Hub); the
+rank-side comparison is `workers.video_pipelines.video_equivalence`, run on these builders."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+import diffpar
+from diffpar.testing import tiny_text_encoders, tiny_video_pipelines
+from diffpar.testing.probes import SplitProbe
+from diffpar.testing.tiny_video_pipelines import conditioning_image
+
+# An odd prompt length: the prompt stays whole on every rank while the video tokens split.
+PROMPT_TOKENS = 15
+PIPELINE_CLASS: dict[str, str] = {}
+_BUILDERS: dict = {}
+_CALLS: dict = {}
+
+
+def _register(kind: str, class_name: str, call):
+    def deco(fn):
+        PIPELINE_CLASS[kind] = class_name
+        _BUILDERS[kind] = fn
+        _CALLS[kind] = call
+        return fn
+
+    return deco
+
+
+def build(kind: str, seed: int = 0):
+    pipe = _BUILDERS[kind](seed=seed)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call_arguments(kind: str) -> dict:
+    return dict(_CALLS[kind]())
+
+
+def available(kind: str) -> bool:
+    import diffusers
+
+    return hasattr(diffusers, PIPELINE_CLASS[kind])
+
+
+def _seeded(seed: int):
+    torch.manual_seed(seed)
+
+
+def _ltx2_i2v_call():
+    return dict(image=conditioning_image(), prompt=tiny_video_pipelines.PROMPT, height=32, width=32, num_frames=9,
+                frame_rate=25.0, guidance_scale=1.0, max_sequence_length=PROMPT_TOKENS,
+                image_crf=0)  # no H.264 re-compression of the image: PyAV is not a dependency
+
+
+@_register("ltx2_i2v", "LTX2ImageToVideoPipeline", _ltx2_i2v_call)
+def build_ltx2_i2v(seed: int = 0):
+    """LTX-2 image-to-video: Gemma 3 (every layer's hidden states, stacked), the text connectors, the
+    audio-video LTX2VideoTransformer3DModel, the tiny LTX-2 video VAE of tiny_vaes (8x spatial and temporal: 9
+    frames of 32 x 32 -> 2 latent frames of 4 x 4; it encodes the first frame), a tiny audio VAE and vocoder."""
+    from diffusers import (
+        AutoencoderKLLTX2Audio,
+        FlowMatchEulerDiscreteScheduler,
+        LTX2ImageToVideoPipeline,
+        LTX2VideoTransformer3DModel,
+    )
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    from diffpar.testing import tiny_vaes
+
+    layers = 2
+    gemma, _ = tiny_text_encoders.build("gemma3-multimodal", seed=seed, heads=4, kv_heads=2, head_dim=8,
+                                        hidden=tiny_video_pipelines.TEXT_WIDTH, intermediate=48, layers=layers)
+    vae, _, _ = tiny_vaes.build("ltx2", seed=seed + 3)
+    vae.use_framewise_encoding = False
+    vae.use_framewise_decoding = False
+    # The config's defaults say 16x: this tiny VAE compresses 8x both ways (what the pipeline sizes latents by).
+    vae.spatial_compression_ratio = vae.temporal_compression_ratio = 8
+    _seeded(seed + 2)
+    transformer = LTX2VideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
+        cross_attention_dim=32, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+        audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=2, qk_norm="rms_norm_across_heads",
+        caption_channels=tiny_video_pipelines.TEXT_WIDTH, rope_double_precision=False, rope_type="split",
+    ).eval()
+    _seeded(seed + 4)
+    connectors = LTX2TextConnectors(
+        caption_channels=tiny_video_pipelines.TEXT_WIDTH, text_proj_in_factor=layers + 1,
+        video_connector_num_attention_heads=4, video_connector_attention_head_dim=8, video_connector_num_layers=1,
+        video_connector_num_learnable_registers=None, audio_connector_num_attention_heads=4,
+        audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32, rope_theta=10000.0,
+        rope_double_precision=False, causal_temporal_positioning=False, rope_type="split",
+    ).eval()
+    _seeded(seed + 5)
+    audio_vae = AutoencoderKLLTX2Audio(
+        base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1, attn_resolutions=None, in_channels=2,
+        resolution=32, latent_channels=2, norm_type="pixel", causality_axis="height", dropout=0.0,
+        mid_block_add_attention=False, sample_rate=16000, mel_hop_length=160, is_causal=True, mel_bins=8,
+    ).eval()
+    _seeded(seed + 6)
+    vocoder = LTX2Vocoder(
+        in_channels=2 * 8, hidden_channels=32, out_channels=2, upsample_kernel_sizes=[4, 4], upsample_factors=[2, 2],
+        resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]], leaky_relu_negative_slope=0.1,
+        output_sampling_rate=16000,
+    ).eval()
+    return LTX2ImageToVideoPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae, text_encoder=gemma,
+        tokenizer=tiny_text_encoders.t5_tokenizer(512), connectors=connectors, transformer=transformer,
+        vocoder=vocoder,
+    )
+
+
+def _call(pipe, kind: str, seed: int, steps: int):
+    kwargs = call_arguments(kind)
+    kwargs.update(num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
+    return pipe(**kwargs).frames
+
+
+def video_equivalence(kind: str, config: dict, extra: list[str] = (), steps: int = 2):
+    """The video of a parallel run vs one process (as workers.video_pipelines.video_equivalence, on this module's
+    builders): SplitProbe summaries of the transformer, the VAE split's calls, each text encoder's share. Rank r
+    passes generator seed r: diffpar's latent broadcast must make every rank use rank 0's noise."""
+    reference_pipe = build(kind)
+    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
+        reference = _call(reference_pipe, kind, 0, steps)
+    del reference_pipe
+    pipe = build(kind)
+    cfg = dict(config, extra_parallel_modules=[getattr(pipe, name) for name in extra])
+    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(**cfg))
+    try:
+        with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
+            out = _call(pipe, kind, dist.get_rank(), steps)
+        vae_calls = copy.deepcopy(handle.state("vae").calls) if "vae" in extra else None
+        encoders = {}
+        for name in extra:
+            if name.startswith("text_encoder"):
+                state = handle.state(name)
+                encoders[name] = {"bytes_ratio": state["param_bytes_after"] / max(state["param_bytes_before"], 1),
+                                  "heads_per_rank": state.get("heads_per_rank")}
+    finally:
+        problems = handle.detach(strict=False)  # never leave shims installed for the next test
+    gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, out.contiguous())
+    return {
+        "rank": dist.get_rank(),
+        "split": probe.summary(),
+        "split_reference": reference_probe.summary(),
+        "diff": (out - reference).abs().max().item(),
+        "scale": reference.abs().max().item(),
+        "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
+        "vae_calls": vae_calls,
+        "text_encoders": encoders,
+        "detach_problems": problems,
+    }
