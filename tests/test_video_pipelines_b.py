@@ -48,3 +48,12 @@ def test_ltx2_image_to_video(ranks):
     of the LTX-2 VAE split by rows. The connectors, audio VAE and vocoder stay whole on every rank."""
     results = _run(ranks, "ltx2_i2v", ["text_encoder", "vae"])
     _check(results, encoders=["text_encoder"], encode=True)
+
+
+@_needs("hunyuan_video")
+@pytest.mark.compat
+def test_hunyuan_video_text_to_video(ranks):
+    """HunyuanVideoPipeline: transformer Ulysses 2 (video and prompt tokens split; the plan first cuts the refined
+    prompt's right padding, so text_cut), Llama and CLIP tensor parallel, the HunyuanVideo VAE decode split by rows."""
+    results = _run(ranks, "hunyuan_video", ["text_encoder", "text_encoder_2", "vae"])
+    _check(results, encoders=["text_encoder", "text_encoder_2"], text_cut=True)

@@ -157,3 +157,37 @@ def video_equivalence(kind: str, config: dict, extra: list[str] = (), steps: int
         "text_encoders": encoders,
         "detach_problems": problems,
     }
+
+
+def _hunyuan_video_call():
+    # The bare prompt (no chat template to crop): PROMPT_TOKENS Llama tokens; guidance is an embedded scale.
+    return dict(prompt=tiny_video_pipelines.PROMPT, prompt_template={"template": "{}", "crop_start": 0}, height=32,
+                width=32, num_frames=9, guidance_scale=6.0, max_sequence_length=PROMPT_TOKENS)
+
+
+@_register("hunyuan_video", "HunyuanVideoPipeline", _hunyuan_video_call)
+def build_hunyuan_video(seed: int = 0):
+    """HunyuanVideo text-to-video: Llama (its second-last hidden states), CLIP (pooled), the dual/single-stream
+    HunyuanVideoTransformer3DModel with its token refiner, the tiny AutoencoderKLHunyuanVideo of tiny_vaes (4x
+    spatial and temporal: 9 frames of 32 x 32 -> 3 latent frames of 8 x 8, 2 x 2 patches: 48 video tokens)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+
+    from diffpar.testing import tiny_vaes
+
+    width = tiny_video_pipelines.TEXT_WIDTH
+    llama, _ = tiny_text_encoders.build("llama", seed=seed, heads=4, kv_heads=2, head_dim=8, hidden=width,
+                                        intermediate=48, layers=3)
+    clip, _ = tiny_text_encoders.build("clip", seed=seed + 1, heads=4, hidden=width, intermediate=37, layers=2,
+                                       max_positions=77)
+    vae, _, _ = tiny_vaes.build("hunyuan", seed=seed + 3)
+    _seeded(seed + 2)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=width, pooled_projection_dim=width, rope_axes_dim=(4, 6, 6),
+    ).eval()
+    return HunyuanVideoPipeline(
+        text_encoder=llama, tokenizer=tiny_text_encoders.t5_tokenizer(512), transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip,
+        tokenizer_2=tiny_text_encoders.clip_tokenizer(77),
+    )
