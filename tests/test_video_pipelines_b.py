@@ -57,3 +57,13 @@ def test_hunyuan_video_text_to_video(ranks):
     prompt's right padding, so text_cut), Llama and CLIP tensor parallel, the HunyuanVideo VAE decode split by rows."""
     results = _run(ranks, "hunyuan_video", ["text_encoder", "text_encoder_2", "vae"])
     _check(results, encoders=["text_encoder", "text_encoder_2"], text_cut=True)
+
+
+@_needs("chronoedit")
+@pytest.mark.compat
+def test_chronoedit(ranks):
+    """ChronoEditPipeline: transformer Ulysses 2 (video tokens split; prompt and CLIP image context whole), UMT5
+    tensor parallel, the input image's Wan VAE encode and the decode split by rows. Its CLIP image encoder stays
+    whole on every rank (10 tokens here; diffpar has no vision-tower plan)."""
+    results = _run(ranks, "chronoedit", ["text_encoder", "vae"])
+    _check(results, encoders=["text_encoder"], encode=True)

@@ -191,3 +191,33 @@ def build_hunyuan_video(seed: int = 0):
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip,
         tokenizer_2=tiny_text_encoders.clip_tokenizer(77),
     )
+
+
+def _chronoedit_call():
+    # Without temporal reasoning the pipeline generates 5 frames: the input image and the edited one as the last.
+    return dict(image=conditioning_image(), prompt=tiny_video_pipelines.PROMPT, height=32, width=32, num_frames=5,
+                guidance_scale=1.0, max_sequence_length=PROMPT_TOKENS)
+
+
+@_register("chronoedit", "ChronoEditPipeline", _chronoedit_call)
+def build_chronoedit(seed: int = 0):
+    """ChronoEdit (image editing as a 2-latent-frame video): Wan 2.1 image-to-video components (UMT5, a CLIP vision
+    encoder whose states join the prompt in every cross-attention, the tiny Wan VAE that encodes the input image)
+    with ChronoEditTransformer3DModel (noise + mask + encoded image: 36 channels)."""
+    from diffusers import ChronoEditPipeline, ChronoEditTransformer3DModel, FlowMatchEulerDiscreteScheduler
+
+    heads, head_dim = 4, 12
+    _seeded(seed + 2)
+    transformer = ChronoEditTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=36,
+        out_channels=16, text_dim=tiny_video_pipelines.TEXT_WIDTH, freq_dim=32, ffn_dim=32, num_layers=2,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=32,
+        added_kv_proj_dim=heads * head_dim,
+    ).eval()
+    # The Wan image-to-video builder's UMT5, VAE and CLIP vision parts, seeded alike.
+    return ChronoEditPipeline(
+        tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=tiny_video_pipelines._umt5(seed),
+        vae=tiny_video_pipelines._wan_vae(seed + 3), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        image_processor=tiny_video_pipelines._clip_image_processor(),
+        image_encoder=tiny_video_pipelines._clip_vision(seed + 4), transformer=transformer,
+    )
