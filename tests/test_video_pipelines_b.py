@@ -67,3 +67,12 @@ def test_chronoedit(ranks):
     whole on every rank (10 tokens here; diffpar has no vision-tower plan)."""
     results = _run(ranks, "chronoedit", ["text_encoder", "vae"])
     _check(results, encoders=["text_encoder"], encode=True)
+
+
+@_needs("helios")
+@pytest.mark.compat
+def test_helios_text_to_video(ranks):
+    """HeliosPipeline: transformer Ulysses 2 (current and history tokens split; prompt whole), UMT5 tensor
+    parallel, the Wan VAE decode split by rows."""
+    results = _run(ranks, "helios", ["text_encoder", "vae"])
+    _check(results, encoders=["text_encoder"])

@@ -221,3 +221,31 @@ def build_chronoedit(seed: int = 0):
         image_processor=tiny_video_pipelines._clip_image_processor(),
         image_encoder=tiny_video_pipelines._clip_vision(seed + 4), transformer=transformer,
     )
+
+
+def _helios_call():
+    # One chunk of 9 latent frames (33 frames of 32 x 32: 4 x 4 latents, 2 x 2 patches: 36 current tokens) plus
+    # the zero short / mid / long history latents the pipeline feeds the transformer.
+    return dict(prompt=tiny_video_pipelines.PROMPT, height=32, width=32, num_frames=9, guidance_scale=1.0,
+                max_sequence_length=PROMPT_TOKENS)
+
+
+@_register("helios", "HeliosPipeline", _helios_call)
+def build_helios(seed: int = 0):
+    """Helios (autoregressive chunks with multi-term memory): UMT5, HeliosTransformer3DModel (history latents
+    patched in beside the current chunk; history keys not amplified, as diffpar refuses that), the tiny Wan VAE,
+    the one-stage HeliosScheduler."""
+    from diffusers import HeliosPipeline, HeliosScheduler, HeliosTransformer3DModel
+
+    _seeded(seed + 2)
+    transformer = HeliosTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=tiny_video_pipelines.TEXT_WIDTH, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_dim=(4, 4, 4), has_multi_term_memory_patch=True,
+        guidance_cross_attn=True, zero_history_timestep=True, is_amplify_history=False,
+    ).eval()
+    return HeliosPipeline(
+        tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=tiny_video_pipelines._umt5(seed),
+        vae=tiny_video_pipelines._wan_vae(seed + 3), transformer=transformer,
+        scheduler=HeliosScheduler(stage_range=[0, 1], stages=1, use_dynamic_shifting=True),
+    )
