@@ -76,3 +76,12 @@ def test_helios_text_to_video(ranks):
     parallel, the Wan VAE decode split by rows."""
     results = _run(ranks, "helios", ["text_encoder", "vae"])
     _check(results, encoders=["text_encoder"])
+
+
+@_needs("ltx2")
+@pytest.mark.compat
+def test_ltx2_text_to_video(ranks):
+    """LTX2Pipeline (text to video with audio): transformer Ulysses 2 (video tokens split; audio and prompt whole),
+    Gemma 3 tensor parallel, the LTX-2 VAE decode split by rows. Connectors, audio VAE and vocoder stay whole."""
+    results = _run(ranks, "ltx2", ["text_encoder", "vae"])
+    _check(results, encoders=["text_encoder"])

@@ -50,23 +50,11 @@ def _seeded(seed: int):
     torch.manual_seed(seed)
 
 
-def _ltx2_i2v_call():
-    return dict(image=conditioning_image(), prompt=tiny_video_pipelines.PROMPT, height=32, width=32, num_frames=9,
-                frame_rate=25.0, guidance_scale=1.0, max_sequence_length=PROMPT_TOKENS,
-                image_crf=0)  # no H.264 re-compression of the image: PyAV is not a dependency
-
-
-@_register("ltx2_i2v", "LTX2ImageToVideoPipeline", _ltx2_i2v_call)
-def build_ltx2_i2v(seed: int = 0):
-    """LTX-2 image-to-video: Gemma 3 (every layer's hidden states, stacked), the text connectors, the
-    audio-video LTX2VideoTransformer3DModel, the tiny LTX-2 video VAE of tiny_vaes (8x spatial and temporal: 9
-    frames of 32 x 32 -> 2 latent frames of 4 x 4; it encodes the first frame), a tiny audio VAE and vocoder."""
-    from diffusers import (
-        AutoencoderKLLTX2Audio,
-        FlowMatchEulerDiscreteScheduler,
-        LTX2ImageToVideoPipeline,
-        LTX2VideoTransformer3DModel,
-    )
+def _ltx2_components(seed: int) -> dict:
+    """LTX-2's components: Gemma 3 (every layer's hidden states, stacked), the text connectors, the audio-video
+    LTX2VideoTransformer3DModel, the tiny LTX-2 video VAE of tiny_vaes (8x spatial and temporal: 9 frames of
+    32 x 32 -> 2 latent frames of 4 x 4), a tiny audio VAE and vocoder."""
+    from diffusers import AutoencoderKLLTX2Audio, FlowMatchEulerDiscreteScheduler, LTX2VideoTransformer3DModel
     from diffusers.pipelines.ltx2 import LTX2TextConnectors
     from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 
@@ -108,55 +96,35 @@ def build_ltx2_i2v(seed: int = 0):
         resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]], leaky_relu_negative_slope=0.1,
         output_sampling_rate=16000,
     ).eval()
-    return LTX2ImageToVideoPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae, text_encoder=gemma,
-        tokenizer=tiny_text_encoders.t5_tokenizer(512), connectors=connectors, transformer=transformer,
-        vocoder=vocoder,
-    )
+    return dict(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae, text_encoder=gemma,
+                tokenizer=tiny_text_encoders.t5_tokenizer(512), connectors=connectors, transformer=transformer,
+                vocoder=vocoder)
 
 
-def _call(pipe, kind: str, seed: int, steps: int):
-    kwargs = call_arguments(kind)
-    kwargs.update(num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
-    return pipe(**kwargs).frames
+def _ltx2_call():
+    return dict(prompt=tiny_video_pipelines.PROMPT, height=32, width=32, num_frames=9, frame_rate=25.0,
+                guidance_scale=1.0, max_sequence_length=PROMPT_TOKENS)
 
 
-def video_equivalence(kind: str, config: dict, extra: list[str] = (), steps: int = 2):
-    """The video of a parallel run vs one process (as workers.video_pipelines.video_equivalence, on this module's
-    builders): SplitProbe summaries of the transformer, the VAE split's calls, each text encoder's share. Rank r
-    passes generator seed r: diffpar's latent broadcast must make every rank use rank 0's noise."""
-    reference_pipe = build(kind)
-    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
-        reference = _call(reference_pipe, kind, 0, steps)
-    del reference_pipe
-    pipe = build(kind)
-    cfg = dict(config, extra_parallel_modules=[getattr(pipe, name) for name in extra])
-    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(**cfg))
-    try:
-        with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
-            out = _call(pipe, kind, dist.get_rank(), steps)
-        vae_calls = copy.deepcopy(handle.state("vae").calls) if "vae" in extra else None
-        encoders = {}
-        for name in extra:
-            if name.startswith("text_encoder"):
-                state = handle.state(name)
-                encoders[name] = {"bytes_ratio": state["param_bytes_after"] / max(state["param_bytes_before"], 1),
-                                  "heads_per_rank": state.get("heads_per_rank")}
-    finally:
-        problems = handle.detach(strict=False)  # never leave shims installed for the next test
-    gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, out.contiguous())
-    return {
-        "rank": dist.get_rank(),
-        "split": probe.summary(),
-        "split_reference": reference_probe.summary(),
-        "diff": (out - reference).abs().max().item(),
-        "scale": reference.abs().max().item(),
-        "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
-        "vae_calls": vae_calls,
-        "text_encoders": encoders,
-        "detach_problems": problems,
-    }
+@_register("ltx2", "LTX2Pipeline", _ltx2_call)
+def build_ltx2(seed: int = 0):
+    """LTX-2 text-to-video (with audio): the components of _ltx2_components."""
+    from diffusers import LTX2Pipeline
+
+    return LTX2Pipeline(**_ltx2_components(seed))
+
+
+def _ltx2_i2v_call():
+    # image_crf=0: no H.264 re-compression of the image (PyAV is not a dependency).
+    return dict(_ltx2_call(), image=conditioning_image(), image_crf=0)
+
+
+@_register("ltx2_i2v", "LTX2ImageToVideoPipeline", _ltx2_i2v_call)
+def build_ltx2_i2v(seed: int = 0):
+    """LTX-2 image-to-video: the components of _ltx2_components; the VAE encodes the first frame."""
+    from diffusers import LTX2ImageToVideoPipeline
+
+    return LTX2ImageToVideoPipeline(**_ltx2_components(seed))
 
 
 def _hunyuan_video_call():
@@ -249,3 +217,45 @@ def build_helios(seed: int = 0):
         vae=tiny_video_pipelines._wan_vae(seed + 3), transformer=transformer,
         scheduler=HeliosScheduler(stage_range=[0, 1], stages=1, use_dynamic_shifting=True),
     )
+def _call(pipe, kind: str, seed: int, steps: int):
+    kwargs = call_arguments(kind)
+    kwargs.update(num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
+    return pipe(**kwargs).frames
+
+
+def video_equivalence(kind: str, config: dict, extra: list[str] = (), steps: int = 2):
+    """The video of a parallel run vs one process (as workers.video_pipelines.video_equivalence, on this module's
+    builders): SplitProbe summaries of the transformer, the VAE split's calls, each text encoder's share. Rank r
+    passes generator seed r: diffpar's latent broadcast must make every rank use rank 0's noise."""
+    reference_pipe = build(kind)
+    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
+        reference = _call(reference_pipe, kind, 0, steps)
+    del reference_pipe
+    pipe = build(kind)
+    cfg = dict(config, extra_parallel_modules=[getattr(pipe, name) for name in extra])
+    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(**cfg))
+    try:
+        with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
+            out = _call(pipe, kind, dist.get_rank(), steps)
+        vae_calls = copy.deepcopy(handle.state("vae").calls) if "vae" in extra else None
+        encoders = {}
+        for name in extra:
+            if name.startswith("text_encoder"):
+                state = handle.state(name)
+                encoders[name] = {"bytes_ratio": state["param_bytes_after"] / max(state["param_bytes_before"], 1),
+                                  "heads_per_rank": state.get("heads_per_rank")}
+    finally:
+        problems = handle.detach(strict=False)  # never leave shims installed for the next test
+    gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, out.contiguous())
+    return {
+        "rank": dist.get_rank(),
+        "split": probe.summary(),
+        "split_reference": reference_probe.summary(),
+        "diff": (out - reference).abs().max().item(),
+        "scale": reference.abs().max().item(),
+        "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
+        "vae_calls": vae_calls,
+        "text_encoders": encoders,
+        "detach_problems": problems,
+    }
