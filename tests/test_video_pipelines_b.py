@@ -85,3 +85,14 @@ def test_ltx2_text_to_video(ranks):
     Gemma 3 tensor parallel, the LTX-2 VAE decode split by rows. Connectors, audio VAE and vocoder stay whole."""
     results = _run(ranks, "ltx2", ["text_encoder", "vae"])
     _check(results, encoders=["text_encoder"])
+
+
+@_needs("wan_animate")
+@pytest.mark.compat
+def test_wan_animate(ranks):
+    """WanAnimatePipeline (animate mode, one segment): transformer Ulysses 2 (video tokens split, the face adapters
+    attending per frame on each rank's shard; prompt and CLIP image context whole), UMT5 tensor parallel, the Wan
+    VAE's encodes (reference image, pose video) and decode split by rows. Its CLIP image encoder and the motion
+    encoder stay whole on every rank."""
+    results = _run(ranks, "wan_animate", ["text_encoder", "vae"])
+    _check(results, encoders=["text_encoder"], encode=True)
