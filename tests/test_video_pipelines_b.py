@@ -19,10 +19,12 @@ def _needs(kind):
     return pytest.mark.skipif(not video_pipelines_b.available(kind), reason=f"this diffusers has no {name}")
 
 
-def _check(results, encoders=(), encode=False, **split_options):
+def _check(results, encoders=(), encode=False, audio=False, **split_options):
     for r in results:
         assert r["diff"] <= PIPELINE_FP32, (r["rank"], r["diff"], r["scale"])
         assert r["ranks_identical"], "every rank must hold the same video"
+        if audio:  # the audio branch attends to the split video tokens: its waveform must match too
+            assert r["audio_diff"] is not None and r["audio_diff"] <= PIPELINE_FP32, (r["rank"], r["audio_diff"])
         for name in encoders:  # each rank holds a share of every attention's heads and MLP (embeddings stay whole)
             share = r["text_encoders"][name]
             assert share["bytes_ratio"] < 0.75, (name, share)
@@ -47,7 +49,7 @@ def test_ltx2_image_to_video(ranks):
     language model inside Gemma3ForConditionalGeneration) tensor parallel, the first frame's encode and the decode
     of the LTX-2 VAE split by rows. The connectors, audio VAE and vocoder stay whole on every rank."""
     results = _run(ranks, "ltx2_i2v", ["text_encoder", "vae"])
-    _check(results, encoders=["text_encoder"], encode=True)
+    _check(results, encoders=["text_encoder"], encode=True, audio=True)
 
 
 @_needs("hunyuan_video")
@@ -84,7 +86,7 @@ def test_ltx2_text_to_video(ranks):
     """LTX2Pipeline (text to video with audio): transformer Ulysses 2 (video tokens split; audio and prompt whole),
     Gemma 3 tensor parallel, the LTX-2 VAE decode split by rows. Connectors, audio VAE and vocoder stay whole."""
     results = _run(ranks, "ltx2", ["text_encoder", "vae"])
-    _check(results, encoders=["text_encoder"])
+    _check(results, encoders=["text_encoder"], audio=True)
 
 
 @_needs("wan_animate")

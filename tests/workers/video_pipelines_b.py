@@ -220,7 +220,8 @@ def build_helios(seed: int = 0):
 def _call(pipe, kind: str, seed: int, steps: int):
     kwargs = call_arguments(kind)
     kwargs.update(num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
-    return pipe(**kwargs).frames
+    output = pipe(**kwargs)
+    return output.frames, getattr(output, "audio", None)  # LTX-2 also returns the audio it generated
 
 
 def video_equivalence(kind: str, config: dict, extra: list[str] = (), steps: int = 2):
@@ -229,14 +230,14 @@ def video_equivalence(kind: str, config: dict, extra: list[str] = (), steps: int
     passes generator seed r: diffpar's latent broadcast must make every rank use rank 0's noise."""
     reference_pipe = build(kind)
     with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
-        reference = _call(reference_pipe, kind, 0, steps)
+        reference, reference_audio = _call(reference_pipe, kind, 0, steps)
     del reference_pipe
     pipe = build(kind)
     cfg = dict(config, extra_parallel_modules=[getattr(pipe, name) for name in extra])
     handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(**cfg))
     try:
         with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
-            out = _call(pipe, kind, dist.get_rank(), steps)
+            out, audio = _call(pipe, kind, dist.get_rank(), steps)
         vae_calls = copy.deepcopy(handle.state("vae").calls) if "vae" in extra else None
         encoders = {}
         for name in extra:
@@ -255,6 +256,7 @@ def video_equivalence(kind: str, config: dict, extra: list[str] = (), steps: int
         "diff": (out - reference).abs().max().item(),
         "scale": reference.abs().max().item(),
         "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
+        "audio_diff": None if audio is None else (audio - reference_audio).abs().max().item(),
         "vae_calls": vae_calls,
         "text_encoders": encoders,
         "detach_problems": problems,
