@@ -1,6 +1,7 @@
-"""Rank-side whole video pipelines, second set (tests/test_video_pipelines_b.py): LTX-2 image-to-video,
-HunyuanVideo, ChronoEdit, Helios. Tiny builders live here (seeded weights, in-memory tokenizers, no Hub); the
-rank-side comparison is `workers.video_pipelines.video_equivalence`, run on these builders."""
+"""Rank-side whole video pipelines, second set (tests/test_video_pipelines_b.py): LTX-2 (image-to-video and
+text-to-video with audio), HunyuanVideo, ChronoEdit, Helios, Wan Animate. The tiny builders live here (seeded
+weights, in-memory tokenizers, no Hub; the Wan parts are tiny_video_pipelines' own), and `video_equivalence` compares
+a parallel run with one process as workers.video_pipelines does."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +14,7 @@ from diffpar.testing import tiny_text_encoders, tiny_video_pipelines
 from diffpar.testing.probes import SplitProbe
 from diffpar.testing.tiny_video_pipelines import conditioning_image
 
-# An odd prompt length: the prompt stays whole on every rank while the video tokens split.
+# An odd prompt length (max_sequence_length): the transformers keep the prompt whole or split it unevenly.
 PROMPT_TOKENS = 15
 PIPELINE_CLASS: dict[str, str] = {}
 _BUILDERS: dict = {}
@@ -217,6 +218,39 @@ def build_helios(seed: int = 0):
         vae=tiny_video_pipelines._wan_vae(seed + 3), transformer=transformer,
         scheduler=HeliosScheduler(stage_range=[0, 1], stages=1, use_dynamic_shifting=True),
     )
+def _wan_animate_call():
+    """Animate mode, one segment of 5 frames (2 latent frames after the reference one): a pose video and a face
+    video (16 px: the motion encoder's size) of 5 deterministic frames each."""
+    pose = [conditioning_image(seed=20 + i) for i in range(5)]
+    face = [conditioning_image(16, 16, seed=30 + i) for i in range(5)]
+    return dict(image=conditioning_image(), pose_video=pose, face_video=face, prompt=tiny_video_pipelines.PROMPT,
+                height=32, width=32, segment_frame_length=5, guidance_scale=1.0, max_sequence_length=PROMPT_TOKENS)
+
+
+@_register("wan_animate", "WanAnimatePipeline", _wan_animate_call)
+def build_wan_animate(seed: int = 0):
+    """Wan 2.2 Animate: the Wan image-to-video parts (UMT5, CLIP vision, the tiny Wan VAE that encodes the
+    reference image and the pose video) with WanAnimateTransformer3DModel (a small motion encoder for the face
+    video, a face adapter after every block)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanAnimatePipeline, WanAnimateTransformer3DModel
+
+    _seeded(seed + 2)
+    transformer = WanAnimateTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=36, latent_channels=16,
+        out_channels=16, text_dim=tiny_video_pipelines.TEXT_WIDTH, freq_dim=32, ffn_dim=32, num_layers=2,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", image_dim=32, rope_max_seq_len=32,
+        motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16}, motion_encoder_size=16, motion_style_dim=8,
+        motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
+        inject_face_latents_blocks=1,
+    ).eval()
+    return WanAnimatePipeline(
+        tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=tiny_video_pipelines._umt5(seed),
+        vae=tiny_video_pipelines._wan_vae(seed + 3), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        image_processor=tiny_video_pipelines._clip_image_processor(),
+        image_encoder=tiny_video_pipelines._clip_vision(seed + 4), transformer=transformer,
+    )
+
+
 def _call(pipe, kind: str, seed: int, steps: int):
     kwargs = call_arguments(kind)
     kwargs.update(num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
@@ -261,36 +295,3 @@ def video_equivalence(kind: str, config: dict, extra: list[str] = (), steps: int
         "text_encoders": encoders,
         "detach_problems": problems,
     }
-
-
-def _wan_animate_call():
-    """Animate mode, one segment of 5 frames (2 latent frames after the reference one): a pose video and a face
-    video (16 px: the motion encoder's size) of 5 deterministic frames each."""
-    pose = [conditioning_image(seed=20 + i) for i in range(5)]
-    face = [conditioning_image(16, 16, seed=30 + i) for i in range(5)]
-    return dict(image=conditioning_image(), pose_video=pose, face_video=face, prompt=tiny_video_pipelines.PROMPT,
-                height=32, width=32, segment_frame_length=5, guidance_scale=1.0, max_sequence_length=PROMPT_TOKENS)
-
-
-@_register("wan_animate", "WanAnimatePipeline", _wan_animate_call)
-def build_wan_animate(seed: int = 0):
-    """Wan 2.2 Animate: the Wan image-to-video parts (UMT5, CLIP vision, the tiny Wan VAE that encodes the
-    reference image and the pose video) with WanAnimateTransformer3DModel (a small motion encoder for the face
-    video, a face adapter after every block)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanAnimatePipeline, WanAnimateTransformer3DModel
-
-    _seeded(seed + 2)
-    transformer = WanAnimateTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=36, latent_channels=16,
-        out_channels=16, text_dim=tiny_video_pipelines.TEXT_WIDTH, freq_dim=32, ffn_dim=32, num_layers=2,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", image_dim=32, rope_max_seq_len=32,
-        motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16}, motion_encoder_size=16, motion_style_dim=8,
-        motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
-        inject_face_latents_blocks=1,
-    ).eval()
-    return WanAnimatePipeline(
-        tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=tiny_video_pipelines._umt5(seed),
-        vae=tiny_video_pipelines._wan_vae(seed + 3), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
-        image_processor=tiny_video_pipelines._clip_image_processor(),
-        image_encoder=tiny_video_pipelines._clip_vision(seed + 4), transformer=transformer,
-    )
