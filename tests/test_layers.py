@@ -25,7 +25,7 @@ REPO_ROOT = PACKAGE_DIR.parent.parent
 
 # Layers above the engines and compat shims, by module prefix.
 ABOVE_ENGINES = ("diffpar.families", "diffpar.planning", "diffpar.applying", "diffpar.cache", "diffpar.api",
-                 "diffpar.demo", "diffpar.testing")
+                 "diffpar.demo", "diffpar.testing", "diffpar.loading", "diffpar.generate")
 BASE = tuple(f"diffpar.{m}" for m in ("errors", "config", "mesh", "plan_types", "patch", "handle", "components",
                                        "cache_config"))
 PRIVATE_CHECKED_LIBRARIES = ("diffusers", "transformers")
@@ -119,7 +119,7 @@ def layering_violations() -> list[str]:
             within(target, ABOVE_ENGINES) or target == "diffpar"
         ):
             problems.append(f"{where(imp)}: {imp.importer} imports {target}: engines and compat never import "
-                            "families, planning, applying, cache, api, demo, testing (or the diffpar package)")
+                            "families, planning, applying, cache, api, demo, testing, loading, generate (or the diffpar package)")
         if within(imp.importer, ("diffpar.compat",)) and within(target, ("diffpar.engines",)):
             problems.append(f"{where(imp)}: {imp.importer} imports {target}: compat never imports engines")
         if imp.importer in BASE and target not in BASE:
