@@ -1,0 +1,154 @@
+"""Rank-side whole text-to-image pipelines (tests/test_image_pipelines_b.py): tiny seeded builds of HiDream-I1,
+Hunyuan-DiT, CogView3-Plus, LongCat-Image and Ovis-Image (every model from a config, tokenizers in memory, no Hub),
+and one process vs `enable_cache(pipe, ...)` with the transformer context parallel, every text encoder tensor
+parallel and the VAE split.
+
+`KINDS[kind]` = (diffusers pipeline class name, builder, call arguments, pipeline components made parallel beside
+the transformer). The same seed builds the same weights, so every rank and the one-process reference build their
+own copies. Prompts are tokenized to an odd length (11) so text and joint sequences split unevenly."""
+from __future__ import annotations
+
+import copy
+from typing import Callable, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+import diffpar
+from diffpar.testing import tiny_text_encoders, tiny_transformers
+from diffpar.testing.probes import SplitProbe
+from diffpar.testing.tiny_pipelines import tiny_image_vae
+from workers.video_pipelines import _encoder_share
+
+PROMPT = "a red fox in snow"
+TEXT_TOKENS = 11  # odd: the prompt's tokens do not divide over 2 ranks
+
+
+class Kind(NamedTuple):
+    pipeline_class: str
+    build: Callable  # seed -> pipeline
+    call: Callable  # () -> call arguments without generator and steps
+    parallel: tuple[str, ...]  # components made parallel beside the transformer
+
+
+KINDS: dict[str, Kind] = {}
+
+
+def _kind(name: str, pipeline_class: str, call: Callable, parallel: tuple[str, ...]):
+    def deco(fn):
+        KINDS[name] = Kind(pipeline_class, fn, call, parallel)
+        return fn
+
+    return deco
+
+
+def _encoder(name: str, seed: int, cls=None, **overrides):
+    """tiny_text_encoders' encoder `name` (as `cls` where the pipeline holds a wrapper, e.g. ...ForCausalLM)."""
+    if cls is None:
+        return tiny_text_encoders.build(name, seed=seed, **overrides)[0]
+    tiny_text_encoders._quiet()
+    torch.manual_seed(seed)
+    _, config = tiny_text_encoders.BUILDERS[name](**overrides)
+    model = cls._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed + 1000)  # no norm left at exactly 1 / 0 (as tiny_text_encoders.build)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02)
+    return model.eval()
+
+
+def _image_call(**extra):
+    return dict(prompt=PROMPT, height=32, width=32, max_sequence_length=TEXT_TOKENS, **extra)
+
+
+# -- HiDream-I1 ------------------------------------------------------------------------------------------------
+@_kind("hidream", "HiDreamImagePipeline", lambda: _image_call(guidance_scale=0.0),
+       ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4", "vae"))
+def _hidream(seed=0):
+    """Two CLIP-with-projection towers (pooled), T5 and Llama 3 (every hidden layer feeds one transformer block);
+    guidance 0 (HiDream-I1-Fast): one prompt batch."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+    from transformers import LlamaForCausalLM
+
+    clip = _encoder("clip-projection", seed, heads=4, hidden=32, intermediate=37)
+    clip_2 = _encoder("clip-projection", seed + 1, heads=4, hidden=32, intermediate=37)
+    t5 = _encoder("t5-gated", seed + 2, heads=4, d_kv=8, d_model=32, d_ff=61)
+    llama = _encoder("llama", seed + 3, cls=LlamaForCausalLM, layers=2)
+    # tiny_models/hidream.py's block shapes at these encoders' widths: T5 32, Llama 64, pooled 2 x 24.
+    torch.manual_seed(seed + 4)
+    transformer = tiny_transformers.construct(
+        HiDreamImageTransformer2DModel, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+        num_single_layers=1, attention_head_dim=8, num_attention_heads=4, caption_channels=[32, 64],
+        text_emb_dim=48, num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(4, 2, 2),
+        max_resolution=(32, 32), llama_layers=[0, 1]).eval()
+    vae = tiny_image_vae(seed + 5, shift_factor=0.1159, scaling_factor=0.3611)
+    pipe = HiDreamImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=clip, tokenizer=tiny_text_encoders.clip_tokenizer(16),
+        text_encoder_2=clip_2, tokenizer_2=tiny_text_encoders.clip_tokenizer(16),
+        text_encoder_3=t5, tokenizer_3=tiny_text_encoders.t5_tokenizer(512),
+        text_encoder_4=llama, tokenizer_4=tiny_text_encoders.t5_tokenizer(512), transformer=transformer)
+    # The pipeline rescales every request to the area of default_sample_size latents (128: 1024 px); 16: 32 px.
+    pipe.default_sample_size = 16
+    return pipe
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+def build(kind: str, seed: int = 0):
+    pipe = KINDS[kind].build(seed=seed)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _images(pipe, kind: str, seed: int, steps: int):
+    kwargs = KINDS[kind].call()
+    kwargs.update(num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
+    return pipe(**kwargs).images
+
+
+def reference_run(kind: str, steps: int = 2):
+    """One process, for checking a builder here (no world needed)."""
+    pipe = build(kind)
+    with torch.no_grad():
+        return _images(pipe, kind, 0, steps)
+
+
+def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bool = True):
+    """The image of a parallel run vs one process, with SplitProbe summaries of the transformer ("split",
+    "split_reference"), the VAE's split / whole encode and decode counts ("vae_calls") and each text encoder's
+    share on this rank ("text_encoders"). Rank r passes generator seed r (when rank_seeds): diffpar's broadcasts
+    must make every rank use rank 0's noise."""
+    reference_pipe = build(kind)
+    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
+        reference = _images(reference_pipe, kind, 0, steps)
+    del reference_pipe
+    pipe = build(kind)
+    names = KINDS[kind].parallel
+    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
+        **config, extra_parallel_modules=[getattr(pipe, name) for name in names], vae_split_min_rows=0))
+    seed = dist.get_rank() if rank_seeds else 0
+    try:
+        with torch.no_grad():
+            with SplitProbe(pipe.transformer) as probe:
+                out = _images(pipe, kind, seed, steps)
+            again = _images(pipe, kind, seed, steps)
+        vae_calls = copy.deepcopy(handle.state("vae").calls) if "vae" in names else None
+        encoders = {name: _encoder_share(handle.state(name)) for name in names if name.startswith("text_encoder")}
+    finally:
+        problems = handle.detach(strict=False)  # never leave shims installed for the next test
+    gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, out.contiguous())
+    return {
+        "rank": dist.get_rank(),
+        "split": probe.summary(),
+        "split_reference": reference_probe.summary(),
+        "diff": (out - reference).abs().max().item(),
+        "scale": reference.abs().max().item(),
+        "repeat_diff": (again - out).abs().max().item(),
+        "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
+        "shape": tuple(out.shape),
+        "vae_calls": vae_calls,
+        "text_encoders": encoders,
+        "steps": handle.step_names,
+        "detach_problems": problems,
+    }
