@@ -93,6 +93,60 @@ def _hidream(seed=0):
     return pipe
 
 
+# -- Hunyuan-DiT -----------------------------------------------------------------------------------------------
+def _vae_8x(seed: int):
+    """A four-block AutoencoderKL (8x down, 4 latent channels): pipelines that assume SD's VAE scale need it."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=64, scaling_factor=0.13025).eval()
+
+
+def _bert(seed: int):
+    """A tiny BertModel (Hunyuan-DiT's bilingual CLIP text tower is a BERT)."""
+    from transformers import BertConfig, BertModel
+
+    tiny_text_encoders._quiet()
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tiny_text_encoders.VOCAB, hidden_size=32, num_attention_heads=4,
+                        intermediate_size=37, num_hidden_layers=2, max_position_embeddings=80)
+    return BertModel._from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+
+
+def _bert_tokenizer():
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + PROMPT.split() + list("bcdefghijklmnopqrstuvwxyz")
+    return BertTokenizer(vocab={w: i for i, w in enumerate(dict.fromkeys(words))}, model_max_length=77)
+
+
+@_kind("hunyuan_dit", "HunyuanDiTPipeline",
+       lambda: dict(prompt=PROMPT, height=64, width=64, use_resolution_binning=False),
+       ("text_encoder_2", "vae"))
+def _hunyuan_dit(seed=0):
+    """BERT and T5 prompts padded to the pipeline's fixed 77 (odd) and 256 tokens (the model learns one padding
+    embedding per position: text_len 77, text_len_t5 256), classifier-free guidance (batch 2). 64 px: the pipeline sizes its RoPE grid as height // 8 // patch, so the
+    VAE must be 8x (8 x 8 latents, 16 image tokens). The BERT stays whole: diffpar has no BERT plan (its attention
+    output and MLP halves sit in sibling modules the text-encoder planner cannot pair)."""
+    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+
+    bert = _bert(seed)
+    t5 = _encoder("t5-gated", seed + 1, heads=4, d_kv=8, d_model=32, d_ff=61)
+    torch.manual_seed(seed + 2)  # tiny_models/hunyuan_dit.py's blocks, at these prompt lengths and widths
+    transformer = tiny_transformers.construct(
+        HunyuanDiT2DModel, sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, hidden_size=32, cross_attention_dim=32, cross_attention_dim_t5=32,
+        pooled_projection_dim=8, text_len=77, text_len_t5=256, activation_fn="gelu-approximate",
+        use_style_cond_and_image_meta_size=False).eval()
+    return HunyuanDiTPipeline(
+        vae=_vae_8x(seed + 3), text_encoder=bert, tokenizer=_bert_tokenizer(), transformer=transformer,
+        scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        text_encoder_2=t5, tokenizer_2=tiny_text_encoders.t5_tokenizer(512))
+
+
 # -- the run ---------------------------------------------------------------------------------------------------
 def build(kind: str, seed: int = 0):
     pipe = KINDS[kind].build(seed=seed)
