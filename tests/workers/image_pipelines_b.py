@@ -147,6 +147,23 @@ def _hunyuan_dit(seed=0):
         text_encoder_2=t5, tokenizer_2=tiny_text_encoders.t5_tokenizer(512))
 
 
+# -- CogView3-Plus ----------------------------------------------------------------------------------------------
+@_kind("cogview3plus", "CogView3PlusPipeline", _image_call, ("text_encoder", "vae"))
+def _cogview3plus(seed=0):
+    """T5 (11 tokens), classifier-free guidance (batch 2); 64 image tokens joined with the text in every block."""
+    from diffusers import CogVideoXDDIMScheduler, CogView3PlusPipeline, CogView3PlusTransformer2DModel
+
+    t5 = _encoder("t5-gated", seed, heads=4, d_kv=8, d_model=32, d_ff=61)
+    torch.manual_seed(seed + 1)  # tiny_models/cogview3plus.py's blocks at T5's width
+    transformer = tiny_transformers.construct(
+        CogView3PlusTransformer2DModel, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, out_channels=4, text_embed_dim=32, time_embed_dim=16, condition_dim=4,
+        pos_embed_max_size=20, sample_size=16).eval()
+    vae = tiny_image_vae(seed + 2, shift_factor=0.0, scaling_factor=1.0)
+    return CogView3PlusPipeline(tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=t5, vae=vae,
+                                transformer=transformer, scheduler=CogVideoXDDIMScheduler())
+
+
 # -- the run ---------------------------------------------------------------------------------------------------
 def build(kind: str, seed: int = 0):
     pipe = KINDS[kind].build(seed=seed)
