@@ -18,6 +18,7 @@ import diffpar
 from diffpar.testing import tiny_text_encoders, tiny_transformers
 from diffpar.testing.probes import SplitProbe
 from diffpar.testing.tiny_pipelines import tiny_image_vae
+from diffpar.testing.tiny_transformers import rope_axes
 from workers.video_pipelines import _encoder_share
 
 PROMPT = "a red fox in snow"
@@ -162,6 +163,41 @@ def _cogview3plus(seed=0):
     vae = tiny_image_vae(seed + 2, shift_factor=0.0, scaling_factor=1.0)
     return CogView3PlusPipeline(tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=t5, vae=vae,
                                 transformer=transformer, scheduler=CogVideoXDDIMScheduler())
+
+
+def _vae_16_channels(seed: int):
+    """A two-block AutoencoderKL with 16 latent channels (pipelines that hard-code Flux's latent channels)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=16, norm_num_groups=4, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035).eval()
+
+
+# -- LongCat-Image ----------------------------------------------------------------------------------------------
+@_kind("longcat_image", "LongCatImagePipeline",
+       lambda: dict(prompt=PROMPT, height=32, width=32, enable_prompt_rewrite=False), ("text_encoder", "vae"))
+def _longcat_image(seed=0):
+    """The pipeline fixes 16 latent channels (64 packed). Qwen2.5-VL (its language model tensor parallel, vision tower whole) reading the chat-templated prompt padded
+    to 11 tokens; no prompt rewrite (that generates text with the Qwen2-VL processor: none here)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImagePipeline, LongCatImageTransformer2DModel
+
+    from diffpar.testing.tiny_image_pipelines import qwen_vl_tokenizer
+
+    qwen = _encoder("qwen2_5_vl", seed)
+    torch.manual_seed(seed + 1)  # tiny_models/longcat_image.py's blocks at Qwen's width
+    transformer = tiny_transformers.construct(
+        LongCatImageTransformer2DModel, patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+        attention_head_dim=16, num_attention_heads=4, joint_attention_dim=qwen.config.text_config.hidden_size,
+        pooled_projection_dim=32, axes_dims_rope=list(rope_axes(16))).eval()
+    vae = _vae_16_channels(seed + 2)
+    pipe = LongCatImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=qwen,
+                                tokenizer=qwen_vl_tokenizer(), text_processor=None, transformer=transformer)
+    pipe.tokenizer_max_length = TEXT_TOKENS  # the prompt's padded length (512 in the release)
+    return pipe
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
