@@ -200,6 +200,25 @@ def _longcat_image(seed=0):
     return pipe
 
 
+# -- Ovis-Image -------------------------------------------------------------------------------------------------
+@_kind("ovis_image", "OvisImagePipeline", _image_call, ("text_encoder", "vae"))
+def _ovis_image(seed=0):
+    """Qwen3 (the bare Qwen3Model) over the chat-templated prompt; the pipeline drops the template's first 28
+    tokens and keeps max_sequence_length (11) after them. Classifier-free guidance (batch 2)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+    from transformers import Qwen3Model
+
+    qwen = _encoder("qwen3", seed, cls=Qwen3Model)
+    torch.manual_seed(seed + 1)  # tiny_models/ovis_image.py's blocks at Qwen3's width
+    transformer = tiny_transformers.construct(
+        OvisImageTransformer2DModel, patch_size=1, in_channels=16, out_channels=16, num_layers=1,
+        num_single_layers=1, attention_head_dim=16, num_attention_heads=4,
+        joint_attention_dim=qwen.config.hidden_size, axes_dims_rope=rope_axes(16)).eval()
+    vae = tiny_image_vae(seed + 2, shift_factor=0.0609, scaling_factor=1.5035)
+    return OvisImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=qwen,
+                             tokenizer=tiny_text_encoders.chat_tokenizer(512), transformer=transformer)
+
+
 # -- the run ---------------------------------------------------------------------------------------------------
 def build(kind: str, seed: int = 0):
     pipe = KINDS[kind].build(seed=seed)
