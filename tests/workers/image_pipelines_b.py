@@ -219,6 +219,22 @@ def _ovis_image(seed=0):
                              tokenizer=tiny_text_encoders.chat_tokenizer(512), transformer=transformer)
 
 
+# -- Bria -------------------------------------------------------------------------------------------------------
+@_kind("bria", "BriaPipeline", _image_call, ("text_encoder", "vae"))
+def _bria(seed=0):
+    """T5 (11 tokens), classifier-free guidance (batch 2), FLUX.1-style blocks over 64 packed image tokens."""
+    from diffusers import BriaPipeline, BriaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    t5 = _encoder("t5-gated", seed, heads=4, d_kv=8, d_model=32, d_ff=61)
+    torch.manual_seed(seed + 1)  # tiny_models/bria.py's blocks
+    transformer = tiny_transformers.construct(
+        BriaTransformer2DModel, patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+        attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32, axes_dims_rope=list(rope_axes(16))).eval()
+    vae = tiny_image_vae(seed + 2, shift_factor=0.0, scaling_factor=0.3611)
+    return BriaPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                        text_encoder=t5, tokenizer=tiny_text_encoders.t5_tokenizer(512))
+
+
 # -- the run ---------------------------------------------------------------------------------------------------
 def build(kind: str, seed: int = 0):
     pipe = KINDS[kind].build(seed=seed)
