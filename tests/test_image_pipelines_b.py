@@ -37,7 +37,7 @@ def _case(kind, **marks):
 
 
 # hunyuan_dit: its BERT stays whole (no BERT plan in diffpar yet); its T5 is tensor parallel.
-@pytest.mark.parametrize("kind", [_case("hidream"), _case("hunyuan_dit"), _case("cogview3plus"), _case("longcat_image"), _case("ovis_image"), _case("bria")])
+@pytest.mark.parametrize("kind", [_case("hidream"), _case("hunyuan_dit"), _case("cogview3plus"), _case("longcat_image"), _case("ovis_image"), _case("bria"), _case("hunyuan_image")])
 def test_text_to_image_whole_world(ranks, kind):
     results = ranks(2, "workers.image_pipelines_b:pipeline_equivalence", kind=kind, config=ULYSSES, timeout=300)
     _check(results, ULYSSES)

@@ -235,6 +235,47 @@ def _bria(seed=0):
                         text_encoder=t5, tokenizer=tiny_text_encoders.t5_tokenizer(512))
 
 
+# -- HunyuanImage 2.1 -------------------------------------------------------------------------------------------
+GLYPH_PROMPT = 'a red fox in snow holding a sign "hi"'  # the quoted text goes through ByT5 (glyph prompt)
+
+
+@_kind("hunyuan_image", "HunyuanImagePipeline", lambda: dict(prompt=GLYPH_PROMPT, height=32, width=32),
+       ("text_encoder", "text_encoder_2", "vae"))
+def _hunyuan_image(seed=0):
+    """Qwen2.5-VL (language model tensor parallel) over a short chat template, 11 prompt tokens after it, and a
+    ByT5 (T5 over bytes) for the quoted glyph text; no guider (the distilled setting: one batch). The VAE is
+    HunyuanImage's own (4x here, 8 x 8 latents: 64 image tokens)."""
+    from diffusers import (AutoencoderKLHunyuanImage, FlowMatchEulerDiscreteScheduler, HunyuanImagePipeline,
+                           HunyuanImageTransformer2DModel)
+    from transformers import ByT5Tokenizer
+
+    from diffpar.testing.tiny_image_pipelines import qwen_vl_tokenizer
+
+    qwen = _encoder("qwen2_5_vl", seed)
+    byt5_tokenizer = ByT5Tokenizer()
+    byt5 = _encoder("t5-gated", seed + 1, heads=4, d_kv=8, d_model=32, d_ff=61, vocab=len(byt5_tokenizer))
+    torch.manual_seed(seed + 2)  # tiny_models/hunyuan_image.py's blocks at these encoders' widths
+    transformer = tiny_transformers.construct(
+        HunyuanImageTransformer2DModel, in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=16,
+        num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=(1, 1),
+        text_embed_dim=qwen.config.text_config.hidden_size, text_embed_2_dim=32, rope_axes_dim=(8, 8)).eval()
+    torch.manual_seed(seed + 3)  # tiny_vaes' "hunyuan_image" shape, with the release's latent scale
+    vae = AutoencoderKLHunyuanImage(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
+                                    layers_per_block=1, spatial_compression_ratio=4, sample_size=64,
+                                    scaling_factor=0.75289)
+    tokenizer = qwen_vl_tokenizer()
+    pipe = HunyuanImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae.eval(),
+                                text_encoder=qwen, tokenizer=tokenizer, text_encoder_2=byt5,
+                                tokenizer_2=byt5_tokenizer, transformer=transformer)
+    # The release's template drops its first 34 tokens and keeps 1000 after them: here a short template whose
+    # prefix is dropped, and the 11 tokens after it (the prompt, padded).
+    pipe.prompt_template_encode = "<|im_start|>user {}<|im_end|>"
+    pipe.prompt_template_encode_start_idx = len(tokenizer("<|im_start|>user", add_special_tokens=False).input_ids)
+    pipe.tokenizer_max_length = TEXT_TOKENS
+    pipe.tokenizer_2_max_length = TEXT_TOKENS
+    return pipe
+
+
 # -- the run ---------------------------------------------------------------------------------------------------
 def build(kind: str, seed: int = 0):
     pipe = KINDS[kind].build(seed=seed)
