@@ -1,5 +1,5 @@
 """Whole text-to-image pipelines on 2 ranks (issue 12 item 3 / issue 13 item 4): HiDream-I1, Hunyuan-DiT,
-CogView3-Plus, LongCat-Image, Ovis-Image. The transformer context parallel (Ulysses 2, an odd prompt length),
+CogView3-Plus, LongCat-Image, Ovis-Image, Bria, HunyuanImage 2.1. The transformer context parallel (Ulysses 2, an odd prompt length),
 every text encoder the pipeline builds tensor parallel, the VAE decode split; the image within PIPELINE_FP32 of the
 same pipeline in one process, the same on every rank and on a second call. Every test proves the split: the
 transformer's attention saw a shard and issued its collectives (assert_split), each text encoder holds a share of
@@ -30,14 +30,17 @@ def _check(results, config, **split_options):
     assert_split(results, config, **split_options)  # every transformer forward ran on a shard
 
 
-def _case(kind, **marks):
+def _case(kind):
     name = KINDS[kind].pipeline_class
     return pytest.param(kind, marks=pytest.mark.skipif(not hasattr(diffusers, name),
                                                       reason=f"diffusers {diffusers.__version__} has no {name}"))
 
 
 # hunyuan_dit: its BERT stays whole (no BERT plan in diffpar yet); its T5 is tensor parallel.
-@pytest.mark.parametrize("kind", [_case("hidream"), _case("hunyuan_dit"), _case("cogview3plus"), _case("longcat_image"), _case("ovis_image"), _case("bria"), _case("hunyuan_image")])
+KIND_NAMES = ["hidream", "hunyuan_dit", "cogview3plus", "longcat_image", "ovis_image", "bria", "hunyuan_image"]
+
+
+@pytest.mark.parametrize("kind", [_case(kind) for kind in KIND_NAMES])
 def test_text_to_image_whole_world(ranks, kind):
     results = ranks(2, "workers.image_pipelines_b:pipeline_equivalence", kind=kind, config=ULYSSES, timeout=300)
     _check(results, ULYSSES)

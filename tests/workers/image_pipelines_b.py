@@ -1,11 +1,12 @@
 """Rank-side whole text-to-image pipelines (tests/test_image_pipelines_b.py): tiny seeded builds of HiDream-I1,
-Hunyuan-DiT, CogView3-Plus, LongCat-Image and Ovis-Image (every model from a config, tokenizers in memory, no Hub),
-and one process vs `enable_cache(pipe, ...)` with the transformer context parallel, every text encoder tensor
-parallel and the VAE split.
+Hunyuan-DiT, CogView3-Plus, LongCat-Image, Ovis-Image, Bria and HunyuanImage 2.1 (every model from a config,
+tokenizers in memory, no Hub), and one process vs `enable_cache(pipe, ...)` with the transformer context parallel,
+every text encoder tensor parallel and the VAE split.
 
 `KINDS[kind]` = (diffusers pipeline class name, builder, call arguments, pipeline components made parallel beside
 the transformer). The same seed builds the same weights, so every rank and the one-process reference build their
-own copies. Prompts are tokenized to an odd length (11) so text and joint sequences split unevenly."""
+own copies. Prompts are tokenized to an odd length (11; Hunyuan-DiT's fixed 77 and 256) so joint text + image
+sequences split unevenly."""
 from __future__ import annotations
 
 import copy
