@@ -1,9 +1,9 @@
 """Whole text-to-image pipelines on 2 ranks (issue 12 item 3 / issue 13 item 4): HiDream-I1, Hunyuan-DiT,
-CogView3-Plus, LongCat-Image, Ovis-Image, Bria, HunyuanImage 2.1. The transformer context parallel (Ulysses 2, an odd prompt length),
-every text encoder the pipeline builds tensor parallel, the VAE decode split; the image within PIPELINE_FP32 of the
-same pipeline in one process, the same on every rank and on a second call. Every test proves the split: the
-transformer's attention saw a shard and issued its collectives (assert_split), each text encoder holds a share of
-its weights and heads, the VAE decoded split."""
+CogView3-Plus, LongCat-Image, Ovis-Image, Bria, HunyuanImage 2.1. The transformer context parallel (Ulysses 2, an
+odd prompt length), every text encoder the pipeline builds tensor parallel, the VAE decode split; the image within
+PIPELINE_FP32 of the same pipeline in one process, the same on every rank and on a second call. Every test proves
+the split: the transformer's attention saw a shard and issued its collectives (assert_split), each text encoder
+holds a share of its weights and heads, the VAE decoded split."""
 import pytest
 from tolerances import PIPELINE_FP32
 

@@ -130,9 +130,10 @@ def _bert_tokenizer():
        ("text_encoder_2", "vae"))
 def _hunyuan_dit(seed=0):
     """BERT and T5 prompts padded to the pipeline's fixed 77 (odd) and 256 tokens (the model learns one padding
-    embedding per position: text_len 77, text_len_t5 256), classifier-free guidance (batch 2). 64 px: the pipeline sizes its RoPE grid as height // 8 // patch, so the
-    VAE must be 8x (8 x 8 latents, 16 image tokens). The BERT stays whole: diffpar has no BERT plan (its attention
-    output and MLP halves sit in sibling modules the text-encoder planner cannot pair)."""
+    embedding per position: text_len 77, text_len_t5 256), classifier-free guidance (batch 2). 64 px: the pipeline sizes
+    its RoPE grid as height // 8 // patch, so the VAE must be 8x (8 x 8 latents, 16 image tokens). The BERT stays whole:
+    diffpar has no BERT plan (its attention output and MLP halves sit in sibling modules the text-encoder planner cannot
+    pair)."""
     from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
 
     bert = _bert(seed)
@@ -182,8 +183,9 @@ def _vae_16_channels(seed: int):
 @_kind("longcat_image", "LongCatImagePipeline",
        lambda: dict(prompt=PROMPT, height=32, width=32, enable_prompt_rewrite=False), ("text_encoder", "vae"))
 def _longcat_image(seed=0):
-    """The pipeline fixes 16 latent channels (64 packed). Qwen2.5-VL (its language model tensor parallel, vision tower whole) reading the chat-templated prompt padded
-    to 11 tokens; no prompt rewrite (that generates text with the Qwen2-VL processor: none here)."""
+    """The pipeline fixes 16 latent channels (64 packed). Qwen2.5-VL (its language model tensor parallel, vision tower
+    whole) reading the chat-templated prompt padded to 11 tokens; no prompt rewrite (that generates text with the
+    Qwen2-VL processor: none here)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImagePipeline, LongCatImageTransformer2DModel
 
     from diffpar.testing.tiny_image_pipelines import qwen_vl_tokenizer
