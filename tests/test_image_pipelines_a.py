@@ -1,0 +1,37 @@
+"""Text-to-image pipelines end to end on 2 ranks (Chroma, CogView4, Lumina 2, Sana, PixArt-Sigma, AuraFlow): the
+transformer context parallel (Ulysses 2, an odd prompt length where the pipeline allows one), the text encoder
+tensor parallel, the VAE decode split, vs the same pipeline in one process. Rank r passes generator seed r:
+diffpar's latent broadcast must make every rank use rank 0's noise."""
+import pytest
+from tolerances import PIPELINE_FP32
+
+import diffusers
+
+from diffpar.testing.probes import assert_split
+
+
+def _needs(cls_name: str):
+    return pytest.mark.skipif(not hasattr(diffusers, cls_name),
+                              reason=f"diffusers {diffusers.__version__} has no {cls_name}")
+
+
+CASES = [
+    pytest.param("chroma", marks=_needs("ChromaPipeline")),
+]
+
+
+@pytest.mark.parametrize("kind", CASES)
+def test_text_to_image_pipeline_whole_world(ranks, kind):
+    config = {"ulysses_size": 2}
+    results = ranks(2, "workers.image_pipelines_a:pipeline_equivalence", kind=kind, config=config, timeout=300)
+    for r in results:
+        assert r["diff"] <= PIPELINE_FP32, (r["diff"], r["scale"])
+        assert r["repeat_diff"] == 0.0, "a second call must give the same image (no state left between calls)"
+        assert r["ranks_identical"], "every rank must hold the same image"
+        # detach reports only the sharded text encoder (it must be reloaded: keep_original_text_encoders is off)
+        assert all(p.startswith("text_encoder") for p in r["detach_problems"]), r["detach_problems"]
+        assert r["vae_calls"]["decode"]["split"] >= 1, r["vae_calls"]  # the image was decoded split
+        assert r["text_encoders"], "the pipeline's text encoder must be made parallel"
+        for name, counts in r["text_encoders"].items():  # each rank holds a shard of the encoder, not all of it
+            assert counts["after"] < counts["before"], (name, counts)
+    assert_split(results, config)  # every denoising step's transformer attention ran on a token shard
