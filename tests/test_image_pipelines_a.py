@@ -20,6 +20,9 @@ CASES = [
     # CogView4 left-pads its prompt to a multiple of 16 itself: its text length is even whatever we ask
     pytest.param("cogview4", marks=_needs("CogView4Pipeline")),
     pytest.param("lumina2", marks=_needs("Lumina2Pipeline")),
+    pytest.param("sana", marks=_needs("SanaPipeline")),
+    pytest.param("pixart-sigma", marks=_needs("PixArtSigmaPipeline")),
+    pytest.param("auraflow", marks=_needs("AuraFlowPipeline")),
 ]
 
 
