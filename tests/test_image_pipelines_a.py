@@ -1,7 +1,7 @@
-"""Text-to-image pipelines end to end on 2 ranks (Chroma, CogView4, Lumina 2, Sana, PixArt-Sigma, AuraFlow): the
-transformer context parallel (Ulysses 2, an odd prompt length where the pipeline allows one), the text encoder
-tensor parallel, the VAE decode split, vs the same pipeline in one process. Rank r passes generator seed r:
-diffpar's latent broadcast must make every rank use rank 0's noise."""
+"""Text-to-image pipelines end to end on 2 ranks (Chroma and its img2img, CogView4, Lumina 2, Sana, PixArt-Sigma,
+AuraFlow): the transformer context parallel (Ulysses 2, an odd prompt length where the pipeline allows one), the
+text encoder tensor parallel, the VAE decode (and img2img's encode) split, vs the same pipeline in one process.
+Rank r passes generator seed r: diffpar's latent broadcast must make every rank use rank 0's noise."""
 import pytest
 from tolerances import PIPELINE_FP32
 
@@ -15,8 +15,16 @@ def _needs(cls_name: str):
                               reason=f"diffusers {diffusers.__version__} has no {cls_name}")
 
 
+# Kinds whose input image goes through the VAE encode (split too).
+ENCODING = {"chroma-img2img"}
+# Kinds whose probed (first) attention holds the prompt's tokens: the odd length (15; AuraFlow: + 8 registers)
+# must reach it. Sana and PixArt attend to the prompt only by cross-attention, Lumina 2's first split attention
+# is its noise refiner (image tokens only), and CogView4 pads its prompt to a multiple of 16 itself.
+ODD_PROMPT_PROBED = {"chroma", "chroma-img2img", "auraflow"}
+
 CASES = [
     pytest.param("chroma", marks=_needs("ChromaPipeline")),
+    pytest.param("chroma-img2img", marks=_needs("ChromaImg2ImgPipeline")),
     # CogView4 left-pads its prompt to a multiple of 16 itself: its text length is even whatever we ask
     pytest.param("cogview4", marks=_needs("CogView4Pipeline")),
     pytest.param("lumina2", marks=_needs("Lumina2Pipeline")),
@@ -37,6 +45,10 @@ def test_text_to_image_pipeline_whole_world(ranks, kind):
         # detach reports only the sharded text encoder (it must be reloaded: keep_original_text_encoders is off)
         assert all(p.startswith("text_encoder") for p in r["detach_problems"]), r["detach_problems"]
         assert r["vae_calls"]["decode"]["split"] >= 1, r["vae_calls"]  # the image was decoded split
+        if kind in ENCODING:
+            assert r["vae_calls"]["encode"]["split"] >= 1, r["vae_calls"]  # the input image was encoded split
+        if kind in ODD_PROMPT_PROBED:
+            assert r["split_reference"]["text_tokens"][0] % 2 == 1, r["split_reference"]
         assert r["text_encoders"], "the pipeline's text encoder must be made parallel"
         for name, counts in r["text_encoders"].items():  # each rank holds a shard of the encoder, not all of it
             assert counts["after"] < counts["before"], (name, counts)

@@ -1,7 +1,7 @@
-"""Rank-side whole text-to-image pipelines (tests/test_image_pipelines_a.py): Chroma, CogView4, Lumina 2, Sana,
-PixArt-Sigma, AuraFlow. Each is built tiny here from local parts (seeded random weights, in-memory tokenizers),
-run in one process, then on every rank under `enable_cache` with the transformer context parallel, every text
-encoder tensor parallel and the VAE decode split.
+"""Rank-side whole text-to-image pipelines (tests/test_image_pipelines_a.py): Chroma (and its img2img), CogView4,
+Lumina 2, Sana, PixArt-Sigma, AuraFlow. Each is built tiny here from local parts (seeded random weights, in-memory
+tokenizers), run in one process, then on every rank under `enable_cache` with the transformer context parallel,
+every text encoder tensor parallel and the VAE split (decode; img2img's encode too).
 
 Prompt lengths are odd where the pipeline lets the caller choose (max_sequence_length=15 with padding to it):
 CogView4 always left-pads its prompt to a multiple of 16 itself, so its text length is even whatever we ask.
@@ -47,23 +47,43 @@ def _kl_vae(seed: int):
     return tiny_pipelines.tiny_image_vae(seed, shift_factor=0.0609, scaling_factor=1.5035)
 
 
-@builder("chroma")
-def _chroma(seed: int):
-    """ChromaPipeline: a T5 (gated-gelu) encoder, Flux-style transformer with 2 x 2 packing (32 px: 64 image
-    tokens), classifier-free guidance as two transformer calls per step."""
-    from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
+def _chroma_parts(seed: int) -> dict:
+    """A T5 (gated-gelu) encoder, a Flux-style Chroma transformer with 2 x 2 packing (32 px: 64 image tokens)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     t5, _ = tiny_text_encoders.build("t5-gated", seed=seed, heads=4, d_kv=8, d_model=32, d_ff=61, layers=2)
     transformer, _ = tiny_transformers.build("chroma", seed=seed + 2, heads=4, head_dim=16)
-    pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_kl_vae(seed + 3),
-                          text_encoder=t5, tokenizer=tiny_text_encoders.t5_tokenizer(512), transformer=transformer)
+    return dict(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_kl_vae(seed + 3), text_encoder=t5,
+                tokenizer=tiny_text_encoders.t5_tokenizer(512), transformer=transformer)
+
+
+def _chroma_call(steps: int, seed: int, **extra) -> dict:
+    return dict(prompt=PROMPT, negative_prompt="dark", height=32, width=32, num_inference_steps=steps,
+                guidance_scale=4.0, max_sequence_length=ODD_TEXT_LENGTH, generator=_generator(seed),
+                output_type="pt", **extra)
+
+
+@builder("chroma")
+def _chroma(seed: int):
+    """ChromaPipeline: classifier-free guidance as two transformer calls per step."""
+    from diffusers import ChromaPipeline
+
+    return ChromaPipeline(**_chroma_parts(seed)), _chroma_call, ("text_encoder", "vae")
+
+
+@builder("chroma-img2img")
+def _chroma_img2img(seed: int):
+    """ChromaImg2ImgPipeline: the input image goes through the (split) VAE encode; its latents, noised to
+    `strength`, are the starting point."""
+    from diffusers import ChromaImg2ImgPipeline
+
+    image = torch.rand(1, 3, 32, 32, generator=_generator(21))
 
     def call_kwargs(steps: int, seed: int) -> dict:
-        return dict(prompt=PROMPT, negative_prompt="dark", height=32, width=32, num_inference_steps=steps,
-                    guidance_scale=4.0, max_sequence_length=ODD_TEXT_LENGTH, generator=_generator(seed),
-                    output_type="pt")
+        # strength 0.5 of 2 * steps: `steps` denoising steps from a half-noised encoded image
+        return _chroma_call(2 * steps, seed, image=image, strength=0.5)
 
-    return pipe, call_kwargs, ("text_encoder", "vae")
+    return ChromaImg2ImgPipeline(**_chroma_parts(seed)), call_kwargs, ("text_encoder", "vae")
 
 
 @builder("cogview4")
