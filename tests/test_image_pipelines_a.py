@@ -1,6 +1,7 @@
-"""Text-to-image pipelines end to end on 2 ranks (Chroma and its img2img, CogView4, Lumina 2, Sana, PixArt-Sigma,
-AuraFlow): the transformer context parallel (Ulysses 2, an odd prompt length where the pipeline allows one), the
-text encoder tensor parallel, the VAE decode (and img2img's encode) split, vs the same pipeline in one process.
+"""Text-to-image pipelines end to end on 2 ranks (Chroma and its img2img, CogView4, Lumina 2, Sana, PixArt-Sigma
+and -Alpha, AuraFlow): the transformer context parallel (Ulysses 2, an odd prompt length where the pipeline allows
+one), the text encoder tensor parallel, the VAE decode (and img2img's encode) split, vs the same pipeline in one
+process.
 Rank r passes generator seed r: diffpar's latent broadcast must make every rank use rank 0's noise."""
 import pytest
 from tolerances import PIPELINE_FP32
@@ -30,6 +31,7 @@ CASES = [
     pytest.param("lumina2", marks=_needs("Lumina2Pipeline")),
     pytest.param("sana", marks=_needs("SanaPipeline")),
     pytest.param("pixart-sigma", marks=_needs("PixArtSigmaPipeline")),
+    pytest.param("pixart-alpha", marks=_needs("PixArtAlphaPipeline")),
     pytest.param("auraflow", marks=_needs("AuraFlowPipeline")),
 ]
 

@@ -1,7 +1,7 @@
 """Rank-side whole text-to-image pipelines (tests/test_image_pipelines_a.py): Chroma (and its img2img), CogView4,
-Lumina 2, Sana, PixArt-Sigma, AuraFlow. Each is built tiny here from local parts (seeded random weights, in-memory
-tokenizers), run in one process, then on every rank under `enable_cache` with the transformer context parallel,
-every text encoder tensor parallel and the VAE split (decode; img2img's encode too).
+Lumina 2, Sana, PixArt-Sigma (and -Alpha), AuraFlow. Each is built tiny here from local parts (seeded random
+weights, in-memory tokenizers), run in one process, then on every rank under `enable_cache` with the transformer
+context parallel, every text encoder tensor parallel and the VAE split (decode; img2img's encode too).
 
 Prompt lengths are odd where the pipeline lets the caller choose (max_sequence_length=15 with padding to it):
 CogView4 always left-pads its prompt to a multiple of 16 itself, so its text length is even whatever we ask.
@@ -171,16 +171,15 @@ def _sana(seed: int):
     return pipe, call_kwargs, ("text_encoder", "vae")
 
 
-@builder("pixart-sigma")
-def _pixart_sigma(seed: int):
-    """PixArtSigmaPipeline: a T5 (gated-gelu) encoder, PixArt's transformer (cross-attention to the masked
-    prompt, learned sigma), 2 x 2 patches (32 px: 64 image tokens), guidance as one batch of two, DDIM."""
-    from diffusers import DDIMScheduler, PixArtSigmaPipeline
+def _pixart(pipeline_cls, seed: int):
+    """A PixArt pipeline: a T5 (gated-gelu) encoder, PixArt's transformer (cross-attention to the masked prompt,
+    learned sigma), 2 x 2 patches (32 px: 64 image tokens), guidance as one batch of two, DDIM."""
+    from diffusers import DDIMScheduler
 
     t5, _ = tiny_text_encoders.build("t5-gated", seed=seed, heads=4, d_kv=8, d_model=32, d_ff=61, layers=2)
     transformer, _ = tiny_transformers.build("pixart", seed=seed + 2, heads=4, head_dim=8, caption_channels=32)
-    pipe = PixArtSigmaPipeline(tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=t5,
-                               vae=_kl_vae(seed + 3), transformer=transformer, scheduler=DDIMScheduler())
+    pipe = pipeline_cls(tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=t5, vae=_kl_vae(seed + 3),
+                        transformer=transformer, scheduler=DDIMScheduler())
 
     def call_kwargs(steps: int, seed: int) -> dict:
         return dict(prompt=PROMPT, negative_prompt="dark", height=32, width=32, num_inference_steps=steps,
@@ -188,6 +187,20 @@ def _pixart_sigma(seed: int):
                     use_resolution_binning=False, generator=_generator(seed), output_type="pt")
 
     return pipe, call_kwargs, ("text_encoder", "vae")
+
+
+@builder("pixart-sigma")
+def _pixart_sigma(seed: int):
+    from diffusers import PixArtSigmaPipeline
+
+    return _pixart(PixArtSigmaPipeline, seed)
+
+
+@builder("pixart-alpha")
+def _pixart_alpha(seed: int):
+    from diffusers import PixArtAlphaPipeline
+
+    return _pixart(PixArtAlphaPipeline, seed)
 
 
 @builder("auraflow")
