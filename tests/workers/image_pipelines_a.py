@@ -86,30 +86,50 @@ def _chroma_img2img(seed: int):
     return ChromaImg2ImgPipeline(**_chroma_parts(seed)), call_kwargs, ("text_encoder", "vae")
 
 
-@builder("cogview4")
-def _cogview4(seed: int):
-    """CogView4Pipeline: a GLM encoder (fused gate_up, partial rotary; its second-to-last hidden state is the
-    prompt), 2 x 2 patches (32 px: 64 image tokens), classifier-free guidance as two calls per step."""
-    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+def _cogview4_parts(seed: int, in_channels: int) -> dict:
+    """A GLM encoder (fused gate_up, partial rotary; its second-to-last hidden state is the prompt), a CogView4
+    transformer on 2 x 2 patches (32 px: 64 image tokens) reading `in_channels` latent channels."""
+    from diffusers import CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
 
     glm, _ = tiny_text_encoders.build("glm", seed=seed, heads=4, kv_heads=2, head_dim=8, hidden=32, intermediate=48)
     torch.manual_seed(seed + 2)
     transformer = construct(
-        CogView4Transformer2DModel, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+        CogView4Transformer2DModel, patch_size=2, in_channels=in_channels, out_channels=4, num_layers=2,
         attention_head_dim=8, num_attention_heads=4, text_embed_dim=32, time_embed_dim=16, condition_dim=4,
         sample_size=8, rope_axes_dim=(16, 16),
     ).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
                                                 use_dynamic_shifting=True, time_shift_type="linear")
-    pipe = CogView4Pipeline(tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=glm, vae=_kl_vae(seed + 3),
-                            transformer=transformer, scheduler=scheduler)
+    return dict(tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=glm, vae=_kl_vae(seed + 3),
+                transformer=transformer, scheduler=scheduler)
+
+
+def _cogview4_call(steps: int, seed: int, **extra) -> dict:
+    return dict(prompt=PROMPT, negative_prompt="dark", height=32, width=32, num_inference_steps=steps,
+                guidance_scale=4.0, max_sequence_length=ODD_TEXT_LENGTH, generator=_generator(seed),
+                output_type="pt", **extra)
+
+
+@builder("cogview4")
+def _cogview4(seed: int):
+    """CogView4Pipeline: classifier-free guidance as two transformer calls per step."""
+    from diffusers import CogView4Pipeline
+
+    return CogView4Pipeline(**_cogview4_parts(seed, in_channels=4)), _cogview4_call, ("text_encoder", "vae")
+
+
+@builder("cogview4-control")
+def _cogview4_control(seed: int):
+    """CogView4ControlPipeline: the control image goes through the (split) VAE encode, and its posterior is sampled
+    from torch's global RNG (no generator); its latents join the noise channel-wise (4 + 4)."""
+    from diffusers import CogView4ControlPipeline
+
+    control = torch.rand(1, 3, 32, 32, generator=_generator(22))
 
     def call_kwargs(steps: int, seed: int) -> dict:
-        return dict(prompt=PROMPT, negative_prompt="dark", height=32, width=32, num_inference_steps=steps,
-                    guidance_scale=4.0, max_sequence_length=ODD_TEXT_LENGTH, generator=_generator(seed),
-                    output_type="pt")
+        return _cogview4_call(steps, seed, control_image=control)
 
-    return pipe, call_kwargs, ("text_encoder", "vae")
+    return CogView4ControlPipeline(**_cogview4_parts(seed, in_channels=8)), call_kwargs, ("text_encoder", "vae")
 
 
 def _gemma2(seed: int, hidden: int):
@@ -239,14 +259,23 @@ def reference_only(kind: str, steps: int = 2):
     return {"shape": tuple(image.shape), "scale": image.abs().max().item()}
 
 
-def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bool = True):
+def _seed_global_rng(mode: str | None, rank: int):
+    """Seed torch's global RNG: "same" 100 everywhere, "per-rank" 100 + rank (as separately seeded processes)."""
+    if mode is not None:
+        torch.manual_seed(100 + (rank if mode == "per-rank" else 0))
+
+
+def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bool = True,
+                         global_seed: str | None = None):
     """The image of one process vs the same pipeline on every rank, with every component of the kind's parallel
     list made parallel. Rank r passes generator seed r (when rank_seeds): diffpar's latent broadcast must make
-    every rank use rank 0's noise.
+    every rank use rank 0's noise. `global_seed` ("same" / "per-rank", see `_seed_global_rng`) seeds torch's global
+    RNG before every call (the one-process one as rank 0), for pipelines that draw from it (no generator).
 
     Returns the image difference, whether ranks agree, the transformer's SplitProbe summaries, the VAE's split and
     whole call counts, and each text encoder's parameter count on this rank before and after."""
     reference_pipe, call_kwargs, names = build(kind)
+    _seed_global_rng(global_seed, rank=0)
     with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
         reference = _images(reference_pipe(**call_kwargs(steps, seed=0)))
     del reference_pipe
@@ -259,8 +288,10 @@ def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bo
         encoders = {n: {"before": count, "after": _parameter_count(getattr(pipe, n))}
                     for n, count in encoders_before.items()}
         with torch.no_grad():
+            _seed_global_rng(global_seed, dist.get_rank())
             with SplitProbe(pipe.transformer) as probe:
                 out = _images(pipe(**call_kwargs(steps, seed=seed)))
+            _seed_global_rng(global_seed, dist.get_rank())
             again = _images(pipe(**call_kwargs(steps, seed=seed)))
         vae_calls = copy.deepcopy(handle.state("vae").calls)
         step_names = list(handle.step_names)
