@@ -1,0 +1,46 @@
+"""Whole text-to-image pipelines on 2 ranks (issue 12 item 3, issue 13 item 4): Krea 2, ... Each is built tiny from
+local components; the transformer runs context parallel (Ulysses 2, an odd prompt length), every text encoder the
+pipeline builds tensor parallel and the VAE decode split; the image must be within PIPELINE_FP32 of the same
+pipeline in one process, identical on every rank, and the split proven (image tokens and collectives per rank,
+text-encoder weights per rank smaller than whole, VAE split calls)."""
+import pytest
+from tolerances import PIPELINE_FP32
+
+import diffusers
+
+from diffpar.testing.probes import assert_split
+
+ULYSSES = {"ulysses_size": 2}
+# vae_split_min_rows=0: the tiny 32 px images have 8 latent rows, below the default threshold for splitting
+CONFIG = dict(ULYSSES, vae_split_min_rows=0)
+
+
+def _needs(cls_name: str):
+    return pytest.mark.skipif(not hasattr(diffusers, cls_name),
+                              reason=f"diffusers {diffusers.__version__} has no {cls_name}")
+
+
+def _check(results, encoders=("text_encoder",), **split_options):
+    for r in results:
+        assert r["diff"] <= PIPELINE_FP32, (r["rank"], r["diff"], r["scale"])
+        assert r["ranks_identical"], "every rank must hold the same image"
+        for name in encoders:  # tensor parallel: each rank holds a share of every attention's heads and MLPs
+            share = r["text_encoders"][name]  # (embeddings stay whole, so tiny models keep more than half)
+            assert share["bytes_ratio"] < 0.75, (name, share)
+            for layout in share["heads_per_rank"]:  # per attention layout: (query heads, KV heads) on each rank
+                assert len(layout) == len(results) and all(q < sum(h[0] for h in layout) for q, _ in layout), share
+        calls = r["vae_calls"]
+        assert calls["decode"]["split"] >= 1 and calls["decode"]["whole"] == 0, calls
+    assert_split(results, ULYSSES, **split_options)  # every transformer forward ran on a shard
+
+
+def _run(ranks, kind):
+    return ranks(2, "workers.image_pipelines_c:pipeline_equivalence", kind=kind, config=CONFIG, timeout=300)
+
+
+@_needs("Krea2Pipeline")
+def test_krea2(ranks):
+    """Krea2Pipeline: Qwen3VLModel tensor parallel (its three tapped hidden states feed the text fusion, which
+    runs whole on every rank), 16 image tokens after 37 text tokens (53: odd), classifier-free guidance (two transformer
+    calls per step)."""
+    _check(_run(ranks, "krea2"))

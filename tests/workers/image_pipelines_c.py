@@ -1,0 +1,110 @@
+"""Rank-side whole text-to-image pipelines of tests/test_image_pipelines_c.py (Krea 2, ...): each built tiny from
+local components (seeded random weights, tokenizers built in memory), run in one process, then on every rank with
+the transformer context parallel, the text encoder tensor parallel and the VAE split."""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+import diffpar
+from diffpar.testing import tiny_text_encoders, tiny_transformers, tiny_vaes
+from diffpar.testing.probes import SplitProbe
+
+PROMPT = "a red fox in snow"
+BUILDERS: dict[str, Callable] = {}
+# The pipeline components a whole-world run makes parallel beside the transformer (text encoders TP, VAE split).
+PARALLEL_MODULES: dict[str, tuple[str, ...]] = {}
+
+
+def builder(name: str, parallel_modules: tuple[str, ...]):
+    def deco(fn):
+        BUILDERS[name] = fn
+        PARALLEL_MODULES[name] = parallel_modules
+        return fn
+
+    return deco
+
+
+def build(kind: str, seed: int = 0):
+    pipe, call_kwargs = BUILDERS[kind](seed=seed)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, call_kwargs
+
+
+# -- Krea 2 ------------------------------------------------------------------------------------------------------
+@builder("krea2", ("text_encoder", "vae"))
+def _krea2(seed=0):
+    """Krea2Pipeline: a Qwen3VLModel (2 layers, hidden 24: the tiny transformer's text_hidden_dim) whose three
+    hidden states (embeddings and both layers) feed the transformer's 3-layer text fusion; the Qwen VAE (4x) and
+    2 x 2 packing: a 32 px image is 16 image tokens, after 37 text tokens (max_sequence_length 14 plus the
+    template suffix; odd) with classifier-free guidance."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline
+
+    full, _ = tiny_text_encoders.build("qwen3_vl", seed=seed, hidden=24, intermediate=256)
+    text_encoder = full.model  # Krea 2 takes the Qwen3VLModel, not the ForConditionalGeneration wrapper
+    transformer, _ = tiny_transformers.build("krea2", seed=seed + 2)
+    vae, _, _ = tiny_vaes.build("qwen", seed=seed + 3, temporal=(False, False))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=6400)
+    pipe = Krea2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                         tokenizer=tiny_text_encoders.t5_tokenizer(1024), transformer=transformer,
+                         text_encoder_select_layers=(0, 1, 2))
+
+    def call_kwargs(steps=2, seed=0):
+        return dict(prompt=PROMPT, height=32, width=32, num_inference_steps=steps, guidance_scale=2.0,
+                    max_sequence_length=14, generator=torch.Generator().manual_seed(seed), output_type="pt")
+
+    return pipe, call_kwargs
+
+
+# -- the run -----------------------------------------------------------------------------------------------------
+def _images(out):
+    return out[0] if isinstance(out, tuple) else out.images
+
+
+def _encoder_share(state: dict) -> dict:
+    """What one rank holds of a tensor-parallel text encoder: its share of the parameter bytes and heads."""
+    return {"bytes_ratio": state["param_bytes_after"] / max(state["param_bytes_before"], 1),
+            "heads_per_rank": state.get("heads_per_rank")}
+
+
+def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bool = True):
+    """The pipeline in one process, then the same (freshly built) pipeline with every module of
+    PARALLEL_MODULES[kind] parallel. Rank r passes generator seed r (when rank_seeds): diffpar's broadcasts must
+    make every rank use rank 0's noise. Returns the image difference, whether ranks agree, the transformer's
+    SplitProbe summaries, the VAE's split/whole call counts and each text encoder's share."""
+    reference_pipe, make_call = build(kind)
+    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
+        reference = _images(reference_pipe(**make_call(steps=steps, seed=0)))
+    del reference_pipe
+    pipe, make_call = build(kind)
+    names = PARALLEL_MODULES[kind]
+    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
+        **config, extra_parallel_modules=[getattr(pipe, name) for name in names]))
+    seed = dist.get_rank() if rank_seeds else 0
+    try:
+        with torch.no_grad():
+            with SplitProbe(pipe.transformer) as probe:
+                out = _images(pipe(**make_call(steps=steps, seed=seed)))
+        vae_calls = copy.deepcopy(handle.state("vae").calls) if "vae" in names else None
+        encoders = {name: _encoder_share(handle.state(name)) for name in names if name.startswith("text_encoder")}
+    finally:
+        problems = handle.detach(strict=False)  # also on error: no shim may outlive the test
+    gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, out.contiguous())
+    return {
+        "rank": dist.get_rank(),
+        "split": probe.summary(),
+        "split_reference": reference_probe.summary(),
+        "diff": (out - reference).abs().max().item(),
+        "scale": reference.abs().max().item(),
+        "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
+        "shape": tuple(out.shape),
+        "vae_calls": vae_calls,
+        "text_encoders": encoders,
+        "steps": handle.step_names,
+        "detach_problems": problems,
+    }
