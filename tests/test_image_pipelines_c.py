@@ -44,3 +44,11 @@ def test_krea2(ranks):
     runs whole on every rank), 16 image tokens after 37 text tokens (53: odd), classifier-free guidance (two transformer
     calls per step)."""
     _check(_run(ranks, "krea2"))
+
+
+@_needs("QwenImage21Pipeline")
+def test_qwenimage21(ranks):
+    """QwenImage21Pipeline (text to image): Qwen3VLForConditionalGeneration tensor parallel (its language model;
+    the vision tower stays whole), 31 text tokens + 16 image tokens, the second step from the text key/value cache
+    the first fills, the 16x VAE's decode split."""
+    _check(_run(ranks, "qwenimage21"))

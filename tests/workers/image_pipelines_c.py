@@ -60,6 +60,49 @@ def _krea2(seed=0):
     return pipe, call_kwargs
 
 
+# -- Qwen-Image 2.1 ----------------------------------------------------------------------------------------------
+class _ChatTextProcessor:
+    """What QwenImage21Pipeline calls of a Qwen3VLProcessor for a text-only prompt: `apply_chat_template` (to count
+    the system message's tokens it drops), `tokenizer`, and `__call__(text=..., padding=..., padding_side=...)`.
+    It stands in for transformers' Qwen3VLProcessor, whose video processor needs torchvision (not installed here)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def apply_chat_template(self, messages, tokenize=True, return_dict=False):
+        text = "".join(f"<|im_start|>{m['role']}\n" + "".join(c["text"] for c in m["content"]) + "<|im_end|>\n"
+                       for m in messages)
+        return [self.tokenizer(text, add_special_tokens=False).input_ids] if tokenize else text
+
+    def __call__(self, text, padding=True, padding_side="left", return_tensors="pt"):
+        return self.tokenizer(text, padding=padding, padding_side=padding_side, return_tensors=return_tensors)
+
+
+@builder("qwenimage21", ("text_encoder", "vae"))
+def _qwenimage21(seed=0):
+    """QwenImage21Pipeline (text to image): a Qwen3VLForConditionalGeneration (hidden 32: the tiny transformer's
+    context_in_dim), a 16x Qwen-Image 2.1 VAE (4 downsamplings, z_dim 16 = the transformer's in_channels), latents
+    unpatched: a 64 px image is 4 x 4 tokens (4 encoder slots) after the prompt's tokens; two steps, so the
+    second runs from the text key/value cache the first step fills."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline
+
+    from diffpar.testing.tiny_image_pipelines import qwen_vl_tokenizer
+
+    text_encoder, _ = tiny_text_encoders.build("qwen3_vl", seed=seed, hidden=32, intermediate=256)
+    transformer, _ = tiny_transformers.build("qwenimage21", seed=seed + 2)
+    vae, _, _ = tiny_vaes.build("qwen21", seed=seed + 3, mult=(1, 1, 2, 2, 2), temporal=(False,) * 4, latent=16)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    pipe = QwenImage21Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                               processor=_ChatTextProcessor(qwen_vl_tokenizer()), transformer=transformer)
+
+    def call_kwargs(steps=2, seed=0):
+        # this prompt is 31 tokens after the dropped system message: 31 + 16 image tokens, an odd sequence
+        return dict(prompt="a red fox in the snow", height=64, width=64, num_inference_steps=steps,
+                    generator=torch.Generator().manual_seed(seed), output_type="pt")
+
+    return pipe, call_kwargs
+
+
 # -- the run -----------------------------------------------------------------------------------------------------
 def _images(out):
     return out[0] if isinstance(out, tuple) else out.images
