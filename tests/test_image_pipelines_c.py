@@ -52,3 +52,10 @@ def test_qwenimage21(ranks):
     the vision tower stays whole), 31 text tokens + 16 image tokens, the second step from the text key/value cache
     the first fills, the 16x VAE's decode split."""
     _check(_run(ranks, "qwenimage21"))
+
+
+@_needs("PRXPipeline")
+def test_prx(ranks):
+    """PRXPipeline: T5Gemma's encoder stack tensor parallel (eager attention: transformers has no SDPA path for
+    it), 16 image tokens with a 15-token prompt, classifier-free guidance batched (two rows per transformer call)."""
+    _check(_run(ranks, "prx"))

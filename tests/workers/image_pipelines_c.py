@@ -103,6 +103,32 @@ def _qwenimage21(seed=0):
     return pipe, call_kwargs
 
 
+# -- PRX -------------------------------------------------------------------------------------------------------
+@builder("prx", ("text_encoder", "vae"))
+def _prx(seed=0):
+    """PRXPipeline: the encoder stack of a T5Gemma (hidden 24: the tiny transformer's context_in_dim), a two-block
+    AutoencoderKL (2x, 4 latent channels) and 2 x 2 patches: a 16 px image is 16 image tokens; a 15-token prompt
+    (odd), classifier-free guidance (the negative and positive prompts in one batch of two)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, PRXPipeline
+
+    from diffpar.testing.tiny_pipelines import tiny_image_vae
+
+    full, _ = tiny_text_encoders.build("t5gemma", attn="eager", seed=seed, hidden=24, intermediate=256)
+    transformer, _ = tiny_transformers.build("prx", seed=seed + 2)
+    vae = tiny_image_vae(seed + 3, shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = PRXPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                       text_encoder=full.encoder, tokenizer=tiny_text_encoders.t5_tokenizer(512), vae=vae)
+
+    def call_kwargs(steps=2, seed=0):
+        # resolution binning maps sizes onto the released model's 256+ px buckets: off for a 16 px image;
+        # text cleaning off: it needs ftfy and bs4, absent here, and changes nothing in this prompt
+        return dict(prompt=PROMPT, height=16, width=16, num_inference_steps=steps, guidance_scale=2.0,
+                    tokenizer_max_length=15, use_resolution_binning=False, skip_text_cleaning=True,
+                    generator=torch.Generator().manual_seed(seed), output_type="pt")
+
+    return pipe, call_kwargs
+
+
 # -- the run -----------------------------------------------------------------------------------------------------
 def _images(out):
     return out[0] if isinstance(out, tuple) else out.images
