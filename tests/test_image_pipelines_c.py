@@ -59,3 +59,11 @@ def test_prx(ranks):
     """PRXPipeline: T5Gemma's encoder stack tensor parallel (eager attention: transformers has no SDPA path for
     it), 16 image tokens with a 15-token prompt, classifier-free guidance batched (two rows per transformer call)."""
     _check(_run(ranks, "prx"))
+
+
+@_needs("NucleusMoEImagePipeline")
+def test_nucleusmoe_image(ranks):
+    """NucleusMoEImagePipeline: Qwen3VLForConditionalGeneration tensor parallel, 15 image tokens (odd) after the
+    prompt (264 tokens, a multiple of 8: the pipeline pads to one, and diffpar refuses a padded prompt on this
+    transformer), classifier-free guidance, a dense block then a routed-experts block."""
+    _check(_run(ranks, "nucleusmoe"))

@@ -62,20 +62,24 @@ def _krea2(seed=0):
 
 # -- Qwen-Image 2.1 ----------------------------------------------------------------------------------------------
 class _ChatTextProcessor:
-    """What QwenImage21Pipeline calls of a Qwen3VLProcessor for a text-only prompt: `apply_chat_template` (to count
-    the system message's tokens it drops), `tokenizer`, and `__call__(text=..., padding=..., padding_side=...)`.
-    It stands in for transformers' Qwen3VLProcessor, whose video processor needs torchvision (not installed here)."""
+    """What the Qwen3-VL pipelines (QwenImage21, NucleusMoEImage) call of a Qwen3VLProcessor for a text-only prompt:
+    `apply_chat_template` (Qwen's chat format), `tokenizer`, and `__call__(text=..., **tokenizer options)`. It
+    stands in for transformers' Qwen3VLProcessor, whose video processor needs torchvision (not installed here)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
-    def apply_chat_template(self, messages, tokenize=True, return_dict=False):
-        text = "".join(f"<|im_start|>{m['role']}\n" + "".join(c["text"] for c in m["content"]) + "<|im_end|>\n"
-                       for m in messages)
+    def apply_chat_template(self, messages, tokenize=True, return_dict=False, add_generation_prompt=False):
+        def text_of(content):
+            return content if isinstance(content, str) else "".join(c["text"] for c in content)
+
+        text = "".join(f"<|im_start|>{m['role']}\n{text_of(m['content'])}<|im_end|>\n" for m in messages)
+        if add_generation_prompt:
+            text += "<|im_start|>assistant\n"
         return [self.tokenizer(text, add_special_tokens=False).input_ids] if tokenize else text
 
-    def __call__(self, text, padding=True, padding_side="left", return_tensors="pt"):
-        return self.tokenizer(text, padding=padding, padding_side=padding_side, return_tensors=return_tensors)
+    def __call__(self, text, **options):
+        return self.tokenizer(text, **options)
 
 
 @builder("qwenimage21", ("text_encoder", "vae"))
@@ -99,6 +103,47 @@ def _qwenimage21(seed=0):
         # this prompt is 31 tokens after the dropped system message: 31 + 16 image tokens, an odd sequence
         return dict(prompt="a red fox in the snow", height=64, width=64, num_inference_steps=steps,
                     generator=torch.Generator().manual_seed(seed), output_type="pt")
+
+    return pipe, call_kwargs
+
+
+# -- Nucleus-MoE Image --------------------------------------------------------------------------------------------
+@builder("nucleusmoe", ("text_encoder", "vae"))
+def _nucleusmoe(seed=0):
+    """NucleusMoEImagePipeline: a Qwen3VLForConditionalGeneration (3 layers, hidden 24: the tiny transformer's
+    joint_attention_dim; the pipeline reads hidden_states[-2]), the Qwen VAE (4x) and 2 x 2 packing: a 24 x 40 px
+    image is 3 x 5 = 15 image tokens (odd; the prompts are multiples of 8), classifier-free guidance;
+    the transformer has one dense block and one with routed experts."""
+    from diffusers import (FlowMatchEulerDiscreteScheduler, NucleusMoEImagePipeline,
+                           NucleusMoEImageTransformer2DModel)
+
+    from diffpar.testing.tiny_image_pipelines import qwen_vl_tokenizer
+
+    text_encoder, _ = tiny_text_encoders.build("qwen3_vl", seed=seed, hidden=24, intermediate=256, layers=3)
+    torch.manual_seed(seed + 2)
+    # the tiny model of tiny_models/nucleusmoe.py, but predicting the 4 latent channels (out_channels defaults to
+    # in_channels, which the pipeline reads as 4 latent channels packed 2 x 2)
+    transformer = tiny_transformers.construct(
+        NucleusMoEImageTransformer2DModel, patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6),
+        moe_enabled=True, dense_moe_strategy="leave_first_block_dense", num_experts=4, moe_intermediate_dim=32,
+        capacity_factors=2.0,
+    )
+    with torch.no_grad():  # the routed experts are created uninitialized (torch.empty): seed them
+        for name, p in transformer.named_parameters():
+            if ".experts." in name:
+                p.copy_(torch.randn(p.shape) * 0.1)
+    vae, _, _ = tiny_vaes.build("qwen", seed=seed + 3, temporal=(False, False))
+    pipe = NucleusMoEImagePipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                   vae=vae, text_encoder=text_encoder,
+                                   processor=_ChatTextProcessor(qwen_vl_tokenizer()))
+
+    def call_kwargs(steps=2, seed=0):
+        # The pipeline pads each prompt to a multiple of 8 tokens, and diffpar refuses a padded prompt on this
+        # transformer (compat.diffusers_cp.guard_whole_text_mask): both prompts here fill whole multiples of 8
+        # with the tiny tokenizer (264 and 256 tokens with the system message), so no mask is passed.
+        return dict(prompt="red fox in snow", negative_prompt="a dark night", height=24, width=40,
+                    num_inference_steps=steps, guidance_scale=2.0, return_index=-2, generator=torch.Generator().manual_seed(seed), output_type="pt")
 
     return pipe, call_kwargs
 
