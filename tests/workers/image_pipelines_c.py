@@ -174,6 +174,37 @@ def _prx(seed=0):
     return pipe, call_kwargs
 
 
+# -- ERNIE-Image -------------------------------------------------------------------------------------------------
+@builder("ernie_image", ("text_encoder", "vae"))
+def _ernie_image(seed=0):
+    """ErnieImagePipeline without its prompt enhancer (pe=None): a Mistral3Model (hidden 24: the transformer's
+    text_in_dim; the pipeline reads hidden_states[-2]), the Flux.2 VAE (4x, 4 latent channels) and 2 x 2
+    patchify: a 40 x 24 px image is 5 x 3 = 15 image tokens (odd), classifier-free guidance with an empty
+    negative prompt (a batch of two prompts of different lengths, padded with `text_lens`)."""
+    from diffusers import ErnieImagePipeline, ErnieImageTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    full, _ = tiny_text_encoders.build("mistral3", seed=seed, hidden=24, intermediate=256)
+    torch.manual_seed(seed + 2)
+    # the tiny model of tiny_models/ernie_image.py, with 16 channels in and out (4 latent channels patchified)
+    transformer = tiny_transformers.construct(
+        ErnieImageTransformer2DModel, hidden_size=32, num_attention_heads=2, num_layers=2, ffn_hidden_size=64,
+        in_channels=16, out_channels=16, patch_size=1, text_in_dim=24, rope_axes_dim=(4, 6, 6),
+    )
+    with torch.no_grad():  # the modulation and output layers start at zero in diffusers: seed them
+        for p in (*transformer.adaLN_modulation.parameters(), *transformer.final_linear.parameters()):
+            p.copy_(torch.randn(p.shape) * 0.1)
+    vae, _, _ = tiny_vaes.build("flux2", seed=seed + 3)
+    pipe = ErnieImagePipeline(transformer=transformer, vae=vae, text_encoder=full.model,
+                              tokenizer=tiny_text_encoders.t5_tokenizer(512),
+                              scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+    def call_kwargs(steps=2, seed=0):
+        return dict(prompt=PROMPT, height=40, width=24, num_inference_steps=steps, guidance_scale=2.0, use_pe=False,
+                    generator=torch.Generator().manual_seed(seed), output_type="pt")
+
+    return pipe, call_kwargs
+
+
 # -- the run -----------------------------------------------------------------------------------------------------
 def _images(out):
     return out[0] if isinstance(out, tuple) else out.images
