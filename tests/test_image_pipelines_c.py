@@ -85,7 +85,8 @@ def test_ernie_image(ranks):
 
 @_needs("ErnieImagePipeline")
 @pytest.mark.xfail(strict=True, reason="diffpar broadcasts the initial noise only at prepare_latents, which "
-                   "ErnieImagePipeline lacks: ranks seeded differently denoise different noise, silently")
+                   "ErnieImagePipeline lacks: with rank seeds each rank keeps its shard of its own noise, and the "
+                   "gathered image (the same on every rank) is silently not rank 0's")
 def test_ernie_image_rank_seeds_not_broadcast(ranks):
     results = _run(ranks, "ernie_image", rank_seeds=True)
-    assert all(r["ranks_identical"] for r in results)
+    assert all(r["diff"] <= PIPELINE_FP32 for r in results), [r["diff"] for r in results]
