@@ -205,6 +205,46 @@ def _ernie_image(seed=0):
     return pipe, call_kwargs
 
 
+# -- GLM-Image ---------------------------------------------------------------------------------------------------
+def _byt5_tokenizer():
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer()  # bytes: no vocabulary file to load
+
+
+@builder("glm_image", ("text_encoder", "vae"))
+def _glm_image(seed=0):
+    """GlmImagePipeline's diffusion decoder, given the prior tokens: the autoregressive GLM that writes them
+    (vision_language_encoder) and its processor are left out (None), and each call passes `prior_token_ids`
+    itself (one per image token, as `generate_prior_tokens` returns them). A T5 glyph encoder (d_model 24: the
+    transformer's text_embed_dim) reads the prompt's quoted text with a ByT5 tokenizer; a 3-block AutoencoderKL
+    (4x, 4 latent channels) and 2 x 2 patches: a 16 x 40 px image is 2 x 5 = 10 image tokens (even: heights come
+    in multiples of 16, an even number of token rows) after 5 glyph tokens (the pipeline pads them to an odd
+    count). No guidance by default: the unconditional call reads ONE glyph token (an empty negative prompt),
+    which Ulysses 2 cannot split (test_glm_image_guidance_one_glyph_token)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, GlmImagePipeline
+
+    t5, _ = tiny_text_encoders.build("t5", seed=seed, heads=4, d_kv=8, d_model=24, d_ff=256, layers=2, vocab=384)
+    transformer, _ = tiny_transformers.build("glm_image", seed=seed + 2)
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=32, latents_mean=[0.1] * 4, latents_std=[1.5] * 4,
+    ).eval()
+    pipe = GlmImagePipeline(tokenizer=_byt5_tokenizer(), processor=None, text_encoder=t5,
+                            vision_language_encoder=None, vae=vae, transformer=transformer,
+                            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+    def call_kwargs(steps=2, seed=0):
+        prior = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(21))
+        return dict(prompt='a red fox holding a sign that says "snow"', height=16, width=40,
+                    num_inference_steps=steps, guidance_scale=1.0, prior_token_ids=prior,
+                    generator=torch.Generator().manual_seed(seed), output_type="pt")
+
+    return pipe, call_kwargs
+
+
 # -- the run -----------------------------------------------------------------------------------------------------
 def _images(out):
     return out[0] if isinstance(out, tuple) else out.images
@@ -216,14 +256,17 @@ def _encoder_share(state: dict) -> dict:
             "heads_per_rank": state.get("heads_per_rank")}
 
 
-def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bool = True):
+def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bool = True,
+                         call_overrides: dict | None = None):
     """The pipeline in one process, then the same (freshly built) pipeline with every module of
     PARALLEL_MODULES[kind] parallel. Rank r passes generator seed r (when rank_seeds): diffpar's broadcasts must
     make every rank use rank 0's noise. Returns the image difference, whether ranks agree, the transformer's
-    SplitProbe summaries, the VAE's split/whole call counts and each text encoder's share."""
+    SplitProbe summaries, the VAE's split/whole call counts and each text encoder's share. `call_overrides`:
+    arguments that replace the builder's call arguments (both runs)."""
+    overrides = dict(call_overrides or {})
     reference_pipe, make_call = build(kind)
     with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
-        reference = _images(reference_pipe(**make_call(steps=steps, seed=0)))
+        reference = _images(reference_pipe(**{**make_call(steps=steps, seed=0), **overrides}))
     del reference_pipe
     pipe, make_call = build(kind)
     names = PARALLEL_MODULES[kind]
@@ -233,7 +276,7 @@ def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bo
     try:
         with torch.no_grad():
             with SplitProbe(pipe.transformer) as probe:
-                out = _images(pipe(**make_call(steps=steps, seed=seed)))
+                out = _images(pipe(**{**make_call(steps=steps, seed=seed), **overrides}))
         vae_calls = copy.deepcopy(handle.state("vae").calls) if "vae" in names else None
         encoders = {name: _encoder_share(handle.state(name)) for name in names if name.startswith("text_encoder")}
     finally:
