@@ -245,8 +245,38 @@ def _glm_image(seed=0):
     return pipe, call_kwargs
 
 
+# -- FLUX.3 (a modular pipeline only) ----------------------------------------------------------------------------
+@builder("flux3", ("text_encoder", "vae"))
+def _flux3(seed=0):
+    """Flux3ModularPipeline, the only FLUX.3 pipeline diffusers ships: Flux3AutoBlocks without its prompt upsampler
+    (a Qwen 3.5 model that rewrites the prompt by generation), a Qwen3VLForConditionalGeneration (hidden 16; the
+    call stacks hidden states 1 and 2: 32, the transformer's joint_attention_dim), the Flux.2 VAE (4x, then 2 x 2
+    packing). A 40 x 24 px image is 5 x 3 = 15 image tokens (odd); the prompt is padded to 80 tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux3AutoBlocks
+
+    from diffpar.testing.tiny_image_pipelines import qwen_vl_tokenizer
+
+    text_encoder, _ = tiny_text_encoders.build("qwen3_vl", seed=seed, hidden=16, intermediate=512)
+    transformer, _ = tiny_transformers.build("flux3", seed=seed + 2)
+    vae, _, _ = tiny_vaes.build("flux2", seed=seed + 3)
+    blocks = Flux3AutoBlocks()
+    blocks.sub_blocks.pop("prompt_upsampler")
+    pipe = blocks.init_pipeline()
+    pipe.update_components(transformer=transformer, vae=vae, text_encoder=text_encoder,
+                           tokenizer=_ChatTextProcessor(qwen_vl_tokenizer()),
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+    def call_kwargs(steps=2, seed=0):
+        return dict(prompt=PROMPT, height=40, width=24, num_inference_steps=steps, text_encoder_out_layers=(1, 2),
+                    generator=torch.Generator().manual_seed(seed), output="images", output_type="pt")
+
+    return pipe, call_kwargs
+
+
 # -- the run -----------------------------------------------------------------------------------------------------
 def _images(out):
+    if isinstance(out, torch.Tensor):  # a modular pipeline asked for output="images"
+        return out
     return out[0] if isinstance(out, tuple) else out.images
 
 
