@@ -1,8 +1,10 @@
-"""Whole text-to-image pipelines on 2 ranks (issue 12 item 3, issue 13 item 4): Krea 2, ... Each is built tiny from
-local components; the transformer runs context parallel (Ulysses 2, an odd prompt length), every text encoder the
-pipeline builds tensor parallel and the VAE decode split; the image must be within PIPELINE_FP32 of the same
-pipeline in one process, identical on every rank, and the split proven (image tokens and collectives per rank,
-text-encoder weights per rank smaller than whole, VAE split calls)."""
+"""Whole text-to-image pipelines on 2 ranks (issue 12 item 3, issue 13 item 4): Krea 2, Qwen-Image 2.1, PRX,
+Nucleus-MoE Image, ERNIE-Image, GLM-Image (its diffusion decoder) and FLUX.3 (modular). Each is built tiny from
+local components; the transformer runs context parallel (Ulysses 2, an odd sequence where the pipeline allows one),
+every text encoder the pipeline builds tensor parallel and the VAE decode split; the image must be within
+PIPELINE_FP32 of the same pipeline in one process, identical on every rank, and the split proven (image tokens and
+collectives per rank, text-encoder weights per rank smaller than whole, VAE split calls). None of these pipelines
+encodes an input image in a text-to-image call, so only the decode is split."""
 import pytest
 from tolerances import PIPELINE_FP32
 

@@ -1,6 +1,7 @@
-"""Rank-side whole text-to-image pipelines of tests/test_image_pipelines_c.py (Krea 2, ...): each built tiny from
-local components (seeded random weights, tokenizers built in memory), run in one process, then on every rank with
-the transformer context parallel, the text encoder tensor parallel and the VAE split."""
+"""Rank-side whole text-to-image pipelines of tests/test_image_pipelines_c.py (Krea 2, Qwen-Image 2.1, PRX,
+Nucleus-MoE Image, ERNIE-Image, GLM-Image, FLUX.3 modular): each built tiny from local components (seeded random
+weights, tokenizers built in memory), run in one process, then on every rank with the transformer context
+parallel, the text encoder tensor parallel and the VAE split."""
 from __future__ import annotations
 
 import copy
@@ -143,7 +144,8 @@ def _nucleusmoe(seed=0):
         # transformer (compat.diffusers_cp.guard_whole_text_mask): both prompts here fill whole multiples of 8
         # with the tiny tokenizer (264 and 256 tokens with the system message), so no mask is passed.
         return dict(prompt="red fox in snow", negative_prompt="a dark night", height=24, width=40,
-                    num_inference_steps=steps, guidance_scale=2.0, return_index=-2, generator=torch.Generator().manual_seed(seed), output_type="pt")
+                    num_inference_steps=steps, guidance_scale=2.0, return_index=-2,
+                    generator=torch.Generator().manual_seed(seed), output_type="pt")
 
     return pipe, call_kwargs
 
