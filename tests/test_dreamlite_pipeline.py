@@ -5,10 +5,11 @@ import pytest
 from tolerances import PIPELINE_FP32
 
 import diffusers
+from availability import diffusers_has
 
 from diffpar.testing.probes import assert_split
 
-pytestmark = pytest.mark.skipif(not hasattr(diffusers, "DreamLitePipeline"),
+pytestmark = pytest.mark.skipif(not diffusers_has("DreamLitePipeline"),
                                 reason=f"diffusers {diffusers.__version__} has no DreamLitePipeline")
 
 

@@ -14,7 +14,7 @@ from diffpar.testing.probes import assert_split
 def _has_pipeline():
     import diffusers
 
-    return hasattr(diffusers, "HunyuanVideoImageToVideoPipeline")
+    return diffusers_has("HunyuanVideoImageToVideoPipeline")
 
 
 @pytest.mark.skipif(not _has_pipeline(), reason="this diffusers has no HunyuanVideoImageToVideoPipeline")

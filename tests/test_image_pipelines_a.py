@@ -7,12 +7,13 @@ import pytest
 from tolerances import PIPELINE_FP32
 
 import diffusers
+from availability import diffusers_has
 
 from diffpar.testing.probes import assert_split
 
 
 def _needs(cls_name: str):
-    return pytest.mark.skipif(not hasattr(diffusers, cls_name),
+    return pytest.mark.skipif(not diffusers_has(cls_name),
                               reason=f"diffusers {diffusers.__version__} has no {cls_name}")
 
 

@@ -8,6 +8,7 @@ import pytest
 from tolerances import PIPELINE_FP32
 
 import diffusers
+from availability import diffusers_has
 
 from diffpar.testing.probes import assert_split
 from workers.image_pipelines_b import KINDS
@@ -32,7 +33,7 @@ def _check(results, config, **split_options):
 
 def _case(kind):
     name = KINDS[kind].pipeline_class
-    return pytest.param(kind, marks=pytest.mark.skipif(not hasattr(diffusers, name),
+    return pytest.param(kind, marks=pytest.mark.skipif(not diffusers_has(name),
                                                       reason=f"diffusers {diffusers.__version__} has no {name}"))
 
 

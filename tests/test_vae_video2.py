@@ -1,13 +1,14 @@
 """Split VAE decode / encode for the VAE classes added in issue 13 item 3 (one family file each under
 diffpar/families/vaes/), vs the same VAE in one process: 2, 3 and 4 ranks, odd latent heights, odd frame counts."""
 import diffusers
+from availability import diffusers_has
 import pytest
 from test_vae import _check_equivalence
 from tolerances import VAE_FP32, VAE_FP64
 
 
 def _needs(name):
-    return pytest.mark.skipif(not hasattr(diffusers, name), reason=f"this diffusers has no {name}")
+    return pytest.mark.skipif(not diffusers_has(name), reason=f"this diffusers has no {name}")
 
 
 FAMILIES = [

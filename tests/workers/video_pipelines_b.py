@@ -42,9 +42,9 @@ def call_arguments(kind: str) -> dict:
 
 
 def available(kind: str) -> bool:
-    import diffusers
+    from availability import diffusers_has
 
-    return hasattr(diffusers, PIPELINE_CLASS[kind])
+    return diffusers_has(PIPELINE_CLASS[kind])
 
 
 def _seeded(seed: int):

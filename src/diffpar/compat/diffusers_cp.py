@@ -707,11 +707,19 @@ def leaves_text_mask_whole(model, plan: dict) -> bool:
 
 
 def guard_whole_text_mask(model, plan: dict, handle, name: str) -> None:
-    """Refuse padded prompts on `model` where `leaves_text_mask_whole`; records its undo on `handle`."""
+    """Refuse padded prompts on `model` where `leaves_text_mask_whole`; records its undo on `handle`. Skipped where
+    the family's attention processors cut the whole mask to each rank's keys themselves (they say so with a
+    class attribute `cuts_whole_text_mask = True`, installed by the plan's prepare step before this runs)."""
     if not leaves_text_mask_whole(model, plan):
+        return
+    processors = getattr(model, "attn_processors", None)
+    if isinstance(processors, dict) and any(getattr(p, "cuts_whole_text_mask", False) for p in processors.values()):
         return
     hooks = []
     handle.add(f"{name}: padded-prompt guard", lambda: [h.remove() for h in hooks])
+
+    # diffusers 0.39 began splitting the mask with the prompt in its own plans; advise the upgrade only below it.
+    upgrade = "" if versions.DIFFUSERS >= (0, 39) else "Upgrade to diffusers>=0.39, or: "
 
     def refuse_padded_prompt(module, args, kwargs):
         mask = kwargs.get("encoder_hidden_states_mask")
@@ -719,8 +727,8 @@ def guard_whole_text_mask(model, plan: dict, handle, name: str) -> None:
             raise UnsupportedError(
                 f"{type(module).__name__} with a padded prompt under context parallelism: diffusers "
                 f"{versions.version_of('diffusers')} splits the prompt over the ranks but keeps its attention mask "
-                "whole, which would give a wrong image. Upgrade to diffusers>=0.39, or pass prompts without "
-                "padding (encoder_hidden_states_mask=None or all true)."
+                f"whole, which would give a wrong image. {upgrade}Pass prompts without padding "
+                "(encoder_hidden_states_mask=None or all true)."
             )
 
     hooks.append(model.register_forward_pre_hook(refuse_padded_prompt, with_kwargs=True))

@@ -9,9 +9,10 @@ shard; gather after `proj_out`. Keys and values of both streams then go through 
 Forward changes, undone on detach:
 1. `NucleusMoEContextParallelAttnProcessor`: the joint (batch, image + text) mask is cut to this rank's keys
    ([its image shard: all real, its text shard]), which diffpar's Ulysses mask shim gathers in key order; an
-   all-True mask is dropped (the ring takes none; a real one under the ring is refused by the ring shim). Today
-   diffpar's generic padded-prompt guard (`compat.diffusers_cp.guard_whole_text_mask`: the plan splits
-   `encoder_hidden_states` but not `encoder_hidden_states_mask`) refuses a padded prompt before it gets here. Cached
+   all-True mask is dropped (the ring takes none; a real one under the ring is refused by the ring shim). The
+   pipeline pads every prompt to a multiple of 8 tokens, so padded prompts are the normal case: the processor
+   says it cuts the mask itself (`cuts_whole_text_mask`), which exempts it from diffpar's generic padded-prompt
+   guard (`compat.diffusers_cp.guard_whole_text_mask`). Cached
    text keys (`attention_kwargs["cached_txt_key"]`, whole-prompt keys) are refused: every rank would add them all.
 2. Mixture-of-experts layers route by expert choice: each expert takes the top tokens of the WHOLE sequence, so a
    shard cannot route by itself. Each MoE layer gathers its input sequence, routes and runs on all of it, and keeps
@@ -39,6 +40,8 @@ def _processor_class(kept: dict):
     from diffusers.models.transformers.transformer_nucleusmoe_image import NucleusMoEAttnProcessor2_0
 
     class NucleusMoEContextParallelAttnProcessor(NucleusMoEAttnProcessor2_0):
+        cuts_whole_text_mask = True  # the generic padded-prompt guard leaves this model to it (see below)
+
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                      image_rotary_emb=None, cached_txt_key=None, cached_txt_value=None):
             if self._parallel_config is not None:

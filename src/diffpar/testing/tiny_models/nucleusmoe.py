@@ -5,8 +5,16 @@ import torch
 from diffpar.testing.coverage import ModelCase
 from diffpar.testing.tiny_transformers import builder, construct
 
+from diffpar.compat.diffusers_cp import context_parallel_attention_takes_masks  # noqa: E402
+
 CASES = [ModelCase("nucleusmoe", "NucleusMoEImageTransformer2DModel",
-                   notes="MoE layers route on the whole sequence under CP; routed experts stay whole under TP")]
+                   notes="MoE layers route on the whole sequence under CP; routed experts split along their width")]
+# The pipeline pads every prompt to a multiple of 8 tokens: a padded prompt (5 real of 8) under Ulysses, where the
+# release's context-parallel attention takes masks (Ring refuses a real mask clearly; 0.36 takes none).
+if context_parallel_attention_takes_masks():
+    CASES.append(ModelCase("nucleusmoe_padded", "NucleusMoEImageTransformer2DModel",
+                           cp=("w2-ulysses", "w4-ulysses"), tp=(),
+                           notes="padded prompt: the mask cut per rank by the family's processor"))
 
 REAL_CONFIGS = {
     # diffusers' defaults for the class (the released model's shape).
@@ -48,3 +56,14 @@ def _nucleusmoe(heads=2, head_dim=16, layers=2, kv_heads=None):
         return out
 
     return model, inputs
+
+
+@builder("nucleusmoe_padded")
+def _nucleusmoe_padded(**kwargs):
+    """The same model; its inputs carry a right-padded prompt mask (5 real tokens by default), as the pipeline's."""
+    model, inputs = _nucleusmoe(**kwargs)
+
+    def padded_inputs(valid=None, **input_kwargs):
+        return inputs(valid=valid if valid is not None else [5] * input_kwargs.get("batch", 1), **input_kwargs)
+
+    return model, padded_inputs
