@@ -13,6 +13,7 @@ import threading
 from functools import lru_cache
 
 import torch
+import diffusers
 import torch.distributed as dist
 
 from diffpar.errors import UnsupportedError
@@ -719,7 +720,7 @@ def guard_whole_text_mask(model, plan: dict, handle, name: str) -> None:
     handle.add(f"{name}: padded-prompt guard", lambda: [h.remove() for h in hooks])
 
     # diffusers 0.39 began splitting the mask with the prompt in its own plans; advise the upgrade only below it.
-    upgrade = "" if versions.DIFFUSERS >= (0, 39) else "Upgrade to diffusers>=0.39, or: "
+    upgrade = "" if versions._parse(diffusers.__version__) >= (0, 39) else "Upgrade to diffusers>=0.39, or: "
 
     def refuse_padded_prompt(module, args, kwargs):
         mask = kwargs.get("encoder_hidden_states_mask")
