@@ -12,8 +12,8 @@ import inspect
 import threading
 from functools import lru_cache
 
-import torch
 import diffusers
+import torch
 import torch.distributed as dist
 
 from diffpar.errors import UnsupportedError
