@@ -5,15 +5,13 @@ final decode split by rows; the video within PIPELINE_FP32 of the same pipeline 
 The split is proven: the transformer's attention saw a shard and issued its collectives, each text encoder holds a
 share of its weights, the VAE ran split."""
 import pytest
+from availability import diffusers_has
 from tolerances import PIPELINE_FP32
 
 from diffpar.testing.probes import assert_split
 
 
-
 def _has_pipeline():
-    import diffusers
-
     return diffusers_has("HunyuanVideoImageToVideoPipeline")
 
 
