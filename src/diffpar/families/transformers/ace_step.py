@@ -91,7 +91,7 @@ class AceStepContextParallelSelfAttnProcessor:
 def prepare_ace_step(model, config, handle, name: str) -> None:
     from diffusers.models.transformers.ace_step_transformer import AceStepAttnProcessor2_0
 
-    from diffpar.families.transformers.sd3 import replace_attention_processors
+    from diffpar.families.transformers.attention_processors import replace_attention_processors
 
     local_attention_processors(model, ("layers.*.cross_attn",), (AceStepAttnProcessor2_0,), handle, name)
     replace_attention_processors(model, {AceStepAttnProcessor2_0: AceStepContextParallelSelfAttnProcessor},

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from diffpar.compat.diffusers_cp import context_parallel_attention_takes_masks, dispatch_attention
 from diffpar.compat.diffusers_cp_group import token_shards
 from diffpar.errors import UnsupportedError
-from diffpar.families.transformers.sd3 import replace_attention_processors
 
 
 def _mask_that_masks(mask: torch.Tensor | None, label: str) -> torch.Tensor | None:
@@ -56,6 +55,74 @@ def attend_split(processor, query, key, value, mask: torch.Tensor | None, label:
         )
     return dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=scale,
                                  backend=processor._attention_backend, parallel_config=processor._parallel_config)
+
+
+def joint_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None, heads, *,
+              text_first: bool, dim: int = 1, rotate=None):
+    """The joint-attention projections of an MMDiT-style block: image queries/keys/values (`to_q/k/v`, per-head
+    `norm_q/k`), then, with a prompt, the text ones (`add_q/k/v_proj`, `norm_added_q/k`) concatenated on `dim`,
+    text first or image first as the original lays out its sequence. `heads` reshapes a (B, S, H * D) projection
+    into the processor's layout; `rotate(query, key)`, if given, applies RoPE to the image part alone, before the
+    concatenation. Without a prompt, the image part alone."""
+    query = heads(attn.to_q(hidden_states))
+    key = heads(attn.to_k(hidden_states))
+    value = heads(attn.to_v(hidden_states))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if rotate is not None:
+        query, key = rotate(query, key)
+    if encoder_hidden_states is None:
+        return query, key, value
+    text_query = heads(attn.add_q_proj(encoder_hidden_states))
+    text_key = heads(attn.add_k_proj(encoder_hidden_states))
+    text_value = heads(attn.add_v_proj(encoder_hidden_states))
+    if attn.norm_added_q is not None:
+        text_query = attn.norm_added_q(text_query)
+    if attn.norm_added_k is not None:
+        text_key = attn.norm_added_k(text_key)
+
+    def joined(image, text):
+        return torch.cat([text, image] if text_first else [image, text], dim=dim)
+
+    return joined(query, text_query), joined(key, text_key), joined(value, text_value)
+
+
+def replace_attention_processors(model, replacements: dict[type, type], handle, name: str, model_label: str,
+                                 within: tuple[str, ...] = ("",)) -> None:
+    """Give every attention (under the `within` module-name prefixes) whose processor is exactly one of
+    `replacements` a new one; undo restores the original objects.
+
+    Checks every processor before changing any: another processor type (IP-Adapter, PAG, fused projections, ...)
+    has no context-parallel version here, and running it on a shard would compute attention over the shard only.
+    """
+    targets, unknown = [], set()
+    for module_name, module in model.named_modules():
+        processor = getattr(module, "processor", None)
+        if processor is None or not module_name.startswith(within):
+            continue
+        if type(processor) in replacements:
+            targets.append((module, processor))
+        elif not hasattr(processor, "_parallel_config") and type(processor) not in replacements.values():
+            unknown.add(f"{module_name}: {type(processor).__name__}")
+    if unknown:
+        raise UnsupportedError(
+            f"{model_label}: these attention processors have no context-parallel version in diffpar: "
+            f"{sorted(unknown)}. Context parallelism supports the model's default processors "
+            f"({sorted(t.__name__ for t in replacements)}). Remove what installed them (e.g. unload_ip_adapter(), "
+            "unfuse_qkv_projections()) before enable_cache."
+        )
+
+    def restore():
+        for module, old in targets:
+            module.processor = old
+
+    handle.add(f"{name}: context-parallel attention processors", restore)
+    for module, old in targets:
+        new = replacements[type(old)]()
+        vars(new).update(vars(old))  # keep per-instance settings, e.g. an attention backend the user chose
+        module.processor = new
 
 
 class ContextParallelAttnProcessor2_0:
@@ -281,40 +348,18 @@ class ContextParallelAuraFlowAttnProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  *args, **kwargs):
-        batch_size = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-
         def heads(x):  # (B, S, H * D) -> (B, S, H, D)
-            return x.view(batch_size, -1, attn.heads, head_dim)
+            return x.unflatten(2, (attn.heads, -1))
 
-        query, key, value = heads(query), heads(key), heads(value)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        text_tokens = 0
-        if encoder_hidden_states is not None:
-            text_tokens = encoder_hidden_states.shape[1]
-            text_query = heads(attn.add_q_proj(encoder_hidden_states))
-            text_key = heads(attn.add_k_proj(encoder_hidden_states))
-            text_value = heads(attn.add_v_proj(encoder_hidden_states))
-            if attn.norm_added_q is not None:
-                text_query = attn.norm_added_q(text_query)
-            if attn.norm_added_k is not None:
-                text_key = attn.norm_added_k(text_key)
-            query = torch.cat([text_query, query], dim=1)
-            key = torch.cat([text_key, key], dim=1)
-            value = torch.cat([text_value, value], dim=1)
+        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, heads, text_first=True)
+        text_tokens = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
 
         if self._parallel_config is None:
             out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                                  dropout_p=0.0, scale=attn.scale, is_causal=False).transpose(1, 2)
         else:
             out = attend_split(self, query, key, value, None, type(self).__name__, scale=attn.scale)
-        hidden_states = out.reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = out.flatten(2, 3).to(query.dtype)
         text_out = None
         if encoder_hidden_states is not None:
             text_out, hidden_states = hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]

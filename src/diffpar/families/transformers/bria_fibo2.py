@@ -21,7 +21,7 @@ from __future__ import annotations
 from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.engines.tp_shard import GATHER
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import TensorParallelPlan, register_tp_plan
 
 

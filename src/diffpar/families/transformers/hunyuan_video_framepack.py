@@ -26,7 +26,7 @@ from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
 from diffpar.families.transformers.consisid import gather_block_outputs
 from diffpar.families.transformers.hunyuan_video import _processor_class
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import (
     ATTN_ATTRS,
     JOINT_ATTENTION,

@@ -19,7 +19,7 @@ from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
 from diffpar.families.transformers.hunyuan_video import mask_for_sharded_keys
 from diffpar.families.transformers.joyimage import joyimage_block_plan
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import TensorParallelPlan, register_tp_plan
 
 

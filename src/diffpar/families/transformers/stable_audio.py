@@ -24,9 +24,8 @@ from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.engines.tp_shard import Packed
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.attention_processors import attend_split
 from diffpar.families.transformers.longcat_audio_dit import shard_rows
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.attention_processors import attend_split, replace_attention_processors
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, register_tp_plan
 
 

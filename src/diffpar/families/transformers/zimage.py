@@ -26,7 +26,7 @@ from diffpar.errors import UnsupportedError
 from diffpar.engines.tp_shard import GATHER
 from diffpar.families.registry import register_cp_plan
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, present, register_tp_plan
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 
 # Sequences are padded to multiples of 32 per sample (SEQ_MULTI_OF in diffusers), so even splits over 2 and 4
 # ranks always exist; *_anything covers other degrees.
