@@ -140,6 +140,24 @@ class ContextParallelAttnProcessor2_0:
         """RoPE on (B, H, S, D) queries and keys; none here."""
         return query, key
 
+    def _heads(self, attn, query, key, value, batch_size):
+        """(B, S, H * D) projections -> (B, H, S, D), the original's layout up to attention, with the per-head
+        norms."""
+        head_dim = key.shape[-1] // attn.heads
+
+        def heads(x):
+            return x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        query, key, value = heads(query), heads(key), heads(value)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        return query, key, value
+
+    def _refuse_self_attention_mask(self, mask: torch.Tensor | None) -> None:
+        _mask_that_masks(mask, type(self).__name__)
+
     def _attention(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb=None):
         residual = hidden_states
         if attn.spatial_norm is not None:  # refused at plan time; kept so the call stays the original's
@@ -160,16 +178,7 @@ class ContextParallelAttnProcessor2_0:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-
-        def heads(x):  # (B, S, H * D) -> (B, H, S, D), the original's layout up to attention
-            return x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
-        query, key, value = heads(query), heads(key), heads(value)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = self._heads(attn, query, key, value, batch_size)
         query, key = self._rotate(attn, query, key, image_rotary_emb)
 
         if cross or self._parallel_config is None:
@@ -179,10 +188,10 @@ class ContextParallelAttnProcessor2_0:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
                                                  is_causal=False).transpose(1, 2)
         else:
-            _mask_that_masks(attention_mask, type(self).__name__)
+            self._refuse_self_attention_mask(attention_mask)
             out = dispatch_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                      backend=self._attention_backend, parallel_config=self._parallel_config)
-        hidden_states = out.reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = out.flatten(2, 3).to(query.dtype)
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
