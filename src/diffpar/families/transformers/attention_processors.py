@@ -64,24 +64,17 @@ def joint_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Te
     text first or image first as the original lays out its sequence. `heads` reshapes a (B, S, H * D) projection
     into the processor's layout; `rotate(query, key)`, if given, applies RoPE to the image part alone, before the
     concatenation. Without a prompt, the image part alone."""
-    query = heads(attn.to_q(hidden_states))
-    key = heads(attn.to_k(hidden_states))
-    value = heads(attn.to_v(hidden_states))
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    def project(x, to_q, to_k, to_v, norm_q, norm_k):
+        query, key, value = heads(to_q(x)), heads(to_k(x)), heads(to_v(x))
+        return (query if norm_q is None else norm_q(query)), (key if norm_k is None else norm_k(key)), value
+
+    query, key, value = project(hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
     if rotate is not None:
         query, key = rotate(query, key)
     if encoder_hidden_states is None:
         return query, key, value
-    text_query = heads(attn.add_q_proj(encoder_hidden_states))
-    text_key = heads(attn.add_k_proj(encoder_hidden_states))
-    text_value = heads(attn.add_v_proj(encoder_hidden_states))
-    if attn.norm_added_q is not None:
-        text_query = attn.norm_added_q(text_query)
-    if attn.norm_added_k is not None:
-        text_key = attn.norm_added_k(text_key)
+    text_query, text_key, text_value = project(encoder_hidden_states, attn.add_q_proj, attn.add_k_proj,
+                                               attn.add_v_proj, attn.norm_added_q, attn.norm_added_k)
 
     def joined(image, text):
         return torch.cat([text, image] if text_first else [image, text], dim=dim)

@@ -29,6 +29,8 @@ from diffpar.families.transformers.hunyuan_video import _processor_class
 from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import (
     ATTN_ATTRS,
+    DUAL_STREAM_FF,
+    DUAL_STREAM_MODULATION,
     JOINT_ATTENTION,
     TensorParallelPlan,
     present,
@@ -88,12 +90,7 @@ def _rope_argument(block) -> str:
 
 def hunyuan_video_blocks_tp(model) -> tuple[dict, dict]:
     """Linears and attention attributes of HunyuanVideo's double and single blocks and token refiner."""
-    double = {
-        **JOINT_ATTENTION,
-        "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
-        "ff_context.net.0.proj": "colwise", "ff_context.net.2": "rowwise",
-        "norm1.linear": GATHER, "norm1_context.linear": GATHER,
-    }
+    double = {**JOINT_ATTENTION, **DUAL_STREAM_FF, **DUAL_STREAM_MODULATION}
     linears = present(model, double, "transformer_blocks")
     attrs = {"transformer_blocks.*.attn": ATTN_ATTRS}
     if len(model.single_transformer_blocks):

@@ -20,7 +20,14 @@ from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.engines.tp_shard import GATHER
 from diffpar.families.registry import register_cp_plan
 from diffpar.families.transformers.attention_processors import joint_qkv, replace_attention_processors
-from diffpar.families.transformers.tp_plans import ATTN_ATTRS, JOINT_ATTENTION, TensorParallelPlan, register_tp_plan
+from diffpar.families.transformers.tp_plans import (
+    ATTN_ATTRS,
+    DUAL_STREAM_FF,
+    DUAL_STREAM_MODULATION,
+    JOINT_ATTENTION,
+    TensorParallelPlan,
+    register_tp_plan,
+)
 
 
 class SD3ContextParallelAttnProcessor:
@@ -93,10 +100,9 @@ def sd3_tp_plan(model) -> TensorParallelPlan:
         **JOINT_ATTENTION,
         # SD3.5's dual attention: a second, image-only self-attention in the first blocks.
         "attn2.to_q": "colwise", "attn2.to_k": "colwise", "attn2.to_v": "colwise", "attn2.to_out.0": "rowwise",
-        "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
-        "ff_context.net.0.proj": "colwise", "ff_context.net.2": "rowwise",
+        **DUAL_STREAM_FF,
         # AdaLN modulation (6 or 9 vectors of the hidden width per stream and block).
-        "norm1.linear": GATHER, "norm1_context.linear": GATHER,
+        **DUAL_STREAM_MODULATION,
     }
     linears = per_block(model, "transformer_blocks", block)
     linears["norm_out.linear"] = GATHER
