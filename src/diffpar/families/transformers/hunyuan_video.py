@@ -32,14 +32,7 @@ from diffpar.patch import Patch
 from diffpar.families.registry import register_cp_plan
 from diffpar.engines.tp_shard import GATHER, Packed
 from diffpar.families.transformers.sd3 import per_block, replace_attention_processors
-from diffpar.families.transformers.tp_plans import (
-    ATTN_ATTRS,
-    DUAL_STREAM_FF,
-    DUAL_STREAM_MODULATION,
-    JOINT_ATTENTION,
-    TensorParallelPlan,
-    register_tp_plan,
-)
+from diffpar.families.transformers.tp_plans import ATTN_ATTRS, DUAL_STREAM_BLOCK, TensorParallelPlan, register_tp_plan
 
 _BLOCK_STACKS = ("transformer_blocks", "single_transformer_blocks")
 
@@ -204,7 +197,7 @@ def single_block_linears(model) -> dict:
 
 @register_tp_plan("HunyuanVideoTransformer3DModel")
 def hunyuan_video_tp_plan(model) -> TensorParallelPlan:
-    linears = per_block(model, "transformer_blocks", {**JOINT_ATTENTION, **DUAL_STREAM_FF, **DUAL_STREAM_MODULATION})
+    linears = per_block(model, "transformer_blocks", DUAL_STREAM_BLOCK)
     linears.update(single_block_linears(model))
     # The token refiner (a few blocks on the prompt, before the split): the same split of heads and MLP.
     refiner = {"attn.to_q": "colwise", "attn.to_k": "colwise", "attn.to_v": "colwise", "attn.to_out.0": "rowwise",

@@ -34,9 +34,7 @@ from diffpar.families.transformers.first_block_split import (
 from diffpar.families.transformers.hunyuan_video import mask_for_sharded_keys
 from diffpar.families.transformers.tp_plans import (
     ATTN_ATTRS,
-    DUAL_STREAM_FF,
-    DUAL_STREAM_MODULATION,
-    JOINT_ATTENTION,
+    DUAL_STREAM_BLOCK,
     TensorParallelPlan,
     present,
     register_tp_plan,
@@ -105,8 +103,7 @@ def hunyuan_video15_cp_plan(model) -> dict:
 
 @register_tp_plan("HunyuanVideo15Transformer3DModel")
 def _hunyuan_video15_tp(model) -> TensorParallelPlan:
-    block = {**JOINT_ATTENTION, **DUAL_STREAM_FF, **DUAL_STREAM_MODULATION}
-    linears = present(model, block, "transformer_blocks")
+    linears = present(model, DUAL_STREAM_BLOCK, "transformer_blocks")
     refiner = {
         "attn.to_q": "colwise", "attn.to_k": "colwise", "attn.to_v": "colwise", "attn.to_out.0": "rowwise",
         "ff.net.0.proj": "colwise", "ff.net.2": "rowwise", "norm_out.linear": GATHER,

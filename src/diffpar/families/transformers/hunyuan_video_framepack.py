@@ -29,9 +29,7 @@ from diffpar.families.transformers.hunyuan_video import _processor_class
 from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import (
     ATTN_ATTRS,
-    DUAL_STREAM_FF,
-    DUAL_STREAM_MODULATION,
-    JOINT_ATTENTION,
+    DUAL_STREAM_BLOCK,
     TensorParallelPlan,
     present,
     register_tp_plan,
@@ -90,8 +88,7 @@ def _rope_argument(block) -> str:
 
 def hunyuan_video_blocks_tp(model) -> tuple[dict, dict]:
     """Linears and attention attributes of HunyuanVideo's double and single blocks and token refiner."""
-    double = {**JOINT_ATTENTION, **DUAL_STREAM_FF, **DUAL_STREAM_MODULATION}
-    linears = present(model, double, "transformer_blocks")
+    linears = present(model, DUAL_STREAM_BLOCK, "transformer_blocks")
     attrs = {"transformer_blocks.*.attn": ATTN_ATTRS}
     if len(model.single_transformer_blocks):
         block = model.single_transformer_blocks[0]

@@ -136,3 +136,6 @@ DUAL_STREAM_FF = {
 
 # Both streams' AdaLN modulation (a few vectors of the hidden width per stream and block): gathered.
 DUAL_STREAM_MODULATION = {"norm1.linear": GATHER, "norm1_context.linear": GATHER}
+
+# A whole dual-stream block: joint attention, both feed-forwards, both modulations.
+DUAL_STREAM_BLOCK = {**JOINT_ATTENTION, **DUAL_STREAM_FF, **DUAL_STREAM_MODULATION}
