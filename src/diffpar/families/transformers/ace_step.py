@@ -27,10 +27,10 @@ import torch.nn.functional as F
 
 from diffpar.compat.diffusers_cp import dispatch_attention, gather_uneven
 from diffpar.compat.diffusers_cp_group import shard_rows, token_shards
-from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.engines.tp_shard import GATHER
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
+from diffpar.families.transformers.first_block_split import blocks_split_plan
 from diffpar.families.transformers.ltx import local_attention_processors
 from diffpar.families.transformers.tp_plans import TensorParallelPlan, register_tp_plan
 
@@ -100,13 +100,7 @@ def prepare_ace_step(model, config, handle, name: str) -> None:
 
 @register_cp_plan("AceStepTransformer1DModel", prepare=prepare_ace_step)
 def ace_step_cp_plan(model) -> dict:
-    layers = len(model.layers)
-    if not layers:
-        raise UnsupportedError(f"{_LABEL} has no layers to parallelize.")
-    return {
-        "layers.0": {"hidden_states": split_input(split_dim=1, expected_dims=3)},
-        f"layers.{layers - 1}": gather_output(gather_dim=1, expected_dims=3),
-    }
+    return blocks_split_plan(model, "layers", what="layers")
 
 
 @register_tp_plan("AceStepTransformer1DModel")

@@ -1,5 +1,10 @@
-"""What the video transformers that split their tokens as they enter the first block share (HunyuanVideo 1.5,
-Mochi, EasyAnimate): the context-parallel plan (RoPE table split with the tokens, both streams split at
+"""Context-parallel plans that split the tokens as they enter the first block.
+
+`blocks_split_plan`: the hidden tokens alone are split at the first block of a stack (with optional per-token
+tables split alongside) and gathered after the last block or an output layer.
+
+What the video transformers that split both streams at the first block share (HunyuanVideo 1.5, Mochi,
+EasyAnimate): the context-parallel plan (RoPE table split with the tokens, both streams split at
 `transformer_blocks.0`, gathered after `proj_out`), and the `prepare=` step that swaps the blocks' attention
 processors and, where the prompt comes padded, cuts that padding off before the split.
 
@@ -13,6 +18,21 @@ from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.errors import UnsupportedError
 from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.hunyuan_video import text_tokens_to_keep
+
+
+def blocks_split_plan(model, stack: str = "transformer_blocks", gather_after: str | None = None,
+                      what: str = "transformer blocks", tables: dict | None = None) -> dict:
+    """The CP plan: `tables` (plan entries of per-token tables, e.g. RoPE) first, the hidden tokens split as they
+    enter `{stack}.0`, gathered after `gather_after` (default: the stack's last block). `what` names the stack in
+    the refusal of a model without blocks."""
+    blocks = len(getattr(model, stack))
+    if not blocks:
+        raise UnsupportedError(f"{type(model).__name__} has no {what} to parallelize.")
+    return {
+        **(tables or {}),
+        f"{stack}.0": {"hidden_states": split_input(split_dim=1, expected_dims=3)},
+        gather_after or f"{stack}.{blocks - 1}": gather_output(gather_dim=1, expected_dims=3),
+    }
 
 
 def first_block_split_plan(model, rope: str, rope_dims: int) -> dict:

@@ -24,10 +24,9 @@ from __future__ import annotations
 import torch
 
 from diffpar.compat.diffusers_cp_group import shard_rows
-from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.engines.tp_shard import GATHER
-from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
+from diffpar.families.transformers.first_block_split import blocks_split_plan
 from diffpar.families.transformers.attention_processors import attend_split, replace_attention_processors
 from diffpar.families.transformers.tp_plans import TensorParallelPlan, register_tp_plan
 
@@ -107,13 +106,7 @@ def prepare_longcat_audio_dit(model, config, handle, name: str) -> None:
 
 @register_cp_plan("LongCatAudioDiTTransformer", prepare=prepare_longcat_audio_dit)
 def longcat_audio_dit_cp_plan(model) -> dict:
-    blocks = len(model.blocks)
-    if not blocks:
-        raise UnsupportedError(f"{_LABEL} has no blocks to parallelize.")
-    return {
-        "blocks.0": {"hidden_states": split_input(split_dim=1, expected_dims=3)},
-        f"blocks.{blocks - 1}": gather_output(gather_dim=1, expected_dims=3),
-    }
+    return blocks_split_plan(model, "blocks", what="blocks")
 
 
 @register_tp_plan("LongCatAudioDiTTransformer")

@@ -21,10 +21,9 @@ from __future__ import annotations
 import torch
 
 from diffpar.compat.diffusers_cp_group import shard_rows
-from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.engines.tp_shard import Packed
-from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
+from diffpar.families.transformers.first_block_split import blocks_split_plan
 from diffpar.families.transformers.attention_processors import attend_split, replace_attention_processors
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, register_tp_plan
 
@@ -94,12 +93,7 @@ def prepare_stable_audio(model, config, handle, name: str) -> None:
 
 @register_cp_plan("StableAudioDiTModel", prepare=prepare_stable_audio)
 def stable_audio_cp_plan(model) -> dict:
-    if not len(model.transformer_blocks):
-        raise UnsupportedError(f"{type(model).__name__} has no transformer blocks to parallelize.")
-    return {
-        "transformer_blocks.0": {"hidden_states": split_input(split_dim=1, expected_dims=3)},
-        "proj_out": gather_output(gather_dim=1, expected_dims=3),
-    }
+    return blocks_split_plan(model, gather_after="proj_out")
 
 
 @register_tp_plan("StableAudioDiTModel")
