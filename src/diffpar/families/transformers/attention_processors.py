@@ -37,6 +37,24 @@ def _mask_that_masks(mask: torch.Tensor | None, label: str) -> torch.Tensor | No
     )
 
 
+def grouped_heads(attn, query, key, value, batch_size: int):
+    """(B, S, H * D) projections -> (B, S, H, D) queries and (B, S, KV, D) keys and values: with grouped-query
+    attention the key width tells the key/value heads."""
+    head_dim = query.shape[-1] // attn.heads
+    kv_heads = key.shape[-1] // head_dim
+    return (query.view(batch_size, -1, attn.heads, head_dim), key.view(batch_size, -1, kv_heads, head_dim),
+            value.view(batch_size, -1, kv_heads, head_dim))
+
+
+def repeat_kv_heads(key, value, heads: int):
+    """(B, S, KV, D) keys and values with each head repeated to the `heads` query heads, as the grouped-query
+    originals do before attention (so Ulysses splits all three by the same heads)."""
+    repeats = heads // key.shape[2]
+    if repeats <= 1:
+        return key, value
+    return key.repeat_interleave(repeats, dim=2), value.repeat_interleave(repeats, dim=2)
+
+
 def attend_split(processor, query, key, value, mask: torch.Tensor | None, label: str, scale: float | None = None):
     """Attention over (B, S, H, D) tensors whose queries and keys are this rank's token shard, through diffusers'
     dispatcher with the processor's parallel config, and with a key-padding mask over the WHOLE sequence (B, 1, 1,
@@ -237,12 +255,8 @@ class ContextParallelLumina2AttnProcessor:
         query = attn.to_q(hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
-        head_dim = query.shape[-1] // attn.heads
-        kv_heads = key.shape[-1] // head_dim
         dtype = query.dtype
-        query = query.view(batch_size, -1, attn.heads, head_dim)
-        key = key.view(batch_size, -1, kv_heads, head_dim)
-        value = value.view(batch_size, -1, kv_heads, head_dim)
+        query, key, value = grouped_heads(attn, query, key, value, batch_size)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -256,17 +270,14 @@ class ContextParallelLumina2AttnProcessor:
             import math
 
             scale = math.sqrt(math.log(sequence_length, base_sequence_length)) * attn.scale
-        repeats = attn.heads // kv_heads
-        if repeats >= 1:
-            key = key.repeat_interleave(repeats, dim=2)
-            value = value.repeat_interleave(repeats, dim=2)
+        key, value = repeat_kv_heads(key, value, attn.heads)
         mask = None if attention_mask is None else attention_mask.bool().view(batch_size, 1, 1, -1)
         if self._parallel_config is None:
             out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                                  attn_mask=mask, scale=scale).transpose(1, 2)
         else:
             out = attend_split(self, query, key, value, mask, type(self).__name__, scale=scale)
-        hidden_states = out.reshape(batch_size, -1, attn.heads * head_dim).type_as(query)
+        hidden_states = out.flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
 
@@ -296,16 +307,12 @@ class ContextParallelLuminaAttnProcessor:
         query = attn.to_q(hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
-        head_dim = query.shape[-1] // attn.heads
-        kv_heads = key.shape[-1] // head_dim
         dtype = query.dtype
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        query = query.view(batch_size, -1, attn.heads, head_dim)
-        key = key.view(batch_size, -1, kv_heads, head_dim)
-        value = value.view(batch_size, -1, kv_heads, head_dim)
+        query, key, value = grouped_heads(attn, query, key, value, batch_size)
         if query_rotary_emb is not None:
             query = apply_rotary_emb(query, query_rotary_emb, use_real=False)
         if key_rotary_emb is not None:
@@ -325,10 +332,7 @@ class ContextParallelLuminaAttnProcessor:
                         )
                     whole = attention_mask.shape[-1]
                 scale = math.sqrt(math.log(whole, base_sequence_length)) * attn.scale
-        repeats = attn.heads // kv_heads
-        if repeats >= 1:
-            key = key.repeat_interleave(repeats, dim=2)
-            value = value.repeat_interleave(repeats, dim=2)
+        key, value = repeat_kv_heads(key, value, attn.heads)
         mask = None if attention_mask is None else attention_mask.bool().view(batch_size, 1, 1, -1)
         if split:
             out = attend_split(self, query, key, value, mask, type(self).__name__, scale=scale)

@@ -34,6 +34,8 @@ from diffpar.families.transformers.attention_processors import (
     ContextParallelAttnProcessor2_0,
     check_generic_attention,
     generic_cp_processors,
+    grouped_heads,
+    repeat_kv_heads,
     replace_attention_processors,
 )
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, present, register_tp_plan
@@ -59,19 +61,12 @@ class ContextParallelDreamLiteAttnProcessor(ContextParallelAttnProcessor2_0):
     config, cross-attention to the prompt locally) with DreamLite's heads."""
 
     def _heads(self, attn, query, key, value, batch_size):
-        head_dim = query.shape[-1] // attn.heads
-        kv_heads = key.shape[-1] // head_dim
-        query = query.view(batch_size, -1, attn.heads, head_dim)
-        key = key.view(batch_size, -1, kv_heads, head_dim)
-        value = value.view(batch_size, -1, kv_heads, head_dim)
+        query, key, value = grouped_heads(attn, query, key, value, batch_size)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        if kv_heads != attn.heads:
-            repeats = attn.heads // kv_heads
-            key = key.repeat_interleave(repeats, dim=2)
-            value = value.repeat_interleave(repeats, dim=2)
+        key, value = repeat_kv_heads(key, value, attn.heads)
         return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
     def _refuse_self_attention_mask(self, mask: torch.Tensor | None) -> None:
