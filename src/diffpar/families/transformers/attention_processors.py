@@ -37,6 +37,22 @@ def _mask_that_masks(mask: torch.Tensor | None, label: str) -> torch.Tensor | No
     )
 
 
+def heads_first(attn, query, key, value, batch_size: int):
+    """(B, S, H * D) projections -> (B, H, S, D), the diffusers processors' layout up to attention, with the
+    per-head norms."""
+    head_dim = key.shape[-1] // attn.heads
+
+    def heads(x):
+        return x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+    query, key, value = heads(query), heads(key), heads(value)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
 def grouped_heads(attn, query, key, value, batch_size: int):
     """(B, S, H * D) projections -> (B, S, H, D) queries and (B, S, KV, D) keys and values: with grouped-query
     attention the key width tells the key/value heads."""
@@ -152,19 +168,7 @@ class ContextParallelAttnProcessor2_0:
         return query, key
 
     def _heads(self, attn, query, key, value, batch_size):
-        """(B, S, H * D) projections -> (B, H, S, D), the original's layout up to attention, with the per-head
-        norms."""
-        head_dim = key.shape[-1] // attn.heads
-
-        def heads(x):
-            return x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
-        query, key, value = heads(query), heads(key), heads(value)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        return query, key, value
+        return heads_first(attn, query, key, value, batch_size)
 
     def _refuse_self_attention_mask(self, mask: torch.Tensor | None) -> None:
         _mask_that_masks(mask, type(self).__name__)
@@ -391,16 +395,7 @@ class ContextParallelCogVideoXAttnProcessor:
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-
-        def heads(x):  # (B, S, H * D) -> (B, H, S, D), the original's layout up to attention
-            return x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
-        query, key, value = heads(query), heads(key), heads(value)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = heads_first(attn, query, key, value, batch_size)
         if image_rotary_emb is not None:
             from diffusers.models.embeddings import apply_rotary_emb
 
@@ -417,7 +412,7 @@ class ContextParallelCogVideoXAttnProcessor:
             _mask_that_masks(attention_mask, type(self).__name__)
             out = dispatch_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                      backend=self._attention_backend, parallel_config=self._parallel_config)
-        hidden_states = out.reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = out.flatten(2, 3)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         encoder_hidden_states, hidden_states = hidden_states.split(
             [text_tokens, hidden_states.size(1) - text_tokens], dim=1
