@@ -1,7 +1,8 @@
 """Context-parallel plans that split the tokens as they enter the first block.
 
 `blocks_split_plan`: the hidden tokens alone are split at the first block of a stack (with optional per-token
-tables split alongside) and gathered after the last block or an output layer.
+tables split alongside) and gathered after the last block or an output layer. `first_and_every_block`: the entries that split some
+inputs at the first block and per-token tables at every block.
 
 What the video transformers that split both streams at the first block share (HunyuanVideo 1.5, Mochi,
 EasyAnimate): the context-parallel plan (RoPE table split with the tokens, both streams split at
@@ -33,6 +34,15 @@ def blocks_split_plan(model, stack: str = "transformer_blocks", gather_after: st
         f"{stack}.0": {"hidden_states": split_input(split_dim=1, expected_dims=3)},
         gather_after or f"{stack}.{blocks - 1}": gather_output(gather_dim=1, expected_dims=3),
     }
+
+
+def first_and_every_block(stack: str, blocks: int, first: dict, every: dict) -> dict:
+    """Plan entries that split the `first` inputs at `{stack}.0` and the `every` inputs (per-token tables every
+    block receives) at each block; with one block both sit under `{stack}.*`, since a plan has one entry per
+    name."""
+    if blocks == 1:
+        return {f"{stack}.*": {**first, **every}}
+    return {f"{stack}.0": first, f"{stack}.*": every}
 
 
 def first_block_split_plan(model, rope: str, rope_dims: int) -> dict:
