@@ -53,6 +53,23 @@ def heads_first(attn, query, key, value, batch_size: int):
     return query, key, value
 
 
+def attend_heads_first(processor, attn, query, key, value, attention_mask, sequence_length: int, batch_size: int,
+                       *, local: bool, refuse_mask) -> torch.Tensor:
+    """Attention over (B, H, S, D) tensors, returned as (B, S, H, D). `local` (cross-attention to keys every rank
+    holds, or no parallel config): as the diffusers original, with its mask prepared the original's way. Otherwise
+    through the dispatcher with the processor's parallel config, after `refuse_mask(attention_mask)` has dropped or
+    refused the mask (keys are sharded, a mask is not)."""
+    if local:
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                              is_causal=False).transpose(1, 2)
+    refuse_mask(attention_mask)
+    return dispatch_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                              backend=processor._attention_backend, parallel_config=processor._parallel_config)
+
+
 def grouped_heads(attn, query, key, value, batch_size: int):
     """(B, S, H * D) projections -> (B, S, H, D) queries and (B, S, KV, D) keys and values: with grouped-query
     attention the key width tells the key/value heads."""
@@ -196,16 +213,9 @@ class ContextParallelAttnProcessor2_0:
         query, key, value = self._heads(attn, query, key, value, batch_size)
         query, key = self._rotate(attn, query, key, image_rotary_emb)
 
-        if cross or self._parallel_config is None:
-            if attention_mask is not None:
-                attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-                attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                                 is_causal=False).transpose(1, 2)
-        else:
-            self._refuse_self_attention_mask(attention_mask)
-            out = dispatch_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                     backend=self._attention_backend, parallel_config=self._parallel_config)
+        out = attend_heads_first(self, attn, query, key, value, attention_mask, sequence_length, batch_size,
+                                 local=cross or self._parallel_config is None,
+                                 refuse_mask=self._refuse_self_attention_mask)
         hidden_states = out.flatten(2, 3).to(query.dtype)
 
         hidden_states = attn.to_out[0](hidden_states)
@@ -402,16 +412,9 @@ class ContextParallelCogVideoXAttnProcessor:
             query[:, :, text_tokens:] = apply_rotary_emb(query[:, :, text_tokens:], image_rotary_emb)
             if not attn.is_cross_attention:
                 key[:, :, text_tokens:] = apply_rotary_emb(key[:, :, text_tokens:], image_rotary_emb)
-        if self._parallel_config is None:
-            if attention_mask is not None:
-                attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-                attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                                 is_causal=False).transpose(1, 2)
-        else:
-            _mask_that_masks(attention_mask, type(self).__name__)
-            out = dispatch_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                     backend=self._attention_backend, parallel_config=self._parallel_config)
+        out = attend_heads_first(self, attn, query, key, value, attention_mask, sequence_length, batch_size,
+                                 local=self._parallel_config is None,
+                                 refuse_mask=lambda mask: _mask_that_masks(mask, type(self).__name__))
         hidden_states = out.flatten(2, 3)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         encoder_hidden_states, hidden_states = hidden_states.split(
