@@ -10,7 +10,11 @@ key-value summary is a sum over tokens, so one all-reduce of the per-shard sums 
 `generic_cp_processors()` maps each original class (of the installed release) to its version here.
 `check_generic_attention(model, label)` is the plan-time check: the options these processors cannot split exactly
 (a GroupNorm or spatial norm taken over the whole sequence) raise `UnsupportedError` before anything changes. `prepare_generic_attention` is the `prepare=` step of a plan whose
-model uses only these processors (it swaps them through `sd3.replace_attention_processors`, undone on detach).
+model uses only these processors (it swaps them through `replace_attention_processors`, undone on detach).
+
+Pieces the family processors share: `replace_attention_processors` (the checked, undoable swap), `joint_qkv` (the
+joint [text | image] projections of MMDiT blocks), `heads_first` / `grouped_heads` / `repeat_kv_heads` (head
+layouts), `attend_heads_first` and `attend_split` (attention locally or through the dispatcher).
 """
 from __future__ import annotations
 
