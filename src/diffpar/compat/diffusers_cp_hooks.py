@@ -251,3 +251,28 @@ def remove_plan_hooks(model: torch.nn.Module, plan: dict) -> None:
 def ulysses_group(parallel_config):
     """The process group of the Ulysses ranks of a processor's parallel config (diffusers keeps its mesh private)."""
     return parallel_config.context_parallel_config._ulysses_mesh.get_group()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward seams a model class leaves for an outside context-parallel helper (Cosmos 3: `_cp_shard_fn`,
+# `_cp_gather_fn`, both None on the class; the forward calls them where set)
+# ---------------------------------------------------------------------------------------------------------------
+
+_SHARD_SEAM, _GATHER_SEAM = "_cp_shard_fn", "_cp_gather_fn"
+
+
+def occupied_cp_seams(model: torch.nn.Module) -> list[str]:
+    """The names of the model's shard/gather seams something has already set (another helper holds them)."""
+    return [name for name in (_SHARD_SEAM, _GATHER_SEAM) if getattr(model, name, None) is not None]
+
+
+def set_cp_seams(model: torch.nn.Module, shard, gather) -> None:
+    """Set the model's shard and gather seams on the instance (the class keeps its None)."""
+    setattr(model, _SHARD_SEAM, shard)
+    setattr(model, _GATHER_SEAM, gather)
+
+
+def remove_cp_seams(model: torch.nn.Module) -> None:
+    """Drop the instance's seams, whichever were set, so the class's None shows again."""
+    for name in (_SHARD_SEAM, _GATHER_SEAM):
+        vars(model).pop(name, None)

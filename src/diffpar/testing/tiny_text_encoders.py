@@ -63,16 +63,21 @@ def build(name: str, attn: str = "sdpa", seed: int = 0, **overrides):
 
 
 # -- encoders without a transformers TP plan ------------------------------------------------------------------
+def _t5_family(model_class, config_class, feed_forward: str, heads, d_kv, d_model, d_ff, layers, vocab):
+    """A T5-family encoder (T5, UMT5) with the tiny shared settings: 8 relative-position buckets, no dropout."""
+    return model_class, config_class(
+        vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers, num_heads=heads,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj=feed_forward,
+        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+
+
 @builder("t5")
 def _t5(heads=4, d_kv=8, d_model=32, d_ff=37, layers=2, vocab=VOCAB):
     """T5 v1.0 style: relu feed-forward, relative-position bias in layer 0 only."""
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel, T5Config(
-        vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers, num_heads=heads,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="relu",
-        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    )
+    return _t5_family(T5EncoderModel, T5Config, "relu", heads, d_kv, d_model, d_ff, layers, vocab)
 
 
 @builder("t5-gated")
@@ -80,11 +85,7 @@ def _t5_gated(heads=6, d_kv=8, d_model=48, d_ff=61, layers=2, vocab=VOCAB):
     """T5 v1.1 / T5-XXL style (Flux, SD3): gated-gelu feed-forward; 6 heads split unevenly on 4 ranks."""
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel, T5Config(
-        vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers, num_heads=heads,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
-        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    )
+    return _t5_family(T5EncoderModel, T5Config, "gated-gelu", heads, d_kv, d_model, d_ff, layers, vocab)
 
 
 @builder("umt5")
@@ -92,11 +93,7 @@ def _umt5(heads=4, d_kv=8, d_model=32, d_ff=48, layers=2, vocab=VOCAB):
     """UMT5 (Wan): gated-gelu, a relative-position bias table in every layer."""
     from transformers import UMT5Config, UMT5EncoderModel
 
-    return UMT5EncoderModel, UMT5Config(
-        vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers, num_heads=heads,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
-        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    )
+    return _t5_family(UMT5EncoderModel, UMT5Config, "gated-gelu", heads, d_kv, d_model, d_ff, layers, vocab)
 
 
 def _clip_config(heads, hidden, intermediate, layers, projection_dim=None, max_positions=16):

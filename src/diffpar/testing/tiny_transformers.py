@@ -32,6 +32,15 @@ def build(name: str, seed: int = 0, **overrides):
     return model, make_inputs
 
 
+def prompt_mask(batch: int, text: int, text_padding: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A (batch, text) prompt mask whose last `text_padding` tokens are padding, as a tokenizer padding to a fixed
+    length gives."""
+    mask = torch.ones(batch, text, dtype=dtype)
+    if text_padding:
+        mask[:, text - text_padding:] = 0
+    return mask
+
+
 def construct(cls, **kwargs):
     """Build `cls` with the arguments this diffusers release accepts (constructors gain options over releases)."""
     import inspect
@@ -124,9 +133,7 @@ def _qwenimage(heads=2, head_dim=16, layers=2):
         # QwenImage derives RoPE from img_shapes: seq = frames * h * w with h = 1 keeps seq arbitrary.
         # text_padding masks out the last tokens of the prompt, as a tokenizer padding to max length does.
         g = _gen(seed)
-        mask = torch.ones(batch, text, dtype=torch.long)
-        if text_padding:
-            mask[:, text - text_padding:] = 0
+        mask = prompt_mask(batch, text, text_padding, dtype=torch.long)
         return dict(
             hidden_states=torch.randn(batch, seq, 16, generator=g),
             encoder_hidden_states=torch.randn(batch, text, 32, generator=g),

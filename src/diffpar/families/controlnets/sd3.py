@@ -67,7 +67,7 @@ def _sd3_check(net, config) -> None:
 
 
 def _sd3_prepare(net, config, handle, label: str) -> None:
-    from diffpar.families.transformers.sd3 import replace_attention_processors
+    from diffpar.families.transformers.attention_processors import replace_attention_processors
 
     replace_attention_processors(net, _replacements(), handle, label, type(net).__name__)
 

@@ -9,7 +9,7 @@ heads and RoPE (one (cos, sin) table the forward builds for the whole sequence a
 CP plan: split the tokens as they enter the first layer, gather after the last one (the final AdaLN, the
 transposed-convolution unpatchify and the crop to the original length then run on the whole sequence). While
 parallel, each layer's attention gets a processor of ours (undone on detach), which takes this rank's rows of the
-RoPE table (`longcat_audio_dit.shard_rows`) and:
+RoPE table (`compat.diffusers_cp_group.shard_rows`) and:
 - full attention: through diffusers' dispatcher with the parallel config (Ulysses, Ring, both), key/value heads
   repeated to the query heads first (exact; the ring's LSE path takes no grouped-query flag);
 - sliding-window attention: a band no Ulysses or Ring kernel in diffusers can mask, so the keys and values of every
@@ -26,12 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from diffpar.compat.diffusers_cp import dispatch_attention, gather_uneven
-from diffpar.compat.diffusers_cp_group import token_shards
-from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
+from diffpar.compat.diffusers_cp_group import shard_rows, token_shards
 from diffpar.engines.tp_shard import GATHER
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.longcat_audio_dit import shard_rows
+from diffpar.families.transformers.first_block_split import blocks_split_plan
 from diffpar.families.transformers.ltx import local_attention_processors
 from diffpar.families.transformers.tp_plans import TensorParallelPlan, register_tp_plan
 
@@ -57,7 +56,7 @@ class AceStepContextParallelSelfAttnProcessor:
         key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (attn.kv_heads, attn.head_dim)))
         value = attn.to_v(hidden_states).unflatten(-1, (attn.kv_heads, attn.head_dim))
         if image_rotary_emb is not None:
-            rope = tuple(shard_rows(t, local, self._parallel_config) for t in image_rotary_emb)
+            rope = tuple(shard_rows(t, local, self._parallel_config, _LABEL) for t in image_rotary_emb)
             query, key = _rotate(query, rope), _rotate(key, rope)
         if attn.kv_heads != attn.heads:
             repeat = attn.heads // attn.kv_heads
@@ -80,7 +79,7 @@ class AceStepContextParallelSelfAttnProcessor:
         key = gather_uneven(key, 1, shards.group)  # every rank's keys, in token order
         value = gather_uneven(value, 1, shards.group)
         total, local = key.shape[1], query.shape[1]
-        rows = shard_rows(torch.arange(total, device=query.device), local, self._parallel_config)
+        rows = shard_rows(torch.arange(total, device=query.device), local, self._parallel_config, _LABEL)
         columns = torch.arange(total, device=query.device)
         band = (rows[:, None] - columns[None, :]).abs() <= attn.sliding_window  # the forward's mask, these rows
         out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
@@ -91,7 +90,7 @@ class AceStepContextParallelSelfAttnProcessor:
 def prepare_ace_step(model, config, handle, name: str) -> None:
     from diffusers.models.transformers.ace_step_transformer import AceStepAttnProcessor2_0
 
-    from diffpar.families.transformers.sd3 import replace_attention_processors
+    from diffpar.families.transformers.attention_processors import replace_attention_processors
 
     local_attention_processors(model, ("layers.*.cross_attn",), (AceStepAttnProcessor2_0,), handle, name)
     replace_attention_processors(model, {AceStepAttnProcessor2_0: AceStepContextParallelSelfAttnProcessor},
@@ -101,13 +100,7 @@ def prepare_ace_step(model, config, handle, name: str) -> None:
 
 @register_cp_plan("AceStepTransformer1DModel", prepare=prepare_ace_step)
 def ace_step_cp_plan(model) -> dict:
-    layers = len(model.layers)
-    if not layers:
-        raise UnsupportedError(f"{_LABEL} has no layers to parallelize.")
-    return {
-        "layers.0": {"hidden_states": split_input(split_dim=1, expected_dims=3)},
-        f"layers.{layers - 1}": gather_output(gather_dim=1, expected_dims=3),
-    }
+    return blocks_split_plan(model, "layers", what="layers")
 
 
 @register_tp_plan("AceStepTransformer1DModel")

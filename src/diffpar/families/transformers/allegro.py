@@ -18,11 +18,12 @@ from __future__ import annotations
 import torch
 
 from diffpar.compat.diffusers_cp import dispatch_attention
-from diffpar.compat.diffusers_cp_hooks import gather_output, shard, split_input
+from diffpar.compat.diffusers_cp_hooks import shard
 from diffpar.engines.tp_shard import GATHER
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.first_block_split import blocks_split_plan
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, present, register_tp_plan
 
 
@@ -87,12 +88,7 @@ def prepare_allegro(model, config, handle, name: str) -> None:
 
 @register_cp_plan("AllegroTransformer3DModel", prepare=prepare_allegro)
 def allegro_cp_plan(model) -> dict:
-    if not len(model.transformer_blocks):
-        raise UnsupportedError(f"{type(model).__name__} has no transformer blocks to parallelize.")
-    return {
-        "transformer_blocks.0": {"hidden_states": split_input(split_dim=1, expected_dims=3)},
-        "proj_out": gather_output(gather_dim=1, expected_dims=3),
-    }
+    return blocks_split_plan(model, gather_after="proj_out")
 
 
 @register_tp_plan("AllegroTransformer3DModel")

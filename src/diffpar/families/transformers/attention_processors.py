@@ -10,7 +10,11 @@ key-value summary is a sum over tokens, so one all-reduce of the per-shard sums 
 `generic_cp_processors()` maps each original class (of the installed release) to its version here.
 `check_generic_attention(model, label)` is the plan-time check: the options these processors cannot split exactly
 (a GroupNorm or spatial norm taken over the whole sequence) raise `UnsupportedError` before anything changes. `prepare_generic_attention` is the `prepare=` step of a plan whose
-model uses only these processors (it swaps them through `sd3.replace_attention_processors`, undone on detach).
+model uses only these processors (it swaps them through `replace_attention_processors`, undone on detach).
+
+Pieces the family processors share: `replace_attention_processors` (the checked, undoable swap), `joint_qkv` (the
+joint [text | image] projections of MMDiT blocks), `heads_first` / `grouped_heads` / `repeat_kv_heads` (head
+layouts), `attend_heads_first` and `attend_split` (attention locally or through the dispatcher).
 """
 from __future__ import annotations
 
@@ -20,7 +24,6 @@ import torch.nn.functional as F
 from diffpar.compat.diffusers_cp import context_parallel_attention_takes_masks, dispatch_attention
 from diffpar.compat.diffusers_cp_group import token_shards
 from diffpar.errors import UnsupportedError
-from diffpar.families.transformers.sd3 import replace_attention_processors
 
 
 def _mask_that_masks(mask: torch.Tensor | None, label: str) -> torch.Tensor | None:
@@ -36,6 +39,57 @@ def _mask_that_masks(mask: torch.Tensor | None, label: str) -> torch.Tensor | No
         "diffpar cannot lay it out over sharded keys. Call the model without `attention_mask` (the pipelines "
         "never pass one for self-attention), or run it without ulysses_size / ring_size."
     )
+
+
+def heads_first(attn, query, key, value, batch_size: int):
+    """(B, S, H * D) projections -> (B, H, S, D), the diffusers processors' layout up to attention, with the
+    per-head norms."""
+    head_dim = key.shape[-1] // attn.heads
+
+    def heads(x):
+        return x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+    query, key, value = heads(query), heads(key), heads(value)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
+def attend_heads_first(processor, attn, query, key, value, attention_mask, sequence_length: int, batch_size: int,
+                       *, local: bool, refuse_mask) -> torch.Tensor:
+    """Attention over (B, H, S, D) tensors, returned as (B, S, H, D). `local` (cross-attention to keys every rank
+    holds, or no parallel config): as the diffusers original, with its mask prepared the original's way. Otherwise
+    through the dispatcher with the processor's parallel config, after `refuse_mask(attention_mask)` has dropped or
+    refused the mask (keys are sharded, a mask is not)."""
+    if local:
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                              is_causal=False).transpose(1, 2)
+    refuse_mask(attention_mask)
+    return dispatch_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                              backend=processor._attention_backend, parallel_config=processor._parallel_config)
+
+
+def grouped_heads(attn, query, key, value, batch_size: int):
+    """(B, S, H * D) projections -> (B, S, H, D) queries and (B, S, KV, D) keys and values: with grouped-query
+    attention the key width tells the key/value heads."""
+    head_dim = query.shape[-1] // attn.heads
+    kv_heads = key.shape[-1] // head_dim
+    return (query.view(batch_size, -1, attn.heads, head_dim), key.view(batch_size, -1, kv_heads, head_dim),
+            value.view(batch_size, -1, kv_heads, head_dim))
+
+
+def repeat_kv_heads(key, value, heads: int):
+    """(B, S, KV, D) keys and values with each head repeated to the `heads` query heads, as the grouped-query
+    originals do before attention (so Ulysses splits all three by the same heads)."""
+    repeats = heads // key.shape[2]
+    if repeats <= 1:
+        return key, value
+    return key.repeat_interleave(repeats, dim=2), value.repeat_interleave(repeats, dim=2)
 
 
 def attend_split(processor, query, key, value, mask: torch.Tensor | None, label: str, scale: float | None = None):
@@ -58,6 +112,67 @@ def attend_split(processor, query, key, value, mask: torch.Tensor | None, label:
                                  backend=processor._attention_backend, parallel_config=processor._parallel_config)
 
 
+def joint_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None, heads, *,
+              text_first: bool, dim: int = 1, rotate=None):
+    """The joint-attention projections of an MMDiT-style block: image queries/keys/values (`to_q/k/v`, per-head
+    `norm_q/k`), then, with a prompt, the text ones (`add_q/k/v_proj`, `norm_added_q/k`) concatenated on `dim`,
+    text first or image first as the original lays out its sequence. `heads` reshapes a (B, S, H * D) projection
+    into the processor's layout; `rotate(query, key)`, if given, applies RoPE to the image part alone, before the
+    concatenation. Without a prompt, the image part alone."""
+    def project(x, to_q, to_k, to_v, norm_q, norm_k):
+        query, key, value = heads(to_q(x)), heads(to_k(x)), heads(to_v(x))
+        return (query if norm_q is None else norm_q(query)), (key if norm_k is None else norm_k(key)), value
+
+    query, key, value = project(hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
+    if rotate is not None:
+        query, key = rotate(query, key)
+    if encoder_hidden_states is None:
+        return query, key, value
+    text_query, text_key, text_value = project(encoder_hidden_states, attn.add_q_proj, attn.add_k_proj,
+                                               attn.add_v_proj, attn.norm_added_q, attn.norm_added_k)
+
+    def joined(image, text):
+        return torch.cat([text, image] if text_first else [image, text], dim=dim)
+
+    return joined(query, text_query), joined(key, text_key), joined(value, text_value)
+
+
+def replace_attention_processors(model, replacements: dict[type, type], handle, name: str, model_label: str,
+                                 within: tuple[str, ...] = ("",)) -> None:
+    """Give every attention (under the `within` module-name prefixes) whose processor is exactly one of
+    `replacements` a new one; undo restores the original objects.
+
+    Checks every processor before changing any: another processor type (IP-Adapter, PAG, fused projections, ...)
+    has no context-parallel version here, and running it on a shard would compute attention over the shard only.
+    """
+    targets, unknown = [], set()
+    for module_name, module in model.named_modules():
+        processor = getattr(module, "processor", None)
+        if processor is None or not module_name.startswith(within):
+            continue
+        if type(processor) in replacements:
+            targets.append((module, processor))
+        elif not hasattr(processor, "_parallel_config") and type(processor) not in replacements.values():
+            unknown.add(f"{module_name}: {type(processor).__name__}")
+    if unknown:
+        raise UnsupportedError(
+            f"{model_label}: these attention processors have no context-parallel version in diffpar: "
+            f"{sorted(unknown)}. Context parallelism supports the model's default processors "
+            f"({sorted(t.__name__ for t in replacements)}). Remove what installed them (e.g. unload_ip_adapter(), "
+            "unfuse_qkv_projections()) before enable_cache."
+        )
+
+    def restore():
+        for module, old in targets:
+            module.processor = old
+
+    handle.add(f"{name}: context-parallel attention processors", restore)
+    for module, old in targets:
+        new = replacements[type(old)]()
+        vars(new).update(vars(old))  # keep per-instance settings, e.g. an attention backend the user chose
+        module.processor = new
+
+
 class ContextParallelAttnProcessor2_0:
     """diffusers' `AttnProcessor2_0`: self-attention through the dispatcher with the parallel config,
     cross-attention (an `encoder_hidden_states` is given) locally."""
@@ -72,6 +187,12 @@ class ContextParallelAttnProcessor2_0:
     def _rotate(self, attn, query, key, image_rotary_emb):
         """RoPE on (B, H, S, D) queries and keys; none here."""
         return query, key
+
+    def _heads(self, attn, query, key, value, batch_size):
+        return heads_first(attn, query, key, value, batch_size)
+
+    def _refuse_self_attention_mask(self, mask: torch.Tensor | None) -> None:
+        _mask_that_masks(mask, type(self).__name__)
 
     def _attention(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb=None):
         residual = hidden_states
@@ -93,29 +214,13 @@ class ContextParallelAttnProcessor2_0:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-
-        def heads(x):  # (B, S, H * D) -> (B, H, S, D), the original's layout up to attention
-            return x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
-        query, key, value = heads(query), heads(key), heads(value)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = self._heads(attn, query, key, value, batch_size)
         query, key = self._rotate(attn, query, key, image_rotary_emb)
 
-        if cross or self._parallel_config is None:
-            if attention_mask is not None:
-                attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-                attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                                 is_causal=False).transpose(1, 2)
-        else:
-            _mask_that_masks(attention_mask, type(self).__name__)
-            out = dispatch_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                     backend=self._attention_backend, parallel_config=self._parallel_config)
-        hidden_states = out.reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        out = attend_heads_first(self, attn, query, key, value, attention_mask, sequence_length, batch_size,
+                                 local=cross or self._parallel_config is None,
+                                 refuse_mask=self._refuse_self_attention_mask)
+        hidden_states = out.flatten(2, 3).to(query.dtype)
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -168,12 +273,8 @@ class ContextParallelLumina2AttnProcessor:
         query = attn.to_q(hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
-        head_dim = query.shape[-1] // attn.heads
-        kv_heads = key.shape[-1] // head_dim
         dtype = query.dtype
-        query = query.view(batch_size, -1, attn.heads, head_dim)
-        key = key.view(batch_size, -1, kv_heads, head_dim)
-        value = value.view(batch_size, -1, kv_heads, head_dim)
+        query, key, value = grouped_heads(attn, query, key, value, batch_size)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -187,17 +288,14 @@ class ContextParallelLumina2AttnProcessor:
             import math
 
             scale = math.sqrt(math.log(sequence_length, base_sequence_length)) * attn.scale
-        repeats = attn.heads // kv_heads
-        if repeats >= 1:
-            key = key.repeat_interleave(repeats, dim=2)
-            value = value.repeat_interleave(repeats, dim=2)
+        key, value = repeat_kv_heads(key, value, attn.heads)
         mask = None if attention_mask is None else attention_mask.bool().view(batch_size, 1, 1, -1)
         if self._parallel_config is None:
             out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                                  attn_mask=mask, scale=scale).transpose(1, 2)
         else:
             out = attend_split(self, query, key, value, mask, type(self).__name__, scale=scale)
-        hidden_states = out.reshape(batch_size, -1, attn.heads * head_dim).type_as(query)
+        hidden_states = out.flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
 
@@ -227,16 +325,12 @@ class ContextParallelLuminaAttnProcessor:
         query = attn.to_q(hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
-        head_dim = query.shape[-1] // attn.heads
-        kv_heads = key.shape[-1] // head_dim
         dtype = query.dtype
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        query = query.view(batch_size, -1, attn.heads, head_dim)
-        key = key.view(batch_size, -1, kv_heads, head_dim)
-        value = value.view(batch_size, -1, kv_heads, head_dim)
+        query, key, value = grouped_heads(attn, query, key, value, batch_size)
         if query_rotary_emb is not None:
             query = apply_rotary_emb(query, query_rotary_emb, use_real=False)
         if key_rotary_emb is not None:
@@ -256,10 +350,7 @@ class ContextParallelLuminaAttnProcessor:
                         )
                     whole = attention_mask.shape[-1]
                 scale = math.sqrt(math.log(whole, base_sequence_length)) * attn.scale
-        repeats = attn.heads // kv_heads
-        if repeats >= 1:
-            key = key.repeat_interleave(repeats, dim=2)
-            value = value.repeat_interleave(repeats, dim=2)
+        key, value = repeat_kv_heads(key, value, attn.heads)
         mask = None if attention_mask is None else attention_mask.bool().view(batch_size, 1, 1, -1)
         if split:
             out = attend_split(self, query, key, value, mask, type(self).__name__, scale=scale)
@@ -281,40 +372,18 @@ class ContextParallelAuraFlowAttnProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  *args, **kwargs):
-        batch_size = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-
         def heads(x):  # (B, S, H * D) -> (B, S, H, D)
-            return x.view(batch_size, -1, attn.heads, head_dim)
+            return x.unflatten(2, (attn.heads, -1))
 
-        query, key, value = heads(query), heads(key), heads(value)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        text_tokens = 0
-        if encoder_hidden_states is not None:
-            text_tokens = encoder_hidden_states.shape[1]
-            text_query = heads(attn.add_q_proj(encoder_hidden_states))
-            text_key = heads(attn.add_k_proj(encoder_hidden_states))
-            text_value = heads(attn.add_v_proj(encoder_hidden_states))
-            if attn.norm_added_q is not None:
-                text_query = attn.norm_added_q(text_query)
-            if attn.norm_added_k is not None:
-                text_key = attn.norm_added_k(text_key)
-            query = torch.cat([text_query, query], dim=1)
-            key = torch.cat([text_key, key], dim=1)
-            value = torch.cat([text_value, value], dim=1)
+        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, heads, text_first=True)
+        text_tokens = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
 
         if self._parallel_config is None:
             out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                                  dropout_p=0.0, scale=attn.scale, is_causal=False).transpose(1, 2)
         else:
             out = attend_split(self, query, key, value, None, type(self).__name__, scale=attn.scale)
-        hidden_states = out.reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = out.flatten(2, 3).to(query.dtype)
         text_out = None
         if encoder_hidden_states is not None:
             text_out, hidden_states = hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
@@ -340,33 +409,17 @@ class ContextParallelCogVideoXAttnProcessor:
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-
-        def heads(x):  # (B, S, H * D) -> (B, H, S, D), the original's layout up to attention
-            return x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
-        query, key, value = heads(query), heads(key), heads(value)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = heads_first(attn, query, key, value, batch_size)
         if image_rotary_emb is not None:
             from diffusers.models.embeddings import apply_rotary_emb
 
             query[:, :, text_tokens:] = apply_rotary_emb(query[:, :, text_tokens:], image_rotary_emb)
             if not attn.is_cross_attention:
                 key[:, :, text_tokens:] = apply_rotary_emb(key[:, :, text_tokens:], image_rotary_emb)
-        if self._parallel_config is None:
-            if attention_mask is not None:
-                attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-                attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                                 is_causal=False).transpose(1, 2)
-        else:
-            _mask_that_masks(attention_mask, type(self).__name__)
-            out = dispatch_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                     backend=self._attention_backend, parallel_config=self._parallel_config)
-        hidden_states = out.reshape(batch_size, -1, attn.heads * head_dim)
+        out = attend_heads_first(self, attn, query, key, value, attention_mask, sequence_length, batch_size,
+                                 local=self._parallel_config is None,
+                                 refuse_mask=lambda mask: _mask_that_masks(mask, type(self).__name__))
+        hidden_states = out.flatten(2, 3)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         encoder_hidden_states, hidden_states = hidden_states.split(
             [text_tokens, hidden_states.size(1) - text_tokens], dim=1

@@ -21,7 +21,8 @@ from __future__ import annotations
 from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.engines.tp_shard import GATHER
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.first_block_split import first_and_every_block
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import TensorParallelPlan, register_tp_plan
 
 
@@ -30,7 +31,7 @@ def _stack_plan(stack: str, blocks: int, per_block: dict) -> dict:
     if blocks == 0:
         return {}
     tokens = {"x": split_input(split_dim=1, expected_dims=3)}
-    plan = {f"{stack}.*": {**tokens, **per_block}} if blocks == 1 else {f"{stack}.0": tokens, f"{stack}.*": per_block}
+    plan = first_and_every_block(stack, blocks, tokens, per_block)
     plan[f"{stack}.{blocks - 1}"] = gather_output(gather_dim=1, expected_dims=3)
     return plan
 

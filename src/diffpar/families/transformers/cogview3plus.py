@@ -28,7 +28,8 @@ def cogview3plus_cp_plan(model) -> dict:
 
 
 @register_tp_plan("CogView3PlusTransformer2DModel")
-def cogview3plus_tp_plan(model) -> TensorParallelPlan:
+def cogview_tp_plan(model) -> TensorParallelPlan:
+    """CogView3-Plus' and CogView4's blocks (cogview4.py registers it too)."""
     block = {
         "attn1.to_q": "colwise", "attn1.to_k": "colwise", "attn1.to_v": "colwise", "attn1.to_out.0": "rowwise",
         "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",

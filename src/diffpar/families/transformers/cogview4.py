@@ -12,10 +12,10 @@ output modulation gathered.
 from __future__ import annotations
 
 from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
-from diffpar.engines.tp_shard import GATHER
 from diffpar.families.registry import register_cp_plan
 from diffpar.families.transformers.attention_processors import prepare_generic_attention
-from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, present, register_tp_plan
+from diffpar.families.transformers.cogview3plus import cogview_tp_plan
+from diffpar.families.transformers.tp_plans import register_tp_plan
 
 
 @register_cp_plan("CogView4Transformer2DModel", prepare=prepare_generic_attention)
@@ -29,13 +29,5 @@ def cogview4_cp_plan(model) -> dict:
     }
 
 
-@register_tp_plan("CogView4Transformer2DModel")
-def cogview4_tp_plan(model) -> TensorParallelPlan:
-    block = {
-        "attn1.to_q": "colwise", "attn1.to_k": "colwise", "attn1.to_v": "colwise", "attn1.to_out.0": "rowwise",
-        "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
-        "norm1.linear": GATHER,
-    }
-    linears = present(model, block, "transformer_blocks")
-    linears["norm_out.linear"] = GATHER
-    return TensorParallelPlan(linears=linears, attention_attrs={"transformer_blocks.*.attn1": ATTN_ATTRS})
+# The same blocks as CogView3-Plus' (attention, MLP, one AdaLN modulation per block): the same TP plan.
+register_tp_plan("CogView4Transformer2DModel")(cogview_tp_plan)

@@ -1,6 +1,6 @@
 """Cosmos 3 (`Cosmos3OmniTransformer`): context- and tensor-parallel plans; diffusers ships neither (the packed
-dual-pathway sequence does not fit its declarative `_cp_plan`; the class leaves two seams, `_cp_shard_fn` and
-`_cp_gather_fn`, for an outside helper, which is what this plan installs).
+dual-pathway sequence does not fit its declarative plan; the class leaves two seams, a shard and a gather function,
+for an outside helper, which is what this plan installs through `compat.diffusers_cp_hooks`).
 
 The forward runs one packed sequence as two pathways in every layer: the "understanding" prefix (prompt tokens)
 attends causally to itself only, and the "generation" tokens (vision, sound, action) attend to every key of both.
@@ -28,10 +28,11 @@ import torch
 
 from diffpar.compat.diffusers_cp import gather_uneven, uneven_path_for
 from diffpar.compat.diffusers_cp_group import token_shards
+from diffpar.compat.diffusers_cp_hooks import occupied_cp_seams, remove_cp_seams, set_cp_seams
 from diffpar.engines.tp_shard import GATHER
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import TensorParallelPlan, present, register_tp_plan
 
 
@@ -144,13 +145,8 @@ def prepare_cosmos3(model, config, handle, name: str) -> None:
     replace_attention_processors(model, {Cosmos3AttnProcessor: ContextParallelCosmos3AttnProcessor}, handle, name,
                                  type(model).__name__, within=("layers",))
 
-    def remove_seams():
-        for attribute in ("_cp_shard_fn", "_cp_gather_fn"):
-            vars(model).pop(attribute, None)  # the class's None shows again
-
-    handle.add(f"{name}: token shard and gather seams", remove_seams)
-    model._cp_shard_fn = _shard_seam(model)
-    model._cp_gather_fn = _gather_seam(model)
+    handle.add(f"{name}: token shard and gather seams", lambda: remove_cp_seams(model))
+    set_cp_seams(model, _shard_seam(model), _gather_seam(model))
 
 
 @register_cp_plan("Cosmos3OmniTransformer", prepare=prepare_cosmos3)
@@ -158,12 +154,12 @@ def cosmos3_cp_plan(model) -> dict:
     label = type(model).__name__
     if not len(model.layers):
         raise UnsupportedError(f"{label} has no decoder layers to parallelize.")
-    for attribute in ("_cp_shard_fn", "_cp_gather_fn"):
-        if getattr(model, attribute, None) is not None:
-            raise UnsupportedError(
-                f"{label}: `{attribute}` is already set (another context-parallel helper, e.g. diffusers' "
-                "examples/cosmos3/cosmos_parallel.py, is installed). Remove it before diffpar parallelizes the model."
-            )
+    occupied = occupied_cp_seams(model)
+    if occupied:
+        raise UnsupportedError(
+            f"{label}: `{occupied[0]}` is already set (another context-parallel helper, e.g. diffusers' "
+            "examples/cosmos3/cosmos_parallel.py, is installed). Remove it before diffpar parallelizes the model."
+        )
     return {}  # no diffusers hooks: the shard and gather seams of the forward do the split (see prepare_cosmos3)
 
 

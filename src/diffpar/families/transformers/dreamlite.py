@@ -25,14 +25,19 @@ fewer than ranks to every rank that reads them, so tp 2 and 4 run (tested).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.engines.tp_shard import Packed
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.attention_processors import check_generic_attention, generic_cp_processors
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.attention_processors import (
+    ContextParallelAttnProcessor2_0,
+    check_generic_attention,
+    generic_cp_processors,
+    grouped_heads,
+    repeat_kv_heads,
+    replace_attention_processors,
+)
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, present, register_tp_plan
 
 
@@ -50,69 +55,22 @@ def _refuse_self_attention_mask(mask: torch.Tensor | None) -> None:
         )
 
 
-class ContextParallelDreamLiteAttnProcessor:
+class ContextParallelDreamLiteAttnProcessor(ContextParallelAttnProcessor2_0):
     """diffusers' `DreamLiteAttnProcessor2_0` (GQA: key/value heads repeated to the query heads, per-head q/k
-    norm): self-attention through the dispatcher with the parallel config, cross-attention to the prompt (an
-    `encoder_hidden_states` is given) locally."""
+    norm): `AttnProcessor2_0`'s context-parallel version (self-attention through the dispatcher with the parallel
+    config, cross-attention to the prompt locally) with DreamLite's heads."""
 
-    _attention_backend = None
-    _parallel_config = None
-
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-        residual = hidden_states
-        if attn.spatial_norm is not None:  # refused at plan time; kept so the call stays the original's
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        cross = encoder_hidden_states is not None
-        batch_size, sequence_length, _ = (encoder_hidden_states if cross else hidden_states).shape
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if not cross:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = query.shape[-1] // attn.heads
-        kv_heads = key.shape[-1] // head_dim
-        query = query.view(batch_size, -1, attn.heads, head_dim)
-        key = key.view(batch_size, -1, kv_heads, head_dim)
-        value = value.view(batch_size, -1, kv_heads, head_dim)
+    def _heads(self, attn, query, key, value, batch_size):
+        query, key, value = grouped_heads(attn, query, key, value, batch_size)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        if kv_heads != attn.heads:
-            repeats = attn.heads // kv_heads
-            key = key.repeat_interleave(repeats, dim=2)
-            value = value.repeat_interleave(repeats, dim=2)
+        key, value = repeat_kv_heads(key, value, attn.heads)
+        return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
-        if cross or self._parallel_config is None:
-            if attention_mask is not None:
-                attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-                attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-            out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                                 attn_mask=attention_mask).transpose(1, 2)
-        else:
-            _refuse_self_attention_mask(attention_mask)
-            out = dispatch_attention_fn(query, key, value, backend=self._attention_backend,
-                                        parallel_config=self._parallel_config)
-        hidden_states = out.flatten(2, 3).to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+    def _refuse_self_attention_mask(self, mask: torch.Tensor | None) -> None:
+        _refuse_self_attention_mask(mask)
 
 
 def _dreamlite_processors() -> dict[type, type]:

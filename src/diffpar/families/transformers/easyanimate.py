@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 
 from diffpar.compat.diffusers_cp import dispatch_attention
-from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.engines.tp_shard import GATHER
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.attention_processors import joint_qkv
+from diffpar.families.transformers.first_block_split import first_block_split_plan, prepare_first_block_split
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, register_tp_plan
 
 
@@ -43,23 +43,8 @@ class EasyAnimateContextParallelAttnProcessor:
         def heads(x):  # (B, S, H * D) -> (B, H, S, D), the original's layout for norms and RoPE
             return x.unflatten(2, (attn.heads, -1)).transpose(1, 2)
 
-        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), \
-            heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if not shared:
-            text_query = heads(attn.add_q_proj(encoder_hidden_states))
-            text_key = heads(attn.add_k_proj(encoder_hidden_states))
-            text_value = heads(attn.add_v_proj(encoder_hidden_states))
-            if attn.norm_added_q is not None:
-                text_query = attn.norm_added_q(text_query)
-            if attn.norm_added_k is not None:
-                text_key = attn.norm_added_k(text_key)
-            query = torch.cat([text_query, query], dim=2)
-            key = torch.cat([text_key, key], dim=2)
-            value = torch.cat([text_value, value], dim=2)
+        query, key, value = joint_qkv(attn, hidden_states, None if shared else encoder_hidden_states, heads,
+                                      text_first=True, dim=2)
         if image_rotary_emb is not None:  # the video part, with this rank's rows of the table
             query[:, :, text_tokens:] = apply_rotary_emb(query[:, :, text_tokens:], image_rotary_emb)
             if not attn.is_cross_attention:
@@ -78,21 +63,13 @@ class EasyAnimateContextParallelAttnProcessor:
 def prepare_easyanimate(model, config, handle, name: str) -> None:
     from diffusers.models.transformers.transformer_easyanimate import EasyAnimateAttnProcessor2_0
 
-    replace_attention_processors(model, {EasyAnimateAttnProcessor2_0: EasyAnimateContextParallelAttnProcessor},
-                                 handle, name, type(model).__name__, within=("transformer_blocks",))
+    prepare_first_block_split(model, handle, name,
+                              {EasyAnimateAttnProcessor2_0: EasyAnimateContextParallelAttnProcessor})
 
 
 @register_cp_plan("EasyAnimateTransformer3DModel", prepare=prepare_easyanimate)
 def easyanimate_cp_plan(model) -> dict:
-    if not len(model.transformer_blocks):
-        raise UnsupportedError(f"{type(model).__name__} has no transformer blocks to parallelize.")
-    tokens = split_input(split_dim=1, expected_dims=3)
-    rope = split_input(split_dim=0, expected_dims=2, split_output=True)
-    return {
-        "rope_embedding": {0: rope, 1: rope},
-        "transformer_blocks.0": {"hidden_states": tokens, "encoder_hidden_states": tokens},
-        "proj_out": gather_output(gather_dim=1, expected_dims=3),
-    }
+    return first_block_split_plan(model, "rope_embedding", rope_dims=2)
 
 
 @register_tp_plan("EasyAnimateTransformer3DModel")

@@ -19,7 +19,8 @@ from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.engines.tp_shard import GATHER
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.first_block_split import first_and_every_block
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, present, register_tp_plan
 
 
@@ -59,7 +60,7 @@ def ernie_image_cp_plan(model) -> dict:
         "temb": [split_input(split_dim=0, expected_dims=3) for _ in range(6)],
     }
     tokens = {"x": split_input(split_dim=0, expected_dims=3)}
-    plan = {"layers.*": {**tokens, **per_layer}} if layers == 1 else {"layers.0": tokens, "layers.*": per_layer}
+    plan = first_and_every_block("layers", layers, tokens, per_layer)
     plan[f"layers.{layers - 1}"] = gather_output(gather_dim=0, expected_dims=3)
     return plan
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from diffpar.engines.tp_shard import GATHER, Packed
 from diffpar.families.transformers.tp_plans import (
     ATTN_ATTRS,
+    DUAL_STREAM_FF,
     JOINT_ATTENTION,
     TensorParallelPlan,
     present,
@@ -13,11 +14,7 @@ from diffpar.families.transformers.tp_plans import (
 
 @register_tp_plan("FluxTransformer2DModel", "FluxControlNetModel")  # the ControlNet: the same blocks
 def _flux(model) -> TensorParallelPlan:
-    double = {
-        **JOINT_ATTENTION,
-        "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
-        "ff_context.net.0.proj": "colwise", "ff_context.net.2": "rowwise",
-    }
+    double = {**JOINT_ATTENTION, **DUAL_STREAM_FF}
     linears = present(model, double, "transformer_blocks")
     if len(model.single_transformer_blocks):
         block = model.single_transformer_blocks[0]

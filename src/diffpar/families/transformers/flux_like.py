@@ -25,7 +25,7 @@ import torch
 from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.engines.tp_shard import Packed
 from diffpar.families.transformers.flux import flux_modulation
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import (
     ATTN_ATTRS,
     JOINT_ATTENTION,

@@ -20,7 +20,8 @@ from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.engines.tp_shard import GATHER
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.first_block_split import first_and_every_block
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, present, register_tp_plan
 
 
@@ -87,8 +88,7 @@ def glm_image_cp_plan(model) -> dict:
     first = {"hidden_states": tokens, "encoder_hidden_states": tokens}
     rope_half = split_input(split_dim=0, expected_dims=2)
     every = {"image_rotary_emb": [rope_half, rope_half]}
-    plan = ({"transformer_blocks.*": {**first, **every}} if blocks == 1
-            else {"transformer_blocks.0": first, "transformer_blocks.*": every})
+    plan = first_and_every_block("transformer_blocks", blocks, first, every)
     plan["proj_out"] = gather_output(gather_dim=1, expected_dims=3)
     return plan
 

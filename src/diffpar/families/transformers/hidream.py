@@ -28,7 +28,7 @@ from diffpar.compat.diffusers_cp import dispatch_attention
 from diffpar.compat.diffusers_cp_hooks import gather_output, shard, split_input
 from diffpar.engines.tp_shard import GATHER
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, present, register_tp_plan
 
 _STACKS = ("double_stream_blocks", "single_stream_blocks")

@@ -25,7 +25,7 @@ from diffpar.families.transformers.hunyuan_video import (
     mask_for_sharded_keys,
     text_tokens_to_keep,
 )
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import register_tp_plan
 
 _BLOCK_STACKS = ("transformer_blocks", "single_transformer_blocks")

@@ -39,7 +39,7 @@ from diffpar.patch import Patch
 from diffpar.families.registry import register_cp_plan
 from diffpar.engines.tp_shard import GATHER, Packed
 from diffpar.families.transformers.sd3 import per_block, replace_attention_processors
-from diffpar.families.transformers.tp_plans import ATTN_ATTRS, JOINT_ATTENTION, TensorParallelPlan, register_tp_plan
+from diffpar.families.transformers.tp_plans import ATTN_ATTRS, DUAL_STREAM_BLOCK, TensorParallelPlan, register_tp_plan
 
 _BLOCK_STACKS = ("transformer_blocks", "single_transformer_blocks")
 
@@ -219,15 +219,10 @@ def hunyuan_video_cp_plan(model) -> dict:
     }
 
 
-@register_tp_plan("HunyuanVideoTransformer3DModel")
-def hunyuan_video_tp_plan(model) -> TensorParallelPlan:
-    double = {
-        **JOINT_ATTENTION,
-        "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
-        "ff_context.net.0.proj": "colwise", "ff_context.net.2": "rowwise",
-        "norm1.linear": GATHER, "norm1_context.linear": GATHER,
-    }
-    linears = per_block(model, "transformer_blocks", double)
+def single_block_linears(model) -> dict:
+    """Every single-stream block's split: attention heads and the MLP by columns, `proj_out` (over [attention output,
+    MLP hidden]) by rows in two packed parts, the AdaLN modulation gathered."""
+    linears = {}
     for index, block in enumerate(model.single_transformer_blocks):
         path = f"single_transformer_blocks.{index}"
         linears.update({
@@ -237,6 +232,13 @@ def hunyuan_video_tp_plan(model) -> TensorParallelPlan:
             f"{path}.proj_out": Packed("rowwise", (block.attn.inner_dim, block.proj_mlp.out_features)),
             f"{path}.norm.linear": GATHER,
         })
+    return linears
+
+
+@register_tp_plan("HunyuanVideoTransformer3DModel")
+def hunyuan_video_tp_plan(model) -> TensorParallelPlan:
+    linears = per_block(model, "transformer_blocks", DUAL_STREAM_BLOCK)
+    linears.update(single_block_linears(model))
     # The token refiner (a few blocks on the prompt, before the split): the same split of heads and MLP.
     refiner = {"attn.to_q": "colwise", "attn.to_k": "colwise", "attn.to_v": "colwise", "attn.to_out.0": "rowwise",
                "ff.net.0.proj": "colwise", "ff.net.2": "rowwise", "norm_out.linear": GATHER}

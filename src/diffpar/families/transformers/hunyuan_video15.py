@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import torch
 
-from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.engines.tp_shard import GATHER
-from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.hunyuan_video import mask_for_sharded_keys, text_tokens_to_keep
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.attention_processors import joint_qkv
+from diffpar.families.transformers.first_block_split import (
+    cut_prompt_padding,
+    first_block_split_plan,
+    prepare_first_block_split,
+)
+from diffpar.families.transformers.hunyuan_video import mask_for_sharded_keys
 from diffpar.families.transformers.tp_plans import (
     ATTN_ATTRS,
-    JOINT_ATTENTION,
+    DUAL_STREAM_BLOCK,
     TensorParallelPlan,
     present,
     register_tp_plan,
@@ -53,22 +56,14 @@ def _processor_class(kept: dict):
             def heads(x):
                 return x.unflatten(2, (attn.heads, -1))
 
-            query = attn.norm_q(heads(attn.to_q(hidden_states)))
-            key = attn.norm_k(heads(attn.to_k(hidden_states)))
-            value = heads(attn.to_v(hidden_states))
-            if image_rotary_emb is not None:
-                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-            text_query = heads(attn.add_q_proj(encoder_hidden_states))
-            text_key = heads(attn.add_k_proj(encoder_hidden_states))
-            text_value = heads(attn.add_v_proj(encoder_hidden_states))
-            if attn.norm_added_q is not None:
-                text_query = attn.norm_added_q(text_query)
-            if attn.norm_added_k is not None:
-                text_key = attn.norm_added_k(text_key)
-            query = torch.cat([query, text_query], dim=1)
-            key = torch.cat([key, text_key], dim=1)
-            value = torch.cat([value, text_value], dim=1)
+            def rotate(query, key):
+                if image_rotary_emb is None:
+                    return query, key
+                return (apply_rotary_emb(query, image_rotary_emb, sequence_dim=1),
+                        apply_rotary_emb(key, image_rotary_emb, sequence_dim=1))
+
+            query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, heads, text_first=False,
+                                          rotate=rotate)
 
             mask = None
             if attention_mask is not None:
@@ -93,64 +88,22 @@ def _processor_class(kept: dict):
     return HunyuanVideo15ContextParallelAttnProcessor
 
 
-def _cut_text_padding(config, kept: dict):
-    """Pre-hook of the first block, block(hidden_states, encoder_hidden_states, temb, attention_mask, rope): runs
-    before the split hooks (it wraps the call, they wrap forward)."""
-
-    def hook(module, args, kwargs):
-        names = ("hidden_states", "encoder_hidden_states", "temb", "attention_mask")
-        values = dict(zip(names, args))
-        values.update({k: v for k, v in kwargs.items() if k in names})
-        mask = values.get("attention_mask")
-        text = values["encoder_hidden_states"]
-        keep = text.shape[1] if mask is None else text_tokens_to_keep(mask, config)
-        kept["text_tokens"] = keep
-        kept["video_tokens"] = values["hidden_states"].shape[1]
-        if keep == text.shape[1]:
-            return None
-        if "encoder_hidden_states" in kwargs:
-            kwargs = {**kwargs, "encoder_hidden_states": text[:, :keep]}
-        else:
-            args = (*args[:1], text[:, :keep], *args[2:])
-        return args, kwargs
-
-    return hook
-
-
 def prepare_hunyuan_video15(model, config, handle, name: str) -> None:
     from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
 
     kept: dict = {}
-    replace_attention_processors(model, {HunyuanVideo15AttnProcessor2_0: _processor_class(kept)}, handle, name,
-                                 type(model).__name__, within=("transformer_blocks",))
-    hooks = []
-    handle.add(f"{name}: cut text padding before the first block", lambda: [h.remove() for h in hooks])
-    hooks.append(model.transformer_blocks[0].register_forward_pre_hook(_cut_text_padding(config, kept),
-                                                                       with_kwargs=True))
+    prepare_first_block_split(model, handle, name, {HunyuanVideo15AttnProcessor2_0: _processor_class(kept)},
+                              cut_prompt_padding(config, kept, "attention_mask"))
 
 
 @register_cp_plan("HunyuanVideo15Transformer3DModel", prepare=prepare_hunyuan_video15)
 def hunyuan_video15_cp_plan(model) -> dict:
-    if not len(model.transformer_blocks):
-        raise UnsupportedError(f"{type(model).__name__} has no transformer blocks to parallelize.")
-    tokens = split_input(split_dim=1, expected_dims=3)
-    rope = split_input(split_dim=0, expected_dims=2, split_output=True)
-    return {
-        "rope": {0: rope, 1: rope},
-        "transformer_blocks.0": {"hidden_states": tokens, "encoder_hidden_states": tokens},
-        "proj_out": gather_output(gather_dim=1, expected_dims=3),
-    }
+    return first_block_split_plan(model, "rope", rope_dims=2)
 
 
 @register_tp_plan("HunyuanVideo15Transformer3DModel")
 def _hunyuan_video15_tp(model) -> TensorParallelPlan:
-    block = {
-        **JOINT_ATTENTION,
-        "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
-        "ff_context.net.0.proj": "colwise", "ff_context.net.2": "rowwise",
-        "norm1.linear": GATHER, "norm1_context.linear": GATHER,
-    }
-    linears = present(model, block, "transformer_blocks")
+    linears = present(model, DUAL_STREAM_BLOCK, "transformer_blocks")
     refiner = {
         "attn.to_q": "colwise", "attn.to_k": "colwise", "attn.to_v": "colwise", "attn.to_out.0": "rowwise",
         "ff.net.0.proj": "colwise", "ff.net.2": "rowwise", "norm_out.linear": GATHER,

@@ -26,10 +26,10 @@ from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
 from diffpar.families.transformers.consisid import gather_block_outputs
 from diffpar.families.transformers.hunyuan_video import _processor_class
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import (
     ATTN_ATTRS,
-    JOINT_ATTENTION,
+    DUAL_STREAM_BLOCK,
     TensorParallelPlan,
     present,
     register_tp_plan,
@@ -88,13 +88,7 @@ def _rope_argument(block) -> str:
 
 def hunyuan_video_blocks_tp(model) -> tuple[dict, dict]:
     """Linears and attention attributes of HunyuanVideo's double and single blocks and token refiner."""
-    double = {
-        **JOINT_ATTENTION,
-        "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
-        "ff_context.net.0.proj": "colwise", "ff_context.net.2": "rowwise",
-        "norm1.linear": GATHER, "norm1_context.linear": GATHER,
-    }
-    linears = present(model, double, "transformer_blocks")
+    linears = present(model, DUAL_STREAM_BLOCK, "transformer_blocks")
     attrs = {"transformer_blocks.*.attn": ATTN_ATTRS}
     if len(model.single_transformer_blocks):
         block = model.single_transformer_blocks[0]

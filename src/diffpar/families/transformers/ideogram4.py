@@ -13,11 +13,11 @@ real one under the ring is refused by diffpar's ring shim (use ulysses_size for 
 """
 from __future__ import annotations
 
-from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
+from diffpar.compat.diffusers_cp_hooks import split_input
 from diffpar.engines.tp_shard import GATHER
-from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.first_block_split import blocks_split_plan
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import TensorParallelPlan, present, register_tp_plan
 
 
@@ -42,14 +42,9 @@ def prepare_ideogram4(model, config, handle, name: str) -> None:
 
 @register_cp_plan("Ideogram4Transformer2DModel", prepare=prepare_ideogram4)
 def ideogram4_cp_plan(model) -> dict:
-    if len(model.layers) == 0:
-        raise UnsupportedError(f"{type(model).__name__} has no layers to parallelize.")
     rope = split_input(split_dim=1, expected_dims=3, split_output=True)
-    return {
-        "layers.0": {"hidden_states": split_input(split_dim=1, expected_dims=3)},
-        "rotary_emb": {0: rope, 1: rope},
-        "final_layer": gather_output(gather_dim=1, expected_dims=3),
-    }
+    return blocks_split_plan(model, "layers", gather_after="final_layer", what="layers",
+                             tables={"rotary_emb": {0: rope, 1: rope}})
 
 
 @register_tp_plan("Ideogram4Transformer2DModel")

@@ -18,7 +18,7 @@ from diffpar.compat.diffusers_cp_hooks import gather_output, shard, split_input
 from diffpar.engines.tp_shard import GATHER, Packed
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import TensorParallelPlan, present, register_tp_plan
 
 

@@ -17,9 +17,10 @@ from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.engines.tp_shard import GATHER
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
+from diffpar.families.transformers.first_block_split import first_and_every_block
 from diffpar.families.transformers.hunyuan_video import mask_for_sharded_keys
 from diffpar.families.transformers.joyimage import joyimage_block_plan
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import TensorParallelPlan, register_tp_plan
 
 
@@ -69,8 +70,7 @@ def joyimage_edit_plus_cp_plan(model) -> dict:
     tokens = split_input(split_dim=1, expected_dims=3)
     first = {"hidden_states": tokens, "encoder_hidden_states": tokens}
     every = {"image_rotary_emb": [split_input(split_dim=1, expected_dims=3), split_input(split_dim=1, expected_dims=3)]}
-    plan = ({"double_blocks.*": {**first, **every}} if blocks == 1
-            else {"double_blocks.0": first, "double_blocks.*": every})
+    plan = first_and_every_block("double_blocks", blocks, first, every)
     plan["proj_out"] = gather_output(gather_dim=1, expected_dims=3)
     return plan
 

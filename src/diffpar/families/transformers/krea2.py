@@ -15,11 +15,11 @@ none; a real one under the ring is refused by diffpar's ring shim).
 """
 from __future__ import annotations
 
-from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
+from diffpar.compat.diffusers_cp_hooks import split_input
 from diffpar.engines.tp_shard import GATHER
-from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.first_block_split import blocks_split_plan
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import TensorParallelPlan, present, register_tp_plan
 
 KREA2_ATTN_ATTRS = ("num_heads", "num_kv_heads", "hidden_size")
@@ -60,15 +60,8 @@ def prepare_krea2(model, config, handle, name: str) -> None:
 
 @register_cp_plan("Krea2Transformer2DModel", prepare=prepare_krea2)
 def krea2_cp_plan(model) -> dict:
-    blocks = len(model.transformer_blocks)
-    if blocks == 0:
-        raise UnsupportedError(f"{type(model).__name__} has no transformer blocks to parallelize.")
     rope = split_input(split_dim=0, expected_dims=2, split_output=True)
-    return {
-        "transformer_blocks.0": {"hidden_states": split_input(split_dim=1, expected_dims=3)},
-        "rotary_emb": {0: rope, 1: rope},
-        f"transformer_blocks.{blocks - 1}": gather_output(gather_dim=1, expected_dims=3),
-    }
+    return blocks_split_plan(model, tables={"rotary_emb": {0: rope, 1: rope}})
 
 
 @register_tp_plan("Krea2Transformer2DModel")

@@ -23,32 +23,14 @@ from __future__ import annotations
 
 import torch
 
-from diffpar.compat.diffusers_cp_group import token_shards
-from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
+from diffpar.compat.diffusers_cp_group import shard_rows
 from diffpar.engines.tp_shard import GATHER
-from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.attention_processors import attend_split
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.first_block_split import blocks_split_plan
+from diffpar.families.transformers.attention_processors import attend_split, replace_attention_processors
 from diffpar.families.transformers.tp_plans import TensorParallelPlan, register_tp_plan
 
 _LABEL = "LongCatAudioDiTTransformer"
-
-
-def shard_rows(x: torch.Tensor, local: int, parallel_config, dim: int = 0) -> torch.Tensor:
-    """This rank's `local` rows of `x` (whole along `dim`), as diffusers' split hooks dealt the tokens: in order
-    of the context-parallel group's ranks, `tensor_split` sizes (equal where the degree divides the length)."""
-    whole = x.shape[dim]
-    if whole == local or parallel_config is None:
-        return x
-    shards = token_shards(parallel_config)
-    sizes = [len(part) for part in torch.arange(whole).tensor_split(shards.size)]
-    if sizes[shards.rank] != local:
-        raise UnsupportedError(
-            f"{_LABEL}: this rank holds {local} of {whole} frames, but diffusers' split gives it "
-            f"{sizes[shards.rank]}; the frame RoPE table and mask cannot be matched to its shard."
-        )
-    return x.narrow(dim, sum(sizes[:shards.rank]), local)
 
 
 def _rotate(x: torch.Tensor, rope) -> torch.Tensor:
@@ -77,12 +59,12 @@ class LongCatAudioContextParallelSelfAttnProcessor:
         query, key, value = _heads(attn, attn.to_q(hidden_states), attn.to_k(hidden_states),
                                    attn.to_v(hidden_states))
         if audio_rotary_emb is not None:
-            rope = tuple(shard_rows(t, local, self._parallel_config) for t in audio_rotary_emb)
+            rope = tuple(shard_rows(t, local, self._parallel_config, _LABEL) for t in audio_rotary_emb)
             query, key = _rotate(query, rope), _rotate(key, rope)
         key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         out = attend_split(self, query, key, value, key_mask, f"{_LABEL} self-attention")
         if attention_mask is not None:
-            rows = shard_rows(attention_mask, local, self._parallel_config, dim=1)
+            rows = shard_rows(attention_mask, local, self._parallel_config, _LABEL, dim=1)
             out = out * rows[:, :, None, None].to(out.dtype)
         out = out.flatten(2, 3).to(query.dtype)
         return attn.to_out[1](attn.to_out[0](out))
@@ -101,9 +83,9 @@ class LongCatAudioLocalCrossAttnProcessor:
 
         local = hidden_states.shape[1]
         if audio_rotary_emb is not None:
-            audio_rotary_emb = tuple(shard_rows(t, local, self._parallel_config) for t in audio_rotary_emb)
+            audio_rotary_emb = tuple(shard_rows(t, local, self._parallel_config, _LABEL) for t in audio_rotary_emb)
         if post_attention_mask is not None:
-            post_attention_mask = shard_rows(post_attention_mask, local, self._parallel_config, dim=1)
+            post_attention_mask = shard_rows(post_attention_mask, local, self._parallel_config, _LABEL, dim=1)
         whole = AudioDiTCrossAttnProcessor()  # its parallel config is None: local attention
         whole._attention_backend = self._attention_backend
         return whole(attn, hidden_states, encoder_hidden_states, post_attention_mask, attention_mask,
@@ -124,13 +106,7 @@ def prepare_longcat_audio_dit(model, config, handle, name: str) -> None:
 
 @register_cp_plan("LongCatAudioDiTTransformer", prepare=prepare_longcat_audio_dit)
 def longcat_audio_dit_cp_plan(model) -> dict:
-    blocks = len(model.blocks)
-    if not blocks:
-        raise UnsupportedError(f"{_LABEL} has no blocks to parallelize.")
-    return {
-        "blocks.0": {"hidden_states": split_input(split_dim=1, expected_dims=3)},
-        f"blocks.{blocks - 1}": gather_output(gather_dim=1, expected_dims=3),
-    }
+    return blocks_split_plan(model, "blocks", what="blocks")
 
 
 @register_tp_plan("LongCatAudioDiTTransformer")

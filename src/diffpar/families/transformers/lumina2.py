@@ -25,6 +25,7 @@ from __future__ import annotations
 from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.engines.tp_shard import GATHER
 from diffpar.families.registry import register_cp_plan
+from diffpar.families.transformers.first_block_split import first_and_every_block
 from diffpar.families.transformers.attention_processors import prepare_generic_attention
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, present, register_tp_plan
 
@@ -47,11 +48,7 @@ def lumina2_cp_plan(model) -> dict:
         plan["x_embedder"] = {0: split_input(split_dim=1, expected_dims=3, split_output=True)}
         plan["noise_refiner.*"] = rope
         plan[f"noise_refiner.{refiners - 1}"] = gather_output(gather_dim=1, expected_dims=3)
-    if len(model.layers) == 1:
-        plan["layers.*"] = {"hidden_states": tokens, **rope}
-    else:
-        plan["layers.0"] = {"hidden_states": tokens}
-        plan["layers.*"] = rope
+    plan.update(first_and_every_block("layers", len(model.layers), {"hidden_states": tokens}, rope))
     plan["norm_out"] = gather_output(gather_dim=1, expected_dims=3)
     return plan
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.families.registry import register_cp_plan
+from diffpar.families.transformers.first_block_split import first_and_every_block
 from diffpar.families.transformers.attention_processors import prepare_generic_attention
 
 
@@ -22,6 +23,6 @@ from diffpar.families.transformers.attention_processors import prepare_generic_a
 def lumina_next_cp_plan(model) -> dict:
     tokens = {"hidden_states": split_input(split_dim=1, expected_dims=3)}
     rope = {"image_rotary_emb": split_input(split_dim=1, expected_dims=3)}
-    plan = {"layers.*": {**tokens, **rope}} if len(model.layers) == 1 else {"layers.0": tokens, "layers.*": rope}
+    plan = first_and_every_block("layers", len(model.layers), tokens, rope)
     plan["norm_out"] = gather_output(gather_dim=1, expected_dims=3)
     return plan

@@ -14,24 +14,17 @@ rows. The timestep MLP, `proj_in` / `proj_out` stay whole.
 """
 from __future__ import annotations
 
-from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
+from diffpar.compat.diffusers_cp_hooks import split_input
 from diffpar.engines.tp_shard import Packed
-from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
+from diffpar.families.transformers.first_block_split import blocks_split_plan
 from diffpar.families.transformers.tp_plans import TensorParallelPlan, register_tp_plan
 
 
 @register_cp_plan("MiniMaxMusic3Transformer1DModel")
 def minimax_music3_cp_plan(model) -> dict:
-    blocks = len(model.transformer_blocks)
-    if not blocks:
-        raise UnsupportedError(f"{type(model).__name__} has no transformer blocks to parallelize.")
     rows = split_input(split_dim=0, expected_dims=2, split_output=True)
-    return {
-        "rotary_emb": {0: rows, 1: rows},
-        "transformer_blocks.0": {"hidden_states": split_input(split_dim=1, expected_dims=3)},
-        f"transformer_blocks.{blocks - 1}": gather_output(gather_dim=1, expected_dims=3),
-    }
+    return blocks_split_plan(model, tables={"rotary_emb": {0: rows, 1: rows}})
 
 
 @register_tp_plan("MiniMaxMusic3Transformer1DModel")

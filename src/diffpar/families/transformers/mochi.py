@@ -28,11 +28,15 @@ from __future__ import annotations
 import torch
 
 from diffpar.compat.diffusers_cp import dispatch_attention
-from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.hunyuan_video import mask_for_sharded_keys, text_tokens_to_keep
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.attention_processors import joint_qkv
+from diffpar.families.transformers.first_block_split import (
+    cut_prompt_padding,
+    first_block_split_plan,
+    prepare_first_block_split,
+)
+from diffpar.families.transformers.hunyuan_video import mask_for_sharded_keys
 from diffpar.families.transformers.tp_plans import TensorParallelPlan, register_tp_plan
 
 TP_REFUSAL = "its RoPE table has one frequency set per attention head"
@@ -53,31 +57,21 @@ def _processor_class(kept: dict):
             def heads(x):
                 return x.unflatten(2, (attn.heads, -1))
 
-            query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), \
-                heads(attn.to_v(hidden_states))
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
-            text_query = heads(attn.add_q_proj(encoder_hidden_states))
-            text_key = heads(attn.add_k_proj(encoder_hidden_states))
-            text_value = heads(attn.add_v_proj(encoder_hidden_states))
-            if attn.norm_added_q is not None:
-                text_query = attn.norm_added_q(text_query)
-            if attn.norm_added_k is not None:
-                text_key = attn.norm_added_k(text_key)
-            if image_rotary_emb is not None:
-                query, key = _rotate(query, *image_rotary_emb), _rotate(key, *image_rotary_emb)
+            def rotate(query, key):
+                if image_rotary_emb is None:
+                    return query, key
+                return _rotate(query, *image_rotary_emb), _rotate(key, *image_rotary_emb)
 
-            video_tokens, text_tokens = query.shape[1], text_query.shape[1]
+            query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, heads, text_first=False,
+                                          rotate=rotate)
+            video_tokens, text_tokens = hidden_states.shape[1], encoder_hidden_states.shape[1]
             mask = None
             if attention_mask is not None:
                 text_mask = attention_mask[:, :kept["text_tokens"]].bool()
                 whole = torch.cat([text_mask.new_ones(text_mask.shape[0], kept["video_tokens"]), text_mask], dim=1)
                 mask = mask_for_sharded_keys(whole[:, None, None, :], video_tokens, text_tokens,
                                              self._parallel_config, kept["text_tokens"])
-            out = _attend(torch.cat([query, text_query], 1), torch.cat([key, text_key], 1),
-                          torch.cat([value, text_value], 1), mask, self)
+            out = _attend(query, key, value, mask, self)
             out = out.flatten(2, 3).to(query.dtype)
             out, text_out = out.split_with_sizes((video_tokens, text_tokens), dim=1)
             out = attn.to_out[1](attn.to_out[0](out))
@@ -98,60 +92,32 @@ def _attend(query, key, value, mask, processor):
                                  backend=processor._attention_backend, parallel_config=processor._parallel_config)
 
 
-def _cut_prompt_padding(config, kept: dict):
-    """Pre-hook of the first block (it wraps the call; the split hooks wrap forward, so this runs first)."""
-    names = ("hidden_states", "encoder_hidden_states", "temb", "encoder_attention_mask")
-
-    def hook(module, args, kwargs):
-        values = dict(zip(names, args))
-        values.update({k: v for k, v in kwargs.items() if k in names})
-        mask, text = values.get("encoder_attention_mask"), values["encoder_hidden_states"]
-        kept["video_tokens"] = values["hidden_states"].shape[1]
-        keep = text.shape[1]
-        if mask is not None:
-            valid = mask.bool()
-            counts = valid.sum(dim=1)
-            at_start = torch.arange(valid.shape[1], device=valid.device)[None] < counts[:, None]
-            if not torch.equal(valid, at_start):
-                raise UnsupportedError(
-                    "Mochi with context parallelism: the prompt's attention mask has padding before real tokens. "
-                    "Mochi's attention moves each prompt's real tokens to the front, which a split prompt cannot "
-                    "reproduce. Pad prompts at the end (as the pipeline's tokenizer does)."
-                )
-            keep = text_tokens_to_keep(mask, config)
-        kept["text_tokens"] = keep
-        if keep == text.shape[1]:
-            return None
-        if "encoder_hidden_states" in kwargs:
-            return args, {**kwargs, "encoder_hidden_states": text[:, :keep]}
-        return (*args[:1], text[:, :keep], *args[2:]), kwargs
-
-    return hook
+def _refuse_padding_before_real_tokens(mask) -> None:
+    """Mochi's attention moves each prompt's real tokens to the front; only prompts padded at the end keep that
+    order once the prompt is cut and split."""
+    valid = mask.bool()
+    counts = valid.sum(dim=1)
+    at_start = torch.arange(valid.shape[1], device=valid.device)[None] < counts[:, None]
+    if not torch.equal(valid, at_start):
+        raise UnsupportedError(
+            "Mochi with context parallelism: the prompt's attention mask has padding before real tokens. "
+            "Mochi's attention moves each prompt's real tokens to the front, which a split prompt cannot "
+            "reproduce. Pad prompts at the end (as the pipeline's tokenizer does)."
+        )
 
 
 def prepare_mochi(model, config, handle, name: str) -> None:
     from diffusers.models.attention_processor import MochiAttnProcessor2_0
 
     kept: dict = {}
-    replace_attention_processors(model, {MochiAttnProcessor2_0: _processor_class(kept)}, handle, name,
-                                 type(model).__name__, within=("transformer_blocks",))
-    hooks = []
-    handle.add(f"{name}: cut prompt padding before the first block", lambda: [h.remove() for h in hooks])
-    hooks.append(model.transformer_blocks[0].register_forward_pre_hook(_cut_prompt_padding(config, kept),
-                                                                       with_kwargs=True))
+    prepare_first_block_split(model, handle, name, {MochiAttnProcessor2_0: _processor_class(kept)},
+                              cut_prompt_padding(config, kept, "encoder_attention_mask",
+                                                 check_mask=_refuse_padding_before_real_tokens))
 
 
 @register_cp_plan("MochiTransformer3DModel", prepare=prepare_mochi)
 def mochi_cp_plan(model) -> dict:
-    if not len(model.transformer_blocks):
-        raise UnsupportedError(f"{type(model).__name__} has no transformer blocks to parallelize.")
-    tokens = split_input(split_dim=1, expected_dims=3)
-    rope = split_input(split_dim=0, expected_dims=3, split_output=True)
-    return {
-        "rope": {0: rope, 1: rope},
-        "transformer_blocks.0": {"hidden_states": tokens, "encoder_hidden_states": tokens},
-        "proj_out": gather_output(gather_dim=1, expected_dims=3),
-    }
+    return first_block_split_plan(model, "rope", rope_dims=3)
 
 
 @register_tp_plan("MochiTransformer3DModel")

@@ -27,12 +27,19 @@ import copy
 
 from diffpar.compat.diffusers_cp import context_parallel_attention_takes_masks
 from diffpar.compat.diffusers_cp_hooks import gather_output, split_input, unshard
-from diffpar.engines.tp_shard import GATHER, Packed
+from diffpar.engines.tp_shard import GATHER
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.hunyuan_video import mask_for_sharded_keys
+from diffpar.families.transformers.hunyuan_video import mask_for_sharded_keys, single_block_linears
 from diffpar.families.transformers.sd3 import per_block, replace_attention_processors
-from diffpar.families.transformers.tp_plans import ATTN_ATTRS, JOINT_ATTENTION, TensorParallelPlan, register_tp_plan
+from diffpar.families.transformers.tp_plans import (
+    ATTN_ATTRS,
+    DUAL_STREAM_FF,
+    DUAL_STREAM_MODULATION,
+    JOINT_ATTENTION,
+    TensorParallelPlan,
+    register_tp_plan,
+)
 
 _BLOCK_STACKS = ("transformer_blocks", "single_transformer_blocks")
 
@@ -180,22 +187,9 @@ def motif_video_tp_plan(model) -> TensorParallelPlan:
         )
     cross = {"cross_attn.to_q": "colwise", "cross_attn.to_k": "colwise", "cross_attn.to_v": "colwise",
              "cross_attn.to_out.0": "rowwise"}
-    double = {
-        **JOINT_ATTENTION, **cross,
-        "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
-        "ff_context.net.0.proj": "colwise", "ff_context.net.2": "rowwise",
-        "norm1.linear": GATHER, "norm1_context.linear": GATHER,
-    }
+    double = {**JOINT_ATTENTION, **cross, **DUAL_STREAM_FF, **DUAL_STREAM_MODULATION}
     linears = per_block(model, "transformer_blocks", double)
-    for index, block in enumerate(model.single_transformer_blocks):
-        path = f"single_transformer_blocks.{index}"
-        linears.update({
-            f"{path}.attn.to_q": "colwise", f"{path}.attn.to_k": "colwise", f"{path}.attn.to_v": "colwise",
-            f"{path}.proj_mlp": "colwise",
-            # proj_out reads cat([attention output, MLP hidden]): two column-sharded streams.
-            f"{path}.proj_out": Packed("rowwise", (block.attn.inner_dim, block.proj_mlp.out_features)),
-            f"{path}.norm.linear": GATHER,
-        })
+    linears.update(single_block_linears(model))
     linears["norm_out.linear"] = GATHER
     attrs = {f"{stack}.*.attn": ATTN_ATTRS for stack in _BLOCK_STACKS if len(getattr(model, stack))}
     if any(getattr(block, "cross_attn", None) is not None for block in model.transformer_blocks):

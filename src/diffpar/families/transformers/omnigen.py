@@ -22,11 +22,11 @@ its two halves and the down projection by rows; the time embeddings stay whole.
 from __future__ import annotations
 
 from diffpar.compat.diffusers_cp import dispatch_attention
-from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
+from diffpar.compat.diffusers_cp_hooks import split_input
 from diffpar.engines.tp_shard import Packed
-from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.first_block_split import blocks_split_plan
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, present, register_tp_plan
 
 
@@ -79,14 +79,8 @@ def prepare_omnigen(model, config, handle, name: str) -> None:
 
 @register_cp_plan("OmniGenTransformer2DModel", prepare=prepare_omnigen)
 def omnigen_cp_plan(model) -> dict:
-    if not len(model.layers):
-        raise UnsupportedError(f"{type(model).__name__} has no layers to parallelize.")
     rope = split_input(split_dim=0, expected_dims=2, split_output=True)
-    return {
-        "layers.0": {"hidden_states": split_input(split_dim=1, expected_dims=3)},
-        "rope": {0: rope, 1: rope},
-        "norm": gather_output(gather_dim=1, expected_dims=3),
-    }
+    return blocks_split_plan(model, "layers", gather_after="norm", what="layers", tables={"rope": {0: rope, 1: rope}})
 
 
 @register_tp_plan("OmniGenTransformer2DModel")

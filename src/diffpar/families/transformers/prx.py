@@ -18,7 +18,8 @@ from diffpar.compat.diffusers_cp_hooks import gather_output, shard, split_input
 from diffpar.engines.tp_shard import GATHER, Packed
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.first_block_split import first_and_every_block
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, present, register_tp_plan
 
 
@@ -53,7 +54,7 @@ def prx_cp_plan(model) -> dict:
         raise UnsupportedError(f"{type(model).__name__} has no blocks to parallelize.")
     first = {"hidden_states": split_input(split_dim=1, expected_dims=3)}
     every = {"encoder_hidden_states": split_input(split_dim=1, expected_dims=3)}
-    plan = {"blocks.*": {**first, **every}} if blocks == 1 else {"blocks.0": first, "blocks.*": every}
+    plan = first_and_every_block("blocks", blocks, first, every)
     plan["pe_embedder"] = {0: split_input(split_dim=2, expected_dims=6, split_output=True)}
     plan["final_layer"] = gather_output(gather_dim=1, expected_dims=3)
     return plan

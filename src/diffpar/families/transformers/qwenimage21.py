@@ -27,7 +27,8 @@ from diffpar.compat.diffusers_cp_hooks import gather_output, split_input, ulysse
 from diffpar.engines.tp_shard import GATHER
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.first_block_split import first_and_every_block
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 from diffpar.families.transformers.tp_plans import TensorParallelPlan, register_tp_plan
 
 _RING_REFUSAL = (
@@ -136,8 +137,7 @@ def qwenimage21_cp_plan(model) -> dict:
         raise UnsupportedError(f"{type(model).__name__} has no transformer blocks to parallelize.")
     tokens = {"hidden_states": split_input(split_dim=1, expected_dims=3)}
     per_block = {"target_token_mask": split_input(split_dim=0, expected_dims=1)}  # per-token modulation rows
-    plan = {"transformer_blocks.*": {**tokens, **per_block}} if blocks == 1 else {
-        "transformer_blocks.0": tokens, "transformer_blocks.*": per_block}
+    plan = first_and_every_block("transformer_blocks", blocks, tokens, per_block)
     plan[f"transformer_blocks.{blocks - 1}"] = gather_output(gather_dim=1, expected_dims=3)
     return plan
 

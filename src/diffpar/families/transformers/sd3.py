@@ -18,9 +18,16 @@ import torch
 from diffpar.compat.diffusers_cp import dispatch_attention
 from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.engines.tp_shard import GATHER
-from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.tp_plans import ATTN_ATTRS, JOINT_ATTENTION, TensorParallelPlan, register_tp_plan
+from diffpar.families.transformers.attention_processors import joint_qkv, replace_attention_processors
+from diffpar.families.transformers.tp_plans import (
+    ATTN_ATTRS,
+    DUAL_STREAM_FF,
+    DUAL_STREAM_MODULATION,
+    JOINT_ATTENTION,
+    TensorParallelPlan,
+    register_tp_plan,
+)
 
 
 class SD3ContextParallelAttnProcessor:
@@ -36,24 +43,7 @@ class SD3ContextParallelAttnProcessor:
         def heads(x):  # (B, S, H * D) -> (B, S, H, D): the dispatcher's layout
             return x.unflatten(-1, (attn.heads, -1))
 
-        query = heads(attn.to_q(hidden_states))
-        key = heads(attn.to_k(hidden_states))
-        value = heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if encoder_hidden_states is not None:
-            text_query = heads(attn.add_q_proj(encoder_hidden_states))
-            text_key = heads(attn.add_k_proj(encoder_hidden_states))
-            text_value = heads(attn.add_v_proj(encoder_hidden_states))
-            if attn.norm_added_q is not None:
-                text_query = attn.norm_added_q(text_query)
-            if attn.norm_added_k is not None:
-                text_key = attn.norm_added_k(text_key)
-            query = torch.cat([query, text_query], dim=1)
-            key = torch.cat([key, text_key], dim=1)
-            value = torch.cat([value, text_value], dim=1)
+        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, heads, text_first=False)
 
         # SD3's processor ignores attention_mask as well: the model never passes one.
         out = dispatch_attention(query, key, value, backend=self._attention_backend,
@@ -67,42 +57,6 @@ class SD3ContextParallelAttnProcessor:
                 text_out = attn.to_add_out(text_out)
         out = attn.to_out[1](attn.to_out[0](out))
         return out if encoder_hidden_states is None else (out, text_out)
-
-
-def replace_attention_processors(model, replacements: dict[type, type], handle, name: str, model_label: str,
-                                 within: tuple[str, ...] = ("",)) -> None:
-    """Give every attention (under the `within` module-name prefixes) whose processor is exactly one of
-    `replacements` a new one; undo restores the original objects.
-
-    Checks every processor before changing any: another processor type (IP-Adapter, PAG, fused projections, ...)
-    has no context-parallel version here, and running it on a shard would compute attention over the shard only.
-    """
-    targets, unknown = [], set()
-    for module_name, module in model.named_modules():
-        processor = getattr(module, "processor", None)
-        if processor is None or not module_name.startswith(within):
-            continue
-        if type(processor) in replacements:
-            targets.append((module, processor))
-        elif not hasattr(processor, "_parallel_config") and type(processor) not in replacements.values():
-            unknown.add(f"{module_name}: {type(processor).__name__}")
-    if unknown:
-        raise UnsupportedError(
-            f"{model_label}: these attention processors have no context-parallel version in diffpar: "
-            f"{sorted(unknown)}. Context parallelism supports the model's default processors "
-            f"({sorted(t.__name__ for t in replacements)}). Remove what installed them (e.g. unload_ip_adapter(), "
-            "unfuse_qkv_projections()) before enable_cache."
-        )
-
-    def restore():
-        for module, old in targets:
-            module.processor = old
-
-    handle.add(f"{name}: context-parallel attention processors", restore)
-    for module, old in targets:
-        new = replacements[type(old)]()
-        vars(new).update(vars(old))  # keep per-instance settings, e.g. an attention backend the user chose
-        module.processor = new
 
 
 def prepare_sd3(model, config, handle, name: str) -> None:
@@ -146,10 +100,9 @@ def sd3_tp_plan(model) -> TensorParallelPlan:
         **JOINT_ATTENTION,
         # SD3.5's dual attention: a second, image-only self-attention in the first blocks.
         "attn2.to_q": "colwise", "attn2.to_k": "colwise", "attn2.to_v": "colwise", "attn2.to_out.0": "rowwise",
-        "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
-        "ff_context.net.0.proj": "colwise", "ff_context.net.2": "rowwise",
+        **DUAL_STREAM_FF,
         # AdaLN modulation (6 or 9 vectors of the hidden width per stream and block).
-        "norm1.linear": GATHER, "norm1_context.linear": GATHER,
+        **DUAL_STREAM_MODULATION,
     }
     linears = per_block(model, "transformer_blocks", block)
     linears["norm_out.linear"] = GATHER

@@ -9,7 +9,7 @@ CP plan: split the tokens as they enter the first block (after the global token 
 `proj_out` (the forward then drops the global token and runs a 1x1 convolution, which needs every frame). Each
 block's self-attention (`attn1`) goes through diffusers' dispatcher (`StableAudioContextParallelAttnProcessor`,
 swapped in while parallel), with this rank's rows of the whole rotary pair every block receives
-(`longcat_audio_dit.shard_rows`: the rows diffusers' split gave the tokens); cross-attention (`attn2`, to the whole prompt every rank holds, grouped-query) keeps
+(`compat.diffusers_cp_group.shard_rows`: the rows diffusers' split gave the tokens); cross-attention (`attn2`, to the whole prompt every rank holds, grouped-query) keeps
 diffusers' own processor and runs locally. A self-attention mask (`attention_mask`, never passed by the pipeline)
 goes to the dispatcher over the whole sequence (see `attention_processors.attend_split`).
 
@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
+from diffpar.compat.diffusers_cp_group import shard_rows
 from diffpar.engines.tp_shard import Packed
-from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
-from diffpar.families.transformers.attention_processors import attend_split
-from diffpar.families.transformers.longcat_audio_dit import shard_rows
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.first_block_split import blocks_split_plan
+from diffpar.families.transformers.attention_processors import attend_split, replace_attention_processors
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, register_tp_plan
 
 
@@ -68,7 +66,8 @@ class StableAudioContextParallelAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if rotary_emb is not None:
-            rotary_emb = tuple(shard_rows(t, query.shape[2], self._parallel_config) for t in rotary_emb)
+            rotary_emb = tuple(shard_rows(t, query.shape[2], self._parallel_config, "StableAudioDiTModel")
+                               for t in rotary_emb)
             dtype = query.dtype
             query = _rotate_partial(query.float(), rotary_emb).to(dtype)
             key = _rotate_partial(key.float(), rotary_emb).to(dtype)
@@ -94,12 +93,7 @@ def prepare_stable_audio(model, config, handle, name: str) -> None:
 
 @register_cp_plan("StableAudioDiTModel", prepare=prepare_stable_audio)
 def stable_audio_cp_plan(model) -> dict:
-    if not len(model.transformer_blocks):
-        raise UnsupportedError(f"{type(model).__name__} has no transformer blocks to parallelize.")
-    return {
-        "transformer_blocks.0": {"hidden_states": split_input(split_dim=1, expected_dims=3)},
-        "proj_out": gather_output(gather_dim=1, expected_dims=3),
-    }
+    return blocks_split_plan(model, gather_after="proj_out")
 
 
 @register_tp_plan("StableAudioDiTModel")

@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 
 from diffpar.compat.diffusers_cp_group import token_shards
-from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
+from diffpar.compat.diffusers_cp_hooks import split_input
 from diffpar.engines.tp_shard import GATHER, Packed
-from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
+from diffpar.families.transformers.first_block_split import blocks_split_plan
 from diffpar.families.transformers.ltx import local_attention_processors
 from diffpar.families.transformers.tp_plans import TensorParallelPlan, register_tp_plan
 
@@ -75,14 +75,8 @@ def prepare_stable_audio3(model, config, handle, name: str) -> None:
 
 @register_cp_plan("StableAudio3DiTModel", prepare=prepare_stable_audio3)
 def stable_audio3_cp_plan(model) -> dict:
-    blocks = len(model.transformer_blocks)
-    if not blocks:
-        raise UnsupportedError(f"{type(model).__name__} has no transformer blocks to parallelize.")
-    return {
-        "rotary_pos_emb": {0: split_input(split_dim=0, expected_dims=2, split_output=True)},
-        "transformer_blocks.0": {"hidden_states": split_input(split_dim=1, expected_dims=3)},
-        f"transformer_blocks.{blocks - 1}": gather_output(gather_dim=1, expected_dims=3),
-    }
+    return blocks_split_plan(
+        model, tables={"rotary_pos_emb": {0: split_input(split_dim=0, expected_dims=2, split_output=True)}})
 
 
 @register_tp_plan("StableAudio3DiTModel")

@@ -127,3 +127,15 @@ JOINT_ATTENTION = {
     "attn.add_q_proj": "colwise", "attn.add_k_proj": "colwise", "attn.add_v_proj": "colwise",
     "attn.to_add_out": "rowwise",
 }
+
+# Both streams' feed-forwards of a dual-stream (MMDiT) block: the hidden width split by columns, back by rows.
+DUAL_STREAM_FF = {
+    "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
+    "ff_context.net.0.proj": "colwise", "ff_context.net.2": "rowwise",
+}
+
+# Both streams' AdaLN modulation (a few vectors of the hidden width per stream and block): gathered.
+DUAL_STREAM_MODULATION = {"norm1.linear": GATHER, "norm1_context.linear": GATHER}
+
+# A whole dual-stream block: joint attention, both feed-forwards, both modulations.
+DUAL_STREAM_BLOCK = {**JOINT_ATTENTION, **DUAL_STREAM_FF, **DUAL_STREAM_MODULATION}

@@ -25,8 +25,9 @@ from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
 from diffpar.errors import UnsupportedError
 from diffpar.engines.tp_shard import GATHER
 from diffpar.families.registry import register_cp_plan
+from diffpar.families.transformers.first_block_split import first_and_every_block
 from diffpar.families.transformers.tp_plans import ATTN_ATTRS, TensorParallelPlan, present, register_tp_plan
-from diffpar.families.transformers.sd3 import replace_attention_processors
+from diffpar.families.transformers.attention_processors import replace_attention_processors
 
 # Sequences are padded to multiples of 32 per sample (SEQ_MULTI_OF in diffusers), so even splits over 2 and 4
 # ranks always exist; *_anything covers other degrees.
@@ -43,10 +44,7 @@ def _stack_plan(stack: str, num_blocks: int, per_block: dict, gather_last: bool)
     if num_blocks == 0:
         return {}
     tokens = {"x": split_input(split_dim=1, expected_dims=3)}
-    if num_blocks == 1:
-        plan = {f"{stack}.*": {**tokens, **per_block}}
-    else:
-        plan = {f"{stack}.0": tokens, f"{stack}.*": per_block}
+    plan = first_and_every_block(stack, num_blocks, tokens, per_block)
     if gather_last:
         plan[f"{stack}.{num_blocks - 1}"] = gather_output(gather_dim=1, expected_dims=3)
     return plan

@@ -8,6 +8,21 @@ from diffpar.testing.tiny_models.pixart import grid
 from diffpar.testing.tiny_transformers import builder, construct
 
 
+def cogview_inputs(seq=16, text=8, batch=1, seed=1):
+    """A CogView3-Plus / CogView4 call: seq image tokens (2 x 2 patches on a rows x cols grid, inside CogView3-Plus'
+    20 x 20 positional table; CogView4 makes its RoPE pair from the grid) and the size conditions."""
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = grid(seq)
+    size = torch.tensor([[16.0 * rows, 16.0 * cols]] * batch)
+    return dict(
+        hidden_states=torch.randn(batch, 4, 2 * rows, 2 * cols, generator=g),
+        encoder_hidden_states=torch.randn(batch, text, 16, generator=g),
+        timestep=torch.full((batch,), 500, dtype=torch.long),
+        original_size=size, target_size=size, crop_coords=torch.zeros(batch, 2),
+        return_dict=False,
+    )
+
+
 @builder("cogview3plus")
 def _cogview3plus(heads=2, head_dim=8, layers=2):
     from diffusers import CogView3PlusTransformer2DModel
@@ -18,20 +33,7 @@ def _cogview3plus(heads=2, head_dim=8, layers=2):
         out_channels=4, text_embed_dim=16, time_embed_dim=16, condition_dim=4, pos_embed_max_size=20, sample_size=8,
     )
 
-    def inputs(seq=16, text=8, batch=1, seed=1):
-        # seq image tokens (2 x 2 patches on a rows x cols grid, inside the 20 x 20 positional table).
-        g = torch.Generator().manual_seed(seed)
-        rows, cols = grid(seq)
-        size = torch.tensor([[16.0 * rows, 16.0 * cols]] * batch)
-        return dict(
-            hidden_states=torch.randn(batch, 4, 2 * rows, 2 * cols, generator=g),
-            encoder_hidden_states=torch.randn(batch, text, 16, generator=g),
-            timestep=torch.full((batch,), 500, dtype=torch.long),
-            original_size=size, target_size=size, crop_coords=torch.zeros(batch, 2),
-            return_dict=False,
-        )
-
-    return model, inputs
+    return model, cogview_inputs
 
 
 CASES = [

@@ -1,10 +1,8 @@
 """CogView4 (`CogView4Transformer2DModel`): tiny seeded builder, harness case, real configuration."""
 from __future__ import annotations
 
-import torch
-
 from diffpar.testing.coverage import ModelCase
-from diffpar.testing.tiny_models.pixart import grid
+from diffpar.testing.tiny_models.cogview3plus import cogview_inputs
 from diffpar.testing.tiny_transformers import builder, construct
 
 
@@ -19,20 +17,7 @@ def _cogview4(heads=2, head_dim=8, layers=2):
         rope_axes_dim=(16, 16),
     )
 
-    def inputs(seq=16, text=8, batch=1, seed=1):
-        # seq image tokens (2 x 2 patches on a rows x cols grid); the model makes its RoPE pair from the grid.
-        g = torch.Generator().manual_seed(seed)
-        rows, cols = grid(seq)
-        size = torch.tensor([[16.0 * rows, 16.0 * cols]] * batch)
-        return dict(
-            hidden_states=torch.randn(batch, 4, 2 * rows, 2 * cols, generator=g),
-            encoder_hidden_states=torch.randn(batch, text, 16, generator=g),
-            timestep=torch.full((batch,), 500, dtype=torch.long),
-            original_size=size, target_size=size, crop_coords=torch.zeros(batch, 2),
-            return_dict=False,
-        )
-
-    return model, inputs
+    return model, cogview_inputs
 
 
 CASES = [

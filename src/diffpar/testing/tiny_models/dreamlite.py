@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from diffpar.testing.coverage import ModelCase
-from diffpar.testing.tiny_transformers import builder, construct
+from diffpar.testing.tiny_transformers import builder, construct, prompt_mask
 
 
 def grid(tokens: int) -> tuple[int, int]:
@@ -37,9 +37,7 @@ def _inputs_for(channels: int = 8, cross_dim: int = 16):
         # prompt's last tokens (the cross-attention mask, which stays whole on every rank).
         g = torch.Generator().manual_seed(seed)
         rows, cols = grid(seq)
-        mask = torch.ones(batch, text)
-        if text_padding:
-            mask[:, text - text_padding:] = 0
+        mask = prompt_mask(batch, text, text_padding)
         return dict(
             hidden_states=torch.randn(batch, channels, rows, cols, generator=g),
             encoder_hidden_states=torch.randn(batch, text, cross_dim, generator=g),
@@ -112,9 +110,7 @@ def _dreamlite_unet(heads=4, layers=1):
         # A (2 rows) x (2 cols) latent: 4 * seq tokens in the first stage, seq after the one downsampling.
         g = torch.Generator().manual_seed(seed)
         rows, cols = grid(seq)
-        mask = torch.ones(batch, text)
-        if text_padding:
-            mask[:, text - text_padding:] = 0
+        mask = prompt_mask(batch, text, text_padding)
         return dict(
             sample=torch.randn(batch, 4, 2 * rows, 2 * cols, generator=g),
             timestep=torch.full((batch,), 500.0),

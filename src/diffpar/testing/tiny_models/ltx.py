@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from diffpar.testing.coverage import ModelCase
-from diffpar.testing.tiny_transformers import builder, construct
+from diffpar.testing.tiny_transformers import builder, construct, prompt_mask
 
 
 def _gen(seed):
@@ -28,9 +28,7 @@ def _ltx_video(heads=4, head_dim=16, layers=2):
         # `per_token_timestep`: a (B, tokens) timestep with the first frame at 0, as the image-to-video pipeline.
         g = _gen(seed)
         width = seq // frames
-        mask = torch.ones(batch, text, dtype=torch.long)
-        if text_padding:
-            mask[:, text - text_padding:] = 0
+        mask = prompt_mask(batch, text, text_padding, dtype=torch.long)
         timestep = torch.full((batch,), 500.0)
         if per_token_timestep:
             timestep = torch.full((batch, frames * width), 500.0)
@@ -62,9 +60,7 @@ def _ltx2_video(heads=4, head_dim=16, layers=2, rope_type="interleaved"):
         # Video tokens = frames * 1 * (seq // frames); `audio` audio tokens (kept whole on every rank).
         g = _gen(seed)
         width = seq // frames
-        mask = torch.ones(batch, text, dtype=torch.long)
-        if text_padding:
-            mask[:, text - text_padding:] = 0
+        mask = prompt_mask(batch, text, text_padding, dtype=torch.long)
         return dict(
             hidden_states=torch.randn(batch, frames * width, 8, generator=g),
             audio_hidden_states=torch.randn(batch, audio, 8, generator=g),

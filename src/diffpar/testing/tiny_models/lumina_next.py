@@ -5,7 +5,7 @@ import torch
 
 from diffpar.testing.coverage import ModelCase
 from diffpar.testing.tiny_models.pixart import grid
-from diffpar.testing.tiny_transformers import builder, construct
+from diffpar.testing.tiny_transformers import builder, construct, prompt_mask
 
 
 @builder("lumina_next")
@@ -27,9 +27,7 @@ def _lumina_next(heads=2, kv_heads=None, head_dim=8, layers=2):
         # "proportional attention" (base_sequence_length); text_padding masks the prompt's last tokens.
         g = torch.Generator().manual_seed(seed)
         rows, cols = grid(seq)
-        mask = torch.ones(batch, text, dtype=torch.long)
-        if text_padding:
-            mask[:, text - text_padding:] = 0
+        mask = prompt_mask(batch, text, text_padding, dtype=torch.long)
         return dict(
             hidden_states=torch.randn(batch, 4, 2 * rows, 2 * cols, generator=g),
             timestep=torch.full((batch,), 0.5),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from diffpar.testing.coverage import ModelCase
-from diffpar.testing.tiny_transformers import builder, construct
+from diffpar.testing.tiny_transformers import builder, construct, prompt_mask
 
 
 def grid(tokens: int) -> tuple[int, int]:
@@ -31,9 +31,7 @@ def _pixart(heads=2, head_dim=8, layers=2, caption_channels=16):
         # seq image tokens after 2 x 2 patches, on a rows x cols grid; text_padding masks the prompt's last tokens.
         g = torch.Generator().manual_seed(seed)
         rows, cols = grid(seq)
-        mask = torch.ones(batch, text)
-        if text_padding:
-            mask[:, text - text_padding:] = 0
+        mask = prompt_mask(batch, text, text_padding)
         return dict(
             hidden_states=torch.randn(batch, 4, 2 * rows, 2 * cols, generator=g),
             encoder_hidden_states=torch.randn(batch, text, caption_channels, generator=g),

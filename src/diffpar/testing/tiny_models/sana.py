@@ -5,7 +5,7 @@ import torch
 
 from diffpar.testing.coverage import ModelCase
 from diffpar.testing.tiny_models.pixart import grid
-from diffpar.testing.tiny_transformers import builder, construct
+from diffpar.testing.tiny_transformers import builder, construct, prompt_mask
 
 
 @builder("sana")
@@ -24,9 +24,7 @@ def _sana(heads=2, head_dim=8, layers=2, qk_norm=None):
         # the feed-forward's halo spans two ranks); text_padding masks the prompt's last tokens.
         g = torch.Generator().manual_seed(seed)
         rows, cols = grid(seq)
-        mask = torch.ones(batch, text, dtype=torch.long)
-        if text_padding:
-            mask[:, text - text_padding:] = 0
+        mask = prompt_mask(batch, text, text_padding, dtype=torch.long)
         return dict(
             hidden_states=torch.randn(batch, 4, rows, cols, generator=g),
             encoder_hidden_states=torch.randn(batch, text, 16, generator=g),
