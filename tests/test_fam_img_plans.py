@@ -17,12 +17,18 @@ def _plan(model, **config):
     return diffpar.plan(model, parallelism_config=diffpar.ParallelismConfig(**config), world_size=world)
 
 
-def test_dreamlite_one_key_value_head_refuses_tensor_parallelism_naming_the_heads():
+def test_dreamlite_one_key_value_head_is_held_by_every_rank_under_tensor_parallelism():
+    """One key/value head (the DreamLite U-Net's default) on 2 or 4 ranks: each rank holds that head and a share of
+    the query heads (the harness runs the model at tp 2, 4 and U2 x tp2 against one process); 8 ranks, more than its query
+    heads, are refused, naming the heads."""
     _require("DreamLiteTransformer2DModel")
-    model, _ = tiny_transformers.build("dreamlite")  # num_kv_heads=1, the DreamLite U-Net's default
-    with pytest.raises(diffpar.UnsupportedError, match="1 key/value heads"):
-        _plan(model, tp_size=2)
-    _plan(model, ulysses_size=2)  # context parallelism takes it
+    model, _ = tiny_transformers.build("dreamlite")  # num_kv_heads=1
+    for tp in (2, 4):
+        plan = _plan(model, tp_size=tp)
+        assert "tp" in str(plan).lower()
+    with pytest.raises(diffpar.UnsupportedError, match="heads"):
+        _plan(model, tp_size=8)
+    _plan(model, ulysses_size=2)  # context parallelism takes it too
 
 
 def test_dreamlite_gligen_fuser_refused_under_context_parallelism():

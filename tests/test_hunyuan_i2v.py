@@ -28,7 +28,7 @@ def test_first_frame_count_examples():
 
 
 @pytest.mark.parametrize("world,config,input_kwargs,batch", [
-    pytest.param(2, {"ulysses_size": 2}, {"valid": [5, 8]}, 2, id="w2-ulysses-padded-batch"),
+    pytest.param(2, {"ulysses_size": 2}, {"valid": [5, 8]}, 2, id="w2-ulysses-padded-batch", marks=_NEEDS_MASKS),
     pytest.param(4, {"ulysses_size": 4}, {"frames": 2, "first_frame_tokens": 12}, 1, id="w4-ulysses-ranks-inside"),
     pytest.param(4, {"ring_size": 4}, {"frames": 2, "first_frame_tokens": 12}, 1, id="w4-ring-ranks-inside"),
 ])

@@ -19,14 +19,18 @@ import torch
 from tolerances import PIPELINE_FP32, TP_FP32, TRANSFORMER_TP_FP32
 
 import diffpar
+from diffpar.compat.diffusers_cp import uneven_split_option
 from diffpar.errors import DiffparError
 from diffpar.testing.probes import assert_split
 
+# The tiny prompt has 7 tokens: splitting it needs diffusers' uneven Ulysses split (0.37+; 0.36 refuses clearly,
+# tests/test_any_input.py).
+_ODD_TEXT = pytest.mark.skipif(uneven_split_option(2, 1) is None, reason="7 prompt tokens need the uneven split")
 CONFIGS = [
     pytest.param(2, {"tp_size": 2}, id="tp2"),
-    pytest.param(4, {"ulysses_size": 2, "tp_size": 2}, id="ulysses2xtp2"),
+    pytest.param(4, {"ulysses_size": 2, "tp_size": 2}, id="ulysses2xtp2", marks=_ODD_TEXT),
     # Context parallel only: the transformer is read whole on every rank, the text encoders still by shards.
-    pytest.param(2, {"ulysses_size": 2}, id="ulysses2"),
+    pytest.param(2, {"ulysses_size": 2}, id="ulysses2", marks=_ODD_TEXT),
 ]
 
 
