@@ -29,11 +29,15 @@ def blocks_split_plan(model, stack: str = "transformer_blocks", gather_after: st
     blocks = len(getattr(model, stack))
     if not blocks:
         raise UnsupportedError(f"{type(model).__name__} has no {what} to parallelize.")
-    return {
-        **(tables or {}),
-        f"{stack}.0": {"hidden_states": split_input(split_dim=1, expected_dims=3)},
-        gather_after or f"{stack}.{blocks - 1}": gather_output(gather_dim=1, expected_dims=3),
-    }
+    last = gather_after or f"{stack}.{blocks - 1}"
+    if last == f"{stack}.0":  # one block: a plan holds one entry per name, so the gather goes under the wildcard
+        last = f"{stack}.*"
+    plan = {**(tables or {}), f"{stack}.0": {"hidden_states": split_input(split_dim=1, expected_dims=3)}}
+    if last in plan:
+        raise UnsupportedError(f"{type(model).__name__}: its one block takes a per-token table and the gather at "
+                               f"the same place ({last}); diffpar cannot split it.")
+    plan[last] = gather_output(gather_dim=1, expected_dims=3)
+    return plan
 
 
 def first_and_every_block(stack: str, blocks: int, first: dict, every: dict) -> dict:
