@@ -6,11 +6,13 @@ Runs the demo's tiny FLUX pipeline (ulysses 2, VAE split) with `check_every_call
 round by round, and times the agreement exchange alone (describe the call's arguments, fingerprint them, one
 all-reduce of 3 integers), for a call with a text prompt and for one with precomputed prompt embeddings (their
 checksums are part of the description). Prints each exchange's median time, the median time per denoising step,
-and their ratio (target: under 1%), and where an exchange's time goes (describe / fingerprint / collective).
+and their ratio (target: under 1%), and where an exchange's time goes (describe / fingerprint / collective), with the
+load average at the start and the end (the exchange's cost is mostly scheduling latency: report the load with it).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -33,6 +35,7 @@ def main() -> None:
     from diffpar.testing.tiny_pipelines import build_tiny_flux_pipeline
 
     ensure_process_group()
+    load_at_start = os.getloadavg()
     call = dict(prompt="a lighthouse on a cliff at dawn", height=args.size, width=args.size,
                 num_inference_steps=args.steps, max_sequence_length=16, guidance_scale=3.5, output_type="pt")
     pipes = {}
@@ -93,6 +96,8 @@ def main() -> None:
         parts = ", ".join(f"{k} {statistics.median(samples[k]) * 1e3:.3f} ms"
                           for k in ("describe", "fingerprint", "collective"))
         print(f"  where an exchange's time goes (medians, embeddings call): {parts}")
+        loads = " -> ".join(f"{a:.2f} {b:.2f} {c:.2f}" for a, b, c in (load_at_start, os.getloadavg()))
+        print(f"  load average (1, 5, 15 min), start -> end: {loads}")
     dist.destroy_process_group()
 
 
