@@ -3,7 +3,7 @@
 A text encoder is sharded over the whole world (the group `enable_cache` hands every extra module), whatever
 the transformer uses. Each family file says how to find the encoder's layer stacks and gives their plan:
 transformers' own `base_model_tp_plan` where the config carries one (decoder LLMs), a plan written here
-where it does not (T5, UMT5, CLIP). A plan maps module paths (`*` = any one path component) to a style:
+where it does not (T5, UMT5, CLIP, BERT). A plan maps module paths (`*` = any one path component) to a style:
 
     colwise      a Linear whose output features are split: no communication
     rowwise      a Linear whose input features are split: one all-reduce, then the bias once
@@ -14,7 +14,8 @@ and transformers' `colwise_gather_output` / `rowwise_split_input`, honoured lite
 slice) unless the family declares the layer packed (GLM's fused gate_up, chunked in two inside its MLP: each
 half is split the same way, so no gather is needed).
 
-Planned layers are grouped by parent. A parent that is an attention module (the family recognizes it by
+Planned layers are grouped by parent (the family's `group`: the immediate parent by default; BERT, whose
+pairs sit in sibling modules, groups two levels up with dotted child paths). A parent that is an attention module (the family recognizes it by
 class) is split by whole heads (`split_heads`: uneven counts and key/value-head replication included) and
 gets its per-rank head counts; any other parent (an MLP) splits its inner features evenly. The result is the
 engine's shard description (`engines/tp_shard.py` `ShardPlan`), built for every rank during the local checks,
@@ -293,7 +294,7 @@ def _plan_attention(encoder, parent, parent_path, layout: AttentionLayout, style
     ]
     if HEAD_TABLE in styles.values():
         out.layers.append(LayerShard(_join(parent_path, layout.head_table), HEAD_TABLE_SHARD, [[s.q] for s in shards]))
-    out.attributes.append(AttributeShard(_join(parent_path, layout.attrs_path), tuple(layout.local_attrs(s) for s in shards)))
+    out.attributes.append(AttributeShard(_join(parent_path, layout.attrs_path) if layout.attrs_path else parent_path, tuple(layout.local_attrs(s) for s in shards)))
     out.heads[parent_path] = [(s.num_q, s.num_kv) for s in shards]
 
 
