@@ -1,4 +1,4 @@
-"""BERT text-encoder tensor parallelism (HunyuanDiT's BertModel): heads and inner features split over sibling modules."""
+"""BERT / RoBERTa text-encoder tensor parallelism (HunyuanDiT's BertModel): heads and inner features split over sibling modules."""
 import pytest
 from tolerances import TP_FP32
 
@@ -7,10 +7,13 @@ from diffpar.families.text_encoders.base import build_plan
 WORKER = "workers.text_encoder_bert"
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_bert_matches_one_process(ranks, world, attn):
-    results = ranks(world, f"{WORKER}:equivalence", attn=attn, timeout=240)
+CASES = [(world, attn, "bert") for world in (2, 3, 4) for attn in ("sdpa", "eager")] + [
+    (world, "sdpa", kind) for world in (2, 4) for kind in ("roberta", "xlm-roberta")]
+
+
+@pytest.mark.parametrize("world,attn,kind", CASES)
+def test_bert_matches_one_process(ranks, world, attn, kind):
+    results = ranks(world, f"{WORKER}:equivalence", attn=attn, kind=kind, timeout=240)
     for rank, r in enumerate(results):
         for output, diff in r["diffs"].items():
             assert diff <= TP_FP32, (world, attn, rank, output, diff)

@@ -15,13 +15,14 @@ TINY_BERT = dict(vocab_size=97, hidden_size=40, num_attention_heads=5, intermedi
                  attention_probs_dropout_prob=0.0)
 
 
-def _tiny_bert(attn: str = "sdpa", seed: int = 0):
-    from transformers import BertConfig, BertModel
+def _tiny_bert(attn: str = "sdpa", seed: int = 0, kind: str = "bert"):
+    import transformers
 
+    prefix = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta"}[kind]
     torch.manual_seed(seed)
-    config = BertConfig(**TINY_BERT)
+    config = getattr(transformers, f"{prefix}Config")(**TINY_BERT)
     config._attn_implementation = attn
-    return BertModel(config).eval()
+    return getattr(transformers, f"{prefix}Model")(config).eval()
 
 
 def _inputs(batch: int = 2, seq: int = 11):
@@ -52,9 +53,9 @@ def _sharded_layer_bytes(model) -> int:
     return total
 
 
-def equivalence(attn: str = "sdpa"):
+def equivalence(attn: str = "sdpa", kind: str = "bert"):
     """Sharded vs one process; per-rank bytes of the split layers; per-rank head attributes; all-reduces; detach."""
-    model = _tiny_bert(attn)
+    model = _tiny_bert(attn, kind=kind)
     inputs = _inputs()
     reference_model = copy.deepcopy(model)
     reference = _outputs(reference_model, inputs)

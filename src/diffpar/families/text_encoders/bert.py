@@ -1,4 +1,4 @@
-"""BERT encoders (HunyuanDiT's `text_encoder` is a BertModel): transformers ships no TP plan, so here is one.
+"""BERT encoders (HunyuanDiT's `text_encoder` is a BertModel; RoBERTa and XLM-RoBERTa share the layout): transformers ships no TP plan, so here is one.
 
 BERT splits each layer's pairs over sibling modules: the attention's query/key/value sit in `attention.self`
 and its output projection in `attention.output.dense`; the MLP's first layer is `intermediate.dense` and its
@@ -26,6 +26,9 @@ BERT_ENCODER_PLAN = {
 # encoder class -> (config model_type, encoder-stack class, attention class holding the two sibling modules)
 BERT_ENCODERS = {
     "BertModel": ("bert", "BertEncoder", "BertAttention"),
+    # The same layer layout and attention attributes (transformers copies BERT's modules for them).
+    "RobertaModel": ("roberta", "RobertaEncoder", "RobertaAttention"),
+    "XLMRobertaModel": ("xlm-roberta", "XLMRobertaEncoder", "XLMRobertaAttention"),
 }
 
 
@@ -37,7 +40,7 @@ def _bert_local_attrs(head_dim: int):
 
 
 class BertFamily(TextEncoderFamily):
-    name = "BERT encoder"
+    name = "BERT / RoBERTa encoder"
     classes = tuple(BERT_ENCODERS)
 
     def matches(self, module: nn.Module) -> bool:
