@@ -8,6 +8,7 @@ from diffpar.families.controlnets import sd3 as _controlnets_sd3
 from diffpar.families.controlnets import zimage as _controlnets_zimage
 from diffpar.families.pipelines import cfg as _pipelines_cfg
 from diffpar.families.text_encoders import base as _text_encoders_base
+from diffpar.families.text_encoders import bert as _text_encoders_bert
 from diffpar.families.text_encoders import clip as _text_encoders_clip
 from diffpar.families.text_encoders import decoders as _text_encoders_decoders
 from diffpar.families.text_encoders import t5 as _text_encoders_t5

@@ -3,7 +3,7 @@
 A text encoder is sharded over the whole world (the group `enable_cache` hands every extra module), whatever
 the transformer uses. Each family file says how to find the encoder's layer stacks and gives their plan:
 transformers' own `base_model_tp_plan` where the config carries one (decoder LLMs), a plan written here
-where it does not (T5, UMT5, CLIP). A plan maps module paths (`*` = any one path component) to a style:
+where it does not (T5, UMT5, CLIP, BERT). A plan maps module paths (`*` = any one path component) to a style:
 
     colwise      a Linear whose output features are split: no communication
     rowwise      a Linear whose input features are split: one all-reduce, then the bias once
@@ -14,7 +14,8 @@ and transformers' `colwise_gather_output` / `rowwise_split_input`, honoured lite
 slice) unless the family declares the layer packed (GLM's fused gate_up, chunked in two inside its MLP: each
 half is split the same way, so no gather is needed).
 
-Planned layers are grouped by parent. A parent that is an attention module (the family recognizes it by
+Planned layers are grouped by parent (the family's `group`: the immediate parent by default; BERT, whose
+pairs sit in sibling modules, groups two levels up with dotted child paths). A parent that is an attention module (the family recognizes it by
 class) is split by whole heads (`split_heads`: uneven counts and key/value-head replication included) and
 gets its per-rank head counts; any other parent (an MLP) splits its inner features evenly. The result is the
 engine's shard description (`engines/tp_shard.py` `ShardPlan`), built for every rank during the local checks,
@@ -89,6 +90,9 @@ class AttentionLayout:
     # Per-rank attribute values the attention's forward reads (e.g. num_key_value_groups, n_heads, inner_dim).
     local_attrs: Callable[[HeadShard], dict]
     head_table: str | None = None
+    # Where those attributes live, relative to the attention module ("" = on it). The projection names above
+    # may be dotted paths too (BERT: `self.query` ... `output.dense`, the head counts on `self`).
+    attrs_path: str = ""
 
 
 class TextEncoderFamily:
@@ -110,6 +114,13 @@ class TextEncoderFamily:
 
     def attention_layout(self, parent: nn.Module) -> AttentionLayout | None:
         raise NotImplementedError
+
+    def group(self, path: str) -> tuple[str, str]:
+        """(parent path, child path) of a planned layer: layers sharing a parent are split together (an
+        attention's projections by heads, an MLP's pair by inner features). Default: the immediate parent; a
+        family whose pairs sit in sibling modules (BERT) groups at a higher level and gives dotted child paths."""
+        parent, _, child = path.rpartition(".")
+        return parent, child
 
     def packed_parts(self, parent: nn.Module, child: str) -> int:
         """How many equal parts a layer's output is chunked into by its parent's forward (1: not packed)."""
@@ -233,7 +244,7 @@ def build_plan(encoder: nn.Module, world: int, family: TextEncoderFamily | None 
         for path, (style, _pattern) in planned.items():
             if style == REPLICATED:
                 continue
-            parent, _, child = path.rpartition(".")
+            parent, child = family.group(path)
             _check_layer(encoder, path, encoder.get_submodule(path), style)
             by_parent.setdefault(parent, {})[child] = style
         for parent_path in sorted(by_parent, key=_natural_key):
@@ -269,9 +280,10 @@ def _plan_attention(encoder, parent, parent_path, layout: AttentionLayout, style
             "value by heads, the output projection by rows) to stay exact."
         )
     d = layout.head_dim
-    q_out = getattr(parent, layout.q).out_features
-    kv_out = getattr(parent, layout.k).out_features
-    if q_out % d or kv_out % d or getattr(parent, layout.v).out_features != kv_out or getattr(parent, layout.o).in_features != q_out:
+    q_out = parent.get_submodule(layout.q).out_features
+    kv_out = parent.get_submodule(layout.k).out_features
+    if (q_out % d or kv_out % d or parent.get_submodule(layout.v).out_features != kv_out
+            or parent.get_submodule(layout.o).in_features != q_out):
         raise UnsupportedError(f"{label}: projection sizes do not match whole heads of {d} features; cannot split by heads.")
     shards = split_heads(q_out // d, kv_out // d, world, what=f"{label} (query/key-value heads {q_out // d}/{kv_out // d})")
     out.layers += [
@@ -282,7 +294,7 @@ def _plan_attention(encoder, parent, parent_path, layout: AttentionLayout, style
     ]
     if HEAD_TABLE in styles.values():
         out.layers.append(LayerShard(_join(parent_path, layout.head_table), HEAD_TABLE_SHARD, [[s.q] for s in shards]))
-    out.attributes.append(AttributeShard(parent_path, tuple(layout.local_attrs(s) for s in shards)))
+    out.attributes.append(AttributeShard(_join(parent_path, layout.attrs_path) if layout.attrs_path else parent_path, tuple(layout.local_attrs(s) for s in shards)))
     out.heads[parent_path] = [(s.num_q, s.num_kv) for s in shards]
 
 
@@ -303,7 +315,7 @@ def _plan_dense(encoder, family, parent, parent_path, styles, world, out: ShardP
         styles = {c: {COLWISE_GATHER_OUTPUT: COLWISE, ROWWISE_SPLIT_INPUT: ROWWISE}.get(s, s) for c, s in styles.items()}
     inner = None
     for child, style in styles.items():
-        layer = getattr(parent, child)
+        layer = parent.get_submodule(child)
         if style == COLWISE:
             parts = packed.get(child, 1)
             if layer.out_features % parts:
@@ -327,7 +339,7 @@ def _plan_dense(encoder, family, parent, parent_path, styles, world, out: ShardP
             "module (and a row-split layer fed by a split output), or the result would be a shard, not the model's."
         )
     for child, style in styles.items():
-        layer = getattr(parent, child)
+        layer = parent.get_submodule(child)
         size = inner if style in (COLWISE, ROWWISE) else (
             layer.out_features if style == COLWISE_GATHER_OUTPUT else layer.in_features)
         if size < world:
