@@ -36,6 +36,10 @@ WITH_TEXT_ENCODER = {"lumina-next"}
 # token + 64 image tokens (checked per run below). Lumina-Next pads its prompt to a multiple of 8 itself.
 ODD_TOKENS_PROBED = {"dit"}
 
+# Pipelines that draw their initial noise inline (no prepare_latents): diffpar's latent broadcast cannot reach them,
+# so every rank passes the same seed (see test_dit_rank_seeds below).
+NO_PREPARE_LATENTS = {"dit"}
+
 CASES = [
     pytest.param("omnigen", marks=[_needs("OmniGenPipeline"), _needs_torchvision]),
     pytest.param("lumina-next", marks=_needs("LuminaPipeline")),
@@ -46,7 +50,8 @@ CASES = [
 @pytest.mark.parametrize("kind", CASES)
 def test_image_pipeline_whole_world(ranks, kind):
     config = {"ulysses_size": 2}
-    results = ranks(2, "workers.image_pipelines_d:pipeline_equivalence", kind=kind, config=config, timeout=300)
+    results = ranks(2, "workers.image_pipelines_d:pipeline_equivalence", kind=kind, config=config, timeout=300,
+                    rank_seeds=kind not in NO_PREPARE_LATENTS)
     for r in results:
         assert r["diff"] <= PIPELINE_FP32, (r["diff"], r["scale"])
         assert r["repeat_diff"] == 0.0, "a second call must give the same image (no state left between calls)"
@@ -61,3 +66,13 @@ def test_image_pipeline_whole_world(ranks, kind):
         for name, counts in r["text_encoders"].items():  # each rank holds a shard of the encoder, not all of it
             assert counts["after"] < counts["before"], (name, counts)
     assert_split(results, config)  # every denoising step's transformer attention ran on a token shard
+
+
+@_needs("DiTPipeline")
+@pytest.mark.xfail(strict=True, reason=(
+    "diffpar gap: the latent broadcast patches `prepare_latents`, which DiTPipeline lacks (it draws its noise inline "
+    "with randn_tensor): ranks given different generator seeds start from different noise (measured: max diff 0.77)"))
+def test_dit_rank_seeds(ranks):
+    results = ranks(2, "workers.image_pipelines_d:pipeline_equivalence", kind="dit", config={"ulysses_size": 2},
+                    timeout=300)
+    assert all(r["diff"] <= PIPELINE_FP32 for r in results), [r["diff"] for r in results]
