@@ -15,10 +15,23 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _eight_times_vae(seed: int):
+    """A four-block AutoencoderKL (8x, as OmniGen's processor assumes when it counts the image's tokens)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=0.13025,
+    ).eval()
+
+
 @builder("omnigen")
 def _omnigen(seed: int):
     """OmniGenPipeline: no text encoder (the transformer embeds the prompt's token ids itself, one sequence of
-    prompt, time token and 8 x 8 = 64 image tokens); guidance as one batch of two (prompt, negative)."""
+    prompt, time token and 4 x 4 = 16 image tokens: 64 px through an 8x VAE); guidance as one batch of two (prompt, negative)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, OmniGenPipeline, OmniGenTransformer2DModel
 
     heads, head_dim = 4, 8
@@ -30,13 +43,13 @@ def _omnigen(seed: int):
         vocab_size=tiny_text_encoders.VOCAB, pad_token_id=0, pos_embed_max_size=32, time_step_dim=16,
         rope_scaling=rope,
     ).eval()
-    vae = tiny_pipelines.tiny_image_vae(seed + 3, shift_factor=0.0, scaling_factor=0.13025)
+    vae = _eight_times_vae(seed + 3)
     pipe = OmniGenPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True,
                                                                                                num_train_timesteps=1),
                            vae=vae, tokenizer=tiny_text_encoders.t5_tokenizer(512))
 
     def call_kwargs(steps: int, seed: int) -> dict:
-        return dict(prompt=PROMPT, height=32, width=32, num_inference_steps=steps, guidance_scale=3.0,
+        return dict(prompt=PROMPT, height=64, width=64, num_inference_steps=steps, guidance_scale=3.0,
                     generator=_generator(seed), output_type="pt")
 
     return pipe, call_kwargs, ("vae",)
