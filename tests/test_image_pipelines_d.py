@@ -32,10 +32,11 @@ _needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") 
 
 # Kinds with a text encoder (made tensor parallel); OmniGen embeds the prompt's ids in its transformer, DiT has
 # class labels only.
-WITH_TEXT_ENCODER = {"lumina-next"}
+WITH_TEXT_ENCODER = {"lumina-next", "ideogram4"}
 # Kinds whose probed (first) attention holds an odd token count: DiT's 5 x 5 patch grid; OmniGen's one sequence
 # (templated prompt 442 + time token + 16 image tokens = 459). Lumina-Next pads its prompt to a multiple of 8 itself.
-ODD_TOKENS_PROBED = {"dit", "omnigen"}
+# Ideogram 4's sequence: the prompt left-padded to max_sequence_length 35, then 16 image tokens (51).
+ODD_TOKENS_PROBED = {"dit", "omnigen", "ideogram4"}
 
 # Pipelines that draw their initial noise inline (no prepare_latents): diffpar's latent broadcast cannot reach them,
 # so every rank passes the same seed (see test_dit_rank_seeds below).
@@ -45,6 +46,7 @@ CASES = [
     pytest.param("omnigen", marks=[_needs("OmniGenPipeline"), _needs_torchvision]),
     pytest.param("lumina-next", marks=_needs("LuminaPipeline")),
     pytest.param("dit", marks=_needs("DiTPipeline")),
+    pytest.param("ideogram4", marks=_needs("Ideogram4Pipeline")),
 ]
 
 

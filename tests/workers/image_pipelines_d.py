@@ -111,3 +111,39 @@ def _dit(seed: int):
                     output_type="np")
 
     return pipe, call_kwargs, ("vae",)
+
+
+@builder("ideogram4")
+def _ideogram4(seed: int):
+    """Ideogram4Pipeline: a Qwen3-VL encoder run layer by layer (36 layers: the pipeline taps 13 fixed ones, up to
+    layer 35, and joins them as the prompt's features: 13 x 16 = 208), a conditional and an unconditional
+    Ideogram4Transformer2DModel over one packed [left-padded prompt][image] sequence (asymmetric guidance: two
+    transformers), the Flux 2 VAE (latent patchified 2 x 2: 4 x 4 = 16 image tokens at 32 px)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Ideogram4Pipeline, Ideogram4Transformer2DModel
+
+    from diffpar.testing import tiny_vaes
+
+    full, _ = tiny_text_encoders.build("qwen3_vl", seed=seed, heads=4, kv_heads=2, head_dim=8, hidden=16,
+                                       intermediate=24, layers=36)
+    qwen = full.model  # the pipeline reads `text_encoder.language_model`: the Qwen3VLModel, not the LM wrapper
+
+    def transformer(offset: int):
+        torch.manual_seed(seed + offset)
+        return construct(
+            Ideogram4Transformer2DModel, in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=4,
+            intermediate_size=64, adaln_dim=16, llm_features_dim=13 * 16, mrope_section=(4, 2, 2),
+        ).eval()
+
+    vae, _, _ = tiny_vaes.build("flux2", seed=seed + 3)
+    pipe = Ideogram4Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=qwen,
+                             tokenizer=tiny_text_encoders.chat_tokenizer(64), transformer=transformer(2),
+                             unconditional_transformer=transformer(5))
+
+    def call_kwargs(steps: int, seed: int) -> dict:
+        return dict(prompt=PROMPT, height=32, width=32, num_inference_steps=steps, guidance_scale=4.0,
+                    guidance_schedule=None, max_sequence_length=35, generator=_generator(seed),
+                    output_type="pt")
+
+    # The unconditional transformer runs whole on every rank: diffpar finds denoisers by attribute name
+    # (components.DENOISER_ATTRS) and has no "unconditional_transformer", nor an extra-module kind for a transformer.
+    return pipe, call_kwargs, ("text_encoder", "vae")
