@@ -1,4 +1,4 @@
-"""Rank-side whole image pipelines (tests/test_image_pipelines_d.py): OmniGen, Lumina-Next, DiT. Each is built tiny
+"""Rank-side whole image pipelines (tests/test_image_pipelines_d.py): OmniGen, Lumina-Next, DiT, Ideogram 4. Each is built tiny
 here from local parts (seeded random weights, in-memory tokenizers) and registered into
 `workers.image_pipelines_a`'s builders, whose `pipeline_equivalence` runs it in one process and then on every rank
 under `enable_cache` (transformer context parallel, text encoder tensor parallel, VAE split)."""
