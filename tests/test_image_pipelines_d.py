@@ -1,7 +1,7 @@
-"""Image pipelines end to end on 2 ranks (OmniGen, Lumina-Next, DiT, Ideogram 4): the transformer context parallel (Ulysses 2;
-odd lengths where the pipeline allows them), every text encoder tensor parallel, the VAE decode split, vs the same
-pipeline in one process. Rank r passes generator seed r: diffpar's latent broadcast must make every rank use rank
-0's noise."""
+"""Image pipelines end to end on 2 ranks (OmniGen, Lumina-Next, DiT, Ideogram 4): the transformer context parallel
+(Ulysses 2; odd lengths where the pipeline allows them), every text encoder tensor parallel, the VAE decode split,
+vs the same pipeline in one process. Rank r passes generator seed r (DiT aside, see below): diffpar's latent
+broadcast must make every rank use rank 0's noise."""
 import importlib.util
 
 import pytest

@@ -1,5 +1,5 @@
-"""Rank-side whole image pipelines (tests/test_image_pipelines_d.py): OmniGen, Lumina-Next, DiT, Ideogram 4. Each is built tiny
-here from local parts (seeded random weights, in-memory tokenizers) and registered into
+"""Rank-side whole image pipelines (tests/test_image_pipelines_d.py): OmniGen, Lumina-Next, DiT, Ideogram 4.
+Each is built tiny here from local parts (seeded random weights, in-memory tokenizers) and registered into
 `workers.image_pipelines_a`'s builders, whose `pipeline_equivalence` runs it in one process and then on every rank
 under `enable_cache` (transformer context parallel, text encoder tensor parallel, VAE split)."""
 from __future__ import annotations
@@ -8,7 +8,8 @@ import torch
 
 from diffpar.testing import tiny_pipelines, tiny_text_encoders
 from diffpar.testing.tiny_transformers import construct
-from workers.image_pipelines_a import PROMPT, ODD_TEXT_LENGTH, builder, pipeline_equivalence, reference_only  # noqa: F401
+# pipeline_equivalence / reference_only are this module's entry points (the builders register into _a's table)
+from workers.image_pipelines_a import PROMPT, builder, pipeline_equivalence, reference_only  # noqa: F401
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -31,7 +32,7 @@ def _eight_times_vae(seed: int):
 @builder("omnigen")
 def _omnigen(seed: int):
     """OmniGenPipeline: no text encoder (the transformer embeds the prompt's token ids itself, one sequence of
-    prompt, time token and 4 x 4 = 16 image tokens: 64 px through an 8x VAE); guidance as one batch of two (prompt, negative)."""
+    prompt, time token and 4 x 4 = 16 image tokens: 64 px through an 8x VAE); guidance as one batch of two."""
     from diffusers import FlowMatchEulerDiscreteScheduler, OmniGenPipeline, OmniGenTransformer2DModel
 
     heads, head_dim = 4, 8
@@ -44,8 +45,8 @@ def _omnigen(seed: int):
         rope_scaling=rope,
     ).eval()
     vae = _eight_times_vae(seed + 3)
-    pipe = OmniGenPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True,
-                                                                                               num_train_timesteps=1),
+    scheduler = FlowMatchEulerDiscreteScheduler(invert_sigmas=True, num_train_timesteps=1)  # OmniGen's own
+    pipe = OmniGenPipeline(transformer=transformer, scheduler=scheduler,
                            vae=vae, tokenizer=tiny_text_encoders.t5_tokenizer(512))
 
     def call_kwargs(steps: int, seed: int) -> dict:
