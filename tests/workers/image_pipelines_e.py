@@ -50,3 +50,49 @@ def _bria_fibo(seed=0):
 
 pipeline_equivalence = image_pipelines_b.pipeline_equivalence
 reference_run = image_pipelines_b.reference_run
+
+
+# -- Bria FIBO 2 ------------------------------------------------------------------------------------------------
+class _QwenChatTokenizerProcessor:
+    """What BriaFibo2Pipeline calls of a Qwen3VLProcessor for a prompt without images: `processor(text=...,
+    images=None, **tokenizer options)`. It stands in for transformers' Qwen3VLProcessor, whose video processor needs
+    torchvision (not installed here)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text, images=None, **options):
+        assert images is None, "this stand-in encodes text only"
+        return self.tokenizer(text, **options)
+
+
+@_kind("bria_fibo2", "BriaFibo2Pipeline",
+       lambda: dict(prompt="a red fox in the snow", negative_prompt="dark", height=24, width=40, guidance_scale=4.0,
+                    render_text_images=False),
+       ("text_encoder", "vae"))
+def _bria_fibo2(seed=0):
+    """A Qwen3-VL encoder (3 layers; each of the transformer's two text inputs, the Perceiver's and the injection
+    layer's, bundles three of its hidden states, as the real pipeline's six bundles of three), a Flux.2 VAE (4x, its
+    BatchNorm statistics), 2 x 2 patches: 24 x 40 px is 3 x 5 = 15 image tokens (odd); the prompt (31 tokens in
+    Qwen's chat template) and the negative (19) run as two passes."""
+    from diffusers import BriaFibo2Pipeline, BriaFibo2Transformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    from diffpar.testing.tiny_image_pipelines import qwen_vl_tokenizer
+
+    text_encoder, _ = tiny_text_encoders.build("qwen3_vl", seed=seed, hidden=32, intermediate=256, layers=3)
+    torch.manual_seed(seed + 1)  # tiny_models/bria_fibo2.py's model, reading three 32-wide hidden states
+    transformer = construct(
+        BriaFibo2Transformer2DModel, in_channels=4, patch_size=2, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+        cap_feat_dim=96, injection_layer_ids=(1,), perceiver_num_layers=1, min_num_gist_tokens=4,
+        max_num_gist_tokens=8, gist_step=4, gist_min_text_len=4, gist_max_text_len=16, axes_dims=(4, 6, 6),
+        axes_lens=(64, 32, 32)).eval()
+    torch.manual_seed(seed + 2)
+    vae, _ = tiny_vaes.BUILDERS["flux2"]()
+    g = torch.Generator().manual_seed(seed + 3)  # BatchNorm statistics away from the identity
+    vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape, generator=g) * 0.1)
+    vae.bn.running_var.copy_(torch.rand(vae.bn.running_var.shape, generator=g) + 0.5)
+    pipe = BriaFibo2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                             vae=vae.eval(), text_encoder=text_encoder,
+                             processor=_QwenChatTokenizerProcessor(qwen_vl_tokenizer()))
+    pipe.text_encoder_out_layers = ((1, 2, 3), (0, 2, 3))  # the real ones name layers 5 to 35 of 36
+    return pipe
