@@ -36,7 +36,7 @@ def _check(results, kind, config):
             for layout in share["heads_per_rank"]:  # per attention layout: (query heads, KV heads) on each rank
                 assert len(layout) == len(results) and all(q < sum(h[0] for h in layout) for q, _ in layout), share
         # the probed (first split) attention's sequence is odd: FIBO's 13 prompt + 16 image tokens, FIBO 2's
-        # refiner over 15 image tokens
+        # refiner over 15 image tokens, JoyImage's 2 x 9 image tokens after its prompt (191)
         assert r["split_reference"]["tokens"][0] % 2 == 1, r["split_reference"]
         calls = r["vae_calls"]
         assert calls["decode"]["split"] >= 1 and calls["decode"]["whole"] == 0, calls
@@ -51,7 +51,7 @@ def _case(kind):
                                                       reason=f"diffusers {diffusers.__version__} has no {name}"))
 
 
-KIND_NAMES = ["bria_fibo", "bria_fibo2"]
+KIND_NAMES = ["bria_fibo", "bria_fibo2", "joyimage_edit"]
 
 
 @pytest.mark.parametrize("kind", [_case(kind) for kind in KIND_NAMES])

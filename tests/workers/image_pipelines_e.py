@@ -96,3 +96,78 @@ def _bria_fibo2(seed=0):
                              processor=_QwenChatTokenizerProcessor(qwen_vl_tokenizer()))
     pipe.text_encoder_out_layers = ((1, 2, 3), (0, 2, 3))  # the real ones name layers 5 to 35 of 36
     return pipe
+
+
+# -- JoyImage Edit ----------------------------------------------------------------------------------------------
+def _pil(height: int, width: int, seed: int):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(height, width, 3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
+def _caller_size_processor(pipe):
+    """JoyImage's image processor, but keeping the caller's height and width: its buckets all hold about 1024 x 1024
+    pixels (find_best_bucket), far beyond a tiny test."""
+    from diffusers.pipelines.joyimage.image_processor import JoyImageEditImageProcessor
+
+    class CallerSizeProcessor(JoyImageEditImageProcessor):
+        def get_default_height_width(self, image, height=None, width=None):
+            return height, width
+
+    return CallerSizeProcessor(vae_scale_factor=pipe.vae_scale_factor_spatial)
+
+
+def _qwen3_vl_processor():
+    """tiny_image_pipelines' text-and-image stand-in for a Qwen-VL processor, plus what Qwen3-VL's multimodal RoPE
+    reads: `mm_token_type_ids` (1 on image tokens, 0 on text), as transformers' Qwen3VLProcessor returns it."""
+    from diffpar.testing.tiny_image_pipelines import QwenVLTextImageProcessor, qwen_vl_processor
+
+    class Qwen3VLTextImageProcessor(QwenVLTextImageProcessor):
+        def __call__(self, text, images=None, padding=True, return_tensors="pt"):
+            out = super().__call__(text, images=images, padding=padding, return_tensors=return_tensors)
+            image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+            out["mm_token_type_ids"] = (out["input_ids"] == image_token_id).long()
+            return out
+
+    base = qwen_vl_processor()
+    return Qwen3VLTextImageProcessor(base.tokenizer, base.image_processor)
+
+
+def _joyimage_parts(seed: int, transformer_kind: str) -> dict:
+    """A Qwen3-VL encoder (hidden 24: the tiny transformer's text_dim; its vision tower sees the image to edit through
+    the processor's 2 x 2 pixel patches), a tiny JoyImage transformer (2 x 2 patches), Wan 2.1's VAE (8x: the
+    pipeline reads scale_factor_spatial 8 from its config)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffpar.testing import tiny_transformers
+    # a wide MLP: the vision tower stays whole, and the sharded layers must still outweigh it
+    text_encoder, _ = tiny_text_encoders.build("qwen3_vl", seed=seed, hidden=24, intermediate=512)
+    torch.manual_seed(seed + 1)
+    transformer, _ = tiny_transformers.build(transformer_kind, seed=seed + 1)
+    torch.manual_seed(seed + 2)
+    vae, _ = tiny_vaes.BUILDERS["wan"](mult=(1, 2, 2, 2), latent=4, temporal=(False, True, True))
+    processor = _qwen3_vl_processor()
+    return dict(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae.eval(), text_encoder=text_encoder,
+                tokenizer=processor.tokenizer, transformer=transformer.eval(), processor=processor)
+
+
+def _edit_call(**extra):
+    # JoyImage samples the encoded image's posterior from torch's global RNG (no generator): every call, in one
+    # process and on every rank, seeds it alike first (this runs just before each call).
+    torch.manual_seed(100)
+    return dict(prompt="make the fox red", negative_prompt="dark", height=48, width=48, guidance_scale=4.0,
+                **extra)
+
+
+@_kind("joyimage_edit", "JoyImageEditPipeline", lambda: _edit_call(image=_pil(40, 56, 31)), ("text_encoder", "vae"))
+def _joyimage_edit(seed=0):
+    """JoyImageEditPipeline: the image to edit goes through the (split) VAE encode and, as 8 x 8 pixel patches,
+    Qwen3-VL's vision tower; its latents and the noise make two items of 3 x 3 patches (48 px) each; guidance as
+    two calls per step."""
+    from diffusers import JoyImageEditPipeline
+
+    pipe = JoyImageEditPipeline(**_joyimage_parts(seed, "joyimage"))
+    pipe.vae_image_processor = _caller_size_processor(pipe)
+    return pipe
