@@ -29,6 +29,8 @@ def _check(results, kind, config):
         assert r["diff"] <= PIPELINE_FP32, (r["rank"], r["diff"], r["scale"])
         assert r["repeat_diff"] == 0.0, "a second call must give the same image (no state left between calls)"
         assert r["ranks_identical"], "every rank must hold the same image"
+        # detach reports only the sharded text encoder (it must be reloaded: keep_original_text_encoders is off)
+        assert all(p.startswith("text_encoder") for p in r["detach_problems"]), r["detach_problems"]
         assert set(r["text_encoders"]) == {n for n in KINDS[kind].parallel if n.startswith("text_encoder")}
         assert r["text_encoders"], "every pipeline here has a text encoder"
         for name, share in r["text_encoders"].items():  # tensor parallel: fewer weight bytes, a share of the heads
@@ -36,7 +38,8 @@ def _check(results, kind, config):
             for layout in share["heads_per_rank"]:  # per attention layout: (query heads, KV heads) on each rank
                 assert len(layout) == len(results) and all(q < sum(h[0] for h in layout) for q, _ in layout), share
         # the probed (first split) attention's sequence is odd: FIBO's 13 prompt + 16 image tokens, FIBO 2's
-        # refiner over 15 image tokens, JoyImage's 2 x 9 image tokens after its prompt (191)
+        # refiner over 15 image tokens, JoyImage Edit's 2 x 9 image tokens after its prompt (191), Edit Plus's
+        # 9 + 6 + 6 after its prompt (234)
         assert r["split_reference"]["tokens"][0] % 2 == 1, r["split_reference"]
         calls = r["vae_calls"]
         assert calls["decode"]["split"] >= 1 and calls["decode"]["whole"] == 0, calls
@@ -51,7 +54,7 @@ def _case(kind):
                                                       reason=f"diffusers {diffusers.__version__} has no {name}"))
 
 
-KIND_NAMES = ["bria_fibo", "bria_fibo2", "joyimage_edit"]
+KIND_NAMES = ["bria_fibo", "bria_fibo2", "joyimage_edit", "joyimage_edit_plus"]
 
 
 @pytest.mark.parametrize("kind", [_case(kind) for kind in KIND_NAMES])

@@ -114,6 +114,9 @@ def _caller_size_processor(pipe):
 
     class CallerSizeProcessor(JoyImageEditImageProcessor):
         def get_default_height_width(self, image, height=None, width=None):
+            if height is None or width is None:  # (Edit Plus asks for each reference image's own size)
+                step = 2 * self.config.vae_scale_factor  # whole 2 x 2 latent patches
+                width, height = (size // step * step for size in image.size)
             return height, width
 
     return CallerSizeProcessor(vae_scale_factor=pipe.vae_scale_factor_spatial)
@@ -170,4 +173,22 @@ def _joyimage_edit(seed=0):
 
     pipe = JoyImageEditPipeline(**_joyimage_parts(seed, "joyimage"))
     pipe.vae_image_processor = _caller_size_processor(pipe)
+    return pipe
+
+
+# -- JoyImage Edit Plus -----------------------------------------------------------------------------------------
+@_kind("joyimage_edit_plus", "JoyImageEditPlusPipeline",
+       # the negative prompt has the prompt's token count: guidance batches the two, and diffpar refuses a padded
+       # prompt for this transformer (diffusers keeps its mask whole while splitting the prompt)
+       lambda: dict(images=[_pil(32, 48, 32), _pil(48, 32, 33)], prompt="make the cat red",
+                    negative_prompt="make the cat dark", height=48, width=48, guidance_scale=4.0),
+       ("text_encoder", "vae"))
+def _joyimage_edit_plus(seed=0):
+    """JoyImageEditPlusPipeline with two reference images of different shapes: each goes through the (split) VAE
+    encode (its posterior's mode) and Qwen3-VL's vision tower; the target's 3 x 3 patches and the references' 2 x 3
+    and 3 x 2 make 21 image tokens (odd); guidance as one batch of two."""
+    from diffusers import JoyImageEditPlusPipeline
+
+    pipe = JoyImageEditPlusPipeline(**_joyimage_parts(seed, "joyimage_edit_plus"))
+    pipe.image_processor = _caller_size_processor(pipe)
     return pipe
