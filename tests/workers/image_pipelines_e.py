@@ -1,5 +1,5 @@
-"""Rank-side whole image pipelines (tests/test_image_pipelines_e.py): Bria FIBO, Bria FIBO 2, JoyImage Edit and
-JoyImage Edit Plus. Each is built tiny here from local parts (seeded random weights, in-memory tokenizers) and
+"""Rank-side whole image pipelines (tests/test_image_pipelines_e.py): Bria FIBO, Bria FIBO 2 (generating and
+editing), JoyImage Edit and JoyImage Edit Plus. Each is built tiny here from local parts (seeded random weights, in-memory tokenizers) and
 registered in tests/workers/image_pipelines_b.py's KINDS, whose `pipeline_equivalence` runs it in one process, then
 on every rank under `enable_cache` with the transformer context parallel, every text encoder tensor parallel and the
 VAE split (decode; the edit pipelines' input image encode too)."""
@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from diffpar.testing import tiny_vaes
+from diffpar.testing import tiny_text_encoders, tiny_vaes
 from diffpar.testing.tiny_transformers import construct, rope_axes
 from workers import image_pipelines_b
 from workers.image_pipelines_b import KINDS, _encoder, _kind  # noqa: F401 (KINDS: the test reads it)
-
-from diffpar.testing import tiny_text_encoders
 
 PROMPT = "a red fox in snow"  # 13 tokens with the tiny T5 tokenizer: odd
 
@@ -128,7 +126,8 @@ def _qwen3_vl_processor():
     from diffpar.testing.tiny_image_pipelines import QwenVLTextImageProcessor, qwen_vl_processor
 
     class Qwen3VLTextImageProcessor(QwenVLTextImageProcessor):
-        def __call__(self, text, images=None, padding=True, return_tensors="pt"):
+        def __call__(self, text, images=None, padding=True, return_tensors="pt", max_length=None, truncation=False):
+            # (max_length / truncation, which FIBO 2 passes, never bind here: the prompts are short)
             out = super().__call__(text, images=images, padding=padding, return_tensors=return_tensors)
             image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
             out["mm_token_type_ids"] = (out["input_ids"] == image_token_id).long()
@@ -191,4 +190,17 @@ def _joyimage_edit_plus(seed=0):
 
     pipe = JoyImageEditPlusPipeline(**_joyimage_parts(seed, "joyimage_edit_plus"))
     pipe.image_processor = _caller_size_processor(pipe)
+    return pipe
+
+
+# -- Bria FIBO 2, editing -----------------------------------------------------------------------------------------
+@_kind("bria_fibo2_edit", "BriaFibo2Pipeline",
+       lambda: dict(prompt="make the cat red", image=[_pil(24, 40, 34)], negative_prompt="dark", height=24, width=40,
+                    guidance_scale=4.0, render_text_images=False),
+       ("text_encoder", "vae"))
+def _bria_fibo2_edit(seed=0):
+    """BriaFibo2Pipeline editing one image: it goes through the (split) VAE encode (its posterior's mode) as the
+    transformer's context latents, and through Qwen3-VL's vision tower with the edit prompt."""
+    pipe = _bria_fibo2(seed)
+    pipe.processor = _qwen3_vl_processor()
     return pipe
