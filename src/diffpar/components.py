@@ -9,7 +9,8 @@ import torch
 from diffpar.errors import DiffparError
 
 # Pipeline attributes that hold the model that denoises, in the order pipelines use them.
-DENOISER_ATTRS = ("transformer", "transformer_2", "unet", "prior", "decoder")
+# unconditional_transformer: Ideogram 4 runs its unconditional branch through a second transformer.
+DENOISER_ATTRS = ("transformer", "transformer_2", "unconditional_transformer", "unet", "prior", "decoder")
 
 
 def is_pipeline(obj) -> bool:

@@ -145,6 +145,6 @@ def _ideogram4(seed: int):
                     guidance_schedule=None, max_sequence_length=35, generator=_generator(seed),
                     output_type="pt")
 
-    # The unconditional transformer runs whole on every rank: diffpar finds denoisers by attribute name
-    # (components.DENOISER_ATTRS) and has no "unconditional_transformer", nor an extra-module kind for a transformer.
+    # Both transformers (conditional and unconditional) are denoisers diffpar parallelizes by their attribute
+    # names (components.DENOISER_ATTRS).
     return pipe, call_kwargs, ("text_encoder", "vae")
