@@ -93,10 +93,9 @@ def test_ernie_image(ranks):
 
 
 @_needs("ErnieImagePipeline")
-@pytest.mark.xfail(strict=True, reason="diffpar broadcasts the initial noise only at prepare_latents, which "
-                   "ErnieImagePipeline lacks: with rank seeds each rank keeps its shard of its own noise, and the "
-                   "gathered image (the same on every rank) is silently not rank 0's")
-def test_ernie_image_rank_seeds_not_broadcast(ranks):
+def test_ernie_image_rank_seeds_get_rank_0s_noise(ranks):
+    """ErnieImagePipeline draws its noise inline (no prepare_latents): with a seed per rank, the generators get rank
+    0's state at the call's start, so the image is rank 0's (it was silently another before)."""
     results = _run(ranks, "ernie_image", rank_seeds=True)
     assert all(r["diff"] <= PIPELINE_FP32 for r in results), [r["diff"] for r in results]
 
@@ -121,13 +120,13 @@ def test_glm_image_guidance_one_glyph_token(ranks):
 def test_flux3_modular(ranks):
     """Flux3ModularPipeline (diffusers ships FLUX.3 as a modular pipeline only), without its prompt upsampler:
     Qwen3VLForConditionalGeneration tensor parallel, 15 image tokens (odd) after an 80-token padded prompt. Every
-    rank passes the same seed: a modular pipeline has no prepare_latents, where diffpar broadcasts the noise."""
+    rank passes the same seed here (the next test passes a seed per rank)."""
     _check(_run(ranks, "flux3", rank_seeds=False))
 
 
 @_needs("Flux3AutoBlocks")
-@pytest.mark.xfail(strict=True, reason="a modular pipeline draws its noise in a block, not in prepare_latents, "
-                   "where diffpar broadcasts rank 0's: with rank seeds the image is silently not rank 0's")
-def test_flux3_modular_rank_seeds_not_broadcast(ranks):
+def test_flux3_modular_rank_seeds_get_rank_0s_noise(ranks):
+    """A modular pipeline draws its noise in a block: with a seed per rank, the generators get rank 0's state at the
+    call's start, so the image is rank 0's."""
     results = _run(ranks, "flux3", rank_seeds=True)
     assert all(r["diff"] <= PIPELINE_FP32 for r in results), [r["diff"] for r in results]

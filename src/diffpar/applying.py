@@ -26,6 +26,7 @@ from diffpar.engines import tensor_parallel
 from diffpar.engines.call_agreement import CallChecker, attach_model_checker, attach_pipeline_checker
 from diffpar.engines.cfg_parallel import apply_cfg_parallel
 from diffpar.engines.context_parallel import apply_context_parallel, new_parallel_config
+from diffpar.errors import DiffparError
 from diffpar.handle import ParallelHandle
 from diffpar.patch import Patch
 from diffpar.plan_types import ApplyContext, ParallelPlan
@@ -134,7 +135,7 @@ def _apply_local_steps(target, plan: ParallelPlan, config, handle, world_mesh, c
         handle.states[f"weights:{component.name}"] = sharded_loading.apply_loading(load, rank, handle)
     if config.broadcast_latents and is_pipeline(target) and hasattr(target, "prepare_latents"):
         apply_step("latent broadcast", broadcast_latents, target, handle, mesh_lib.world_group(config.timeout_s))
-    if config.check_every_call:
+    if config.check_every_call or (config.broadcast_latents and is_pipeline(target)):
         apply_step("call agreement", attach_call_checker, target, plan, config, handle)
 
 
@@ -149,8 +150,11 @@ def attach_call_checker(target, plan: ParallelPlan, config, handle) -> None:
             if module is not None and not sharded:
                 weights[c.name] = module
     label = f"{type(target).__name__}" + ("(...)" if is_pipeline(target) else ".forward")
-    checker = CallChecker(label, None, weights, config.timeout_s)
+    checker = CallChecker(label, None, weights, config.timeout_s, check_arguments=config.check_every_call)
     if is_pipeline(target):
+        if config.broadcast_latents:  # every random draw of the call agrees across ranks
+            checker.before_call.append(random_state_step(target, mesh_lib.world_group(config.timeout_s),
+                                                         sizes_agreed=config.check_every_call))
         attach_pipeline_checker(target, checker, handle)
     else:
         attach_model_checker(target, checker, handle)
@@ -179,29 +183,75 @@ def _generator_argument(wrapped, args, kwargs):
         return None
 
 
-def broadcast_generator_states(generators: list[torch.Generator], group=None) -> None:
-    """Give every rank rank 0's state of each generator (rank r may have seeded its own): every later draw from
-    them agrees, including those outside prepare_latents (e.g. FluxFill's masked-image posterior sample)."""
+def _random_states(generators: list[torch.Generator]) -> list[tuple]:
+    """(state, setter) of every random stream a pipeline call may draw from: the call's generators, torch's global
+    CPU generator and, where CUDA is initialised, the current device's (pipelines that pass no generator, e.g. a
+    VAE posterior sample, draw from those)."""
+    streams = [(g.get_state(), g.set_state) for g in generators]
+    streams.append((torch.get_rng_state(), torch.set_rng_state))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        streams.append((torch.cuda.get_rng_state(), torch.cuda.set_rng_state))
+    return streams
+
+
+def broadcast_random_states(generators: list[torch.Generator], group=None, *, sizes_agreed: bool = True) -> None:
+    """Give every rank rank 0's state of each random stream (`_random_states`), in ONE broadcast: every later draw
+    in the call agrees, wherever the pipeline draws (prepare_latents, noise drawn inline, a posterior sample with or
+    without a generator). The other ranks' own streams are overwritten (documented: the global random state of
+    ranks > 0 follows rank 0's from the first parallel call on). `sizes_agreed`: the call's arguments (the
+    generators' number and devices) were agreed first; otherwise the total size is broadcast first, so a mismatch
+    is a clear error on every rank rather than a collective of mismatched sizes."""
+    streams = _random_states(generators)
+    flat = torch.cat([state.reshape(-1) for state, _ in streams])
     device = None
     if "nccl" in str(dist.get_backend(group)).lower():  # NCCL moves device tensors only
         device = torch.device("cuda", torch.cuda.current_device())
-    for generator in generators:
-        state = generator.get_state()
-        buf = state if device is None else state.to(device)
-        dist.broadcast(buf, src=0, group=group)
-        if dist.get_rank() != 0:
-            generator.set_state(buf.cpu() if device is not None else buf)
+    if not sizes_agreed:
+        size = torch.tensor([flat.numel()], dtype=torch.int64, device=device)
+        theirs = size.clone()
+        dist.broadcast(theirs, src=0, group=group)
+        if int(theirs) != flat.numel():
+            raise DiffparError(
+                f"diffpar: a pipeline call passed {len(generators)} generator(s) on rank {dist.get_rank()} and "
+                "another number (or generators on another device) on rank 0: every rank must pass the same "
+                "generators (each may seed its own; diffpar gives them rank 0's state)."
+            )
+    buf = flat if device is None else flat.to(device)
+    dist.broadcast(buf, src=0, group=group)
+    if dist.get_rank() != 0:
+        buf = buf.cpu()
+        offset = 0
+        for state, set_state in streams:
+            set_state(buf[offset:offset + state.numel()].clone())
+            offset += state.numel()
+
+
+def random_state_step(pipe, group=None, *, sizes_agreed: bool = True):
+    """The step run at the start of every call of `pipe` (engines.call_agreement's `before_call`): rank 0's random
+    states on every rank; `latents` passed to a pipeline without `prepare_latents` (whose broadcast covers them
+    otherwise) are broadcast from rank 0 too."""
+    inline_latents = not hasattr(pipe, "prepare_latents")
+
+    def step(wrapped, args, kwargs):
+        broadcast_random_states(_generators(_generator_argument(wrapped, args, kwargs)), group,
+                                sizes_agreed=sizes_agreed)
+        latents = kwargs.get("latents")
+        if inline_latents and isinstance(latents, torch.Tensor):
+            buf = latents if latents.is_contiguous() else latents.contiguous()
+            dist.broadcast(buf, src=0, group=group)
+            if buf is not latents:
+                latents.copy_(buf)
+
+    return step
 
 
 def broadcast_latents(pipe, handle: ParallelHandle, group=None) -> None:
-    """Every rank must start from rank 0's noise: without a generator, each rank would draw its own. The
-    generators passed to prepare_latents get rank 0's state first, so the pipeline's later draws agree too.
-    `group`: the whole world (one whose waits end after timeout_s; default: the default group)."""
+    """Every rank must start from rank 0's noise, also when the user passed `latents` of their own. (Random states
+    are made rank 0's at the start of each call, `random_state_step`; this covers latents passed in, and a call of
+    prepare_latents outside a pipeline call.) `group`: the whole world (one whose waits end after timeout_s;
+    default: the default group)."""
 
     def wrapper(wrapped, instance, args, kwargs):
-        generators = _generators(_generator_argument(wrapped, args, kwargs))
-        if generators:
-            broadcast_generator_states(generators, group)
         result = wrapped(*args, **kwargs)
         items = result if isinstance(result, tuple) else (result,)
         for item in items:

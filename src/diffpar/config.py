@@ -47,8 +47,10 @@ class ParallelismConfig:
     attention_backend: a diffusers attention backend name to set on the transformer before parallelizing.
     extra_parallel_modules: text encoders, VAEs, ControlNets (module objects or pipeline attribute names),
         parallelized over the whole world.
-    broadcast_latents: broadcast the pipeline's initial latents from rank 0, so every rank starts from the same
-        noise even when the user gave no generator (default True).
+    broadcast_latents: every rank draws rank 0's random numbers (default True): at the start of each pipeline
+        call the call's generators and torch's global random state get rank 0's state (one broadcast), and the
+        initial latents (`prepare_latents`, or `latents` passed in) are broadcast from rank 0, so a rank seeded on
+        its own, or not at all, still makes rank 0's image.
     vae_split_min_rows: latent rows below which the VAE decodes whole on every rank (None: diffpar decides).
     keep_original_text_encoders: keep a copy of each sharded text encoder's full weights so `detach()` restores
         it bit for bit (costs the full weights' memory; default False: detach says the encoder must be reloaded).

@@ -54,7 +54,7 @@ def pipeline_call_differs(field: str, values: list) -> dict:
 
 def pipeline_calls_agree() -> dict:
     """Equal calls: the image matches one process, and each call was agreed once (ranks seeded differently:
-    generators are not compared, the noise is broadcast)."""
+    generators are compared by device only, their states are made rank 0's)."""
     with torch.no_grad():
         reference = _pipe()(**CALL, generator=torch.Generator().manual_seed(0)).images
     pipe = _pipe()

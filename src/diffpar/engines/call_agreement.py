@@ -11,7 +11,8 @@ What is compared, per argument (`describe_value`):
   equal itself (`latents`: the initial noise is broadcast from rank 0) by shape and dtype only;
 - strings: the text (shortened) and its hash; lists and tuples element by element; dicts by key;
 - numbers, booleans, None: the value; PIL images and numpy arrays: size and a hash of their bytes;
-- generators: not compared (diffpar broadcasts the initial noise, so each rank may seed its own);
+- generators: by device only (each rank may seed its own: at the start of every call each generator, and torch's
+  global random state, get rank 0's state, so every draw in the call agrees);
 - anything else callable: that it is there.
 `verify_weights=True` adds a checksum of every watched module's weights to each call's description, for users who
 change weights after enabling (a LoRA loaded or scaled on one rank only).
@@ -111,8 +112,8 @@ def describe_value(value, name: str = "", checksums: list | None = None):
         return value
     if isinstance(value, numbers.Number):
         return float(value) if isinstance(value, float) else int(value) if isinstance(value, int) else repr(value)
-    if isinstance(value, torch.Generator):
-        return "<generator: not compared, the initial noise is broadcast from rank 0>"
+    if isinstance(value, torch.Generator):  # its state is made rank 0's at the call's start; only the device matters
+        return f"<generator on {value.device.type}>"
     if isinstance(value, (list, tuple)):
         return [describe_value(v, name, checksums) for v in value]
     if isinstance(value, dict):
@@ -179,12 +180,17 @@ class CallChecker:
     """The per-call agreement of one enabled pipeline or model: what to call it in errors, the group, which
     modules' weights to checksum on every call (`verify_weights`)."""
 
-    def __init__(self, label: str, group=None, weight_modules: dict | None = None, timeout_s: float | None = None):
+    def __init__(self, label: str, group=None, weight_modules: dict | None = None, timeout_s: float | None = None,
+                 check_arguments: bool = True):
         self.label = label
         self.group = group
         self.weight_modules = weight_modules or {}
         self.timeout_s = timeout_s
         self.agree_in_call = True  # pipelines agree in the `__call__` wrapper; bare models in a forward pre-hook
+        self.check_arguments = check_arguments  # False: check_every_call=False, only `before_call` runs
+        # Steps run on every rank at the start of each pipeline call, after the agreement (which makes sure the
+        # ranks call alike before any of these exchanges data): `step(wrapped, args, kwargs)`.
+        self.before_call: list = []
         self.calls = 0  # how many calls were agreed (tests and the benchmark count them)
 
     def agree(self, description: dict) -> None:
@@ -256,9 +262,11 @@ def _call_wrapper(wrapped, instance, args, kwargs):
     checker = vars(instance).get(_CHECKER_ATTR) if instance is not None and hasattr(instance, "__dict__") else None
     if checker is None:
         return wrapped(*args, **kwargs)
-    if checker.agree_in_call:
+    if checker.agree_in_call and checker.check_arguments:
         checker.agree(describe_call(wrapped, args, kwargs))  # `wrapped` is the bound method: no `self`
     try:
+        for step in checker.before_call:
+            step(wrapped, args, kwargs)
         return wrapped(*args, **kwargs)
     except RuntimeError as exc:
         clear = collective_failure(exc, checker.label, checker.timeout_s)
