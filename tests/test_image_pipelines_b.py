@@ -43,7 +43,7 @@ def _case(kind):
                                                       reason=f"diffusers {diffusers.__version__} has no {name}"))
 
 
-# hunyuan_dit: its BERT stays whole (no BERT plan in diffpar yet); its T5 is tensor parallel.
+# hunyuan_dit: its BERT and its T5 are both tensor parallel.
 KIND_NAMES = ["hidream", "hunyuan_dit", "cogview3plus", "longcat_image", "ovis_image", "bria", "hunyuan_image"]
 
 

@@ -127,13 +127,12 @@ def _bert_tokenizer():
 
 @_kind("hunyuan_dit", "HunyuanDiTPipeline",
        lambda: dict(prompt=PROMPT, height=64, width=64, use_resolution_binning=False),
-       ("text_encoder_2", "vae"))
+       ("text_encoder", "text_encoder_2", "vae"))
 def _hunyuan_dit(seed=0):
     """BERT and T5 prompts padded to the pipeline's fixed 77 (odd) and 256 tokens (the model learns one padding
     embedding per position: text_len 77, text_len_t5 256), classifier-free guidance (batch 2). 64 px: the pipeline sizes
-    its RoPE grid as height // 8 // patch, so the VAE must be 8x (8 x 8 latents, 16 image tokens). The BERT stays whole:
-    diffpar has no BERT plan (its attention output and MLP halves sit in sibling modules the text-encoder planner cannot
-    pair)."""
+    its RoPE grid as height // 8 // patch, so the VAE must be 8x (8 x 8 latents, 16 image tokens). The BERT and the T5 are
+    both tensor parallel (families/text_encoders/bert.py pairs BERT's sibling output modules)."""
     from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
 
     bert = _bert(seed)
