@@ -16,6 +16,7 @@ FAMILIES = ["ltx2_audio", "ltx2_audio_width_attention"]
 # 13 latent time steps (decoded: 4 * 13 - 3 = 49 spectrogram rows), 4 latent mel bins (16 decoded); the encoded
 # spectrogram has 53 time steps (odd, not a multiple of the encoder's stride 4: the last band takes the rest).
 LATENT_TIME, LATENT_BINS, EXTRA_IMAGE_ROWS = 13, 4, 1
+CAUSAL_IN_TIME = {"ltx2_audio", "ltx2_audio_two_levels"}
 
 
 def _check_equivalence(results, tol, world, family, encode=True):
@@ -33,7 +34,7 @@ def _check_equivalence(results, tol, world, family, encode=True):
             assert r["detach_encode_diff"] == BITWISE
         assert r["patched_left"] == [], r["patched_left"]
         sent = r["stats"]["halo_bytes"]
-        one_sided = family == "ltx2_audio" and r["rank"] == world - 1
+        one_sided = family in CAUSAL_IN_TIME and r["rank"] == world - 1
         assert (sent == 0) if one_sided else (sent > 0), (r["rank"], sent)
         # One output gather per split call, plus one key/value gather per call for the mid-block attention.
         calls = 2 if encode else 1
@@ -66,10 +67,10 @@ def test_decode_bands_are_latent_time_steps(ranks, family):
     assert len(sizes) == 3 and sum(sizes) == LATENT_TIME and min(sizes) >= 2 and len(set(sizes)) > 1, sizes
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "ltx2_audio_two_levels"])
 def test_split_is_exact_in_fp64(ranks, family):
     """In fp64 rounding vanishes: what remains would be a logic error (a one-sided halo on the wrong side, the
-    first row dropped on the wrong band, a crop in band coordinates)."""
+    first row dropped on the wrong band, a crop or a zero-pad in band coordinates)."""
     results = ranks(3, "workers.vae:equivalence", family=family, height=11, width=LATENT_BINS, batch=1,
                     image_extra_rows=3, dtype="float64")
     _check_equivalence(results, VAE_FP64, 3, family)
@@ -87,3 +88,18 @@ def test_plan():
     assert ("decoder", "") in {(part, name) for part, name, _ in split.wraps}
     vae, _, _ = tiny_vaes.build("ltx2_audio_width_attention")
     assert VaeAdapter().plan(vae, "vae", 3, None).payload.attention_gathers == 2
+
+
+def test_released_configuration_is_planned():
+    """The released layout (diffusers' defaults: 128 channels, 2 blocks per level, 8 latent channels, 64 mel bins)
+    has a rule for every layer; built on the meta device, so nothing is allocated."""
+    import torch
+    from diffusers import AutoencoderKLLTX2Audio
+
+    import diffpar.families.catalog  # noqa: F401
+    from diffpar.families.vaes.base import VaeAdapter
+
+    with torch.device("meta"):
+        vae = AutoencoderKLLTX2Audio()
+    split = VaeAdapter().plan(vae, "vae", 8, None).payload
+    assert split.down_factor == 4 and split.attention_gathers == 0 and split.min_band_rows == 2

@@ -443,6 +443,13 @@ def _ltx2_audio_width_attention():
     return _ltx2_audio(causality_axis="width", mid_attention=True)
 
 
+@builder("ltx2_audio_two_levels")
+def _ltx2_audio_two_levels():
+    """Two levels instead of three: the decoder's output (2 * frames - 1 time steps) is shorter than its target
+    (4 * frames - 3), so diffusers zero-pads the clip's end (the last band's, when split)."""
+    return _ltx2_audio(mult=(1, 2))
+
+
 def decode(vae, latents) -> torch.Tensor:
     extra = {k: make(latents) for k, make in getattr(getattr(vae, "diffpar_shape", None), "decode_kwargs", ())}
     with torch.no_grad():
