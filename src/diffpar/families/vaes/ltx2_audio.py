@@ -141,14 +141,14 @@ def _decoder_wrapper(state, decoder):
             if level != 0 and hasattr(stage, "upsample"):
                 h = stage.upsample(h)
         out = decoder.conv_out(decoder.non_linearity(decoder.norm_out(h)))
-        starts = [_upsampled_rows(decoder, n, i == 0) for i, n in enumerate(sizes)]
-        if out.shape[-2] != starts[split.rank]:
+        band_out_rows = [_upsampled_rows(decoder, n, i == 0) for i, n in enumerate(sizes)]
+        if out.shape[-2] != band_out_rows[split.rank]:
             raise RuntimeError(f"diffpar LTX-2 audio split: band output of {out.shape[-2]} time steps, expected "
-                               f"{starts[split.rank]} (a bug in the split)")
-        start = sum(starts[: split.rank])
+                               f"{band_out_rows[split.rank]} (a bug in the split)")
+        start = sum(band_out_rows[: split.rank])
         keep = min(max(target_time - start, 0), out.shape[-2])  # the whole clip is cropped to target_time rows
         out = out[:, : decoder.out_ch, :keep, :target_freq]
-        pad_time = max(target_time - sum(starts), 0) if split.last else 0  # zeros after the clip's last row
+        pad_time = max(target_time - sum(band_out_rows), 0) if split.last else 0  # zeros after the clip's last row
         pad_freq = max(target_freq - out.shape[-1], 0)
         if pad_time or pad_freq:
             out = F.pad(out, (0, pad_freq, 0, pad_time))
