@@ -87,6 +87,7 @@ from diffpar.families.vaes import kvae as _vaes_kvae
 from diffpar.families.vaes import kvae_video as _vaes_kvae_video
 from diffpar.families.vaes import ltx as _vaes_ltx
 from diffpar.families.vaes import ltx2 as _vaes_ltx2
+from diffpar.families.vaes import ltx2_audio as _vaes_ltx2_audio
 from diffpar.families.vaes import magvit as _vaes_magvit
 from diffpar.families.vaes import minimax_h3 as _vaes_minimax_h3
 from diffpar.families.vaes import mochi as _vaes_mochi

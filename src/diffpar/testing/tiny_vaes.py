@@ -418,6 +418,38 @@ def _kl_real(channels=(32, 64, 128, 128), layers=2, groups=32, latent=16):
     return vae, VaeShape(latent, 3, 2 ** (n - 1), False)
 
 
+# -- LTX-2 audio (issue 13 item 3) ------------------------------------------------------------------------------
+@builder("ltx2_audio")
+def _ltx2_audio(channels=8, mult=(1, 2, 4), blocks=1, latent=4, mel_bins=16, causality_axis="height",
+                mid_attention=False):
+    """LTX-2's audio VAE on a (B, C, time, mel) spectrogram: rows are time steps. Causal convs in time (a one-sided
+    halo), per-pixel RMS norms, causal stride-2 downsamplers, nearest x2 upsamplers that drop the clip's first row,
+    a decoder cropping to 4 * frames - 3 time steps. Real: 128 channels, 2 blocks, 8 latent channels, 64 mel bins.
+    Use latent width mel_bins / 4 (16 / 4 = 4 here) for a decode whose mel axis is not cropped."""
+    from diffusers import AutoencoderKLLTX2Audio
+
+    vae = AutoencoderKLLTX2Audio(base_channels=channels, output_channels=2, in_channels=2, ch_mult=tuple(mult),
+                                 num_res_blocks=blocks, latent_channels=latent, norm_type="pixel",
+                                 causality_axis=causality_axis, mel_bins=mel_bins,
+                                 mid_block_add_attention=mid_attention)
+    return vae, VaeShape(latent, 2, 2 ** (len(mult) - 1), False)
+
+
+@builder("ltx2_audio_width_attention")
+def _ltx2_audio_width_attention():
+    """The same VAE causal along mel bins instead (time padded on both sides: a two-sided halo; the decoder crops
+    the clip's last 3 time steps), with attention over the whole spectrogram in both mid blocks. No released
+    config has either; they cover the rules' other branches."""
+    return _ltx2_audio(causality_axis="width", mid_attention=True)
+
+
+@builder("ltx2_audio_two_levels")
+def _ltx2_audio_two_levels():
+    """Two levels instead of three: the decoder's output (2 * frames - 1 time steps) is shorter than its target
+    (4 * frames - 3), so diffusers zero-pads the clip's end (the last band's, when split)."""
+    return _ltx2_audio(mult=(1, 2))
+
+
 def decode(vae, latents) -> torch.Tensor:
     extra = {k: make(latents) for k, make in getattr(getattr(vae, "diffpar_shape", None), "decode_kwargs", ())}
     with torch.no_grad():
