@@ -90,9 +90,13 @@ def test_helios_text_to_video(ranks):
 @pytest.mark.compat
 def test_ltx2_text_to_video(ranks):
     """LTX2Pipeline (text to video with audio): transformer Ulysses 2 (video tokens split; audio and prompt whole),
-    Gemma 3 tensor parallel, the LTX-2 VAE decode split by rows. Connectors, audio VAE and vocoder stay whole."""
-    results = _run(ranks, "ltx2", ["text_encoder", "vae"])
+    Gemma 3 tensor parallel, the LTX-2 VAE decode split by rows, the audio VAE's decode split along time (the
+    mel spectrogram's rows). Connectors and vocoder stay whole."""
+    results = _run(ranks, "ltx2", ["text_encoder", "vae", "audio_vae"])
     _check(results, encoders=["text_encoder"], audio=True)
+    for r in results:
+        calls = r["audio_vae_calls"]
+        assert calls["decode"]["split"] >= 1 and calls["decode"]["whole"] == 0, calls
 
 
 @_needs("wan_animate")

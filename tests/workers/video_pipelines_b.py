@@ -273,6 +273,7 @@ def video_equivalence(kind: str, config: dict, extra: list[str] = (), steps: int
         with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
             out, audio = _call(pipe, kind, dist.get_rank(), steps)
         vae_calls = copy.deepcopy(handle.state("vae").calls) if "vae" in extra else None
+        audio_vae_calls = copy.deepcopy(handle.state("audio_vae").calls) if "audio_vae" in extra else None
         encoders = {}
         for name in extra:
             if name.startswith("text_encoder"):
@@ -292,6 +293,7 @@ def video_equivalence(kind: str, config: dict, extra: list[str] = (), steps: int
         "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
         "audio_diff": None if audio is None else (audio - reference_audio).abs().max().item(),
         "vae_calls": vae_calls,
+        "audio_vae_calls": audio_vae_calls,
         "text_encoders": encoders,
         "detach_problems": problems,
     }
