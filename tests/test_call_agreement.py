@@ -42,6 +42,22 @@ def test_equal_calls_run_and_are_agreed_once_each(ranks):
         assert r["calls_agreed"] == 2, r  # one exchange per pipeline call, not per step
 
 
+def test_random_states_are_rank_0s_without_the_argument_check(ranks):
+    """check_every_call=False skips the arguments' agreement, not the random states: each rank seeds its generator
+    and its global random state differently, and every rank still makes rank 0's image."""
+    for r in ranks(2, "workers.calls:random_states_without_argument_check", timeout=120):
+        assert r["diff"] <= CP_FP32, r
+        assert r["calls_agreed"] == 0, r  # no argument agreement was made
+        assert r["global_states_equal"], r  # ranks > 0 continue from rank 0's global random state
+
+
+def test_generators_differing_in_number_are_a_clear_error_without_the_argument_check(ranks):
+    for r in ranks(2, "workers.calls:random_states_without_argument_check", mismatch=True, timeout=120):
+        assert r["error"] == "DiffparError", r
+        assert "generator" in r["message"] and "every rank must pass the same generators" in r["message"], r
+        assert r["seconds"] < MAX_SECONDS, r
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_different_weights_are_refused_at_enable_naming_the_module(ranks, world):
     for r in ranks(world, "workers.calls:weights_differ_at_enable", timeout=120):

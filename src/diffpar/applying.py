@@ -183,13 +183,14 @@ def _generator_argument(wrapped, args, kwargs):
         return None
 
 
-def _random_states(generators: list[torch.Generator]) -> list[tuple]:
+def _random_states(generators: list[torch.Generator], with_cuda: bool) -> list[tuple]:
     """(state, setter) of every random stream a pipeline call may draw from: the call's generators, torch's global
-    CPU generator and, where CUDA is initialised, the current device's (pipelines that pass no generator, e.g. a
-    VAE posterior sample, draw from those)."""
+    CPU generator and, on NCCL (every rank on its GPU), the current device's (pipelines that pass no generator,
+    e.g. a VAE posterior sample, draw from those). The same streams on every rank: chosen by the backend, which
+    all ranks share, not by each process's CUDA state."""
     streams = [(g.get_state(), g.set_state) for g in generators]
     streams.append((torch.get_rng_state(), torch.set_rng_state))
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if with_cuda:
         streams.append((torch.cuda.get_rng_state(), torch.cuda.set_rng_state))
     return streams
 
@@ -201,20 +202,19 @@ def broadcast_random_states(generators: list[torch.Generator], group=None, *, si
     ranks > 0 follows rank 0's from the first parallel call on). `sizes_agreed`: the call's arguments (the
     generators' number and devices) were agreed first; otherwise the total size is broadcast first, so a mismatch
     is a clear error on every rank rather than a collective of mismatched sizes."""
-    streams = _random_states(generators)
-    flat = torch.cat([state.reshape(-1) for state, _ in streams])
     device = None
     if "nccl" in str(dist.get_backend(group)).lower():  # NCCL moves device tensors only
         device = torch.device("cuda", torch.cuda.current_device())
-    if not sizes_agreed:
-        size = torch.tensor([flat.numel()], dtype=torch.int64, device=device)
-        theirs = size.clone()
-        dist.broadcast(theirs, src=0, group=group)
-        if int(theirs) != flat.numel():
+    streams = _random_states(generators, with_cuda=device is not None)
+    flat = torch.cat([state.reshape(-1) for state, _ in streams])
+    if not sizes_agreed:  # the largest and the smallest size, on every rank: all see a mismatch alike
+        sizes = torch.tensor([flat.numel(), -flat.numel()], dtype=torch.int64, device=device)
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
+        if int(sizes[0]) != -int(sizes[1]):
             raise DiffparError(
-                f"diffpar: a pipeline call passed {len(generators)} generator(s) on rank {dist.get_rank()} and "
-                "another number (or generators on another device) on rank 0: every rank must pass the same "
-                "generators (each may seed its own; diffpar gives them rank 0's state)."
+                f"diffpar: a pipeline call passed {len(generators)} generator(s) on rank {dist.get_rank()}, and "
+                "another rank passed another number (or generators on another device): every rank must pass the "
+                "same generators (each may seed its own; diffpar gives them rank 0's state)."
             )
     buf = flat if device is None else flat.to(device)
     dist.broadcast(buf, src=0, group=group)

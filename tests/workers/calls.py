@@ -114,3 +114,31 @@ def rank_skips_the_call(timeout_s: float) -> dict:
         return {"rank": 0, "error": None}
     finally:
         handle.detach()
+
+
+def random_states_without_argument_check(mismatch: bool = False) -> dict:
+    """`check_every_call=False`: the call's random states are still made rank 0's (the image matches one process
+    although each rank seeds its own generator and its global random state); with `mismatch`, rank 1 passes two
+    generators where rank 0 passes one, which every rank reports clearly (no collective of mismatched sizes)."""
+    with torch.no_grad():
+        reference = _pipe()(**CALL, generator=torch.Generator().manual_seed(0)).images
+    pipe = _pipe()
+    handle = _enable(pipe, check_every_call=False)
+    torch.manual_seed(100 + dist.get_rank())  # each rank's global random state its own
+    rank = dist.get_rank()
+    generator = torch.Generator().manual_seed(rank)
+    if mismatch and rank == 1:
+        generator = [generator, torch.Generator().manual_seed(7)]
+    try:
+        if mismatch:
+            return _timed_error(lambda: pipe(**CALL, generator=generator))
+        with torch.no_grad():
+            out = pipe(**CALL, generator=generator).images
+        state = torch.get_rng_state().to(torch.float64)
+        gathered = [torch.empty_like(state) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, state)
+        return {"rank": rank, "diff": (out - reference).abs().max().item(),
+                "calls_agreed": handle.state("call_checker").calls,
+                "global_states_equal": all(torch.equal(g, gathered[0]) for g in gathered)}
+    finally:
+        handle.detach()
