@@ -70,7 +70,8 @@ def _make_shard(layer: nn.Module, shard: LayerShard, rank: int, group) -> nn.Mod
     ranges = shard.ranges[rank]
     if isinstance(layer, nn.Conv2d):
         mode = {COLUMN: "column", ROW: "row", CHANNELS: "depthwise"}[shard.kind]
-        return ChannelParallelConv2d(layer, mode, ranges, group)
+        gathered = shard.sizes() if shard.kind == COLUMN and shard.gather_output else None
+        return ChannelParallelConv2d(layer, mode, ranges, group, all_out_sizes=gathered)
     if shard.kind == COLUMN:
         return ColumnParallelLinear.from_linear(layer, ranges, group, gather_output=shard.gather_output,
                                                 all_out_sizes=shard.sizes() if shard.gather_output else None)
@@ -258,7 +259,7 @@ def _check_conv(model: nn.Module, shard: LayerShard, conv: nn.Conv2d, tp_degree:
     pointwise = conv.kernel_size == (1, 1) and conv.groups == 1 and conv.padding in ((0, 0), "valid")
     depthwise = conv.groups == conv.in_channels == conv.out_channels
     ok = conv.padding_mode == "zeros" and (depthwise if shard.kind == CHANNELS else pointwise and not
-                                          shard.gather_output)
+                                          (shard.gather_output and shard.kind != COLUMN))
     if not ok:
         raise UnsupportedError(
             f"tp_size={tp_degree} on {type(model).__name__}: {shard.path} is a Conv2d (kernel {conv.kernel_size}, "

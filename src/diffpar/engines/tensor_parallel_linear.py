@@ -215,16 +215,21 @@ class HeadParallelEmbedding(nn.Module):
 class ChannelParallelConv2d(nn.Module):
     """This rank's channels of a Conv2d, channels in dim 1 of a (B, C, H, W) input:
     - "column": a 1x1 convolution keeping the output channels `ranges` (a ColumnParallelLinear over channels);
+      with `all_out_sizes` (every rank's number of output channels) the full output is all-gathered along them;
     - "row": a 1x1 convolution keeping the input channels `ranges`: partial sums, one all-reduce, bias added once;
     - "depthwise": a depthwise convolution (groups == channels) keeping the channels `ranges`, in and out alike:
       each channel only reads itself, so no communication.
     """
 
-    def __init__(self, conv: nn.Conv2d, mode: str, ranges: Sequence[Range], group):
+    def __init__(self, conv: nn.Conv2d, mode: str, ranges: Sequence[Range], group,
+                 all_out_sizes: Sequence[int] | None = None):
         super().__init__()
         if mode not in ("column", "row", "depthwise"):
             raise ValueError(f"mode must be column, row or depthwise, got {mode!r}")
+        if all_out_sizes is not None and mode != "column":
+            raise ValueError("all_out_sizes (a gathered output) is for column mode only")
         self.mode = mode
+        self.all_out_sizes = tuple(all_out_sizes) if all_out_sizes is not None else None
         self.ranges = tuple(tuple(r) for r in ranges)
         self.group = group
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
@@ -242,13 +247,18 @@ class ChannelParallelConv2d(nn.Module):
         if self.detached_reason is not None:
             raise ShardedModuleDetachedError(self.detached_reason)
         if self.mode != "row":
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            if self.all_out_sizes is None:
+                return y
+            # channels last for the gather along features, then back to (B, C, H, W)
+            return all_gather_last_dim(y.movedim(1, -1).contiguous(), self.all_out_sizes, self.group).movedim(-1, 1)
         y = all_reduce_sum(F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation), self.group)
         return y + self.bias.view(1, -1, 1, 1) if self.bias is not None else y
 
     def extra_repr(self) -> str:
         return (f"{self.mode}, channels {list(self.ranges)} of in {self.full_in_channels} / out "
-                f"{self.full_out_channels}, kernel {tuple(self.weight.shape[2:])}, bias={self.bias is not None}")
+                f"{self.full_out_channels}, kernel {tuple(self.weight.shape[2:])}, bias={self.bias is not None}, "
+                f"gather_output={self.all_out_sizes is not None}")
 
 
 def mark_detached(layer: nn.Module, label: str, world: int) -> None:
