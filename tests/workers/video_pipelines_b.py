@@ -116,8 +116,16 @@ def build_ltx2(seed: int = 0):
 
 
 def _ltx2_i2v_call():
-    # image_crf=0: no H.264 re-compression of the image (PyAV is not a dependency).
-    return dict(_ltx2_call(), image=conditioning_image(), image_crf=0)
+    # image_crf=0: no H.264 re-compression of the image (PyAV is not a dependency); releases before the argument
+    # (0.38 and older) do not re-compress.
+    import inspect
+
+    from diffusers import LTX2ImageToVideoPipeline
+
+    call = dict(_ltx2_call(), image=conditioning_image())
+    if "image_crf" in inspect.signature(LTX2ImageToVideoPipeline.__call__).parameters:
+        call["image_crf"] = 0
+    return call
 
 
 @_register("ltx2_i2v", "LTX2ImageToVideoPipeline", _ltx2_i2v_call)
