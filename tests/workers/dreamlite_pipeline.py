@@ -11,6 +11,7 @@ import torch.distributed as dist
 import diffpar
 from diffpar.testing import tiny_text_encoders, tiny_transformers
 from diffpar.testing.probes import SplitProbe
+from workers.image_pipelines import image_report
 
 PROMPT = "a red cat on a blue car"
 
@@ -57,19 +58,6 @@ def pipeline_equivalence(config: dict, steps: int = 2, rank_seeds: bool = True):
         vae_calls = copy.deepcopy(handle.state("vae").calls)
     finally:
         problems = handle.detach(strict=False)  # also on error: no shim may outlive the test
-    gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, out.contiguous())
-    return {
-        "rank": dist.get_rank(),
-        "split": probe.summary(),
-        "split_reference": reference_probe.summary(),
-        "diff": (out - reference).abs().max().item(),
-        "scale": reference.abs().max().item(),
-        "repeat_diff": (again - out).abs().max().item(),
-        "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
-        "shape": tuple(out.shape),
-        "steps": step_names,
-        "vae_calls": vae_calls,
-        "text_encoder_state": repr(text_encoder_state)[:300],
-        "detach_problems": problems,
-    }
+    return image_report(out, again, reference, probe, reference_probe,
+                        steps=step_names, vae_calls=vae_calls, text_encoder_state=repr(text_encoder_state)[:300],
+                        detach_problems=problems)

@@ -43,6 +43,14 @@ def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bo
         vae_calls = copy.deepcopy(vae_state.calls) if vae_state is not None else None
     finally:
         problems = handle.detach(strict=False)  # also on error: no shim may outlive the test
+    return image_report(out, again, reference, probe, reference_probe,
+                        vae_calls=vae_calls, steps=handle.step_names, detach_problems=problems)
+
+
+def image_report(out, again, reference, probe, reference_probe, **extra) -> dict:
+    """What every end-to-end image test compares, on this rank: the image vs one process, a second call vs the
+    first, every rank's image vs rank 0's (one all-gather), the transformer's SplitProbe summaries; `extra` fields
+    (VAE calls, text-encoder shares, applied steps, detach problems) appended."""
     gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, out.contiguous())
     return {
@@ -54,7 +62,5 @@ def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bo
         "repeat_diff": (again - out).abs().max().item(),
         "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
         "shape": tuple(out.shape),
-        "vae_calls": vae_calls,
-        "steps": handle.step_names,
-        "detach_problems": problems,
+        **extra,
     }

@@ -18,6 +18,7 @@ import diffpar
 from diffpar.testing import tiny_pipelines, tiny_text_encoders, tiny_transformers, tiny_vaes
 from diffpar.testing.probes import SplitProbe
 from diffpar.testing.tiny_transformers import construct
+from workers.image_pipelines import image_report
 
 PROMPT = "a red fox riding a small horse on the moon"
 ODD_TEXT_LENGTH = 15
@@ -297,19 +298,5 @@ def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bo
         step_names = list(handle.step_names)
     finally:
         problems = handle.detach(strict=False)  # also on error: no shim may outlive the test
-    gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, out.contiguous())
-    return {
-        "rank": dist.get_rank(),
-        "split": probe.summary(),
-        "split_reference": reference_probe.summary(),
-        "diff": (out - reference).abs().max().item(),
-        "scale": reference.abs().max().item(),
-        "repeat_diff": (again - out).abs().max().item(),
-        "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
-        "shape": tuple(out.shape),
-        "vae_calls": vae_calls,
-        "text_encoders": encoders,
-        "steps": step_names,
-        "detach_problems": problems,
-    }
+    return image_report(out, again, reference, probe, reference_probe,
+                        vae_calls=vae_calls, text_encoders=encoders, steps=step_names, detach_problems=problems)

@@ -21,6 +21,7 @@ from diffpar.testing.probes import SplitProbe
 from diffpar.testing.tiny_pipelines import tiny_image_vae
 from diffpar.testing.tiny_transformers import rope_axes
 from workers.video_pipelines import _encoder_share
+from workers.image_pipelines import image_report
 
 PROMPT = "a red fox in snow"
 TEXT_TOKENS = 11  # odd: the prompt's tokens do not divide over 2 ranks
@@ -321,19 +322,6 @@ def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bo
         encoders = {name: _encoder_share(handle.state(name)) for name in names if name.startswith("text_encoder")}
     finally:
         problems = handle.detach(strict=False)  # never leave shims installed for the next test
-    gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, out.contiguous())
-    return {
-        "rank": dist.get_rank(),
-        "split": probe.summary(),
-        "split_reference": reference_probe.summary(),
-        "diff": (out - reference).abs().max().item(),
-        "scale": reference.abs().max().item(),
-        "repeat_diff": (again - out).abs().max().item(),
-        "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
-        "shape": tuple(out.shape),
-        "vae_calls": vae_calls,
-        "text_encoders": encoders,
-        "steps": handle.step_names,
-        "detach_problems": problems,
-    }
+    return image_report(out, again, reference, probe, reference_probe,
+                        vae_calls=vae_calls, text_encoders=encoders, steps=handle.step_names,
+                        detach_problems=problems)
