@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytest
+from diffpar.testing.probes import assert_split
 from tolerances import CP_FP32
 
 pytestmark = pytest.mark.compat
@@ -45,7 +46,9 @@ def test_equal_calls_run_and_are_agreed_once_each(ranks):
 def test_random_states_are_rank_0s_without_the_argument_check(ranks):
     """check_every_call=False skips the arguments' agreement, not the random states: each rank seeds its generator
     and its global random state differently, and every rank still makes rank 0's image."""
-    for r in ranks(2, "workers.calls:random_states_without_argument_check", timeout=120):
+    results = ranks(2, "workers.calls:random_states_without_argument_check", timeout=120)
+    assert_split(results, {"ulysses_size": 2})  # the pipeline ran parallel, not whole on every rank
+    for r in results:
         assert r["diff"] <= CP_FP32, r
         assert r["calls_agreed"] == 0, r  # no argument agreement was made
         assert r["global_states_equal"], r  # ranks > 0 continue from rank 0's global random state

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 import diffpar
 from diffpar.testing import tiny_pipelines, tiny_transformers
+from diffpar.testing.probes import SplitProbe
 
 CALL = dict(prompt="a red fox in snow", height=32, width=32, num_inference_steps=2, max_sequence_length=16,
             guidance_scale=3.5, output_type="pt")
@@ -120,8 +121,9 @@ def random_states_without_argument_check(mismatch: bool = False) -> dict:
     """`check_every_call=False`: the call's random states are still made rank 0's (the image matches one process
     although each rank seeds its own generator and its global random state); with `mismatch`, rank 1 passes two
     generators where rank 0 passes one, which every rank reports clearly (no collective of mismatched sizes)."""
-    with torch.no_grad():
-        reference = _pipe()(**CALL, generator=torch.Generator().manual_seed(0)).images
+    reference_pipe = _pipe()
+    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
+        reference = reference_pipe(**CALL, generator=torch.Generator().manual_seed(0)).images
     pipe = _pipe()
     handle = _enable(pipe, check_every_call=False)
     torch.manual_seed(100 + dist.get_rank())  # each rank's global random state its own
@@ -132,12 +134,13 @@ def random_states_without_argument_check(mismatch: bool = False) -> dict:
     try:
         if mismatch:
             return _timed_error(lambda: pipe(**CALL, generator=generator))
-        with torch.no_grad():
+        with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
             out = pipe(**CALL, generator=generator).images
         state = torch.get_rng_state().to(torch.float64)
         gathered = [torch.empty_like(state) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, state)
-        return {"rank": rank, "diff": (out - reference).abs().max().item(),
+        return {"rank": rank, "diff": (out - reference).abs().max().item(), "split": probe.summary(),
+                "split_reference": reference_probe.summary(),
                 "calls_agreed": handle.state("call_checker").calls,
                 "global_states_equal": all(torch.equal(g, gathered[0]) for g in gathered)}
     finally:
