@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffpar.engines.vae_split import ModuleRule, conv_geometry, while_split
+from diffpar.engines.vae_split import ModuleRule, while_split
 from diffpar.families.vaes.base import register_vae
-from diffpar.families.vaes.hunyuan_video import _causal_conv_geometry, _causal_conv_wrapper
+from diffpar.families.vaes.hunyuan_video import CAUSAL_CONV3D
 from diffpar.families.vaes.rules import ALIGNED, ROW_LOCAL
 
 
@@ -39,11 +39,7 @@ HUNYUAN_IMAGE_REFINER_RULES = {
     # A causal conv then space-to-depth by 2 in height: an encode band must hold whole row pairs.
     "HunyuanImageRefinerDownsampleDCAE": ALIGNED.but(row_factor=lambda m: 2),
     "HunyuanImageRefinerUpsampleDCAE": ALIGNED,  # depth-to-space after a causal conv: every band's rows double
-    "HunyuanImageRefinerCausalConv3d": ModuleRule(
-        "causal conv3d, replicate padding, halo", wrap=_causal_conv_wrapper, geometry=_causal_conv_geometry,
-        owns_children=True,
-        refuse=lambda m: "zero padding inside a replicate-padded causal conv"
-        if conv_geometry(m.conv).pad_top else None),
+    "HunyuanImageRefinerCausalConv3d": CAUSAL_CONV3D,
     "HunyuanImageRefinerAttnBlock": ModuleRule("single-head attention over all pixels of all frames, local queries",
                                                wrap=_clip_attention_wrapper, gathers_keys=True),
 }

@@ -53,16 +53,20 @@ def _causal_mid_block_wrapper(state, block):
     return wrapper
 
 
+
+# HunyuanVideo's replicate-padded causal conv3d (HunyuanVideo 1.5 and the HunyuanImage refiner use the same one).
+CAUSAL_CONV3D = ModuleRule(
+    "causal conv3d, replicate padding, halo", wrap=_causal_conv_wrapper, geometry=_causal_conv_geometry,
+    owns_children=True,  # its inner nn.Conv3d runs unpadded inside the wrapper: not wrapped again
+    refuse=lambda m: "zero padding inside a replicate-padded causal conv" if conv_geometry(m.conv).pad_top else None)
+
+
 HUNYUAN_VIDEO_RULES = {
     **dict.fromkeys(("HunyuanVideoEncoder3D", "HunyuanVideoDecoder3D", "HunyuanVideoDownBlock3D",
                      "HunyuanVideoUpBlock3D", "HunyuanVideoResnetBlockCausal3D"), ROW_LOCAL),
     "HunyuanVideoUpsampleCausal3D": ROW_LOCAL,  # nearest interpolation, then a causal conv
     "HunyuanVideoDownsampleCausal3D": ROW_LOCAL,  # a strided causal conv
-    "HunyuanVideoCausalConv3d": ModuleRule(
-        "causal conv3d, replicate padding, halo", wrap=_causal_conv_wrapper, geometry=_causal_conv_geometry,
-        owns_children=True,  # its inner nn.Conv3d runs unpadded inside the wrapper: not wrapped again
-        refuse=lambda m: "zero padding inside a replicate-padded causal conv"
-        if conv_geometry(m.conv).pad_top else None),
+    "HunyuanVideoCausalConv3d": CAUSAL_CONV3D,
     # Its attentions are counted (and checked) under their own record.
     "HunyuanVideoMidBlock3D": ModuleRule("mid block with frame-causal attention, local queries",
                                          wrap=_causal_mid_block_wrapper),
