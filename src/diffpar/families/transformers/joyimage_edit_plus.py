@@ -8,8 +8,12 @@ patches, dim) at every block; gather after `proj_out`.
 Mask (built when a text mask is passed): `JoyImageEditPlusContextParallelAttnProcessor` drops one that masks
 nothing; a real one (padded patches of a shorter sample, or padded text) is laid out under plain Ulysses in the
 order the all-to-all gathers keys ([image_0, text_0, image_1, text_1, ...], `hunyuan_video.mask_for_sharded_keys`),
-and refused under Ring, which cannot apply one. (A padded text mask is refused earlier by diffpar's generic
-padded-prompt guard, which sees `encoder_hidden_states` split and `encoder_hidden_states_mask` whole.)
+and refused under Ring, which cannot apply one. The model's forward builds that mask from the WHOLE inputs (every
+sample's patch count from `shape_list`, the whole prompt mask) before the first block, where the plan splits; the
+prompt length comes from `condition_embedder`, which also runs before the split. So a padded prompt is laid out
+exactly like padded patches: the processor says so (`cuts_whole_text_mask`), which exempts the model from diffpar's
+generic padded-prompt guard (`compat.diffusers_cp.guard_whole_text_mask`, meant for models whose processors apply
+a whole mask to split keys).
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ def _processor_class(kept: dict):
     from diffusers.models.transformers.transformer_joyimage_edit_plus import JoyImageEditPlusAttnProcessor
 
     class JoyImageEditPlusContextParallelAttnProcessor(JoyImageEditPlusAttnProcessor):
+        cuts_whole_text_mask = True  # it lays the whole [patches, text] mask out in key order (module docstring)
+
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=None,
                      attention_mask=None):
             if attention_mask is not None and self._parallel_config is not None:
