@@ -1,9 +1,8 @@
-"""Image pipelines end to end on 2 ranks (OmniGen, Lumina-Next, DiT, Ideogram 4): the transformer context parallel
+"""Image pipelines end to end on 2 ranks (Lumina-Next, DiT, Ideogram 4; OmniGen: tests/test_omnigen_pipeline.py,
+which runs without torchvision): the transformer context parallel
 (Ulysses 2; odd lengths where the pipeline allows them), every text encoder tensor parallel, the VAE decode split,
 vs the same pipeline in one process. Rank r passes generator seed r (DiT aside, see below): diffpar's latent
 broadcast must make every rank use rank 0's noise."""
-import importlib.util
-
 import pytest
 from tolerances import PIPELINE_FP32
 
@@ -24,26 +23,18 @@ def _needs(cls_name: str):
                               reason=f"diffusers {diffusers.__version__} has no {cls_name}")
 
 
-# OmniGenPipeline builds its multimodal processor only where torchvision is installed (diffusers imports it
-# conditionally): without it the pipeline cannot be constructed at all. (Run once here with the processor's image
-# transforms stubbed, unused by a text-only prompt: 459 tokens split 230 / 229, image within 1e-6 of one process.)
-_needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
-                                        reason="OmniGenPipeline's processor needs torchvision")
-
-# Kinds with a text encoder (made tensor parallel); OmniGen embeds the prompt's ids in its transformer, DiT has
-# class labels only.
+# Kinds with a text encoder (made tensor parallel); DiT has class labels only.
 WITH_TEXT_ENCODER = {"lumina-next", "ideogram4"}
-# Kinds whose probed (first) attention holds an odd token count: DiT's 5 x 5 patch grid; OmniGen's one sequence
-# (templated prompt 442 + time token + 16 image tokens = 459). Lumina-Next pads its prompt to a multiple of 8 itself.
+# Kinds whose probed (first) attention holds an odd token count: DiT's 5 x 5 patch grid. Lumina-Next pads its prompt
+# to a multiple of 8 itself.
 # Ideogram 4's sequence: the prompt left-padded to max_sequence_length 35, then 16 image tokens (51).
-ODD_TOKENS_PROBED = {"dit", "omnigen", "ideogram4"}
+ODD_TOKENS_PROBED = {"dit", "ideogram4"}
 
 # Pipelines that draw their initial noise inline (no prepare_latents): diffpar's latent broadcast cannot reach them,
 # so every rank passes the same seed (see test_dit_rank_seeds below).
 NO_PREPARE_LATENTS = {"dit"}
 
 CASES = [
-    pytest.param("omnigen", marks=[_needs("OmniGenPipeline"), _needs_torchvision]),
     pytest.param("lumina-next", marks=_needs("LuminaPipeline")),
     pytest.param("dit", marks=_needs("DiTPipeline")),
     pytest.param("ideogram4", marks=_needs("Ideogram4Pipeline")),
