@@ -177,8 +177,8 @@ def _joyimage_edit(seed=0):
 
 # -- JoyImage Edit Plus -----------------------------------------------------------------------------------------
 @_kind("joyimage_edit_plus", "JoyImageEditPlusPipeline",
-       # the negative prompt has the prompt's token count: guidance batches the two, and diffpar refuses a padded
-       # prompt for this transformer (diffusers keeps its mask whole while splitting the prompt)
+       # the negative prompt has the prompt's token count: guidance batches the two unpadded (prompts of different
+       # lengths, a padded prompt mask: tests/test_joyimage_padded.py)
        lambda: dict(images=[_pil(32, 48, 32), _pil(48, 32, 33)], prompt="make the cat red",
                     negative_prompt="make the cat dark", height=48, width=48, guidance_scale=4.0),
        ("text_encoder", "vae"))
