@@ -709,8 +709,9 @@ def leaves_text_mask_whole(model, plan: dict) -> bool:
 
 def guard_whole_text_mask(model, plan: dict, handle, name: str) -> None:
     """Refuse padded prompts on `model` where `leaves_text_mask_whole`; records its undo on `handle`. Skipped where
-    the family's attention processors cut the whole mask to each rank's keys themselves (they say so with a
-    class attribute `cuts_whole_text_mask = True`, installed by the plan's prepare step before this runs)."""
+    the family's attention processors handle the whole text mask themselves: they cut it to each rank's keys, or
+    lay it out in the order Ulysses gathers keys, and say so with a class attribute `cuts_whole_text_mask = True`
+    (installed by the plan's prepare step before this runs)."""
     if not leaves_text_mask_whole(model, plan):
         return
     processors = getattr(model, "attn_processors", None)

@@ -137,7 +137,7 @@ PIPELINES_TESTED: dict[str, dict[str, str]] = {
     "ErnieImageTransformer2DModel": {"ErnieImagePipeline": "tests/test_image_pipelines_c.py"},
     "GlmImageTransformer2DModel": {"GlmImagePipeline": "tests/test_image_pipelines_c.py"},
     "Flux3Transformer2DModel": {"Flux3ModularPipeline": "tests/test_image_pipelines_c.py"},
-    "OmniGenTransformer2DModel": {"OmniGenPipeline": "tests/test_image_pipelines_d.py"},
+    "OmniGenTransformer2DModel": {"OmniGenPipeline": "tests/test_omnigen_pipeline.py"},
     "LuminaNextDiT2DModel": {"LuminaPipeline": "tests/test_image_pipelines_d.py"},
     "DiTTransformer2DModel": {"DiTPipeline": "tests/test_image_pipelines_d.py"},
     "Ideogram4Transformer2DModel": {"Ideogram4Pipeline": "tests/test_image_pipelines_d.py"},

@@ -5,7 +5,7 @@ from diffpar.testing.coverage import ModelCase
 from diffpar.testing.tiny_transformers import builder, construct
 
 CASES = [ModelCase("joyimage_edit_plus", "JoyImageEditPlusTransformer3DModel",
-                   notes="padded patches: Ulysses lays the mask out, Ring refuses it")]
+                   notes="padded patches or a padded prompt: Ulysses lays the mask out, Ring refuses it")]
 
 REAL_CONFIGS = {
     # diffusers' defaults for the class (the released model's shape).
