@@ -62,6 +62,8 @@ def _processor_class():
                         "ring_size (tp_size works with any mask)."
                     )
                 attention_mask = None  # all ones: +1 on every score, which softmax ignores
+            if hidden_states.shape[1] == 0:  # a joint cut can leave a rank text only: no image token to rotate
+                image_rotary_emb = None  # (diffusers' apply_rotary_emb cannot reshape an empty part)
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
                                     kv_cache)
 
