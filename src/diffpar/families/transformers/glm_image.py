@@ -171,8 +171,8 @@ def _refuse_cut(text_tokens: int, image_tokens: int, parts: int, cp_config):
         why = (f"{joint} is not a multiple of {parts}, and this layout (ulysses {cp_config.ulysses_degree} x ring "
                f"{cp_config.ring_degree}) has no uneven split on the installed diffusers")
         fix = (f"Choose a prompt or image size that gives a multiple of {parts} text + image tokens (e.g. "
-               f"{multiple}), or use ulysses_size or ring_size alone (their uneven split takes any length: Ulysses "
-               f"on diffusers 0.38+, Ring on 0.38+).")
+               f"{multiple}), or use ulysses_size or ring_size alone (on diffusers 0.38+ their uneven split takes any "
+               f"length).")
     raise UnsupportedError(
         f"GLM-Image with context parallelism: this call has {text_tokens} text (glyph) tokens and {image_tokens} "
         f"image tokens to split over {parts} ranks; neither each stream nor the joint sequence splits, as {why}. "
