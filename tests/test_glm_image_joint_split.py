@@ -8,6 +8,7 @@ import pytest
 from tolerances import CP_FP32
 
 from diffpar.compat.diffusers_cp import uneven_split_option
+from diffpar.testing.coverage import class_available
 from diffpar.families.transformers.glm_image import choose_token_cut, joint_cut
 from diffpar.testing.probes import context_parallel_degree, expected_collectives
 
@@ -44,6 +45,9 @@ def test_joint_cut_where_the_per_stream_cut_cannot_run():
 
 
 # -- multi-rank -----------------------------------------------------------------------------------------------
+
+needs_glm_image = pytest.mark.skipif(not class_available("GlmImageTransformer2DModel"),
+                                     reason="this diffusers release has no GlmImageTransformer2DModel")
 
 
 def _has_uneven_path(config: dict) -> bool:
@@ -90,6 +94,7 @@ def _assert_joint_split(results, config, image_tokens, text_tokens):
             assert sizes[kind] in s["group_sizes"][kind], (kind, s["group_sizes"])
 
 
+@needs_glm_image
 @pytest.mark.parametrize("world,config,image_tokens,text_tokens", LAYOUTS)
 def test_joint_cut_matches_one_process(ranks, world, config, image_tokens, text_tokens):
     if (text_tokens + image_tokens) % world and not _has_uneven_path(config):
@@ -104,6 +109,7 @@ def test_joint_cut_matches_one_process(ranks, world, config, image_tokens, text_
     _assert_joint_split(results, config, image_tokens, text_tokens)
 
 
+@needs_glm_image
 def test_refusal_names_text_and_image_tokens(ranks):
     """Ulysses x Ring (no uneven split): 1 text token cannot be split per stream, and 1 + 14 = 15 joint tokens do
     not divide over 4: every rank refuses, naming both counts and a length that works."""
