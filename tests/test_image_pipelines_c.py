@@ -109,11 +109,18 @@ def test_glm_image(ranks):
 
 
 @_needs("GlmImagePipeline")
-@pytest.mark.xfail(strict=True, raises=Exception, reason="with guidance the unconditional call's glyph text is "
-                   "empty: ONE token, which GLM-Image's Ulysses plan splits over 2 ranks and diffpar refuses "
-                   "(DiffparError: an uneven split would leave 1 rank without any)")
 def test_glm_image_guidance_one_glyph_token(ranks):
-    _check(_run(ranks, "glm_image", guidance_scale=2.0))
+    """With guidance the unconditional call's glyph text is ONE token (an empty negative prompt), fewer than the 2
+    ranks: GLM-Image's plan cuts that call over the joint sequence [text, image] (11 tokens: rank 0 the text token
+    and 5 image tokens, rank 1 5 image tokens), the conditional one per stream (5 text tokens: 3 + 2, 10 image
+    tokens: 5 + 5). Both calls of every step split; the image matches one process."""
+    results = _run(ranks, "glm_image", guidance_scale=2.0)
+    _check(results)
+    for r in results:  # forwards alternate conditional, unconditional (2 steps)
+        split = r["split"]
+        assert split["text_tokens"] == [(3, 2)[r["rank"]], (1, 0)[r["rank"]]] * 2, split
+        assert split["image_tokens"] == [5, 5] * 2, split
+        assert r["split_reference"]["text_tokens"] == [5, 1] * 2, r["split_reference"]
 
 
 @_needs("Flux3AutoBlocks")

@@ -5,7 +5,9 @@ from diffpar.testing.coverage import ModelCase
 from diffpar.testing.tiny_transformers import builder, construct
 
 CASES = [ModelCase("glm_image", "GlmImageTransformer2DModel",
-                   notes="padded text masks refused under CP (query-by-key mask)")]
+                   notes="padded text masks refused under CP (query-by-key mask); fewer text tokens than ranks "
+                         "(guidance): cut over the joint [text, image] sequence "
+                         "(tests/test_glm_image_joint_split.py)")]
 
 REAL_CONFIGS = {
     # diffusers' defaults for the class (the released model's shape).
