@@ -223,7 +223,7 @@ def _glm_image(seed=0):
     (4x, 4 latent channels) and 2 x 2 patches: a 16 x 40 px image is 2 x 5 = 10 image tokens (even: heights come
     in multiples of 16, an even number of token rows) after 5 glyph tokens (the pipeline pads them to an odd
     count). No guidance by default: the unconditional call reads ONE glyph token (an empty negative prompt),
-    which Ulysses 2 cannot split (test_glm_image_guidance_one_glyph_token)."""
+    which GLM-Image's plan cuts over the joint sequence [text, image] (test_glm_image_guidance_one_glyph_token)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, GlmImagePipeline
 
     t5, _ = tiny_text_encoders.build("t5", seed=seed, heads=4, d_kv=8, d_model=24, d_ff=256, layers=2, vocab=384)
