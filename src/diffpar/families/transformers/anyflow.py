@@ -38,11 +38,16 @@ def _rope_rows_hook(model):
         if parallel_config is None or parallel_config.context_parallel_config is None:
             return output
         cp = parallel_config.context_parallel_config
-        path = uneven_path_for(cp)
-        if path is not None and any(v.shape[2] % (cp.ulysses_degree * cp.ring_degree) for v in output.values()):
+        parts = cp.ulysses_degree * cp.ring_degree
+        chosen = getattr(cp, "ulysses_anything", False) or getattr(cp, "ring_anything", False)
+        if not chosen and any(v.shape[2] % parts for v in output.values()):
             # `rope` runs before `blocks.0`, whose split hook switches a call whose tokens the degree does not
-            # divide to the uneven path: switch now so the tables are cut as the tokens will be (the model's
-            # pre-forward hook puts the configured mode back for the next call; too few tokens: that hook refuses).
+            # divide to the uneven path, or refuses it naming the video tokens where the release has none: switch
+            # now so the tables are cut as the tokens will be (the model's pre-forward hook puts the configured
+            # mode back for the next call), or leave them whole for that refusal.
+            path = uneven_path_for(cp)
+            if path is None:
+                return output
             setattr(cp, path, True)
         return {k: shard(v, 2, cp) for k, v in output.items()}
 
