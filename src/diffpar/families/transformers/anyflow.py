@@ -21,6 +21,7 @@ heads, MLP columns then rows, the modulation projection gathered).
 """
 from __future__ import annotations
 
+from diffpar.compat.diffusers_cp import uneven_path_for
 from diffpar.compat.diffusers_cp_hooks import gather_output, shard, split_input
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
@@ -37,6 +38,17 @@ def _rope_rows_hook(model):
         if parallel_config is None or parallel_config.context_parallel_config is None:
             return output
         cp = parallel_config.context_parallel_config
+        parts = cp.ulysses_degree * cp.ring_degree
+        chosen = getattr(cp, "ulysses_anything", False) or getattr(cp, "ring_anything", False)
+        if not chosen and any(v.shape[2] % parts for v in output.values()):
+            # `rope` runs before `blocks.0`, whose split hook switches a call whose tokens the degree does not
+            # divide to the uneven path, or refuses it naming the video tokens where the release has none: switch
+            # now so the tables are cut as the tokens will be (the model's pre-forward hook puts the configured
+            # mode back for the next call), or leave them whole for that refusal.
+            path = uneven_path_for(cp)
+            if path is None:
+                return output
+            setattr(cp, path, True)
         return {k: shard(v, 2, cp) for k, v in output.items()}
 
     return hook

@@ -46,17 +46,25 @@ def _shard(tensor: torch.Tensor, shards) -> torch.Tensor:
 
 
 def _check_lengths(parallel_config, **lengths: int) -> None:
-    """Without diffusers' uneven path, every rank's share of each split length must be the same size."""
+    """Lengths the degree does not divide take diffusers' uneven path for this call; without one, every rank's
+    share of each split length must be the same size."""
     cp = parallel_config.context_parallel_config
     parts = cp.ulysses_degree * cp.ring_degree
     uneven = {name: n for name, n in lengths.items() if n % parts}
-    if uneven and uneven_path_for(cp) is None:
+    if not uneven:
+        return
+    path = uneven_path_for(cp)
+    if path is None:
         raise UnsupportedError(
             f"Cosmos3OmniTransformer: {uneven} (prompt prefix and generation tokens of the packed sequence) do not "
             f"divide over {parts} context-parallel ranks, and this layout (ulysses {cp.ulysses_degree} x ring "
             f"{cp.ring_degree}) has no uneven split on the installed diffusers. Pick a size that divides them, or "
             "use Ulysses or Ring alone (their uneven paths take any length)."
         )
+    # These seams split outside diffusers' split hooks, which are what switch a call whose lengths do not divide
+    # to the uneven path: switch here, or the attention exchanges unequal shards as equal ones (gloo aborts). The
+    # model's pre-forward hook puts the configured mode back for the next call.
+    setattr(cp, path, True)
 
 
 class ContextParallelCosmos3AttnProcessor:

@@ -4,8 +4,9 @@ HunyuanVideo's layout (hunyuan_video.py): dual-stream blocks, then single-stream
 [video tokens, prompt tokens] with a key-padding mask the forward builds over [all video, all prompt]. Plan: the
 video and prompt tokens are split where they enter the first block, the RoPE table (cos, sin) as it leaves `rope`;
 gather after `proj_out`. Each joint attention gets HunyuanVideo's treatment of the mask (an all-True mask becomes
-none; a real padding mask is laid out in the order plain Ulysses gathers keys); Ring and the *_anything modes
-cannot apply a mask across ranks, so a padded prompt is refused there, at the call, naming the fix.
+none; a real padding mask is laid out in the order plain Ulysses gathers keys, also where a call whose lengths
+the degree does not divide took the uneven path by itself); Ring and the *_anything options cannot apply a mask
+across ranks, so a padded prompt is refused there, at the call, naming the fix.
 
 Differences from HunyuanVideo, each handled here:
 - The optional text cross-attention (`cross_attn`, `enable_text_cross_attention_*`): queries from the video shard,
@@ -56,7 +57,7 @@ def _joint_processor_class(seen: dict):
                 if bool(attention_mask.all()):
                     attention_mask = None  # masks nothing; the ring cannot take one
                 else:
-                    _refuse_mask_layout(self._parallel_config.context_parallel_config)
+                    _refuse_mask_layout(self._parallel_config.context_parallel_config, seen["ulysses_anything"])
                     attention_mask = mask_for_sharded_keys(
                         attention_mask, hidden_states.shape[1], encoder_hidden_states.shape[1],
                         self._parallel_config, seen.get("text_tokens"))
@@ -65,10 +66,12 @@ def _joint_processor_class(seen: dict):
     return MotifVideoContextParallelAttnProcessor
 
 
-def _refuse_mask_layout(cp) -> None:
+def _refuse_mask_layout(cp, ulysses_anything: bool) -> None:
+    """`ulysses_anything`: the user's option. The uneven path a call takes by itself (0.38+, a length the degree
+    does not divide) is not refused: the mask laid out for the uneven key order is exact there (as HunyuanVideo's)."""
     if cp.ring_degree > 1:
         mode, fix = "ring attention", "use ulysses_size instead of ring_size"
-    elif getattr(cp, "ulysses_anything", False):
+    elif ulysses_anything:
         mode, fix = "ulysses_anything", "use ulysses_size without ulysses_anything"
     elif not context_parallel_attention_takes_masks():
         mode, fix = "this diffusers release's context-parallel attention", "upgrade diffusers (0.37+ takes masks)"
@@ -129,7 +132,7 @@ def prepare_motif_video(model, config, handle, name: str) -> None:
     )
 
     label = type(model).__name__
-    seen: dict = {}
+    seen: dict = {"ulysses_anything": bool(config.ulysses_anything)}
     joint = tuple(f"{stack}.{i}.attn" for stack in _BLOCK_STACKS for i in range(len(getattr(model, stack))))
     replace_attention_processors(model, {MotifVideoAttnProcessor2_0: _joint_processor_class(seen)}, handle, name,
                                  label, within=joint)
