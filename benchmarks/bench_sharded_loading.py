@@ -8,9 +8,9 @@ Real widths, scaled in depth only (the full models are 24 GB and 9.5 GB of bf16 
 transformer (24 heads of 128, joint_attention_dim 4096, in_channels 64, guidance) with `--depth` N double-stream
 and N single-stream blocks (of 19 and 38), and a T5-XXL-shaped encoder (d_model 4096, 64 heads of 64, d_ff 10240
 gated-gelu, vocabulary 32128) with 2N layers (of 24), in bf16 (default N=1). `--small`: toy widths, for the test
-(tests/test_sharded_loading.py). Rank 0 writes them once in a pipeline directory with save_pretrained
-(safetensors; the other components tiny; weights a repeated seeded pattern, which is fast to write and not
-zero, so the forward below means something); every rank then builds the pipeline with
+(tests/test_sharded_loading.py). Rank 0 writes them once as a saved pipeline directory
+(the other components tiny; the two large modules' safetensors written directly, a repeated seeded
+pattern: fast to write, and not zero, so the forward below means something); every rank then builds the pipeline with
 `diffpar.empty_pipeline(dir, ["transformer", "text_encoder_2"])` (both on the meta device) and enables
 tp_size=world with the T5 in extra_parallel_modules and `weights_from` naming both subfolders and the device.
 
@@ -86,29 +86,52 @@ def _empty(flux: dict, t5: dict):
 
 
 PATTERN = 65521  # a prime: the repeated pattern does not line up with rows or heads
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+WEIGHT_FILES = {"transformer": "diffusion_pytorch_model.safetensors", "text_encoder_2": "model.safetensors"}
 
 
-def fill(module: torch.nn.Module, seed: int) -> None:
-    """Every parameter and buffer: a seeded normal pattern (std 0.02) repeated, copied in chunks. Drawing N(0, 1)
-    for every one of billions of values on one core would take minutes; a copy runs at memory speed."""
-    g = torch.Generator().manual_seed(seed)
-    pattern = torch.randn(PATTERN, generator=g) * 0.02
-    with torch.no_grad():
-        for t in list(module.parameters()) + list(module.buffers()):
-            if not t.is_floating_point():
-                continue
-            flat = t.view(-1)
-            n = flat.numel()
-            whole = n // PATTERN
-            if whole:
-                flat[: whole * PATTERN].view(whole, PATTERN).copy_(pattern.to(t.dtype))
-            flat[whole * PATTERN:].copy_(pattern[: n - whole * PATTERN].to(t.dtype))
+def write_safetensors(path: str, module: torch.nn.Module, seed: int) -> None:
+    """`module`'s parameters and persistent buffers (it may be on meta: only names, shapes and dtypes are used)
+    written as one safetensors file, every tensor holding a seeded normal pattern (std 0.02) repeated. Nothing of
+    the model's size is allocated: a 64 MiB block of the pattern is written again and again, at disk speed
+    (drawing, or even filling, billions of values in torch first took minutes on one core)."""
+    names, tensors = [], []
+    for name, p in module.named_parameters():  # tied weights once (T5's shared), as save_pretrained writes them
+        names.append(name)
+        tensors.append(p)
+    for owner_path, owner in module.named_modules():
+        for bname, buf in owner._buffers.items():
+            if buf is not None and bname not in owner._non_persistent_buffers_set:
+                names.append(f"{owner_path}.{bname}" if owner_path else bname)
+                tensors.append(buf)
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in zip(names, tensors):
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    pattern = torch.randn(PATTERN, generator=torch.Generator().manual_seed(seed)) * 0.02
+    blocks = {}  # dtype -> bytes of the pattern repeated (a whole number of patterns, so it continues seamlessly)
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for t in tensors:
+            if t.dtype not in blocks:
+                repeats = max(1, (64 << 20) // (PATTERN * t.element_size()))
+                blocks[t.dtype] = pattern.to(t.dtype).repeat(repeats).view(torch.uint8).numpy().tobytes()
+            block, left = blocks[t.dtype], t.numel() * t.element_size()
+            while left:
+                f.write(block[:left] if left < len(block) else block)
+                left -= min(left, len(block))
 
 
 def write_files(directory: str, flux: dict, t5: dict) -> float:
     """A saved pipeline directory (model_index.json + subfolders, as save_pretrained writes it): the two large
-    modules in bf16 with the shapes asked for, the rest (scheduler, VAE, CLIP, tokenizers: not measured) tiny.
-    Returns the seconds it took (0 when the directory already holds these shapes)."""
+    modules in bf16 with the shapes asked for (their config.json and one safetensors file each, written by
+    `write_safetensors`), the rest (scheduler, VAE, CLIP, tokenizers: not measured) tiny. Returns the seconds it
+    took (0 when the directory already holds these shapes)."""
     marker = os.path.join(directory, "bench_shapes.json")
     wanted = {"transformer": flux, "text_encoder_2": t5}
     if os.path.isfile(os.path.join(directory, "model_index.json")):
@@ -117,19 +140,23 @@ def write_files(directory: str, flux: dict, t5: dict) -> float:
         if found and json.loads(found) == json.loads(json.dumps(wanted)):
             return 0.0
         raise SystemExit(f"{directory} holds another pipeline (other shapes or depth): pass another --dir")
-    from diffusers import FluxPipeline
-
     from diffpar.testing import tiny_pipelines
 
     began = time.perf_counter()
-    large = _empty(flux, t5)
-    for seed, module in enumerate(large.values()):
-        module.to_empty(device="cpu")
+    # The tiny pipeline saved whole gives model_index.json and the small components; the two large subfolders
+    # are then replaced by the real-shaped ones.
+    tiny_pipelines.build_tiny_flux_pipeline().save_pretrained(directory)
+    for seed, (name, module) in enumerate(_empty(flux, t5).items()):
+        folder = os.path.join(directory, name)
+        for f in os.listdir(folder):
+            os.remove(os.path.join(folder, f))
         if hasattr(module, "tie_weights"):
             module.tie_weights()  # T5's embedding is saved once, as from_pretrained would
-        fill(module, seed)
-    small = tiny_pipelines.build_tiny_flux_pipeline().components
-    FluxPipeline(**{**small, **large}).save_pretrained(directory)
+        if name == "transformer":
+            module.save_config(folder)
+        else:
+            module.config.save_pretrained(folder)
+        write_safetensors(os.path.join(folder, WEIGHT_FILES[name]), module, seed)
     with open(marker, "w") as f:
         json.dump(wanted, f)
     return time.perf_counter() - began
