@@ -42,6 +42,7 @@ import resource
 import sys
 import time
 import weakref
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -338,6 +339,11 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.3f} GiB" if abs(n) >= 2**24 else f"{n / 2**20:.2f} MiB"
 
 
+# A rank whose peer failed in a collective gives up after this (torch's default is 30 minutes); rank 0 writing the
+# files is the longest wait (well under a minute at --depth 4 on the lent machine's disk).
+GROUP_TIMEOUT = timedelta(seconds=600)
+
+
 def _setup(device_kind: str) -> torch.device:
     local_rank, world_env = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if device_kind == "cuda":
@@ -346,11 +352,11 @@ def _setup(device_kind: str) -> torch.device:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         if torch.cuda.device_count() < world_env:
             # Several ranks on one GPU: NCCL refuses a duplicate GPU; gloo moves CUDA tensors through c10d.
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         if world_env > 1 and not dist.is_initialized():
-            dist.init_process_group("gloo")  # the CPU as the device, also on a machine with a GPU
+            dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)  # the CPU as the device, also beside a GPU
         device = torch.device("cpu")
     if not ensure_process_group():
         raise SystemExit("launch with: torchrun --nproc_per_node=2 benchmarks/bench_sharded_loading.py")
@@ -431,14 +437,26 @@ def main(argv=None) -> int:
             "on_device": sorted({str(p.device) for p in module.parameters()}),
             "tensors": state["tensors"], "sliced": state["sliced_tensors"]}
         checks[f"{name}: read = plan < whole"] = state["read_bytes"] == planned[name]["shard"] < state["full_bytes"]
+    report["checks"] = checks
+    # The memory figures are gathered and printed before the forward: a forward that fails (or a collective that
+    # waits for a failed peer until the group's timeout) cannot take them along.
+    reports = gather_json(report)
+    if rank == 0:
+        _print_loading(reports, world, directory, flux, t5, args)
+    later = {"checks": {}}
     if args.forward:
-        report["forward"] = forward_check(pipe, directory, flux, t5, device, rank, args.small)
-        checks["forward: finite"] = report["forward"]["finite"]
-        checks["forward: c10d all_reduce issued"] = report["forward"]["split"]["collectives"].get(
-            "c10d.all_reduce", 0) > 0
-        for name, d in report["forward"].get("vs_whole", {}).items():
-            checks[f"forward: {name} vs whole (relative <= {FORWARD_RELATIVE_TOL})"] = \
-                d["relative"] <= FORWARD_RELATIVE_TOL
+        try:
+            later["forward"] = forward_check(pipe, directory, flux, t5, device, rank, args.small)
+        except Exception as exc:  # reported with the rest; this rank's peer fails in the same collective
+            later["forward"] = {"error": f"{type(exc).__name__}: {exc}"}
+        f = later["forward"]
+        later["checks"]["forward: ran"] = "error" not in f
+        if "error" not in f:
+            later["checks"]["forward: finite"] = f["finite"]
+            later["checks"]["forward: c10d all_reduce issued"] = f["split"]["collectives"].get("c10d.all_reduce", 0) > 0
+            for name, d in f.get("vs_whole", {}).items():
+                later["checks"][f"forward: {name} vs whole (relative <= {FORWARD_RELATIVE_TOL})"] = \
+                    d["relative"] <= FORWARD_RELATIVE_TOL
     if args.baseline:
         from safetensors.torch import load_file
 
@@ -449,13 +467,14 @@ def main(argv=None) -> int:
                 if f.endswith(".safetensors"):
                     # Copied out of the memory map: what a rank holds when it loads the whole model.
                     kept.append({k: v.clone() for k, v in load_file(os.path.join(folder, f)).items()})
-        report["baseline"] = host_memory()
+        later["baseline"] = host_memory()
         del kept
-    report["checks"] = checks
-    reports = gather_json(report)
+    for r, extra in zip(reports, gather_json(later)):
+        r["checks"].update(extra.pop("checks"))
+        r.update(extra)
     failed = sorted({f"rank {r['rank']}: {k}" for r in reports for k, ok in r["checks"].items() if not ok})
     if rank == 0:
-        _print(reports, world, directory, flux, t5, args)
+        _print_later(reports)
         summary = {"world": world, "tp_size": world, "device": args.device, "depth": args.depth,
                    "small": args.small, "torch": torch.__version__, "directory": directory,
                    "seconds_total": time.perf_counter() - started, "failed": failed, "ranks": reports}
@@ -465,7 +484,7 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-def _print(reports, world, directory, flux, t5, args) -> None:
+def _print_loading(reports, world, directory, flux, t5, args) -> None:
     print(f"world={world}, tp_size={world}, torch {torch.__version__}, bf16, device {args.device}, files in "
           f"{directory} (written in {reports[0]['write_seconds']:.1f} s; 0 = reused)")
     print(f"FLUX.1-dev-shaped transformer{' (toy widths)' if args.small else ''} with {flux['num_layers']} double + "
@@ -494,15 +513,24 @@ def _print(reports, world, directory, flux, t5, args) -> None:
               f"{gib(a['VmRSS'])} = anonymous {gib(a['RssAnon'])} + file-backed {gib(a['RssFile'])}; peak "
               f"{gib(a['peak'])}; sampled peaks while enabling: anonymous {gib(r['sampled']['RssAnon'])}, "
               f"file-backed {gib(r['sampled']['RssFile'])} (pages of the memory-mapped files: shared page cache)")
+    sys.stdout.flush()
+
+
+def _print_later(reports) -> None:
+    for r in reports:
+        print(f"\nrank {r['rank']}:")
         if "forward" in r:
             f = r["forward"]
-            line = (f"  tensor-parallel forward of both modules {f['seconds']:.2f} s, collectives "
-                    f"{f['split']['collectives']}, first attention's heads {f['split']['heads']}")
-            for name, d in f.get("vs_whole", {}).items():
-                line += f"; {name} vs whole: max abs diff {d['max_abs_diff']:.3g} of {d['max_abs']:.3g}"
-            print(line)
+            if "error" in f:
+                print(f"  tensor-parallel forward FAILED: {f['error']}")
+            else:
+                line = (f"  tensor-parallel forward of both modules {f['seconds']:.2f} s, collectives "
+                        f"{f['split']['collectives']}, first attention's heads {f['split']['heads']}")
+                for name, d in f.get("vs_whole", {}).items():
+                    line += f"; {name} vs whole: max abs diff {d['max_abs_diff']:.3g} of {d['max_abs']:.3g}"
+                print(line)
         if "baseline" in r:
-            b = r["baseline"]
+            b, a = r["baseline"], r["after"]
             print(f"  baseline, both files loaded whole as well in this process: anonymous RSS "
                   f"{gib(b['RssAnon'])} (+{gib(b['RssAnon'] - a['RssAnon'])} over the shards), peak {gib(b['peak'])}")
         bad = [k for k, v in r["checks"].items() if not v]
