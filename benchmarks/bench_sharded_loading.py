@@ -8,9 +8,9 @@ Real widths, scaled in depth only (the full models are 24 GB and 9.5 GB of bf16 
 transformer (24 heads of 128, joint_attention_dim 4096, in_channels 64, guidance) with `--depth` N double-stream
 and N single-stream blocks (of 19 and 38), and a T5-XXL-shaped encoder (d_model 4096, 64 heads of 64, d_ff 10240
 gated-gelu, vocabulary 32128) with 2N layers (of 24), in bf16 (default N=1). `--small`: toy widths, for the test
-(tests/test_sharded_loading.py). Rank 0 writes them once as a saved pipeline directory
-(the other components tiny; the two large modules' safetensors written directly, a repeated seeded
-pattern: fast to write, and not zero, so the forward below means something); every rank then builds the pipeline with
+(tests/test_sharded_loading.py). Rank 0 writes them once as a saved pipeline directory (the other components
+tiny; the two large modules' safetensors written directly, a repeated seeded pattern: fast to write, and not zero,
+so the forward below means something); every rank then builds the pipeline with
 `diffpar.empty_pipeline(dir, ["transformer", "text_encoder_2"])` (both on the meta device) and enables
 tp_size=world with the T5 in extra_parallel_modules and `weights_from` naming both subfolders and the device.
 
@@ -19,13 +19,14 @@ largest single tensor this rank reads (its part of one weight: "one layer"), the
 `enable_cache` runs: the peak device memory (CUDA: `torch.cuda.reset_peak_memory_stats()` before,
 `max_memory_allocated()` after, minus what was allocated before; both devices: a dispatch mode that adds up the
 live bytes of every tensor a torch op allocates on the device, freed when its storage dies), checked against
-shard + largest tensor + slack (see `slack_bytes`), the bytes read and held afterwards, and host memory (peak RSS
-from getrusage; anonymous / file-backed RSS from /proc/self/status sampled by a thread: the file-backed part is
-the page cache of the memory-mapped files, shared by every rank). Then (unless --no-forward) one tensor-parallel
-forward of each module on the device (c10d all_reduce / all_gather: with gloo these take CUDA tensors too), vs the
-same module loaded whole with from_pretrained on rank 0. `--baseline` loads both files whole in each process (what
-tensor parallelism needed before) and prints that host peak too. The last line of rank 0's output is one JSON
-object with every figure; the exit status is 1 if a check failed.
+shard + largest tensor + slack (64 KiB of small tensors; on CUDA also the allocator's rounding: `CUDA_UNSPLIT`;
+the bytes CUDA was asked for, memory_stats' "requested_bytes", are checked without it), the bytes read and held
+afterwards, and host memory (peak RSS from getrusage; anonymous / file-backed RSS from /proc/self/status sampled
+by a thread: the file-backed part is the page cache of the memory-mapped files, shared by every rank). Then
+(unless --no-forward) one tensor-parallel forward of each module on the device (c10d all_reduce / all_gather: with
+gloo these take CUDA tensors too), vs the same module loaded whole with from_pretrained on rank 0. `--baseline`
+loads both files whole in each process (what tensor parallelism needed before) and prints that host peak too. The
+last line of rank 0's output is one JSON object with every figure; the exit status is 1 if a check failed.
 
 `--device cuda` on a one-GPU machine: every rank on cuda:0 over gloo (NCCL refuses a duplicate GPU); loading issues
 no collective on device tensors (the agreement exchanges CPU tensors) and the forward only c10d ones (torch's
@@ -63,9 +64,12 @@ FLUX_SMALL = dict(FLUX_DEV, in_channels=16, attention_head_dim=16, num_attention
                   pooled_projection_dim=24, axes_dims_rope=(4, 6, 6))
 T5_SMALL = dict(T5_XXL, vocab_size=128, d_model=32, d_kv=8, d_ff=80, num_heads=4)
 LARGE = ("transformer", "text_encoder_2")
-# The caching allocator hands out blocks in multiples of 512 bytes (max_memory_allocated counts the blocks; the
-# CUDA context and the allocator's reserved-but-free memory are not in it).
-CUDA_BLOCK = 512
+# torch.cuda.max_memory_allocated counts the caching allocator's blocks, not the bytes asked for (the CUDA context
+# and cached free memory are in neither): a request of at most 1 MiB gets a block rounded up to 512 bytes; a larger
+# one may get up to 1 MiB more (a rest of its segment of at most 1 MiB is not split off: `should_split` in torch's
+# CUDACachingAllocator). The bytes asked for are memory_stats()'s "requested_bytes", checked without this slack.
+CUDA_ROUND = 512
+CUDA_UNSPLIT = 1 << 20
 # Small tensors besides the weights (moved buffers, scalars of the engines; 8 bytes measured on CPU): far below one
 # layer, and small enough that the bound stays under the whole model at the test's toy widths.
 SMALL_TENSORS = 64 << 10
@@ -246,7 +250,7 @@ def loading_plan_figures(plan, rank: int) -> dict:
     for component in plan.by_role("weights"):
         load = component.payload
         module = load.target_module
-        largest, largest_name = 0, ""
+        largest, largest_name, allocator = 0, "", 0
         for read in load.reads:
             path = read.paths[0]
             tensor = module.get_buffer(path) if read.is_buffer else module.get_parameter(path)
@@ -256,15 +260,11 @@ def loading_plan_figures(plan, rank: int) -> dict:
                 numel = numel // read.shape[read.dim] * sum(b - a for a, b in read.ranges[rank])
             if numel * size > largest:
                 largest, largest_name = numel * size, read.key
+            allocator += CUDA_UNSPLIT if numel * size > CUDA_UNSPLIT else CUDA_ROUND
         out[load.name] = {"shard": load.bytes_per_rank[rank], "whole": load.full_bytes, "largest_tensor": largest,
-                          "largest_tensor_name": largest_name, "tensors": len(load.reads) + len(load.moved_buffers)}
+                          "largest_tensor_name": largest_name, "tensors": len(load.reads) + len(load.moved_buffers),
+                          "cuda_allocator_slack": allocator + CUDA_UNSPLIT * len(load.moved_buffers)}
     return out
-
-
-def slack_bytes(tensors: int, device: torch.device) -> int:
-    """What the peak may exceed shard + largest tensor by: the allocator's rounding of each block up to 512 bytes
-    (CUDA only; the dispatch-mode count is exact) and 64 KiB of small tensors besides the weights."""
-    return (CUDA_BLOCK * tensors if device.type == "cuda" else 0) + SMALL_TENSORS
 
 
 def _inputs(flux: dict, t5: dict, device: torch.device, image_tokens: int, text_tokens: int) -> dict:
@@ -400,6 +400,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()
         cuda_before = torch.cuda.memory_allocated()
+        requested_before = torch.cuda.memory_stats().get("requested_bytes.all.current", 0)
         torch.cuda.reset_peak_memory_stats()  # the peak while enabling, per rank (each process has its own)
     began = time.perf_counter()
     with PeakSampler() as sampler, live:
@@ -412,20 +413,30 @@ def main(argv=None) -> int:
     shard = sum(m["shard"] for m in planned.values())
     whole = sum(m["whole"] for m in planned.values())
     largest = max(m["largest_tensor"] for m in planned.values())
-    slack = slack_bytes(sum(m["tensors"] for m in planned.values()), device)
+    # Bytes asked for: the shard, one tensor part in flight, and small tensors besides. Blocks (CUDA's
+    # max_memory_allocated): that plus the allocator's rounding of each block (one more for the copy's temporary).
+    exact_bound = shard + largest + SMALL_TENSORS
+    slack = SMALL_TENSORS
+    if device.type == "cuda":
+        slack += sum(m["cuda_allocator_slack"] for m in planned.values()) + CUDA_UNSPLIT
     bound = shard + largest + slack
     memory = {"shard": shard, "whole": whole, "largest_tensor": largest, "slack": slack, "bound": bound,
-              "live_peak": live.peak, "live_after": live.live, "allocations": live.allocations,
-              "largest_allocation": list(live.largest)}
+              "exact_bound": exact_bound, "live_peak": live.peak, "live_after": live.live,
+              "allocations": live.allocations, "largest_allocation": list(live.largest)}
+    checks = {}
     if device.type == "cuda":
+        stats = torch.cuda.memory_stats()
         memory.update(device_name=torch.cuda.get_device_name(),
                       cuda_peak=torch.cuda.max_memory_allocated() - cuda_before,
-                      cuda_after=torch.cuda.memory_allocated() - cuda_before)
+                      cuda_after=torch.cuda.memory_allocated() - cuda_before,
+                      cuda_requested_peak=stats.get("requested_bytes.all.peak", -1) - requested_before)
         memory["peak"] = memory["cuda_peak"]
+        checks["CUDA requested bytes peak <= shard + largest tensor + 64 KiB"] = \
+            memory["cuda_requested_peak"] <= exact_bound
     else:
         memory["peak"] = live.peak
-    checks = {"peak <= shard + largest tensor + slack": memory["peak"] <= bound,
-              "dispatch-mode peak <= shard + largest tensor + slack": live.peak <= bound}
+    checks["peak <= shard + largest tensor + slack"] = memory["peak"] <= bound
+    checks["dispatch-mode peak <= shard + largest tensor + 64 KiB"] = live.peak <= exact_bound
     report = {"rank": rank, "device": str(device), "seconds": seconds, "write_seconds": write_seconds,
               "start": start, "after": after, "sampled": sampler.peak, "memory": memory, "plan": planned,
               "modules": {}}
@@ -508,7 +519,9 @@ def _print_loading(reports, world, directory, flux, t5, args) -> None:
               f"the whole model {gib(m['whole'])} (peak / whole {m['peak'] / m['whole']:.3f})")
         print(f"  dispatch-mode count: peak {gib(m['live_peak'])} over {m['allocations']} allocations, largest "
               f"{gib(m['largest_allocation'][0])}"
-              + (f"; CUDA allocated after enabling {gib(m['cuda_after'])}" if "cuda_after" in m else ""))
+              + (f"; CUDA bytes requested: peak {gib(m['cuda_requested_peak'])} (<= {gib(m['exact_bound'])}: "
+                 f"{'ok' if m['cuda_requested_peak'] <= m['exact_bound'] else 'FAILED'}), allocated after enabling "
+                 f"{gib(m['cuda_after'])}" if "cuda_after" in m else ""))
         s, a = r["start"], r["after"]
         print(f"  host RSS before enabling {gib(s['VmRSS'])} (peak so far {gib(s['peak'])}); after "
               f"{gib(a['VmRSS'])} = anonymous {gib(a['RssAnon'])} + file-backed {gib(a['RssFile'])}; peak "
@@ -535,7 +548,8 @@ def _print_later(reports) -> None:
             print(f"  baseline, both files loaded whole as well in this process: anonymous RSS "
                   f"{gib(b['RssAnon'])} (+{gib(b['RssAnon'] - a['RssAnon'])} over the shards), peak {gib(b['peak'])}")
         bad = [k for k, v in r["checks"].items() if not v]
-        print(f"  checks: {len(r['checks']) - len(bad)} of {len(r['checks'])} passed" + (f"; FAILED: {bad}" if bad else ""))
+        print(f"  checks: {len(r['checks']) - len(bad)} of {len(r['checks'])} passed"
+              + (f"; FAILED: {bad}" if bad else ""))
 
 
 if __name__ == "__main__":
