@@ -11,8 +11,14 @@ the same per-rank reads; a failure right after the loading step (on one rank or 
 the meta modules, fast, and the pipeline then enables normally.
 One process: every plan-time refusal names what is wrong; empty_pipeline reads no weight of a module it builds
 empty.
+The benchmark (benchmarks/bench_sharded_loading.py) in its CPU mode with toy widths, 2 ranks under torchrun: the
+path a GPU run takes, the CPU as the device; the peak of live device bytes while enabling is the shard plus at most
+one tensor, well under the whole model.
 """
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -256,3 +262,46 @@ def test_meta_without_weights_from_is_still_refused(saved):
     reference, _ = saved
     with pytest.raises(UnsupportedError, match="meta device"):
         _plan(_meta(reference, names=("transformer",)), {})
+
+
+# -- the benchmark's device-memory figure, CPU mode (the GPU command runs the same code with --device cuda) --------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_peak_device_memory_is_the_shard_plus_one_tensor(tmp_path):
+    """A subprocess: torchrun starts the 2 ranks, as on the GPU (`--device cuda` differs only in the device and in
+    also reading torch.cuda.max_memory_allocated)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env["PYTHONPATH"] = os.path.join(ROOT, "src") + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         os.path.join(ROOT, "benchmarks", "bench_sharded_loading.py"), "--device", "cpu", "--small",
+         "--dir", str(tmp_path / "pipeline")],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["failed"] == [] and summary["device"] == "cpu" and summary["world"] == 2
+    ranks = summary["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for r in ranks:
+        m = r["memory"]
+        # The shard was really put on the device, and nothing but small tensors beside it; loading the whole model
+        # (what a no-op split does) would break the bound.
+        assert m["shard"] <= m["peak"] <= m["shard"] + m["largest_tensor"], m
+        assert m["peak"] == m["live_peak"] and m["bound"] < m["whole"] and m["shard"] < 0.7 * m["whole"], m
+        assert 0 < m["largest_tensor"] < m["shard"], m
+        for name, d in r["modules"].items():
+            assert d["read"] == d["plan"] == d["held"] < d["full"] and d["sliced"] > 0, (name, d)
+            assert d["on_device"] == ["cpu"], d
+        # The tensor-parallel forward ran split: each rank's first attention holds half of the 4 heads, and the
+        # row-parallel sums were all-reduced over both ranks.
+        split = r["forward"]["split"]
+        assert split["heads"] == [2] and split["collectives"]["c10d.all_reduce"] > 0, split
+        assert split["group_sizes"]["c10d.all_reduce"] == [2], split
+        assert r["forward"]["finite"]
+    assert ranks[0]["modules"] == ranks[1]["modules"]
+    for name, d in ranks[0]["forward"]["vs_whole"].items():
+        assert 0 < d["max_abs"] and d["relative"] <= 5e-2, (name, d)
+    text = done.stdout
+    assert "peak device memory while enabling" in text and "checks: " in text
