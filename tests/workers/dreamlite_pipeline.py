@@ -11,7 +11,7 @@ import torch.distributed as dist
 import diffpar
 from diffpar.testing import tiny_text_encoders, tiny_transformers
 from diffpar.testing.probes import SplitProbe
-from workers.image_pipelines import image_report
+from workers.reports import image_report
 
 PROMPT = "a red cat on a blue car"
 

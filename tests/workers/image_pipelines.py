@@ -2,14 +2,13 @@
 transformer context parallel, its text encoders tensor parallel and the VAE split (decode and encode)."""
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.distributed as dist
 
 import diffpar
 from diffpar.testing import tiny_image_pipelines
 from diffpar.testing.probes import SplitProbe
+from workers.reports import image_report, split_calls
 
 
 def _images(out):
@@ -39,28 +38,8 @@ def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bo
             with SplitProbe(pipe.transformer) as probe:
                 out = _images(pipe(**make_call(steps=steps, seed=seed)))
             again = _images(pipe(**make_call(steps=steps, seed=seed)))
-        vae_state = handle.state("vae") if "vae" in names else None
-        vae_calls = copy.deepcopy(vae_state.calls) if vae_state is not None else None
+        vae_calls = split_calls(handle, "vae", names)
     finally:
         problems = handle.detach(strict=False)  # also on error: no shim may outlive the test
     return image_report(out, again, reference, probe, reference_probe,
                         vae_calls=vae_calls, steps=handle.step_names, detach_problems=problems)
-
-
-def image_report(out, again, reference, probe, reference_probe, **extra) -> dict:
-    """What every end-to-end image test compares, on this rank: the image vs one process, a second call vs the
-    first, every rank's image vs rank 0's (one all-gather), the transformer's SplitProbe summaries; `extra` fields
-    (VAE calls, text-encoder shares, applied steps, detach problems) appended."""
-    gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, out.contiguous())
-    return {
-        "rank": dist.get_rank(),
-        "split": probe.summary(),
-        "split_reference": reference_probe.summary(),
-        "diff": (out - reference).abs().max().item(),
-        "scale": reference.abs().max().item(),
-        "repeat_diff": (again - out).abs().max().item(),
-        "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
-        "shape": tuple(out.shape),
-        **extra,
-    }

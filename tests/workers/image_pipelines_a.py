@@ -8,7 +8,6 @@ CogView4 always left-pads its prompt to a multiple of 16 itself, so its text len
 """
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
@@ -18,7 +17,7 @@ import diffpar
 from diffpar.testing import tiny_pipelines, tiny_text_encoders, tiny_transformers, tiny_vaes
 from diffpar.testing.probes import SplitProbe
 from diffpar.testing.tiny_transformers import construct
-from workers.image_pipelines import image_report
+from workers.reports import image_report, split_calls
 
 PROMPT = "a red fox riding a small horse on the moon"
 ODD_TEXT_LENGTH = 15
@@ -294,7 +293,7 @@ def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bo
                 out = _images(pipe(**call_kwargs(steps, seed=seed)))
             _seed_global_rng(global_seed, dist.get_rank())
             again = _images(pipe(**call_kwargs(steps, seed=seed)))
-        vae_calls = copy.deepcopy(handle.state("vae").calls)
+        vae_calls = split_calls(handle, "vae", names)
         step_names = list(handle.step_names)
     finally:
         problems = handle.detach(strict=False)  # also on error: no shim may outlive the test

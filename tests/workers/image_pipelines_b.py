@@ -9,7 +9,6 @@ own copies. Prompts are tokenized to an odd length (11; Hunyuan-DiT's fixed 77 a
 sequences split unevenly."""
 from __future__ import annotations
 
-import copy
 from typing import Callable, NamedTuple
 
 import torch
@@ -20,8 +19,7 @@ from diffpar.testing import tiny_text_encoders, tiny_transformers
 from diffpar.testing.probes import SplitProbe
 from diffpar.testing.tiny_pipelines import tiny_image_vae
 from diffpar.testing.tiny_transformers import rope_axes
-from workers.video_pipelines import _encoder_share
-from workers.image_pipelines import image_report
+from workers.reports import encoder_shares, image_report, split_calls
 
 PROMPT = "a red fox in snow"
 TEXT_TOKENS = 11  # odd: the prompt's tokens do not divide over 2 ranks
@@ -318,8 +316,8 @@ def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bo
             with SplitProbe(pipe.transformer) as probe:
                 out = _images(pipe, kind, seed, steps)
             again = _images(pipe, kind, seed, steps)
-        vae_calls = copy.deepcopy(handle.state("vae").calls) if "vae" in names else None
-        encoders = {name: _encoder_share(handle.state(name)) for name in names if name.startswith("text_encoder")}
+        vae_calls = split_calls(handle, "vae", names)
+        encoders = encoder_shares(handle, names)
     finally:
         problems = handle.detach(strict=False)  # never leave shims installed for the next test
     return image_report(out, again, reference, probe, reference_probe,

@@ -4,7 +4,6 @@ weights, tokenizers built in memory), run in one process, then on every rank wit
 parallel, the text encoder tensor parallel and the VAE split."""
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
@@ -13,6 +12,7 @@ import torch.distributed as dist
 import diffpar
 from diffpar.testing import tiny_text_encoders, tiny_transformers, tiny_vaes
 from diffpar.testing.probes import SplitProbe
+from workers.reports import encoder_shares, image_report, split_calls
 
 PROMPT = "a red fox in snow"
 BUILDERS: dict[str, Callable] = {}
@@ -282,12 +282,6 @@ def _images(out):
     return out[0] if isinstance(out, tuple) else out.images
 
 
-def _encoder_share(state: dict) -> dict:
-    """What one rank holds of a tensor-parallel text encoder: its share of the parameter bytes and heads."""
-    return {"bytes_ratio": state["param_bytes_after"] / max(state["param_bytes_before"], 1),
-            "heads_per_rank": state.get("heads_per_rank")}
-
-
 def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bool = True,
                          call_overrides: dict | None = None):
     """The pipeline in one process, then the same (freshly built) pipeline with every module of
@@ -309,22 +303,10 @@ def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bo
         with torch.no_grad():
             with SplitProbe(pipe.transformer) as probe:
                 out = _images(pipe(**{**make_call(steps=steps, seed=seed), **overrides}))
-        vae_calls = copy.deepcopy(handle.state("vae").calls) if "vae" in names else None
-        encoders = {name: _encoder_share(handle.state(name)) for name in names if name.startswith("text_encoder")}
+        vae_calls = split_calls(handle, "vae", names)
+        encoders = encoder_shares(handle, names)
     finally:
         problems = handle.detach(strict=False)  # also on error: no shim may outlive the test
-    gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, out.contiguous())
-    return {
-        "rank": dist.get_rank(),
-        "split": probe.summary(),
-        "split_reference": reference_probe.summary(),
-        "diff": (out - reference).abs().max().item(),
-        "scale": reference.abs().max().item(),
-        "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
-        "shape": tuple(out.shape),
-        "vae_calls": vae_calls,
-        "text_encoders": encoders,
-        "steps": handle.step_names,
-        "detach_problems": problems,
-    }
+    return image_report(out, None, reference, probe, reference_probe,  # one parallel call: no repeat
+                        vae_calls=vae_calls, text_encoders=encoders, steps=handle.step_names,
+                        detach_problems=problems)

@@ -2,14 +2,13 @@
 transformer context parallel, the named text encoders tensor parallel and the VAE split, on this world."""
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.distributed as dist
 
 import diffpar
 from diffpar.testing import tiny_video_pipelines
 from diffpar.testing.probes import SplitProbe
+from workers.reports import encoder_shares, split_calls, video_report
 
 
 def _call(pipe, kind: str, seed: int, steps: int, overrides: dict):
@@ -17,12 +16,6 @@ def _call(pipe, kind: str, seed: int, steps: int, overrides: dict):
     kwargs.update(num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
     kwargs.update(overrides)
     return pipe(**kwargs).frames
-
-
-def _encoder_share(state: dict) -> dict:
-    """What one rank holds of a tensor-parallel text encoder: its share of the parameter bytes and heads."""
-    return {"bytes_ratio": state["param_bytes_after"] / max(state["param_bytes_before"], 1),
-            "heads_per_rank": state.get("heads_per_rank")}
 
 
 def video_equivalence(kind: str, config: dict, extra: list[str] = (), steps: int = 2, rank_seeds: bool = True,
@@ -44,23 +37,9 @@ def video_equivalence(kind: str, config: dict, extra: list[str] = (), steps: int
     try:
         with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
             out = _call(pipe, kind, seed, steps, overrides)
-        vae_state = handle.state("vae") if "vae" in extra else None
-        vae_calls = copy.deepcopy(vae_state.calls) if vae_state is not None else None
-        encoders = {name: _encoder_share(handle.state(name)) for name in extra if name.startswith("text_encoder")}
+        vae_calls = split_calls(handle, "vae", extra)
+        encoders = encoder_shares(handle, extra)
     finally:
         problems = handle.detach(strict=False)  # never leave shims installed for the next test
-    gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, out.contiguous())
-    return {
-        "rank": dist.get_rank(),
-        "split": probe.summary(),
-        "split_reference": reference_probe.summary(),
-        "diff": (out - reference).abs().max().item(),
-        "scale": reference.abs().max().item(),
-        "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
-        "shape": tuple(out.shape),
-        "steps": handle.step_names,
-        "vae_calls": vae_calls,
-        "text_encoders": encoders,
-        "detach_problems": problems,
-    }
+    return video_report(out, reference, probe, reference_probe, steps=handle.step_names, vae_calls=vae_calls,
+                        text_encoders=encoders, detach_problems=problems)
