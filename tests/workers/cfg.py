@@ -7,7 +7,7 @@ import wrapt
 
 import diffpar
 from diffpar.testing import tiny_cfg_pipelines
-from workers.reports import ranks_identical
+from workers.end_to_end import ranks_identical
 
 
 class ForwardCounter:

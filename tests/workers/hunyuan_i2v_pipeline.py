@@ -13,10 +13,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-import diffpar
 from diffpar.testing import tiny_text_encoders, tiny_video_pipelines
-from diffpar.testing.probes import SplitProbe
-from workers.reports import encoder_shares, split_calls, video_report
+from workers.end_to_end import against_one_process
 
 SPECIAL = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>")
 IMAGE_TOKENS = 16  # the CLIP vision tower's patches: (16 px / 4 px) ** 2
@@ -81,19 +79,5 @@ def run_pipeline(pipe, seed: int):
 def pipeline_equivalence(config: dict, extra: list[str] = ("text_encoder", "text_encoder_2", "vae")):
     """The video of a parallel run vs one process (rank r passes seed r: the latent broadcast must make every rank
     use rank 0's noise), with the transformer's SplitProbe summaries, the VAE split's calls, the encoders' shares."""
-    reference_pipe = build()
-    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
-        reference = run_pipeline(reference_pipe, 0)
-    del reference_pipe
-    pipe = build()
-    cfg = dict(config, extra_parallel_modules=[getattr(pipe, name) for name in extra])
-    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(**cfg))
-    try:
-        with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
-            out = run_pipeline(pipe, dist.get_rank())
-        vae_calls = split_calls(handle, "vae", extra)
-        encoders = encoder_shares(handle, extra)
-    finally:
-        problems = handle.detach(strict=False)  # never leave shims installed for the next test
-    return video_report(out, reference, probe, reference_probe, steps=handle.step_names, vae_calls=vae_calls,
-                        text_encoders=encoders, detach_problems=problems)
+    runs = against_one_process(build, run_pipeline, config, extra, seed=dist.get_rank())
+    return runs.video_report()

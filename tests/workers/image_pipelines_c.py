@@ -9,10 +9,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-import diffpar
 from diffpar.testing import tiny_text_encoders, tiny_transformers, tiny_vaes
-from diffpar.testing.probes import SplitProbe
-from workers.reports import encoder_shares, image_report, split_calls
+from workers.end_to_end import LatestBuild, against_one_process
 
 PROMPT = "a red fox in snow"
 BUILDERS: dict[str, Callable] = {}
@@ -290,23 +288,12 @@ def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bo
     SplitProbe summaries, the VAE's split/whole call counts and each text encoder's share. `call_overrides`:
     arguments that replace the builder's call arguments (both runs)."""
     overrides = dict(call_overrides or {})
-    reference_pipe, make_call = build(kind)
-    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
-        reference = _images(reference_pipe(**{**make_call(steps=steps, seed=0), **overrides}))
-    del reference_pipe
-    pipe, make_call = build(kind)
     names = PARALLEL_MODULES[kind]
-    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
-        **config, extra_parallel_modules=[getattr(pipe, name) for name in names]))
-    seed = dist.get_rank() if rank_seeds else 0
-    try:
-        with torch.no_grad():
-            with SplitProbe(pipe.transformer) as probe:
-                out = _images(pipe(**{**make_call(steps=steps, seed=seed), **overrides}))
-        vae_calls = split_calls(handle, "vae", names)
-        encoders = encoder_shares(handle, names)
-    finally:
-        problems = handle.detach(strict=False)  # also on error: no shim may outlive the test
-    return image_report(out, None, reference, probe, reference_probe,  # one parallel call: no repeat
-                        vae_calls=vae_calls, text_encoders=encoders, steps=handle.step_names,
-                        detach_problems=problems)
+    latest = LatestBuild(lambda: build(kind))
+
+    def run(pipe, seed):
+        return _images(pipe(**{**latest.make_call(steps=steps, seed=seed), **overrides}))
+
+    # one parallel call: no repeat
+    runs = against_one_process(latest.build, run, config, names, seed=dist.get_rank() if rank_seeds else 0)
+    return runs.image_report()

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import diffpar
 from diffpar.testing import tiny_pipelines
 from diffpar.testing.probes import SplitProbe
-from workers.reports import image_report
+from workers.end_to_end import image_report
 
 PROMPT = "a red fox in snow"
 

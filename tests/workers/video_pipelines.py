@@ -5,10 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-import diffpar
 from diffpar.testing import tiny_video_pipelines
-from diffpar.testing.probes import SplitProbe
-from workers.reports import encoder_shares, split_calls, video_report
+from workers.end_to_end import against_one_process
 
 
 def _call(pipe, kind: str, seed: int, steps: int, overrides: dict):
@@ -25,21 +23,7 @@ def video_equivalence(kind: str, config: dict, extra: list[str] = (), steps: int
     encoders' state. Rank r passes generator seed r (when rank_seeds): diffpar's latent broadcast must make every
     rank use rank 0's noise."""
     overrides = dict(call_kwargs or {})
-    reference_pipe = tiny_video_pipelines.build(kind)
-    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
-        reference = _call(reference_pipe, kind, 0, steps, overrides)
-    del reference_pipe
-    pipe = tiny_video_pipelines.build(kind)
-    cfg = dict(config)
-    cfg["extra_parallel_modules"] = [getattr(pipe, name) for name in extra]
-    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(**cfg))
-    seed = dist.get_rank() if rank_seeds else 0
-    try:
-        with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
-            out = _call(pipe, kind, seed, steps, overrides)
-        vae_calls = split_calls(handle, "vae", extra)
-        encoders = encoder_shares(handle, extra)
-    finally:
-        problems = handle.detach(strict=False)  # never leave shims installed for the next test
-    return video_report(out, reference, probe, reference_probe, steps=handle.step_names, vae_calls=vae_calls,
-                        text_encoders=encoders, detach_problems=problems)
+    runs = against_one_process(lambda: tiny_video_pipelines.build(kind),
+                               lambda pipe, seed: _call(pipe, kind, seed, steps, overrides), config, extra,
+                               seed=dist.get_rank() if rank_seeds else 0)
+    return runs.video_report()

@@ -7,11 +7,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-import diffpar
 from diffpar.testing import tiny_text_encoders, tiny_video_pipelines
-from diffpar.testing.probes import SplitProbe
 from diffpar.testing.tiny_video_pipelines import conditioning_image
-from workers.reports import encoder_shares, split_calls, video_report
+from workers.end_to_end import against_one_process, split_calls
 
 # An odd prompt length (max_sequence_length): the transformers keep the prompt whole or split it unevenly.
 PROMPT_TOKENS = 15
@@ -238,24 +236,10 @@ def _call(pipe, kind: str, seed: int, steps: int):
 
 def video_equivalence(kind: str, config: dict, extra: list[str] = (), steps: int = 2):
     """The video of a parallel run vs one process (as workers.video_pipelines.video_equivalence, on this module's
-    builders): SplitProbe summaries of the transformer, the VAE split's calls, each text encoder's share, and the
-    audio where the pipeline makes some. Rank r passes generator seed r: diffpar's latent broadcast must make every
-    rank use rank 0's noise."""
-    reference_pipe = build(kind)
-    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
-        reference, reference_audio = _call(reference_pipe, kind, 0, steps)
-    del reference_pipe
-    pipe = build(kind)
-    cfg = dict(config, extra_parallel_modules=[getattr(pipe, name) for name in extra])
-    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(**cfg))
-    try:
-        with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
-            out, audio = _call(pipe, kind, dist.get_rank(), steps)
-        vae_calls = split_calls(handle, "vae", extra)
-        audio_vae_calls = split_calls(handle, "audio_vae", extra)
-        encoders = encoder_shares(handle, extra)
-    finally:
-        problems = handle.detach(strict=False)  # never leave shims installed for the next test
-    return video_report(out, reference, probe, reference_probe, audio=audio, reference_audio=reference_audio,
-                        vae_calls=vae_calls, audio_vae_calls=audio_vae_calls, text_encoders=encoders,
-                        detach_problems=problems)
+    builders): SplitProbe summaries of the transformer, the VAE split's calls (the audio VAE's too), each text
+    encoder's share, and the audio where the pipeline makes some. Rank r passes generator seed r: diffpar's latent
+    broadcast must make every rank use rank 0's noise."""
+    runs = against_one_process(lambda: build(kind), lambda pipe, seed: _call(pipe, kind, seed, steps), config, extra,
+                               seed=dist.get_rank(),
+                               collect=lambda handle: {"audio_vae_calls": split_calls(handle, "audio_vae", extra)})
+    return runs.video_report()
