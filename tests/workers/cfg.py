@@ -7,6 +7,7 @@ import wrapt
 
 import diffpar
 from diffpar.testing import tiny_cfg_pipelines
+from workers.end_to_end import ranks_identical
 
 
 class ForwardCounter:
@@ -59,8 +60,6 @@ def cfg_equivalence(kind: str, config: dict, batch: int = 1, guidance: bool = Tr
     except BaseException:
         handle.detach(strict=False)
         raise
-    gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, out.contiguous())
     mesh = handle.state("mesh")
     result = {
         "rank": dist.get_rank(),
@@ -68,7 +67,7 @@ def cfg_equivalence(kind: str, config: dict, batch: int = 1, guidance: bool = Tr
         "diff": (out - reference).abs().max().item(),
         "finite": bool(torch.isfinite(out).all()),
         "repeat_diff": (again - out).abs().max().item(),
-        "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
+        "ranks_identical": ranks_identical(out),
         "batches": first_batches,
         "again_batches": counter_again.batches,
         "again_placeholders": None if second is None else second["placeholders"] - first["placeholders"],
@@ -102,16 +101,21 @@ def refused_pipeline(config: dict):
     return {"error": None}
 
 
+def _flux_transformer_inputs() -> dict:
+    """One seeded call of the tiny Flux transformer of tiny_cfg_pipelines (16 image and 8 text tokens)."""
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(1, 16, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+                pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
+                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]),
+                return_dict=False)
+
+
 def broken_pattern():
     """A denoising loop that, after a guided step, makes two cond calls in a row: every rank raises, none blends."""
     pipe, _ = tiny_cfg_pipelines.build("flux")
     handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(cfg_size=2))
     transformer = pipe.transformer
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 16, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
-                  pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
-                  img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]),
-                  return_dict=False)
+    inputs = _flux_transformer_inputs()
     try:
         with torch.no_grad():
             for branch in ("cond", "uncond", "cond", "cond"):
@@ -130,11 +134,7 @@ def wrong_guidance_flag():
     pipe, _ = tiny_cfg_pipelines.build("flux")
     handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(cfg_size=2))
     transformer = pipe.transformer
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 16, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
-                  pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
-                  img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]),
-                  return_dict=False)
+    inputs = _flux_transformer_inputs()
 
     def __call__(self, do_true_cfg, branches):  # stands for the pipeline's own __call__ (the flag is its local)
         self.prepare_latents(1, 4, 32, 32, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(0))

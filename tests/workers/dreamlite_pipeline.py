@@ -3,15 +3,11 @@ U-Net's attention stages context parallel, the Qwen3-VL text encoder tensor para
 decode split by rows."""
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.distributed as dist
 
-import diffpar
 from diffpar.testing import tiny_text_encoders, tiny_transformers
-from diffpar.testing.probes import SplitProbe
-from workers.image_pipelines import image_report
+from workers.end_to_end import against_one_process
 
 PROMPT = "a red cat on a blue car"
 
@@ -40,24 +36,8 @@ def call_kwargs(steps: int, seed: int) -> dict:
 
 
 def pipeline_equivalence(config: dict, steps: int = 2, rank_seeds: bool = True):
-    reference_pipe = build_pipeline()
-    with torch.no_grad(), SplitProbe(reference_pipe.unet) as reference_probe:
-        reference = reference_pipe(**call_kwargs(steps, seed=0)).images
-    del reference_pipe
-    pipe = build_pipeline()
-    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
-        **config, extra_parallel_modules=[pipe.text_encoder, pipe.vae], vae_split_min_rows=0))
-    seed = dist.get_rank() if rank_seeds else 0
-    try:
-        with torch.no_grad():
-            with SplitProbe(pipe.unet) as probe:
-                out = pipe(**call_kwargs(steps, seed=seed)).images
-            again = pipe(**call_kwargs(steps, seed=seed)).images
-        text_encoder_state = handle.state("text_encoder")
-        step_names = list(handle.step_names)
-        vae_calls = copy.deepcopy(handle.state("vae").calls)
-    finally:
-        problems = handle.detach(strict=False)  # also on error: no shim may outlive the test
-    return image_report(out, again, reference, probe, reference_probe,
-                        steps=step_names, vae_calls=vae_calls, text_encoder_state=repr(text_encoder_state)[:300],
-                        detach_problems=problems)
+    runs = against_one_process(build_pipeline, lambda pipe, seed: pipe(**call_kwargs(steps, seed=seed)).images,
+                               dict(config, vae_split_min_rows=0), ["text_encoder", "vae"],
+                               seed=dist.get_rank() if rank_seeds else 0, repeat=True, denoiser="unet",
+                               collect=lambda handle: {"text_encoder_state": repr(handle.state("text_encoder"))[:300]})
+    return runs.image_report()

@@ -10,14 +10,11 @@ the prompt, the 4 assistant-header tokens after it, so the pipeline's crops land
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.distributed as dist
 
-import diffpar
 from diffpar.testing import tiny_text_encoders, tiny_video_pipelines
-from diffpar.testing.probes import SplitProbe
+from workers.end_to_end import against_one_process
 
 SPECIAL = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>")
 IMAGE_TOKENS = 16  # the CLIP vision tower's patches: (16 px / 4 px) ** 2
@@ -79,41 +76,8 @@ def run_pipeline(pipe, seed: int):
     return pipe(**call_arguments(), generator=torch.Generator().manual_seed(seed)).frames
 
 
-def _encoder_share(state: dict) -> dict:
-    return {"bytes_ratio": state["param_bytes_after"] / max(state["param_bytes_before"], 1),
-            "heads_per_rank": state.get("heads_per_rank")}
-
-
 def pipeline_equivalence(config: dict, extra: list[str] = ("text_encoder", "text_encoder_2", "vae")):
     """The video of a parallel run vs one process (rank r passes seed r: the latent broadcast must make every rank
     use rank 0's noise), with the transformer's SplitProbe summaries, the VAE split's calls, the encoders' shares."""
-    reference_pipe = build()
-    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
-        reference = run_pipeline(reference_pipe, 0)
-    del reference_pipe
-    pipe = build()
-    cfg = dict(config, extra_parallel_modules=[getattr(pipe, name) for name in extra])
-    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(**cfg))
-    try:
-        with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
-            out = run_pipeline(pipe, dist.get_rank())
-        vae_state = handle.state("vae") if "vae" in extra else None
-        vae_calls = copy.deepcopy(vae_state.calls) if vae_state is not None else None
-        encoders = {name: _encoder_share(handle.state(name)) for name in extra if name.startswith("text_encoder")}
-    finally:
-        problems = handle.detach(strict=False)  # never leave shims installed for the next test
-    gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, out.contiguous())
-    return {
-        "rank": dist.get_rank(),
-        "split": probe.summary(),
-        "split_reference": reference_probe.summary(),
-        "diff": (out - reference).abs().max().item(),
-        "scale": reference.abs().max().item(),
-        "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
-        "shape": tuple(out.shape),
-        "steps": handle.step_names,
-        "vae_calls": vae_calls,
-        "text_encoders": encoders,
-        "detach_problems": problems,
-    }
+    runs = against_one_process(build, run_pipeline, config, extra, seed=dist.get_rank())
+    return runs.video_report()

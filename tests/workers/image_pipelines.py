@@ -2,14 +2,10 @@
 transformer context parallel, its text encoders tensor parallel and the VAE split (decode and encode)."""
 from __future__ import annotations
 
-import copy
-
-import torch
 import torch.distributed as dist
 
-import diffpar
 from diffpar.testing import tiny_image_pipelines
-from diffpar.testing.probes import SplitProbe
+from workers.end_to_end import LatestBuild, against_one_process
 
 
 def _images(out):
@@ -24,43 +20,12 @@ def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bo
 
     Returns the image difference, whether ranks agree, the transformer's SplitProbe summaries ("split" and
     "split_reference") and the VAE's split/whole call counts for decode and encode ("vae_calls")."""
-    reference_pipe, make_call = tiny_image_pipelines.build(kind)
-    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
-        reference = _images(reference_pipe(**make_call(steps=steps, seed=0)))
-    del reference_pipe
-    pipe, make_call = tiny_image_pipelines.build(kind)
     names = list(tiny_image_pipelines.PARALLEL_MODULES[kind] if extra is None else extra)
-    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
-        **config, extra_parallel_modules=[getattr(pipe, name) for name in names],
-        vae_split_min_rows=vae_split_min_rows))
-    seed = dist.get_rank() if rank_seeds else 0
-    try:
-        with torch.no_grad():
-            with SplitProbe(pipe.transformer) as probe:
-                out = _images(pipe(**make_call(steps=steps, seed=seed)))
-            again = _images(pipe(**make_call(steps=steps, seed=seed)))
-        vae_state = handle.state("vae") if "vae" in names else None
-        vae_calls = copy.deepcopy(vae_state.calls) if vae_state is not None else None
-    finally:
-        problems = handle.detach(strict=False)  # also on error: no shim may outlive the test
-    return image_report(out, again, reference, probe, reference_probe,
-                        vae_calls=vae_calls, steps=handle.step_names, detach_problems=problems)
+    latest = LatestBuild(lambda: tiny_image_pipelines.build(kind))
 
+    def run(pipe, seed):
+        return _images(pipe(**latest.make_call(steps=steps, seed=seed)))
 
-def image_report(out, again, reference, probe, reference_probe, **extra) -> dict:
-    """What every end-to-end image test compares, on this rank: the image vs one process, a second call vs the
-    first, every rank's image vs rank 0's (one all-gather), the transformer's SplitProbe summaries; `extra` fields
-    (VAE calls, text-encoder shares, applied steps, detach problems) appended."""
-    gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, out.contiguous())
-    return {
-        "rank": dist.get_rank(),
-        "split": probe.summary(),
-        "split_reference": reference_probe.summary(),
-        "diff": (out - reference).abs().max().item(),
-        "scale": reference.abs().max().item(),
-        "repeat_diff": (again - out).abs().max().item(),
-        "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
-        "shape": tuple(out.shape),
-        **extra,
-    }
+    runs = against_one_process(latest.build, run, dict(config, vae_split_min_rows=vae_split_min_rows), names,
+                               seed=dist.get_rank() if rank_seeds else 0, repeat=True)
+    return runs.image_report()

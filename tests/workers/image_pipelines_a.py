@@ -8,7 +8,6 @@ CogView4 always left-pads its prompt to a multiple of 16 itself, so its text len
 """
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
@@ -18,7 +17,7 @@ import diffpar
 from diffpar.testing import tiny_pipelines, tiny_text_encoders, tiny_transformers, tiny_vaes
 from diffpar.testing.probes import SplitProbe
 from diffpar.testing.tiny_transformers import construct
-from workers.image_pipelines import image_report
+from workers.end_to_end import image_report, split_calls
 
 PROMPT = "a red fox riding a small horse on the moon"
 ODD_TEXT_LENGTH = 15
@@ -58,7 +57,8 @@ def _chroma_parts(seed: int) -> dict:
                 tokenizer=tiny_text_encoders.t5_tokenizer(512), transformer=transformer)
 
 
-def _chroma_call(steps: int, seed: int, **extra) -> dict:
+def _guided_call(steps: int, seed: int, **extra) -> dict:
+    """A 32 px call with a negative prompt and classifier-free guidance (Chroma, CogView4)."""
     return dict(prompt=PROMPT, negative_prompt="dark", height=32, width=32, num_inference_steps=steps,
                 guidance_scale=4.0, max_sequence_length=ODD_TEXT_LENGTH, generator=_generator(seed),
                 output_type="pt", **extra)
@@ -69,7 +69,7 @@ def _chroma(seed: int):
     """ChromaPipeline: classifier-free guidance as two transformer calls per step."""
     from diffusers import ChromaPipeline
 
-    return ChromaPipeline(**_chroma_parts(seed)), _chroma_call, ("text_encoder", "vae")
+    return ChromaPipeline(**_chroma_parts(seed)), _guided_call, ("text_encoder", "vae")
 
 
 @builder("chroma-img2img")
@@ -82,7 +82,7 @@ def _chroma_img2img(seed: int):
 
     def call_kwargs(steps: int, seed: int) -> dict:
         # strength 0.5 of 2 * steps: `steps` denoising steps from a half-noised encoded image
-        return _chroma_call(2 * steps, seed, image=image, strength=0.5)
+        return _guided_call(2 * steps, seed, image=image, strength=0.5)
 
     return ChromaImg2ImgPipeline(**_chroma_parts(seed)), call_kwargs, ("text_encoder", "vae")
 
@@ -105,18 +105,12 @@ def _cogview4_parts(seed: int, in_channels: int) -> dict:
                 transformer=transformer, scheduler=scheduler)
 
 
-def _cogview4_call(steps: int, seed: int, **extra) -> dict:
-    return dict(prompt=PROMPT, negative_prompt="dark", height=32, width=32, num_inference_steps=steps,
-                guidance_scale=4.0, max_sequence_length=ODD_TEXT_LENGTH, generator=_generator(seed),
-                output_type="pt", **extra)
-
-
 @builder("cogview4")
 def _cogview4(seed: int):
     """CogView4Pipeline: classifier-free guidance as two transformer calls per step."""
     from diffusers import CogView4Pipeline
 
-    return CogView4Pipeline(**_cogview4_parts(seed, in_channels=4)), _cogview4_call, ("text_encoder", "vae")
+    return CogView4Pipeline(**_cogview4_parts(seed, in_channels=4)), _guided_call, ("text_encoder", "vae")
 
 
 @builder("cogview4-control")
@@ -128,7 +122,7 @@ def _cogview4_control(seed: int):
     control = torch.rand(1, 3, 32, 32, generator=_generator(22))
 
     def call_kwargs(steps: int, seed: int) -> dict:
-        return _cogview4_call(steps, seed, control_image=control)
+        return _guided_call(steps, seed, control_image=control)
 
     return CogView4ControlPipeline(**_cogview4_parts(seed, in_channels=8)), call_kwargs, ("text_encoder", "vae")
 
@@ -294,7 +288,7 @@ def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bo
                 out = _images(pipe(**call_kwargs(steps, seed=seed)))
             _seed_global_rng(global_seed, dist.get_rank())
             again = _images(pipe(**call_kwargs(steps, seed=seed)))
-        vae_calls = copy.deepcopy(handle.state("vae").calls)
+        vae_calls = split_calls(handle, "vae", names)
         step_names = list(handle.step_names)
     finally:
         problems = handle.detach(strict=False)  # also on error: no shim may outlive the test

@@ -9,19 +9,15 @@ own copies. Prompts are tokenized to an odd length (11; Hunyuan-DiT's fixed 77 a
 sequences split unevenly."""
 from __future__ import annotations
 
-import copy
 from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
 
-import diffpar
 from diffpar.testing import tiny_text_encoders, tiny_transformers
-from diffpar.testing.probes import SplitProbe
 from diffpar.testing.tiny_pipelines import tiny_image_vae
 from diffpar.testing.tiny_transformers import rope_axes
-from workers.video_pipelines import _encoder_share
-from workers.image_pipelines import image_report
+from workers.end_to_end import against_one_process
 
 PROMPT = "a red fox in snow"
 TEXT_TOKENS = 11  # odd: the prompt's tokens do not divide over 2 ranks
@@ -304,24 +300,8 @@ def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bo
     "split_reference"), the VAE's split / whole encode and decode counts ("vae_calls") and each text encoder's
     share on this rank ("text_encoders"). Rank r passes generator seed r (when rank_seeds): diffpar's broadcasts
     must make every rank use rank 0's noise."""
-    reference_pipe = build(kind)
-    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
-        reference = _images(reference_pipe, kind, 0, steps)
-    del reference_pipe
-    pipe = build(kind)
     names = KINDS[kind].parallel
-    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
-        **config, extra_parallel_modules=[getattr(pipe, name) for name in names], vae_split_min_rows=0))
-    seed = dist.get_rank() if rank_seeds else 0
-    try:
-        with torch.no_grad():
-            with SplitProbe(pipe.transformer) as probe:
-                out = _images(pipe, kind, seed, steps)
-            again = _images(pipe, kind, seed, steps)
-        vae_calls = copy.deepcopy(handle.state("vae").calls) if "vae" in names else None
-        encoders = {name: _encoder_share(handle.state(name)) for name in names if name.startswith("text_encoder")}
-    finally:
-        problems = handle.detach(strict=False)  # never leave shims installed for the next test
-    return image_report(out, again, reference, probe, reference_probe,
-                        vae_calls=vae_calls, text_encoders=encoders, steps=handle.step_names,
-                        detach_problems=problems)
+    runs = against_one_process(lambda: build(kind), lambda pipe, seed: _images(pipe, kind, seed, steps),
+                               dict(config, vae_split_min_rows=0), names, seed=dist.get_rank() if rank_seeds else 0,
+                               repeat=True)
+    return runs.image_report()

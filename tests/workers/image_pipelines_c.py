@@ -4,15 +4,13 @@ weights, tokenizers built in memory), run in one process, then on every rank wit
 parallel, the text encoder tensor parallel and the VAE split."""
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-import diffpar
 from diffpar.testing import tiny_text_encoders, tiny_transformers, tiny_vaes
-from diffpar.testing.probes import SplitProbe
+from workers.end_to_end import LatestBuild, against_one_process
 
 PROMPT = "a red fox in snow"
 BUILDERS: dict[str, Callable] = {}
@@ -282,12 +280,6 @@ def _images(out):
     return out[0] if isinstance(out, tuple) else out.images
 
 
-def _encoder_share(state: dict) -> dict:
-    """What one rank holds of a tensor-parallel text encoder: its share of the parameter bytes and heads."""
-    return {"bytes_ratio": state["param_bytes_after"] / max(state["param_bytes_before"], 1),
-            "heads_per_rank": state.get("heads_per_rank")}
-
-
 def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bool = True,
                          call_overrides: dict | None = None):
     """The pipeline in one process, then the same (freshly built) pipeline with every module of
@@ -296,35 +288,12 @@ def pipeline_equivalence(kind: str, config: dict, steps: int = 2, rank_seeds: bo
     SplitProbe summaries, the VAE's split/whole call counts and each text encoder's share. `call_overrides`:
     arguments that replace the builder's call arguments (both runs)."""
     overrides = dict(call_overrides or {})
-    reference_pipe, make_call = build(kind)
-    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
-        reference = _images(reference_pipe(**{**make_call(steps=steps, seed=0), **overrides}))
-    del reference_pipe
-    pipe, make_call = build(kind)
     names = PARALLEL_MODULES[kind]
-    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
-        **config, extra_parallel_modules=[getattr(pipe, name) for name in names]))
-    seed = dist.get_rank() if rank_seeds else 0
-    try:
-        with torch.no_grad():
-            with SplitProbe(pipe.transformer) as probe:
-                out = _images(pipe(**{**make_call(steps=steps, seed=seed), **overrides}))
-        vae_calls = copy.deepcopy(handle.state("vae").calls) if "vae" in names else None
-        encoders = {name: _encoder_share(handle.state(name)) for name in names if name.startswith("text_encoder")}
-    finally:
-        problems = handle.detach(strict=False)  # also on error: no shim may outlive the test
-    gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, out.contiguous())
-    return {
-        "rank": dist.get_rank(),
-        "split": probe.summary(),
-        "split_reference": reference_probe.summary(),
-        "diff": (out - reference).abs().max().item(),
-        "scale": reference.abs().max().item(),
-        "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
-        "shape": tuple(out.shape),
-        "vae_calls": vae_calls,
-        "text_encoders": encoders,
-        "steps": handle.step_names,
-        "detach_problems": problems,
-    }
+    latest = LatestBuild(lambda: build(kind))
+
+    def run(pipe, seed):
+        return _images(pipe(**{**latest.make_call(steps=steps, seed=seed), **overrides}))
+
+    # one parallel call: no repeat
+    runs = against_one_process(latest.build, run, config, names, seed=dist.get_rank() if rank_seeds else 0)
+    return runs.image_report()

@@ -7,6 +7,7 @@ import torch.distributed as dist
 import diffpar
 from diffpar.testing import tiny_pipelines
 from diffpar.testing.probes import SplitProbe
+from workers.end_to_end import image_report
 
 PROMPT = "a red fox in snow"
 
@@ -56,18 +57,7 @@ def pipeline_equivalence(kind: str, config: dict, extra: list[str] = (), steps: 
     except BaseException:
         handle.detach(strict=False)  # a refused call must not leave the shims installed for the next test
         raise
-    gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, out.contiguous())
-    result = {
-        "rank": dist.get_rank(),
-        "split": probe.summary(),
-        "split_reference": reference_probe.summary(),
-        "diff": (out - reference).abs().max().item(),
-        "repeat_diff": (again - out).abs().max().item(),
-        "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
-        "shape": tuple(out.shape),
-        "steps": handle.step_names,
-    }
+    result = image_report(out, again, reference, probe, reference_probe, steps=handle.step_names)
     if detach:
         problems = handle.detach(strict=False)
         result["detach_problems"] = problems

@@ -125,8 +125,9 @@ def _encode(pipe):
 
 
 def _loading_report(handle, pipe, reads, watch):
-    """Per loaded module: the bytes the files gave this rank vs its plan, sharded weights read whole, meta left;
-    and every op that allocated a tensor of a shape only a whole sharded weight has."""
+    """Per loaded module ("modules"): the bytes the files gave this rank vs its plan, sharded weights read whole,
+    meta left; how many shapes only a whole sharded weight has ("forbidden_shapes") and every op that allocated a
+    tensor of one ("full_size_allocations")."""
     plans = {c.name: c.payload for c in handle.plan.by_role("weights")}
     full_shapes = {r.key: r.shape for plan in plans.values() for r in plan.reads}
     sliced = {plan.name: plan.sharded_keys for plan in plans.values()}
@@ -156,7 +157,23 @@ def _loading_report(handle, pipe, reads, watch):
             "meta_left": [n for n, p in getattr(pipe, name).named_parameters() if p.is_meta],
             "held_bytes": sum(p.numel() * p.element_size() for p in getattr(pipe, name).parameters()),
         }
-    return per_module, forbidden, sorted((s, watch.shapes[s]) for s in set(watch.shapes) & forbidden)
+    return {"modules": per_module, "forbidden_shapes": len(forbidden),
+            "full_size_allocations": sorted((s, watch.shapes[s]) for s in set(watch.shapes) & forbidden)}
+
+
+def _enable_watching_loads(pipe, parallel):
+    """`enable_cache(pipe, parallelism_config=parallel)` with every safetensors read counted (the `reads` list) and
+    every allocation's shape watched; returns (handle, reads, watch) for _loading_report."""
+    reads = []
+    real_open = sharded_loading.safe_open
+    sharded_loading.safe_open = lambda path, *a, **k: _CountingFile(real_open(path, *a, **k), reads, path)
+    watch = _WatchAllocations()
+    try:
+        with watch:
+            handle = diffpar.enable_cache(pipe, parallelism_config=parallel)
+    finally:
+        sharded_loading.safe_open = real_open
+    return handle, reads, watch
 
 
 def load_and_compare(directory: str, config: dict):
@@ -170,30 +187,19 @@ def load_and_compare(directory: str, config: dict):
         ref_embeds = _encode(reference)
         with SplitProbe(reference.transformer) as probe_reference:
             ref_out = reference.transformer(**copy.deepcopy(inputs))[0]
-    reads = []
-    real_open = sharded_loading.safe_open
-    sharded_loading.safe_open = lambda path, *a, **k: _CountingFile(real_open(path, *a, **k), reads, path)
-    watch = _WatchAllocations()
-    try:
-        parallel = diffpar.ParallelismConfig(
-            **config, extra_parallel_modules=["text_encoder", "text_encoder_2"],
-            weights_from={name: os.path.join(directory, name) for name in LOADED})
-        with watch:
-            handle = diffpar.enable_cache(pipe, parallelism_config=parallel)
-    finally:
-        sharded_loading.safe_open = real_open
+    parallel = diffpar.ParallelismConfig(
+        **config, extra_parallel_modules=["text_encoder", "text_encoder_2"],
+        weights_from={name: os.path.join(directory, name) for name in LOADED})
+    handle, reads, watch = _enable_watching_loads(pipe, parallel)
     with torch.no_grad():
         embeds = _encode(pipe)
         with SplitProbe(pipe.transformer) as probe:
             out = pipe.transformer(**copy.deepcopy(inputs))[0]
-    per_module, forbidden, full_size = _loading_report(handle, pipe, reads, watch)
     result = {
         "rank": dist.get_rank(),
         "diff": (out - ref_out).abs().max().item(),
         "embed_diffs": [(a - b).abs().max().item() for a, b in zip(embeds, ref_embeds)],
-        "modules": per_module,
-        "forbidden_shapes": len(forbidden),
-        "full_size_allocations": full_size,
+        **_loading_report(handle, pipe, reads, watch),
         "split": probe.summary(),
         "split_reference": probe_reference.summary(),
     }
@@ -291,27 +297,16 @@ def recipe_from_directory(directory: str, config: dict):
     pipe = diffpar.empty_pipeline(directory, EMPTY)
     pipe.set_progress_bar_config(disable=True)
     built_meta = {name: all(p.is_meta for p in getattr(pipe, name).parameters()) for name in EMPTY}
-    reads = []
-    real_open = sharded_loading.safe_open
-    sharded_loading.safe_open = lambda path, *a, **k: _CountingFile(real_open(path, *a, **k), reads, path)
-    watch = _WatchAllocations()
-    try:
-        with watch:
-            handle = diffpar.enable_cache(pipe, parallelism_config=_recipe_config(config))
-    finally:
-        sharded_loading.safe_open = real_open
+    handle, reads, watch = _enable_watching_loads(pipe, _recipe_config(config))
     with SplitProbe(pipe.transformer) as probe:
         image = _image(pipe)
-    per_module, forbidden, full_size = _loading_report(handle, pipe, reads, watch)
     result = {
         "rank": dist.get_rank(),
         "built_meta": built_meta,
         "loaded": sorted(c.name for c in handle.plan.by_role("weights")),
         "vae_engine": next(c.engine for c in handle.plan.components if c.name == "vae"),
         "diff": (image - ref_image).abs().max().item(),
-        "modules": per_module,
-        "forbidden_shapes": len(forbidden),
-        "full_size_allocations": full_size,
+        **_loading_report(handle, pipe, reads, watch),
         "split": probe.summary(),
         "split_reference": probe_reference.summary(),
     }

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from diffpar.families.text_encoders.base import build_plan, parameter_bytes
-from workers.text_encoders import _enable, _max_diffs, _quiet_detach
+from workers.text_encoders import _counted_all_reduces, _enable, _max_diffs, _quiet_detach
 
 # 5 heads: uneven on 2, 3 and 4 ranks; odd intermediate size: uneven inner split too.
 TINY_BERT = dict(vocab_size=97, hidden_size=40, num_attention_heads=5, intermediate_size=75, num_hidden_layers=2,
@@ -65,18 +65,8 @@ def equivalence(attn: str = "sdpa", kind: str = "bert"):
     plan_bytes = build_plan(model, dist.get_world_size()).weight_bytes(model)
 
     handle = _enable(model, keep=True)
-    calls = []
-    original = dist.all_reduce
-
-    def counting(tensor, *args, **kwargs):
-        calls.append(tuple(tensor.shape))
-        return original(tensor, *args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
+    with _counted_all_reduces() as calls:
         outputs = _outputs(model, inputs)
-    finally:
-        dist.all_reduce = original
     attention = model.encoder.layer[0].attention.self
     result = {
         "diffs": _max_diffs(outputs, reference),

@@ -1,6 +1,7 @@
 """Rank-side checks for text-encoder tensor parallelism (run on every gloo rank by the `ranks` fixture)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import logging
@@ -44,6 +45,23 @@ def _quiet_detach(handle):
         return handle.detach(strict=False)
     finally:
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _counted_all_reduces():
+    """Yields a list that gets the shape of every `dist.all_reduce` called inside the block."""
+    calls = []
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tuple(tensor.shape))
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        yield calls
+    finally:
+        dist.all_reduce = original
 
 
 def _max_diffs(got: dict, ref: dict) -> dict:
@@ -163,19 +181,8 @@ def count_all_reduces(name: str, seq: int = 9):
     """all-reduce calls in one forward, counted by wrapping dist.all_reduce, and the number of layers."""
     model, make_inputs = tiny_text_encoders.build(name)
     handle = _enable(model)
-    calls = []
-    original = dist.all_reduce
-
-    def counting(tensor, *args, **kwargs):
-        calls.append(tuple(tensor.shape))
-        return original(tensor, *args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
-        with torch.no_grad():
-            model(**make_inputs(seq=seq))
-    finally:
-        dist.all_reduce = original
+    with torch.no_grad(), _counted_all_reduces() as calls:
+        model(**make_inputs(seq=seq))
     layers = model.config.num_layers if hasattr(model.config, "num_layers") else None
     if layers is None:
         text = getattr(model.config, "text_config", model.config)

@@ -4,51 +4,30 @@ weights, in-memory tokenizers, no Hub; the Wan parts are tiny_video_pipelines' o
 a parallel run with one process as workers.video_pipelines does."""
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.distributed as dist
 
-import diffpar
 from diffpar.testing import tiny_text_encoders, tiny_video_pipelines
-from diffpar.testing.probes import SplitProbe
 from diffpar.testing.tiny_video_pipelines import conditioning_image
+from workers.end_to_end import against_one_process, split_calls
 
 # An odd prompt length (max_sequence_length): the transformers keep the prompt whole or split it unevenly.
 PROMPT_TOKENS = 15
-PIPELINE_CLASS: dict[str, str] = {}
-_BUILDERS: dict = {}
-_CALLS: dict = {}
 
 
-def _register(kind: str, class_name: str, call):
-    def deco(fn):
-        PIPELINE_CLASS[kind] = class_name
-        _BUILDERS[kind] = fn
-        _CALLS[kind] = call
-        return fn
-
-    return deco
-
-
-def build(kind: str, seed: int = 0):
-    pipe = _BUILDERS[kind](seed=seed)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def call_arguments(kind: str) -> dict:
-    return dict(_CALLS[kind]())
-
-
-def available(kind: str) -> bool:
+def _diffusers_has(name: str) -> bool:
     from availability import diffusers_has
 
-    return diffusers_has(PIPELINE_CLASS[kind])
+    return diffusers_has(name)
 
 
-def _seeded(seed: int):
-    torch.manual_seed(seed)
+# this module's kinds, registered and built as tiny_video_pipelines' own; a class whose module fails to import on
+# this release counts as absent (tests/availability.py)
+_KINDS = tiny_video_pipelines.PipelineKinds(has_class=_diffusers_has)
+PIPELINE_CLASS = _KINDS.pipeline_class
+build = _KINDS.build
+call_arguments = _KINDS.call_arguments
+available = _KINDS.available
 
 
 def _ltx2_components(seed: int) -> dict:
@@ -69,14 +48,14 @@ def _ltx2_components(seed: int) -> dict:
     vae.use_framewise_decoding = False
     # The config's defaults say 16x: this tiny VAE compresses 8x both ways (what the pipeline sizes latents by).
     vae.spatial_compression_ratio = vae.temporal_compression_ratio = 8
-    _seeded(seed + 2)
+    torch.manual_seed(seed + 2)
     transformer = LTX2VideoTransformer3DModel(
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
         cross_attention_dim=32, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
         audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=2, qk_norm="rms_norm_across_heads",
         caption_channels=tiny_video_pipelines.TEXT_WIDTH, rope_double_precision=False, rope_type="split",
     ).eval()
-    _seeded(seed + 4)
+    torch.manual_seed(seed + 4)
     connectors = LTX2TextConnectors(
         caption_channels=tiny_video_pipelines.TEXT_WIDTH, text_proj_in_factor=layers + 1,
         video_connector_num_attention_heads=4, video_connector_attention_head_dim=8, video_connector_num_layers=1,
@@ -85,13 +64,13 @@ def _ltx2_components(seed: int) -> dict:
         audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32, rope_theta=10000.0,
         rope_double_precision=False, causal_temporal_positioning=False, rope_type="split",
     ).eval()
-    _seeded(seed + 5)
+    torch.manual_seed(seed + 5)
     audio_vae = AutoencoderKLLTX2Audio(
         base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1, attn_resolutions=None, in_channels=2,
         resolution=32, latent_channels=2, norm_type="pixel", causality_axis="height", dropout=0.0,
         mid_block_add_attention=False, sample_rate=16000, mel_hop_length=160, is_causal=True, mel_bins=8,
     ).eval()
-    _seeded(seed + 6)
+    torch.manual_seed(seed + 6)
     vocoder = LTX2Vocoder(
         in_channels=2 * 8, hidden_channels=32, out_channels=2, upsample_kernel_sizes=[4, 4], upsample_factors=[2, 2],
         resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]], leaky_relu_negative_slope=0.1,
@@ -107,7 +86,7 @@ def _ltx2_call():
                 guidance_scale=1.0, max_sequence_length=PROMPT_TOKENS)
 
 
-@_register("ltx2", "LTX2Pipeline", _ltx2_call)
+@_KINDS.register("ltx2", "LTX2Pipeline", _ltx2_call)
 def build_ltx2(seed: int = 0):
     """LTX-2 text-to-video (with audio): the components of _ltx2_components."""
     from diffusers import LTX2Pipeline
@@ -128,7 +107,7 @@ def _ltx2_i2v_call():
     return call
 
 
-@_register("ltx2_i2v", "LTX2ImageToVideoPipeline", _ltx2_i2v_call)
+@_KINDS.register("ltx2_i2v", "LTX2ImageToVideoPipeline", _ltx2_i2v_call)
 def build_ltx2_i2v(seed: int = 0):
     """LTX-2 image-to-video: the components of _ltx2_components; the VAE encodes the first frame."""
     from diffusers import LTX2ImageToVideoPipeline
@@ -142,7 +121,7 @@ def _hunyuan_video_call():
                 width=32, num_frames=9, guidance_scale=6.0, max_sequence_length=PROMPT_TOKENS)
 
 
-@_register("hunyuan_video", "HunyuanVideoPipeline", _hunyuan_video_call)
+@_KINDS.register("hunyuan_video", "HunyuanVideoPipeline", _hunyuan_video_call)
 def build_hunyuan_video(seed: int = 0):
     """HunyuanVideo text-to-video: Llama (its second-last hidden states), CLIP (pooled), the dual/single-stream
     HunyuanVideoTransformer3DModel with its token refiner, the tiny AutoencoderKLHunyuanVideo of tiny_vaes (4x
@@ -157,7 +136,7 @@ def build_hunyuan_video(seed: int = 0):
     clip, _ = tiny_text_encoders.build("clip", seed=seed + 1, heads=4, hidden=width, intermediate=37, layers=2,
                                        max_positions=77)
     vae, _, _ = tiny_vaes.build("hunyuan", seed=seed + 3)
-    _seeded(seed + 2)
+    torch.manual_seed(seed + 2)
     transformer = HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=16, num_layers=1,
         num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
@@ -176,7 +155,7 @@ def _chronoedit_call():
                 guidance_scale=1.0, max_sequence_length=PROMPT_TOKENS)
 
 
-@_register("chronoedit", "ChronoEditPipeline", _chronoedit_call)
+@_KINDS.register("chronoedit", "ChronoEditPipeline", _chronoedit_call)
 def build_chronoedit(seed: int = 0):
     """ChronoEdit (image editing as a 2-latent-frame video): Wan 2.1 image-to-video components (UMT5, a CLIP vision
     encoder whose states join the prompt in every cross-attention, the tiny Wan VAE that encodes the input image)
@@ -184,7 +163,7 @@ def build_chronoedit(seed: int = 0):
     from diffusers import ChronoEditPipeline, ChronoEditTransformer3DModel, FlowMatchEulerDiscreteScheduler
 
     heads, head_dim = 4, 12
-    _seeded(seed + 2)
+    torch.manual_seed(seed + 2)
     transformer = ChronoEditTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=36,
         out_channels=16, text_dim=tiny_video_pipelines.TEXT_WIDTH, freq_dim=32, ffn_dim=32, num_layers=2,
@@ -192,12 +171,8 @@ def build_chronoedit(seed: int = 0):
         added_kv_proj_dim=heads * head_dim,
     ).eval()
     # The Wan image-to-video builder's UMT5, VAE and CLIP vision parts, seeded alike.
-    return ChronoEditPipeline(
-        tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=tiny_video_pipelines._umt5(seed),
-        vae=tiny_video_pipelines._wan_vae(seed + 3), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
-        image_processor=tiny_video_pipelines._clip_image_processor(),
-        image_encoder=tiny_video_pipelines._clip_vision(seed + 4), transformer=transformer,
-    )
+    return ChronoEditPipeline(**tiny_video_pipelines.wan_parts(seed, image_encoder=True), transformer=transformer,
+                              scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
 
 
 def _helios_call():
@@ -207,25 +182,22 @@ def _helios_call():
                 max_sequence_length=PROMPT_TOKENS)
 
 
-@_register("helios", "HeliosPipeline", _helios_call)
+@_KINDS.register("helios", "HeliosPipeline", _helios_call)
 def build_helios(seed: int = 0):
     """Helios (autoregressive chunks with multi-term memory): UMT5, HeliosTransformer3DModel (history latents
     patched in beside the current chunk; history keys not amplified, as diffpar refuses that), the tiny Wan VAE,
     the one-stage HeliosScheduler."""
     from diffusers import HeliosPipeline, HeliosScheduler, HeliosTransformer3DModel
 
-    _seeded(seed + 2)
+    torch.manual_seed(seed + 2)
     transformer = HeliosTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=16, out_channels=16,
         text_dim=tiny_video_pipelines.TEXT_WIDTH, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_dim=(4, 4, 4), has_multi_term_memory_patch=True,
         guidance_cross_attn=True, zero_history_timestep=True, is_amplify_history=False,
     ).eval()
-    return HeliosPipeline(
-        tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=tiny_video_pipelines._umt5(seed),
-        vae=tiny_video_pipelines._wan_vae(seed + 3), transformer=transformer,
-        scheduler=HeliosScheduler(stage_range=[0, 1], stages=1, use_dynamic_shifting=True),
-    )
+    return HeliosPipeline(**tiny_video_pipelines.wan_parts(seed), transformer=transformer,
+                          scheduler=HeliosScheduler(stage_range=[0, 1], stages=1, use_dynamic_shifting=True))
 def _wan_animate_call():
     """Animate mode, one segment of 5 frames (2 latent frames after the reference one): a pose video and a face
     video (16 px: the motion encoder's size) of 5 deterministic frames each."""
@@ -235,14 +207,14 @@ def _wan_animate_call():
                 height=32, width=32, segment_frame_length=5, guidance_scale=1.0, max_sequence_length=PROMPT_TOKENS)
 
 
-@_register("wan_animate", "WanAnimatePipeline", _wan_animate_call)
+@_KINDS.register("wan_animate", "WanAnimatePipeline", _wan_animate_call)
 def build_wan_animate(seed: int = 0):
     """Wan 2.2 Animate: the Wan image-to-video parts (UMT5, CLIP vision, the tiny Wan VAE that encodes the
     reference image and the pose video) with WanAnimateTransformer3DModel (a small motion encoder for the face
     video, a face adapter after every block)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanAnimatePipeline, WanAnimateTransformer3DModel
 
-    _seeded(seed + 2)
+    torch.manual_seed(seed + 2)
     transformer = WanAnimateTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=36, latent_channels=16,
         out_channels=16, text_dim=tiny_video_pipelines.TEXT_WIDTH, freq_dim=32, ffn_dim=32, num_layers=2,
@@ -251,12 +223,8 @@ def build_wan_animate(seed: int = 0):
         motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
         inject_face_latents_blocks=1,
     ).eval()
-    return WanAnimatePipeline(
-        tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=tiny_video_pipelines._umt5(seed),
-        vae=tiny_video_pipelines._wan_vae(seed + 3), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
-        image_processor=tiny_video_pipelines._clip_image_processor(),
-        image_encoder=tiny_video_pipelines._clip_vision(seed + 4), transformer=transformer,
-    )
+    return WanAnimatePipeline(**tiny_video_pipelines.wan_parts(seed, image_encoder=True), transformer=transformer,
+                              scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
 
 
 def _call(pipe, kind: str, seed: int, steps: int):
@@ -268,40 +236,10 @@ def _call(pipe, kind: str, seed: int, steps: int):
 
 def video_equivalence(kind: str, config: dict, extra: list[str] = (), steps: int = 2):
     """The video of a parallel run vs one process (as workers.video_pipelines.video_equivalence, on this module's
-    builders): SplitProbe summaries of the transformer, the VAE split's calls, each text encoder's share. Rank r
-    passes generator seed r: diffpar's latent broadcast must make every rank use rank 0's noise."""
-    reference_pipe = build(kind)
-    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
-        reference, reference_audio = _call(reference_pipe, kind, 0, steps)
-    del reference_pipe
-    pipe = build(kind)
-    cfg = dict(config, extra_parallel_modules=[getattr(pipe, name) for name in extra])
-    handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(**cfg))
-    try:
-        with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
-            out, audio = _call(pipe, kind, dist.get_rank(), steps)
-        vae_calls = copy.deepcopy(handle.state("vae").calls) if "vae" in extra else None
-        audio_vae_calls = copy.deepcopy(handle.state("audio_vae").calls) if "audio_vae" in extra else None
-        encoders = {}
-        for name in extra:
-            if name.startswith("text_encoder"):
-                state = handle.state(name)
-                encoders[name] = {"bytes_ratio": state["param_bytes_after"] / max(state["param_bytes_before"], 1),
-                                  "heads_per_rank": state.get("heads_per_rank")}
-    finally:
-        problems = handle.detach(strict=False)  # never leave shims installed for the next test
-    gathered = [torch.empty_like(out) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, out.contiguous())
-    return {
-        "rank": dist.get_rank(),
-        "split": probe.summary(),
-        "split_reference": reference_probe.summary(),
-        "diff": (out - reference).abs().max().item(),
-        "scale": reference.abs().max().item(),
-        "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
-        "audio_diff": None if audio is None else (audio - reference_audio).abs().max().item(),
-        "vae_calls": vae_calls,
-        "audio_vae_calls": audio_vae_calls,
-        "text_encoders": encoders,
-        "detach_problems": problems,
-    }
+    builders): SplitProbe summaries of the transformer, the VAE split's calls (the audio VAE's too), each text
+    encoder's share, and the audio where the pipeline makes some. Rank r passes generator seed r: diffpar's latent
+    broadcast must make every rank use rank 0's noise."""
+    runs = against_one_process(lambda: build(kind), lambda pipe, seed: _call(pipe, kind, seed, steps), config, extra,
+                               seed=dist.get_rank(),
+                               collect=lambda handle: {"audio_vae_calls": split_calls(handle, "audio_vae", extra)})
+    return runs.video_report()

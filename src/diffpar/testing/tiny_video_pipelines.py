@@ -18,35 +18,52 @@ from diffpar.testing import tiny_text_encoders
 PROMPT = "a red fox in snow"
 TEXT_WIDTH = 32
 
-PIPELINE_CLASS: dict[str, str] = {}
-_BUILDERS: dict = {}
-_CALLS: dict = {}
+
+class PipelineKinds:
+    """Tiny pipeline builders by kind: `register(kind, class_name, call)` decorates a builder `fn(seed=...)`;
+    `build`, `call_arguments`, `available` and `pipeline_class` as this module's functions describe them. Test
+    workers with their own kinds hold one too. `has_class(name)` says whether the installed diffusers offers a
+    class (by default `hasattr(diffusers, name)`)."""
+
+    def __init__(self, has_class=None):
+        self.pipeline_class: dict[str, str] = {}
+        self._builders: dict = {}
+        self._calls: dict = {}
+        self._has_class = has_class or _diffusers_has_attribute
+
+    def register(self, kind: str, class_name: str, call):
+        def deco(fn):
+            self.pipeline_class[kind] = class_name
+            self._builders[kind] = fn
+            self._calls[kind] = call
+            return fn
+
+        return deco
+
+    def build(self, kind: str, seed: int = 0):
+        pipe = self._builders[kind](seed=seed)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def call_arguments(self, kind: str) -> dict:
+        return dict(self._calls[kind]())
+
+    def available(self, kind: str) -> bool:
+        return self._has_class(self.pipeline_class[kind])
 
 
-def _register(kind: str, class_name: str, call):
-    def deco(fn):
-        PIPELINE_CLASS[kind] = class_name
-        _BUILDERS[kind] = fn
-        _CALLS[kind] = call
-        return fn
-
-    return deco
-
-
-def build(kind: str, seed: int = 0):
-    pipe = _BUILDERS[kind](seed=seed)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def call_arguments(kind: str) -> dict:
-    return dict(_CALLS[kind]())
-
-
-def available(kind: str) -> bool:
+def _diffusers_has_attribute(name: str) -> bool:
     import diffusers
 
-    return hasattr(diffusers, PIPELINE_CLASS[kind])
+    return hasattr(diffusers, name)
+
+
+_KINDS = PipelineKinds()
+_register = _KINDS.register
+PIPELINE_CLASS: dict[str, str] = _KINDS.pipeline_class
+build = _KINDS.build
+call_arguments = _KINDS.call_arguments
+available = _KINDS.available
 
 
 def conditioning_image(height: int = 32, width: int = 32, seed: int = 7):
@@ -64,12 +81,13 @@ def _seeded(seed: int):
     torch.manual_seed(seed)
 
 
-def _umt5(seed: int):
+def umt5_encoder(seed: int):
+    """The tiny UMT5 encoder of the Wan pipelines (4 heads, TEXT_WIDTH wide, 2 layers)."""
     encoder, _ = tiny_text_encoders.build("umt5", seed=seed, heads=4, d_kv=8, d_model=TEXT_WIDTH, d_ff=48, layers=2)
     return encoder
 
 
-def _wan_vae(seed: int):
+def wan_vae(seed: int):
     """The tiny Wan VAE of tiny_pipelines: 16 latent channels, 8x spatial, 4x temporal compression."""
     from diffusers import AutoencoderKLWan
 
@@ -78,7 +96,8 @@ def _wan_vae(seed: int):
                             temperal_downsample=[False, True, True]).eval()
 
 
-def _clip_vision(seed: int, hidden: int = 32, image_size: int = 24):
+def clip_vision_encoder(seed: int, hidden: int = 32, image_size: int = 24):
+    """A tiny CLIPVisionModel (2 layers, 4 heads, 8 px patches) for the pipelines' image encoders."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     tiny_text_encoders._quiet()
@@ -88,10 +107,21 @@ def _clip_vision(seed: int, hidden: int = 32, image_size: int = 24):
     return CLIPVisionModel(config).eval()
 
 
-def _clip_image_processor(size: int = 24):
+def clip_image_processor(size: int = 24):
+    """A CLIPImageProcessor resizing and cropping to `size` px (clip_vision_encoder's default image size)."""
     from transformers import CLIPImageProcessor
 
     return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def wan_parts(seed: int, image_encoder: bool = False) -> dict:
+    """A Wan pipeline's components beside its transformer and scheduler: the word tokenizer, UMT5 (seed), the tiny
+    Wan VAE (seed + 3) and, for image conditioning, the CLIP image processor and vision encoder (seed + 4)."""
+    parts = dict(tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=umt5_encoder(seed),
+                 vae=wan_vae(seed + 3))
+    if image_encoder:
+        parts.update(image_processor=clip_image_processor(), image_encoder=clip_vision_encoder(seed + 4))
+    return parts
 
 
 def _wan_call():
@@ -115,11 +145,8 @@ def build_wan_i2v(seed: int = 0):
         out_channels=16, text_dim=TEXT_WIDTH, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=32, added_kv_proj_dim=heads * head_dim,
     ).eval()
-    return WanImageToVideoPipeline(
-        tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=_umt5(seed), vae=_wan_vae(seed + 3),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), image_processor=_clip_image_processor(),
-        image_encoder=_clip_vision(seed + 4), transformer=transformer,
-    )
+    return WanImageToVideoPipeline(**wan_parts(seed, image_encoder=True), transformer=transformer,
+                                   scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
 
 
 def _t5(seed: int):
@@ -225,9 +252,8 @@ def build_skyreels_v2_df(seed: int = 0):
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
     ).eval()
     return SkyReelsV2DiffusionForcingPipeline(
-        tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=_umt5(seed), transformer=transformer,
-        vae=_wan_vae(seed + 3), scheduler=UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True,
-                                                                  prediction_type="flow_prediction"),
+        **wan_parts(seed), transformer=transformer,
+        scheduler=UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True, prediction_type="flow_prediction"),
     )
 
 
@@ -254,10 +280,8 @@ def build_wan_vace(seed: int = 0):
         text_dim=TEXT_WIDTH, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32, vace_layers=[0, 1], vace_in_channels=96,
     ).eval()
-    return WanVACEPipeline(
-        tokenizer=tiny_text_encoders.t5_tokenizer(512), text_encoder=_umt5(seed), transformer=transformer,
-        vae=_wan_vae(seed + 3), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
-    )
+    return WanVACEPipeline(**wan_parts(seed), transformer=transformer,
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
 
 
 def _hunyuan_video15_call():
@@ -265,13 +289,11 @@ def _hunyuan_video15_call():
     return dict(prompt='a red fox in snow by a sign that says "day"', height=32, width=32, num_frames=5)
 
 
-@_register("hunyuan_video15", "HunyuanVideo15Pipeline", _hunyuan_video15_call)
-def build_hunyuan_video15(seed: int = 0):
-    """HunyuanVideo 1.5 text-to-video: a Qwen2.5-VL language model (its third-last hidden states), a ByT5 glyph
-    encoder (T5 over bytes), HunyuanVideo15Transformer3DModel, the tiny AutoencoderKLHunyuanVideo15 (4x spatial and
-    temporal). Prompt lengths shrunk after construction: 16 MLLM tokens (no system-prompt crop), 8 ByT5 tokens, 4
-    (zero) image tokens; guidance 1 (one transformer pass per step)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel
+def _hunyuan_video15_parts(seed: int, task_type: str, **transformer_options) -> dict:
+    """The components both HunyuanVideo 1.5 pipelines share: a Qwen2.5-VL language model (its third-last hidden
+    states), a ByT5 glyph encoder (T5 over bytes), HunyuanVideo15Transformer3DModel for `task_type`, the tiny
+    AutoencoderKLHunyuanVideo15 (4x spatial and temporal), guidance 1 (one transformer pass per step)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideo15Transformer3DModel
     from diffusers.guiders import ClassifierFreeGuidance
     from transformers import ByT5Tokenizer
 
@@ -286,17 +308,30 @@ def build_hunyuan_video15(seed: int = 0):
     transformer = HunyuanVideo15Transformer3DModel(
         in_channels=9, out_channels=4, num_attention_heads=4, attention_head_dim=16, num_layers=2,
         num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=TEXT_WIDTH,
-        text_embed_2_dim=TEXT_WIDTH, image_embed_dim=12, rope_axes_dim=(4, 6, 6), task_type="t2v",
+        text_embed_2_dim=TEXT_WIDTH, image_embed_dim=12, rope_axes_dim=(4, 6, 6), task_type=task_type,
+        **transformer_options,
     ).eval()
-    pipe = HunyuanVideo15Pipeline(
-        text_encoder=qwen.model.language_model, tokenizer=tiny_text_encoders.chat_tokenizer(64),
-        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-        text_encoder_2=byt5, tokenizer_2=ByT5Tokenizer(), guider=ClassifierFreeGuidance(guidance_scale=1.0),
-    )
+    return dict(text_encoder=qwen.model.language_model, tokenizer=tiny_text_encoders.chat_tokenizer(64),
+                transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                text_encoder_2=byt5, tokenizer_2=ByT5Tokenizer(), guider=ClassifierFreeGuidance(guidance_scale=1.0))
+
+
+def _shorten_hunyuan_video15_prompts(pipe):
+    """Prompt lengths shrunk after construction: 16 MLLM tokens (no system-prompt crop), 8 ByT5 tokens."""
     pipe.system_message = "a"
     pipe.prompt_template_encode_start_idx = 0
     pipe.tokenizer_max_length = 16
     pipe.tokenizer_2_max_length = 8
+    return pipe
+
+
+@_register("hunyuan_video15", "HunyuanVideo15Pipeline", _hunyuan_video15_call)
+def build_hunyuan_video15(seed: int = 0):
+    """HunyuanVideo 1.5 text-to-video: the components of _hunyuan_video15_parts, prompts shortened, 4 (zero) image
+    tokens."""
+    from diffusers import HunyuanVideo15Pipeline
+
+    pipe = _shorten_hunyuan_video15_prompts(HunyuanVideo15Pipeline(**_hunyuan_video15_parts(seed, "t2v")))
     pipe.vision_num_semantic_tokens = 4
     return pipe
 
@@ -362,38 +397,13 @@ def build_hunyuan_video15_i2v(seed: int = 0):
     """HunyuanVideo 1.5 image-to-video: the text-to-video components (target size 32 px, so a 32 px image gives
     32 x 32), plus a SigLIP vision tower (16 px: 2 x 2 patches = 4 image tokens into the joint sequence) and the
     first frame encoded by the VAE as the condition latents."""
-    from diffusers import (
-        FlowMatchEulerDiscreteScheduler,
-        HunyuanVideo15ImageToVideoPipeline,
-        HunyuanVideo15Transformer3DModel,
-    )
-    from diffusers.guiders import ClassifierFreeGuidance
-    from transformers import ByT5Tokenizer, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
-    from diffpar.testing import tiny_vaes
-
-    qwen, _ = tiny_text_encoders.build("qwen2_5_vl", seed=seed, heads=4, kv_heads=2, hidden=TEXT_WIDTH,
-                                       intermediate=48, layers=3)
-    byt5, _ = tiny_text_encoders.build("t5-gated", seed=seed + 1, heads=4, d_kv=8, d_model=TEXT_WIDTH, d_ff=48,
-                                       layers=2, vocab=384)
-    vae, _, _ = tiny_vaes.build("hunyuan_video15", seed=seed + 3)
+    parts = _hunyuan_video15_parts(seed, "i2v", target_size=32)
     _seeded(seed + 4)
     siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=12, intermediate_size=24, num_hidden_layers=1,
                                                   num_attention_heads=2, image_size=16, patch_size=8)).eval()
-    _seeded(seed + 2)
-    transformer = HunyuanVideo15Transformer3DModel(
-        in_channels=9, out_channels=4, num_attention_heads=4, attention_head_dim=16, num_layers=2,
-        num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=TEXT_WIDTH,
-        text_embed_2_dim=TEXT_WIDTH, image_embed_dim=12, rope_axes_dim=(4, 6, 6), target_size=32, task_type="i2v",
-    ).eval()
-    pipe = HunyuanVideo15ImageToVideoPipeline(
-        text_encoder=qwen.model.language_model, tokenizer=tiny_text_encoders.chat_tokenizer(64),
-        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-        text_encoder_2=byt5, tokenizer_2=ByT5Tokenizer(), guider=ClassifierFreeGuidance(guidance_scale=1.0),
-        image_encoder=siglip, feature_extractor=SiglipImageProcessor(size={"height": 16, "width": 16}),
-    )
-    pipe.system_message = "a"
-    pipe.prompt_template_encode_start_idx = 0
-    pipe.tokenizer_max_length = 16
-    pipe.tokenizer_2_max_length = 8
-    return pipe
+    return _shorten_hunyuan_video15_prompts(HunyuanVideo15ImageToVideoPipeline(
+        **parts, image_encoder=siglip, feature_extractor=SiglipImageProcessor(size={"height": 16, "width": 16}),
+    ))
