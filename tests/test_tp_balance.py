@@ -55,7 +55,7 @@ def test_a_rank_far_heavier_keeps_one_granule():
     ranges = balanced_free_ranges(loads, {48: 10}, 3)
     _assert_partition(ranges[48], 48)
     assert ranges[48][0] == ((0, feature_granule(48, 3)),)
-    assert total(ranges[48][1]) == total(ranges[48][2]) or abs(total(ranges[48][1]) - total(ranges[48][2])) <= 1
+    assert abs(total(ranges[48][1]) - total(ranges[48][2])) <= 1  # the light ranks share the rest
 
 
 def test_granule_keeps_boundaries_aligned_where_the_width_allows():
