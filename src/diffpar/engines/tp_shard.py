@@ -28,6 +28,9 @@ alone, so it also works on meta-device models (`ShardPlan.weight_bytes`).
 `EvenSplitPlan` is the style vocabulary of transformer plans (diffusers' `_tp_plan` translated, and ours):
 module-path globs -> "colwise" / "rowwise" / "colwise_gather" / `Packed`; `even_shard_plan` turns it into a
 `ShardPlan`, as evenly as whole heads allow (a rank may hold one head more), refusing only fewer heads than ranks.
+Where heads split unevenly, the widths made of no heads (MLP hidden features) are split the other way
+(`balanced_free_ranges`): the ranks holding a head more take fewer of those features, so that every rank holds
+about the same bytes in all (Ideogram 4, 18 heads at tp 4: 0.263 -> 0.254 of the whole on the largest rank).
 """
 from __future__ import annotations
 
@@ -314,7 +317,8 @@ class PackedParameters:
 @dataclass
 class EvenSplitPlan:
     """A transformer plan in styles: each rank gets an equal share of every split width, give or take one head
-    (or one feature, for widths made of no heads).
+    (or one feature, for widths made of no heads; where heads split unevenly, those widths balance the bytes:
+    `even_shard_plan`).
 
     `linears`: module-path glob (one `*` over a ModuleList) -> COLWISE / ROWWISE / GATHER / DEPTHWISE / `Packed`
     (a Linear, or a Conv2d: 1x1 for COLWISE / ROWWISE, depthwise for DEPTHWISE, split by channels; or an
@@ -456,6 +460,122 @@ def _largest_tp(limits: list[int], tp: int, world: int | None) -> int:
     return max(d for d in range(1, tp + 1) if all(d <= n for n in limits) and (world is None or world % d == 0))
 
 
+# -- free widths against uneven heads --------------------------------------------------------------------------
+def feature_granule(width: int, parts: int) -> int:
+    """The step of a free width's balanced boundaries: the largest power of two up to 8 dividing `width` that
+    leaves 16 steps per part. Shards of a multiple of 8 features keep bf16 rows 16-byte aligned; a coarser step
+    would leave up to one step per rank unbalanced (64 features of Ideogram 4's MLP: 0.4% of the model per rank).
+    Narrow widths (tiny test models) go down to single features."""
+    granule = 8
+    while granule > 1 and (width % granule or width // granule < 16 * parts):
+        granule //= 2
+    return granule
+
+
+def balanced_free_ranges(loads: Sequence[float], costs: dict[int, int],
+                         parts: int) -> dict[int, list[tuple[Range, ...]]]:
+    """Per-part contiguous ranges of every free width so that the parts' total bytes come out as equal as
+    possible: `loads[r]` is what part r holds besides the free widths (its heads, the replicated rest), `costs[w]`
+    the bytes one feature of width w costs a part (summed over every layer splitting that width).
+
+    The water level t with sum(max(t - loads[r], floor)) equal to the free bytes would give part r
+    max(t - loads[r], floor) of them (`floor`: one granule of every width, so that no part is empty). In whole
+    granules (`feature_granule`): every part after the first takes, of every width, the granules within its
+    proportional share, then single granules (costliest widths first) while it stays within t; part 0 takes the
+    rest, then hands single granules back to the lightest part while it stays strictly the largest. So part 0,
+    which holds the most heads, stays what the plan reports as the per-rank bytes, a granule or two above t.
+    A width has one split for every layer of that width: the [gate | up] blocks of a packed projection, which
+    share a width, stay paired."""
+    granules = {w: feature_granule(w, parts) for w in costs}
+    units = {w: w // g for w, g in granules.items()}
+    steps = {w: costs[w] * granules[w] for w in costs}  # bytes of one granule of each width
+    floor = sum(steps.values())
+    free = sum(cost * w for w, cost in costs.items())
+    low, high = float(min(loads)), float(max(loads) + free)
+    for _ in range(200):  # bisection on the level: the bytes it hands out grow with it
+        level = (low + high) / 2
+        if sum(max(level - load, floor) for load in loads) < free:
+            low = level
+        else:
+            high = level
+    budgets = [max(high - load, floor) for load in loads]
+    shares = [budget / sum(budgets) for budget in budgets]
+    counts = {w: [0] + [max(1, int(n * share)) for share in shares[1:]] for w, n in units.items()}
+    by_cost = sorted(costs, key=steps.__getitem__, reverse=True)
+    totals = [load + sum(steps[w] * counts[w][r] for w in costs) for r, load in enumerate(loads)]
+    for r in range(1, parts):
+        for w in by_cost:
+            spare = units[w] - sum(counts[w][1:]) - 1  # part 0 keeps at least one granule
+            extra = min(spare, int((high - totals[r]) // steps[w])) if high > totals[r] else 0
+            if extra > 0:
+                counts[w][r] += extra
+                totals[r] += extra * steps[w]
+    for w in costs:
+        counts[w][0] = units[w] - sum(counts[w][1:])
+        if counts[w][0] < 1:  # part 0 would hold next to nothing: keep the even split
+            return {w: [((a, b),) for a, b in split_ranges(w, parts)] for w in costs}
+    totals[0] = loads[0] + sum(steps[w] * counts[w][0] for w in costs)
+    # Parts 1.. fell short of the level by under a granule each, all of it left on part 0: hand granules back to
+    # the lightest part, costliest first, while part 0 stays strictly the largest.
+    while True:
+        r = min(range(1, parts), key=totals.__getitem__)
+        w = next((w for w in by_cost if counts[w][0] > 1
+                  and totals[0] - steps[w] > max(max(totals[1:]), totals[r] + steps[w])), None)
+        if w is None:
+            break
+        counts[w][0] -= 1
+        counts[w][r] += 1
+        totals[0] -= steps[w]
+        totals[r] += steps[w]
+    out = {}
+    for w, per_part in counts.items():
+        ranges, start = [], 0
+        for count in per_part:
+            ranges.append(((start * granules[w], (start + count) * granules[w]),))
+            start += count
+        out[w] = ranges
+    return out
+
+
+def _free_width_costs(model, plan: EvenSplitPlan, expanded, owner, tied_ranges) -> dict[int, int]:
+    """Free width -> bytes per feature a rank holds, summed over every split layer and packed parameter of that
+    width (as `ShardPlan.weight_bytes` counts them: a row layer's bias stays whole). Widths a gathered layer, a
+    sharded norm or a sliced output also splits keep their even split: they are left out."""
+    costs: dict[int, int] = {}
+    fixed: set[int] = set()
+    blocks_of = {}
+    for path, layer, kind, blocks in expanded:
+        attention = owner(path) if kind not in (GATHER, DEPTHWISE) else None
+        free = [w for w in blocks if tied_ranges(w, attention) is None]
+        blocks_of[path] = free
+        if kind == GATHER:
+            fixed.update(free)
+            continue
+        per_feature = 0
+        for pname, p in layer.named_parameters(recurse=False):
+            if kind == ROWWISE and pname == "bias":
+                continue
+            dim = 1 if kind == ROWWISE and p.dim() > 1 else 0
+            per_feature += p.numel() // p.shape[dim] * p.element_size()
+        for w in free:
+            costs[w] = costs.get(w, 0) + per_feature
+    for pattern in plan.sharded_norms:
+        for path, norm in expand(model, pattern):
+            width = norm_width(norm, path)
+            if tied_ranges(width, owner(path)) is None:
+                fixed.add(width)
+    for like in plan.sliced_outputs.values():
+        fixed.update(blocks_of.get(like.linear, ()))
+    for pattern, packed in plan.reduced_parameters.items():
+        for _path, holder in expand(model, pattern):
+            for pname, dim, blocks in packed.params:
+                p = getattr(holder, pname)
+                for w in blocks:
+                    if tied_ranges(w, None) is None:
+                        costs[w] = costs.get(w, 0) + p.numel() // p.shape[dim] * p.element_size()
+    return {w: cost for w, cost in costs.items() if w not in fixed and cost > 0}
+
+
 def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, source: str, origin: str,
                     world: int | None = None) -> ShardPlan:
     """`plan` on `tp` ranks as a `ShardPlan`. Local, no collective.
@@ -465,8 +585,16 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
     no attention's heads (MLP, modulation, channels) are split as evenly as possible, by features. A width equal
     to an attention's query width outside it (a fused [attention | MLP] output projection) follows those heads,
     so both sides of every split width agree. Key/value heads fewer than ranks are held by every rank computing
-    their query heads (`split_heads`). Raises UnsupportedError (naming the largest tp that works, within `world`
-    if given) when an attention has fewer query heads than ranks."""
+    their query heads (`split_heads`).
+
+    Where some attention's heads split unevenly, the free widths (made of no heads; MLP hidden features) that only
+    column, row and depthwise layers and packed parameters split are split the other way (`balanced_free_ranges`:
+    one contiguous range per rank, the same for every layer of that width, so both sides of every split and the
+    blocks of packed projections agree), so that the ranks' total bytes come out about equal. Widths that a
+    gathered layer, a sharded norm or a sliced output also splits stay even. Heads split evenly: nothing changes.
+
+    Raises UnsupportedError (naming the largest tp that works, within `world` if given) when an attention has
+    fewer query heads than ranks."""
     name = type(model).__name__
     expanded = []  # (path, linear, kind, blocks)
     for pattern, style in plan.linears.items():
@@ -509,85 +637,110 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
             parent = _parent_path(parent)
         return None
 
-    def width_ranges(width: int, attention: _AttentionSplit | None, what: str) -> list[tuple[Range, ...]]:
-        if width < tp:
-            raise UnsupportedError(f"tp_size={tp} is more than the width {width} {name} splits at {what}: every rank "
-                                   f"needs a part. The largest tp_size that works for this model is "
-                                   f"{min(works, width)}.")
+    def tied_ranges(width: int, attention: _AttentionSplit | None) -> list[tuple[Range, ...]] | None:
+        """Per-rank ranges of a width made of heads: `attention`'s own, else those of the attentions of that query
+        width (a layer outside them consuming or producing it); None for a free width (MLP, modulation)."""
         found = attention.ranges_for(width) if attention is not None else None
-        if found is None:  # not this attention's heads: the same rule for every layer, so both sides agree
-            found = head_widths.get(width)
-        return found if found is not None else [((a, b),) for a, b in split_ranges(width, tp)]
+        return found if found is not None else head_widths.get(width)
 
-    def packed_ranges(blocks, attention, what) -> tuple[tuple[Range, ...], ...]:
-        per_rank = [[] for _ in range(tp)]
-        offset = 0
-        for width in blocks:
-            for r, ranges in enumerate(width_ranges(width, attention, what)):
-                per_rank[r].extend((offset + a, offset + b) for a, b in ranges)
-            offset += width
-        return tuple(tuple(r) for r in per_rank)
+    def build(free_ranges: dict[int, list[tuple[Range, ...]]]) -> ShardPlan:
+        """The plan, with `free_ranges` (width -> per-rank ranges) for the free widths it names, the rest of them
+        split by `split_ranges`."""
 
-    out = ShardPlan(world=tp, source=source, origin=origin)
-    for path, _linear, kind, blocks in expanded:
-        attention = owner(path) if kind not in (GATHER, DEPTHWISE) else None
-        ranges = packed_ranges(blocks, attention, path)
-        if kind == ROWWISE:
-            out.layers.append(LayerShard(path, ROW, ranges))
-        elif kind == DEPTHWISE:
-            out.layers.append(LayerShard(path, CHANNELS, ranges))
-        elif isinstance(_linear, torch.nn.Embedding):  # GATHER: a table split along its width, rows gathered
-            out.layers.append(LayerShard(path, HEAD_TABLE, ranges, gather_output=True))
-        else:
-            out.layers.append(LayerShard(path, COLUMN, ranges, gather_output=kind == GATHER))
-    for pattern, attrs in plan.attention_attrs.items():
-        for path, attn in expand(model, pattern):
-            split = splits.get(path)
-            values = [{} for _ in range(tp)]
-            for attr in attrs:
-                value = getattr(attn, attr, None)
-                if not isinstance(value, int) or isinstance(value, bool):
-                    continue
-                per_rank = _attribute_values(attr, value, split)
-                if per_rank is None and value >= tp:  # a width split by features (an MLP's): as its linears are
-                    per_rank = [total(r) for r in width_ranges(value, split, f"{path}.{attr}")]
-                if per_rank is None:
-                    raise UnsupportedError(
-                        f"tp_size={tp}: {path}.{attr}={value} cannot be dealt with the heads of {path} "
-                        f"({split.heads if split else '?'} heads). The largest tp_size that works for this model is "
-                        f"{works}."
-                    )
-                for r, v in enumerate(per_rank):
-                    values[r][attr] = v
-            if values[0]:
-                out.attributes.append(AttributeShard(path, tuple(values)))
-    for pattern in plan.sharded_norms:
-        for path, norm in expand(model, pattern):
-            width = norm_width(norm, path)
-            ranges = width_ranges(width, owner(path), path)
-            out.norms.append(NormShard(path, width, tuple(ranges)))
-    for pattern, packed in plan.reduced_parameters.items():
-        for path, owner in expand(model, pattern):
-            params = [(name, dim, packed_ranges(blocks, None, f"{path}.{name}")) for name, dim, blocks in packed.params]
-            attributes = ()
-            if packed.width_attribute is not None:
-                width = getattr(owner, packed.width_attribute)
-                attributes = tuple({packed.width_attribute: total(r)}
-                                   for r in packed_ranges((width,), None, f"{path}.{packed.width_attribute}"))
-            out.parameters.append(ParameterShard(path, tuple(params), attributes))
-    columns = {s.path: s for s in out.layers if s.kind == COLUMN and not s.gather_output}
-    for path, like in plan.sliced_outputs.items():
-        shard = columns.get(like.linear)
-        if shard is None:
-            raise DiffparError(f"tensor-parallel plan: {path} takes the columns of {like.linear}, which the plan "
-                               "does not split colwise")
-        if any(a % like.unit or b % like.unit for rs in shard.ranges for a, b in rs):
-            raise UnsupportedError(f"tp_size={tp}: the columns of {like.linear} are not whole units of {like.unit} "
-                                   f"(the rows of the table {path} returns).")
-        ranges = tuple(tuple((a // like.unit, b // like.unit) for a, b in rs) for rs in shard.ranges)
-        out.output_slices.append(OutputSlice(path, like.dim, ranges))
-    out.heads = {path: [(s.num_q, s.num_kv) for s in split.shards] for path, split in splits.items()}
-    return out
+        def width_ranges(width: int, attention: _AttentionSplit | None, what: str) -> list[tuple[Range, ...]]:
+            if width < tp:
+                raise UnsupportedError(f"tp_size={tp} is more than the width {width} {name} splits at {what}: "
+                                       f"every rank needs a part. The largest tp_size that works for this model "
+                                       f"is {min(works, width)}.")
+            found = tied_ranges(width, attention)
+            if found is None:  # a free width: one split per width for every layer, so both sides agree
+                found = free_ranges.get(width)
+            return found if found is not None else [((a, b),) for a, b in split_ranges(width, tp)]
+
+        def packed_ranges(blocks, attention, what) -> tuple[tuple[Range, ...], ...]:
+            per_rank = [[] for _ in range(tp)]
+            offset = 0
+            for width in blocks:
+                for r, ranges in enumerate(width_ranges(width, attention, what)):
+                    per_rank[r].extend((offset + a, offset + b) for a, b in ranges)
+                offset += width
+            return tuple(tuple(r) for r in per_rank)
+
+        out = ShardPlan(world=tp, source=source, origin=origin)
+        for path, _linear, kind, blocks in expanded:
+            attention = owner(path) if kind not in (GATHER, DEPTHWISE) else None
+            ranges = packed_ranges(blocks, attention, path)
+            if kind == ROWWISE:
+                out.layers.append(LayerShard(path, ROW, ranges))
+            elif kind == DEPTHWISE:
+                out.layers.append(LayerShard(path, CHANNELS, ranges))
+            elif isinstance(_linear, torch.nn.Embedding):  # GATHER: a table split along its width, rows gathered
+                out.layers.append(LayerShard(path, HEAD_TABLE, ranges, gather_output=True))
+            else:
+                out.layers.append(LayerShard(path, COLUMN, ranges, gather_output=kind == GATHER))
+        for pattern, attrs in plan.attention_attrs.items():
+            for path, attn in expand(model, pattern):
+                split = splits.get(path)
+                values = [{} for _ in range(tp)]
+                for attr in attrs:
+                    value = getattr(attn, attr, None)
+                    if not isinstance(value, int) or isinstance(value, bool):
+                        continue
+                    per_rank = _attribute_values(attr, value, split)
+                    if per_rank is None and value >= tp:  # a width split by features (an MLP's): as its linears are
+                        per_rank = [total(r) for r in width_ranges(value, split, f"{path}.{attr}")]
+                    if per_rank is None:
+                        raise UnsupportedError(
+                            f"tp_size={tp}: {path}.{attr}={value} cannot be dealt with the heads of {path} "
+                            f"({split.heads if split else '?'} heads). The largest tp_size that works for this "
+                            f"model is {works}."
+                        )
+                    for r, v in enumerate(per_rank):
+                        values[r][attr] = v
+                if values[0]:
+                    out.attributes.append(AttributeShard(path, tuple(values)))
+        for pattern in plan.sharded_norms:
+            for path, norm in expand(model, pattern):
+                width = norm_width(norm, path)
+                ranges = width_ranges(width, owner(path), path)
+                out.norms.append(NormShard(path, width, tuple(ranges)))
+        for pattern, packed in plan.reduced_parameters.items():
+            for path, holder in expand(model, pattern):
+                params = [(name, dim, packed_ranges(blocks, None, f"{path}.{name}"))
+                          for name, dim, blocks in packed.params]
+                attributes = ()
+                if packed.width_attribute is not None:
+                    width = getattr(holder, packed.width_attribute)
+                    attributes = tuple({packed.width_attribute: total(r)}
+                                       for r in packed_ranges((width,), None, f"{path}.{packed.width_attribute}"))
+                out.parameters.append(ParameterShard(path, tuple(params), attributes))
+        columns = {s.path: s for s in out.layers if s.kind == COLUMN and not s.gather_output}
+        for path, like in plan.sliced_outputs.items():
+            shard = columns.get(like.linear)
+            if shard is None:
+                raise DiffparError(f"tensor-parallel plan: {path} takes the columns of {like.linear}, which the plan "
+                                   "does not split colwise")
+            if any(a % like.unit or b % like.unit for rs in shard.ranges for a, b in rs):
+                raise UnsupportedError(f"tp_size={tp}: the columns of {like.linear} are not whole units of {like.unit} "
+                                       f"(the rows of the table {path} returns).")
+            ranges = tuple(tuple((a // like.unit, b // like.unit) for a, b in rs) for rs in shard.ranges)
+            out.output_slices.append(OutputSlice(path, like.dim, ranges))
+        out.heads = {path: [(s.num_q, s.num_kv) for s in split.shards] for path, split in splits.items()}
+        return out
+
+    out = build({})
+    if all(len({s.num_q for s in split.shards}) == 1 for split in splits.values()):
+        return out  # heads split evenly: every free width split evenly too, as ever
+    # Heads split unevenly (5, 5, 4, 4 of 18): the ranks holding a head more take fewer features of the free
+    # widths, so every rank holds about the same bytes in all.
+    costs = _free_width_costs(model, plan, expanded, owner, tied_ranges)
+    if not costs:
+        return out
+    loads = list(out.weight_bytes(model)["per_rank_all"])
+    for width, cost in costs.items():
+        for r, size in enumerate(even_split(width, tp)):
+            loads[r] -= cost * size
+    return build(balanced_free_ranges(loads, costs, tp))
 
 
 def _attribute_values(attr: str, value: int, split: _AttentionSplit | None) -> list[int] | None:
