@@ -1,13 +1,13 @@
 """torchao weight-only int8 (runs on CPU) under diffpar (issue 14).
 
-Context parallelism splits the sequence and leaves every weight as it is, so a quantized model runs unchanged:
-compared with the same quantized model in one process (CP_FP32). Tensor parallelism refuses quantized layers by
-name, before anything changes: slicing an Int8Tensor's data and per-row scales would be exact for column-parallel
-layers, but a row-parallel layer quantized after sharding gets other scales than the whole row (not the same
-model), so diffpar does not do either (docs/gpu.md). Needs torchao (skipped without it).
+Context parallelism splits the sequence and leaves every weight as it is, so a quantized model runs unchanged.
+Tensor parallelism cuts each int8 weight as it is (rows with their per-row scales for a column-parallel layer,
+columns with the whole scales for a row-parallel one; compat/quantized_tensors.py), never re-quantizing, so the
+sharded model is the same quantized model: compared with it in one process. Layouts diffpar has no rule for are
+refused by name before any change. Needs torchao (skipped without it).
 """
 import pytest
-from tolerances import CP_FP32
+from tolerances import BITWISE, CP_FP32, TRANSFORMER_TP_FP32, TP_FP32
 
 from diffpar.testing.probes import assert_split
 
@@ -23,7 +23,52 @@ def test_int8_weights_under_context_parallelism(ranks, config):
     assert_split(results, config)
 
 
-def test_int8_weights_refused_by_tensor_parallelism(ranks):
-    for message in ranks(2, "workers.quantized:quantized_tp_error", model_name="flux", config={"tp_size": 2}):
+TP_CONFIGS = [
+    pytest.param(2, {"tp_size": 2}, id="tp2"),
+    pytest.param(4, {"tp_size": 4}, id="tp4"),
+    pytest.param(4, {"ulysses_size": 2, "tp_size": 2}, id="ulysses2xtp2"),
+]
+
+
+@pytest.mark.parametrize("world,config", TP_CONFIGS)
+def test_int8_weights_under_tensor_parallelism(ranks, world, config):
+    tp = config["tp_size"]
+    results = ranks(world, "workers.quantized:quantized_tp_equivalence", model_name="flux", config=config)
+    for r in results:
+        # the same int8 model: row-parallel partial sums add in another order, as for plain fp32 weights
+        assert r["diff"] <= TRANSFORMER_TP_FP32, (r["rank"], r["diff"])
+        assert "Int8Tensor" in r["weight_types"], r["weight_types"]  # shards stay int8, not dequantized
+        # each rank holds about 1/tp of the int8 data (embedders and norms outside blocks stay whole)
+        assert r["bytes_ratio"] < 1 / tp + 0.25, (r["rank"], r["bytes_ratio"])
+        # to_q (column-parallel, 4 heads) keeps its rows and one scale per row; its block stays one row
+        rows, columns = r["q_shard"]["full_shape"]
+        assert r["q_shard"]["shape"] == [rows // tp, columns] and r["q_shard"]["scale"] == [rows // tp, 1], r
+        assert r["q_shard"]["block_size"] == [1, columns], r["q_shard"]
+        assert r["detach_diff"] == BITWISE and r["detach_weights_equal"], r
+    assert_split(results, config)  # tp alone: all-reduces in every forward; with Ulysses: the sequence split too
+
+
+@pytest.mark.parametrize("name", ["t5", "qwen3"])
+def test_int8_text_encoder_under_tensor_parallelism(ranks, name):
+    results = ranks(2, "workers.quantized:quantized_text_encoder", name=name)
+    for r in results:
+        assert r["quantized_before"]
+        assert max(r["diffs"].values()) <= TP_FP32, (r["rank"], r["diffs"])
+        assert r["bytes_ratio"] < 0.75, (r["rank"], r["bytes_ratio"])  # each rank holds about half the int8 data
+        assert max(r["detach_diffs"].values()) == BITWISE and r["detach_weights_equal"], r
+    assert results[0]["heads_per_rank"] == results[1]["heads_per_rank"]
+    if name == "t5":  # its tiny feed-forward width is odd: the int8 rows and scales split unevenly
+        assert results[0]["shard_shapes"] != results[1]["shard_shapes"]
+
+
+@pytest.mark.parametrize("layout,expected", [
+    ("intx", "IntxUnpackedToInt8Tensor"),  # another torchao layout: no slicing rule
+    ("int8-groups", "quantized in groups along dimension 1"),  # int8 scales per group, cut across by a row layer
+])
+def test_unknown_layouts_refused_by_tensor_parallelism(ranks, layout, expected):
+    for r in ranks(2, "workers.quantized:quantized_tp_error", model_name="flux", config={"tp_size": 2},
+                   layout=layout):
+        message = r["message"]
         assert message is not None and "UnsupportedError" in message, message
-        assert "transformer_blocks.0.attn.to_q" in message and "quantized" in message, message
+        assert expected in message and "transformer_blocks.0" in message, message
+        assert r["unchanged"], "refused before any change"

@@ -19,20 +19,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from diffpar.compat.quantized_tensors import cut_ranges
 from diffpar.engines.tp_shard import Range, total as _total
 
 
 def _slice_rows(weight: torch.Tensor, ranges: Sequence[Range]) -> torch.Tensor:
-    parts = [weight[a:b] for a, b in ranges]
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-    # A contiguous copy of its own storage, so the full tensor can be freed.
-    return out.clone(memory_format=torch.contiguous_format)
+    # A contiguous copy of its own storage, so the full tensor can be freed; quantized weights (known torchao
+    # layouts) are cut through their data and scales, never re-quantized (compat/quantized_tensors.py).
+    return cut_ranges(weight, 0, ranges)
 
 
 def _slice_cols(weight: torch.Tensor, ranges: Sequence[Range]) -> torch.Tensor:
-    parts = [weight[:, a:b] for a, b in ranges]
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    return out.clone(memory_format=torch.contiguous_format)
+    return cut_ranges(weight, 1, ranges)
 
 
 # -- collectives -----------------------------------------------------------------------------------------------
@@ -322,9 +320,8 @@ class ReducedOutputModule(nn.Module):
         with torch.no_grad():
             for name, dim, ranges in params:
                 full = getattr(module, name)
-                parts = [full.narrow(dim, a, b - a) for a, b in ranges[rank]]
-                piece = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)).clone()
-                inner._parameters[name] = nn.Parameter(piece, requires_grad=full.requires_grad)
+                inner._parameters[name] = nn.Parameter(cut_ranges(full.data, dim, ranges[rank]),
+                                                       requires_grad=full.requires_grad)
         return cls(inner, group)
 
     def forward(self, *args, **kwargs):
