@@ -72,3 +72,20 @@ def test_unknown_layouts_refused_by_tensor_parallelism(ranks, layout, expected):
         assert message is not None and "UnsupportedError" in message, message
         assert expected in message and "transformer_blocks.0" in message, message
         assert r["unchanged"], "refused before any change"
+
+
+def test_sharded_loading_refuses_quantized_weights(tmp_path):
+    """weights_from reads plain weights into plain shards: a model quantized on the meta device would silently
+    come back unquantized, so planning refuses it by name (no collective: one process, world_size given)."""
+    import diffpar
+    from diffpar.testing import tiny_pipelines
+    from workers.quantized import _quantize
+    from workers.sharded_loading import _meta_pipeline
+
+    reference = tiny_pipelines.build_tiny_flux_pipeline()
+    reference.transformer.save_pretrained(tmp_path / "transformer")
+    pipe = _meta_pipeline(reference, names=("transformer",))
+    _quantize(pipe.transformer)
+    config = diffpar.ParallelismConfig(tp_size=2, weights_from={"transformer": str(tmp_path / "transformer")})
+    with pytest.raises(diffpar.UnsupportedError, match=r"quantized weight \(Int8Tensor \(torchao\)\)"):
+        diffpar.plan(pipe, parallelism_config=config, world_size=2)
