@@ -89,3 +89,12 @@ def test_sharded_loading_refuses_quantized_weights(tmp_path):
     config = diffpar.ParallelismConfig(tp_size=2, weights_from={"transformer": str(tmp_path / "transformer")})
     with pytest.raises(diffpar.UnsupportedError, match=r"quantized weight \(Int8Tensor \(torchao\)\)"):
         diffpar.plan(pipe, parallelism_config=config, world_size=2)
+
+
+@pytest.mark.parametrize("fail_ranks", [[1], [0, 1]], ids=["one", "all"])
+def test_int8_tensor_parallel_rollback_is_exact(ranks, fail_ranks):
+    for r in ranks(2, "workers.quantized:quantized_tp_rollback", model_name="flux", config={"tp_size": 2},
+                   fail_ranks=fail_ranks):
+        assert r["sharded"], "the failure must come after the int8 shards were in place"
+        assert r["error"] is not None, r
+        assert r["weights_equal"] and r["output_diff"] == BITWISE, r

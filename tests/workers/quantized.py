@@ -155,3 +155,37 @@ def quantized_tp_error(model_name: str, config: dict, layout: str):
         return {"message": f"{type(exc).__name__}: {exc}", "unchanged": _same(before, _snapshot(model))}
     diffpar.disable_cache(model)
     return {"message": None, "unchanged": None}
+
+
+def quantized_tp_rollback(model_name: str, config: dict, fail_ranks: list[int]):
+    """A failure right after the tensor-parallel step (the shards in place) on `fail_ranks`: every rank rolls back
+    to the whole int8 model, bit for bit (the quantized originals were kept until commit)."""
+    from diffpar import applying
+
+    model, make_inputs = _quantized(model_name)
+    inputs = make_inputs(seq=16, text=8)
+    with torch.no_grad():
+        reference = model(**copy.deepcopy(inputs))[0]
+    before = _snapshot(model)
+    original, ran = applying.apply_step, []
+
+    def failing(name, fn, *args, **kwargs):
+        out = fn(*args, **kwargs)
+        if name == "tensor parallel":
+            ran.append(sorted({type(m).__name__ for m in model.modules()}))
+            if dist.get_rank() in fail_ranks:
+                raise RuntimeError("injected failure after the tensor-parallel step")
+        return out
+
+    applying.apply_step = failing
+    error = None
+    try:
+        diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(**config))
+    except Exception as exc:  # noqa: BLE001
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        applying.apply_step = original
+    with torch.no_grad():
+        after = model(**copy.deepcopy(inputs))[0]
+    return {"rank": dist.get_rank(), "error": error, "sharded": bool(ran) and "ColumnParallelLinear" in ran[0],
+            "weights_equal": _same(before, _snapshot(model)), "output_diff": (after - reference).abs().max().item()}
