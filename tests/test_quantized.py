@@ -30,10 +30,16 @@ TP_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("world,config", TP_CONFIGS)
-def test_int8_weights_under_tensor_parallelism(ranks, world, config):
+@pytest.mark.parametrize("world,config,loaded,model_name", [
+    *[pytest.param(*p.values, False, "flux", id=p.id) for p in TP_CONFIGS],
+    # loaded by diffusers with TorchAoConfig (is_quantized): the same int8 tensors, split the same way. Wan: a
+    # diffpar plan (diffusers' own TP pre-check, which refuses any quantized model, runs only for its _tp_plan)
+    pytest.param(2, {"tp_size": 2}, True, "wan", id="wan-tp2-from_pretrained"),
+])
+def test_int8_weights_under_tensor_parallelism(ranks, world, config, loaded, model_name):
     tp = config["tp_size"]
-    results = ranks(world, "workers.quantized:quantized_tp_equivalence", model_name="flux", config=config)
+    results = ranks(world, "workers.quantized:quantized_tp_equivalence", model_name=model_name, config=config,
+                    loaded=loaded)
     for r in results:
         # the same int8 model: row-parallel partial sums add in another order, as for plain fp32 weights
         assert r["diff"] <= TRANSFORMER_TP_FP32, (r["rank"], r["diff"])
@@ -98,3 +104,18 @@ def test_int8_tensor_parallel_rollback_is_exact(ranks, fail_ranks):
         assert r["sharded"], "the failure must come after the int8 shards were in place"
         assert r["error"] is not None, r
         assert r["weights_equal"] and r["output_diff"] == BITWISE, r
+
+
+def test_models_loaded_with_another_quantizer_stay_refused():
+    """A model diffusers loaded with a non-torchao quantization_config (bitsandbytes, GGUF, quanto) is refused
+    by name at planning; a torchao one goes on to the layer-by-layer layout check (tested above)."""
+    from types import SimpleNamespace
+
+    import diffpar
+    from diffpar.testing import tiny_transformers
+
+    model, _ = tiny_transformers.build("wan", heads=4)  # a diffpar plan: diffusers' own pre-check does not run
+    model.is_quantized = True
+    model.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="bitsandbytes"))
+    with pytest.raises(diffpar.UnsupportedError, match="loaded quantized with 'bitsandbytes'"):
+        diffpar.plan(model, parallelism_config=diffpar.ParallelismConfig(tp_size=2), world_size=2)

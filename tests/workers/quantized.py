@@ -22,9 +22,29 @@ def _quantize(model, **config):
     return model
 
 
-def _quantized(model_name: str):
+def _quantized(model_name: str, loaded: bool = False):
+    """The tiny model with int8 weights: quantized in place (`quantize_`), or (`loaded`) saved and loaded back by
+    diffusers with `TorchAoConfig` (is_quantized, an hf_quantizer; the same Int8Tensor weights)."""
     model, make_inputs = tiny_transformers.build(model_name, heads=4)
-    return _quantize(model), make_inputs
+    if not loaded:
+        return _quantize(model), make_inputs
+    import logging
+    import tempfile
+
+    from diffusers import TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        quiet = logging.getLogger("diffusers").level
+        logging.getLogger("diffusers").setLevel(logging.ERROR)  # "only bfloat16 is supported": fp32 runs on CPU
+        try:
+            model = type(model).from_pretrained(directory, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
+                                                torch_dtype=torch.float32)
+        finally:
+            logging.getLogger("diffusers").setLevel(quiet)
+    assert model.is_quantized
+    return model.eval(), make_inputs
 
 
 def _weight_types(model) -> list[str]:
@@ -73,14 +93,16 @@ def quantized_cp_equivalence(model_name: str, config: dict):
             "split_reference": reference_probe.summary(), "weight_types": quantized}
 
 
-def quantized_tp_equivalence(model_name: str, config: dict):
+def quantized_tp_equivalence(model_name: str, config: dict, loaded: bool = False):
     """The int8 model sharded by tensor parallelism (its int8 data and scales cut, not re-quantized) vs the same
     int8 model in one process; what each rank holds; detach gives back every int8 tensor and scale bit for bit."""
-    model, make_inputs = _quantized(model_name)
+    model, make_inputs = _quantized(model_name, loaded)
     inputs = make_inputs(seq=16, text=8)
     reference_model = copy.deepcopy(model)
     with torch.no_grad(), SplitProbe(reference_model) as reference_probe:
         reference = reference_model(**copy.deepcopy(inputs))[0]
+    with torch.no_grad():  # the model itself, not a copy: a deepcopy of a from_pretrained model rounds differently
+        own = model(**copy.deepcopy(inputs))[0]
     before = _snapshot(model)
     bytes_before = _quantized_bytes(model)
     handle = diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(**config))
@@ -89,17 +111,18 @@ def quantized_tp_equivalence(model_name: str, config: dict):
             out = model(**copy.deepcopy(inputs))[0]
         sharded_types = _weight_types(model)
         bytes_sharded = _quantized_bytes(model)
-        # one column-parallel layer's shard: its own rows and their scales
-        q = model.get_submodule("transformer_blocks.0.attn.to_q").weight
-        full_q = reference_model.get_submodule("transformer_blocks.0.attn.to_q").weight
+        # the first attention query projection (column-parallel): its own rows and their scales
+        path = next(p for p, m in model.named_modules() if p.endswith(".to_q"))
+        q = model.get_submodule(path).weight
+        full_q = reference_model.get_submodule(path).weight
         q_shard = {"shape": list(q.shape), "scale": list(q.scale.shape), "block_size": list(q.block_size),
                    "full_shape": list(full_q.shape)}
     finally:
         handle.detach()
     with torch.no_grad():
         after = model(**copy.deepcopy(inputs))[0]
-    return {"rank": dist.get_rank(), "diff": (out - reference).abs().max().item(),
-            "detach_diff": (after - reference).abs().max().item(), "detach_weights_equal": _same(before, _snapshot(model)),
+    return {"rank": dist.get_rank(), "diff": (out - own).abs().max().item(),
+            "diff_vs_copy": (out - reference).abs().max().item(), "detach_diff": (after - own).abs().max().item(), "detach_weights_equal": _same(before, _snapshot(model)),
             "bytes_ratio": bytes_sharded / bytes_before, "weight_types": sharded_types, "q_shard": q_shard,
             "split": probe.summary(), "split_reference": reference_probe.summary()}
 

@@ -186,3 +186,15 @@ def storage_bytes(tensor: torch.Tensor) -> int:
 def meta_placeholder(tensor: torch.Tensor) -> torch.Tensor:
     """A plain meta tensor of `tensor`'s shape and dtype (torchao subclasses implement no `empty_like`)."""
     return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+
+
+def loader_quantization(model) -> str | None:
+    """The quantization method a model was loaded with by diffusers / transformers (`from_pretrained(...,
+    quantization_config=...)`: "torchao", "bitsandbytes", "gguf", "quanto", ...), None if it was not. A torchao one
+    leaves its weights as torchao tensor subclasses, which `refusal` judges one by one."""
+    if not getattr(model, "is_quantized", False):
+        return None
+    config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    method = getattr(config, "quant_method", None)
+    method = getattr(method, "value", method)  # an enum in diffusers and transformers
+    return str(method) if method is not None else "unknown"

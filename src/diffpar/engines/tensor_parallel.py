@@ -32,7 +32,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from diffpar.compat.quantized_tensors import map_along, meta_placeholder, refusal as quantized_refusal
+from diffpar.compat.quantized_tensors import (
+    loader_quantization,
+    map_along,
+    meta_placeholder,
+    refusal as quantized_refusal,
+)
 from diffpar.engines.sharded_loading import loaded_later
 from diffpar.engines.tensor_parallel_linear import (
     ChannelParallelConv2d,
@@ -234,10 +239,17 @@ def check_tensor_parallel(model: nn.Module, plan: ShardPlan, config=None) -> Non
             f"tp_size={tp_degree} on {type(model).__name__}: some weights are on the meta device (offloaded or not "
             "loaded). Load the model fully onto this rank's device before enabling tensor parallelism."
         )
-    if any(hasattr(m, "_hf_hook") for m in model.modules()) or getattr(model, "is_quantized", False):
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):
         raise UnsupportedError(
-            f"tp_size={tp_degree} on {type(model).__name__}: the model is offloaded (accelerate hooks) or quantized; "
-            "its weights cannot be sliced per rank. Load it unquantized and without offloading."
+            f"tp_size={tp_degree} on {type(model).__name__}: the model is offloaded (accelerate hooks); its weights "
+            "cannot be sliced per rank. Load it without offloading."
+        )
+    method = loader_quantization(model)
+    if method is not None and method != "torchao":  # torchao: its weight layouts are checked layer by layer below
+        raise UnsupportedError(
+            f"tp_size={tp_degree} on {type(model).__name__}: the model was loaded quantized with {method!r}; its "
+            "weights cannot be sliced per rank. Load it unquantized, or quantized with torchao int8 weight-only or "
+            "float8 (TorchAoConfig), whose weights diffpar splits as they are."
         )
     for shard in plan.layers:
         layer = model.get_submodule(shard.path)
