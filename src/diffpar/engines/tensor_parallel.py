@@ -33,6 +33,8 @@ import torch.distributed as dist
 from torch import nn
 
 from diffpar.compat.quantized_tensors import (
+    is_plain,
+    layout_name,
     loader_quantization,
     map_along,
     meta_placeholder,
@@ -262,9 +264,12 @@ def check_tensor_parallel(model: nn.Module, plan: ShardPlan, config=None) -> Non
                                        "Embedding with max_norm; diffpar cannot split it by columns.")
             continue
         if not isinstance(layer, nn.Linear):
+            weight = getattr(layer, "weight", None)
+            quantized = (f" with a quantized weight ({layout_name(weight)}: diffpar splits quantized weights of "
+                         "Linear layers only)" if isinstance(weight, torch.Tensor) and not is_plain(weight) else "")
             raise UnsupportedError(
-                f"tp_size={tp_degree} on {type(model).__name__}: {shard.path} is a {type(layer).__name__}, not a "
-                "torch.nn.Linear (LoRA adapters?); diffpar can only split plain layers. Fuse or unload adapters."
+                f"tp_size={tp_degree} on {type(model).__name__}: {shard.path} is a {type(layer).__name__}{quantized}, "
+                "not a torch.nn.Linear (LoRA adapters?); diffpar can only split plain layers. Fuse or unload adapters."
             )
         # Plain weights, or quantized ones of a layout diffpar cuts exactly (torchao int8 / float8 per-row).
         reason = quantized_refusal(layer.weight, 0 if shard.kind == COLUMN else 1)
