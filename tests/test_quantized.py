@@ -30,20 +30,23 @@ TP_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("world,config,loaded,model_name", [
-    *[pytest.param(*p.values, False, "flux", id=p.id) for p in TP_CONFIGS],
+@pytest.mark.parametrize("world,config,loaded,model_name,quant", [
+    *[pytest.param(*p.values, False, "flux", "int8", id=p.id) for p in TP_CONFIGS],
     # loaded by diffusers with TorchAoConfig (is_quantized): the same int8 tensors, split the same way. Wan: a
     # diffpar plan (diffusers' own TP pre-check, which refuses any quantized model, runs only for its _tp_plan)
-    pytest.param(2, {"tp_size": 2}, True, "wan", id="wan-tp2-from_pretrained"),
+    pytest.param(2, {"tp_size": 2}, True, "wan", "int8", id="wan-tp2-from_pretrained"),
+    # float8 weight-only (Float8Tensor, per-row scales) has a CPU path too: the same rule, another table entry
+    pytest.param(2, {"tp_size": 2}, False, "flux", "float8", id="float8-tp2"),
 ])
-def test_int8_weights_under_tensor_parallelism(ranks, world, config, loaded, model_name):
+def test_int8_weights_under_tensor_parallelism(ranks, world, config, loaded, model_name, quant):
     tp = config["tp_size"]
     results = ranks(world, "workers.quantized:quantized_tp_equivalence", model_name=model_name, config=config,
-                    loaded=loaded)
+                    loaded=loaded, quant=quant)
+    layout = {"int8": "Int8Tensor", "float8": "Float8Tensor"}[quant]
     for r in results:
-        # the same int8 model: row-parallel partial sums add in another order, as for plain fp32 weights
+        # the same quantized model: row-parallel partial sums add in another order, as for plain fp32 weights
         assert r["diff"] <= TRANSFORMER_TP_FP32, (r["rank"], r["diff"])
-        assert "Int8Tensor" in r["weight_types"], r["weight_types"]  # shards stay int8, not dequantized
+        assert layout in r["weight_types"], r["weight_types"]  # shards stay quantized, not dequantized
         # each rank holds about 1/tp of the int8 data (embedders and norms outside blocks stay whole)
         assert r["bytes_ratio"] < 1 / tp + 0.25, (r["rank"], r["bytes_ratio"])
         # to_q (column-parallel, 4 heads) keeps its rows and one scale per row; its block stays one row

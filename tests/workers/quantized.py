@@ -15,19 +15,19 @@ from diffpar.testing import tiny_text_encoders, tiny_transformers
 from diffpar.testing.probes import SplitProbe
 
 
-def _quantize(model, **config):
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+def _quantize(model, quant: str = "int8", **config):
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
-    quantize_(model, Int8WeightOnlyConfig(**config))
+    quantize_(model, (Float8WeightOnlyConfig if quant == "float8" else Int8WeightOnlyConfig)(**config))
     return model
 
 
-def _quantized(model_name: str, loaded: bool = False):
+def _quantized(model_name: str, loaded: bool = False, quant: str = "int8"):
     """The tiny model with int8 weights: quantized in place (`quantize_`), or (`loaded`) saved and loaded back by
     diffusers with `TorchAoConfig` (is_quantized, an hf_quantizer; the same Int8Tensor weights)."""
     model, make_inputs = tiny_transformers.build(model_name, heads=4)
     if not loaded:
-        return _quantize(model), make_inputs
+        return _quantize(model, quant), make_inputs
     import logging
     import tempfile
 
@@ -93,10 +93,10 @@ def quantized_cp_equivalence(model_name: str, config: dict):
             "split_reference": reference_probe.summary(), "weight_types": quantized}
 
 
-def quantized_tp_equivalence(model_name: str, config: dict, loaded: bool = False):
+def quantized_tp_equivalence(model_name: str, config: dict, loaded: bool = False, quant: str = "int8"):
     """The int8 model sharded by tensor parallelism (its int8 data and scales cut, not re-quantized) vs the same
     int8 model in one process; what each rank holds; detach gives back every int8 tensor and scale bit for bit."""
-    model, make_inputs = _quantized(model_name, loaded)
+    model, make_inputs = _quantized(model_name, loaded, quant)
     inputs = make_inputs(seq=16, text=8)
     reference_model = copy.deepcopy(model)
     with torch.no_grad(), SplitProbe(reference_model) as reference_probe:

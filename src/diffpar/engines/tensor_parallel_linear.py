@@ -334,10 +334,17 @@ class ReducedOutputModule(nn.Module):
         return f"output all-reduced; {', '.join(f'{n}={tuple(p.shape)}' for n, p in self.inner._parameters.items())}"
 
 
+_GATHERABLE = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+               torch.int8, torch.uint8, torch.bool)
+
+
 def gather_full(local: torch.Tensor, dim: int, all_ranges: Sequence[Sequence[Range]], full_size: int,
                 group) -> torch.Tensor:
     """The full tensor back from every rank's `local` piece along `dim` (a collective over `group`): rank r's
     piece holds the features `all_ranges[r]`, concatenated. Bit for bit the tensor the pieces were cut from."""
+    if local.dtype not in _GATHERABLE and local.element_size() == 1:
+        # float8 data of a quantized weight: gloo has no float8 type; moving bytes, not values, is exact anyway
+        return gather_full(local.view(torch.uint8), dim, all_ranges, full_size, group).view(local.dtype)
     sizes = [_total(r) for r in all_ranges]
     width = max(sizes)
     piece = local.movedim(dim, 0).contiguous()
