@@ -14,6 +14,10 @@ Checks:
    vs fp64: output, LSE, and a two-chunk ring merge (what diffusers' ring does with the LSE) vs fp64 whole;
 2. bf16 tensor-parallel MLP: column-parallel up, row-parallel down, every shard computed and the partial sums
    added (the all-reduce), vs the whole bf16 MLP, both against fp64;
+2b. quantized tensor-parallel MLP ("float8 TP shards", and int8): a bf16 MLP quantized by torchao (float8
+   weight-only, or float8 dynamic activation where weight-only has no kernel; int8 weight-only), its 4 shards cut
+   by diffpar's slicing rule (quantized data and scales, not re-quantized), computed and summed vs the whole
+   quantized MLP; a SKIP line (n/a) without torchao or a kernel;
 3. VAE split math, bf16: a 3x3 convolution on row bands with one-row halos, and GroupNorm statistics merged from
    per-band sums, vs the whole tensor;
 4. device placement: a tiny Flux transformer sharded for rank 0 of tp 2 by diffpar's TP engine (on a 1-process
@@ -112,6 +116,82 @@ def check_tp_mlp(device, small: bool, ranks: int = 4) -> None:
     split_err = (partial_sum.double().cpu() - ref).abs().max().item()
     # Splitting the inner sum over ranks changes bf16 rounding, not its size: within 2x of the whole bf16 error.
     report("tp_mlp[bf16]", split_err <= 2 * whole_err, split_vs_fp64=split_err, whole_vs_fp64=whole_err, ranks=ranks)
+
+
+def _quantize_mlp(mlp, kind: str, device, originals) -> str:
+    """Quantize `mlp` in place with torchao (imported here: optional); the config's name, for the report."""
+    from torchao.quantization import quantize_
+
+    if kind == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        quantize_(mlp, Int8WeightOnlyConfig())
+        return "Int8WeightOnlyConfig"
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig
+
+    try:  # weight-only first: its shards are the same model whichever way they are cut
+        quantize_(mlp, Float8WeightOnlyConfig())
+        mlp(torch.zeros(1, mlp[0].in_features, device=device, dtype=torch.bfloat16))
+        return "Float8WeightOnlyConfig"
+    except Exception:  # noqa: BLE001 - a missing kernel: the dynamic-activation config instead
+        mlp[0].weight, mlp[2].weight = originals  # the bf16 weights, before the failed config
+        quantize_(mlp, Float8DynamicActivationFloat8WeightConfig())
+        return "Float8DynamicActivationFloat8WeightConfig"
+
+
+def check_quantized_tp(device, small: bool, kind: str, ranks: int = 4) -> None:
+    """A bf16 MLP quantized by torchao (`kind`: float8 or int8, per-row scales), cut into `ranks` tensor-parallel
+    shards by diffpar's one slicing rule (`compat.quantized_tensors.cut_ranges`: the quantized data and scales
+    cut, never re-quantized), every shard computed, the partial sums added (the all-reduce) and the bias once, vs
+    the whole quantized MLP. Also: each cut dequantizes to the cut of the dequantized weight, bitwise."""
+    name = f"{kind}_tp_shards"
+    try:
+        import torchao  # noqa: F401
+    except ImportError as exc:
+        report(name, None, skip=f"SKIP torchao not importable ({exc})"[:120])
+        return
+    from diffpar.compat.quantized_tensors import cut_ranges, layout_name, refusal
+    from diffpar.engines.tp_shard import split_ranges
+
+    dim, hidden, tokens = (64, 256, 128) if small else (3072, 12288, 4608)
+    torch.manual_seed(2)
+    mlp = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU(approximate="tanh"),
+                              torch.nn.Linear(hidden, dim)).to(device, torch.bfloat16)
+    x = torch.randn(tokens, dim, device=device, dtype=torch.bfloat16)
+    try:
+        config = _quantize_mlp(mlp, kind, device, (mlp[0].weight, mlp[2].weight))
+    except Exception as exc:  # noqa: BLE001 - no kernel for this dtype on this device / torch
+        report(name, None, skip=f"SKIP {type(exc).__name__}: {exc}"[:160])
+        return
+    up, down = mlp[0], mlp[2]
+    refused = refusal(up.weight, 0) or refusal(down.weight, 1)
+    with torch.no_grad():
+        whole = mlp(x)
+        dequant_up, dequant_down = up.weight.dequantize(), down.weight.dequantize()
+        total, cuts_exact = None, True
+        for start, stop in split_ranges(hidden, ranks):  # column-parallel rows of up = row-parallel columns of down
+            w1, w2 = cut_ranges(up.weight, 0, [(start, stop)]), cut_ranges(down.weight, 1, [(start, stop)])
+            cuts_exact &= torch.equal(w1.dequantize(), dequant_up[start:stop])
+            cuts_exact &= torch.equal(w2.dequantize(), dequant_down[:, start:stop])
+            part = torch.nn.functional.linear(
+                torch.nn.functional.gelu(torch.nn.functional.linear(x, w1, up.bias[start:stop]), approximate="tanh"),
+                w2)
+            total = part if total is None else total + part  # the all-reduce, in bf16 like NCCL's
+        split = total + down.bias
+        # fp64 reference of the same quantized model (dequantized weights), to size the bf16 rounding of each
+        xd = x.double()
+        ref = torch.nn.functional.linear(
+            torch.nn.functional.gelu(torch.nn.functional.linear(xd, dequant_up.double(), up.bias.double()),
+                                     approximate="tanh"), dequant_down.double(), down.bias.double())
+    scale = ref.abs().max().item()
+    diff = (split.double() - whole.double()).abs().max().item()
+    whole_err = (whole.double() - ref).abs().max().item()
+    split_err = (split.double() - ref).abs().max().item()
+    # Cutting the quantized weights changes only where bf16 rounds the inner sum: within 2x of the whole model's
+    # own error against fp64 (the bf16 check's criterion), and every cut exact.
+    report(name, bool(cuts_exact) and split_err <= 2 * whole_err, config=config,
+           layout=layout_name(up.weight), max_abs_diff=diff, rel_diff=diff / scale, split_vs_fp64=split_err,
+           whole_vs_fp64=whole_err, cuts_exact=bool(cuts_exact), diffpar_refuses=refused or "no", ranks=ranks)
 
 
 # -- 3. VAE split math ---------------------------------------------------------------------------------------
@@ -307,6 +387,8 @@ def main(argv=None) -> int:
         print(f"device: cpu, torch {torch.__version__}", flush=True)
     started = time.perf_counter()
     for check in (lambda: check_ring_op(device, args.small), lambda: check_tp_mlp(device, args.small),
+                  lambda: check_quantized_tp(device, args.small, "float8"),
+                  lambda: check_quantized_tp(device, args.small, "int8"),
                   lambda: check_vae_split_math(device, args.small), lambda: check_placement(device),
                   lambda: baseline_transformer(device, args.small), lambda: baseline_vae(device, args.small)):
         try:

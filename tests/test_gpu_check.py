@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py runs here in its CPU mode (`--cpu --small`), so the command a lent GPU runs is known to
 work before device time is spent on it. A subprocess: the check starts its own 1-rank gloo group, which must not
 live in the process that forks the test pool."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -21,3 +22,11 @@ def test_gpu_check_cpu_small_mode():
                      "host_syncs_per_step"):
         assert expected in names, names
     assert any(n.startswith("baseline_flux_step") for n in names) and any(n.startswith("baseline_vae") for n in names)
+    # Quantized shards (torchao float8 weight-only runs on CPU too): checked where torchao is importable, a SKIP
+    # line otherwise (the check imports it lazily; the subprocess sees this process's PYTHONPATH).
+    for name in ("float8_tp_shards", "int8_tp_shards"):
+        result = summary["results"][name]
+        if importlib.util.find_spec("torchao") is None:
+            assert result["ok"] is None and "SKIP" in result["skip"], result
+        else:
+            assert result["ok"] is True and result["cuts_exact"] is True, result

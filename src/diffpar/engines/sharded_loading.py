@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from diffpar.compat.quantized_tensors import is_plain, layout_name
 from diffpar.engines.tp_shard import CHANNELS, COLUMN, HEAD_TABLE, ROW, ShardPlan
 from diffpar.errors import DiffparError, UnsupportedError
 
@@ -196,6 +197,16 @@ def plan_loading(name: str, module: nn.Module, path: str, shard_plan: ShardPlan 
             f"{module.get_parameter(on_device[0]).device}); sharded loading fills a module built on the meta device "
             "(`with torch.device('meta'): Model.from_config(config)` or accelerate's init_empty_weights()). Build it "
             f"that way, or drop {name!r} from weights_from."
+        )
+    quantized = [n for n, p in module.named_parameters() if not is_plain(p)]
+    if quantized:
+        # The files hold plain weights read into plain shards: a quantized layout would be silently replaced by them.
+        raise UnsupportedError(
+            f"weights_from[{name!r}]: {type(module).__name__}.{quantized[0]} is a quantized weight "
+            f"({layout_name(module.get_parameter(quantized[0]))}); sharded loading reads plain weights from "
+            "safetensors files and does not quantize them. Load the quantized model whole on each rank and use "
+            f"tp_size without weights_from (torchao int8 / float8 per-row weights are split as they are), or drop "
+            f"{name!r} from weights_from."
         )
     files = safetensors_files(os.fspath(path), name)
     index = tensor_index(files, name)

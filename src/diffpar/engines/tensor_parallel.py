@@ -32,6 +32,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from diffpar.compat.quantized_tensors import (
+    is_plain,
+    layout_name,
+    loader_quantization,
+    map_along,
+    meta_placeholder,
+    refusal as quantized_refusal,
+)
 from diffpar.engines.sharded_loading import loaded_later
 from diffpar.engines.tensor_parallel_linear import (
     ChannelParallelConv2d,
@@ -103,32 +111,43 @@ def _output_slicer(spec: OutputSlice, rank: int):
     return hook
 
 
+def _gather_full(local: torch.Tensor, dim: int, ranges, full_size: int, group) -> torch.Tensor:
+    """`gather_full` of a plain or a known quantized weight (its data and per-row scales gathered, the rest taken
+    whole from this rank): bit for bit the tensor the shards were cut from."""
+    return map_along(local, dim, lambda t, d: gather_full(t, d, ranges, full_size, group), new_size=full_size)
+
+
+def _as_parameter(full: torch.Tensor, placeholder: torch.Tensor) -> nn.Parameter:
+    if full.dtype != placeholder.dtype:
+        full = full.to(placeholder.dtype)
+    return nn.Parameter(full, requires_grad=placeholder.requires_grad)
+
+
 def _gather_back(original: nn.Module, new: nn.Module, spec, group) -> None:
     """Put the full parameters back into `original` (released at commit), gathered from every rank's shard."""
     with torch.no_grad():
         if isinstance(spec, ParameterShard):  # the sliced parameters live on the wrapper's inner copy
             for name, dim, ranges in spec.params:
                 placeholder = getattr(original, name)
-                full = gather_full(getattr(new.inner, name).detach(), dim, ranges, placeholder.shape[dim], group)
-                setattr(original, name, nn.Parameter(full.to(placeholder.dtype),
-                                                     requires_grad=placeholder.requires_grad))
+                full = _gather_full(getattr(new.inner, name).detach(), dim, ranges, placeholder.shape[dim], group)
+                setattr(original, name, _as_parameter(full, placeholder))
             return
         for key, local in new.named_parameters(recurse=False):
             placeholder = getattr(original, key)
             if isinstance(spec, NormShard):
-                full = gather_full(local.detach(), 0, spec.ranges, spec.width, group)
+                full = _gather_full(local.detach(), 0, spec.ranges, spec.width, group)
             elif spec.kind == ROW and key == "bias":
                 full = local.detach().clone()  # whole on every rank
             else:
                 dim = 0 if spec.kind in (COLUMN, CHANNELS) else 1
-                full = gather_full(local.detach(), dim, spec.ranges, placeholder.shape[dim], group)
-            setattr(original, key, nn.Parameter(full.to(placeholder.dtype), requires_grad=placeholder.requires_grad))
+                full = _gather_full(local.detach(), dim, spec.ranges, placeholder.shape[dim], group)
+            setattr(original, key, _as_parameter(full, placeholder))
 
 
 def _release_weights(original: nn.Module) -> None:
     """Drop `original`'s own parameters (meta placeholders keep shape, dtype and requires_grad for detach)."""
     for key, p in list(original.named_parameters(recurse=False)):
-        setattr(original, key, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad))
+        setattr(original, key, nn.Parameter(meta_placeholder(p), requires_grad=p.requires_grad))
 
 
 def shard_module(module: nn.Module, plan: ShardPlan, group, handle, label: str, *, detach: str,
@@ -222,10 +241,17 @@ def check_tensor_parallel(model: nn.Module, plan: ShardPlan, config=None) -> Non
             f"tp_size={tp_degree} on {type(model).__name__}: some weights are on the meta device (offloaded or not "
             "loaded). Load the model fully onto this rank's device before enabling tensor parallelism."
         )
-    if any(hasattr(m, "_hf_hook") for m in model.modules()) or getattr(model, "is_quantized", False):
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):
         raise UnsupportedError(
-            f"tp_size={tp_degree} on {type(model).__name__}: the model is offloaded (accelerate hooks) or quantized; "
-            "its weights cannot be sliced per rank. Load it unquantized and without offloading."
+            f"tp_size={tp_degree} on {type(model).__name__}: the model is offloaded (accelerate hooks); its weights "
+            "cannot be sliced per rank. Load it without offloading."
+        )
+    method = loader_quantization(model)
+    if method is not None and method != "torchao":  # torchao: its weight layouts are checked layer by layer below
+        raise UnsupportedError(
+            f"tp_size={tp_degree} on {type(model).__name__}: the model was loaded quantized with {method!r}; its "
+            "weights cannot be sliced per rank. Load it unquantized, or quantized with torchao int8 weight-only or "
+            "float8 (TorchAoConfig), whose weights diffpar splits as they are."
         )
     for shard in plan.layers:
         layer = model.get_submodule(shard.path)
@@ -237,19 +263,32 @@ def check_tensor_parallel(model: nn.Module, plan: ShardPlan, config=None) -> Non
                 raise UnsupportedError(f"tp_size={tp_degree} on {type(model).__name__}: {shard.path} is an "
                                        "Embedding with max_norm; diffpar cannot split it by columns.")
             continue
-        if not isinstance(layer, nn.Linear) or type(layer.weight.data) is not torch.Tensor:
+        if not isinstance(layer, nn.Linear):
+            weight = getattr(layer, "weight", None)
+            quantized = (f" with a quantized weight ({layout_name(weight)}: diffpar splits quantized weights of "
+                         "Linear layers only)" if isinstance(weight, torch.Tensor) and not is_plain(weight) else "")
             raise UnsupportedError(
-                f"tp_size={tp_degree} on {type(model).__name__}: {shard.path} is a {type(layer).__name__}, not a "
-                "plain torch.nn.Linear (LoRA adapters or quantized layers?); diffpar can only split plain layers. "
-                "Fuse or unload adapters and load the model unquantized."
+                f"tp_size={tp_degree} on {type(model).__name__}: {shard.path} is a {type(layer).__name__}{quantized}, "
+                "not a torch.nn.Linear (LoRA adapters?); diffpar can only split plain layers. Fuse or unload adapters."
+            )
+        # Plain weights, or quantized ones of a layout diffpar cuts exactly (torchao int8 / float8 per-row).
+        reason = quantized_refusal(layer.weight, 0 if shard.kind == COLUMN else 1)
+        if reason is None and layer.bias is not None and type(layer.bias.data) is not torch.Tensor:
+            reason = f"its bias is a {type(layer.bias.data).__name__}, not a plain tensor"
+        if reason is not None:
+            raise UnsupportedError(
+                f"tp_size={tp_degree} on {type(model).__name__}: {shard.path} cannot be split ({reason}). Load the "
+                "model unquantized, or quantize it with torchao int8 weight-only (Int8WeightOnlyConfig) or float8."
             )
     for spec in plan.parameters:
         owner = model.get_submodule(spec.path)
-        if any(type(getattr(owner, name).data) is not torch.Tensor for name, _, _ in spec.params):
-            raise UnsupportedError(
-                f"tp_size={tp_degree} on {type(model).__name__}: the parameters of {spec.path} are not plain "
-                "tensors (quantized?); diffpar can only slice plain weights. Load the model unquantized."
-            )
+        for name, dim, _ in spec.params:
+            reason = quantized_refusal(getattr(owner, name), dim)
+            if reason is not None:
+                raise UnsupportedError(
+                    f"tp_size={tp_degree} on {type(model).__name__}: the parameter {spec.path}.{name} cannot be "
+                    f"sliced ({reason}). Load the model unquantized."
+                )
     if config is not None:
         check_hybrid(model, plan, config)
 

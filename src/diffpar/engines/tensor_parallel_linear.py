@@ -19,20 +19,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from diffpar.compat.quantized_tensors import cut_ranges
 from diffpar.engines.tp_shard import Range, total as _total
 
 
 def _slice_rows(weight: torch.Tensor, ranges: Sequence[Range]) -> torch.Tensor:
-    parts = [weight[a:b] for a, b in ranges]
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-    # A contiguous copy of its own storage, so the full tensor can be freed.
-    return out.clone(memory_format=torch.contiguous_format)
+    # A contiguous copy of its own storage, so the full tensor can be freed; quantized weights (known torchao
+    # layouts) are cut through their data and scales, never re-quantized (compat/quantized_tensors.py).
+    return cut_ranges(weight, 0, ranges)
 
 
 def _slice_cols(weight: torch.Tensor, ranges: Sequence[Range]) -> torch.Tensor:
-    parts = [weight[:, a:b] for a, b in ranges]
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    return out.clone(memory_format=torch.contiguous_format)
+    return cut_ranges(weight, 1, ranges)
 
 
 # -- collectives -----------------------------------------------------------------------------------------------
@@ -322,9 +320,8 @@ class ReducedOutputModule(nn.Module):
         with torch.no_grad():
             for name, dim, ranges in params:
                 full = getattr(module, name)
-                parts = [full.narrow(dim, a, b - a) for a, b in ranges[rank]]
-                piece = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)).clone()
-                inner._parameters[name] = nn.Parameter(piece, requires_grad=full.requires_grad)
+                inner._parameters[name] = nn.Parameter(cut_ranges(full.data, dim, ranges[rank]),
+                                                       requires_grad=full.requires_grad)
         return cls(inner, group)
 
     def forward(self, *args, **kwargs):
@@ -337,10 +334,17 @@ class ReducedOutputModule(nn.Module):
         return f"output all-reduced; {', '.join(f'{n}={tuple(p.shape)}' for n, p in self.inner._parameters.items())}"
 
 
+_GATHERABLE = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+               torch.int8, torch.uint8, torch.bool)
+
+
 def gather_full(local: torch.Tensor, dim: int, all_ranges: Sequence[Sequence[Range]], full_size: int,
                 group) -> torch.Tensor:
     """The full tensor back from every rank's `local` piece along `dim` (a collective over `group`): rank r's
     piece holds the features `all_ranges[r]`, concatenated. Bit for bit the tensor the pieces were cut from."""
+    if local.dtype not in _GATHERABLE and local.element_size() == 1:
+        # float8 data of a quantized weight: gloo has no float8 type; moving bytes, not values, is exact anyway
+        return gather_full(local.view(torch.uint8), dim, all_ranges, full_size, group).view(local.dtype)
     sizes = [_total(r) for r in all_ranges]
     width = max(sizes)
     piece = local.movedim(dim, 0).contiguous()

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from diffpar.compat.quantized_tensors import is_plain, refusal as quantized_refusal
 from diffpar.errors import DiffparError, UnsupportedError
 from diffpar.engines.sharded_loading import loaded_later
 from diffpar.engines.tensor_parallel import shard_module
@@ -200,9 +201,10 @@ def _check_layer(encoder: nn.Module, path: str, layer: nn.Module, style: str) ->
         hint = " (LoRA/PEFT adapters: fuse them first, e.g. pipe.fuse_lora())" if "lora" in type(layer).__name__.lower() else ""
         raise UnsupportedError(
             f"{label} is a {type(layer).__name__}, not a plain torch.nn.{wanted.__name__}{hint}: diffpar can only "
-            "split plain layers exactly (quantized or wrapped layers keep their own weight formats). Remove this "
+            "split plain layers exactly (wrapped layers keep their own weight formats). Remove this "
             "encoder from extra_parallel_modules, or load it unquantized."
         )
+    split_dim = 1 if style in (ROWWISE, ROWWISE_SPLIT_INPUT, HEAD_TABLE) else 0
     for pname, p in layer.named_parameters(recurse=False):
         if p.device.type == "meta" and not loaded_later(encoder):  # weights_from reads its shards later
             raise UnsupportedError(
@@ -210,7 +212,12 @@ def _check_layer(encoder: nn.Module, path: str, layer: nn.Module, style: str) ->
                 "device_map): diffpar needs the real weights to split them. Load the encoder fully, or remove it "
                 "from extra_parallel_modules."
             )
-        if type(p.data) is not torch.Tensor or not p.is_floating_point():
+        # The weight may be quantized in a layout diffpar cuts exactly (torchao int8 / float8 per row).
+        reason = quantized_refusal(p, split_dim) if pname == "weight" else None
+        if reason is not None:
+            raise UnsupportedError(f"{label} cannot be split: {reason}. Remove this encoder from "
+                                   "extra_parallel_modules, or load it unquantized.")
+        if is_plain(p) and not p.is_floating_point() or not is_plain(p) and pname != "weight":
             raise UnsupportedError(
                 f"{label}.{pname} is a {type(p.data).__name__} of {p.dtype}, not a plain floating-point tensor "
                 "(quantized?): diffpar can only split plain weights. Remove this encoder from extra_parallel_modules."
