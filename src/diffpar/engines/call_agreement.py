@@ -2,8 +2,10 @@
 
 Ranks that call a parallel pipeline differently (another size, step count, prompt, guidance scale, number of
 images) either hang in a collective, abort inside gloo, or silently blend their inputs into one image. So each
-call starts with one small exchange (`mesh.agree`: one all-reduce of 3 integers; the descriptions themselves are
-exchanged only when they differ) of a plain description of its arguments; a mismatch is a `RankMismatchError` on every rank naming the argument and each rank's value.
+call starts with one small exchange (`mesh.agree`: one all-gather of a few integers per rank: a fingerprint of a
+plain description of its arguments, and a digest of its random streams; the descriptions themselves are exchanged
+only when they differ, the random states only when the digests differ); a mismatch is a `RankMismatchError` on
+every rank naming the argument and each rank's value.
 
 What is compared, per argument (`describe_value`):
 - tensors: shape, dtype and a checksum of every element (float64 sum, sum of squares, position-weighted sum, read
@@ -12,7 +14,7 @@ What is compared, per argument (`describe_value`):
 - strings: the text (shortened) and its hash; lists and tuples element by element; dicts by key;
 - numbers, booleans, None: the value; PIL images and numpy arrays: size and a hash of their bytes;
 - generators: by device only (each rank may seed its own: at the start of every call each generator, and torch's
-  global random state, get rank 0's state, so every draw in the call agrees);
+  global random state, get rank 0's state when their digests differ, so every draw in the call agrees);
 - anything else callable: that it is there.
 `verify_weights=True` adds a checksum of every watched module's weights to each call's description, for users who
 change weights after enabling (a LoRA loaded or scaled on one rank only).
@@ -178,7 +180,11 @@ def fill_checksums(checksums: list) -> None:
 
 class CallChecker:
     """The per-call agreement of one enabled pipeline or model: what to call it in errors, the group, which
-    modules' weights to checksum on every call (`verify_weights`)."""
+    modules' weights to checksum on every call (`verify_weights`), and the call's random streams.
+
+    One exchange per call in the common case: the arguments' fingerprint and the random streams' digest travel in
+    the same all-gather (`mesh.agree`'s `values`); the streams themselves are broadcast only when the digests
+    differ (each rank seeded its own generator), and the arguments' descriptions only when fingerprints differ."""
 
     def __init__(self, label: str, group=None, weight_modules: dict | None = None, timeout_s: float | None = None,
                  check_arguments: bool = True):
@@ -187,18 +193,30 @@ class CallChecker:
         self.weight_modules = weight_modules or {}
         self.timeout_s = timeout_s
         self.agree_in_call = True  # pipelines agree in the `__call__` wrapper; bare models in a forward pre-hook
-        self.check_arguments = check_arguments  # False: check_every_call=False, only `before_call` runs
-        # Steps run on every rank at the start of each pipeline call, after the agreement (which makes sure the
-        # ranks call alike before any of these exchanges data): `step(wrapped, args, kwargs)`.
-        self.before_call: list = []
-        self.calls = 0  # how many calls were agreed (tests and the benchmark count them)
+        self.check_arguments = check_arguments  # False: check_every_call=False, only the random streams are agreed
+        # `random_streams(wrapped, args, kwargs)` -> this call's random streams on this rank, an object with
+        # `values` (the integers the exchange carries), `after_agreement(table)` (every rank's values: raises on
+        # every rank alike when they cannot be reconciled) and `synchronize()` (run just before the call: the
+        # broadcast, only when the values differed); None: nothing random to agree (bare models,
+        # broadcast_latents=False).
+        self.random_streams = None
+        self.calls = 0  # how many calls had their arguments agreed (tests and the benchmark count them)
 
-    def agree(self, description: dict) -> None:
-        what = {"arguments": description}
-        if self.weight_modules:
-            what["weights"] = {n: weights_checksum(m) for n, m in self.weight_modules.items()}
-        mesh_lib.agree(f"diffpar: a call of {self.label}", what, None, self.group, timeout_s=self.timeout_s)
-        self.calls += 1
+    def agree(self, description: dict | None, streams=None) -> None:
+        """The call's one exchange: the arguments' `description` (None: not checked) and `streams`' values."""
+        if description is None and streams is None:
+            return
+        what = {}
+        if description is not None:
+            what["arguments"] = description
+            if self.weight_modules:
+                what["weights"] = {n: weights_checksum(m) for n, m in self.weight_modules.items()}
+        table = mesh_lib.agree(f"diffpar: a call of {self.label}", what, None, self.group, timeout_s=self.timeout_s,
+                               values=tuple(streams.values) if streams is not None else ())
+        if description is not None:
+            self.calls += 1
+        if streams is not None:
+            streams.after_agreement(table)
 
 
 # -- the call itself: `pipe(...)` and `model(...)` look `__call__` up on the class, so the class is patched, shared
@@ -262,11 +280,14 @@ def _call_wrapper(wrapped, instance, args, kwargs):
     checker = vars(instance).get(_CHECKER_ATTR) if instance is not None and hasattr(instance, "__dict__") else None
     if checker is None:
         return wrapped(*args, **kwargs)
-    if checker.agree_in_call and checker.check_arguments:
-        checker.agree(describe_call(wrapped, args, kwargs))  # `wrapped` is the bound method: no `self`
+    streams = None
+    if checker.agree_in_call:
+        # Outside the `try` below: the agreement's own errors (a timeout, a mismatch) already say what happened.
+        streams = checker.random_streams(wrapped, args, kwargs) if checker.random_streams is not None else None
+        checker.agree(describe_call(wrapped, args, kwargs) if checker.check_arguments else None, streams)
     try:
-        for step in checker.before_call:
-            step(wrapped, args, kwargs)
+        if streams is not None:
+            streams.synchronize()  # rank 0's random states where they differ (a broadcast, only then)
         return wrapped(*args, **kwargs)
     except RuntimeError as exc:
         clear = collective_failure(exc, checker.label, checker.timeout_s)
