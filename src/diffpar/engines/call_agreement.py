@@ -139,32 +139,84 @@ def _signature(fn) -> inspect.Signature | None:
         return None
 
 
+@functools.lru_cache(maxsize=256)
+def _parameters(fn) -> tuple[tuple[str, ...], frozenset, bool] | None:
+    """(names that take positional arguments, in order; every name a keyword may bind; whether extra keywords go to
+    a `**kwargs`) of `fn`, or None when it has `*args` or no readable signature (then `Signature.bind_partial`)."""
+    sig = _signature(fn)
+    if sig is None:
+        return None
+    positional, named, var_keyword = [], set(), False
+    for name, p in sig.parameters.items():
+        if p.kind == inspect.Parameter.VAR_POSITIONAL:
+            return None
+        if p.kind == inspect.Parameter.VAR_KEYWORD:
+            var_keyword = True
+            continue
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            positional.append(name)
+        if p.kind != inspect.Parameter.POSITIONAL_ONLY:
+            named.add(name)
+    return tuple(positional), frozenset(named), var_keyword
+
+
+def _bound_arguments(fn, args: tuple, kwargs: dict) -> list[tuple[str, object]] | None:
+    """The call's arguments by name, as `Signature.bind_partial` would give them (its `**kwargs` spread out), in a
+    fraction of its time (it was half of describing a call: profiled in benchmarks/bench_call_agreement.py); None
+    for a call it would refuse or a signature this does not cover."""
+    parameters = _parameters(fn)
+    if parameters is None:
+        return None
+    positional, named, var_keyword = parameters
+    if len(args) > len(positional):
+        return None
+    items = list(zip(positional, args))
+    taken = positional[:len(args)]
+    for name in kwargs:
+        if name in taken or (name not in named and not var_keyword):
+            return None  # bound twice, or unknown: let bind_partial decide
+    items.extend(kwargs.items())
+    return items
+
+
 def describe_call(fn, args: tuple, kwargs: dict, *, skip_first: bool = False) -> dict:
     """Arguments of a call of `fn`, bound to their names, each described by `describe_value`."""
-    sig = _signature(getattr(fn, "__func__", fn))  # a bound method's function: the same object on every call
+    function = getattr(fn, "__func__", fn)  # a bound method's function: the same object on every call
     if getattr(fn, "__self__", None) is not None:
         skip_first = True  # the cached signature is the function's, with `self`
         args = (None, *args)
     elif skip_first:
         args = (None, *args)
-    items, kinds = None, {}
-    if sig is not None:
-        try:
-            items = list(sig.bind_partial(*args, **kwargs).arguments.items())[1 if skip_first else 0:]
-            kinds = {name: p.kind for name, p in sig.parameters.items()}
-        except TypeError:
-            items = None
-    if items is None:
-        plain = args[1:] if skip_first else args
-        items = [(f"arg{i}", a) for i, a in enumerate(plain)] + list(kwargs.items())
+    items = _bound_arguments(function, args, kwargs)
+    if items is not None:
+        items = items[1:] if skip_first and args else items
+    else:
+        items = _bind_slowly(function, args, kwargs, skip_first)
     out, checksums = {}, []
     for name, value in items:
-        if kinds.get(name) == inspect.Parameter.VAR_KEYWORD and isinstance(value, dict):
-            out.update({k: describe_value(v, k, checksums) for k, v in value.items()})
-        else:
-            out[name] = describe_value(value, name, checksums)
+        out[name] = describe_value(value, name, checksums)
     fill_checksums(checksums)
     return out
+
+
+def _bind_slowly(function, args: tuple, kwargs: dict, skip_first: bool) -> list[tuple[str, object]]:
+    sig = _signature(function)
+    if sig is not None:
+        try:
+            bound = list(sig.bind_partial(*args, **kwargs).arguments.items())[1 if skip_first else 0:]
+        except TypeError:
+            bound = None
+        if bound is not None:
+            kinds = {name: p.kind for name, p in sig.parameters.items()}
+            items = []
+            for name, value in bound:
+                if kinds.get(name) == inspect.Parameter.VAR_KEYWORD and isinstance(value, dict):
+                    items.extend(value.items())
+                else:
+                    items.append((name, value))
+            return items
+    plain = args[1:] if skip_first else args
+    return [(f"arg{i}", a) for i, a in enumerate(plain)] + list(kwargs.items())
 
 
 def fill_checksums(checksums: list) -> None:
