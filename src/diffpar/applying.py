@@ -67,6 +67,7 @@ def apply_plan(target, plan: ParallelPlan, config, handle: ParallelHandle) -> No
             handle.states["cache"] = apply_cache(component, handle, None)
         return
 
+    mesh_lib.track_handle(handle)  # its engines' state is dropped at exit, before the process groups are freed
     # 1. Setup: collectives only.
     cfg_plans = plan.by_role("cfg")
     cfg_degree = layout.dp if any(c.payload.dim == "cfg" for c in cfg_plans) else 1
