@@ -39,23 +39,24 @@ APPLY_STEPS = ("cache", "context parallel", "tensor parallel", "cfg parallel", "
                "call agreement")
 
 
-def model_group(mesh, layout):
+def model_group(mesh, layout, world=None):
     """The process group of the ranks that hold one copy of the denoiser, or None when each process holds a
-    whole copy. Creating a sub-group is a collective: call it during setup, on every rank."""
+    whole copy. Creating a sub-group is a collective: call it during setup, on every rank. `world`: the whole world
+    as a group whose waits end after timeout_s (`mesh.world_group`); default: the default group."""
     if layout is None or layout.model_degree == 1:
         return None
     if layout.dp == 1:
-        return dist.group.WORLD
+        return world if world is not None else dist.group.WORLD
     # Several model copies (dp > 1): agree within this copy only; other copies decide for their own inputs.
     return mesh["ring", "ulysses", "tp"]._flatten().get_group()
 
 
-def cache_decision_group(mesh, layout, cfg_plans):
+def cache_decision_group(mesh, layout, cfg_plans, world=None):
     """Where a cache's skip decision is agreed: the model copy, or the whole world when the batch of each forward
     is split over the cfg/dp groups (planning.cache_group_size says why). A collective: setup only."""
     if any(c.payload.mode == "batched" for c in cfg_plans):
-        return dist.group.WORLD
-    return model_group(mesh, layout)
+        return world if world is not None else dist.group.WORLD
+    return model_group(mesh, layout, world)
 
 
 def apply_plan(target, plan: ParallelPlan, config, handle: ParallelHandle) -> None:
@@ -73,7 +74,9 @@ def apply_plan(target, plan: ParallelPlan, config, handle: ParallelHandle) -> No
     cfg_degree = layout.dp if any(c.payload.dim == "cfg" for c in cfg_plans) else 1
     dims = mesh_lib.ParallelDims(layout.world_size, layout.ulysses, layout.ring, layout.tp, cfg_degree)
     world_mesh = dims.build(config.timeout_s)  # every group of the mesh carries timeout_s
-    cache_group = cache_decision_group(world_mesh, layout, cfg_plans) if cache_plans else None
+    # On a whole-world group carrying timeout_s: the user may have started the default group with torch's 30 min.
+    cache_group = (cache_decision_group(world_mesh, layout, cfg_plans, mesh_lib.world_group(config.timeout_s))
+                   if cache_plans else None)
     outer_group = world_mesh[dims.outer_name].get_group() if cfg_plans else None
     handle.states["mesh"] = world_mesh
     if layout.dp > 1 and not cfg_plans:
