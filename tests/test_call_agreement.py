@@ -54,6 +54,23 @@ def test_random_states_are_rank_0s_without_the_argument_check(ranks):
         assert r["global_states_equal"], r  # ranks > 0 continue from rank 0's global random state
 
 
+@pytest.mark.parametrize("check_every_call", [True, False])
+@pytest.mark.parametrize("seed_per_rank,expected", [
+    (False, {"all_gather": 1}),  # equal random states: the one exchange only
+    (True, {"all_gather": 1, "broadcast": 1}),  # each rank's own generator seed: rank 0's states broadcast once
+])
+def test_one_exchange_per_call(ranks, check_every_call, seed_per_rank, expected):
+    """A call's agreement (arguments' fingerprint and random streams' digest) is one all-gather; the random states
+    travel only when they differ. Counted from the call's start to its first line (the pipeline's check_inputs)."""
+    results = ranks(2, "workers.calls:exchanges_before_the_call", timeout=120, check_every_call=check_every_call,
+                    seed_per_rank=seed_per_rank)
+    assert_split(results, {"ulysses_size": 2})
+    for r in results:
+        assert r["before_call"] == expected, r
+        assert r["diff"] <= CP_FP32, r  # rank 0's image on every rank, broadcast or not
+        assert r["calls_agreed"] == (2 if check_every_call else 0), r
+
+
 def test_generators_differing_in_number_are_a_clear_error_without_the_argument_check(ranks):
     for r in ranks(2, "workers.calls:random_states_without_argument_check", mismatch=True, timeout=120):
         assert r["error"] == "DiffparError", r

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 
@@ -38,23 +39,24 @@ APPLY_STEPS = ("cache", "context parallel", "tensor parallel", "cfg parallel", "
                "call agreement")
 
 
-def model_group(mesh, layout):
+def model_group(mesh, layout, world=None):
     """The process group of the ranks that hold one copy of the denoiser, or None when each process holds a
-    whole copy. Creating a sub-group is a collective: call it during setup, on every rank."""
+    whole copy. Creating a sub-group is a collective: call it during setup, on every rank. `world`: the whole world
+    as a group whose waits end after timeout_s (`mesh.world_group`); default: the default group."""
     if layout is None or layout.model_degree == 1:
         return None
     if layout.dp == 1:
-        return dist.group.WORLD
+        return world if world is not None else dist.group.WORLD
     # Several model copies (dp > 1): agree within this copy only; other copies decide for their own inputs.
     return mesh["ring", "ulysses", "tp"]._flatten().get_group()
 
 
-def cache_decision_group(mesh, layout, cfg_plans):
+def cache_decision_group(mesh, layout, cfg_plans, world=None):
     """Where a cache's skip decision is agreed: the model copy, or the whole world when the batch of each forward
     is split over the cfg/dp groups (planning.cache_group_size says why). A collective: setup only."""
     if any(c.payload.mode == "batched" for c in cfg_plans):
-        return dist.group.WORLD
-    return model_group(mesh, layout)
+        return world if world is not None else dist.group.WORLD
+    return model_group(mesh, layout, world)
 
 
 def apply_plan(target, plan: ParallelPlan, config, handle: ParallelHandle) -> None:
@@ -66,12 +68,15 @@ def apply_plan(target, plan: ParallelPlan, config, handle: ParallelHandle) -> No
             handle.states["cache"] = apply_cache(component, handle, None)
         return
 
+    mesh_lib.track_handle(handle)  # its engines' state is dropped at exit, before the process groups are freed
     # 1. Setup: collectives only.
     cfg_plans = plan.by_role("cfg")
     cfg_degree = layout.dp if any(c.payload.dim == "cfg" for c in cfg_plans) else 1
     dims = mesh_lib.ParallelDims(layout.world_size, layout.ulysses, layout.ring, layout.tp, cfg_degree)
     world_mesh = dims.build(config.timeout_s)  # every group of the mesh carries timeout_s
-    cache_group = cache_decision_group(world_mesh, layout, cfg_plans) if cache_plans else None
+    # On a whole-world group carrying timeout_s: the user may have started the default group with torch's 30 min.
+    cache_group = (cache_decision_group(world_mesh, layout, cfg_plans, mesh_lib.world_group(config.timeout_s))
+                   if cache_plans else None)
     outer_group = world_mesh[dims.outer_name].get_group() if cfg_plans else None
     handle.states["mesh"] = world_mesh
     if layout.dp > 1 and not cfg_plans:
@@ -153,8 +158,7 @@ def attach_call_checker(target, plan: ParallelPlan, config, handle) -> None:
     checker = CallChecker(label, None, weights, config.timeout_s, check_arguments=config.check_every_call)
     if is_pipeline(target):
         if config.broadcast_latents:  # every random draw of the call agrees across ranks
-            checker.before_call.append(random_state_step(target, mesh_lib.world_group(config.timeout_s),
-                                                         sizes_agreed=config.check_every_call))
+            checker.random_streams = random_state_step(target, mesh_lib.world_group(config.timeout_s))
         attach_pipeline_checker(target, checker, handle)
     else:
         attach_model_checker(target, checker, handle)
@@ -195,27 +199,26 @@ def _random_states(generators: list[torch.Generator], with_cuda: bool) -> list[t
     return streams
 
 
-def broadcast_random_states(generators: list[torch.Generator], group=None, *, sizes_agreed: bool = True) -> None:
+def _streams_device(group) -> torch.device | None:
+    """Where the random states travel: NCCL moves device tensors only; None: on the CPU."""
+    if "nccl" in str(dist.get_backend(group)).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def broadcast_random_states(generators: list[torch.Generator], group=None) -> None:
     """Give every rank rank 0's state of each random stream (`_random_states`), in ONE broadcast: every later draw
     in the call agrees, wherever the pipeline draws (prepare_latents, noise drawn inline, a posterior sample with or
     without a generator). The other ranks' own streams are overwritten (documented: the global random state of
-    ranks > 0 follows rank 0's from the first parallel call on). `sizes_agreed`: the call's arguments (the
-    generators' number and devices) were agreed first; otherwise the total size is broadcast first, so a mismatch
-    is a clear error on every rank rather than a collective of mismatched sizes."""
-    device = None
-    if "nccl" in str(dist.get_backend(group)).lower():  # NCCL moves device tensors only
-        device = torch.device("cuda", torch.cuda.current_device())
+    ranks > 0 follows rank 0's from the first parallel call on). Every rank must pass generators of the same number
+    and devices (the call's agreement checks it first)."""
+    device = _streams_device(group)
     streams = _random_states(generators, with_cuda=device is not None)
+    _broadcast_streams(streams, group, device)
+
+
+def _broadcast_streams(streams: list[tuple], group, device) -> None:
     flat = torch.cat([state.reshape(-1) for state, _ in streams])
-    if not sizes_agreed:  # the largest and the smallest size, on every rank: all see a mismatch alike
-        sizes = torch.tensor([flat.numel(), -flat.numel()], dtype=torch.int64, device=device)
-        dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
-        if int(sizes[0]) != -int(sizes[1]):
-            raise DiffparError(
-                f"diffpar: a pipeline call passed {len(generators)} generator(s) on rank {dist.get_rank()}, and "
-                "another rank passed another number (or generators on another device): every rank must pass the "
-                "same generators (each may seed its own; diffpar gives them rank 0's state)."
-            )
     buf = flat if device is None else flat.to(device)
     dist.broadcast(buf, src=0, group=group)
     if dist.get_rank() != 0:
@@ -226,23 +229,63 @@ def broadcast_random_states(generators: list[torch.Generator], group=None, *, si
             offset += state.numel()
 
 
-def random_state_step(pipe, group=None, *, sizes_agreed: bool = True):
-    """The step run at the start of every call of `pipe` (engines.call_agreement's `before_call`): rank 0's random
-    states on every rank; `latents` passed to a pipeline without `prepare_latents` (whose broadcast covers them
-    otherwise) are broadcast from rank 0 too."""
+def streams_digest(states: list[torch.Tensor]) -> int:
+    """62 bits of a hash of the random states' bytes (equal states, equal digest, on every rank): about 5 KB, one
+    blake2b over them costs a few microseconds, against a broadcast's round trip (~0.15 ms on gloo)."""
+    h = hashlib.blake2b(digest_size=8)
+    for state in states:
+        h.update(state.contiguous().view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") >> 2
+
+
+class CallRandomStreams:
+    """The random streams one pipeline call may draw from, on this rank (`_random_states`), and what the call's
+    agreement carries about them: their total size and a digest. Equal digests on every rank (the common case:
+    the same seed everywhere, and the global states equal since the first call) need no broadcast at all; else
+    rank 0's states are broadcast, the sizes being known equal from the same exchange."""
+
+    def __init__(self, generators: list[torch.Generator], group, latents: torch.Tensor | None):
+        self.group = group
+        self.device = _streams_device(group)
+        self.generators = generators
+        self.streams = _random_states(generators, with_cuda=self.device is not None)
+        states = [state for state, _ in self.streams]
+        self.values = (sum(s.numel() for s in states), streams_digest(states))
+        self.latents = latents  # passed to a pipeline without prepare_latents: broadcast with the call
+        self.differ = True
+
+    def after_agreement(self, table: list[tuple[int, ...]]) -> None:
+        """Every rank's (size, digest), the same table on every rank: every rank raises, or none does."""
+        if len({row[0] for row in table}) > 1:
+            raise DiffparError(
+                f"diffpar: a pipeline call passed {len(self.generators)} generator(s) on rank {dist.get_rank()}, "
+                "and another rank passed another number (or generators on another device): every rank must pass "
+                "the same generators (each may seed its own; diffpar gives them rank 0's state)."
+            )
+        self.differ = len({row[1] for row in table}) > 1
+
+    def synchronize(self) -> None:
+        if self.differ:
+            _broadcast_streams(self.streams, self.group, self.device)
+        if self.latents is not None:
+            buf = self.latents if self.latents.is_contiguous() else self.latents.contiguous()
+            dist.broadcast(buf, src=0, group=self.group)
+            if buf is not self.latents:
+                self.latents.copy_(buf)
+
+
+def random_state_step(pipe, group=None):
+    """What the call agreement (engines.call_agreement's `random_streams`) asks at the start of every call of
+    `pipe`: the call's random streams (`CallRandomStreams`), made rank 0's on every rank; `latents` passed to a
+    pipeline without `prepare_latents` (whose broadcast covers them otherwise) are broadcast from rank 0 too."""
     inline_latents = not hasattr(pipe, "prepare_latents")
 
-    def step(wrapped, args, kwargs):
-        broadcast_random_states(_generators(_generator_argument(wrapped, args, kwargs)), group,
-                                sizes_agreed=sizes_agreed)
-        latents = kwargs.get("latents")
-        if inline_latents and isinstance(latents, torch.Tensor):
-            buf = latents if latents.is_contiguous() else latents.contiguous()
-            dist.broadcast(buf, src=0, group=group)
-            if buf is not latents:
-                latents.copy_(buf)
+    def streams(wrapped, args, kwargs) -> CallRandomStreams:
+        latents = kwargs.get("latents") if inline_latents else None
+        return CallRandomStreams(_generators(_generator_argument(wrapped, args, kwargs)), group,
+                                 latents if isinstance(latents, torch.Tensor) else None)
 
-    return step
+    return streams
 
 
 def broadcast_latents(pipe, handle: ParallelHandle, group=None) -> None:

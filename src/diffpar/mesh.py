@@ -9,12 +9,15 @@ own full copy of the transformer, while extra modules still use the whole world.
 from __future__ import annotations
 
 import atexit
+import gc
 import hashlib
 import json
 import logging
 import os
 import sys
 import traceback
+import types
+import weakref
 from datetime import timedelta
 from dataclasses import dataclass
 
@@ -87,32 +90,105 @@ def ensure_process_group(timeout_s: float | None = None) -> bool:
     return True
 
 
+# Every handle that applied a multi-rank plan in this process, while it lives (weak: a handle the user dropped is
+# not kept alive by this). At exit, `release_process_groups` drops their engines' state before freeing the groups.
+# By id: a handle is a dataclass compared by value, so not hashable.
+_LIVE_HANDLES: dict[int, weakref.ref] = {}
+
+
+def track_handle(handle) -> None:
+    """Remember `handle` (weakly) so that the exit handler can drop what its engines hold (`handle.states`)."""
+    key = id(handle)
+    _LIVE_HANDLES[key] = weakref.ref(handle, lambda _: _LIVE_HANDLES.pop(key, None))
+
+
 def release_process_groups() -> None:
-    """Destroy torch.distributed's groups, newest first (torch's order), if diffpar started them and they are
-    still there: registered with `atexit` when diffpar starts the default group. Not a collective; the other ranks
-    do the same at their exit. Every collective diffpar waits on carries `timeout_s`, so none is left pending to
-    block this.
+    """Free torch.distributed's groups, and end their gloo threads, while the interpreter is whole: registered with
+    `atexit` only when diffpar started the default group (`ensure_process_group`). A default group the user
+    started is the user's to destroy: this is never registered then, and nothing of theirs is touched. Not a
+    collective; the other ranks do the same at their exit. Every collective diffpar waits on carries `timeout_s`,
+    so none is left pending to block this.
 
-    This unregisters the groups but does not end their threads: a gloo group's worker and transport threads stop
-    only when its last reference goes, and an enabled pipeline still references its groups (sharded layers, hook
-    closures, device meshes), so they live into interpreter finalization, where teardown can still abort
-    ("terminate called without an active exception", rarely; issue 10). `end_process` avoids that teardown.
-
-    So the meshes diffpar built first forget their groups (a DeviceMesh keeps its groups in a plain dict; diffusers'
-    hooks keep the mesh): then destroying the groups frees every sub-group here, while the interpreter is whole,
-    and their threads end (measured: 18 gloo threads alive after this before, 3 now, those of the whole-world
-    group, which the engines' state still holds)."""
+    `destroy_process_group` only unregisters the groups: a gloo group's worker and transport threads end only when
+    its last reference goes, and an enabled pipeline still references its groups (device meshes in diffusers'
+    hooks, sharded layers, the VAE split's state, hook closures). Left alone they live into interpreter
+    finalization, where C++ teardown of still-running threads can abort ("terminate called without an active
+    exception", issue 10). So, in order:
+    1. the meshes diffpar built forget their groups (a DeviceMesh keeps them in a plain dict; diffusers' hooks keep
+       the mesh), which frees every sub-group;
+    2. every live handle drops its engines' runtime state (`handle.states`: the VAE split's state, the call
+       checker, the mesh);
+    3. the default group is destroyed, then whatever still references it (the Python object held by sharded
+       layers' `group` attribute and by hook closures of a pipeline the script never detached) is cut, so the
+       group's last reference goes here and its threads are joined. The process is exiting: the pipeline could
+       not run without its group anyway.
+    Measured (2 CPU ranks, tests/test_bounded_waits.py): 18 gloo threads alive at exit before step 1, 3 after it
+    (the default group's), 0 after steps 2-3."""
     for mesh in _MESH_CACHE.values():
         registry = getattr(mesh, "_pg_registry", None)  # shared by the mesh's sub-meshes and flattened meshes
         if isinstance(registry, dict):
             registry.clear()
     _MESH_CACHE.clear()
     _WORLD_GROUPS.clear()
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 (exiting anyway; a broken group must not turn a success into a failure)
-            pass
+    for ref in list(_LIVE_HANDLES.values()):
+        handle = ref()
+        if handle is not None:
+            handle.states.clear()
+    _LIVE_HANDLES.clear()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    default_group = dist.group.WORLD
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 (exiting anyway; a broken group must not turn a success into a failure)
+        return
+    _cut_references(default_group)  # the group's last reference goes: its threads are joined here
+    del default_group
+
+
+def _cut_references(obj) -> None:
+    """Replace every reference to `obj` held as an object's attribute, in a list or in a closure cell by None.
+    Only for the exit handler above: the objects holding `obj` are never used again. Compared by id, and a dict
+    only when it is some object's `__dict__`: a frame's locals snapshot may be written back to the frame (this
+    one's included)."""
+    target = id(obj)
+    # No gc.collect() (0.9 s with torch and diffusers loaded): a holder in an unreachable cycle is found and cut
+    # like any other, so the group's count still drops to zero here.
+    holders = gc.get_referrers(obj)
+    del obj
+    dicts = [h for h in holders if isinstance(h, dict)]
+    # One scan of the heap for the owners of every dict holder (not one per dict).
+    attribute_dicts = {id(_attributes(o)) for o in gc.get_referrers(*dicts)} if dicts else set()
+    for holder in holders:
+        if isinstance(holder, types.CellType):
+            if id(holder.cell_contents) == target:
+                holder.cell_contents = None
+        elif isinstance(holder, list):
+            for i, v in enumerate(holder):
+                if id(v) == target:
+                    holder[i] = None
+        elif isinstance(holder, dict):
+            if id(holder) in attribute_dicts:
+                _cut_attributes(holder, target)
+        elif not isinstance(holder, (tuple, types.FrameType)):
+            attributes = _attributes(holder)  # an object with its attributes inline (3.11+)
+            if attributes is not None:
+                _cut_attributes(attributes, target)
+    holders.clear()
+    dicts.clear()
+
+
+def _attributes(obj) -> dict | None:
+    try:
+        attributes = object.__getattribute__(obj, "__dict__")
+    except Exception:  # noqa: BLE001 (no attributes, or a descriptor that raises: not a holder to cut)
+        return None
+    return attributes if isinstance(attributes, dict) else None
+
+
+def _cut_attributes(attributes: dict, target: int) -> None:
+    for key in [k for k, v in attributes.items() if id(v) == target]:
+        attributes[key] = None
 
 
 def world_group(timeout_s: float | None = None):
@@ -294,31 +370,36 @@ def differing_fields(reference: dict, other: dict) -> list[tuple[str, object, ob
 
 
 def agree(what: str, description: dict, local_error: BaseException | None = None, group=None, *,
-          failed: str = "failed its checks", timeout_s: float | None = None) -> None:
+          failed: str = "failed its checks", timeout_s: float | None = None,
+          values: tuple[int, ...] = ()) -> list[tuple[int, ...]]:
     """One collective exchange that every rank enters, even a rank whose local checks failed.
 
-    Every rank sends a fingerprint of its description and whether it failed (one all-reduce of 3 integers); only
-    when something differs do they exchange the descriptions and errors themselves, as JSON, to say what. Then
-    every rank raises the same error, so a mistake found on one rank never leaves the others waiting in a later
-    collective. A mismatch names only the fields that differ, with each rank's value.
+    Every rank sends whether it failed, a fingerprint of its description and `values` (a few more integers the
+    caller needs from every rank in the same round trip: the per-call random-state digest) in one all-gather of a
+    few integers; only when a rank failed or the fingerprints differ do they exchange the descriptions and errors
+    themselves, as JSON, to say what. Then every rank raises the same error, so a mistake found on one rank never
+    leaves the others waiting in a later collective. A mismatch names only the fields that differ, with each
+    rank's value. Returns every rank's `values`, in rank order (the same table on every rank).
+
+    An all-gather rather than an all-reduce of [failed, h, -h]: measured on 2 gloo CPU ranks, all_gather of 4
+    int64 260-300 us against all_reduce (MAX) of 3 int64 340-390 us (benchmarks/bench_call_agreement.py).
     """
     if not dist.is_initialized():
         if local_error is not None:
             raise local_error
-        return
+        return [tuple(values)]
     carries = False
     if group is None and timeout_s is not None and timeout_s in _WORLD_GROUPS:
         group, carries = _WORLD_GROUPS[timeout_s], True  # the whole world, with collectives that end by themselves
     fp = fingerprint(description)
-    # Round 1, one all-reduce (MAX) of [failed, h, -h], h = 62 bits of the fingerprint: max(-h) is -min(h), so
-    # every rank learns whether anyone failed and whether the smallest and largest fingerprints are equal. The
-    # common case ends here. Every rank sees the same reduced values, so every rank takes the same branch below.
-    h = int(fp, 16) >> 2
-    probe = torch.tensor([int(local_error is not None), h, -h], dtype=torch.int64)
-    _wait(dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=group, async_op=True), what, timeout_s, carries)
-    failed_any, largest, minus_smallest = probe.tolist()
-    if failed_any == 0 and largest == -minus_smallest:
-        return
+    # Round 1, one all-gather of [failed, h, *values], h = 62 bits of the fingerprint. The common case ends here.
+    # Every rank sees the same table, so every rank takes the same branch below.
+    row = torch.tensor([int(local_error is not None), int(fp, 16) >> 2, *values], dtype=torch.int64)
+    rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
+    _wait(dist.all_gather(rows, row, group=group, async_op=True), what, timeout_s, carries)
+    table = torch.stack(rows).tolist()
+    if not any(r[0] for r in table) and len({r[1] for r in table}) == 1:
+        return [tuple(r[2:]) for r in table]
     # Round 2, only to explain: every rank's description and error, as JSON.
     payload = {
         "fp": fp,

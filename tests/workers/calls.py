@@ -145,3 +145,53 @@ def random_states_without_argument_check(mismatch: bool = False) -> dict:
                 "global_states_equal": all(torch.equal(g, gathered[0]) for g in gathered)}
     finally:
         handle.detach()
+
+
+_COUNTED = ("all_gather", "all_reduce", "broadcast", "all_to_all_single", "all_gather_into_tensor", "send", "recv")
+
+
+def exchanges_before_the_call(check_every_call: bool, seed_per_rank: bool) -> dict:
+    """Collectives from the start of a pipeline call to its first line (`check_inputs`): the per-call exchange.
+    Two calls: the first one agrees the global random states (each rank's own so far), the second one is counted.
+    The image must match one process (the broadcast is skipped only when the states are already equal)."""
+    reference_pipe = _pipe()
+    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
+        reference = reference_pipe(**CALL, generator=torch.Generator().manual_seed(0)).images
+    pipe = _pipe()
+    handle = _enable(pipe, check_every_call=check_every_call)
+    rank = dist.get_rank()
+    torch.manual_seed(100 + rank)  # each rank's global random state its own until the first call
+    counts: dict = {}
+    marks: list = []
+    originals = {name: getattr(dist, name) for name in _COUNTED}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    check_inputs = pipe.check_inputs
+
+    def marked_check_inputs(*args, **kwargs):
+        marks.append(dict(counts))
+        return check_inputs(*args, **kwargs)
+
+    try:
+        with torch.no_grad():
+            pipe(**CALL, generator=torch.Generator().manual_seed(rank if seed_per_rank else 0))
+        for name in _COUNTED:
+            setattr(dist, name, counting(name))
+        pipe.check_inputs = marked_check_inputs
+        try:
+            with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
+                out = pipe(**CALL, generator=torch.Generator().manual_seed(rank if seed_per_rank else 0)).images
+        finally:
+            for name, fn in originals.items():
+                setattr(dist, name, fn)
+            del pipe.check_inputs
+        return {"rank": rank, "diff": (out - reference).abs().max().item(), "before_call": marks[0],
+                "split": probe.summary(), "split_reference": reference_probe.summary(),
+                "calls_agreed": handle.state("call_checker").calls}
+    finally:
+        handle.detach()

@@ -2,8 +2,10 @@
 
 Ranks that call a parallel pipeline differently (another size, step count, prompt, guidance scale, number of
 images) either hang in a collective, abort inside gloo, or silently blend their inputs into one image. So each
-call starts with one small exchange (`mesh.agree`: one all-reduce of 3 integers; the descriptions themselves are
-exchanged only when they differ) of a plain description of its arguments; a mismatch is a `RankMismatchError` on every rank naming the argument and each rank's value.
+call starts with one small exchange (`mesh.agree`: one all-gather of a few integers per rank: a fingerprint of a
+plain description of its arguments, and a digest of its random streams; the descriptions themselves are exchanged
+only when they differ, the random states only when the digests differ); a mismatch is a `RankMismatchError` on
+every rank naming the argument and each rank's value.
 
 What is compared, per argument (`describe_value`):
 - tensors: shape, dtype and a checksum of every element (float64 sum, sum of squares, position-weighted sum, read
@@ -12,7 +14,7 @@ What is compared, per argument (`describe_value`):
 - strings: the text (shortened) and its hash; lists and tuples element by element; dicts by key;
 - numbers, booleans, None: the value; PIL images and numpy arrays: size and a hash of their bytes;
 - generators: by device only (each rank may seed its own: at the start of every call each generator, and torch's
-  global random state, get rank 0's state, so every draw in the call agrees);
+  global random state, get rank 0's state when their digests differ, so every draw in the call agrees);
 - anything else callable: that it is there.
 `verify_weights=True` adds a checksum of every watched module's weights to each call's description, for users who
 change weights after enabling (a LoRA loaded or scaled on one rank only).
@@ -137,32 +139,84 @@ def _signature(fn) -> inspect.Signature | None:
         return None
 
 
+@functools.lru_cache(maxsize=256)
+def _parameters(fn) -> tuple[tuple[str, ...], frozenset, bool] | None:
+    """(names that take positional arguments, in order; every name a keyword may bind; whether extra keywords go to
+    a `**kwargs`) of `fn`, or None when it has `*args` or no readable signature (then `Signature.bind_partial`)."""
+    sig = _signature(fn)
+    if sig is None:
+        return None
+    positional, named, var_keyword = [], set(), False
+    for name, p in sig.parameters.items():
+        if p.kind == inspect.Parameter.VAR_POSITIONAL:
+            return None
+        if p.kind == inspect.Parameter.VAR_KEYWORD:
+            var_keyword = True
+            continue
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            positional.append(name)
+        if p.kind != inspect.Parameter.POSITIONAL_ONLY:
+            named.add(name)
+    return tuple(positional), frozenset(named), var_keyword
+
+
+def _bound_arguments(fn, args: tuple, kwargs: dict) -> list[tuple[str, object]] | None:
+    """The call's arguments by name, as `Signature.bind_partial` would give them (its `**kwargs` spread out), in a
+    fraction of its time (it was half of describing a call: profiled in benchmarks/bench_call_agreement.py); None
+    for a call it would refuse or a signature this does not cover."""
+    parameters = _parameters(fn)
+    if parameters is None:
+        return None
+    positional, named, var_keyword = parameters
+    if len(args) > len(positional):
+        return None
+    items = list(zip(positional, args))
+    taken = positional[:len(args)]
+    for name in kwargs:
+        if name in taken or (name not in named and not var_keyword):
+            return None  # bound twice, or unknown: let bind_partial decide
+    items.extend(kwargs.items())
+    return items
+
+
 def describe_call(fn, args: tuple, kwargs: dict, *, skip_first: bool = False) -> dict:
     """Arguments of a call of `fn`, bound to their names, each described by `describe_value`."""
-    sig = _signature(getattr(fn, "__func__", fn))  # a bound method's function: the same object on every call
+    function = getattr(fn, "__func__", fn)  # a bound method's function: the same object on every call
     if getattr(fn, "__self__", None) is not None:
         skip_first = True  # the cached signature is the function's, with `self`
         args = (None, *args)
     elif skip_first:
         args = (None, *args)
-    items, kinds = None, {}
-    if sig is not None:
-        try:
-            items = list(sig.bind_partial(*args, **kwargs).arguments.items())[1 if skip_first else 0:]
-            kinds = {name: p.kind for name, p in sig.parameters.items()}
-        except TypeError:
-            items = None
-    if items is None:
-        plain = args[1:] if skip_first else args
-        items = [(f"arg{i}", a) for i, a in enumerate(plain)] + list(kwargs.items())
+    items = _bound_arguments(function, args, kwargs)
+    if items is not None:
+        items = items[1:] if skip_first and args else items
+    else:
+        items = _bind_slowly(function, args, kwargs, skip_first)
     out, checksums = {}, []
     for name, value in items:
-        if kinds.get(name) == inspect.Parameter.VAR_KEYWORD and isinstance(value, dict):
-            out.update({k: describe_value(v, k, checksums) for k, v in value.items()})
-        else:
-            out[name] = describe_value(value, name, checksums)
+        out[name] = describe_value(value, name, checksums)
     fill_checksums(checksums)
     return out
+
+
+def _bind_slowly(function, args: tuple, kwargs: dict, skip_first: bool) -> list[tuple[str, object]]:
+    sig = _signature(function)
+    if sig is not None:
+        try:
+            bound = list(sig.bind_partial(*args, **kwargs).arguments.items())[1 if skip_first else 0:]
+        except TypeError:
+            bound = None
+        if bound is not None:
+            kinds = {name: p.kind for name, p in sig.parameters.items()}
+            items = []
+            for name, value in bound:
+                if kinds.get(name) == inspect.Parameter.VAR_KEYWORD and isinstance(value, dict):
+                    items.extend(value.items())
+                else:
+                    items.append((name, value))
+            return items
+    plain = args[1:] if skip_first else args
+    return [(f"arg{i}", a) for i, a in enumerate(plain)] + list(kwargs.items())
 
 
 def fill_checksums(checksums: list) -> None:
@@ -178,7 +232,11 @@ def fill_checksums(checksums: list) -> None:
 
 class CallChecker:
     """The per-call agreement of one enabled pipeline or model: what to call it in errors, the group, which
-    modules' weights to checksum on every call (`verify_weights`)."""
+    modules' weights to checksum on every call (`verify_weights`), and the call's random streams.
+
+    One exchange per call in the common case: the arguments' fingerprint and the random streams' digest travel in
+    the same all-gather (`mesh.agree`'s `values`); the streams themselves are broadcast only when the digests
+    differ (each rank seeded its own generator), and the arguments' descriptions only when fingerprints differ."""
 
     def __init__(self, label: str, group=None, weight_modules: dict | None = None, timeout_s: float | None = None,
                  check_arguments: bool = True):
@@ -187,18 +245,30 @@ class CallChecker:
         self.weight_modules = weight_modules or {}
         self.timeout_s = timeout_s
         self.agree_in_call = True  # pipelines agree in the `__call__` wrapper; bare models in a forward pre-hook
-        self.check_arguments = check_arguments  # False: check_every_call=False, only `before_call` runs
-        # Steps run on every rank at the start of each pipeline call, after the agreement (which makes sure the
-        # ranks call alike before any of these exchanges data): `step(wrapped, args, kwargs)`.
-        self.before_call: list = []
-        self.calls = 0  # how many calls were agreed (tests and the benchmark count them)
+        self.check_arguments = check_arguments  # False: check_every_call=False, only the random streams are agreed
+        # `random_streams(wrapped, args, kwargs)` -> this call's random streams on this rank, an object with
+        # `values` (the integers the exchange carries), `after_agreement(table)` (every rank's values: raises on
+        # every rank alike when they cannot be reconciled) and `synchronize()` (run just before the call: the
+        # broadcast, only when the values differed); None: nothing random to agree (bare models,
+        # broadcast_latents=False).
+        self.random_streams = None
+        self.calls = 0  # how many calls had their arguments agreed (tests and the benchmark count them)
 
-    def agree(self, description: dict) -> None:
-        what = {"arguments": description}
-        if self.weight_modules:
-            what["weights"] = {n: weights_checksum(m) for n, m in self.weight_modules.items()}
-        mesh_lib.agree(f"diffpar: a call of {self.label}", what, None, self.group, timeout_s=self.timeout_s)
-        self.calls += 1
+    def agree(self, description: dict | None, streams=None) -> None:
+        """The call's one exchange: the arguments' `description` (None: not checked) and `streams`' values."""
+        if description is None and streams is None:
+            return
+        what = {}
+        if description is not None:
+            what["arguments"] = description
+            if self.weight_modules:
+                what["weights"] = {n: weights_checksum(m) for n, m in self.weight_modules.items()}
+        table = mesh_lib.agree(f"diffpar: a call of {self.label}", what, None, self.group, timeout_s=self.timeout_s,
+                               values=tuple(streams.values) if streams is not None else ())
+        if description is not None:
+            self.calls += 1
+        if streams is not None:
+            streams.after_agreement(table)
 
 
 # -- the call itself: `pipe(...)` and `model(...)` look `__call__` up on the class, so the class is patched, shared
@@ -262,11 +332,14 @@ def _call_wrapper(wrapped, instance, args, kwargs):
     checker = vars(instance).get(_CHECKER_ATTR) if instance is not None and hasattr(instance, "__dict__") else None
     if checker is None:
         return wrapped(*args, **kwargs)
-    if checker.agree_in_call and checker.check_arguments:
-        checker.agree(describe_call(wrapped, args, kwargs))  # `wrapped` is the bound method: no `self`
+    streams = None
+    if checker.agree_in_call:
+        # Outside the `try` below: the agreement's own errors (a timeout, a mismatch) already say what happened.
+        streams = checker.random_streams(wrapped, args, kwargs) if checker.random_streams is not None else None
+        checker.agree(describe_call(wrapped, args, kwargs) if checker.check_arguments else None, streams)
     try:
-        for step in checker.before_call:
-            step(wrapped, args, kwargs)
+        if streams is not None:
+            streams.synchronize()  # rank 0's random states where they differ (a broadcast, only then)
         return wrapped(*args, **kwargs)
     except RuntimeError as exc:
         clear = collective_failure(exc, checker.label, checker.timeout_s)
