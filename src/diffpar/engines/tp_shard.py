@@ -200,7 +200,13 @@ class NormShard:
             if start < b:
                 out.append((offset + start - a, offset + b - a))
             offset += b - a
-        return tuple(out)
+        merged = []  # adjacent local pieces as one range
+        for a, b in out:
+            if merged and merged[-1][1] == a:
+                merged[-1] = (merged[-1][0], b)
+            else:
+                merged.append((a, b))
+        return tuple(merged)
 
 
 @dataclass(frozen=True)
