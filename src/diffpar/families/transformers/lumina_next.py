@@ -12,13 +12,15 @@ one when they are fewer than the ranks); `attn1.to_out` is an Identity: the bloc
 the gate-scaled cross-attention's per-head outputs and projects the sum with `attn2.to_out[0]`, split by rows
 (one all-reduce). The q/k norms are LayerNorms over all heads: sharded, their [sum, sum of squares] all-reduced
 per token. The per-head `gate` keeps this rank's heads of `attn2`, nothing reduced. The feed-forward is SwiGLU:
-`linear_1` / `linear_3` by columns, `linear_2` by rows. Head counts per rank: `heads` (the processor derives the
+`linear_1` / `linear_3` by columns, `linear_2` by rows. The modulation projection (`norm1.linear`) is split by
+columns and its output all-gathered. Head counts per rank: `heads` (the processor derives the
 head width and key/value heads from the projections' widths). Uneven heads: a rank may hold one head more, and
 the feed-forward's width balances the bytes (`even_shard_plan`).
 """
 from __future__ import annotations
 
 from diffpar.compat.diffusers_cp_hooks import gather_output, split_input
+from diffpar.engines.tp_shard import GATHER
 from diffpar.families.registry import register_cp_plan
 from diffpar.families.transformers.first_block_split import first_and_every_block
 from diffpar.families.transformers.attention_processors import prepare_generic_attention
@@ -40,6 +42,7 @@ def lumina_next_tp_plan(model) -> TensorParallelPlan:
     block.update({
         "attn2.to_out.0": "rowwise",  # projects self- plus cross-attention (attn1.to_out is an Identity)
         "feed_forward.linear_1": "colwise", "feed_forward.linear_3": "colwise", "feed_forward.linear_2": "rowwise",
+        "norm1.linear": GATHER,  # the block's 4 modulation vectors: 13% of Lumina-Next-SFT's weights
     })
     norms = {f"{attn}.{norm}": None for attn in ("attn1", "attn2") for norm in ("norm_q", "norm_k")}  # qk_norm only
     return TensorParallelPlan(
