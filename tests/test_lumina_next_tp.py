@@ -61,3 +61,12 @@ def test_plan_shards_the_norms_and_the_gate_by_heads():
     assert by_path["layers.0.attn2.to_out.0"].kind == "row"
     assert by_path["layers.0.feed_forward.linear_2"].kind == "row"
     assert by_path["layers.0.feed_forward.linear_1"].kind == "column"
+
+
+def test_rollback_before_commit_restores_norms_and_gate_locally(ranks):
+    """A later step failing undoes the tensor-parallel step before commit: no collective, every weight (the
+    LayerNorm shards' weight and bias, the sliced gates) back bit for bit."""
+    for r in ranks(2, "workers.transformer_tp:rollback_before_commit", model_name="lumina_next",
+                   model_kwargs={"heads": 4, "kv_heads": 2}):
+        assert r["collectives"] == [] and r["same_layers"] and r["restored"], r
+        assert r["plain_tensors"] and r["weight_shape"][0] == r["expected_rows"] < r["full_shape"][0], r
