@@ -12,14 +12,16 @@ of ranks, and `engines/tensor_parallel.py` carries it out. A `ShardPlan` holds, 
   channels (a 1x1 Conv2d is "column" / "row" like a Linear, over channels). `gather_output` (column) all-gathers the full output;
   `input_is_parallel=False` (row) slices the full input first;
 - `attributes` (`AttributeShard`): per-rank values of attributes a forward reads (head counts, inner widths);
-- `norms` (`NormShard`): RMSNorms taken over all heads at once, keeping the weight of this rank's features and
-  all-reducing the mean of squares;
+- `norms` (`NormShard`): RMSNorms or LayerNorms taken over all heads at once, keeping the weight (and bias) of
+  this rank's features and all-reducing the sum of squares (LayerNorm: [sum, sum of squares], one all-reduce);
 - `heads`: attention module path -> per-rank (query heads, key/value heads), for checks and reports;
 - `output_slices` (`OutputSlice`): modules whose tensor outputs each rank narrows to its own columns (a RoPE
   table spanning an attention's whole inner width, applied to the output of a column-split projection);
 - `parameters` (`ParameterShard`): modules whose own parameters are sliced, each along one dimension (packed
   mixture-of-experts weights: one 3-D tensor for all experts, split along the hidden width), the module's output
-  all-reduced like a row layer's.
+  all-reduced like a row layer's;
+- `head_parameters` (`HeadParameterShard`): parameters with one entry per head (a per-head gate), sliced in place
+  to this rank's heads, nothing reduced.
 
 Ranges are half-open feature (or head) indices of the full layer and may differ in size between ranks (uneven
 splits; key/value heads replicated on the ranks that share them). Everything here is data computed from shapes
@@ -168,14 +170,58 @@ class AttributeShard:
     values: tuple[dict, ...]  # rank -> {attribute: value}
 
 
+RMS_NORM, LAYER_NORM = "rms", "layer"
+
+
 @dataclass(frozen=True)
 class NormShard:
-    """An RMSNorm over all heads at `path`: each rank keeps the weight of `ranges[rank]` of its `width` features
-    and all-reduces the sum of squares."""
+    """A norm over all heads at `path`: each rank keeps the weight (and bias) of `ranges[rank]` of its `width`
+    features. `kind` RMS_NORM: the sum of squares is all-reduced; LAYER_NORM: [sum, sum of squares] per token, in
+    one all-reduce, give the mean and variance over the whole width."""
 
     path: str
     width: int
     ranges: tuple[tuple[Range, ...], ...]
+    kind: str = RMS_NORM
+
+    def counted(self, rank: int) -> tuple[Range, ...]:
+        """This rank's features that enter the all-reduced statistics, in its local coordinates: the features no
+        lower rank holds (ranks sharing a key/value head hold the same features; each is counted once)."""
+        held_below = [r for ranges in self.ranges[:rank] for r in ranges]
+        out, offset = [], 0
+        for a, b in self.ranges[rank]:
+            start = a
+            for lo, hi in sorted(held_below):  # walk [a, b) past the parts lower ranks hold
+                if hi <= start or lo >= b:
+                    continue
+                if lo > start:
+                    out.append((offset + start - a, offset + lo - a))
+                start = max(start, hi)
+            if start < b:
+                out.append((offset + start - a, offset + b - a))
+            offset += b - a
+        merged = []  # adjacent local pieces as one range
+        for a, b in out:
+            if merged and merged[-1][1] == a:
+                merged[-1] = (merged[-1][0], b)
+            else:
+                merged.append((a, b))
+        return tuple(merged)
+
+
+@dataclass(frozen=True)
+class HeadParameterShard:
+    """A parameter `name` of the module at `path` holding one entry per head of an attention along `dim` (Lumina-
+    Next's cross-attention gate, applied to that attention's per-head outputs): each rank keeps, in place, the
+    entries of its heads `ranges[rank]`; nothing is reduced (every rank applies it to its own heads only)."""
+
+    path: str
+    name: str
+    dim: int
+    ranges: tuple[tuple[Range, ...], ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "ranges", tuple(tuple(tuple(r) for r in rs) for rs in self.ranges))
 
 
 @dataclass(frozen=True)
@@ -220,6 +266,7 @@ class ShardPlan:
     output_slices: list[OutputSlice] = field(default_factory=list)
     origin: str = ""
     parameters: list[ParameterShard] = field(default_factory=list)  # short name of the plan's author ("diffusers", "diffpar", "transformers" ...)
+    head_parameters: list[HeadParameterShard] = field(default_factory=list)
 
     def summary(self) -> dict:
         head_counts = sorted({tuple(v) for v in self.heads.values()})
@@ -324,10 +371,12 @@ class EvenSplitPlan:
     (a Linear, or a Conv2d: 1x1 for COLWISE / ROWWISE, depthwise for DEPTHWISE, split by channels; or an
     Embedding as GATHER: split along its width, rows all-gathered);
     `attention_attrs`: attention glob -> attributes (head counts, head-sized widths) divided by the ranks;
-    `sharded_norms`: globs of RMSNorms over all heads (their weight is split like the heads);
+    `sharded_norms`: globs of RMSNorms or LayerNorms over all heads (weight and bias split like the heads);
     `sliced_outputs`: module path -> `ColumnsOf` (a RoPE table over the whole inner width of split attentions);
     `reduced_parameters`: module glob -> `PackedParameters` (packed experts: own parameters sliced along a hidden
-    width, the output all-reduced).
+    width, the output all-reduced);
+    `head_parameters`: module glob -> (parameter name, path of an attention under that module): a parameter with
+    one entry per query head of that attention (dim 0), each rank keeping its heads' entries.
     """
 
     linears: dict[str, object]
@@ -335,6 +384,7 @@ class EvenSplitPlan:
     sharded_norms: tuple[str, ...] = ()
     sliced_outputs: dict[str, ColumnsOf] = field(default_factory=dict)
     reduced_parameters: dict[str, "PackedParameters"] = field(default_factory=dict)
+    head_parameters: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def expand(model: torch.nn.Module, pattern: str) -> list[tuple[str, torch.nn.Module]]:
@@ -703,7 +753,19 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
             for path, norm in expand(model, pattern):
                 width = norm_width(norm, path)
                 ranges = width_ranges(width, owner(path), path)
-                out.norms.append(NormShard(path, width, tuple(ranges)))
+                kind = LAYER_NORM if isinstance(norm, torch.nn.LayerNorm) else RMS_NORM
+                out.norms.append(NormShard(path, width, tuple(ranges), kind))
+        for pattern, (pname, attention_path) in plan.head_parameters.items():
+            for path, _holder in expand(model, pattern):
+                split = splits.get(f"{path}.{attention_path}")
+                if split is None:
+                    raise DiffparError(f"tensor-parallel plan: {path}.{pname} follows the heads of "
+                                       f"{path}.{attention_path}, which the plan does not split")
+                entries = getattr(_holder, pname).shape[0]
+                if entries != split.heads:
+                    raise DiffparError(f"tensor-parallel plan: {path}.{pname} has {entries} entries, not one per head "
+                                       f"of the {split.heads} heads of {path}.{attention_path}")
+                out.head_parameters.append(HeadParameterShard(path, pname, 0, [(s.q,) for s in split.shards]))
         for pattern, packed in plan.reduced_parameters.items():
             for path, holder in expand(model, pattern):
                 params = [(name, dim, packed_ranges(blocks, None, f"{path}.{name}"))

@@ -43,9 +43,9 @@ def _lumina_next(heads=2, kv_heads=None, head_dim=8, layers=2):
 
 CASES = [
     ModelCase("lumina_next", "LuminaNextDiT2DModel", model_kwargs={"heads": 4, "kv_heads": 2},
-              input_kwargs={"text_padding": 3}, tp=(),
+              input_kwargs={"text_padding": 3},
               notes="self-attention split (proportional scale from the whole length); cross-attention local; "
-                    "no TP: LayerNorm across heads and a per-head gate"),
+                    "TP: LayerNorm across heads sharded, per-head gate sliced"),
 ]
 
 REAL_CONFIGS = {
