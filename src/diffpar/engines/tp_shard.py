@@ -311,11 +311,19 @@ class ShardPlan:
                 for r, size in enumerate(shard.sizes()):
                     kept[r] += nbytes(size * other, p)
         for norm in self.norms:
-            weight = getattr(module.get_submodule(norm.path), "weight", None)
-            if weight is not None:
-                sharded += nbytes(weight.numel(), weight)
-                for r, ranges in enumerate(norm.ranges):
-                    kept[r] += nbytes(total(ranges), weight)
+            owner = module.get_submodule(norm.path)
+            for key in ("weight", "bias") if norm.kind == LAYER_NORM else ("weight",):
+                p = getattr(owner, key, None)
+                if p is not None:
+                    sharded += nbytes(p.numel(), p)
+                    for r, ranges in enumerate(norm.ranges):
+                        kept[r] += nbytes(total(ranges), p)
+        for spec in self.head_parameters:
+            p = getattr(module.get_submodule(spec.path), spec.name)
+            sharded += nbytes(p.numel(), p)
+            other = p.numel() // p.shape[spec.dim]
+            for r, ranges in enumerate(spec.ranges):
+                kept[r] += nbytes(total(ranges) * other, p)
         for spec in self.parameters:
             owner = module.get_submodule(spec.path)
             for name, dim, ranges in spec.params:
