@@ -34,10 +34,11 @@ TP_CONFIGS = [
 @pytest.mark.parametrize("world,config,loaded,model_name,quant", [
     *[pytest.param(*p.values, False, "flux", "int8", id=p.id) for p in TP_CONFIGS],
     # loaded by diffusers with TorchAoConfig (is_quantized): the same int8 tensors, split the same way. Wan: a
-    # diffpar plan; Flux: diffusers' _tp_plan, whose own pre-check (0.41+) refuses any quantized model: diffpar
-    # skips that one refusal for torchao weights it cuts as they are
+    # diffpar plan; Flux, Flux2, QwenImage: diffusers' _tp_plan, whose own pre-check (0.41+) refuses any quantized
+    # model: diffpar skips that one refusal for torchao weights it cuts as they are (its other checks still run)
     pytest.param(2, {"tp_size": 2}, True, "wan", "int8", id="wan-tp2-from_pretrained"),
-    pytest.param(2, {"tp_size": 2}, True, "flux", "int8", id="flux-tp2-from_pretrained"),
+    *[pytest.param(2, {"tp_size": 2}, True, name, "int8", id=f"{name}-tp2-from_pretrained")
+      for name in ("flux", "flux2", "qwenimage")],
     # float8 weight-only (Float8Tensor, per-row scales) has a CPU path too: the same rule, another table entry
     pytest.param(2, {"tp_size": 2}, False, "flux", "float8", id="float8-tp2"),
 ])
