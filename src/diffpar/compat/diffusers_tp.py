@@ -73,7 +73,13 @@ def native_tp_prechecks(model: torch.nn.Module, tp_degree: int, *, degree_checks
             # A torchao model whose every quantized weight diffpar cuts as it is (never through DTensor): diffusers'
             # refusal of any quantized model is the one check skipped; the same checks on a view that hides only
             # the quantizer must pass (offloaded, LoRA-injected, group offloading, device_map still refuse).
-            run_checks(_WithoutQuantizer(model))
+            try:
+                run_checks(_WithoutQuantizer(model))
+            except ValueError:
+                raise
+            except Exception as exc:  # noqa: BLE001  (a release whose check needs more than the view gives)
+                raise _NamedQuantizer(method, "diffusers' pre-check could not run without its quantized-model "
+                                      f"refusal on this release: {type(exc).__name__}: {exc}") from None
         specs = getattr(htp, "resolve_tp_shard_specs", None)
         if specs is not None:
             specs(model, type(model)._tp_plan, degree)
@@ -90,6 +96,8 @@ def native_tp_prechecks(model: torch.nn.Module, tp_degree: int, *, degree_checks
 
 
 class _NamedQuantizer(Exception):
+    """diffusers refused a model loaded quantized, and the refusal stands: which quantizer, and diffpar's reason."""
+
     def __init__(self, method: str, reason: str | None = None):
         super().__init__(method)
         self.method, self.reason = method, reason
