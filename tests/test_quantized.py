@@ -7,6 +7,7 @@ sharded model is the same quantized model: compared with it in one process. Layo
 refused by name before any change. Needs torchao (skipped without it).
 """
 import pytest
+import torch
 from tolerances import BITWISE, CP_FP32, TRANSFORMER_TP_FP32, TP_FP32
 
 from diffpar.testing.probes import assert_split
@@ -33,8 +34,11 @@ TP_CONFIGS = [
 @pytest.mark.parametrize("world,config,loaded,model_name,quant", [
     *[pytest.param(*p.values, False, "flux", "int8", id=p.id) for p in TP_CONFIGS],
     # loaded by diffusers with TorchAoConfig (is_quantized): the same int8 tensors, split the same way. Wan: a
-    # diffpar plan (diffusers' own TP pre-check, which refuses any quantized model, runs only for its _tp_plan)
+    # diffpar plan; Flux, Flux2, QwenImage: diffusers' _tp_plan, whose own pre-check (0.41+) refuses any quantized
+    # model: diffpar skips that one refusal for torchao weights it cuts as they are (its other checks still run)
     pytest.param(2, {"tp_size": 2}, True, "wan", "int8", id="wan-tp2-from_pretrained"),
+    *[pytest.param(2, {"tp_size": 2}, True, name, "int8", id=f"{name}-tp2-from_pretrained")
+      for name in ("flux", "flux2", "qwenimage")],
     # float8 weight-only (Float8Tensor, per-row scales) has a CPU path too: the same rule, another table entry
     pytest.param(2, {"tp_size": 2}, False, "flux", "float8", id="float8-tp2"),
 ])
@@ -54,6 +58,10 @@ def test_int8_weights_under_tensor_parallelism(ranks, world, config, loaded, mod
         assert r["q_shard"]["shape"] == [rows // tp, columns] and r["q_shard"]["scale"] == [rows // tp, 1], r
         assert r["q_shard"]["block_size"] == [1, columns], r["q_shard"]
         assert r["detach_diff"] == BITWISE and r["detach_weights_equal"], r
+        # the plan counts what the weights store (int8 / float8 data and scales), not their float dtype: the whole
+        # model, and each rank's shards (tp splits evenly here), to a few bytes
+        assert r["planned_bytes"] == r["held_bytes"], r
+        assert abs(r["planned_bytes_per_rank"] - r["held_bytes_sharded"]) <= 16, r
     assert_split(results, config)  # tp alone: all-reduces in every forward; with Ulysses: the sequence split too
 
 
@@ -109,16 +117,75 @@ def test_int8_tensor_parallel_rollback_is_exact(ranks, fail_ranks):
         assert r["weights_equal"] and r["output_diff"] == BITWISE, r
 
 
-def test_models_loaded_with_another_quantizer_stay_refused():
-    """A model diffusers loaded with a non-torchao quantization_config (bitsandbytes, GGUF, quanto) is refused
-    by name at planning; a torchao one goes on to the layer-by-layer layout check (tested above)."""
+def _loaded_with(model, method: str):
+    """`model` marked as diffusers marks one it loaded with a `quantization_config` of this method."""
     from types import SimpleNamespace
 
+    model.is_quantized = True
+    model.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method=method))
+    return model
+
+
+def _needs_native_tp_prechecks():
+    from diffpar.compat import diffusers_tp
+
+    if not diffusers_tp.has_native_tp():
+        pytest.skip("the installed diffusers has no _tp_plan (0.40+)")
+    import diffusers.hooks.tensor_parallel as htp
+
+    if not hasattr(htp, "_check_tp_supported"):
+        pytest.skip("the installed diffusers has no tensor-parallel pre-check (0.41+)")
+
+
+@pytest.mark.parametrize("model_name", ["wan", "flux"])
+def test_models_loaded_with_another_quantizer_stay_refused(model_name):
+    """A model diffusers loaded with a non-torchao quantization_config (bitsandbytes, GGUF, quanto) is refused
+    by name at planning; a torchao one goes on to the layer-by-layer layout check (tested above). Wan: a diffpar
+    plan (diffpar's own refusal); Flux: diffusers' _tp_plan (diffusers' pre-check refuses it, named by diffpar)."""
     import diffpar
     from diffpar.testing import tiny_transformers
 
-    model, _ = tiny_transformers.build("wan", heads=4)  # a diffpar plan: diffusers' own pre-check does not run
-    model.is_quantized = True
-    model.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="bitsandbytes"))
+    if model_name == "flux":
+        _needs_native_tp_prechecks()
+    model, _ = tiny_transformers.build(model_name, heads=4)
+    _loaded_with(model, "bitsandbytes")
     with pytest.raises(diffpar.UnsupportedError, match="loaded quantized with 'bitsandbytes'"):
         diffpar.plan(model, parallelism_config=diffpar.ParallelismConfig(tp_size=2), world_size=2)
+
+
+def test_torchao_model_of_an_uncut_layout_stays_refused_by_diffusers_check():
+    """Flux loaded with torchao in a layout diffpar has no slicing rule for (int4 values in groups): diffusers'
+    refusal of quantized models stands, naming torchao and the weight diffpar cannot cut."""
+    import diffpar
+    from diffpar.testing import tiny_transformers
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    _needs_native_tp_prechecks()
+    model, _ = tiny_transformers.build("flux", heads=4)
+    quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(4)))
+    _loaded_with(model, "torchao")
+    with pytest.raises(diffpar.UnsupportedError, match=r"loaded quantized with 'torchao'.*IntxUnpackedToInt8Tensor"):
+        diffpar.plan(model, parallelism_config=diffpar.ParallelismConfig(tp_size=2), world_size=2)
+
+
+def test_torchao_model_still_meets_diffusers_other_checks():
+    """Only diffusers' "quantized" refusal is skipped for a torchao int8 model: its other checks still run (here:
+    a model placed by accelerate's device_map, which diffpar's own checks do not look at), and the same model
+    without it plans (the int8 weights counted as they are stored)."""
+    import diffpar
+    from diffpar.compat.quantized_tensors import storage_bytes
+    from diffpar.testing import tiny_transformers
+    from workers.quantized import _quantize
+
+    _needs_native_tp_prechecks()
+    model, _ = tiny_transformers.build("flux", heads=4)
+    _loaded_with(_quantize(model), "torchao")
+    config = diffpar.ParallelismConfig(tp_size=2)
+    plan = diffpar.plan(model, parallelism_config=config, world_size=2).components[0]
+    assert plan.engine == "tensor parallel" and "diffusers" in plan.source, plan
+    assert plan.weight_bytes == sum(storage_bytes(p) for p in model.parameters())
+    assert plan.weight_bytes < sum(p.numel() for p in model.parameters()) * 4 * 0.5  # int8, not fp32
+    model.hf_device_map = {"": "cpu"}
+    with pytest.raises(diffpar.UnsupportedError, match="accelerate"):
+        diffpar.plan(model, parallelism_config=config, world_size=2)

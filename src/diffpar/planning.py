@@ -124,7 +124,10 @@ def check_offload(name: str, module: torch.nn.Module) -> None:
 
 
 def _weight_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+    """Bytes the parameters really store: a quantized weight its int8 / float8 data and scales, not its float dtype."""
+    from diffpar.compat.quantized_tensors import storage_bytes
+
+    return sum(storage_bytes(p) for p in module.parameters())
 
 
 def _plan_denoiser(name: str, model: torch.nn.Module, config: ParallelismConfig, dims: ParallelDims) -> ComponentPlan:

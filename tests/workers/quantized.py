@@ -105,12 +105,18 @@ def quantized_tp_equivalence(model_name: str, config: dict, loaded: bool = False
         own = model(**copy.deepcopy(inputs))[0]
     before = _snapshot(model)
     bytes_before = _quantized_bytes(model)
+    # the plan's weight figures (no collective, no change), then what the model really holds: all parameters,
+    # quantized ones as their int8 / float8 data and scales
+    planned = diffpar.plan(model, parallelism_config=diffpar.ParallelismConfig(**config),
+                           world_size=dist.get_world_size()).components[0]
+    held_before = sum(storage_bytes(p) for p in model.parameters())
     handle = diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(**config))
     try:
         with torch.no_grad(), SplitProbe(model) as probe:
             out = model(**copy.deepcopy(inputs))[0]
         sharded_types = _weight_types(model)
         bytes_sharded = _quantized_bytes(model)
+        held_sharded = sum(storage_bytes(p) for p in model.parameters())
         # the first attention query projection (column-parallel): its own rows and their scales
         path = next(p for p, m in model.named_modules() if p.endswith(".to_q"))
         q = model.get_submodule(path).weight
@@ -124,6 +130,8 @@ def quantized_tp_equivalence(model_name: str, config: dict, loaded: bool = False
     return {"rank": dist.get_rank(), "diff": (out - own).abs().max().item(),
             "diff_vs_copy": (out - reference).abs().max().item(), "detach_diff": (after - own).abs().max().item(), "detach_weights_equal": _same(before, _snapshot(model)),
             "bytes_ratio": bytes_sharded / bytes_before, "weight_types": sharded_types, "q_shard": q_shard,
+            "planned_bytes": planned.weight_bytes, "planned_bytes_per_rank": planned.weight_bytes_per_rank,
+            "held_bytes": held_before, "held_bytes_sharded": held_sharded, "planned_engine": planned.engine,
             "split": probe.summary(), "split_reference": reference_probe.summary()}
 
 

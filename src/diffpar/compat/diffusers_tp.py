@@ -6,7 +6,9 @@
   `PackedRowwiseParallel` carry proportions, or leave them on the Linear (`_tp_packed_col_blocks` /
   `_tp_packed_row_blocks`, set in the model's `__init__`); both become widths here.
 - `native_tp_prechecks(model, tp)`: diffusers' own refusals (offloaded, quantized, LoRA-injected models) where
-  the release has them (0.41+), as diffpar errors.
+  the release has them (0.41+), as diffpar errors. One is skipped: a model loaded with torchao whose quantized
+  weights diffpar cuts as they are (compat/quantized_tensors.py) passes diffusers' "any quantized model" refusal,
+  which is about sharding into DTensors, an engine diffpar does not use; other quantizers stay refused by name.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from functools import lru_cache
 
 import torch
 
+from diffpar.compat.quantized_tensors import is_plain, loader_quantization, refusal
 from diffpar.errors import UnsupportedError
 
 
@@ -49,15 +52,84 @@ def native_tp_prechecks(model: torch.nn.Module, tp_degree: int, *, degree_checks
     params = inspect.signature(check).parameters
     if list(params)[:4] != ["model_name", "tp_plan", "num_heads", "tp_config"]:
         return  # a release whose pre-check we do not know: diffpar's own checks stand alone
-    kwargs = {"model": model} if "model" in params else {}
-    try:
-        degree = tp_degree if degree_checks else 1
+    degree = tp_degree if degree_checks else 1
+
+    def run_checks(checked) -> None:
+        kwargs = {"model": checked} if "model" in params else {}
         check(type(model).__name__, type(model)._tp_plan, None, TensorParallelConfig(tp_degree=degree), **kwargs)
+
+    try:
+        try:
+            run_checks(model)
+        except ValueError:
+            method = loader_quantization(model)
+            if method is None or "model" not in params:
+                raise
+            if method != "torchao":
+                raise _NamedQuantizer(method) from None
+            uncut = _uncuttable_weight(model)
+            if uncut is not None:
+                raise _NamedQuantizer(method, uncut) from None
+            # A torchao model whose every quantized weight diffpar cuts as it is (never through DTensor): diffusers'
+            # refusal of any quantized model is the one check skipped; the same checks on a view that hides only
+            # the quantizer must pass (offloaded, LoRA-injected, group offloading, device_map still refuse).
+            try:
+                run_checks(_WithoutQuantizer(model))
+            except ValueError:
+                raise
+            except Exception as exc:  # noqa: BLE001  (a release whose check needs more than the view gives)
+                raise _NamedQuantizer(method, "diffusers' pre-check could not run without its quantized-model "
+                                      f"refusal on this release: {type(exc).__name__}: {exc}") from None
         specs = getattr(htp, "resolve_tp_shard_specs", None)
         if specs is not None:
             specs(model, type(model)._tp_plan, degree)
+    except _NamedQuantizer as exc:
+        why = f" and diffpar cannot split ({exc.reason})" if exc.reason else ""
+        raise UnsupportedError(
+            f"tp_size={tp_degree} on {type(model).__name__}: the model was loaded quantized with {exc.method!r}, "
+            f"which diffusers' tensor-parallel checks refuse{why}. "
+            "Load it unquantized, or quantized with torchao int8 weight-only or float8 (TorchAoConfig), whose "
+            "weights diffpar splits as they are."
+        ) from None
     except ValueError as exc:
         raise UnsupportedError(f"tp_size={tp_degree} on {type(model).__name__}: {exc}") from None
+
+
+class _NamedQuantizer(Exception):
+    """diffusers refused a model loaded quantized, and the refusal stands: which quantizer, and diffpar's reason."""
+
+    def __init__(self, method: str, reason: str | None = None):
+        super().__init__(method)
+        self.method, self.reason = method, reason
+
+
+def _uncuttable_weight(model: torch.nn.Module) -> str | None:
+    """The first quantized parameter diffpar cannot cut along any dimension, with why; None when every one can be
+    (which dimension a layer needs is checked layer by layer by the tensor-parallel engine)."""
+    for name, param in model.named_parameters():
+        if is_plain(param):
+            continue
+        reasons = [refusal(param, dim) for dim in range(param.dim())]
+        if all(r is not None for r in reasons):
+            return f"{name}: {reasons[0]}"
+    return None
+
+
+class _WithoutQuantizer:
+    """`model` as diffusers' pre-check reads it, with its quantizer hidden: every other attribute is the model's."""
+
+    hf_quantizer = None
+    is_quantized = False
+
+    def __init__(self, model: torch.nn.Module):
+        object.__setattr__(self, "_model", model)
+
+    @property
+    def __class__(self):  # the check names the model by its class
+        return type(object.__getattribute__(self, "_model"))
+
+    def __getattr__(self, name: str):
+        return getattr(object.__getattribute__(self, "_model"), name)
 
 
 def _blocks(style, linear, kind: str) -> tuple[int, ...]:

@@ -118,6 +118,12 @@ def refusal(tensor: torch.Tensor, dim: int) -> str | None:
     return None
 
 
+def _cut_with_weight(layout: Layout, inner_name: str, inner: torch.Tensor, dim: int, size: int, block) -> bool:
+    """Whether an inner tensor is cut with the weight along `dim` (else it is kept whole): element-wise data, and
+    per-block values where one block is one element along `dim` (block_size says so when the size is 1 too)."""
+    return inner_name in layout.elementwise or (inner.shape[dim] == size and (block is None or block[dim] == 1))
+
+
 def map_along(tensor: torch.Tensor, dim: int, cut: Callable[[torch.Tensor, int], torch.Tensor],
               new_size: int | None = None) -> torch.Tensor:
     """`cut(t, dim)` applied to `tensor` (a plain tensor: to itself) or, for a known quantized layout, to each inner
@@ -139,9 +145,7 @@ def map_along(tensor: torch.Tensor, dim: int, cut: Callable[[torch.Tensor, int],
     block = attrs.get("block_size")
     for inner_name in names:
         t = getattr(data, inner_name)
-        # per-block: cut where one block is one element along `dim` (block_size says so when the size is 1 too)
-        along = inner_name in layout.elementwise or (t.shape[dim] == old_size and (block is None or block[dim] == 1))
-        inner[inner_name] = cut(t, dim) if along else t.clone()
+        inner[inner_name] = cut(t, dim) if _cut_with_weight(layout, inner_name, t, dim, old_size, block) else t.clone()
     size = inner[layout.elementwise[0]].shape[dim] if new_size is None else new_size
     if block is not None and block[dim] == old_size != 1 and size == 1:
         # block_size would read as per-element and a later gather would cut the whole-row scale: refuse instead
@@ -181,6 +185,26 @@ def inner_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
 def storage_bytes(tensor: torch.Tensor) -> int:
     """Bytes a weight really holds (a quantized one: its int8 / float8 data and scales)."""
     return sum(t.numel() * t.element_size() for t in inner_tensors(tensor))
+
+
+def slice_bytes(tensor: torch.Tensor, dim: int, size: int) -> int:
+    """Bytes a cut of `size` elements of `tensor` along `dim` really holds, from shapes alone (what `cut_ranges`
+    would give: a quantized weight's data cut with it, its per-block values cut or kept whole by `map_along`'s rule).
+    A quantized layout with no slicing rule counts as its own storage scaled by the share (planning refuses it)."""
+    data = _data(tensor)
+    full = data.shape[dim]
+    if type(data) is torch.Tensor or type(data).__name__ not in LAYOUTS or not hasattr(data, "__tensor_flatten__"):
+        return storage_bytes(data) * size // full if full else 0
+    layout = LAYOUTS[type(data).__name__]
+    names, attrs = data.__tensor_flatten__()
+    block = attrs.get("block_size") if isinstance(attrs, dict) else None
+    total = 0
+    for inner_name in names:
+        t = getattr(data, inner_name)
+        whole = t.numel() * t.element_size()
+        cut = t.dim() == data.dim() and _cut_with_weight(layout, inner_name, t, dim, full, block)
+        total += whole * size // full if cut and full else whole
+    return total
 
 
 def meta_placeholder(tensor: torch.Tensor) -> torch.Tensor:

@@ -285,53 +285,59 @@ class ShardPlan:
 
     def weight_bytes(self, module: torch.nn.Module, bytes_per_element: int | None = None) -> dict:
         """{'full', 'per_rank' (the largest rank's), 'per_rank_all', 'sharded'} parameter bytes, from shapes alone
-        (meta-device models work). A row layer keeps its bias whole; a column layer slices it with its rows."""
+        (meta-device models work). A row layer keeps its bias whole; a column layer slices it with its rows.
+        A quantized weight counts what it really stores (int8 / float8 data and scales, a scale kept whole where
+        the cut keeps it whole); `bytes_per_element` counts every element at that size instead."""
+        # Imported here, not at the top: this function alone reads quantized storage.
+        from diffpar.compat.quantized_tensors import slice_bytes, storage_bytes
 
-        def nbytes(numel: int, t: torch.Tensor) -> int:
-            return numel * (bytes_per_element or t.element_size())
+        def whole(t: torch.Tensor) -> int:
+            return t.numel() * bytes_per_element if bytes_per_element else storage_bytes(t)
+
+        def part(t: torch.Tensor, dim: int, size: int) -> int:
+            if bytes_per_element:
+                return size * (t.numel() // t.shape[dim]) * bytes_per_element
+            return slice_bytes(t, dim, size)
 
         seen, full = set(), 0
         for p in module.parameters():
             if id(p) not in seen:
                 seen.add(id(p))
-                full += nbytes(p.numel(), p)
+                full += whole(p)
         sharded = 0
         kept = [0] * self.world
         for shard in self.layers:
             layer = module.get_submodule(shard.path)
             for name, p in layer.named_parameters(recurse=False):
-                sharded += nbytes(p.numel(), p)
+                sharded += whole(p)
                 if shard.kind == ROW and name == "bias":
                     for r in range(self.world):
-                        kept[r] += nbytes(p.numel(), p)
+                        kept[r] += whole(p)
                     continue
                 # Sliced along one dimension: weight rows (column), weight columns (row, table), bias entries.
                 dim = 0 if shard.kind in (COLUMN, CHANNELS) else (1 if p.dim() > 1 else 0)
-                other = p.numel() // p.shape[dim]
                 for r, size in enumerate(shard.sizes()):
-                    kept[r] += nbytes(size * other, p)
+                    kept[r] += part(p, dim, size)
         for norm in self.norms:
             owner = module.get_submodule(norm.path)
             for key in ("weight", "bias") if norm.kind == LAYER_NORM else ("weight",):
                 p = getattr(owner, key, None)
                 if p is not None:
-                    sharded += nbytes(p.numel(), p)
+                    sharded += whole(p)
                     for r, ranges in enumerate(norm.ranges):
-                        kept[r] += nbytes(total(ranges), p)
+                        kept[r] += part(p, 0, total(ranges))
         for spec in self.head_parameters:
             p = getattr(module.get_submodule(spec.path), spec.name)
-            sharded += nbytes(p.numel(), p)
-            other = p.numel() // p.shape[spec.dim]
+            sharded += whole(p)
             for r, ranges in enumerate(spec.ranges):
-                kept[r] += nbytes(total(ranges) * other, p)
+                kept[r] += part(p, spec.dim, total(ranges))
         for spec in self.parameters:
             owner = module.get_submodule(spec.path)
             for name, dim, ranges in spec.params:
                 p = getattr(owner, name)
-                sharded += nbytes(p.numel(), p)
-                other = p.numel() // p.shape[dim]
+                sharded += whole(p)
                 for r, rs in enumerate(ranges):
-                    kept[r] += nbytes(total(rs) * other, p)
+                    kept[r] += part(p, dim, total(rs))
         per_rank = [full - sharded + k for k in kept]
         return {"full": full, "per_rank": max(per_rank), "per_rank_all": per_rank, "sharded": sharded}
 
