@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from diffpar.compat.quantized_tensors import is_plain, layout_name
-from diffpar.engines.tp_shard import CHANNELS, COLUMN, HEAD_TABLE, ROW, ShardPlan
+from diffpar.engines.tp_shard import CHANNELS, COLUMN, HEAD_TABLE, LAYER_NORM, ROW, ShardPlan
 from diffpar.errors import DiffparError, UnsupportedError
 
 try:  # safetensors comes with diffusers and transformers; imported here so tests can wrap it
@@ -177,7 +177,15 @@ def _sliced_dims(shard_plan: ShardPlan | None) -> dict[str, tuple[int, tuple]]:
         elif shard.kind == HEAD_TABLE:
             out[f"{shard.path}.weight"] = (1, ranges)
     for norm in shard_plan.norms:
-        out[f"{norm.path}.weight"] = (0, tuple(tuple(r) for r in norm.ranges))
+        ranges = tuple(tuple(r) for r in norm.ranges)
+        out[f"{norm.path}.weight"] = (0, ranges)
+        if norm.kind == LAYER_NORM:  # a LayerNorm shard keeps its slice of the bias too
+            out[f"{norm.path}.bias"] = (0, ranges)
+    for spec in shard_plan.parameters:  # packed expert weights, sliced along their hidden width
+        for name, dim, ranges in spec.params:
+            out[f"{spec.path}.{name}"] = (dim, tuple(tuple(r) for r in ranges))
+    for spec in shard_plan.head_parameters:  # one entry per head (Lumina-Next's gate)
+        out[f"{spec.path}.{spec.name}"] = (spec.dim, tuple(tuple(r) for r in spec.ranges))
     return out
 
 
