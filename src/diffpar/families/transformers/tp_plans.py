@@ -16,8 +16,11 @@ A plan is built from the model (block sizes come from its config) and has three 
 - `attention_attrs`: attention-module glob -> attributes that count heads or head-sized widths. They are divided
   by tp on each rank, so processors that reshape with `attn.heads` (every release before 0.40, Wan, Z-Image) see
   the per-rank view.
-- `sharded_norms`: RMSNorms taken over all heads at once (Wan's "rms_norm_across_heads"); on each rank they see
-  only their heads, so the mean of squares is all-reduced.
+- `sharded_norms`: norms taken over all heads at once (Wan's "rms_norm_across_heads" RMSNorm, Lumina-Next's
+  "layer_norm_across_heads" LayerNorm); on each rank they see only their heads, so the statistics are all-reduced
+  (the mean of squares; for a LayerNorm the sum and the sum of squares, in one all-reduce).
+- per-head parameters (`EvenSplitPlan.head_parameters`, Lumina-Next's cross-attention gate): one entry per head,
+  each rank keeping its heads' entries, no reduction.
 
 "colwise_gather" is for AdaLN modulation projections (timestep embedding -> shift/scale/gate for the whole hidden
 vector, e.g. 27% of FLUX.1-dev's weights): each rank computes a slice of the output features and one all-gather of
