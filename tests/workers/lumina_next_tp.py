@@ -6,6 +6,7 @@ import torch.distributed as dist
 
 from diffpar.engines.tensor_parallel import HeadShardedLayerNorm
 from diffpar.engines.tp_shard import LAYER_NORM, NormShard
+from workers.text_encoders import _counted_all_reduces
 
 
 def layer_norm_pieces(width: int, ranges: list, offset: float = 3.0):
@@ -22,19 +23,8 @@ def layer_norm_pieces(width: int, ranges: list, offset: float = 3.0):
     spec = NormShard("norm", width, tuple(tuple(tuple(r) for r in rs) for rs in ranges), LAYER_NORM)
     shard = HeadShardedLayerNorm.from_norm(norm, spec, rank, dist.group.WORLD)
     local_x = torch.cat([x[..., a:b] for a, b in spec.ranges[rank]], dim=-1)
-    calls = []
-    original = dist.all_reduce
-
-    def counting(tensor, *args, **kwargs):
-        calls.append(tuple(tensor.shape))
-        return original(tensor, *args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
-        with torch.no_grad():
-            piece = shard(local_x)
-    finally:
-        dist.all_reduce = original
+    with _counted_all_reduces() as calls, torch.no_grad():
+        piece = shard(local_x)
     with torch.no_grad():
         full = norm(x)
     return {"piece": piece, "full": full, "input_width": local_x.shape[-1],
