@@ -40,17 +40,18 @@ def cp_equivalence(model_name: str, config: dict, seq: int = 16, text: int = 8, 
             out = model(**copy.deepcopy(inputs))
             output_types.append(type(out).__name__)
             parallel = _first(out)
+        diff = (parallel - reference).abs().max().item()  # inside: a failed comparison must detach too
     except BaseException:
         if handle is not None:  # a refused call (e.g. a mask under Ring) must not leave the model parallel
             handle.detach()
         raise
     if handle is None:
-        return {"rank": dist.get_rank(), "diff": (parallel - reference).abs().max().item(),
-                "split": probe.summary(), "split_reference": reference_probe.summary()}
+        return {"rank": dist.get_rank(), "diff": diff, "split": probe.summary(),
+                "split_reference": reference_probe.summary()}
     result = {
         "split": probe.summary(),
         "split_reference": reference_probe.summary(),
-        "diff": (parallel - reference).abs().max().item(),
+        "diff": diff,
         "shape": tuple(parallel.shape),
         "steps": handle.step_names,
         "rank": dist.get_rank(),
