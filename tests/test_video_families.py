@@ -95,16 +95,38 @@ REFUSED = [
 ]
 
 
-def test_mochi_tensor_parallel_is_refused_with_the_reason():
-    import diffpar
-    from diffpar.families.transformers.mochi import TP_REFUSAL
+def test_mochi_tensor_parallel_slices_the_rope_frequencies_by_heads():
+    """Mochi's RoPE frequencies (3 x heads x head_dim/2) follow the heads: each rank keeps its heads along dim 1
+    (3 heads on 2 ranks: 2 + 1), and the cos/sin table it computes is exactly its heads' part of the whole one.
+    The whole model against one process, per layout, is in tests/test_families.py (case "mochi")."""
+    import torch
+
+    from diffpar.engines.tp_shard import split_heads
+    from diffpar.families.transformers import tp_plans
     from diffpar.testing import tiny_transformers
 
     _require("MochiTransformer3DModel")
-    model, _ = tiny_transformers.build("mochi", heads=4)
-    with pytest.raises(diffpar.UnsupportedError) as err:
-        diffpar.plan(model, parallelism_config=diffpar.ParallelismConfig(tp_size=2), world_size=2)
-    assert TP_REFUSAL in str(err.value) and "ulysses_size" in str(err.value)
+    model, _ = tiny_transformers.build("mochi", heads=3)
+    plan = tp_plans.shard_plan_for(model, 2)
+    (spec,) = plan.head_parameters
+    assert (spec.path, spec.name, spec.dim) == ("", "pos_frequencies", 1)
+    q_heads = [s.num_q for s in split_heads(3, 3, 2)]
+    assert [b - a for (a, b), in spec.ranges] == q_heads == [2, 1]
+    # No term mixes heads (einsum "nd,dhf->nhf"); the matmul under it may round the angles (up to a few hundred)
+    # in another order for a narrower table, hence one float32 step of such an angle as the tolerance.
+    whole_cos, whole_sin = model.rope(model.pos_frequencies, 1, 2, 4, dtype=torch.float32)
+    for (a, b), in spec.ranges:
+        cos, sin = model.rope(model.pos_frequencies[:, a:b].contiguous(), 1, 2, 4, dtype=torch.float32)
+        torch.testing.assert_close(cos, whole_cos[:, a:b], rtol=0, atol=1e-4)
+        torch.testing.assert_close(sin, whole_sin[:, a:b], rtol=0, atol=1e-4)
+    other, _ = model.rope(model.pos_frequencies[:, 1:3].contiguous(), 1, 2, 4, dtype=torch.float32)
+    assert (other - whole_cos[:, 0:2]).abs().max() > 0.1  # another rank's heads: a different table
+    by_path = {s.path: s for s in plan.layers}
+    last = len(model.transformer_blocks) - 1
+    assert by_path["transformer_blocks.0.attn1.to_add_out"].kind == "row"
+    assert by_path["transformer_blocks.0.attn1.add_q_proj"].kind == "column"
+    assert f"transformer_blocks.{last}.attn1.to_add_out" not in by_path  # context_pre_only: no prompt output
+    assert by_path[f"transformer_blocks.{last}.norm1_context.linear_1"].gather_output
 
 
 @pytest.mark.parametrize("builder,class_name,config,input_kwargs,expected", REFUSED)
