@@ -3,6 +3,7 @@ Mochi, ...): padded
 prompts under context parallelism match one process, with the split proven; what a mode cannot mask is refused on
 every rank with the reason. (The harness runs these models on unpadded prompts.)"""
 import pytest
+import torch
 from tolerances import CP_FP32
 
 from diffpar.compat.diffusers_cp import (
@@ -99,8 +100,6 @@ def test_mochi_tensor_parallel_slices_the_rope_frequencies_by_heads():
     """Mochi's RoPE frequencies (3 x heads x head_dim/2) follow the heads: each rank keeps its heads along dim 1
     (3 heads on 2 ranks: 2 + 1), and the cos/sin table it computes is exactly its heads' part of the whole one.
     The whole model against one process, per layout, is in tests/test_families.py (case "mochi")."""
-    import torch
-
     from diffpar.engines.tp_shard import split_heads
     from diffpar.families.transformers import tp_plans
     from diffpar.testing import tiny_transformers
@@ -127,6 +126,41 @@ def test_mochi_tensor_parallel_slices_the_rope_frequencies_by_heads():
     assert by_path["transformer_blocks.0.attn1.add_q_proj"].kind == "column"
     assert f"transformer_blocks.{last}.attn1.to_add_out" not in by_path  # context_pre_only: no prompt output
     assert by_path[f"transformer_blocks.{last}.norm1_context.linear_1"].gather_output
+
+
+def test_mochi_tensor_parallel_shares_of_the_real_configuration():
+    """Mochi-1-preview (meta device, bf16): the largest rank's share of the weights at tp 2 / 4, from the plan."""
+    import diffusers
+
+    from diffpar.families.transformers import tp_plans
+    from diffpar.testing.tiny_models.mochi import REAL_CONFIGS
+
+    _require("MochiTransformer3DModel")
+    cls_name, config = REAL_CONFIGS["Mochi-1-preview"]
+    with torch.device("meta"):
+        model = getattr(diffusers, cls_name)(**config)
+    for tp, most in ((2, 0.51), (4, 0.26)):
+        acc = tp_plans.shard_plan_for(model, tp).weight_bytes(model, bytes_per_element=2)
+        assert acc["per_rank"] / acc["full"] <= most, (tp, acc)
+
+
+@pytest.mark.parametrize("config", [pytest.param({"tp_size": 2}, id="tp2"),
+                                    pytest.param({"ulysses_size": 2, "tp_size": 2}, id="ulysses2xtp2")])
+def test_mochi_tensor_parallel_with_prompts_of_different_lengths(ranks, config):
+    """Padded prompts (6 and 3 real tokens of 8): diffusers' processor attends per sample over its valid prompt
+    tokens; each rank does so for its heads only (half of them), the same as one process."""
+    from tolerances import BITWISE, TRANSFORMER_TP_FP32
+
+    _require("MochiTransformer3DModel")
+    world = 2 * config.get("ulysses_size", 1)
+    results = ranks(world, "workers.transformer_tp:tp_equivalence", model_name="mochi", config=config,
+                    seq=16, text=8, batch=2, model_kwargs={"heads": 4, "head_dim": 12},
+                    input_kwargs={"valid": [6, 3]})
+    for r in results:
+        assert r["diff"] <= TRANSFORMER_TP_FP32, (r["rank"], r["diff"])
+        assert r["local_heads"]["transformer_blocks.0.attn1"] == 2, "each rank computes half of the 4 heads"
+        assert r["bytes_ratio"] < 0.7 and r["plan_bytes_match"]
+        assert r["detach_diff"] == BITWISE and r["detach_weights_equal"]
 
 
 @pytest.mark.parametrize("builder,class_name,config,input_kwargs,expected", REFUSED)
