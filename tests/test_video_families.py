@@ -163,6 +163,16 @@ def test_mochi_tensor_parallel_with_prompts_of_different_lengths(ranks, config):
         assert r["detach_diff"] == BITWISE and r["detach_weights_equal"]
 
 
+def test_mochi_tensor_parallel_rollback_before_commit_is_local_and_exact(ranks):
+    """A later step failing undoes the tensor-parallel step before commit: no collective, every weight (the
+    sliced pos_frequencies included: the state dict is compared) back bit for bit."""
+    _require("MochiTransformer3DModel")
+    for r in ranks(2, "workers.transformer_tp:rollback_before_commit", model_name="mochi",
+                   model_kwargs={"heads": 4, "head_dim": 12}):
+        assert r["collectives"] == [] and r["same_layers"] and r["restored"], r
+        assert r["weight_shape"][0] == r["expected_rows"] < r["full_shape"][0], r  # split before the undo
+
+
 @pytest.mark.parametrize("builder,class_name,config,input_kwargs,expected", REFUSED)
 def test_masks_a_mode_cannot_apply_are_refused_on_every_rank(ranks, builder, class_name, config, input_kwargs,
                                                              expected):
