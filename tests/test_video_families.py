@@ -3,6 +3,7 @@ Mochi, ...): padded
 prompts under context parallelism match one process, with the split proven; what a mode cannot mask is refused on
 every rank with the reason. (The harness runs these models on unpadded prompts.)"""
 import pytest
+import torch
 from tolerances import CP_FP32
 
 from diffpar.compat.diffusers_cp import (
@@ -95,16 +96,81 @@ REFUSED = [
 ]
 
 
-def test_mochi_tensor_parallel_is_refused_with_the_reason():
-    import diffpar
-    from diffpar.families.transformers.mochi import TP_REFUSAL
+def test_mochi_tensor_parallel_slices_the_rope_frequencies_by_heads():
+    """Mochi's RoPE frequencies (3 x heads x head_dim/2) follow the heads: each rank keeps its heads along dim 1
+    (3 heads on 2 ranks: 2 + 1), and the cos/sin table it computes is exactly its heads' part of the whole one.
+    The whole model against one process, per layout, is in tests/test_families.py (case "mochi")."""
+    from diffpar.engines.tp_shard import split_heads
+    from diffpar.families.transformers import tp_plans
     from diffpar.testing import tiny_transformers
 
     _require("MochiTransformer3DModel")
-    model, _ = tiny_transformers.build("mochi", heads=4)
-    with pytest.raises(diffpar.UnsupportedError) as err:
-        diffpar.plan(model, parallelism_config=diffpar.ParallelismConfig(tp_size=2), world_size=2)
-    assert TP_REFUSAL in str(err.value) and "ulysses_size" in str(err.value)
+    model, _ = tiny_transformers.build("mochi", heads=3)
+    plan = tp_plans.shard_plan_for(model, 2)
+    (spec,) = plan.head_parameters
+    assert (spec.path, spec.name, spec.dim) == ("", "pos_frequencies", 1)
+    q_heads = [s.num_q for s in split_heads(3, 3, 2)]
+    assert [b - a for (a, b), in spec.ranges] == q_heads == [2, 1]
+    # No term mixes heads (einsum "nd,dhf->nhf"); the matmul under it may round the angles (up to a few hundred)
+    # in another order for a narrower table, hence one float32 step of such an angle as the tolerance.
+    whole_cos, whole_sin = model.rope(model.pos_frequencies, 1, 2, 4, dtype=torch.float32)
+    for (a, b), in spec.ranges:
+        cos, sin = model.rope(model.pos_frequencies[:, a:b].contiguous(), 1, 2, 4, dtype=torch.float32)
+        torch.testing.assert_close(cos, whole_cos[:, a:b], rtol=0, atol=1e-4)
+        torch.testing.assert_close(sin, whole_sin[:, a:b], rtol=0, atol=1e-4)
+    other, _ = model.rope(model.pos_frequencies[:, 1:3].contiguous(), 1, 2, 4, dtype=torch.float32)
+    assert (other - whole_cos[:, 0:2]).abs().max() > 0.1  # another rank's heads: a different table
+    by_path = {s.path: s for s in plan.layers}
+    last = len(model.transformer_blocks) - 1
+    assert by_path["transformer_blocks.0.attn1.to_add_out"].kind == "row"
+    assert by_path["transformer_blocks.0.attn1.add_q_proj"].kind == "column"
+    assert f"transformer_blocks.{last}.attn1.to_add_out" not in by_path  # context_pre_only: no prompt output
+    assert by_path[f"transformer_blocks.{last}.norm1_context.linear_1"].gather_output
+
+
+def test_mochi_tensor_parallel_shares_of_the_real_configuration():
+    """Mochi-1-preview (meta device, bf16): the largest rank's share of the weights at tp 2 / 4, from the plan."""
+    import diffusers
+
+    from diffpar.families.transformers import tp_plans
+    from diffpar.testing.tiny_models.mochi import REAL_CONFIGS
+
+    _require("MochiTransformer3DModel")
+    cls_name, config = REAL_CONFIGS["Mochi-1-preview"]
+    with torch.device("meta"):
+        model = getattr(diffusers, cls_name)(**config)
+    for tp, most in ((2, 0.51), (4, 0.26)):
+        acc = tp_plans.shard_plan_for(model, tp).weight_bytes(model, bytes_per_element=2)
+        assert acc["per_rank"] / acc["full"] <= most, (tp, acc)
+
+
+@pytest.mark.parametrize("config", [pytest.param({"tp_size": 2}, id="tp2"),
+                                    pytest.param({"ulysses_size": 2, "tp_size": 2}, id="ulysses2xtp2")])
+def test_mochi_tensor_parallel_with_prompts_of_different_lengths(ranks, config):
+    """Padded prompts (6 and 3 real tokens of 8): diffusers' processor attends per sample over its valid prompt
+    tokens; each rank does so for its heads only (half of them), the same as one process."""
+    from tolerances import BITWISE, TRANSFORMER_TP_FP32
+
+    _require("MochiTransformer3DModel")
+    world = 2 * config.get("ulysses_size", 1)
+    results = ranks(world, "workers.transformer_tp:tp_equivalence", model_name="mochi", config=config,
+                    seq=16, text=8, batch=2, model_kwargs={"heads": 4, "head_dim": 12},
+                    input_kwargs={"valid": [6, 3]})
+    for r in results:
+        assert r["diff"] <= TRANSFORMER_TP_FP32, (r["rank"], r["diff"])
+        assert r["local_heads"]["transformer_blocks.0.attn1"] == 2, "each rank computes half of the 4 heads"
+        assert r["bytes_ratio"] < 0.7 and r["plan_bytes_match"]
+        assert r["detach_diff"] == BITWISE and r["detach_weights_equal"]
+
+
+def test_mochi_tensor_parallel_rollback_before_commit_is_local_and_exact(ranks):
+    """A later step failing undoes the tensor-parallel step before commit: no collective, every weight (the
+    sliced pos_frequencies included: the state dict is compared) back bit for bit."""
+    _require("MochiTransformer3DModel")
+    for r in ranks(2, "workers.transformer_tp:rollback_before_commit", model_name="mochi",
+                   model_kwargs={"heads": 4, "head_dim": 12}):
+        assert r["collectives"] == [] and r["same_layers"] and r["restored"], r
+        assert r["weight_shape"][0] == r["expected_rows"] < r["full_shape"][0], r  # split before the undo
 
 
 @pytest.mark.parametrize("builder,class_name,config,input_kwargs,expected", REFUSED)

@@ -185,7 +185,8 @@ def _sliced_dims(shard_plan: ShardPlan | None) -> dict[str, tuple[int, tuple]]:
         for name, dim, ranges in spec.params:
             out[f"{spec.path}.{name}"] = (dim, tuple(tuple(r) for r in ranges))
     for spec in shard_plan.head_parameters:  # one entry per head (Lumina-Next's gate)
-        out[f"{spec.path}.{spec.name}"] = (spec.dim, tuple(tuple(r) for r in spec.ranges))
+        key = f"{spec.path}.{spec.name}" if spec.path else spec.name  # a parameter of the model itself
+        out[key] = (spec.dim, tuple(tuple(r) for r in spec.ranges))
     return out
 
 

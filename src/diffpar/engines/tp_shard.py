@@ -389,8 +389,9 @@ class EvenSplitPlan:
     `sliced_outputs`: module path -> `ColumnsOf` (a RoPE table over the whole inner width of split attentions);
     `reduced_parameters`: module glob -> `PackedParameters` (packed experts: own parameters sliced along a hidden
     width, the output all-reduced);
-    `head_parameters`: module glob -> (parameter name, path of an attention under that module): a parameter with
-    one entry per query head of that attention (dim 0), each rank keeping its heads' entries.
+    `head_parameters`: module glob ("" for the model itself) -> (parameter name, path of an attention under that
+    module[, dim]): a parameter with one entry per query head of that attention along `dim` (default 0; Mochi's
+    RoPE frequencies, 3 x heads x head_dim/2: 1), each rank keeping its heads' entries.
     """
 
     linears: dict[str, object]
@@ -398,7 +399,7 @@ class EvenSplitPlan:
     sharded_norms: tuple[str, ...] = ()
     sliced_outputs: dict[str, ColumnsOf] = field(default_factory=dict)
     reduced_parameters: dict[str, "PackedParameters"] = field(default_factory=dict)
-    head_parameters: dict[str, tuple[str, str]] = field(default_factory=dict)
+    head_parameters: dict[str, tuple] = field(default_factory=dict)
 
 
 def expand(model: torch.nn.Module, pattern: str) -> list[tuple[str, torch.nn.Module]]:
@@ -769,17 +770,19 @@ def even_shard_plan(model: torch.nn.Module, plan: EvenSplitPlan, tp: int, *, sou
                 ranges = width_ranges(width, owner(path), path)
                 kind = LAYER_NORM if isinstance(norm, torch.nn.LayerNorm) else RMS_NORM
                 out.norms.append(NormShard(path, width, tuple(ranges), kind))
-        for pattern, (pname, attention_path) in plan.head_parameters.items():
+        for pattern, (pname, attention_path, *head_dim_at) in plan.head_parameters.items():
+            dim = head_dim_at[0] if head_dim_at else 0
             for path, _holder in expand(model, pattern):
-                split = splits.get(f"{path}.{attention_path}")
+                attention = f"{path}.{attention_path}" if path else attention_path  # "" is the model itself
+                split = splits.get(attention)
                 if split is None:
                     raise DiffparError(f"tensor-parallel plan: {path}.{pname} follows the heads of "
-                                       f"{path}.{attention_path}, which the plan does not split")
-                entries = getattr(_holder, pname).shape[0]
+                                       f"{attention}, which the plan does not split")
+                entries = getattr(_holder, pname).shape[dim]
                 if entries != split.heads:
-                    raise DiffparError(f"tensor-parallel plan: {path}.{pname} has {entries} entries, not one per head "
-                                       f"of the {split.heads} heads of {path}.{attention_path}")
-                out.head_parameters.append(HeadParameterShard(path, pname, 0, [(s.q,) for s in split.shards]))
+                    raise DiffparError(f"tensor-parallel plan: {path}.{pname} has {entries} entries along dim {dim}, "
+                                       f"not one per head of the {split.heads} heads of {attention}")
+                out.head_parameters.append(HeadParameterShard(path, pname, dim, [(s.q,) for s in split.shards]))
         for pattern, packed in plan.reduced_parameters.items():
             for path, holder in expand(model, pattern):
                 params = [(name, dim, packed_ranges(blocks, None, f"{path}.{name}"))

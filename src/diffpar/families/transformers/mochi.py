@@ -1,4 +1,4 @@
-"""Mochi (`MochiTransformer3DModel`): context-parallel plan; diffusers ships none. Tensor parallelism: refused.
+"""Mochi (`MochiTransformer3DModel`): context-parallel and tensor-parallel plans; diffusers ships neither.
 
 Asymmetric joint attention: the video stream (3072 wide) and the prompt stream (1536 wide) share 24 heads. The
 prompt's padding mask is the model input `encoder_attention_mask` (B, text), used whole by the caption pooler
@@ -19,15 +19,22 @@ The processor compacts each sample's valid prompt tokens to the front, so a prom
 changes meaning with the layout: refused (diffusers' pipeline always pads at the end), as are prompts of different
 lengths in one batch under Ring or the *_anything modes (no mask there).
 
-Tensor parallelism is refused: the RoPE table has one frequency set per attention head (`pos_frequencies`, 3 x
-heads x head_dim/2) and is applied inside attention to all heads at once, so a rank holding some heads would need
-its slice of that table, which diffpar's tensor-parallel engine cannot give a bare parameter yet.
+TP plan: the joint attention by heads, both streams (q/k/v and the prompt's add_q/k/v_proj by columns, `to_out.0`
+and `to_add_out` by rows); both SwiGLU feed-forwards by width (`net.0.proj` packs [value, gate]: split half by
+half); the AdaLN modulation (`norm1.linear`, `norm1_context.linear` / `linear_1`, `norm_out.linear`) gathered. The
+last block is `context_pre_only` (no `to_add_out`, no `ff_context`, a continuous norm for the prompt): its entries
+are named block by block. The q/k norms (and norm_added_q/k) are RMSNorms over one head's width: replicated, each
+rank normalises its own heads exactly. RoPE: `pos_frequencies` (3 x heads x head_dim/2) enters `rope` as
+einsum("nd,dhf->nhf"), every head's frequencies independent of the others, so each rank keeping
+`pos_frequencies[:, its heads, :]` (a head parameter along dim 1) computes exactly its heads' cos/sin tables, which
+the processor applies to its heads. Per rank: `heads` (the processor reshapes with it).
 """
 from __future__ import annotations
 
 import torch
 
 from diffpar.compat.diffusers_cp import dispatch_attention
+from diffpar.engines.tp_shard import GATHER, Packed
 from diffpar.errors import UnsupportedError
 from diffpar.families.registry import register_cp_plan
 from diffpar.families.transformers.attention_processors import joint_qkv
@@ -38,9 +45,6 @@ from diffpar.families.transformers.first_block_split import (
 )
 from diffpar.families.transformers.hunyuan_video import mask_for_sharded_keys
 from diffpar.families.transformers.tp_plans import TensorParallelPlan, register_tp_plan
-
-TP_REFUSAL = "its RoPE table has one frequency set per attention head"
-
 
 def _rotate(x, cos, sin):
     """Mochi's RoPE on interleaved pairs (x: B, S, H, D; cos/sin: S, H, D/2)."""
@@ -120,10 +124,32 @@ def mochi_cp_plan(model) -> dict:
     return first_block_split_plan(model, "rope", rope_dims=3)
 
 
+def _swiglu(name: str, linear) -> dict:
+    half = linear.out_features // 2  # SwiGLU: one projection packs [value, gate], chunked in two
+    return {f"{name}.net.0.proj": Packed("colwise", (half, half)), f"{name}.net.2": "rowwise"}
+
+
 @register_tp_plan("MochiTransformer3DModel")
-def _mochi_tp(model) -> TensorParallelPlan:
-    raise UnsupportedError(
-        f"tp_size for {type(model).__name__}: {TP_REFUSAL} (pos_frequencies, 3 x heads x head_dim/2), applied "
-        "inside attention to all heads at once; tensor parallelism gives each rank some of the heads, and diffpar "
-        "cannot yet give a rank its slice of that table. Use ulysses_size / ring_size for this model."
+def mochi_tp_plan(model) -> TensorParallelPlan:
+    linears = {}
+    for i, block in enumerate(model.transformer_blocks):
+        prefix = f"transformer_blocks.{i}"
+        entries = {f"attn1.{proj}": "colwise" for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
+                                                            "add_v_proj")}
+        entries["attn1.to_out.0"] = "rowwise"
+        entries.update(_swiglu("ff", block.ff.net[0].proj))
+        entries["norm1.linear"] = GATHER
+        if block.context_pre_only:  # the last block: the prompt stream ends in attention (no output projection)
+            entries["norm1_context.linear_1"] = GATHER
+        else:
+            entries["attn1.to_add_out"] = "rowwise"
+            entries.update(_swiglu("ff_context", block.ff_context.net[0].proj))
+            entries["norm1_context.linear"] = GATHER
+        linears.update({f"{prefix}.{suffix}": style for suffix, style in entries.items()})
+    linears["norm_out.linear"] = GATHER
+    return TensorParallelPlan(
+        linears=linears,
+        attention_attrs={"transformer_blocks.*.attn1": ("heads",)},
+        # One frequency set per head, applied to that head only: each rank keeps its heads (dim 1 of 3 x heads x f).
+        head_parameters={"": ("pos_frequencies", "transformer_blocks.0.attn1", 1)},
     )

@@ -42,8 +42,11 @@ def _mochi(heads=2, head_dim=16, layers=2):
 
 
 CASES = [
-    ModelCase("mochi", "MochiTransformer3DModel", kind="video", tp=(), pipelines=("MochiPipeline",),
-              notes="prompt padding cut before the split, key mask in Ulysses order; TP refused (per-head RoPE)"),
+    # head_dim 12: a 48-wide model whose SwiGLU width (8 * 48 / 3 = 128) divides evenly over 4 ranks.
+    ModelCase("mochi", "MochiTransformer3DModel", kind="video", pipelines=("MochiPipeline",),
+              model_kwargs={"heads": 4, "head_dim": 12},
+              notes="prompt padding cut before the split, key mask in Ulysses order; TP: per-head RoPE frequencies "
+                    "sliced by heads"),
 ]
 
 REAL_CONFIGS = {
