@@ -166,7 +166,10 @@ def _tiny_plan(builder: str, model_kwargs: dict, tp: int):
     from diffpar.testing.coverage import class_available, load_family_builders
 
     load_family_builders()
-    model, _ = tiny_transformers.build(builder, **model_kwargs)
+    try:
+        model, _ = tiny_transformers.build(builder, **model_kwargs)
+    except ImportError as exc:  # the builder imports a class this diffusers release does not have
+        pytest.skip(f"this diffusers release cannot build {builder}: {exc}")
     if not class_available(type(model).__name__):
         pytest.skip(f"this diffusers release has no {type(model).__name__}")
     return model, tp_plans.shard_plan_for(model, tp)
