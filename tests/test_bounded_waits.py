@@ -94,6 +94,9 @@ from diffpar.testing import tiny_transformers
 mode = sys.argv[1]
 dist.init_process_group("gloo", timeout=timedelta(seconds=120))
 model, make_inputs = tiny_transformers.build("flux")
+# Both ranks reach enable_cache together: on a loaded machine one rank's imports and build can lag the other's by
+# more than the 3 s that also bound setting up diffpar's groups; what this test times is the call's wait.
+dist.barrier()
 diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(ulysses_size=2, timeout_s=3))
 inputs = make_inputs(seq=16, text=8)
 if dist.get_rank() == 1:
