@@ -5,16 +5,12 @@ final decode split by rows; the video within PIPELINE_FP32 of the same pipeline 
 The split is proven: the transformer's attention saw a shard and issued its collectives, each text encoder holds a
 share of its weights, the VAE ran split."""
 import pytest
-from availability import diffusers_has
+from availability import diffusers_has, needs_uneven_split
 from tolerances import PIPELINE_FP32
 
 from diffpar.testing.probes import assert_split
-from diffpar.compat.diffusers_cp import uneven_split_option
 
-# Odd prompt / token counts are the point of these tests: they need diffusers' uneven split (Ulysses from 0.37). On a
-# release without it (0.36) every rank refuses them clearly, which tests/test_any_input.py asserts.
-pytestmark = pytest.mark.skipif(uneven_split_option(2, 1) is None,
-                                reason="odd lengths need diffusers' uneven Ulysses split (0.37+); 0.36 refuses them")
+pytestmark = needs_uneven_split()  # odd lengths are the point of these tests
 
 
 def _has_pipeline():

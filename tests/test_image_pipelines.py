@@ -4,14 +4,9 @@ process."""
 import pytest
 from tolerances import PIPELINE_FP32
 
-import diffusers
 
 from diffpar.testing.probes import assert_split
-
-
-def _needs(cls_name: str):
-    return pytest.mark.skipif(not hasattr(diffusers, cls_name),
-                              reason=f"diffusers {diffusers.__version__} has no {cls_name}")
+from availability import needs
 
 
 def _check(results, config):
@@ -29,15 +24,15 @@ def _check(results, config):
 # FluxFill samples its masked-image latents (VAE encode posterior) with the generator outside prepare_latents:
 # rank seeds there in test_fill_with_rank_seeds_needs_encode_sample_broadcast.
 CASES = [
-    pytest.param("flux-kontext", True, marks=[pytest.mark.compat, _needs("FluxKontextPipeline")]),
-    pytest.param("flux-fill", False, marks=[pytest.mark.compat, _needs("FluxFillPipeline")]),
-    pytest.param("flux-img2img", True, marks=[pytest.mark.compat, _needs("FluxImg2ImgPipeline")]),
-    pytest.param("sd3-img2img", True, marks=[pytest.mark.compat, _needs("StableDiffusion3Img2ImgPipeline")]),
-    pytest.param("flux2-reference", True, marks=[pytest.mark.compat, _needs("Flux2Pipeline")]),
-    pytest.param("qwenimage-inpaint", True, marks=[pytest.mark.compat, _needs("QwenImageInpaintPipeline")]),
+    pytest.param("flux-kontext", True, marks=[pytest.mark.compat, needs("FluxKontextPipeline")]),
+    pytest.param("flux-fill", False, marks=[pytest.mark.compat, needs("FluxFillPipeline")]),
+    pytest.param("flux-img2img", True, marks=[pytest.mark.compat, needs("FluxImg2ImgPipeline")]),
+    pytest.param("sd3-img2img", True, marks=[pytest.mark.compat, needs("StableDiffusion3Img2ImgPipeline")]),
+    pytest.param("flux2-reference", True, marks=[pytest.mark.compat, needs("Flux2Pipeline")]),
+    pytest.param("qwenimage-inpaint", True, marks=[pytest.mark.compat, needs("QwenImageInpaintPipeline")]),
     # not compat-marked: 1.5-2 min each (a 1024 px VAE encode per input image), not yet run on 0.36.0
-    pytest.param("qwenimage-edit", True, marks=_needs("QwenImageEditPipeline")),
-    pytest.param("qwenimage-edit-plus", True, marks=_needs("QwenImageEditPlusPipeline")),
+    pytest.param("qwenimage-edit", True, marks=needs("QwenImageEditPipeline")),
+    pytest.param("qwenimage-edit-plus", True, marks=needs("QwenImageEditPlusPipeline")),
 ]
 
 
@@ -49,7 +44,7 @@ def test_image_pipeline_whole_world(ranks, kind, rank_seeds):
     _check(results, config)
 
 
-@_needs("FluxFillPipeline")
+@needs("FluxFillPipeline")
 def test_fill_with_rank_seeds_needs_encode_sample_broadcast(ranks):
     """FluxFillPipeline.prepare_mask_latents samples the VAE posterior with the generator after prepare_latents:
     the generator gets rank 0's state at prepare_latents, so those samples agree too."""

@@ -6,21 +6,11 @@ Rank r passes generator seed r: diffpar's latent broadcast must make every rank 
 import pytest
 from tolerances import PIPELINE_FP32
 
-import diffusers
-from availability import diffusers_has
+from availability import needs, needs_uneven_split
 
 from diffpar.testing.probes import assert_split
-from diffpar.compat.diffusers_cp import uneven_split_option
 
-# Odd prompt / token counts are the point of these tests: they need diffusers' uneven split (Ulysses from 0.37). On a
-# release without it (0.36) every rank refuses them clearly, which tests/test_any_input.py asserts.
-pytestmark = pytest.mark.skipif(uneven_split_option(2, 1) is None,
-                                reason="odd lengths need diffusers' uneven Ulysses split (0.37+); 0.36 refuses them")
-
-
-def _needs(cls_name: str):
-    return pytest.mark.skipif(not diffusers_has(cls_name),
-                              reason=f"diffusers {diffusers.__version__} has no {cls_name}")
+pytestmark = needs_uneven_split()  # odd lengths are the point of these tests
 
 
 # Kinds whose input image goes through the VAE encode (split too).
@@ -34,16 +24,16 @@ GLOBAL_RNG = {"cogview4-control"}
 ODD_PROMPT_PROBED = {"chroma", "chroma-img2img", "auraflow"}
 
 CASES = [
-    pytest.param("chroma", marks=_needs("ChromaPipeline")),
-    pytest.param("chroma-img2img", marks=_needs("ChromaImg2ImgPipeline")),
+    pytest.param("chroma", marks=needs("ChromaPipeline")),
+    pytest.param("chroma-img2img", marks=needs("ChromaImg2ImgPipeline")),
     # CogView4 left-pads its prompt to a multiple of 16 itself: its text length is even whatever we ask
-    pytest.param("cogview4", marks=_needs("CogView4Pipeline")),
-    pytest.param("cogview4-control", marks=_needs("CogView4ControlPipeline")),
-    pytest.param("lumina2", marks=_needs("Lumina2Pipeline")),
-    pytest.param("sana", marks=_needs("SanaPipeline")),
-    pytest.param("pixart-sigma", marks=_needs("PixArtSigmaPipeline")),
-    pytest.param("pixart-alpha", marks=_needs("PixArtAlphaPipeline")),
-    pytest.param("auraflow", marks=_needs("AuraFlowPipeline")),
+    pytest.param("cogview4", marks=needs("CogView4Pipeline")),
+    pytest.param("cogview4-control", marks=needs("CogView4ControlPipeline")),
+    pytest.param("lumina2", marks=needs("Lumina2Pipeline")),
+    pytest.param("sana", marks=needs("SanaPipeline")),
+    pytest.param("pixart-sigma", marks=needs("PixArtSigmaPipeline")),
+    pytest.param("pixart-alpha", marks=needs("PixArtAlphaPipeline")),
+    pytest.param("auraflow", marks=needs("AuraFlowPipeline")),
 ]
 
 
@@ -73,7 +63,7 @@ def _check(results, kind, config):
     assert_split(results, config)  # every denoising step's transformer attention ran on a token shard
 
 
-@_needs("CogView4ControlPipeline")
+@needs("CogView4ControlPipeline")
 def test_cogview4_control_global_rng_seeded_per_rank_agrees(ranks):
     """Each rank seeds torch's global random state differently; CogView4Control samples the control image's posterior
     from it (no generator): diffpar gives every rank rank 0's global state at the call's start, so the image is

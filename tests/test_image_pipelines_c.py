@@ -5,28 +5,17 @@ every text encoder the pipeline builds tensor parallel and the VAE decode split;
 PIPELINE_FP32 of the same pipeline in one process, identical on every rank, and the split proven (image tokens and
 collectives per rank, text-encoder weights per rank smaller than whole, VAE split calls). None of these pipelines
 encodes an input image in a text-to-image call, so only the decode is split."""
-import pytest
 from tolerances import PIPELINE_FP32
 
-import diffusers
-from availability import diffusers_has
+from availability import needs, needs_uneven_split
 
 from diffpar.testing.probes import assert_split
-from diffpar.compat.diffusers_cp import uneven_split_option
 
-# Odd prompt / token counts are the point of these tests: they need diffusers' uneven split (Ulysses from 0.37). On a
-# release without it (0.36) every rank refuses them clearly, which tests/test_any_input.py asserts.
-pytestmark = pytest.mark.skipif(uneven_split_option(2, 1) is None,
-                                reason="odd lengths need diffusers' uneven Ulysses split (0.37+); 0.36 refuses them")
+pytestmark = needs_uneven_split()  # odd lengths are the point of these tests
 
 ULYSSES = {"ulysses_size": 2}
 # vae_split_min_rows=0: the tiny 32 px images have 8 latent rows, below the default threshold for splitting
 CONFIG = dict(ULYSSES, vae_split_min_rows=0)
-
-
-def _needs(cls_name: str):
-    return pytest.mark.skipif(not diffusers_has(cls_name),
-                              reason=f"diffusers {diffusers.__version__} has no {cls_name}")
 
 
 def _check(results, encoders=("text_encoder",), **split_options):
@@ -50,7 +39,7 @@ def _run(ranks, kind, rank_seeds=True, **call_overrides):
                  rank_seeds=rank_seeds, call_overrides=call_overrides, timeout=300)
 
 
-@_needs("Krea2Pipeline")
+@needs("Krea2Pipeline")
 def test_krea2(ranks):
     """Krea2Pipeline: Qwen3VLModel tensor parallel (its three tapped hidden states feed the text fusion, which
     runs whole on every rank), 16 image tokens after 37 text tokens (53: odd), classifier-free guidance (two transformer
@@ -58,7 +47,7 @@ def test_krea2(ranks):
     _check(_run(ranks, "krea2"))
 
 
-@_needs("QwenImage21Pipeline")
+@needs("QwenImage21Pipeline")
 def test_qwenimage21(ranks):
     """QwenImage21Pipeline (text to image): Qwen3VLForConditionalGeneration tensor parallel (its language model;
     the vision tower stays whole), 31 text tokens + 16 image tokens, the second step from the text key/value cache
@@ -66,14 +55,14 @@ def test_qwenimage21(ranks):
     _check(_run(ranks, "qwenimage21"))
 
 
-@_needs("PRXPipeline")
+@needs("PRXPipeline")
 def test_prx(ranks):
     """PRXPipeline: T5Gemma's encoder stack tensor parallel (eager attention: transformers has no SDPA path for
     it), 16 image tokens with a 15-token prompt, classifier-free guidance batched (two rows per transformer call)."""
     _check(_run(ranks, "prx"))
 
 
-@_needs("NucleusMoEImagePipeline")
+@needs("NucleusMoEImagePipeline")
 def test_nucleusmoe_image(ranks):
     """NucleusMoEImagePipeline: Qwen3VLForConditionalGeneration tensor parallel, 15 image tokens (odd) after the
     prompt (264 tokens, a multiple of 8: the pipeline pads to one, and diffpar refuses a padded prompt on this
@@ -81,7 +70,7 @@ def test_nucleusmoe_image(ranks):
     _check(_run(ranks, "nucleusmoe"))
 
 
-@_needs("ErnieImagePipeline")
+@needs("ErnieImagePipeline")
 def test_ernie_image(ranks):
     """ErnieImagePipeline (no prompt enhancer): Mistral3Model tensor parallel, a 13-token prompt and 15 image tokens
     (both odd), classifier-free guidance batched with an empty negative prompt (rows of different text lengths).
@@ -92,7 +81,7 @@ def test_ernie_image(ranks):
     _check(_run(ranks, "ernie_image", rank_seeds=False))
 
 
-@_needs("ErnieImagePipeline")
+@needs("ErnieImagePipeline")
 def test_ernie_image_rank_seeds_get_rank_0s_noise(ranks):
     """ErnieImagePipeline draws its noise inline (no prepare_latents): with a seed per rank, the generators get rank
     0's state at the call's start, so the image is rank 0's (it was silently another before)."""
@@ -100,7 +89,7 @@ def test_ernie_image_rank_seeds_get_rank_0s_noise(ranks):
     assert all(r["diff"] <= PIPELINE_FP32 for r in results), [r["diff"] for r in results]
 
 
-@_needs("GlmImagePipeline")
+@needs("GlmImagePipeline")
 def test_glm_image(ranks):
     """GlmImagePipeline's diffusion decoder with given prior tokens (the autoregressive GLM that writes them is left
     out): the T5 glyph encoder tensor parallel, 10 image tokens (even: the pipeline admits no odd count) after 5
@@ -108,7 +97,7 @@ def test_glm_image(ranks):
     _check(_run(ranks, "glm_image"))
 
 
-@_needs("GlmImagePipeline")
+@needs("GlmImagePipeline")
 def test_glm_image_guidance_one_glyph_token(ranks):
     """With guidance the unconditional call's glyph text is ONE token (an empty negative prompt), fewer than the 2
     ranks: GLM-Image's plan cuts that call over the joint sequence [text, image] (11 tokens: rank 0 the text token
@@ -123,7 +112,7 @@ def test_glm_image_guidance_one_glyph_token(ranks):
         assert r["split_reference"]["text_tokens"] == [5, 1] * 2, r["split_reference"]
 
 
-@_needs("Flux3AutoBlocks")
+@needs("Flux3AutoBlocks")
 def test_flux3_modular(ranks):
     """Flux3ModularPipeline (diffusers ships FLUX.3 as a modular pipeline only), without its prompt upsampler:
     Qwen3VLForConditionalGeneration tensor parallel, 15 image tokens (odd) after an 80-token padded prompt. Every
@@ -131,7 +120,7 @@ def test_flux3_modular(ranks):
     _check(_run(ranks, "flux3", rank_seeds=False))
 
 
-@_needs("Flux3AutoBlocks")
+@needs("Flux3AutoBlocks")
 def test_flux3_modular_rank_seeds_get_rank_0s_noise(ranks):
     """A modular pipeline draws its noise in a block: with a seed per rank, the generators get rank 0's state at the
     call's start, so the image is rank 0's."""

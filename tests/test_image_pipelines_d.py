@@ -6,21 +6,11 @@ broadcast must make every rank use rank 0's noise."""
 import pytest
 from tolerances import PIPELINE_FP32
 
-import diffusers
-from availability import diffusers_has
+from availability import needs, needs_uneven_split
 
 from diffpar.testing.probes import assert_split
-from diffpar.compat.diffusers_cp import uneven_split_option
 
-# Odd token counts are the point of these tests: they need diffusers' uneven split (Ulysses from 0.37). On a
-# release without it (0.36) every rank refuses them clearly, which tests/test_any_input.py asserts.
-pytestmark = pytest.mark.skipif(uneven_split_option(2, 1) is None,
-                                reason="odd lengths need diffusers' uneven Ulysses split (0.37+); 0.36 refuses them")
-
-
-def _needs(cls_name: str):
-    return pytest.mark.skipif(not diffusers_has(cls_name),
-                              reason=f"diffusers {diffusers.__version__} has no {cls_name}")
+pytestmark = needs_uneven_split()  # odd lengths are the point of these tests
 
 
 # Kinds with a text encoder (made tensor parallel); DiT has class labels only.
@@ -35,9 +25,9 @@ ODD_TOKENS_PROBED = {"dit", "ideogram4"}
 NO_PREPARE_LATENTS = {"dit"}
 
 CASES = [
-    pytest.param("lumina-next", marks=_needs("LuminaPipeline")),
-    pytest.param("dit", marks=_needs("DiTPipeline")),
-    pytest.param("ideogram4", marks=_needs("Ideogram4Pipeline")),
+    pytest.param("lumina-next", marks=needs("LuminaPipeline")),
+    pytest.param("dit", marks=needs("DiTPipeline")),
+    pytest.param("ideogram4", marks=needs("Ideogram4Pipeline")),
 ]
 
 
@@ -62,7 +52,7 @@ def test_image_pipeline_whole_world(ranks, kind):
     assert_split(results, config)  # every denoising step's transformer attention ran on a token shard
 
 
-@_needs("DiTPipeline")
+@needs("DiTPipeline")
 def test_dit_rank_seeds_get_rank_0s_noise(ranks):
     """DiTPipeline draws its noise inline with randn_tensor: with a seed per rank (the worker's default) the
     generators get rank 0's state at the call's start, so the image is rank 0's (0.77 off before)."""

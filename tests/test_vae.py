@@ -1,19 +1,16 @@
 """Split VAE decode / encode (issue 4) vs the same VAE in one process: every family, 2 and 4 ranks."""
 import diffusers
 import pytest
+from availability import needs
 from tolerances import (BITWISE, PIPELINE_FP32, VAE_BF16_MARGIN, VAE_FP32, VAE_FP64, VAE_FP64_LTX,
                         VAE_LINEAR_ATTENTION)
 
-def _needs(name):
-    return pytest.mark.skipif(not hasattr(diffusers, name), reason=f"this diffusers has no {name}")
-
-
 FAMILIES = ["kl", "flux2", "wan", "wan22", "qwen", "hunyuan", "ltx",
-            pytest.param("hunyuan_image", marks=_needs("AutoencoderKLHunyuanImage")),
-            pytest.param("hunyuan_video15", marks=_needs("AutoencoderKLHunyuanVideo15")),
+            pytest.param("hunyuan_image", marks=needs("AutoencoderKLHunyuanImage")),
+            pytest.param("hunyuan_video15", marks=needs("AutoencoderKLHunyuanVideo15")),
             "cogvideox", "mochi", "temporal_decoder",
-            pytest.param("ltx2", marks=_needs("AutoencoderKLLTX2Video")), "dc",
-            pytest.param("cosmos", marks=_needs("AutoencoderKLCosmos")),
+            pytest.param("ltx2", marks=needs("AutoencoderKLLTX2Video")), "dc",
+            pytest.param("cosmos", marks=needs("AutoencoderKLCosmos")),
             # Qwen-Image 2's VAE: added as one table entry (families/vaes/qwenimage21.py); newer diffusers only.
             pytest.param("qwen21", marks=pytest.mark.skipif(not hasattr(diffusers, "AutoencoderKLQwenImage21"),
                                                             reason="this diffusers has no AutoencoderKLQwenImage21"))]

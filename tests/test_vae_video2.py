@@ -1,23 +1,18 @@
 """Split VAE decode / encode for the VAE classes added in issue 13 item 3 (one family file each under
 diffpar/families/vaes/), vs the same VAE in one process: 2, 3 and 4 ranks, odd latent heights, odd frame counts."""
-import diffusers
-from availability import diffusers_has
+from availability import needs
 import pytest
 from test_vae import _check_equivalence
 from tolerances import VAE_FP32, VAE_FP64
 
 
-def _needs(name):
-    return pytest.mark.skipif(not diffusers_has(name), reason=f"this diffusers has no {name}")
-
-
 FAMILIES = [
-    pytest.param("hunyuan_image_refiner", marks=_needs("AutoencoderKLHunyuanImageRefiner")),
-    pytest.param("magvit", marks=_needs("AutoencoderKLMagvit")),
-    pytest.param("allegro", marks=_needs("AutoencoderKLAllegro")),
-    pytest.param("kvae", marks=_needs("AutoencoderKLKVAE")),
-    pytest.param("kvae_video", marks=_needs("AutoencoderKLKVAEVideo")),
-    pytest.param("minimax_h3", marks=_needs("AutoencoderKLMiniMaxH3")),
+    pytest.param("hunyuan_image_refiner", marks=needs("AutoencoderKLHunyuanImageRefiner")),
+    pytest.param("magvit", marks=needs("AutoencoderKLMagvit")),
+    pytest.param("allegro", marks=needs("AutoencoderKLAllegro")),
+    pytest.param("kvae", marks=needs("AutoencoderKLKVAE")),
+    pytest.param("kvae_video", marks=needs("AutoencoderKLKVAEVideo")),
+    pytest.param("minimax_h3", marks=needs("AutoencoderKLMiniMaxH3")),
 ]
 
 # diffusers decodes Allegro only in tiles, one sample at a time (its tile buffer has batch 1); the tiny builder's
@@ -52,7 +47,7 @@ def test_split_is_exact_in_fp64(ranks, family):
     _check_equivalence(results, VAE_FP64, 3)
 
 
-@_needs("AutoencoderKLMiniMaxH3")
+@needs("AutoencoderKLMiniMaxH3")
 def test_minimax_decoder_with_another_attention_backend_is_refused():
     """The ViT decoder's split computes attention itself: a backend chosen for it would be silently bypassed."""
     import diffpar.families.catalog  # noqa: F401
