@@ -145,7 +145,8 @@ def test_mochi_tensor_parallel_shares_of_the_real_configuration():
 
 
 @pytest.mark.parametrize("config", [pytest.param({"tp_size": 2}, id="tp2"),
-                                    pytest.param({"ulysses_size": 2, "tp_size": 2}, id="ulysses2xtp2")])
+                                    pytest.param({"ulysses_size": 2, "tp_size": 2}, id="ulysses2xtp2",
+                                                 marks=needs_masks)])  # 0.36 refuses the mask under CP
 def test_mochi_tensor_parallel_with_prompts_of_different_lengths(ranks, config):
     """Padded prompts (6 and 3 real tokens of 8): diffusers' processor attends per sample over its valid prompt
     tokens; each rank does so for its heads only (half of them), the same as one process."""

@@ -59,8 +59,12 @@ def tp_equivalence(model_name: str, config: dict, seq: int = 16, text: int = 8, 
             reference = _first(reference_model(**copy.deepcopy(inputs)))
         handle = diffpar.enable_cache(model, parallelism_config=diffpar.ParallelismConfig(**config))
         sharded_bytes = local_weight_bytes(model)
-        with torch.no_grad():
-            parallel = _first(model(**copy.deepcopy(inputs)))
+        try:
+            with torch.no_grad():
+                parallel = _first(model(**copy.deepcopy(inputs)))
+        except BaseException:  # a refused call must not leave the model parallel (nor compat shims installed)
+            handle.detach()
+            raise
         result = {
             "diff": _max_diff(parallel, reference),
             "engine": handle.plan.component(type(model).__name__).payload.tp_engine,

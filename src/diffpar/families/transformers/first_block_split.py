@@ -63,10 +63,11 @@ def first_block_split_plan(model, rope: str, rope_dims: int) -> dict:
     }
 
 
-def cut_prompt_padding(config, kept: dict, mask_name: str, check_mask=None):
+def cut_prompt_padding(config, kept: dict, mask_name: str, check_mask=None, label: str = "HunyuanVideo"):
     """Pre-hook of the first block, block(hidden_states, encoder_hidden_states, temb, <mask_name>, ...): records
     this call's video length and the prompt length after the cut in `kept` (what the processors' masks cover) and
-    passes the prompt cut to that length. `check_mask(mask)`, if given, refuses a mask the cut cannot serve."""
+    passes the prompt cut to that length. `check_mask(mask)`, if given, refuses a mask the cut cannot serve;
+    `label` names the model in a refusal."""
     names = ("hidden_states", "encoder_hidden_states", "temb", mask_name)
 
     def hook(module, args, kwargs):
@@ -78,7 +79,7 @@ def cut_prompt_padding(config, kept: dict, mask_name: str, check_mask=None):
         if mask is not None:
             if check_mask is not None:
                 check_mask(mask)
-            keep = text_tokens_to_keep(mask, config)
+            keep = text_tokens_to_keep(mask, config, label)
         kept["text_tokens"] = keep
         if keep == text.shape[1]:
             return None

@@ -93,7 +93,7 @@ def prepare_hunyuan_video15(model, config, handle, name: str) -> None:
 
     kept: dict = {}
     prepare_first_block_split(model, handle, name, {HunyuanVideo15AttnProcessor2_0: _processor_class(kept)},
-                              cut_prompt_padding(config, kept, "attention_mask"))
+                              cut_prompt_padding(config, kept, "attention_mask", label="HunyuanVideo 1.5"))
 
 
 @register_cp_plan("HunyuanVideo15Transformer3DModel", prepare=prepare_hunyuan_video15)

@@ -116,7 +116,7 @@ def prepare_mochi(model, config, handle, name: str) -> None:
     kept: dict = {}
     prepare_first_block_split(model, handle, name, {MochiAttnProcessor2_0: _processor_class(kept)},
                               cut_prompt_padding(config, kept, "encoder_attention_mask",
-                                                 check_mask=_refuse_padding_before_real_tokens))
+                                                 check_mask=_refuse_padding_before_real_tokens, label="Mochi"))
 
 
 @register_cp_plan("MochiTransformer3DModel", prepare=prepare_mochi)
