@@ -55,18 +55,22 @@ def test_random_states_are_rank_0s_without_the_argument_check(ranks):
 
 
 @pytest.mark.parametrize("check_every_call", [True, False])
-@pytest.mark.parametrize("seed_per_rank,expected", [
-    (False, {"all_gather": 1}),  # equal random states: the one exchange only
-    (True, {"all_gather": 1, "broadcast": 1}),  # each rank's own generator seed: rank 0's states broadcast once
-])
-def test_one_exchange_per_call(ranks, check_every_call, seed_per_rank, expected):
-    """A call's agreement (arguments' fingerprint and random streams' digest) is one all-gather; the random states
-    travel only when they differ. Counted from the call's start to its first line (the pipeline's check_inputs)."""
+@pytest.mark.parametrize("seed_per_rank", [False, True])
+def test_one_exchange_per_call(ranks, check_every_call, seed_per_rank):
+    """A call's agreement (arguments' fingerprint and random streams' digest) is one all-gather, issued at the
+    call's start and settled at prepare_latents, so its round trip overlaps the call's first lines (tokenizing,
+    text encoding); the random states travel only when they differ, right after it, before any other collective."""
     results = ranks(2, "workers.calls:exchanges_before_the_call", timeout=120, check_every_call=check_every_call,
                     seed_per_rank=seed_per_rank)
     assert_split(results, {"ulysses_size": 2})
     for r in results:
-        assert r["before_call"] == expected, r
+        assert r["before_call"] == {"all_gather": 1}, r  # issued before the pipeline's first line, not waited
+        assert r["deferred_calls"] == 2, r  # both calls' exchanges were settled late
+        # Then: rank 0's random states (only when they differ), FLUX's prepare_latents outputs (the initial latents
+        # and their position ids), the rest.
+        head = ["all_gather"] + ["broadcast"] * (int(seed_per_rank) + 2)
+        assert r["order"][:len(head)] == head, r
+        assert r["order"].count("broadcast") == len(head) - 1, r
         assert r["diff"] <= CP_FP32, r  # rank 0's image on every rank, broadcast or not
         assert r["calls_agreed"] == (2 if check_every_call else 0), r
 

@@ -24,7 +24,7 @@ from diffpar.cache import apply_cache
 from diffpar.components import is_pipeline
 from diffpar.engines import sharded_loading
 from diffpar.engines import tensor_parallel
-from diffpar.engines.call_agreement import CallChecker, attach_model_checker, attach_pipeline_checker
+from diffpar.engines.call_agreement import CallChecker, EarlyRandomDraw, attach_model_checker, attach_pipeline_checker
 from diffpar.engines.cfg_parallel import apply_cfg_parallel
 from diffpar.engines.context_parallel import apply_context_parallel, new_parallel_config
 from diffpar.errors import DiffparError
@@ -159,10 +159,30 @@ def attach_call_checker(target, plan: ParallelPlan, config, handle) -> None:
     if is_pipeline(target):
         if config.broadcast_latents:  # every random draw of the call agrees across ranks
             checker.random_streams = random_state_step(target, mesh_lib.world_group(config.timeout_s))
+        # Pipelines draw their noise in prepare_latents (a settle point); one without it draws inline: no overlap.
+        checker.pipeline_can_defer = hasattr(target, "prepare_latents")
+        add_settle_points(plan, handle)
         attach_pipeline_checker(target, checker, handle)
     else:
         attach_model_checker(target, checker, handle)
     handle.states["call_checker"] = checker
+
+
+def _settle_before_forward(module, args):
+    if not torch.compiler.is_compiling():  # traced, it would be a no-op anyway: compiled calls do not defer
+        mesh_lib.settle_deferred()
+
+
+def add_settle_points(plan: ParallelPlan, handle: ParallelHandle) -> None:
+    """A pipeline call's exchange is settled before the first forward of each parallel module, ahead of that
+    module's own hooks (their collectives need the ranks agreed). Not text encoders: their collectives (tensor
+    parallel layers) settle it themselves, so the exchange also overlaps their embedding and first projections."""
+    for component in plan.components:
+        module = getattr(component.payload, "module", None)
+        if not isinstance(module, torch.nn.Module) or component.role in ("text encoder", "weights", "cache"):
+            continue
+        hook = module.register_forward_pre_hook(_settle_before_forward, prepend=True)
+        handle.add(f"{component.name}: settle the call agreement before its forward", hook.remove)
 
 
 def apply_step(step: str, fn, *args, **kwargs):
@@ -266,12 +286,27 @@ class CallRandomStreams:
 
     def synchronize(self) -> None:
         if self.differ:
+            self._refuse_draws_made()
             _broadcast_streams(self.streams, self.group, self.device)
         if self.latents is not None:
             buf = self.latents if self.latents.is_contiguous() else self.latents.contiguous()
             dist.broadcast(buf, src=0, group=self.group)
             if buf is not self.latents:
                 self.latents.copy_(buf)
+
+
+    def _refuse_draws_made(self) -> None:
+        """The states differed across ranks, so any draw made since the call's start (before this settle point)
+        came from each rank's own state: different noise on each rank. Every rank runs the same code on agreed
+        arguments, so every rank finds the same and raises alike."""
+        now = _random_states(self.generators, with_cuda=self.device is not None)
+        if any(not torch.equal(before, after) for (before, _), (after, _) in zip(self.streams, now)):
+            raise EarlyRandomDraw(
+                "diffpar: this pipeline call drew random numbers before its first parallel step, while the ranks' "
+                "random states differed (each rank seeded its own generator, or torch's global random state): "
+                "those draws differ between ranks. Pass generators seeded alike on every rank; or call again: "
+                "this pipeline's later calls agree on the random states at their start."
+            )
 
 
 def random_state_step(pipe, group=None):
@@ -295,6 +330,7 @@ def broadcast_latents(pipe, handle: ParallelHandle, group=None) -> None:
     default: the default group)."""
 
     def wrapper(wrapped, instance, args, kwargs):
+        mesh_lib.settle_deferred()  # the call's random states agreed before its noise is drawn
         result = wrapped(*args, **kwargs)
         items = result if isinstance(result, tuple) else (result,)
         for item in items:

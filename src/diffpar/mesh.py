@@ -369,6 +369,35 @@ def differing_fields(reference: dict, other: dict) -> list[tuple[str, object, ob
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+class PendingAgreement:
+    """Round 1 of an `agree` exchange, in flight: `settle()` waits for it (bounded), explains a mismatch or a
+    failed rank (round 2), and returns every rank's `values`. Issued early and settled late, the round trip
+    overlaps the caller's own local work (the per-call agreement: the pipeline's tokenizing and text encoding)."""
+
+    def __init__(self, what: str, description: dict, local_error, group, failed: str, timeout_s, values):
+        self.what, self.description, self.local_error = what, description, local_error
+        self.failed, self.timeout_s = failed, timeout_s
+        self.carries = False
+        if group is None and timeout_s is not None and timeout_s in _WORLD_GROUPS:
+            group, self.carries = _WORLD_GROUPS[timeout_s], True  # the whole world; its collectives end by themselves
+        self.group = group
+        self.fp = fingerprint(description)
+        # Round 1, one all-gather of [failed, h, *values], h = 62 bits of the fingerprint. The common case ends here.
+        row = torch.tensor([int(local_error is not None), int(self.fp, 16) >> 2, *values], dtype=torch.int64)
+        self.rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
+        self.work = dist.all_gather(self.rows, row, group=group, async_op=True)
+
+    def settle(self) -> list[tuple[int, ...]]:
+        _wait(self.work, self.what, self.timeout_s, self.carries)
+        # Every rank sees the same table, so every rank takes the same branch.
+        table = torch.stack(self.rows).tolist()
+        if not any(r[0] for r in table) and len({r[1] for r in table}) == 1:
+            return [tuple(r[2:]) for r in table]
+        _explain(self.what, self.description, self.fp, self.local_error, self.group, self.failed, self.timeout_s,
+                 self.carries)
+        return [tuple(r[2:]) for r in table]  # not reached: _explain raises on every rank
+
+
 def agree(what: str, description: dict, local_error: BaseException | None = None, group=None, *,
           failed: str = "failed its checks", timeout_s: float | None = None,
           values: tuple[int, ...] = ()) -> list[tuple[int, ...]]:
@@ -388,19 +417,43 @@ def agree(what: str, description: dict, local_error: BaseException | None = None
         if local_error is not None:
             raise local_error
         return [tuple(values)]
-    carries = False
-    if group is None and timeout_s is not None and timeout_s in _WORLD_GROUPS:
-        group, carries = _WORLD_GROUPS[timeout_s], True  # the whole world, with collectives that end by themselves
-    fp = fingerprint(description)
-    # Round 1, one all-gather of [failed, h, *values], h = 62 bits of the fingerprint. The common case ends here.
-    # Every rank sees the same table, so every rank takes the same branch below.
-    row = torch.tensor([int(local_error is not None), int(fp, 16) >> 2, *values], dtype=torch.int64)
-    rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
-    _wait(dist.all_gather(rows, row, group=group, async_op=True), what, timeout_s, carries)
-    table = torch.stack(rows).tolist()
-    if not any(r[0] for r in table) and len({r[1] for r in table}) == 1:
-        return [tuple(r[2:]) for r in table]
-    # Round 2, only to explain: every rank's description and error, as JSON.
+    return agree_start(what, description, local_error, group, failed=failed, timeout_s=timeout_s,
+                       values=values).settle()
+
+
+def agree_start(what: str, description: dict, local_error: BaseException | None = None, group=None, *,
+                failed: str = "failed its checks", timeout_s: float | None = None,
+                values: tuple[int, ...] = ()) -> PendingAgreement:
+    """`agree`'s round 1, issued and not waited for: every rank must `settle()` it (before any other collective
+    whose sizes depend on what is being agreed)."""
+    return PendingAgreement(what, description, local_error, group, failed, timeout_s, tuple(values))
+
+
+# The settle of the call agreement in flight (at most one): run by the first point of the call that needs the
+# ranks agreed (a collective diffpar issues, a parallel module's forward, the call's first random draw), so the
+# exchange's round trip overlaps the local work before it. Empty almost always: checking it costs one truth test.
+_DEFERRED: list = []
+
+
+def defer_settle(settle) -> None:
+    """Make `settle` (no arguments) the agreement in flight; one left over from an earlier call is settled first."""
+    settle_deferred()
+    _DEFERRED.append(settle)
+
+
+def settle_deferred() -> None:
+    """Finish the agreement in flight, if any: raises its mismatch (the same on every rank) or timeout here.
+    Called before every collective diffpar issues inside a call and where a call first needs the ranks agreed."""
+    if _DEFERRED:
+        _DEFERRED.pop()()
+
+
+def deferred_pending() -> bool:
+    return bool(_DEFERRED)
+
+
+def _explain(what: str, description: dict, fp: str, local_error, group, failed: str, timeout_s, carries) -> None:
+    """`agree`'s round 2, only to explain: every rank's description and error, as JSON; raises on every rank."""
     payload = {
         "fp": fp,
         "desc": description,

@@ -151,7 +151,8 @@ _COUNTED = ("all_gather", "all_reduce", "broadcast", "all_to_all_single", "all_g
 
 
 def exchanges_before_the_call(check_every_call: bool, seed_per_rank: bool) -> dict:
-    """Collectives from the start of a pipeline call to its first line (`check_inputs`): the per-call exchange.
+    """Collectives from the start of a pipeline call to its first line (`check_inputs`): the per-call exchange,
+    issued and in flight (settled later, at prepare_latents); and every collective of the call, in order.
     Two calls: the first one agrees the global random states (each rank's own so far), the second one is counted.
     The image must match one process (the broadcast is skipped only when the states are already equal)."""
     reference_pipe = _pipe()
@@ -163,11 +164,13 @@ def exchanges_before_the_call(check_every_call: bool, seed_per_rank: bool) -> di
     torch.manual_seed(100 + rank)  # each rank's global random state its own until the first call
     counts: dict = {}
     marks: list = []
+    order: list = []
     originals = {name: getattr(dist, name) for name in _COUNTED}
 
     def counting(name):
         def call(*args, **kwargs):
             counts[name] = counts.get(name, 0) + 1
+            order.append(name)
             return originals[name](*args, **kwargs)
         return call
 
@@ -191,7 +194,8 @@ def exchanges_before_the_call(check_every_call: bool, seed_per_rank: bool) -> di
                 setattr(dist, name, fn)
             del pipe.check_inputs
         return {"rank": rank, "diff": (out - reference).abs().max().item(), "before_call": marks[0],
-                "split": probe.summary(), "split_reference": reference_probe.summary(),
-                "calls_agreed": handle.state("call_checker").calls}
+                "order": order, "split": probe.summary(), "split_reference": reference_probe.summary(),
+                "calls_agreed": handle.state("call_checker").calls,
+                "deferred_calls": handle.state("call_checker").deferred_calls}
     finally:
         handle.detach()

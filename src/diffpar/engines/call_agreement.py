@@ -32,8 +32,14 @@ import torch
 import torch.distributed as dist
 
 from diffpar import mesh as mesh_lib
+from diffpar.compat.torch_compile import is_compiled
 from diffpar.errors import DiffparError
 from diffpar.patch import Patch
+
+class EarlyRandomDraw(DiffparError):
+    """A call drew random numbers before the ranks had agreed on their random states, and those states differed
+    (each rank seeded its own generator): the draws cannot be made rank 0's any more."""
+
 
 # Arguments whose values diffpar itself makes equal on every rank: compared by shape only.
 BROADCAST_ARGS = frozenset({"latents"})
@@ -253,22 +259,64 @@ class CallChecker:
         # broadcast_latents=False).
         self.random_streams = None
         self.calls = 0  # how many calls had their arguments agreed (tests and the benchmark count them)
+        # Overlap the exchange with the call's local work before it first needs the ranks agreed (its tokenizing and
+        # text encoding): settled at the first collective diffpar issues, parallel module forward or
+        # prepare_latents (`mesh.settle_deferred`). False: waited for at the call's start.
+        self.overlap = True
+        self.pipeline_can_defer = False  # set for pipelines whose random draws start in prepare_latents
+        self.draws_early = False  # learned: this pipeline drew random numbers before its first settle point
+        self.deferred_calls = 0
 
     def agree(self, description: dict | None, streams=None) -> None:
-        """The call's one exchange: the arguments' `description` (None: not checked) and `streams`' values."""
+        """The call's one exchange, waited for now: the arguments' `description` (None: not checked) and
+        `streams`' values, then rank 0's random states where they differ (bare models, and calls that cannot
+        defer: `begin`)."""
+        finish = self.begin(description, streams)
+        if finish is not None:
+            finish()
+
+    def defers(self, pipe, streams) -> bool:
+        """Whether this call's exchange may be settled late. Not when a module of the pipeline runs compiled (its
+        hooks were traced: the settle points inside it would not run), nor once this pipeline was seen drawing
+        random numbers before its first settle point (`EarlyRandomDraw`)."""
+        if not (self.overlap and self.pipeline_can_defer) or self.draws_early:
+            return False
+        if any(is_compiled(m) for m in vars(pipe).values() if isinstance(m, torch.nn.Module)):
+            return False
+        self.deferred_calls += 1
+        return True
+
+    def begin(self, description: dict | None, streams=None):
+        """Issue the call's one exchange and return what finishes it (waits, raises a mismatch on every rank, makes
+        the random streams rank 0's), for the caller to run when the call first needs the ranks agreed; None when
+        there is nothing to agree."""
         if description is None and streams is None:
-            return
+            return None
         what = {}
         if description is not None:
             what["arguments"] = description
             if self.weight_modules:
                 what["weights"] = {n: weights_checksum(m) for n, m in self.weight_modules.items()}
-        table = mesh_lib.agree(f"diffpar: a call of {self.label}", what, None, self.group, timeout_s=self.timeout_s,
-                               values=tuple(streams.values) if streams is not None else ())
-        if description is not None:
-            self.calls += 1
-        if streams is not None:
-            streams.after_agreement(table)
+        if not dist.is_initialized():
+            pending = None
+        else:
+            pending = mesh_lib.agree_start(f"diffpar: a call of {self.label}", what, None, self.group,
+                                           timeout_s=self.timeout_s,
+                                           values=tuple(streams.values) if streams is not None else ())
+
+        def finish() -> None:
+            table = pending.settle() if pending is not None else [tuple(streams.values) if streams else ()]
+            if description is not None:
+                self.calls += 1
+            if streams is not None:
+                streams.after_agreement(table)
+                try:
+                    streams.synchronize()  # rank 0's random states where they differ (a broadcast, only then)
+                except EarlyRandomDraw:
+                    self.draws_early = True  # later calls agree at their start
+                    raise
+
+        return finish
 
 
 # -- the call itself: `pipe(...)` and `model(...)` look `__call__` up on the class, so the class is patched, shared
@@ -332,14 +380,35 @@ def _call_wrapper(wrapped, instance, args, kwargs):
     checker = vars(instance).get(_CHECKER_ATTR) if instance is not None and hasattr(instance, "__dict__") else None
     if checker is None:
         return wrapped(*args, **kwargs)
-    streams = None
-    if checker.agree_in_call:
-        # Outside the `try` below: the agreement's own errors (a timeout, a mismatch) already say what happened.
-        streams = checker.random_streams(wrapped, args, kwargs) if checker.random_streams is not None else None
-        checker.agree(describe_call(wrapped, args, kwargs) if checker.check_arguments else None, streams)
+    if not checker.agree_in_call:
+        return _run_naming_collectives(checker, wrapped, args, kwargs)
+    mesh_lib.settle_deferred()  # an enclosing call's exchange, if one is still in flight
+    # Outside the `try` below: the agreement's own errors (a timeout, a mismatch) already say what happened.
+    streams = checker.random_streams(wrapped, args, kwargs) if checker.random_streams is not None else None
+    finish = checker.begin(describe_call(wrapped, args, kwargs) if checker.check_arguments else None, streams)
+    if finish is None:
+        return _run_naming_collectives(checker, wrapped, args, kwargs)
+    if checker.defers(instance, streams):
+        mesh_lib.defer_settle(finish)  # settled where the call first needs it (`mesh.settle_deferred`)
+    else:
+        finish()
     try:
-        if streams is not None:
-            streams.synchronize()  # rank 0's random states where they differ (a broadcast, only then)
+        result = _run_naming_collectives(checker, wrapped, args, kwargs)
+    except BaseException as exc:
+        # The exchange still in flight when the call failed before its first settle point: finish it, so it never
+        # outlives the call; a mismatch is the cause to report (the others raise it too).
+        if mesh_lib.deferred_pending():
+            try:
+                mesh_lib.settle_deferred()
+            except DiffparError as mismatch:
+                raise mismatch from exc
+        raise
+    mesh_lib.settle_deferred()  # a call that reached no settle point (ran nothing parallel) still agrees
+    return result
+
+
+def _run_naming_collectives(checker: "CallChecker", wrapped, args, kwargs):
+    try:
         return wrapped(*args, **kwargs)
     except RuntimeError as exc:
         clear = collective_failure(exc, checker.label, checker.timeout_s)

@@ -32,6 +32,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from diffpar.mesh import settle_deferred
+
 from diffpar.engines.tp_shard import even_split
 from diffpar.errors import DiffparError
 from diffpar.patch import Patch
@@ -103,6 +105,7 @@ def _wait(work, timeout_s: float, what: str) -> None:
 def _all_gather(tensor: torch.Tensor, group, timeout_s: float, counters: DenoiserCounters, what: str):
     tensor = tensor.contiguous()
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    settle_deferred()
     _wait(dist.all_gather(parts, tensor, group=group, async_op=True), timeout_s, what)
     counters.exchanges += 1
     counters.bytes_sent += tensor.numel() * tensor.element_size()

@@ -32,6 +32,8 @@ import logging
 
 import torch
 import torch.distributed as dist
+
+from diffpar.mesh import settle_deferred
 from torch import nn
 
 from diffpar.compat.quantized_tensors import (
@@ -134,6 +136,7 @@ class HeadShardedLayerNorm(nn.Module):
         counted = xf if self.counted is None else (
             xf.new_zeros(xf.shape[:-1] + (0,)) if not self.counted else _narrow(xf, -1, self.counted))
         stats = torch.stack([counted.sum(dim=-1), counted.pow(2).sum(dim=-1)])  # one collective for both
+        settle_deferred()
         dist.all_reduce(stats, group=self.group)
         mean = stats[0] / self.full_width
         var = (stats[1] / self.full_width - mean.pow(2)).clamp_min(0)

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+
+from diffpar.mesh import settle_deferred
 import torch.nn.functional as F
 from torch import nn
 
@@ -40,6 +42,7 @@ def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
         import torch.distributed.nn.functional as dist_fn
 
         return dist_fn.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    settle_deferred()
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
@@ -55,6 +58,7 @@ def all_gather_last_dim(tensor: torch.Tensor, sizes: Sequence[int], group) -> to
         local = F.pad(tensor, (0, width - tensor.shape[-1]))
     local = local.contiguous()
     pieces = [torch.empty_like(local) for _ in sizes]
+    settle_deferred()
     dist.all_gather(pieces, local, group=group)
     return torch.cat([p[..., :n] for p, n in zip(pieces, sizes)], dim=-1)
 
@@ -290,6 +294,7 @@ class HeadShardedRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         sum_sq = xf.pow(2).sum(dim=-1, keepdim=True)
+        settle_deferred()
         dist.all_reduce(sum_sq, group=self.group)
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         out = (xf * torch.rsqrt(sum_sq / self.full_width + eps)).to(x.dtype)
@@ -351,6 +356,7 @@ def gather_full(local: torch.Tensor, dim: int, all_ranges: Sequence[Sequence[Ran
     if piece.shape[0] < width:
         piece = torch.cat([piece, piece.new_zeros((width - piece.shape[0], *piece.shape[1:]))])
     pieces = [torch.empty_like(piece) for _ in sizes]
+    settle_deferred()
     dist.all_gather(pieces, piece, group=group)
     full = piece.new_empty((full_size, *piece.shape[1:]))
     for ranges, got in zip(all_ranges, pieces):

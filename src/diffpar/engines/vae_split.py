@@ -18,6 +18,8 @@ from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+
+from diffpar.mesh import settle_deferred
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -297,6 +299,7 @@ class VaeSplitState:
             dtype=torch.int64, device=collective_device(self.group),
         )
         parts = [torch.empty_like(mine) for _ in range(self.world)]
+        settle_deferred()
         work = dist.all_gather(parts, mine, group=self.group, async_op=True)
         try:
             work.wait(timeout=timedelta(seconds=self.handshake_timeout_s))
