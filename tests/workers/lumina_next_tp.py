@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from diffpar.engines.tensor_parallel import HeadShardedLayerNorm
+from diffpar.engines.tensor_parallel_linear import HeadShardedLayerNorm
 from diffpar.engines.tp_shard import LAYER_NORM, NormShard
 from workers.text_encoders import _counted_all_reduces
 

@@ -6,10 +6,10 @@ Every planned layer is replaced by its shard: `ColumnParallelLinear` (this rank'
 when the plan says `gather_output`), `RowParallelLinear` (this rank's input features, one all-reduce, the bias
 added once), `HeadParallelEmbedding` (this rank's heads of a per-head table), `HeadShardedRMSNorm` (an RMSNorm over
 all heads: the mean of squares is all-reduced), `HeadShardedLayerNorm` (a LayerNorm over all heads: [sum, sum of
-squares] all-reduced at once), `ReducedOutputModule` (packed experts: own parameters sliced along the hidden width,
-the output all-reduced); per-head parameters (a gate) are sliced in place to this rank's heads; attributes a
-forward reads (head counts, widths) get per-rank values. Weights are plain tensors: a shard's `.weight.shape` is
-this rank's slice.
+squares] all-reduced at once) - both norms count a feature several ranks hold (a shared key/value head) once -,
+`ReducedOutputModule` (packed experts: own parameters sliced along the hidden width, the output all-reduced);
+per-head parameters (a gate) are sliced in place to this rank's heads; attributes a forward reads (head counts,
+widths) get per-rank values. Weights are plain tensors: a shard's `.weight.shape` is this rank's slice.
 
 Undo. Until `handle.commit()` the replaced layers stay referenced, so a rollback puts them back exactly and
 locally. At commit they are released, and what detach does afterwards is the caller's choice (`detach=`):
@@ -32,8 +32,6 @@ import logging
 
 import torch
 import torch.distributed as dist
-
-from diffpar.mesh import settle_deferred
 from torch import nn
 
 from diffpar.compat.quantized_tensors import (
@@ -49,6 +47,7 @@ from diffpar.engines.tensor_parallel_linear import (
     ChannelParallelConv2d,
     ColumnParallelLinear,
     HeadParallelEmbedding,
+    HeadShardedLayerNorm,
     HeadShardedRMSNorm,
     ReducedOutputModule,
     RowParallelLinear,
@@ -101,54 +100,6 @@ def _make_shard(layer: nn.Module, shard: LayerShard, rank: int, group) -> nn.Mod
 def _narrow(tensor: torch.Tensor, dim: int, ranges) -> torch.Tensor:
     parts = [tensor.narrow(dim, a, b - a) for a, b in ranges]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
-
-
-class HeadShardedLayerNorm(nn.Module):
-    """A LayerNorm over all heads (Lumina's "layer_norm_across_heads") on a rank holding some of them: this rank's
-    features of the weight and bias; the mean and variance over the whole width come from one all-reduce of
-    [sum, sum of squares] per token. Features several ranks hold (a key/value head shared by ranks) enter the sums
-    from the lowest of them only (`NormShard.counted`)."""
-
-    def __init__(self, spec: NormShard, rank: int, eps: float, group):
-        super().__init__()
-        self.full_width = spec.width
-        self.ranges = spec.ranges[rank]
-        local = sum(b - a for a, b in self.ranges)
-        counted = spec.counted(rank)
-        self.counted = None if counted == ((0, local),) else counted  # None: every local feature counts
-        self.eps = eps
-        self.group = group
-        self.weight = None
-        self.bias = None
-
-    @classmethod
-    def from_norm(cls, norm: nn.LayerNorm, spec: NormShard, rank: int, group) -> "HeadShardedLayerNorm":
-        layer = cls(spec, rank, norm.eps, group)
-        for key in ("weight", "bias"):
-            full = getattr(norm, key, None)
-            if full is not None:  # cloned: the original keeps the full tensor until commit, then is released
-                setattr(layer, key, nn.Parameter(_narrow(full.data, 0, layer.ranges).clone(),
-                                                 requires_grad=full.requires_grad))
-        return layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        counted = xf if self.counted is None else (
-            xf.new_zeros(xf.shape[:-1] + (0,)) if not self.counted else _narrow(xf, -1, self.counted))
-        stats = torch.stack([counted.sum(dim=-1), counted.pow(2).sum(dim=-1)])  # one collective for both
-        settle_deferred()
-        dist.all_reduce(stats, group=self.group)
-        mean = stats[0] / self.full_width
-        var = (stats[1] / self.full_width - mean.pow(2)).clamp_min(0)
-        out = (xf - mean.unsqueeze(-1)) * torch.rsqrt(var.unsqueeze(-1) + self.eps)
-        if self.weight is not None:
-            out = out * self.weight.float()
-        if self.bias is not None:
-            out = out + self.bias.float()
-        return out.to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{sum(b - a for a, b in self.ranges)} of {self.full_width} features {list(self.ranges)}, eps={self.eps}"
 
 
 def _output_slicer(spec: OutputSlice, rank: int):
@@ -274,7 +225,7 @@ def shard_module(module: nn.Module, plan: ShardPlan, group, handle, label: str, 
         if isinstance(spec, NormShard) and spec.kind == LAYER_NORM:
             new = HeadShardedLayerNorm.from_norm(original, spec, rank, group)
         elif isinstance(spec, NormShard):
-            new = HeadShardedRMSNorm.from_norm(original, spec.width, spec.ranges[rank], group)
+            new = HeadShardedRMSNorm.from_norm(original, spec, rank, group)
         elif isinstance(spec, ParameterShard):
             new = ReducedOutputModule.from_module(original, spec.params, rank,
                                                   spec.attributes[rank] if spec.attributes else {}, group)

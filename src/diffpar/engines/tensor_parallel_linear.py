@@ -1,4 +1,5 @@
-"""Column- and row-parallel linear layers on plain tensors, the collectives they need, and head-sharded norms.
+"""Column- and row-parallel linear layers on plain tensors, the collectives they need, and head-sharded norms
+(RMSNorm and LayerNorm over all heads, their statistics all-reduced).
 
 A tensor-parallel pair splits one inner dimension over the ranks of a process group:
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffpar.compat.quantized_tensors import cut_ranges
-from diffpar.engines.tp_shard import Range, total as _total
+from diffpar.engines.tp_shard import NormShard, Range, total as _total
 
 
 def _slice_rows(weight: torch.Tensor, ranges: Sequence[Range]) -> torch.Tensor:
@@ -268,40 +269,110 @@ def mark_detached(layer: nn.Module, label: str, world: int) -> None:
     layer.detached_reason = _DETACHED_MESSAGE.format(label=label, world=world)
 
 
-class HeadShardedRMSNorm(nn.Module):
-    """An RMSNorm over all heads (Wan's "rms_norm_across_heads") on a rank holding some of them: this rank's
-    features of the weight, and the mean of squares summed over the group."""
+def counted_features(spec: NormShard, rank: int) -> tuple[Range, ...] | None:
+    """`spec.counted(rank)` (this rank's features no lower rank holds, in local coordinates), or None where that is
+    every feature this rank holds: the usual case, where the statistics take the local input as it is."""
+    counted = spec.counted(rank)
+    return None if counted == ((0, _total(spec.ranges[rank])),) else counted
 
-    def __init__(self, width: int, ranges: Sequence[Range], eps: float | None, group, *, device=None, dtype=None,
-                 elementwise_affine: bool = True):
+
+class _HeadShardedNorm(nn.Module):
+    """What the norms over all heads share, on a rank holding some of the heads: this rank's features of the
+    weight (and bias), and per-token sums over the whole width from one all-reduce of per-rank sums.
+
+    Features several ranks hold (a key/value head replicated on the ranks that share it, when the tensor-parallel
+    degree exceeds the key/value heads) enter the sums from the lowest of those ranks only (`NormShard.counted`):
+    counted on every rank holding them, they would weigh more than the others and the statistics would be wrong.
+    So the all-reduced sums are those of the whole tensor, divided by the whole width."""
+
+    def __init__(self, spec: NormShard, rank: int, eps: float | None, group):
         super().__init__()
-        self.full_width = width
-        self.ranges = tuple(tuple(r) for r in ranges)
+        self.full_width = spec.width
+        self.ranges = tuple(tuple(r) for r in spec.ranges[rank])
+        self.counted = counted_features(spec, rank)  # None: every local feature counts
         self.eps = eps
         self.group = group
+
+    def _slice_parameter(self, norm: nn.Module, key: str) -> None:
+        full = getattr(norm, key, None)
+        # A copy of this rank's features: the original keeps the full tensor until commit, then is released.
+        setattr(self, key, None if full is None else
+                nn.Parameter(_slice_rows(full.data, self.ranges), requires_grad=full.requires_grad))
+
+    def group_sums(self, xf: torch.Tensor, powers: Sequence[int]) -> torch.Tensor:
+        """Per token, for each power p, the sum of xf ** p over the whole width (stacked along a new first dim):
+        this rank's counted features summed, then all-reduced over the group, one collective for all powers."""
+        if self.counted is None:
+            counted = xf
+        elif not self.counted:  # every feature this rank holds is counted by a lower rank: it adds zeros
+            counted = xf.new_zeros(xf.shape[:-1] + (0,))
+        else:
+            parts = [xf[..., a:b] for a, b in self.counted]
+            counted = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        stats = torch.stack([counted.sum(dim=-1) if p == 1 else counted.pow(p).sum(dim=-1) for p in powers])
+        settle_deferred()
+        dist.all_reduce(stats, group=self.group)
+        return stats
+
+    def extra_repr(self) -> str:
+        counted = "" if self.counted is None else f", counted {list(self.counted)}"
+        return f"{_total(self.ranges)} of {self.full_width} features {list(self.ranges)}{counted}, eps={self.eps}"
+
+
+class HeadShardedRMSNorm(_HeadShardedNorm):
+    """An RMSNorm over all heads (Wan's "rms_norm_across_heads") on a rank holding some of them: this rank's
+    features of the weight, and the mean of squares over the whole width (see `_HeadShardedNorm`)."""
+
+    def __init__(self, spec: NormShard, rank: int, eps: float | None, group, *, device=None, dtype=None,
+                 elementwise_affine: bool = True):
+        super().__init__(spec, rank, eps, group)
         self.weight = nn.Parameter(torch.empty(_total(self.ranges), device=device, dtype=dtype),
                                    requires_grad=False) if elementwise_affine else None
 
     @classmethod
-    def from_norm(cls, norm: nn.Module, width: int, ranges: Sequence[Range], group) -> "HeadShardedRMSNorm":
+    def from_norm(cls, norm: nn.Module, spec: NormShard, rank: int, group) -> "HeadShardedRMSNorm":
         weight = getattr(norm, "weight", None)
-        layer = cls(width, ranges, getattr(norm, "eps", None), group, device="meta",
+        layer = cls(spec, rank, getattr(norm, "eps", None), group, device="meta",
                     elementwise_affine=weight is not None)
-        if weight is not None:
-            layer.weight = nn.Parameter(_slice_rows(weight.data, ranges), requires_grad=weight.requires_grad)
+        layer._slice_parameter(norm, "weight")
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        sum_sq = xf.pow(2).sum(dim=-1, keepdim=True)
-        settle_deferred()
-        dist.all_reduce(sum_sq, group=self.group)
+        sum_sq = self.group_sums(xf, (2,))[0].unsqueeze(-1)
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         out = (xf * torch.rsqrt(sum_sq / self.full_width + eps)).to(x.dtype)
         return out * self.weight if self.weight is not None else out
 
-    def extra_repr(self) -> str:
-        return f"{_total(self.ranges)} of {self.full_width} features {list(self.ranges)}, eps={self.eps}"
+
+class HeadShardedLayerNorm(_HeadShardedNorm):
+    """A LayerNorm over all heads (Lumina's "layer_norm_across_heads") on a rank holding some of them: this rank's
+    features of the weight and bias; the mean and variance over the whole width come from one all-reduce of
+    [sum, sum of squares] per token (see `_HeadShardedNorm`)."""
+
+    def __init__(self, spec: NormShard, rank: int, eps: float, group):
+        super().__init__(spec, rank, eps, group)
+        self.weight = None
+        self.bias = None
+
+    @classmethod
+    def from_norm(cls, norm: nn.LayerNorm, spec: NormShard, rank: int, group) -> "HeadShardedLayerNorm":
+        layer = cls(spec, rank, norm.eps, group)
+        layer._slice_parameter(norm, "weight")
+        layer._slice_parameter(norm, "bias")
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        stats = self.group_sums(xf, (1, 2))
+        mean = stats[0] / self.full_width
+        var = (stats[1] / self.full_width - mean.pow(2)).clamp_min(0)
+        out = (xf - mean.unsqueeze(-1)) * torch.rsqrt(var.unsqueeze(-1) + self.eps)
+        if self.weight is not None:
+            out = out * self.weight.float()
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype)
 
 
 class ReducedOutputModule(nn.Module):
@@ -368,4 +439,4 @@ def gather_full(local: torch.Tensor, dim: int, all_ranges: Sequence[Sequence[Ran
 
 
 PARALLEL_LAYER_TYPES = (ColumnParallelLinear, RowParallelLinear, HeadParallelEmbedding, HeadShardedRMSNorm,
-                        ChannelParallelConv2d, ReducedOutputModule)
+                        HeadShardedLayerNorm, ChannelParallelConv2d, ReducedOutputModule)
