@@ -1,21 +1,22 @@
 """What the per-call agreement costs: the exchange at the start of every pipeline call, against a denoising step.
 
-    torchrun --nproc_per_node=2 benchmarks/bench_call_agreement.py [--size 64] [--steps 4] [--rounds 5]
+    torchrun --nproc_per_node=2 benchmarks/bench_call_agreement.py [--size 64] [--steps 4] [--calls 40]
 
-Runs the demo's tiny FLUX pipeline (ulysses 2, VAE split) with `check_every_call=True` and `False`. Reports:
-- the time per denoising step (whole calls, interleaved round by round; the first round warms up);
-- collectives per call: those of the per-call exchange (from the call's start to the pipeline's first line, its
-  `check_inputs`) and those of the whole call, counted by wrapping torch.distributed's functions (and the
-  functional collectives diffusers' Ulysses attention uses);
-- the whole per-call exchange's time (describe the arguments, fingerprint them, digest the random states, the
-  all-gather, and the random states' broadcast when they differ), timed from the call's start to `check_inputs`,
-  which raises to end the call there: for a text prompt and for precomputed prompt embeddings (their checksums
-  are part of the description), with the same seed on every rank (the common case: no broadcast) and with each
-  rank's own seed (a broadcast);
-- the marginal cost of check_every_call=True (describing the arguments and fingerprinting them), timed alone and
-  as the difference of the exchanges with and without it;
-each as a % of a denoising step, with the load average at the start and the end (the exchange's cost is mostly
-scheduling latency: report the load with it).
+Runs the demo's tiny FLUX pipeline (ulysses 2, VAE split). The exchange (one all-gather: the arguments'
+fingerprint and the random states' digest; rank 0's random states broadcast only when the digests differ) is
+issued at the call's start and settled where the call first needs the ranks agreed (its first collective, parallel
+module or prepare_latents), so its round trip overlaps the call's tokenizing and text encoding. Reports, per case
+(text prompt or precomputed embeddings; the same seed on every rank or a seed per rank), over whole calls taking
+turns case by case (so a change of load weighs on each alike):
+- the agreement's cost to the call: the calling thread's time in it (describing the arguments, issuing the
+  exchange, and the wait left at the settle point, plus the broadcast when the states differ), median over calls,
+  as a % of a denoising step; with the overlap (the default) and without it (`CallChecker.overlap = False`: waited
+  for at the call's start, the previous sessions' behaviour);
+- the whole call's median time for each, and with check_every_call=False;
+- collectives per call, counted by wrapping torch.distributed's functions (and the functional collectives
+  diffusers' Ulysses attention uses);
+- check_every_call=True's own work timed alone (describe the arguments, fingerprint them);
+with the load average at the start and the end (the exchange's cost is mostly scheduling latency).
 """
 from __future__ import annotations
 
@@ -69,52 +70,11 @@ class CollectiveCounter:
         return dict(self.counts)
 
 
-class _EndOfExchange(Exception):
-    """Raised from the pipeline's first line: the call ends right after diffpar's per-call exchange."""
-
-
-def time_exchanges(cases: dict, n: int) -> dict:
-    """Per case (pipe, call kwargs, seed of a rank): the median time of the per-call exchange alone, over n calls
-    ended at `check_inputs`, and its collectives per call. The cases take turns call by call, so a change of
-    load during the run weighs on each alike."""
-    reached = []
-
-    def first_line(*args, **kw):
-        reached.append(time.perf_counter())
-        raise _EndOfExchange
-
-    samples = {key: [] for key in cases}
-    counts = {key: {} for key in cases}
-    for pipe, _, _ in cases.values():
-        pipe.check_inputs = first_line
-    try:
-        for i in range(n + 1):  # the first round makes the global random states equal: not counted
-            for key, (pipe, kwargs, seed_of_rank) in cases.items():
-                dist.barrier()
-                generator = torch.Generator().manual_seed(seed_of_rank(dist.get_rank()))
-                with CollectiveCounter() as counter:
-                    started = time.perf_counter()
-                    try:
-                        pipe(**kwargs, generator=generator)
-                    except _EndOfExchange:
-                        pass
-                if i == 0:
-                    continue
-                samples[key].append(reached[-1] - started)
-                for name, c in counter.counts.items():
-                    counts[key][name] = counts[key].get(name, 0) + c / n
-    finally:
-        for pipe, _, _ in cases.values():
-            vars(pipe).pop("check_inputs", None)
-    return {key: (statistics.median(samples[key]), counts[key]) for key in cases}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--exchanges", type=int, default=300, help="per-call exchanges timed alone, per case")
+    parser.add_argument("--calls", type=int, default=40, help="timed whole calls per case")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", FutureWarning)  # all_gather_into_tensor's deprecation, once per call
@@ -132,36 +92,44 @@ def main() -> None:
     for check in (True, False):
         pipe = build_tiny_flux_pipeline()
         pipe.set_progress_bar_config(disable=True)
-        diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
+        handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
             ulysses_size=2, check_every_call=check, extra_parallel_modules=[pipe.vae]))
-        pipes[check] = pipe
-
-    times = {True: [], False: []}
-    whole_call_counts = {}
+        pipes[check] = (pipe, handle.state("call_checker"))
     with torch.no_grad():
-        for _ in range(args.rounds + 1):  # the first round warms up
-            for check, pipe in pipes.items():
-                dist.barrier()
-                with CollectiveCounter() as counter:
-                    started = time.perf_counter()
-                    pipe(**call, generator=torch.Generator().manual_seed(0))
-                    times[check].append(time.perf_counter() - started)
-                whole_call_counts[check] = counter.snapshot()
-        prompt_embeds, pooled, _ = pipes[False].encode_prompt(call["prompt"], None, max_sequence_length=16)
+        prompt_embeds, pooled, _ = pipes[False][0].encode_prompt(call["prompt"], None, max_sequence_length=16)
     embeds_call = dict(call, prompt=None, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled)
 
+    # (check_every_call, overlap, arguments, seeds) -> (pipe, checker, call kwargs, seed of a rank)
     cases = {}
-    for check in (True, False):
-        for label, kwargs in (("prompt", call), ("prompt embeddings", embeds_call)):
-            for seeds, seed_of_rank in (("same seed", lambda r: 0), ("seed per rank", lambda r: r)):
-                cases[(check, label, seeds)] = (pipes[check], kwargs, seed_of_rank)
+    for label, kwargs in (("prompt", call), ("prompt embeddings", embeds_call)):
+        for seeds, seed_of_rank in (("same seed", lambda r: 0), ("seed per rank", lambda r: r)):
+            for overlap in (True, False):
+                cases[(True, overlap, label, seeds)] = (*pipes[True], kwargs, seed_of_rank)
+    cases[(False, True, "prompt", "same seed")] = (*pipes[False], call, lambda r: 0)
+    agreement = {key: [] for key in cases}
+    whole = {key: [] for key in cases}
+    counts = {key: {} for key in cases}
     with torch.no_grad():
-        exchanges = time_exchanges(cases, args.exchanges)
+        for i in range(args.calls + 1):  # the first round warms up (and makes the global random states equal)
+            for key, (pipe, checker, kwargs, seed_of_rank) in cases.items():
+                checker.overlap = key[1]
+                dist.barrier()
+                generator = torch.Generator().manual_seed(seed_of_rank(dist.get_rank()))
+                with CollectiveCounter() as counter:
+                    started = time.perf_counter()
+                    pipe(**kwargs, generator=generator)
+                    elapsed = time.perf_counter() - started
+                if i == 0:
+                    continue
+                whole[key].append(elapsed)
+                agreement[key].append(checker.last_seconds)
+                for name, c in counter.counts.items():
+                    counts[key][name] = counts[key].get(name, 0) + c / args.calls
 
     # check_every_call's own work, timed alone (the embeddings call): describe the arguments, fingerprint them.
-    bound_call = pipes[True].__call__
+    bound_call = pipes[True][0].__call__
     parts = {"describe": [], "fingerprint": []}
-    for _ in range(args.exchanges):
+    for _ in range(args.calls * 5):
         started = time.perf_counter()
         description = {"arguments": describe_call(bound_call, (), dict(embeds_call))}
         parts["describe"].append(time.perf_counter() - started)
@@ -170,8 +138,7 @@ def main() -> None:
         parts["fingerprint"].append(time.perf_counter() - started)
     load_at_end = os.getloadavg()
 
-    with_check = statistics.median(times[True][1:])
-    without = statistics.median(times[False][1:])
+    without = statistics.median(whole[(False, True, "prompt", "same seed")])
     per_step = without / args.steps
 
     def pct(seconds: float) -> str:
@@ -182,18 +149,19 @@ def main() -> None:
 
     if dist.get_rank() == 0:
         print(f"tiny FLUX pipeline {args.size}x{args.size}, {args.steps} steps, ulysses 2 + VAE split, 2 ranks x 1 "
-              f"thread, median of {args.rounds} rounds")
+              f"thread, median of {args.calls} calls per case")
         print(f"  pipeline call, check_every_call=False : {without * 1e3:8.1f} ms ({per_step * 1e3:.2f} ms per step)")
-        print(f"  pipeline call, check_every_call=True  : {with_check * 1e3:8.1f} ms")
-        for check in (True, False):
-            print(f"  collectives in one whole call, check_every_call={check}: {shown(whole_call_counts[check])}")
-        print(f"  the per-call exchange (call start -> pipeline's first line), median of {args.exchanges}:")
-        for (check, label, seeds), (seconds, counts) in exchanges.items():
-            print(f"    check_every_call={check!s:5} {label:17s} {seeds:13s}: {pct(seconds)}; collectives: "
-                  f"{shown(counts)}")
+        print("  the agreement's cost to the call (calling thread's time in it), and the whole call:")
+        for key in cases:
+            check, overlap, label, seeds = key
+            print(f"    check_every_call={check!s:5} overlap={overlap!s:5} {label:17s} {seeds:13s}: "
+                  f"{pct(statistics.median(agreement[key]))}; whole call "
+                  f"{statistics.median(whole[key]) * 1e3:7.1f} ms; collectives: {shown(counts[key])}")
         for label in ("prompt", "prompt embeddings"):
-            marginal = exchanges[(True, label, "same seed")][0] - exchanges[(False, label, "same seed")][0]
-            print(f"  marginal cost of check_every_call=True, {label:17s} (exchange True - False): {pct(marginal)}")
+            for seeds in ("same seed", "seed per rank"):
+                saved = (statistics.median(agreement[(True, False, label, seeds)])
+                         - statistics.median(agreement[(True, True, label, seeds)]))
+                print(f"  overlap saves, {label:17s} {seeds:13s}: {pct(saved)}")
         alone = statistics.median(parts["describe"]) + statistics.median(parts["fingerprint"])
         print(f"  check_every_call=True's own work, timed alone (embeddings call): describe "
               f"{statistics.median(parts['describe']) * 1e3:.3f} ms + fingerprint "

@@ -254,7 +254,7 @@ def streams_digest(states: list[torch.Tensor]) -> int:
     blake2b over them costs a few microseconds, against a broadcast's round trip (~0.15 ms on gloo)."""
     h = hashlib.blake2b(digest_size=8)
     for state in states:
-        h.update(state.contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(state.contiguous().view(torch.uint8).numpy())  # the bytes in place, no copy
     return int.from_bytes(h.digest(), "little") >> 2
 
 
@@ -264,9 +264,9 @@ class CallRandomStreams:
     the same seed everywhere, and the global states equal since the first call) need no broadcast at all; else
     rank 0's states are broadcast, the sizes being known equal from the same exchange."""
 
-    def __init__(self, generators: list[torch.Generator], group, latents: torch.Tensor | None):
+    def __init__(self, generators: list[torch.Generator], group, latents: torch.Tensor | None, device=None):
         self.group = group
-        self.device = _streams_device(group)
+        self.device = device  # where the states travel (`_streams_device`, found once per pipeline)
         self.generators = generators
         self.streams = _random_states(generators, with_cuda=self.device is not None)
         states = [state for state, _ in self.streams]
@@ -314,11 +314,12 @@ def random_state_step(pipe, group=None):
     `pipe`: the call's random streams (`CallRandomStreams`), made rank 0's on every rank; `latents` passed to a
     pipeline without `prepare_latents` (whose broadcast covers them otherwise) are broadcast from rank 0 too."""
     inline_latents = not hasattr(pipe, "prepare_latents")
+    device = _streams_device(group)
 
     def streams(wrapped, args, kwargs) -> CallRandomStreams:
         latents = kwargs.get("latents") if inline_latents else None
         return CallRandomStreams(_generators(_generator_argument(wrapped, args, kwargs)), group,
-                                 latents if isinstance(latents, torch.Tensor) else None)
+                                 latents if isinstance(latents, torch.Tensor) else None, device)
 
     return streams
 

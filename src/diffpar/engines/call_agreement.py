@@ -26,6 +26,7 @@ import hashlib
 import inspect
 import numbers
 import threading
+import time
 import traceback
 
 import torch
@@ -266,6 +267,8 @@ class CallChecker:
         self.pipeline_can_defer = False  # set for pipelines whose random draws start in prepare_latents
         self.draws_early = False  # learned: this pipeline drew random numbers before its first settle point
         self.deferred_calls = 0
+        self._pipeline_modules: dict[int, tuple[str, ...]] = {}
+        self.last_seconds = 0.0  # the calling thread's time in the last call's agreement (the benchmark reads it)
 
     def agree(self, description: dict | None, streams=None) -> None:
         """The call's one exchange, waited for now: the arguments' `description` (None: not checked) and
@@ -281,7 +284,12 @@ class CallChecker:
         random numbers before its first settle point (`EarlyRandomDraw`)."""
         if not (self.overlap and self.pipeline_can_defer) or self.draws_early:
             return False
-        if any(is_compiled(m) for m in vars(pipe).values() if isinstance(m, torch.nn.Module)):
+        modules = self._pipeline_modules.get(id(pipe))
+        if modules is None:  # the names of the pipeline's modules, found once (a compiled one may replace one later)
+            modules = self._pipeline_modules[id(pipe)] = tuple(
+                name for name, value in vars(pipe).items() if isinstance(value, torch.nn.Module))
+        attributes = vars(pipe)
+        if any(is_compiled(attributes.get(name)) for name in modules):
             return False
         self.deferred_calls += 1
         return True
@@ -305,6 +313,7 @@ class CallChecker:
                                            values=tuple(streams.values) if streams is not None else ())
 
         def finish() -> None:
+            started = time.perf_counter()
             table = pending.settle() if pending is not None else [tuple(streams.values) if streams else ()]
             if description is not None:
                 self.calls += 1
@@ -315,6 +324,7 @@ class CallChecker:
                 except EarlyRandomDraw:
                     self.draws_early = True  # later calls agree at their start
                     raise
+            self.last_seconds += time.perf_counter() - started
 
         return finish
 
@@ -383,9 +393,11 @@ def _call_wrapper(wrapped, instance, args, kwargs):
     if not checker.agree_in_call:
         return _run_naming_collectives(checker, wrapped, args, kwargs)
     mesh_lib.settle_deferred()  # an enclosing call's exchange, if one is still in flight
+    started = time.perf_counter()
     # Outside the `try` below: the agreement's own errors (a timeout, a mismatch) already say what happened.
     streams = checker.random_streams(wrapped, args, kwargs) if checker.random_streams is not None else None
     finish = checker.begin(describe_call(wrapped, args, kwargs) if checker.check_arguments else None, streams)
+    checker.last_seconds = time.perf_counter() - started
     if finish is None:
         return _run_naming_collectives(checker, wrapped, args, kwargs)
     if checker.defers(instance, streams):

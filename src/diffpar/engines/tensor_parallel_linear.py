@@ -39,11 +39,11 @@ def _slice_cols(weight: torch.Tensor, ranges: Sequence[Range]) -> torch.Tensor:
 # -- collectives -----------------------------------------------------------------------------------------------
 def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
     """Sum `tensor` over `group`. In place (and returned) for inference; autograd-aware when it needs a grad."""
+    settle_deferred()  # a pipeline call's agreement, if still in flight: before any collective of the call
     if torch.is_grad_enabled() and tensor.requires_grad:
         import torch.distributed.nn.functional as dist_fn
 
         return dist_fn.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-    settle_deferred()
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
