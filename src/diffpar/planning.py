@@ -145,6 +145,9 @@ def _plan_denoiser(name: str, model: torch.nn.Module, config: ParallelismConfig,
         sources.append(f"{source} _cp_plan" if source == "diffusers" else "diffpar _cp_plan")
         splits = [f"{k or 'forward'}({', '.join(map(str, v))})" for k, v in cp_plan.items() if isinstance(v, dict)]
         gathers = [k or "forward" for k, v in cp_plan.items() if not isinstance(v, dict)]
+        if entry is not None:  # the family's own hooks (its prepare step) split or gather where no plan key shows
+            splits += [f"{point} (family hook)" for point in entry.hook_splits]
+            gathers += [f"{point} (family hook)" for point in entry.hook_gathers]
         details.append(f"sequence split over {dims.cp} ranks at: {'; '.join(splits)}")
         details.append(f"gathered at: {', '.join(gathers)}")
         whole.append("weights, across the context-parallel ranks (they split the sequence, not the parameters)")

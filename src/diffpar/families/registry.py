@@ -71,19 +71,25 @@ class CPPlanEntry:
     # e.g. LTX's splits the prompt and its mask, which breaks its attention under Ulysses). Default: diffusers'
     # plan wins wherever the installed release ships one.
     overrides_native: bool = False
+    # Where `prepare`'s own hooks split and gather the sequence, one readable line per point ("module(inputs)"),
+    # for the dry run: a plan whose split lives in those hooks has no `_cp_plan` entry to show for it.
+    hook_splits: tuple[str, ...] = ()
+    hook_gathers: tuple[str, ...] = ()
 
 
 CP_PLANS: ClassRegistry[CPPlanEntry] = ClassRegistry("context-parallel plan")
 
 
-def register_cp_plan(*class_names: str, prepare: Callable | None = None, overrides_native: bool = False):
+def register_cp_plan(*class_names: str, prepare: Callable | None = None, overrides_native: bool = False,
+                     hook_splits: tuple[str, ...] = (), hook_gathers: tuple[str, ...] = ()):
     """Register a plan builder for `class_names`, with an optional `prepare` step (see CPPlanEntry).
     `overrides_native=True`: use it even where diffusers ships a `_cp_plan` for the class (say why in the family
-    file)."""
+    file). `hook_splits` / `hook_gathers`: where `prepare`'s hooks split / gather the sequence, for the dry run."""
 
     def deco(fn):
         CP_PLANS.register(class_names, CPPlanEntry(fn, prepare, prepare_installs_processors=prepare is not None,
-                                                   overrides_native=overrides_native))
+                                                   overrides_native=overrides_native,
+                                                   hook_splits=tuple(hook_splits), hook_gathers=tuple(hook_gathers)))
         return fn
 
     return deco
