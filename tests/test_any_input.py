@@ -144,6 +144,23 @@ def test_ulysses_x_ring_refuses_odd_lengths_naming_the_dimension(ranks):
         assert "prompt's token count" in r["message"] and "image size" not in r["message"]
 
 
+@pytest.mark.skipif(not diffusers_cp.supports_ulysses_and_ring(), reason="this release cannot combine them")
+def test_ulysses_x_ring_refusal_on_a_video_model_names_video_tokens(ranks):
+    """AnyFlow (Wan 2.1 blocks, diffpar's plan) at Ulysses 2 x Ring 2 with 17 video tokens: the refusal names the
+    model and the plan key (diffusers' hooks sit on a block, whose class said neither), and counts video tokens
+    (frames x height x width patches), not image tokens."""
+    results = ranks(4, "workers.cp_plans_ours:cp_forward_error", model_name="anyflow",
+                    config={"ulysses_size": 2, "ring_size": 2}, model_kwargs={"heads": 4},
+                    input_kwargs={"seq": 17, "text": 7})
+    _assert_refused(results, 4, ["17 video tokens"])
+    for r in results:
+        message = r["message"]
+        assert "context parallelism on AnyFlowTransformer3DModel" in message, message
+        assert "of 'blocks." in message, message
+        assert "latent frames x height x width patches" in message, message
+        assert "image tokens" not in message and "image size" not in message, message
+
+
 def test_fewer_tokens_than_ranks_is_refused_naming_the_prompt(ranks):
     """1 text token on 4 ranks: no split gives every rank one (diffusers' own answer is a bare AssertionError)."""
     results = ranks(4, "workers.cp_plans_ours:cp_forward_error", model_name="qwenimage",

@@ -256,6 +256,9 @@ def apply_cp_hooks(model, cp_config, plan: dict) -> None:
     from diffusers.hooks.context_parallel import apply_context_parallel
 
     apply_context_parallel(model, cp_config, plan)
+    # diffusers' hooks know only the module they sit on (a block class): the split check's refusal names the model
+    # and the plan key, and takes the token kind (video, audio, image) from the model's class.
+    diffusers_cp_hooks.tag_plan_hooks(model, plan)
 
 
 def remove_cp_hooks(model, plan: dict) -> None:
@@ -414,6 +417,7 @@ def _all_gather_anything_wrapper(wrapped, instance, args, kwargs):
 _TEXT_HINTS = ("encoder_hidden_states", "encoder_attention", "txt", "text", "context_refiner", "context_embedder",
                "caption", "cap_", "prompt")
 _VIDEO_HINTS = ("3D", "Video", "Wan", "LTX", "ChronoEdit", "Helios")
+_AUDIO_HINTS = ("1D", "Audio", "Music")
 # Outputs of a rotary-embedding module that are the text table (by module class): diffusers' QwenImage plan splits
 # the image table (output 0) and the text table (output 1) of `pos_embed`.
 _TEXT_OUTPUTS = {"QwenEmbedRope": (1,), "QwenEmbedLayer3DRope": (1,)}
@@ -430,8 +434,10 @@ def describe_split_dimension(model_name: str, plan_key: str, module_name: str, i
     if "siglip" in where:
         return "condition-image tokens", "the size of the condition image"
     if any(h in model_name for h in _VIDEO_HINTS):
-        return ("video tokens", "the frame count and the video size (latent frames x height x width over the patch "
-                "size)")
+        return ("video tokens", "the frame count and the video size (latent frames x height x width patches: "
+                "height and width over the patch size)")
+    if any(h in model_name for h in _AUDIO_HINTS):
+        return "audio tokens", "the audio length (the clip's duration in latent frames)"
     return "image tokens", "the image size ((height / 16) x (width / 16) for an 8x VAE with 2x2 patches)"
 
 
