@@ -161,6 +161,30 @@ def test_ulysses_x_ring_refusal_on_a_video_model_names_video_tokens(ranks):
         assert "image tokens" not in message and "image size" not in message, message
 
 
+def test_every_planned_model_names_its_own_token_kind():
+    """What a split refusal counts (video, audio or image tokens) is the family's kind for every model case with a
+    context-parallel plan: the family's `tokens`, else the class name (JoyImage's "3D" image models and
+    StableAudio3DiT are where the name alone would mislead)."""
+    import diffusers
+
+    from diffpar.families.registry import split_token_kind
+    from diffpar.testing.coverage import all_cases, class_available
+
+    checked = 0
+    for case in all_cases():
+        if not case.cp or case.refused or not class_available(case.class_name):
+            continue
+        cls = getattr(diffusers, case.class_name)
+        kind, source = diffusers_cp.describe_split_dimension(case.class_name, "blocks.0", "Block", "hidden_states",
+                                                             split_token_kind(cls))
+        assert kind == f"{case.kind} tokens", (case.class_name, case.kind, kind)
+        checked += 1
+    assert checked > 40, checked
+    video, _ = diffusers_cp.describe_split_dimension("AnyFlowTransformer3DModel", "blocks.0", "Block",
+                                                     "hidden_states", "video")
+    assert video == "video tokens"
+
+
 def test_fewer_tokens_than_ranks_is_refused_naming_the_prompt(ranks):
     """1 text token on 4 ranks: no split gives every rank one (diffusers' own answer is a bare AssertionError)."""
     results = ranks(4, "workers.cp_plans_ours:cp_forward_error", model_name="qwenimage",

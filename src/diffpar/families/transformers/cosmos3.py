@@ -161,6 +161,7 @@ def prepare_cosmos3(model, config, handle, name: str) -> None:
     "Cosmos3OmniTransformer", prepare=prepare_cosmos3,
     hook_splits=("shard seam (generation tokens, their rotary rows; the understanding prefix stays whole)",),
     hook_gathers=("gather seam (generation tokens, after the final norms)",),
+    tokens="video",
 )
 def cosmos3_cp_plan(model) -> dict:
     label = type(model).__name__
