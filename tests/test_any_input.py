@@ -144,6 +144,51 @@ def test_ulysses_x_ring_refuses_odd_lengths_naming_the_dimension(ranks):
         assert "prompt's token count" in r["message"] and "image size" not in r["message"]
 
 
+@pytest.mark.skipif(not diffusers_cp.supports_ulysses_and_ring(), reason="this release cannot combine them")
+def test_ulysses_x_ring_refusal_on_a_video_model_names_video_tokens(ranks):
+    """AnyFlow (Wan 2.1 blocks, diffpar's plan) at Ulysses 2 x Ring 2 with 17 video tokens: the refusal names the
+    model and the plan key (diffusers' hooks sit on a block, whose class said neither), and counts video tokens
+    (frames x height x width patches), not image tokens."""
+    from diffpar.testing.coverage import class_available
+
+    if not class_available("AnyFlowTransformer3DModel"):
+        pytest.skip("this diffusers release has no AnyFlowTransformer3DModel")
+    results = ranks(4, "workers.cp_plans_ours:cp_forward_error", model_name="anyflow",
+                    config={"ulysses_size": 2, "ring_size": 2}, model_kwargs={"heads": 4},
+                    input_kwargs={"seq": 17, "text": 7})
+    _assert_refused(results, 4, ["17 video tokens"])
+    for r in results:
+        message = r["message"]
+        assert "context parallelism on AnyFlowTransformer3DModel" in message, message
+        assert "of 'blocks." in message, message
+        assert "latent frames x height x width patches" in message, message
+        assert "image tokens" not in message and "image size" not in message, message
+
+
+def test_every_planned_model_names_its_own_token_kind():
+    """What a split refusal counts (video, audio or image tokens) is the family's kind for every model case with a
+    context-parallel plan: the family's `tokens`, else the class name (JoyImage's "3D" image models and
+    StableAudio3DiT are where the name alone would mislead)."""
+    import diffusers
+
+    from diffpar.families.registry import split_token_kind
+    from diffpar.testing.coverage import all_cases, class_available
+
+    checked = 0
+    for case in all_cases():
+        if not case.cp or case.refused or not class_available(case.class_name):
+            continue
+        cls = getattr(diffusers, case.class_name)
+        kind, source = diffusers_cp.describe_split_dimension(case.class_name, "blocks.0", "Block", "hidden_states",
+                                                             split_token_kind(cls))
+        assert kind == f"{case.kind} tokens", (case.class_name, case.kind, kind)
+        checked += 1
+    assert checked >= 5, checked  # at least the first families, on every release
+    video, _ = diffusers_cp.describe_split_dimension("AnyFlowTransformer3DModel", "blocks.0", "Block",
+                                                     "hidden_states", "video")
+    assert video == "video tokens"
+
+
 def test_fewer_tokens_than_ranks_is_refused_naming_the_prompt(ranks):
     """1 text token on 4 ranks: no split gives every rank one (diffusers' own answer is a bare AssertionError)."""
     results = ranks(4, "workers.cp_plans_ours:cp_forward_error", model_name="qwenimage",

@@ -110,7 +110,8 @@ def _apply_local_steps(target, plan: ParallelPlan, config, handle, world_mesh, c
         if payload.cp_plan is not None:
             parallel_config = new_parallel_config(payload.cp_kwargs, world_mesh["ring", "ulysses"])
             apply_step("context parallel", apply_context_parallel, payload.module, payload.cp_plan, config,
-                       parallel_config, handle, component.name, prepare=payload.cp_prepare)
+                       parallel_config, handle, component.name, prepare=payload.cp_prepare,
+                       tokens=payload.cp_tokens)
             context.denoiser_parallel_configs[component.name] = parallel_config
         if payload.tp_engine is not None:
             apply_step("tensor parallel", tensor_parallel.apply_tensor_parallel, payload.module, payload.tp_plan,

@@ -29,7 +29,7 @@ from diffpar.families.pipelines.cfg import (
     guidance_probe_for,
     recognised_pipelines,
 )
-from diffpar.families.registry import cp_plan_entry, cp_plan_for, extra_adapter_for
+from diffpar.families.registry import cp_plan_entry, cp_plan_for, extra_adapter_for, split_token_kind
 from diffpar.families.transformers import tp_plans
 from diffpar.mesh import ParallelDims
 from diffpar.plan_types import ComponentPlan, MeshLayout, ParallelPlan
@@ -47,6 +47,7 @@ class DenoiserPayload:
     cp_kwargs: dict | None = None  # diffusers' ContextParallelConfig arguments for the installed release
     tp_engine: str | None = None
     tp_plan: object = None
+    cp_tokens: str | None = None  # what the split sequence counts, as the family says (for refusals)
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def _weight_bytes(module: torch.nn.Module) -> int:
 
 
 def _plan_denoiser(name: str, model: torch.nn.Module, config: ParallelismConfig, dims: ParallelDims) -> ComponentPlan:
-    cp_plan = cp_prepare = cp_kwargs = tp_engine = tp_plan = None
+    cp_plan = cp_prepare = cp_kwargs = tp_engine = tp_plan = cp_tokens = None
     engines, sources, details, whole = [], [], [], []
     whole_bytes = _weight_bytes(model)
     per_rank = whole_bytes
@@ -139,12 +140,16 @@ def _plan_denoiser(name: str, model: torch.nn.Module, config: ParallelismConfig,
         cp_plan, source = cp_plan_for(model)
         entry = cp_plan_entry(model)
         cp_prepare = entry.prepare if entry is not None else None
+        cp_tokens = split_token_kind(model)
         cp_kwargs = check_context_parallel(
             model, config, processors_come_with_plan=bool(entry and entry.prepare_installs_processors))
         engines.append("context parallel")
         sources.append(f"{source} _cp_plan" if source == "diffusers" else "diffpar _cp_plan")
         splits = [f"{k or 'forward'}({', '.join(map(str, v))})" for k, v in cp_plan.items() if isinstance(v, dict)]
         gathers = [k or "forward" for k, v in cp_plan.items() if not isinstance(v, dict)]
+        if entry is not None:  # the family's own hooks (its prepare step) split or gather where no plan key shows
+            splits += [f"{point} (family hook)" for point in entry.hook_splits]
+            gathers += [f"{point} (family hook)" for point in entry.hook_gathers]
         details.append(f"sequence split over {dims.cp} ranks at: {'; '.join(splits)}")
         details.append(f"gathered at: {', '.join(gathers)}")
         whole.append("weights, across the context-parallel ranks (they split the sequence, not the parameters)")
@@ -176,7 +181,7 @@ def _plan_denoiser(name: str, model: torch.nn.Module, config: ParallelismConfig,
         engine=" + ".join(engines) or "whole on every rank", group=group or "each rank alone",
         source=", ".join(sources), details=tuple(details), facts=ComponentPlan.freeze_facts(facts),
         weight_bytes=whole_bytes, weight_bytes_per_rank=per_rank, whole=tuple(whole),
-        payload=DenoiserPayload(model, cp_plan, cp_prepare, cp_kwargs, tp_engine, tp_plan),
+        payload=DenoiserPayload(model, cp_plan, cp_prepare, cp_kwargs, tp_engine, tp_plan, cp_tokens),
     )
 
 

@@ -252,10 +252,13 @@ def new_parallel_config(rank: int, world_size: int, device, cp_mesh, **cp_kwargs
     return parallel_config
 
 
-def apply_cp_hooks(model, cp_config, plan: dict) -> None:
+def apply_cp_hooks(model, cp_config, plan: dict, tokens: str | None = None) -> None:
     from diffusers.hooks.context_parallel import apply_context_parallel
 
     apply_context_parallel(model, cp_config, plan)
+    # diffusers' hooks know only the module they sit on (a block class): tagged, the split check's refusal names the
+    # model, the plan key and what the sequence counts (`tokens`, from the family, else the model's class name).
+    diffusers_cp_hooks.tag_plan_hooks(model, plan, tokens)
 
 
 def remove_cp_hooks(model, plan: dict) -> None:
@@ -414,13 +417,22 @@ def _all_gather_anything_wrapper(wrapped, instance, args, kwargs):
 _TEXT_HINTS = ("encoder_hidden_states", "encoder_attention", "txt", "text", "context_refiner", "context_embedder",
                "caption", "cap_", "prompt")
 _VIDEO_HINTS = ("3D", "Video", "Wan", "LTX", "ChronoEdit", "Helios")
+_AUDIO_HINTS = ("1D", "Audio", "Music")  # before the video hints: StableAudio3DiT is audio
+_TOKEN_SOURCES = {
+    "video": ("video tokens", "the frame count and the video size (latent frames x height x width patches: height "
+              "and width over the patch size)"),
+    "audio": ("audio tokens", "the audio length (the clip's duration in latent frames)"),
+    "image": ("image tokens", "the image size ((height / 16) x (width / 16) for an 8x VAE with 2x2 patches)"),
+}
 # Outputs of a rotary-embedding module that are the text table (by module class): diffusers' QwenImage plan splits
 # the image table (output 0) and the text table (output 1) of `pos_embed`.
 _TEXT_OUTPUTS = {"QwenEmbedRope": (1,), "QwenEmbedLayer3DRope": (1,)}
 
 
-def describe_split_dimension(model_name: str, plan_key: str, module_name: str, item) -> tuple[str, str]:
-    """(what the split dimension counts, what sets its length) for a plan entry, for error messages."""
+def describe_split_dimension(model_name: str, plan_key: str, module_name: str, item,
+                             tokens: str | None = None) -> tuple[str, str]:
+    """(what the split dimension counts, what sets its length) for a plan entry, for error messages. `tokens`: what
+    the model's sequence counts as its family says ("video", "audio", "image"); None: guessed from `model_name`."""
     where = f"{plan_key}.{item}".lower()
     if any(h in where for h in _TEXT_HINTS) or item in _TEXT_OUTPUTS.get(module_name, ()):
         return "text tokens", "the prompt's token count (prompt length, capped by max_sequence_length)"
@@ -429,10 +441,14 @@ def describe_split_dimension(model_name: str, plan_key: str, module_name: str, i
                 "to a multiple of 32)")
     if "siglip" in where:
         return "condition-image tokens", "the size of the condition image"
-    if any(h in model_name for h in _VIDEO_HINTS):
-        return ("video tokens", "the frame count and the video size (latent frames x height x width over the patch "
-                "size)")
-    return "image tokens", "the image size ((height / 16) x (width / 16) for an 8x VAE with 2x2 patches)"
+    if tokens is None:
+        if any(h in model_name for h in _AUDIO_HINTS):
+            tokens = "audio"
+        elif any(h in model_name for h in _VIDEO_HINTS):
+            tokens = "video"
+        else:
+            tokens = "image"
+    return _TOKEN_SOURCES[tokens]
 
 
 def uneven_split_option(ulysses_degree: int, ring_degree: int) -> str | None:
@@ -458,7 +474,8 @@ def _refuse_split(hook, item, size: int, parts: int, why: str):
 
     model_name = getattr(hook, "diffpar_model", None) or hook.module_forward_metadata._cls.__name__
     plan_key = getattr(hook, "diffpar_plan_key", "")
-    kind, source = describe_split_dimension(model_name, plan_key, hook.module_forward_metadata._cls.__name__, item)
+    kind, source = describe_split_dimension(model_name, plan_key, hook.module_forward_metadata._cls.__name__, item,
+                                            getattr(hook, "diffpar_tokens", None))
     multiple = -(-size // parts) * parts
     raise DiffparError(
         f"context parallelism on {model_name}: {size} {kind} (input {item!r} of {plan_key or 'the model'!r}) must be "

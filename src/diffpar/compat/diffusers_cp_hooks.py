@@ -223,9 +223,9 @@ def register_input_split_hooks(net: torch.nn.Module, cp_config, plan: dict) -> N
     tag_plan_hooks(net, plan)
 
 
-def tag_plan_hooks(model: torch.nn.Module, plan: dict) -> None:
-    """Label each context-parallel hook of `plan` with its plan key and the model's class (for error messages that
-    name which input could not be split)."""
+def tag_plan_hooks(model: torch.nn.Module, plan: dict, tokens: str | None = None) -> None:
+    """Label each context-parallel hook of `plan` with its plan key, the model's class and what its sequence counts
+    (`tokens`: "video", "audio", "image", or None), for error messages that name which input could not be split."""
     for module_id, entries in plan.items():
         for target in _plan_targets(model, module_id):
             registry = getattr(target, "_diffusers_hook", None)
@@ -233,6 +233,7 @@ def tag_plan_hooks(model: torch.nn.Module, plan: dict) -> None:
             if hook is not None:
                 hook.diffpar_plan_key = module_id
                 hook.diffpar_model = type(model).__name__
+                hook.diffpar_tokens = tokens
 
 
 def remove_plan_hooks(model: torch.nn.Module, plan: dict) -> None:

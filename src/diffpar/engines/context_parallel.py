@@ -103,18 +103,19 @@ def new_parallel_config(cp_kwargs: dict, cp_mesh):
 
 
 def apply_context_parallel(model: torch.nn.Module, plan: dict, config, parallel_config, handle, name: str,
-                           prepare=None) -> None:
+                           prepare=None, tokens: str | None = None) -> None:
     """Hooks for `plan` (diffusers' `_cp_plan` format) on `model`, attention on `parallel_config`.
 
     `prepare(model, config, handle, name)`, when the plan has one, makes the smallest forward change the plan
-    needs (e.g. attention processors that take a parallel config) and records its own undo.
+    needs (e.g. attention processors that take a parallel config) and records its own undo. `tokens`: what the
+    split sequence counts ("video", "audio", "image"; None: guessed from the class), named by split refusals.
     """
     if prepare is not None:
         prepare(model, config, handle, name)
     attach_parallel_config(model, parallel_config, config, handle, name)
     diffusers_cp.guard_whole_text_mask(model, plan, handle, name)
     handle.add(f"{name}: context-parallel hooks", lambda: diffusers_cp.remove_cp_hooks(model, plan))
-    diffusers_cp.apply_cp_hooks(model, parallel_config.context_parallel_config, plan)
+    diffusers_cp.apply_cp_hooks(model, parallel_config.context_parallel_config, plan, tokens=tokens)
 
 
 def attach_parallel_config(model: torch.nn.Module, parallel_config, config, handle, name: str) -> None:

@@ -71,19 +71,32 @@ class CPPlanEntry:
     # e.g. LTX's splits the prompt and its mask, which breaks its attention under Ulysses). Default: diffusers'
     # plan wins wherever the installed release ships one.
     overrides_native: bool = False
+    # Where `prepare`'s own hooks split and gather the sequence, one readable line per point ("module(inputs)"),
+    # for the dry run: a plan whose split lives in those hooks has no `_cp_plan` entry to show for it.
+    hook_splits: tuple[str, ...] = ()
+    hook_gathers: tuple[str, ...] = ()
+    # What the split sequence counts ("video", "audio" or "image"), for refusals that name it; "": guessed from the
+    # class name (where the name misleads, e.g. JoyImage's "3D" image models, the family says).
+    tokens: str = ""
 
 
 CP_PLANS: ClassRegistry[CPPlanEntry] = ClassRegistry("context-parallel plan")
 
 
-def register_cp_plan(*class_names: str, prepare: Callable | None = None, overrides_native: bool = False):
+def register_cp_plan(*class_names: str, prepare: Callable | None = None, overrides_native: bool = False,
+                     hook_splits: tuple[str, ...] = (), hook_gathers: tuple[str, ...] = (), tokens: str = ""):
     """Register a plan builder for `class_names`, with an optional `prepare` step (see CPPlanEntry).
     `overrides_native=True`: use it even where diffusers ships a `_cp_plan` for the class (say why in the family
-    file)."""
+    file). `hook_splits` / `hook_gathers`: where `prepare`'s hooks split / gather the sequence, for the dry run.
+    `tokens`: what the sequence counts ("video", "audio", "image"), where the class name does not say it."""
+    if tokens not in ("", "video", "audio", "image"):
+        raise ValueError(f"register_cp_plan{class_names}: tokens must be 'video', 'audio' or 'image', got {tokens!r}")
 
     def deco(fn):
         CP_PLANS.register(class_names, CPPlanEntry(fn, prepare, prepare_installs_processors=prepare is not None,
-                                                   overrides_native=overrides_native))
+                                                   overrides_native=overrides_native,
+                                                   hook_splits=tuple(hook_splits), hook_gathers=tuple(hook_gathers),
+                                                   tokens=tokens))
         return fn
 
     return deco
@@ -115,6 +128,13 @@ def cp_plan_entry(model: torch.nn.Module) -> CPPlanEntry | None:
     if native_cp_plan(type(model)):
         return None
     return entry
+
+
+def split_token_kind(model: torch.nn.Module) -> str | None:
+    """What `model`'s split sequence counts, as its family says ("video", "audio", "image"), or None (the refusal
+    then guesses from the class name). Read whether or not diffusers' own plan is the one used."""
+    entry = CP_PLANS.lookup(model)
+    return (entry.tokens or None) if entry is not None else None
 
 
 # Classes that ship a `_cp_plan` in some diffusers release (0.36-0.42); each is checked on the installed one.

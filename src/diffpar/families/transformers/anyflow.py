@@ -63,7 +63,8 @@ def prepare_anyflow(model, config, handle, name: str) -> None:
     hooks.append(model.rope.register_forward_hook(_rope_rows_hook(model)))
 
 
-@register_cp_plan("AnyFlowTransformer3DModel", prepare=prepare_anyflow)
+@register_cp_plan("AnyFlowTransformer3DModel", prepare=prepare_anyflow,
+                  hook_splits=("rope(query and key tables, rows cut as the tokens)",), tokens="video")
 def anyflow_cp_plan(model) -> dict:
     if not len(model.blocks):
         raise UnsupportedError(f"{type(model).__name__} has no transformer blocks to parallelize.")

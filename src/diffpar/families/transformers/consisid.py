@@ -48,7 +48,8 @@ def prepare_consisid(model, config, handle, name: str) -> None:
                          "gather the last block's video and text tokens")
 
 
-@register_cp_plan("ConsisIDTransformer3DModel", prepare=prepare_consisid)
+@register_cp_plan("ConsisIDTransformer3DModel", prepare=prepare_consisid,
+                  hook_gathers=("transformer_blocks[-1] (video and text tokens)",))
 def consisid_cp_plan(model) -> dict:
     if not len(model.transformer_blocks):
         raise UnsupportedError(f"{type(model).__name__} has no transformer blocks to parallelize.")

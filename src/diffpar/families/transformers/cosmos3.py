@@ -157,7 +157,12 @@ def prepare_cosmos3(model, config, handle, name: str) -> None:
     set_cp_seams(model, _shard_seam(model), _gather_seam(model))
 
 
-@register_cp_plan("Cosmos3OmniTransformer", prepare=prepare_cosmos3)
+@register_cp_plan(
+    "Cosmos3OmniTransformer", prepare=prepare_cosmos3,
+    hook_splits=("shard seam (generation tokens, their rotary rows; the understanding prefix stays whole)",),
+    hook_gathers=("gather seam (generation tokens, after the final norms)",),
+    tokens="video",
+)
 def cosmos3_cp_plan(model) -> dict:
     label = type(model).__name__
     if not len(model.layers):

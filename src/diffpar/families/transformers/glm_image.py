@@ -306,7 +306,12 @@ def prepare_glm_image(model, config, handle, name: str) -> None:
     removers.append(model.proj_out.register_forward_hook(_gather_image_hook(state)))
 
 
-@register_cp_plan("GlmImageTransformer2DModel", prepare=prepare_glm_image)
+@register_cp_plan(
+    "GlmImageTransformer2DModel", prepare=prepare_glm_image,
+    hook_splits=("transformer_blocks.0(hidden_states, encoder_hidden_states: per stream, or over the joint "
+                 "[text, image] sequence)", "transformer_blocks.*(image_rotary_emb rows)"),
+    hook_gathers=("proj_out (image tokens)",),
+)
 def glm_image_cp_plan(model) -> dict:
     if len(model.transformer_blocks) == 0:
         raise UnsupportedError(f"{type(model).__name__} has no transformer blocks to parallelize.")

@@ -67,7 +67,8 @@ def prepare_framepack(model, config, handle, name: str) -> None:
     gather_block_outputs(model, last, (0,), handle, name, "gather the last block's video tokens")
 
 
-@register_cp_plan("HunyuanVideoFramepackTransformer3DModel", prepare=prepare_framepack)
+@register_cp_plan("HunyuanVideoFramepackTransformer3DModel", prepare=prepare_framepack,
+                  hook_gathers=("last block of the last stack (video tokens)",))
 def framepack_cp_plan(model) -> dict:
     stacks = _stacks(model)
     if not stacks:

@@ -45,7 +45,7 @@ def prepare_joyimage(model, config, handle, name: str) -> None:
                                  type(model).__name__)
 
 
-@register_cp_plan("JoyImageEditTransformer3DModel", prepare=prepare_joyimage)
+@register_cp_plan("JoyImageEditTransformer3DModel", prepare=prepare_joyimage, tokens="image")  # "3D": image model
 def joyimage_cp_plan(model) -> dict:
     if not len(model.double_blocks):
         raise UnsupportedError(f"{type(model).__name__} has no blocks to parallelize.")

@@ -68,7 +68,8 @@ def prepare_joyimage_edit_plus(model, config, handle, name: str) -> None:
         lambda module, args: kept.__setitem__("text_tokens", args[1].shape[1])))
 
 
-@register_cp_plan("JoyImageEditPlusTransformer3DModel", prepare=prepare_joyimage_edit_plus)
+@register_cp_plan("JoyImageEditPlusTransformer3DModel", prepare=prepare_joyimage_edit_plus,
+                  tokens="image")  # "3D" in the name, an image model
 def joyimage_edit_plus_cp_plan(model) -> dict:
     blocks = len(model.double_blocks)
     if blocks == 0:

@@ -102,7 +102,9 @@ def prepare_kandinsky6(model, config, handle, name: str) -> None:
                          "gather the last fused block's video tokens")
 
 
-@register_cp_plan("Kandinsky6Transformer3DModel", prepare=prepare_kandinsky6)
+@register_cp_plan("Kandinsky6Transformer3DModel", prepare=prepare_kandinsky6,
+                  hook_gathers=("visual_transformer_blocks[-1] (video tokens)",
+                                f"visual_transformer_blocks.*.{_K6_GATHER_KEYS} (video keys, for the audio queries)"))
 def kandinsky6_cp_plan(model) -> dict:
     blocks = len(model.visual_transformer_blocks)
     if not blocks:
