@@ -143,3 +143,65 @@ def test_torchrun_variables_without_peers_fail_after_the_timeout(tmp_path):
     assert "the other ranks did not join within 3 s" in proc.stderr, proc.stderr[-2000:]
     assert "RANK=0, WORLD_SIZE=2, MASTER_ADDR=127.0.0.1, MASTER_PORT=29613" in proc.stderr
     assert elapsed < 3 + 60, elapsed  # interpreter start and imports included
+
+
+def test_a_draw_before_the_first_parallel_step_is_refused_on_every_rank_then_agreed_at_the_start(ranks):
+    """The exchange is settled at the call's first parallel step (here prepare_latents), so a random draw before
+    it used each rank's own state when the states differed: refused on every rank (it cannot be undone); the
+    pipeline's later calls agree at their start, and the same draw is then rank 0's everywhere."""
+    results = ranks(2, "workers.calls:draw_before_the_first_parallel_step", timeout=120)
+    for r in results:
+        assert r["first"]["error"] == "EarlyRandomDraw", r
+        assert "drew random numbers before its first parallel step" in r["first"]["message"], r
+        assert "seeded alike on every rank" in r["first"]["message"], r
+        assert r["first"]["seconds"] < MAX_SECONDS, r
+        assert r["second"]["error"] is None, r
+        assert r["draws_early"] and r["deferred_calls"] == 1, r  # the first call deferred, the second did not
+        first_draws, second_draws = zip(*r["draws"])
+        assert first_draws[0] != first_draws[1], r  # each rank's own state: the refused call's draws differ
+        assert second_draws[0] == second_draws[1], r  # agreed at the start: rank 0's draw on every rank
+
+
+def test_keywords_in_another_order_are_the_same_call(ranks):
+    results = ranks(2, "workers.calls:keywords_in_another_order", timeout=120)
+    assert_split(results, {"ulysses_size": 2})
+    for r in results:
+        assert r["diff"] <= CP_FP32, r
+        assert r["calls_agreed"] == 1, r
+
+
+def test_a_rank_that_raises_before_the_settle_point_still_agrees(ranks):
+    """The exchange is in flight while the pipeline runs its first lines; a rank whose call raises there settles it
+    on the way out, so both ranks report the mismatch (the cause), quickly, and later calls pair up."""
+    results = ranks(2, "workers.calls:one_rank_raises_before_the_settle_point", timeout=120)
+    for r in results:
+        assert r["error"] == "RankMismatchError", r
+        assert "arguments.prompt" in r["message"] and "rank 1 None" in r["message"], r
+        assert r["seconds"] < MAX_SECONDS, r
+        assert r["calls_agreed"] == 1, r
+    assert results[1]["cause"] == "ValueError", results[1]  # rank 1's own error, chained
+    assert results[0]["cause"] is None, results[0]
+
+
+def test_compiled_modules_make_the_call_agree_at_its_start():
+    """A compiled module's hooks were traced: the settle points inside it would not run, so a pipeline holding one
+    waits for the exchange at the call's start (one process: only the decision is checked)."""
+    import torch
+    from diffpar.engines.call_agreement import CallChecker
+
+    class Pipe:
+        pass
+
+    pipe = Pipe()
+    pipe.transformer = torch.nn.Linear(2, 2)
+    pipe.vae = torch.nn.Linear(2, 2)
+    checker = CallChecker("Pipe(...)")
+    checker.pipeline_can_defer = True
+    assert checker.defers(pipe, None)
+    pipe.transformer.compile()  # in place: lazy, nothing is traced until called
+    assert not checker.defers(pipe, None)
+    pipe.transformer = torch.compile(torch.nn.Linear(2, 2))  # a wrapper put in the module's place
+    assert not checker.defers(pipe, None)
+    checker.overlap = False
+    pipe.transformer = torch.nn.Linear(2, 2)
+    assert not checker.defers(pipe, None)

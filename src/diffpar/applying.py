@@ -12,9 +12,9 @@
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -251,12 +251,15 @@ def _broadcast_streams(streams: list[tuple], group, device) -> None:
 
 
 def streams_digest(states: list[torch.Tensor]) -> int:
-    """62 bits of a hash of the random states' bytes (equal states, equal digest, on every rank): about 5 KB, one
-    blake2b over them costs a few microseconds, against a broadcast's round trip (~0.15 ms on gloo)."""
-    h = hashlib.blake2b(digest_size=8)
+    """62 bits telling the random states' bytes apart (equal states, equal digest, on every rank): a CRC-32 and an
+    Adler-32 of each state, chained. Not a cryptographic hash, none is needed: a digest only decides whether rank
+    0's states must be broadcast, and states that differ by chance almost never share both checksums. About 5 KB
+    per state; these take ~1 us where blake2b took ~6 (the calling thread's time is the agreement's cost)."""
+    crc, adler = 0, 1
     for state in states:
-        h.update(state.contiguous().view(torch.uint8).numpy())  # the bytes in place, no copy
-    return int.from_bytes(h.digest(), "little") >> 2
+        data = state.contiguous().view(torch.uint8).numpy()  # the bytes in place, no copy
+        crc, adler = zlib.crc32(data, crc), zlib.adler32(data, adler)
+    return ((crc << 32) | adler) >> 2
 
 
 class CallRandomStreams:

@@ -374,23 +374,26 @@ class PendingAgreement:
     failed rank (round 2), and returns every rank's `values`. Issued early and settled late, the round trip
     overlaps the caller's own local work (the per-call agreement: the pipeline's tokenizing and text encoding)."""
 
-    def __init__(self, what: str, description: dict, local_error, group, failed: str, timeout_s, values):
+    def __init__(self, what: str, description: dict, local_error, group, failed: str, timeout_s, values,
+                 fp: str | None = None):
         self.what, self.description, self.local_error = what, description, local_error
         self.failed, self.timeout_s = failed, timeout_s
         self.carries = False
         if group is None and timeout_s is not None and timeout_s in _WORLD_GROUPS:
             group, self.carries = _WORLD_GROUPS[timeout_s], True  # the whole world; its collectives end by themselves
         self.group = group
-        self.fp = fingerprint(description)
+        self.fp = fp if fp is not None else fingerprint(description)
         # Round 1, one all-gather of [failed, h, *values], h = 62 bits of the fingerprint. The common case ends here.
         row = torch.tensor([int(local_error is not None), int(self.fp, 16) >> 2, *values], dtype=torch.int64)
-        self.rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
-        self.work = dist.all_gather(self.rows, row, group=group, async_op=True)
+        self.width = row.numel()
+        # Into one tensor: fewer allocations and checks than a list of them (this is on every pipeline call).
+        self.rows = row.new_empty(dist.get_world_size(group) * row.numel())  # flat: gloo wants it so
+        self.work = dist.all_gather_into_tensor(self.rows, row, group=group, async_op=True)
 
     def settle(self) -> list[tuple[int, ...]]:
         _wait(self.work, self.what, self.timeout_s, self.carries)
         # Every rank sees the same table, so every rank takes the same branch.
-        table = torch.stack(self.rows).tolist()
+        table = self.rows.view(-1, self.width).tolist()
         if not any(r[0] for r in table) and len({r[1] for r in table}) == 1:
             return [tuple(r[2:]) for r in table]
         _explain(self.what, self.description, self.fp, self.local_error, self.group, self.failed, self.timeout_s,
@@ -423,10 +426,11 @@ def agree(what: str, description: dict, local_error: BaseException | None = None
 
 def agree_start(what: str, description: dict, local_error: BaseException | None = None, group=None, *,
                 failed: str = "failed its checks", timeout_s: float | None = None,
-                values: tuple[int, ...] = ()) -> PendingAgreement:
+                values: tuple[int, ...] = (), fp: str | None = None) -> PendingAgreement:
     """`agree`'s round 1, issued and not waited for: every rank must `settle()` it (before any other collective
-    whose sizes depend on what is being agreed)."""
-    return PendingAgreement(what, description, local_error, group, failed, timeout_s, tuple(values))
+    whose sizes depend on what is being agreed). `fp`: the description's fingerprint, when the caller has a faster
+    one (hex; every rank must compute it alike)."""
+    return PendingAgreement(what, description, local_error, group, failed, timeout_s, tuple(values), fp)
 
 
 # The settle of the call agreement in flight (at most one): run by the first point of the call that needs the

@@ -199,3 +199,81 @@ def exchanges_before_the_call(check_every_call: bool, seed_per_rank: bool) -> di
                 "deferred_calls": handle.state("call_checker").deferred_calls}
     finally:
         handle.detach()
+
+
+def draw_before_the_first_parallel_step() -> dict:
+    """The pipeline draws from torch's global random state in its first line (`check_inputs`), before the call's
+    agreement is settled (at prepare_latents), while each rank's global state is its own: that draw differs
+    between ranks and cannot be undone, so every rank refuses the call; the pipeline's later calls agree at their
+    start (learned), so the same draw is then rank 0's on every rank and the call runs."""
+    pipe = _pipe()
+    handle = _enable(pipe)
+    rank = dist.get_rank()
+    torch.manual_seed(100 + rank)  # each rank's global random state its own
+    check_inputs = pipe.check_inputs
+    drawn = []
+
+    def drawing_check_inputs(*args, **kwargs):
+        drawn.append(torch.rand(1).item())
+        return check_inputs(*args, **kwargs)
+
+    pipe.check_inputs = drawing_check_inputs
+    try:
+        with torch.no_grad():
+            first = _timed_error(lambda: pipe(**CALL, generator=torch.Generator().manual_seed(0)))
+            second = _timed_error(lambda: pipe(**CALL, generator=torch.Generator().manual_seed(0)))
+        draws = torch.tensor(drawn, dtype=torch.float64)
+        gathered = [torch.empty_like(draws) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, draws)
+        checker = handle.state("call_checker")
+        return {"rank": rank, "first": first, "second": second, "draws": [g.tolist() for g in gathered],
+                "deferred_calls": checker.deferred_calls, "draws_early": checker.draws_early}
+    finally:
+        del pipe.check_inputs
+        handle.detach()
+
+
+def keywords_in_another_order() -> dict:
+    """Rank 1 passes the same keywords in the reverse order: the same call, agreed (descriptions are ordered by
+    name), and the image matches one process."""
+    reference_pipe = _pipe()
+    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
+        reference = reference_pipe(**CALL, generator=torch.Generator().manual_seed(0)).images
+    pipe = _pipe()
+    handle = _enable(pipe)
+    items = list(CALL.items()) + [("generator", torch.Generator().manual_seed(0))]
+    if dist.get_rank() == 1:
+        items.reverse()
+    try:
+        with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
+            out = pipe(**dict(items)).images
+        return {"rank": dist.get_rank(), "diff": (out - reference).abs().max().item(), "split": probe.summary(),
+                "split_reference": reference_probe.summary(), "calls_agreed": handle.state("call_checker").calls}
+    finally:
+        handle.detach()
+
+
+def one_rank_raises_before_the_settle_point() -> dict:
+    """Rank 1's call fails in the pipeline's own input check (no prompt), after the exchange was issued and before
+    the call reached its settle point; rank 0's call is valid. Both get the mismatch (rank 1's chained to its own
+    error), neither waits in a later collective; then equal calls run."""
+    pipe = _pipe()
+    handle = _enable(pipe)
+    kwargs = dict(CALL)
+    if dist.get_rank() == 1:
+        kwargs["prompt"] = None
+    try:
+        with torch.no_grad():
+            started = time.monotonic()
+            try:
+                pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+                result = {"error": None}
+            except Exception as exc:  # noqa: BLE001 (reported to the test)
+                result = {"error": type(exc).__name__, "message": str(exc),
+                          "cause": type(exc.__cause__).__name__ if exc.__cause__ else None}
+            result["seconds"] = time.monotonic() - started
+            pipe(**CALL, generator=torch.Generator().manual_seed(0))
+        result.update(rank=dist.get_rank(), calls_agreed=handle.state("call_checker").calls)
+        return result
+    finally:
+        handle.detach()

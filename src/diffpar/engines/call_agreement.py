@@ -104,6 +104,11 @@ def describe_value(value, name: str = "", checksums: list | None = None):
     A tensor's checksum is computed where the tensor lives; with `checksums` given, the description holds a
     placeholder and (description, checksum tensor) is appended to it, for `fill_checksums` to read them all at
     once (one device-to-host transfer per call, not two per tensor)."""
+    kind = type(value)  # the common plain kinds first, by exact type (this runs on every call)
+    if kind is str:
+        return _text(value)
+    if kind is int or kind is float or kind is bool or value is None:
+        return value
     if isinstance(value, torch.Tensor):
         if name in BROADCAST_ARGS:
             return {"shape": list(value.shape), "dtype": str(value.dtype)}
@@ -126,7 +131,7 @@ def describe_value(value, name: str = "", checksums: list | None = None):
     if isinstance(value, (list, tuple)):
         return [describe_value(v, name, checksums) for v in value]
     if isinstance(value, dict):
-        return {str(k): describe_value(v, str(k), checksums) for k, v in value.items()}
+        return {str(k): describe_value(v, str(k), checksums) for k, v in sorted(value.items(), key=_str_key)}
     tobytes = getattr(value, "tobytes", None)
     if callable(tobytes):  # PIL images, numpy arrays
         size = getattr(value, "size", None)
@@ -200,10 +205,25 @@ def describe_call(fn, args: tuple, kwargs: dict, *, skip_first: bool = False) ->
     else:
         items = _bind_slowly(function, args, kwargs, skip_first)
     out, checksums = {}, []
-    for name, value in items:
+    for name, value in sorted(items, key=_name):  # by name: the same order whatever order keywords came in
         out[name] = describe_value(value, name, checksums)
     fill_checksums(checksums)
     return out
+
+
+def _name(item: tuple) -> str:
+    return item[0]
+
+
+def _str_key(item: tuple) -> str:
+    return str(item[0])
+
+
+def call_fingerprint(description: dict) -> str:
+    """`mesh.fingerprint` for a call's description, in a fraction of its time: `repr` instead of sorted JSON, since
+    describe_call orders arguments by name and describe_value builds every nested dict in a fixed order (user
+    dicts sorted by key), so equal descriptions have equal reprs on every rank."""
+    return hashlib.blake2b(repr(description).encode(), digest_size=8).hexdigest()
 
 
 def _bind_slowly(function, args: tuple, kwargs: dict, skip_first: bool) -> list[tuple[str, object]]:
@@ -310,7 +330,8 @@ class CallChecker:
         else:
             pending = mesh_lib.agree_start(f"diffpar: a call of {self.label}", what, None, self.group,
                                            timeout_s=self.timeout_s,
-                                           values=tuple(streams.values) if streams is not None else ())
+                                           values=tuple(streams.values) if streams is not None else (),
+                                           fp=call_fingerprint(what))
 
         def finish() -> None:
             started = time.perf_counter()
