@@ -162,6 +162,9 @@ def main() -> None:
                 saved = (statistics.median(agreement[(True, False, label, seeds)])
                          - statistics.median(agreement[(True, True, label, seeds)]))
                 print(f"  overlap saves, {label:17s} {seeds:13s}: {pct(saved)}")
+        marginal = (statistics.median(agreement[(True, True, "prompt", "same seed")])
+                    - statistics.median(agreement[(False, True, "prompt", "same seed")]))
+        print(f"  the argument check's marginal cost (check_every_call True - False, prompt, same seed): {pct(marginal)}")
         alone = statistics.median(parts["describe"]) + statistics.median(parts["fingerprint"])
         print(f"  check_every_call=True's own work, timed alone (embeddings call): describe "
               f"{statistics.median(parts['describe']) * 1e3:.3f} ms + fingerprint "

@@ -64,11 +64,12 @@ def test_one_exchange_per_call(ranks, check_every_call, seed_per_rank):
                     seed_per_rank=seed_per_rank)
     assert_split(results, {"ulysses_size": 2})
     for r in results:
-        assert r["before_call"] == {"all_gather": 1}, r  # issued before the pipeline's first line, not waited
+        # issued before the pipeline's first line, not waited for
+        assert r["before_call"] == {"all_gather_into_tensor": 1}, r
         assert r["deferred_calls"] == 2, r  # both calls' exchanges were settled late
         # Then: rank 0's random states (only when they differ), FLUX's prepare_latents outputs (the initial latents
         # and their position ids), the rest.
-        head = ["all_gather"] + ["broadcast"] * (int(seed_per_rank) + 2)
+        head = ["all_gather_into_tensor"] + ["broadcast"] * (int(seed_per_rank) + 2)
         assert r["order"][:len(head)] == head, r
         assert r["order"].count("broadcast") == len(head) - 1, r
         assert r["diff"] <= CP_FP32, r  # rank 0's image on every rank, broadcast or not
@@ -145,21 +146,24 @@ def test_torchrun_variables_without_peers_fail_after_the_timeout(tmp_path):
     assert elapsed < 3 + 60, elapsed  # interpreter start and imports included
 
 
-def test_a_draw_before_the_first_parallel_step_is_refused_on_every_rank_then_agreed_at_the_start(ranks):
+def test_a_draw_before_the_first_parallel_step_runs_the_call_again_from_rank_0s_states(ranks):
     """The exchange is settled at the call's first parallel step (here prepare_latents), so a random draw before
-    it used each rank's own state when the states differed: refused on every rank (it cannot be undone); the
-    pipeline's later calls agree at their start, and the same draw is then rank 0's everywhere."""
+    it used each rank's own state when the states differed: every rank runs the call again from rank 0's states
+    (the draw is then rank 0's everywhere, and the image one process's); the pipeline's later calls agree at their
+    start."""
     results = ranks(2, "workers.calls:draw_before_the_first_parallel_step", timeout=120)
+    assert_split(results, {"ulysses_size": 2})
     for r in results:
-        assert r["first"]["error"] == "EarlyRandomDraw", r
-        assert "drew random numbers before its first parallel step" in r["first"]["message"], r
-        assert "seeded alike on every rank" in r["first"]["message"], r
+        assert r["first"]["error"] is None and r["second"]["error"] is None, r
         assert r["first"]["seconds"] < MAX_SECONDS, r
-        assert r["second"]["error"] is None, r
-        assert r["draws_early"] and r["deferred_calls"] == 1, r  # the first call deferred, the second did not
-        first_draws, second_draws = zip(*r["draws"])
-        assert first_draws[0] != first_draws[1], r  # each rank's own state: the refused call's draws differ
-        assert second_draws[0] == second_draws[1], r  # agreed at the start: rank 0's draw on every rank
+        assert r["restarts"] == 1 and r["draws_early"], r
+        assert r["deferred_calls"] == 1, r  # the first call deferred, the second agreed at its start
+        assert r["calls_agreed"] == 2, r  # the restart did not agree again
+        assert r["diff"] <= CP_FP32, r
+    draws = results[0]["draws"]  # every rank's draws, in order: [attempt, restart, second call]
+    assert draws[0][0] != draws[1][0], draws  # the first attempt: each rank's own state
+    assert draws[0][1] == draws[1][1] == draws[0][0], draws  # the restart: rank 0's first draw on every rank
+    assert draws[0][2] == draws[1][2], draws  # agreed at the start
 
 
 def test_keywords_in_another_order_are_the_same_call(ranks):

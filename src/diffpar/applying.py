@@ -24,7 +24,7 @@ from diffpar.cache import apply_cache
 from diffpar.components import is_pipeline
 from diffpar.engines import sharded_loading
 from diffpar.engines import tensor_parallel
-from diffpar.engines.call_agreement import CallChecker, EarlyRandomDraw, attach_model_checker, attach_pipeline_checker
+from diffpar.engines.call_agreement import CallChecker, attach_model_checker, attach_pipeline_checker
 from diffpar.engines.cfg_parallel import apply_cfg_parallel
 from diffpar.engines.context_parallel import apply_context_parallel, new_parallel_config
 from diffpar.errors import DiffparError
@@ -290,7 +290,6 @@ class CallRandomStreams:
 
     def synchronize(self) -> None:
         if self.differ:
-            self._refuse_draws_made()
             _broadcast_streams(self.streams, self.group, self.device)
         if self.latents is not None:
             buf = self.latents if self.latents.is_contiguous() else self.latents.contiguous()
@@ -299,18 +298,20 @@ class CallRandomStreams:
                 self.latents.copy_(buf)
 
 
-    def _refuse_draws_made(self) -> None:
-        """The states differed across ranks, so any draw made since the call's start (before this settle point)
-        came from each rank's own state: different noise on each rank. Every rank runs the same code on agreed
-        arguments, so every rank finds the same and raises alike."""
+    def drawn_since_start(self) -> bool:
+        """Whether any of the call's random streams moved since the call's start (a draw before the settle point).
+        Every rank runs the same code on agreed arguments, so every rank finds the same."""
         now = _random_states(self.generators, with_cuda=self.device is not None)
-        if any(not torch.equal(before, after) for (before, _), (after, _) in zip(self.streams, now)):
-            raise EarlyRandomDraw(
-                "diffpar: this pipeline call drew random numbers before its first parallel step, while the ranks' "
-                "random states differed (each rank seeded its own generator, or torch's global random state): "
-                "those draws differ between ranks. Pass generators seeded alike on every rank; or call again: "
-                "this pipeline's later calls agree on the random states at their start."
-            )
+        return any(not torch.equal(before, after) for (before, _), (after, _) in zip(self.streams, now))
+
+    def restart_from_rank0(self) -> None:
+        """Before a call runs again (`_RestartCall`): every stream back to where this rank's call started, then
+        rank 0's start states on every rank (one broadcast), so the second run draws exactly what rank 0's first
+        run drew."""
+        for state, set_state in self.streams:
+            set_state(state)
+        _broadcast_streams(self.streams, self.group, self.device)
+        self.differ = False
 
 
 def random_state_step(pipe, group=None):

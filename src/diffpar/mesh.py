@@ -452,6 +452,12 @@ def settle_deferred() -> None:
         _DEFERRED.pop()()
 
 
+def discard_deferred() -> None:
+    """Forget the agreement in flight without waiting (an interrupted call). Its collective, on a group carrying
+    the timeout, ends by itself."""
+    _DEFERRED.clear()
+
+
 def deferred_pending() -> bool:
     return bool(_DEFERRED)
 

@@ -203,9 +203,11 @@ def exchanges_before_the_call(check_every_call: bool, seed_per_rank: bool) -> di
 
 def draw_before_the_first_parallel_step() -> dict:
     """The pipeline draws from torch's global random state in its first line (`check_inputs`), before the call's
-    agreement is settled (at prepare_latents), while each rank's global state is its own: that draw differs
-    between ranks and cannot be undone, so every rank refuses the call; the pipeline's later calls agree at their
-    start (learned), so the same draw is then rank 0's on every rank and the call runs."""
+    agreement is settled (at prepare_latents), while each rank's global state is its own: every rank runs the call
+    again from rank 0's states; the pipeline's later calls agree at their start."""
+    reference_pipe = _pipe()
+    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
+        reference = reference_pipe(**CALL, generator=torch.Generator().manual_seed(0)).images
     pipe = _pipe()
     handle = _enable(pipe)
     rank = dist.get_rank()
@@ -218,16 +220,24 @@ def draw_before_the_first_parallel_step() -> dict:
         return check_inputs(*args, **kwargs)
 
     pipe.check_inputs = drawing_check_inputs
+    images = []
+
+    def call():
+        images.append(pipe(**CALL, generator=torch.Generator().manual_seed(0)).images)
+
     try:
+        with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
+            first = _timed_error(call)
         with torch.no_grad():
-            first = _timed_error(lambda: pipe(**CALL, generator=torch.Generator().manual_seed(0)))
-            second = _timed_error(lambda: pipe(**CALL, generator=torch.Generator().manual_seed(0)))
+            second = _timed_error(call)
         draws = torch.tensor(drawn, dtype=torch.float64)
         gathered = [torch.empty_like(draws) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, draws)
         checker = handle.state("call_checker")
         return {"rank": rank, "first": first, "second": second, "draws": [g.tolist() for g in gathered],
-                "deferred_calls": checker.deferred_calls, "draws_early": checker.draws_early}
+                "diff": (images[0] - reference).abs().max().item(), "split": probe.summary(),
+                "split_reference": reference_probe.summary(), "deferred_calls": checker.deferred_calls,
+                "draws_early": checker.draws_early, "restarts": checker.restarts, "calls_agreed": checker.calls}
     finally:
         del pipe.check_inputs
         handle.detach()

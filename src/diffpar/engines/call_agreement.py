@@ -37,9 +37,11 @@ from diffpar.compat.torch_compile import is_compiled
 from diffpar.errors import DiffparError
 from diffpar.patch import Patch
 
-class EarlyRandomDraw(DiffparError):
-    """A call drew random numbers before the ranks had agreed on their random states, and those states differed
-    (each rank seeded its own generator): the draws cannot be made rank 0's any more."""
+class _RestartCall(BaseException):
+    """Raised at a call's settle point when the call drew random numbers before it while the ranks' random states
+    differed (each rank seeded its own generator): those draws came from each rank's own state. Every rank finds the
+    same (the same code on agreed arguments) and the call wrapper runs the call again from rank 0's states. A
+    BaseException, so that a pipeline's own `except Exception` cannot swallow it."""
 
 
 # Arguments whose values diffpar itself makes equal on every rank: compared by shape only.
@@ -286,6 +288,7 @@ class CallChecker:
         self.overlap = True
         self.pipeline_can_defer = False  # set for pipelines whose random draws start in prepare_latents
         self.draws_early = False  # learned: this pipeline drew random numbers before its first settle point
+        self.restarts = 0  # calls run again from rank 0's random states (`_RestartCall`)
         self.deferred_calls = 0
         self._pipeline_modules: dict[int, tuple[str, ...]] = {}
         self.last_seconds = 0.0  # the calling thread's time in the last call's agreement (the benchmark reads it)
@@ -301,7 +304,7 @@ class CallChecker:
     def defers(self, pipe, streams) -> bool:
         """Whether this call's exchange may be settled late. Not when a module of the pipeline runs compiled (its
         hooks were traced: the settle points inside it would not run), nor once this pipeline was seen drawing
-        random numbers before its first settle point (`EarlyRandomDraw`)."""
+        random numbers before its first settle point while the ranks' states differed (`_RestartCall`)."""
         if not (self.overlap and self.pipeline_can_defer) or self.draws_early:
             return False
         modules = self._pipeline_modules.get(id(pipe))
@@ -340,11 +343,11 @@ class CallChecker:
                 self.calls += 1
             if streams is not None:
                 streams.after_agreement(table)
-                try:
-                    streams.synchronize()  # rank 0's random states where they differ (a broadcast, only then)
-                except EarlyRandomDraw:
-                    self.draws_early = True  # later calls agree at their start
-                    raise
+                if streams.differ and streams.drawn_since_start():
+                    self.draws_early = True  # later calls of this pipeline agree at their start
+                    self.restarts += 1
+                    raise _RestartCall()
+                streams.synchronize()  # rank 0's random states where they differ (a broadcast, only then)
             self.last_seconds += time.perf_counter() - started
 
         return finish
@@ -411,8 +414,21 @@ def _call_wrapper(wrapped, instance, args, kwargs):
     checker = vars(instance).get(_CHECKER_ATTR) if instance is not None and hasattr(instance, "__dict__") else None
     if checker is None:
         return wrapped(*args, **kwargs)
-    if not checker.agree_in_call:
-        return _run_naming_collectives(checker, wrapped, args, kwargs)
+    if checker.agree_in_call:
+        return _agreed_call(checker, wrapped, instance, args, kwargs)
+    # A bare model: agreed in its forward pre-hook. Inline here (no helper frame): a model compiled whole traces
+    # this wrapper, and each extra frame would count the pre-hook's one graph break again.
+    try:
+        return wrapped(*args, **kwargs)
+    except RuntimeError as exc:
+        clear = collective_failure(exc, checker.label, checker.timeout_s)
+        if clear is None:
+            raise
+        raise clear from exc
+
+
+def _agreed_call(checker: "CallChecker", wrapped, instance, args, kwargs):
+    """A pipeline call: its exchange issued now and settled where the call first needs the ranks agreed."""
     mesh_lib.settle_deferred()  # an enclosing call's exchange, if one is still in flight
     started = time.perf_counter()
     # Outside the `try` below: the agreement's own errors (a timeout, a mismatch) already say what happened.
@@ -427,7 +443,13 @@ def _call_wrapper(wrapped, instance, args, kwargs):
         finish()
     try:
         result = _run_naming_collectives(checker, wrapped, args, kwargs)
-    except BaseException as exc:
+        mesh_lib.settle_deferred()  # a call that reached no settle point (ran nothing parallel) still agrees
+    except _RestartCall:
+        # Draws before the settle point came from each rank's own state: every rank runs the call again from its
+        # start, with rank 0's states (nothing the first attempt did outlives it: no collective ran before).
+        streams.restart_from_rank0()
+        return _run_naming_collectives(checker, wrapped, args, kwargs)
+    except Exception as exc:
         # The exchange still in flight when the call failed before its first settle point: finish it, so it never
         # outlives the call; a mismatch is the cause to report (the others raise it too).
         if mesh_lib.deferred_pending():
@@ -435,8 +457,12 @@ def _call_wrapper(wrapped, instance, args, kwargs):
                 mesh_lib.settle_deferred()
             except DiffparError as mismatch:
                 raise mismatch from exc
+            except _RestartCall:
+                pass  # the call failed anyway: its own error is the outcome
         raise
-    mesh_lib.settle_deferred()  # a call that reached no settle point (ran nothing parallel) still agrees
+    except BaseException:
+        mesh_lib.discard_deferred()  # interrupted (Ctrl-C): no wait on the way out; the process is ending
+        raise
     return result
 
 
