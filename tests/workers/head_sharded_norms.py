@@ -25,13 +25,13 @@ def _seeded_norm(kind: str, width: int, g: torch.Generator) -> nn.Module:
     return norm
 
 
-def norm_pieces(kind: str, width: int, ranges: list):
+def norm_pieces(kind: str, width: int, ranges: list, offset: float = 1.5):
     """Every rank normalizes only its features of a seeded input with its shard of a seeded norm, built from a
     hand-made NormShard; returns its piece, the whole norm's output, what it holds and counts, and the all-reduces."""
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(0)  # the same norm and input on every rank
     norm = _seeded_norm(kind, width, g)
-    x = torch.randn(2, 5, width, generator=g) * 2 + 1.5
+    x = torch.randn(2, 5, width, generator=g) * 2 + offset  # a mean far from 0: a LayerNorm's sum term matters
     spec = NormShard("norm", width, tuple(tuple(tuple(r) for r in rs) for rs in ranges), kind)
     layer = HeadShardedLayerNorm if kind == LAYER_NORM else HeadShardedRMSNorm
     shard = layer.from_norm(norm, spec, rank, dist.group.WORLD)
@@ -42,6 +42,7 @@ def norm_pieces(kind: str, width: int, ranges: list):
         full = norm(x)
     counted = shard.counted if shard.counted is not None else ((0, local_x.shape[-1]),)
     return {"piece": piece, "full": full, "input_width": local_x.shape[-1], "weight": tuple(shard.weight.shape),
+            "bias": tuple(shard.bias.shape) if getattr(shard, "bias", None) is not None else None,
             "counted": sum(b - a for a, b in counted), "all_reduces": calls}
 
 

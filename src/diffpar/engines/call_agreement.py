@@ -414,11 +414,11 @@ def _call_wrapper(wrapped, instance, args, kwargs):
     checker = vars(instance).get(_CHECKER_ATTR) if instance is not None and hasattr(instance, "__dict__") else None
     if checker is None:
         return wrapped(*args, **kwargs)
-    if checker.agree_in_call:
-        return _agreed_call(checker, wrapped, instance, args, kwargs)
-    # A bare model: agreed in its forward pre-hook. Inline here (no helper frame): a model compiled whole traces
+    # A bare model is agreed in its forward pre-hook, and runs straight from here: a model compiled whole traces
     # this wrapper, and each extra frame would count the pre-hook's one graph break again.
     try:
+        if checker.agree_in_call:
+            return _agreed_call(checker, wrapped, instance, args, kwargs)
         return wrapped(*args, **kwargs)
     except RuntimeError as exc:
         clear = collective_failure(exc, checker.label, checker.timeout_s)
@@ -436,19 +436,19 @@ def _agreed_call(checker: "CallChecker", wrapped, instance, args, kwargs):
     finish = checker.begin(describe_call(wrapped, args, kwargs) if checker.check_arguments else None, streams)
     checker.last_seconds = time.perf_counter() - started
     if finish is None:
-        return _run_naming_collectives(checker, wrapped, args, kwargs)
+        return wrapped(*args, **kwargs)
     if checker.defers(instance, streams):
         mesh_lib.defer_settle(finish)  # settled where the call first needs it (`mesh.settle_deferred`)
     else:
         finish()
     try:
-        result = _run_naming_collectives(checker, wrapped, args, kwargs)
+        result = wrapped(*args, **kwargs)
         mesh_lib.settle_deferred()  # a call that reached no settle point (ran nothing parallel) still agrees
     except _RestartCall:
         # Draws before the settle point came from each rank's own state: every rank runs the call again from its
         # start, with rank 0's states (nothing the first attempt did outlives it: no collective ran before).
         streams.restart_from_rank0()
-        return _run_naming_collectives(checker, wrapped, args, kwargs)
+        return wrapped(*args, **kwargs)
     except Exception as exc:
         # The exchange still in flight when the call failed before its first settle point: finish it, so it never
         # outlives the call; a mismatch is the cause to report (the others raise it too).
@@ -464,16 +464,6 @@ def _agreed_call(checker: "CallChecker", wrapped, instance, args, kwargs):
         mesh_lib.discard_deferred()  # interrupted (Ctrl-C): no wait on the way out; the process is ending
         raise
     return result
-
-
-def _run_naming_collectives(checker: "CallChecker", wrapped, args, kwargs):
-    try:
-        return wrapped(*args, **kwargs)
-    except RuntimeError as exc:
-        clear = collective_failure(exc, checker.label, checker.timeout_s)
-        if clear is None:
-            raise
-        raise clear from exc
 
 
 class _ClassCallPatches:
