@@ -256,8 +256,8 @@ def streams_digest(states: list[torch.Tensor]) -> int:
     0's states must be broadcast, and states that differ by chance almost never share both checksums. About 5 KB
     per state; these take ~1 us where blake2b took ~6 (the calling thread's time is the agreement's cost)."""
     crc, adler = 0, 1
-    for state in states:
-        data = state.contiguous().view(torch.uint8).numpy()  # the bytes in place, no copy
+    for state in states:  # generator states are contiguous uint8 tensors already: their bytes in place, no copy
+        data = state.numpy() if state.dtype == torch.uint8 else state.contiguous().view(torch.uint8).numpy()
         crc, adler = zlib.crc32(data, crc), zlib.adler32(data, adler)
     return ((crc << 32) | adler) >> 2
 
@@ -274,7 +274,7 @@ class CallRandomStreams:
         self.generators = generators
         self.streams = _random_states(generators, with_cuda=self.device is not None)
         states = [state for state, _ in self.streams]
-        self.values = (sum(s.numel() for s in states), streams_digest(states))
+        self.values = (sum(map(len, states)), streams_digest(states))
         self.latents = latents  # passed to a pipeline without prepare_latents: broadcast with the call
         self.differ = True
 
