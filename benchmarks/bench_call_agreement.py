@@ -136,6 +136,24 @@ def main() -> None:
         started = time.perf_counter()
         fingerprint(description)
         parts["fingerprint"].append(time.perf_counter() - started)
+    # The floor: the same all-gather alone, issued, then 2 ms of local work (what the overlap hides its round trip
+    # behind), then waited for. The issue is what the calling thread pays for waking gloo's worker thread.
+    group = dist.group.WORLD
+    issue_s, wait_s = [], []
+    work_matrix = torch.randn(64, 64)
+    for _ in range(args.calls * 5):
+        row = torch.tensor([0, 123, 4096, 7], dtype=torch.int64)
+        out = row.new_empty(dist.get_world_size() * 4)
+        started = time.perf_counter()
+        work = dist.all_gather_into_tensor(out, row, group=group, async_op=True)
+        issued = time.perf_counter()
+        until = issued + 0.002
+        while time.perf_counter() < until:
+            work_matrix = torch.tanh(work_matrix @ work_matrix)
+        waited = time.perf_counter()
+        work.wait()
+        issue_s.append(issued - started)
+        wait_s.append(time.perf_counter() - waited)
     load_at_end = os.getloadavg()
 
     without = statistics.median(whole[(False, True, "prompt", "same seed")])
@@ -169,6 +187,8 @@ def main() -> None:
         print(f"  check_every_call=True's own work, timed alone (embeddings call): describe "
               f"{statistics.median(parts['describe']) * 1e3:.3f} ms + fingerprint "
               f"{statistics.median(parts['fingerprint']) * 1e3:.3f} ms = {pct(alone)}")
+        print(f"  the all-gather alone, overlapped with 2 ms of local work: issue {statistics.median(issue_s) * 1e3:.3f} ms"
+              f" + wait left {statistics.median(wait_s) * 1e3:.3f} ms = {pct(statistics.median(issue_s) + statistics.median(wait_s))}")
         loads = " -> ".join(f"{a:.2f} {b:.2f} {c:.2f}" for a, b, c in (load_at_start, load_at_end))
         print(f"  load average (1, 5, 15 min), start -> end: {loads}")
     dist.destroy_process_group()
