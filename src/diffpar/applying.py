@@ -297,7 +297,6 @@ class CallRandomStreams:
             if buf is not self.latents:
                 self.latents.copy_(buf)
 
-
     def drawn_since_start(self) -> bool:
         """Whether any of the call's random streams moved since the call's start (a draw before the settle point).
         Every rank runs the same code on agreed arguments, so every rank finds the same."""
