@@ -227,17 +227,6 @@ def _streams_device(group) -> torch.device | None:
     return None
 
 
-def broadcast_random_states(generators: list[torch.Generator], group=None) -> None:
-    """Give every rank rank 0's state of each random stream (`_random_states`), in ONE broadcast: every later draw
-    in the call agrees, wherever the pipeline draws (prepare_latents, noise drawn inline, a posterior sample with or
-    without a generator). The other ranks' own streams are overwritten (documented: the global random state of
-    ranks > 0 follows rank 0's from the first parallel call on). Every rank must pass generators of the same number
-    and devices (the call's agreement checks it first)."""
-    device = _streams_device(group)
-    streams = _random_states(generators, with_cuda=device is not None)
-    _broadcast_streams(streams, group, device)
-
-
 def _broadcast_streams(streams: list[tuple], group, device) -> None:
     flat = torch.cat([state.reshape(-1) for state, _ in streams])
     buf = flat if device is None else flat.to(device)

@@ -379,6 +379,9 @@ class PendingAgreement:
         self.what, self.description, self.local_error = what, description, local_error
         self.failed, self.timeout_s = failed, timeout_s
         self.carries = False
+        if not dist.is_initialized():  # one process: nothing to exchange, settle() answers alone
+            self.values, self.work = tuple(values), None
+            return
         if group is None and timeout_s is not None and timeout_s in _WORLD_GROUPS:
             group, self.carries = _WORLD_GROUPS[timeout_s], True  # the whole world; its collectives end by themselves
         self.group = group
@@ -391,6 +394,10 @@ class PendingAgreement:
         self.work = dist.all_gather_into_tensor(self.rows, row, group=group, async_op=True)
 
     def settle(self) -> list[tuple[int, ...]]:
+        if self.work is None:
+            if self.local_error is not None:
+                raise self.local_error
+            return [self.values]
         _wait(self.work, self.what, self.timeout_s, self.carries)
         # Every rank sees the same table, so every rank takes the same branch.
         table = self.rows.view(-1, self.width).tolist()
@@ -416,10 +423,6 @@ def agree(what: str, description: dict, local_error: BaseException | None = None
     An all-gather rather than an all-reduce of [failed, h, -h]: measured on 2 gloo CPU ranks, all_gather of 4
     int64 260-300 us against all_reduce (MAX) of 3 int64 340-390 us (benchmarks/bench_call_agreement.py).
     """
-    if not dist.is_initialized():
-        if local_error is not None:
-            raise local_error
-        return [tuple(values)]
     return agree_start(what, description, local_error, group, failed=failed, timeout_s=timeout_s,
                        values=values).settle()
 

@@ -328,17 +328,14 @@ class CallChecker:
             what["arguments"] = description
             if self.weight_modules:
                 what["weights"] = {n: weights_checksum(m) for n, m in self.weight_modules.items()}
-        if not dist.is_initialized():
-            pending = None
-        else:
-            pending = mesh_lib.agree_start(f"diffpar: a call of {self.label}", what, None, self.group,
-                                           timeout_s=self.timeout_s,
-                                           values=tuple(streams.values) if streams is not None else (),
-                                           fp=call_fingerprint(what))
+        pending = mesh_lib.agree_start(f"diffpar: a call of {self.label}", what, None, self.group,
+                                       timeout_s=self.timeout_s,
+                                       values=tuple(streams.values) if streams is not None else (),
+                                       fp=call_fingerprint(what))
 
         def finish() -> None:
             started = time.perf_counter()
-            table = pending.settle() if pending is not None else [tuple(streams.values) if streams else ()]
+            table = pending.settle()
             if description is not None:
                 self.calls += 1
             if streams is not None:
