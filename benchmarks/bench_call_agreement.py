@@ -57,6 +57,21 @@ class CollectiveCounter:
     def __enter__(self):
         for name in _C10D:
             self._wrap(dist, name, name)
+        # The call agreement issues its all-gather on the group itself (diffpar.compat.collectives), below `dist`.
+        from diffpar.compat.collectives import all_gather_method_name
+
+        method = all_gather_method_name()
+        if method:
+            entry = vars(dist.ProcessGroup)[method]  # pybind11's own entry binds the group when put back
+            unbound = getattr(dist.ProcessGroup, method)
+            counts = self.counts
+
+            def counted(group, *args, **kwargs):
+                counts["all_gather_into_tensor (group)"] = counts.get("all_gather_into_tensor (group)", 0) + 1
+                return unbound(group, *args, **kwargs)
+
+            self._originals.append((dist.ProcessGroup, method, entry))
+            setattr(dist.ProcessGroup, method, counted)
         for name in _FUNCOL:
             self._wrap(funcol, name, f"funcol.{name}")
         return self
@@ -80,8 +95,9 @@ def main() -> None:
     warnings.simplefilter("ignore", FutureWarning)  # all_gather_into_tensor's deprecation, once per call
 
     import diffpar
-    from diffpar.engines.call_agreement import describe_call
-    from diffpar.mesh import ensure_process_group, fingerprint
+    from diffpar.compat.collectives import issue_all_gather_into
+    from diffpar.engines.call_agreement import call_fingerprint, describe_call
+    from diffpar.mesh import ensure_process_group
     from diffpar.testing.tiny_pipelines import build_tiny_flux_pipeline
 
     ensure_process_group()
@@ -134,7 +150,7 @@ def main() -> None:
         description = {"arguments": describe_call(bound_call, (), dict(embeds_call))}
         parts["describe"].append(time.perf_counter() - started)
         started = time.perf_counter()
-        fingerprint(description)
+        call_fingerprint(description)
         parts["fingerprint"].append(time.perf_counter() - started)
     # The floor: the same all-gather alone, issued, then 2 ms of local work (what the overlap hides its round trip
     # behind), then waited for. The issue is what the calling thread pays for waking gloo's worker thread.
@@ -145,7 +161,7 @@ def main() -> None:
         row = torch.tensor([0, 123, 4096, 7], dtype=torch.int64)
         out = row.new_empty(dist.get_world_size() * 4)
         started = time.perf_counter()
-        work = dist.all_gather_into_tensor(out, row, group=group, async_op=True)
+        work = issue_all_gather_into(out, row, group)
         issued = time.perf_counter()
         until = issued + 0.002
         while time.perf_counter() < until:

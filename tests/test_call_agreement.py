@@ -67,13 +67,25 @@ def test_one_exchange_per_call(ranks, check_every_call, seed_per_rank):
         # issued before the pipeline's first line, not waited for
         assert r["before_call"] == {"all_gather_into_tensor": 1}, r
         assert r["deferred_calls"] == 2, r  # both calls' exchanges were settled late
-        # Then: rank 0's random states (only when they differ), FLUX's prepare_latents outputs (the initial latents
-        # and their position ids), the rest.
-        head = ["all_gather_into_tensor"] + ["broadcast"] * (int(seed_per_rank) + 2)
+        # Then: rank 0's random states (only when they differ), the rest. FLUX's prepare_latents outputs (the
+        # initial latents and their position ids) are not broadcast: drawn from agreed states, they are rank 0's.
+        head = ["all_gather_into_tensor"] + ["broadcast"] * int(seed_per_rank)
         assert r["order"][:len(head)] == head, r
         assert r["order"].count("broadcast") == len(head) - 1, r
         assert r["diff"] <= CP_FP32, r  # rank 0's image on every rank, broadcast or not
         assert r["calls_agreed"] == (2 if check_every_call else 0), r
+
+
+def test_latents_passed_per_rank_are_still_broadcast(ranks):
+    """Latents are compared by shape only, so latents of each rank's own (rank 1's differ) are made rank 0's by the
+    broadcast at prepare_latents, which stays whenever prepare_latents is given a tensor: the image is the
+    one-process image from rank 0's latents."""
+    results = ranks(2, "workers.calls:latents_of_each_rank_become_rank_0s", timeout=120)
+    assert_split(results, {"ulysses_size": 2})
+    assert results[1]["own_differs"], results
+    for r in results:
+        assert len(r["broadcasts"]) == 2 and r["broadcasts"][0][0] == 1, r  # the latents, then their position ids
+        assert r["diff"] <= CP_FP32, r
 
 
 def test_generators_differing_in_number_are_a_clear_error_without_the_argument_check(ranks):

@@ -12,9 +12,9 @@
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
-import zlib
 
 import torch
 import torch.distributed as dist
@@ -208,16 +208,25 @@ def _generator_argument(wrapped, args, kwargs):
         return None
 
 
-def _random_states(generators: list[torch.Generator], with_cuda: bool) -> list[tuple]:
-    """(state, setter) of every random stream a pipeline call may draw from: the call's generators, torch's global
-    CPU generator and, on NCCL (every rank on its GPU), the current device's (pipelines that pass no generator,
-    e.g. a VAE posterior sample, draw from those). The same streams on every rank: chosen by the backend, which
-    all ranks share, not by each process's CUDA state."""
-    streams = [(g.get_state(), g.set_state) for g in generators]
-    streams.append((torch.get_rng_state(), torch.set_rng_state))
+def _random_states(generators: list[torch.Generator], with_cuda: bool) -> list[torch.Tensor]:
+    """The states of every random stream a pipeline call may draw from: the call's generators, torch's global CPU
+    generator and, on NCCL (every rank on its GPU), the current device's (pipelines that pass no generator, e.g. a
+    VAE posterior sample, draw from those). The same streams on every rank: chosen by the backend, which all ranks
+    share, not by each process's CUDA state."""
+    states = [g.get_state() for g in generators]
+    states.append(torch.get_rng_state())
     if with_cuda:
-        streams.append((torch.cuda.get_rng_state(), torch.cuda.set_rng_state))
-    return streams
+        states.append(torch.cuda.get_rng_state())
+    return states
+
+
+def _state_setters(generators: list[torch.Generator], with_cuda: bool) -> list:
+    """What sets each of `_random_states`' streams, in the same order (needed only when states must change)."""
+    setters = [g.set_state for g in generators]
+    setters.append(torch.set_rng_state)
+    if with_cuda:
+        setters.append(torch.cuda.set_rng_state)
+    return setters
 
 
 def _streams_device(group) -> torch.device | None:
@@ -227,45 +236,47 @@ def _streams_device(group) -> torch.device | None:
     return None
 
 
-def _broadcast_streams(streams: list[tuple], group, device) -> None:
-    flat = torch.cat([state.reshape(-1) for state, _ in streams])
+def _broadcast_streams(states: list[torch.Tensor], setters: list, group, device) -> None:
+    flat = torch.cat([state.reshape(-1) for state in states])
     buf = flat if device is None else flat.to(device)
     dist.broadcast(buf, src=0, group=group)
     if dist.get_rank() != 0:
         buf = buf.cpu()
         offset = 0
-        for state, set_state in streams:
+        for state, set_state in zip(states, setters):
             set_state(buf[offset:offset + state.numel()].clone())
             offset += state.numel()
 
 
 def streams_digest(states: list[torch.Tensor]) -> int:
-    """62 bits telling the random states' bytes apart (equal states, equal digest, on every rank): a CRC-32 and an
-    Adler-32 of each state, chained. Not a cryptographic hash, none is needed: a digest only decides whether rank
-    0's states must be broadcast, and states that differ by chance almost never share both checksums. About 5 KB
-    per state; these take ~1 us where blake2b took ~6 (the calling thread's time is the agreement's cost)."""
-    crc, adler = 0, 1
-    for state in states:  # generator states are contiguous uint8 tensors already: their bytes in place, no copy
-        data = state.numpy() if state.dtype == torch.uint8 else state.contiguous().view(torch.uint8).numpy()
-        crc, adler = zlib.crc32(data, crc), zlib.adler32(data, adler)
-    return ((crc << 32) | adler) >> 2
+    """62 bits telling the random states' bytes apart (equal states, equal digest, on every rank): blake2b over
+    each state's bytes in place (generator states are contiguous uint8 tensors already: no copy). The call's
+    description is fingerprinted with the same hash: at a call's start the caches are cold from the previous call,
+    and each distinct hashing routine touched there costs more than hashing itself (a describe that takes 13 us
+    warm took 71 us first in the call, measured on 2 gloo CPU ranks)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for state in states:
+        digest.update(state.numpy() if state.dtype == torch.uint8 else state.contiguous().view(torch.uint8).numpy())
+    return int.from_bytes(digest.digest(), "little") >> 2
 
 
 class CallRandomStreams:
-    """The random streams one pipeline call may draw from, on this rank (`_random_states`), and what the call's
-    agreement carries about them: their total size and a digest. Equal digests on every rank (the common case:
-    the same seed everywhere, and the global states equal since the first call) need no broadcast at all; else
-    rank 0's states are broadcast, the sizes being known equal from the same exchange."""
+    """The random streams one pipeline call may draw from, on this rank (their `states` at the call's start), and
+    what the call's agreement carries about them: their total size and a digest. Equal digests on every rank (the
+    common case: the same seed everywhere, and the global states equal since the first call) need no broadcast at
+    all; else rank 0's states are broadcast, the sizes being known equal from the same exchange."""
 
     def __init__(self, generators: list[torch.Generator], group, latents: torch.Tensor | None, device=None):
         self.group = group
         self.device = device  # where the states travel (`_streams_device`, found once per pipeline)
         self.generators = generators
-        self.streams = _random_states(generators, with_cuda=self.device is not None)
-        states = [state for state, _ in self.streams]
-        self.values = (sum(map(len, states)), streams_digest(states))
+        self.states = _random_states(generators, with_cuda=device is not None)
+        self.values = (sum(map(len, self.states)), streams_digest(self.states))
         self.latents = latents  # passed to a pipeline without prepare_latents: broadcast with the call
         self.differ = True
+
+    def _setters(self) -> list:
+        return _state_setters(self.generators, with_cuda=self.device is not None)
 
     def after_agreement(self, table: list[tuple[int, ...]]) -> None:
         """Every rank's (size, digest), the same table on every rank: every rank raises, or none does."""
@@ -279,7 +290,7 @@ class CallRandomStreams:
 
     def synchronize(self) -> None:
         if self.differ:
-            _broadcast_streams(self.streams, self.group, self.device)
+            _broadcast_streams(self.states, self._setters(), self.group, self.device)
         if self.latents is not None:
             buf = self.latents if self.latents.is_contiguous() else self.latents.contiguous()
             dist.broadcast(buf, src=0, group=self.group)
@@ -290,16 +301,33 @@ class CallRandomStreams:
         """Whether any of the call's random streams moved since the call's start (a draw before the settle point).
         Every rank runs the same code on agreed arguments, so every rank finds the same."""
         now = _random_states(self.generators, with_cuda=self.device is not None)
-        return any(not torch.equal(before, after) for (before, _), (after, _) in zip(self.streams, now))
+        return any(not torch.equal(before, after) for before, after in zip(self.states, now))
 
     def restart_from_rank0(self) -> None:
         """Before a call runs again (`_RestartCall`): every stream back to where this rank's call started, then
         rank 0's start states on every rank (one broadcast), so the second run draws exactly what rank 0's first
         run drew."""
-        for state, set_state in self.streams:
+        setters = self._setters()
+        for state, set_state in zip(self.states, setters):
             set_state(state)
-        _broadcast_streams(self.streams, self.group, self.device)
+        _broadcast_streams(self.states, setters, self.group, self.device)
         self.differ = False
+
+
+_PLAIN_INPUTS = (bool, int, float, str, torch.dtype, torch.device, torch.Generator)
+
+
+def _drawn_only(args: tuple, kwargs: dict) -> bool:
+    """Whether prepare_latents was given only plain values (None, numbers, strings, dtypes, devices, generators,
+    and lists of those): what it returns then comes from the call's agreed arguments and random draws alone, the
+    same on every rank. Anything else (a tensor, an image) may hold values no agreement compared."""
+    for value in (*args, *kwargs.values()):
+        if value is None or isinstance(value, _PLAIN_INPUTS):
+            continue
+        if isinstance(value, (list, tuple)) and all(v is None or isinstance(v, _PLAIN_INPUTS) for v in value):
+            continue
+        return False
+    return True
 
 
 def random_state_step(pipe, group=None):
@@ -318,14 +346,20 @@ def random_state_step(pipe, group=None):
 
 
 def broadcast_latents(pipe, handle: ParallelHandle, group=None) -> None:
-    """Every rank must start from rank 0's noise, also when the user passed `latents` of their own. (Random states
-    are made rank 0's at the start of each call, `random_state_step`; this covers latents passed in, and a call of
-    prepare_latents outside a pipeline call.) `group`: the whole world (one whose waits end after timeout_s;
-    default: the default group)."""
+    """Every rank must start from rank 0's noise, also when the user passed `latents` of their own. Random states
+    are made rank 0's at the start of each call (`random_state_step`), so noise drawn from them inside a call is
+    rank 0's already: the broadcast is left out when prepare_latents was given nothing but plain values (sizes,
+    dtype, device, generators; `_drawn_only`) inside a call whose random streams are agreed. It still runs for
+    latents or images passed in (their values are not compared, only their shapes) and for a call of
+    prepare_latents outside a pipeline call. Saves FLUX two broadcasts per call (the latents and their position
+    ids). `group`: the whole world (one whose waits end after timeout_s; default: the default group)."""
 
     def wrapper(wrapped, instance, args, kwargs):
         mesh_lib.settle_deferred()  # the call's random states agreed before its noise is drawn
         result = wrapped(*args, **kwargs)
+        checker = handle.states.get("call_checker")
+        if checker is not None and checker.streams_agreed and _drawn_only(args, kwargs):
+            return result
         items = result if isinstance(result, tuple) else (result,)
         for item in items:
             if isinstance(item, torch.Tensor):

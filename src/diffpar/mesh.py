@@ -369,13 +369,45 @@ def differing_fields(reference: dict, other: dict) -> list[tuple[str, object, ob
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+class _AgreementBuffers:
+    """The agreement's row and gathered rows for one group and row width, reused call after call (a pipeline call
+    issues one exchange: allocating and filling tensors for it cost more than the exchange's own issue, measured
+    with the caches cold). Written and read through numpy views of the same memory. Taken by one exchange at a
+    time: one still in flight (its settle never came, e.g. an interrupted call) keeps its buffers, and the next
+    exchange gets new ones."""
+
+    # By group, weakly: a group that ends takes its buffers with it (and no group outlives its users for them).
+    _BY_GROUP: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def __init__(self, world: int, width: int):
+        self.row = torch.zeros(width, dtype=torch.int64)
+        self.rows = torch.zeros(world * width, dtype=torch.int64)  # flat: gloo wants it so
+        self.row_values, self.rows_values = self.row.numpy(), self.rows.numpy()
+        self.busy = False
+
+    @classmethod
+    def take(cls, group, width: int) -> "_AgreementBuffers":
+        key = group if group is not None else dist.group.WORLD
+        by_width = cls._BY_GROUP.get(key)
+        if by_width is None:
+            by_width = cls._BY_GROUP[key] = {}
+        buffers = by_width.get(width)
+        if buffers is None or buffers.busy:
+            buffers = by_width[width] = cls(dist.get_world_size(key), width)
+        buffers.busy = True
+        return buffers
+
+    def release(self) -> None:
+        self.busy = False
+
+
 class PendingAgreement:
     """Round 1 of an `agree` exchange, in flight: `settle()` waits for it (bounded), explains a mismatch or a
     failed rank (round 2), and returns every rank's `values`. Issued early and settled late, the round trip
     overlaps the caller's own local work (the per-call agreement: the pipeline's tokenizing and text encoding)."""
 
     def __init__(self, what: str, description: dict, local_error, group, failed: str, timeout_s, values,
-                 fp: str | None = None):
+                 fp: str | None = None, issue=None):
         self.what, self.description, self.local_error = what, description, local_error
         self.failed, self.timeout_s = failed, timeout_s
         self.carries = False
@@ -387,11 +419,11 @@ class PendingAgreement:
         self.group = group
         self.fp = fp if fp is not None else fingerprint(description)
         # Round 1, one all-gather of [failed, h, *values], h = 62 bits of the fingerprint. The common case ends here.
-        row = torch.tensor([int(local_error is not None), int(self.fp, 16) >> 2, *values], dtype=torch.int64)
-        self.width = row.numel()
-        # Into one tensor: fewer allocations and checks than a list of them (this is on every pipeline call).
-        self.rows = row.new_empty(dist.get_world_size(group) * row.numel())  # flat: gloo wants it so
-        self.work = dist.all_gather_into_tensor(self.rows, row, group=group, async_op=True)
+        self.width = 2 + len(values)
+        self.buffers = _AgreementBuffers.take(group, self.width)
+        self.buffers.row_values[:] = (int(local_error is not None), int(self.fp, 16) >> 2, *values)
+        self.rows = self.buffers.rows
+        self.work = (issue or _issue_all_gather)(self.rows, self.buffers.row, group)
 
     def settle(self) -> list[tuple[int, ...]]:
         if self.work is None:
@@ -400,7 +432,8 @@ class PendingAgreement:
             return [self.values]
         _wait(self.work, self.what, self.timeout_s, self.carries)
         # Every rank sees the same table, so every rank takes the same branch.
-        table = self.rows.view(-1, self.width).tolist()
+        table = self.buffers.rows_values.reshape(-1, self.width).tolist()
+        self.buffers.release()
         if not any(r[0] for r in table) and len({r[1] for r in table}) == 1:
             return [tuple(r[2:]) for r in table]
         _explain(self.what, self.description, self.fp, self.local_error, self.group, self.failed, self.timeout_s,
@@ -429,11 +462,16 @@ def agree(what: str, description: dict, local_error: BaseException | None = None
 
 def agree_start(what: str, description: dict, local_error: BaseException | None = None, group=None, *,
                 failed: str = "failed its checks", timeout_s: float | None = None,
-                values: tuple[int, ...] = (), fp: str | None = None) -> PendingAgreement:
+                values: tuple[int, ...] = (), fp: str | None = None, issue=None) -> PendingAgreement:
     """`agree`'s round 1, issued and not waited for: every rank must `settle()` it (before any other collective
     whose sizes depend on what is being agreed). `fp`: the description's fingerprint, when the caller has a faster
-    one (hex; every rank must compute it alike)."""
-    return PendingAgreement(what, description, local_error, group, failed, timeout_s, tuple(values), fp)
+    one (hex; every rank must compute it alike). `issue(output, input, group)` -> work: how the all-gather is issued
+    (default `dist.all_gather_into_tensor`; the per-call agreement passes compat's leaner one)."""
+    return PendingAgreement(what, description, local_error, group, failed, timeout_s, tuple(values), fp, issue)
+
+
+def _issue_all_gather(output, input_tensor, group):
+    return dist.all_gather_into_tensor(output, input_tensor, group=group, async_op=True)
 
 
 # The settle of the call agreement in flight (at most one): run by the first point of the call that needs the

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 import diffpar
+from diffpar.compat.collectives import all_gather_method_name
 from diffpar.testing import tiny_pipelines, tiny_transformers
 from diffpar.testing.probes import SplitProbe
 
@@ -166,13 +167,31 @@ def exchanges_before_the_call(check_every_call: bool, seed_per_rank: bool) -> di
     marks: list = []
     order: list = []
     originals = {name: getattr(dist, name) for name in _COUNTED}
+    inside = []  # a dist-level collective being counted: the group method it calls is not a second one
 
     def counting(name):
         def call(*args, **kwargs):
             counts[name] = counts.get(name, 0) + 1
             order.append(name)
-            return originals[name](*args, **kwargs)
+            inside.append(name)
+            try:
+                return originals[name](*args, **kwargs)
+            finally:
+                inside.pop()
         return call
+
+    # The call agreement issues its all-gather on the group itself (compat.collectives), below `dist`'s functions.
+    method = all_gather_method_name()
+    group_method = getattr(dist.ProcessGroup, method) if method else None
+    # The class's own entry (pybind11's instancemethod) puts it back as it was; the function getattr gives would
+    # no longer bind the group.
+    group_method_entry = vars(dist.ProcessGroup).get(method) if method else None
+
+    def counting_method(group, *args, **kwargs):
+        if not inside:
+            counts["all_gather_into_tensor"] = counts.get("all_gather_into_tensor", 0) + 1
+            order.append("all_gather_into_tensor")
+        return group_method(group, *args, **kwargs)
 
     check_inputs = pipe.check_inputs
 
@@ -185,6 +204,8 @@ def exchanges_before_the_call(check_every_call: bool, seed_per_rank: bool) -> di
             pipe(**CALL, generator=torch.Generator().manual_seed(rank if seed_per_rank else 0))
         for name in _COUNTED:
             setattr(dist, name, counting(name))
+        if method:
+            setattr(dist.ProcessGroup, method, counting_method)
         pipe.check_inputs = marked_check_inputs
         try:
             with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
@@ -192,6 +213,8 @@ def exchanges_before_the_call(check_every_call: bool, seed_per_rank: bool) -> di
         finally:
             for name, fn in originals.items():
                 setattr(dist, name, fn)
+            if method:
+                setattr(dist.ProcessGroup, method, group_method_entry)
             del pipe.check_inputs
         return {"rank": rank, "diff": (out - reference).abs().max().item(), "before_call": marks[0],
                 "order": order, "split": probe.summary(), "split_reference": reference_probe.summary(),
@@ -285,5 +308,41 @@ def one_rank_raises_before_the_settle_point() -> dict:
             pipe(**CALL, generator=torch.Generator().manual_seed(0))
         result.update(rank=dist.get_rank(), calls_agreed=handle.state("call_checker").calls)
         return result
+    finally:
+        handle.detach()
+
+
+def latents_of_each_rank_become_rank_0s() -> dict:
+    """Each rank passes latents of its own (seeded by rank): prepare_latents was given a tensor, so its outputs are
+    still broadcast from rank 0, and the image is the one-process image from rank 0's latents. Counted: the
+    broadcasts of the call (FLUX: the latents and their position ids)."""
+    reference_pipe = _pipe()
+    rank = dist.get_rank()
+    latents_of = [reference_pipe.prepare_latents(1, reference_pipe.transformer.config.in_channels // 4,
+                                                 CALL["height"], CALL["width"], torch.float32, torch.device("cpu"),
+                                                 torch.Generator().manual_seed(seed))[0] for seed in (0, rank)]
+    rank0_latents, own = latents_of
+    own_differs = bool((own - rank0_latents).abs().max() > 0)
+    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
+        reference = reference_pipe(**CALL, latents=rank0_latents.clone(),
+                                   generator=torch.Generator().manual_seed(0)).images
+    pipe = _pipe()
+    handle = _enable(pipe)
+    broadcasts = []
+    original = dist.broadcast
+
+    def counted(tensor, *args, **kwargs):
+        broadcasts.append(tuple(tensor.shape))
+        return original(tensor, *args, **kwargs)
+
+    try:
+        dist.broadcast = counted
+        try:
+            with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
+                out = pipe(**CALL, latents=own, generator=torch.Generator().manual_seed(0)).images
+        finally:
+            dist.broadcast = original
+        return {"rank": rank, "diff": (out - reference).abs().max().item(), "broadcasts": broadcasts,
+                "split": probe.summary(), "split_reference": reference_probe.summary(), "own_differs": own_differs}
     finally:
         handle.detach()

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from diffpar import mesh as mesh_lib
+from diffpar.compat.collectives import issue_all_gather_into
 from diffpar.compat.torch_compile import is_compiled
 from diffpar.errors import DiffparError
 from diffpar.patch import Patch
@@ -95,9 +96,11 @@ def _plain_parts(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _text(value: str):
-    digest = hashlib.sha256(value.encode()).hexdigest()[:12]
+    # blake2b, as the call's fingerprint and random-state digest: one hashing routine to bring into the cold caches
+    # of a call's start.
+    digest = hashlib.blake2b(value.encode(), digest_size=6).hexdigest()
     shown = value if len(value) <= _TEXT_SHOWN else value[:_TEXT_SHOWN] + "..."
-    return f"{shown!r} (sha {digest})"
+    return f"{shown!r} (hash {digest})"
 
 
 def describe_value(value, name: str = "", checksums: list | None = None):
@@ -139,7 +142,7 @@ def describe_value(value, name: str = "", checksums: list | None = None):
         size = getattr(value, "size", None)
         shape = getattr(value, "shape", None)
         return {"type": type(value).__name__, "size": repr(shape if shape is not None else size),
-                "sha": hashlib.sha256(tobytes()).hexdigest()[:12]}
+                "hash": hashlib.blake2b(tobytes(), digest_size=6).hexdigest()}
     if callable(value):
         return "<callable>"
     return f"<{type(value).__name__}>"
@@ -292,6 +295,9 @@ class CallChecker:
         self.deferred_calls = 0
         self._pipeline_modules: dict[int, tuple[str, ...]] = {}
         self.last_seconds = 0.0  # the calling thread's time in the last call's agreement (the benchmark reads it)
+        # True from the point the call in progress has its random streams agreed (rank 0's on every rank) to its
+        # end: what the call then draws is the same on every rank (the latent broadcast reads it).
+        self.streams_agreed = False
 
     def agree(self, description: dict | None, streams=None) -> None:
         """The call's one exchange, waited for now: the arguments' `description` (None: not checked) and
@@ -331,7 +337,7 @@ class CallChecker:
         pending = mesh_lib.agree_start(f"diffpar: a call of {self.label}", what, None, self.group,
                                        timeout_s=self.timeout_s,
                                        values=tuple(streams.values) if streams is not None else (),
-                                       fp=call_fingerprint(what))
+                                       fp=call_fingerprint(what), issue=issue_all_gather_into)
 
         def finish() -> None:
             started = time.perf_counter()
@@ -345,6 +351,7 @@ class CallChecker:
                     self.restarts += 1
                     raise _RestartCall()
                 streams.synchronize()  # rank 0's random states where they differ (a broadcast, only then)
+                self.streams_agreed = True
             self.last_seconds += time.perf_counter() - started
 
         return finish
@@ -427,16 +434,27 @@ def _call_wrapper(wrapped, instance, args, kwargs):
 def _agreed_call(checker: "CallChecker", wrapped, instance, args, kwargs):
     """A pipeline call: its exchange issued now and settled where the call first needs the ranks agreed."""
     mesh_lib.settle_deferred()  # an enclosing call's exchange, if one is still in flight
+    enclosing = checker.streams_agreed
+    checker.streams_agreed = False
+    try:
+        return _run_agreed(checker, wrapped, instance, args, kwargs)
+    finally:
+        checker.streams_agreed = enclosing
+
+
+def _run_agreed(checker: "CallChecker", wrapped, instance, args, kwargs):
     started = time.perf_counter()
     # Outside the `try` below: the agreement's own errors (a timeout, a mismatch) already say what happened.
     streams = checker.random_streams(wrapped, args, kwargs) if checker.random_streams is not None else None
     finish = checker.begin(describe_call(wrapped, args, kwargs) if checker.check_arguments else None, streams)
-    checker.last_seconds = time.perf_counter() - started
     if finish is None:
+        checker.last_seconds = time.perf_counter() - started
         return wrapped(*args, **kwargs)
     if checker.defers(instance, streams):
         mesh_lib.defer_settle(finish)  # settled where the call first needs it (`mesh.settle_deferred`)
+        checker.last_seconds = time.perf_counter() - started
     else:
+        checker.last_seconds = time.perf_counter() - started
         finish()
     try:
         result = wrapped(*args, **kwargs)
@@ -445,6 +463,7 @@ def _agreed_call(checker: "CallChecker", wrapped, instance, args, kwargs):
         # Draws before the settle point came from each rank's own state: every rank runs the call again from its
         # start, with rank 0's states (nothing the first attempt did outlives it: no collective ran before).
         streams.restart_from_rank0()
+        checker.streams_agreed = True
         return wrapped(*args, **kwargs)
     except Exception as exc:
         # The exchange still in flight when the call failed before its first settle point: finish it, so it never
