@@ -369,33 +369,25 @@ def differing_fields(reference: dict, other: dict) -> list[tuple[str, object, ob
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-class _AgreementBuffers:
-    """The agreement's row and gathered rows for one group and row width, reused call after call (a pipeline call
-    issues one exchange: allocating and filling tensors for it cost more than the exchange's own issue, measured
-    with the caches cold). Written and read through numpy views of the same memory. Taken by one exchange at a
-    time: one still in flight (its settle never came, e.g. an interrupted call) keeps its buffers, and the next
-    exchange gets new ones."""
-
-    # By group, weakly: a group that ends takes its buffers with it (and no group outlives its users for them).
-    _BY_GROUP: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+class AgreementBuffers:
+    """An agreement's row and gathered rows, for a caller that agrees again and again on one group with rows of one
+    width (the per-call agreement: one exchange per pipeline call; allocating and filling tensors for it cost more
+    than issuing the exchange, measured with the caches cold). Written and read through numpy views of the same
+    memory. Used by one exchange at a time: while one is in flight (its settle never came, e.g. an interrupted
+    call), the next exchange gets buffers of its own."""
 
     def __init__(self, world: int, width: int):
+        self.width = width
         self.row = torch.zeros(width, dtype=torch.int64)
         self.rows = torch.zeros(world * width, dtype=torch.int64)  # flat: gloo wants it so
         self.row_values, self.rows_values = self.row.numpy(), self.rows.numpy()
         self.busy = False
 
-    @classmethod
-    def take(cls, group, width: int) -> "_AgreementBuffers":
-        key = group if group is not None else dist.group.WORLD
-        by_width = cls._BY_GROUP.get(key)
-        if by_width is None:
-            by_width = cls._BY_GROUP[key] = {}
-        buffers = by_width.get(width)
-        if buffers is None or buffers.busy:
-            buffers = by_width[width] = cls(dist.get_world_size(key), width)
-        buffers.busy = True
-        return buffers
+    def take(self, group, width: int) -> "AgreementBuffers":
+        if self.busy or width != self.width:
+            return AgreementBuffers(dist.get_world_size(group), width).take(group, width)
+        self.busy = True
+        return self
 
     def release(self) -> None:
         self.busy = False
@@ -407,7 +399,7 @@ class PendingAgreement:
     overlaps the caller's own local work (the per-call agreement: the pipeline's tokenizing and text encoding)."""
 
     def __init__(self, what: str, description: dict, local_error, group, failed: str, timeout_s, values,
-                 fp: str | None = None, issue=None):
+                 fp: str | None = None, issue=None, buffers: AgreementBuffers | None = None):
         self.what, self.description, self.local_error = what, description, local_error
         self.failed, self.timeout_s = failed, timeout_s
         self.carries = False
@@ -420,7 +412,7 @@ class PendingAgreement:
         self.fp = fp if fp is not None else fingerprint(description)
         # Round 1, one all-gather of [failed, h, *values], h = 62 bits of the fingerprint. The common case ends here.
         self.width = 2 + len(values)
-        self.buffers = _AgreementBuffers.take(group, self.width)
+        self.buffers = (buffers or AgreementBuffers(dist.get_world_size(group), self.width)).take(group, self.width)
         self.buffers.row_values[:] = (int(local_error is not None), int(self.fp, 16) >> 2, *values)
         self.rows = self.buffers.rows
         self.work = (issue or _issue_all_gather)(self.rows, self.buffers.row, group)
@@ -462,12 +454,15 @@ def agree(what: str, description: dict, local_error: BaseException | None = None
 
 def agree_start(what: str, description: dict, local_error: BaseException | None = None, group=None, *,
                 failed: str = "failed its checks", timeout_s: float | None = None,
-                values: tuple[int, ...] = (), fp: str | None = None, issue=None) -> PendingAgreement:
+                values: tuple[int, ...] = (), fp: str | None = None, issue=None,
+                buffers: AgreementBuffers | None = None) -> PendingAgreement:
     """`agree`'s round 1, issued and not waited for: every rank must `settle()` it (before any other collective
     whose sizes depend on what is being agreed). `fp`: the description's fingerprint, when the caller has a faster
     one (hex; every rank must compute it alike). `issue(output, input, group)` -> work: how the all-gather is issued
-    (default `dist.all_gather_into_tensor`; the per-call agreement passes compat's leaner one)."""
-    return PendingAgreement(what, description, local_error, group, failed, timeout_s, tuple(values), fp, issue)
+    (default `dist.all_gather_into_tensor`; the per-call agreement passes compat's leaner one). `buffers`: the
+    caller's reused `AgreementBuffers` (default: new ones)."""
+    return PendingAgreement(what, description, local_error, group, failed, timeout_s, tuple(values), fp, issue,
+                            buffers)
 
 
 def _issue_all_gather(output, input_tensor, group):

@@ -298,6 +298,7 @@ class CallChecker:
         # True from the point the call in progress has its random streams agreed (rank 0's on every rank) to its
         # end: what the call then draws is the same on every rank (the latent broadcast reads it).
         self.streams_agreed = False
+        self._buffers = None  # the exchange's reused row buffers (`mesh.AgreementBuffers`), made at the first call
 
     def agree(self, description: dict | None, streams=None) -> None:
         """The call's one exchange, waited for now: the arguments' `description` (None: not checked) and
@@ -334,10 +335,12 @@ class CallChecker:
             what["arguments"] = description
             if self.weight_modules:
                 what["weights"] = {n: weights_checksum(m) for n, m in self.weight_modules.items()}
+        values = tuple(streams.values) if streams is not None else ()
+        if self._buffers is None and dist.is_initialized():
+            self._buffers = mesh_lib.AgreementBuffers(dist.get_world_size(self.group), 2 + len(values))
         pending = mesh_lib.agree_start(f"diffpar: a call of {self.label}", what, None, self.group,
-                                       timeout_s=self.timeout_s,
-                                       values=tuple(streams.values) if streams is not None else (),
-                                       fp=call_fingerprint(what), issue=issue_all_gather_into)
+                                       timeout_s=self.timeout_s, values=values, fp=call_fingerprint(what),
+                                       issue=issue_all_gather_into, buffers=self._buffers)
 
         def finish() -> None:
             started = time.perf_counter()
