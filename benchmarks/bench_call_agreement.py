@@ -16,6 +16,8 @@ turns case by case (so a change of load weighs on each alike):
 - collectives per call, counted by wrapping torch.distributed's functions (and the functional collectives
   diffusers' Ulysses attention uses);
 - check_every_call=True's own work timed alone (describe the arguments, fingerprint them);
+- the same pipeline with its checker idle (no exchange; prepare_latents' outputs broadcast, as every call did
+  before the per-call agreement): its whole call and collectives;
 with the load average at the start and the end (the exchange's cost is mostly scheduling latency).
 """
 from __future__ import annotations
@@ -122,23 +124,31 @@ def main() -> None:
             for overlap in (True, False):
                 cases[(True, overlap, label, seeds)] = (*pipes[True], kwargs, seed_of_rank)
     cases[(False, True, "prompt", "same seed")] = (*pipes[False], call, lambda r: 0)
+    # The same pipeline as the default case with its call checker idle: no exchange, and prepare_latents' outputs
+    # broadcast (what every call did before the per-call agreement). Same object, so the same memory layout.
+    cases[None] = (*pipes[True], call, lambda r: 0)
     agreement = {key: [] for key in cases}
     whole = {key: [] for key in cases}
     counts = {key: {} for key in cases}
     with torch.no_grad():
         for i in range(args.calls + 1):  # the first round warms up (and makes the global random states equal)
             for key, (pipe, checker, kwargs, seed_of_rank) in cases.items():
-                checker.overlap = key[1]
+                idle = key is None
+                if not idle:
+                    checker.overlap = key[1]
+                streams, checker.random_streams = checker.random_streams, (None if idle else checker.random_streams)
+                checker.check_arguments = not idle
                 dist.barrier()
                 generator = torch.Generator().manual_seed(seed_of_rank(dist.get_rank()))
                 with CollectiveCounter() as counter:
                     started = time.perf_counter()
                     pipe(**kwargs, generator=generator)
                     elapsed = time.perf_counter() - started
+                checker.random_streams, checker.check_arguments = streams, True
                 if i == 0:
                     continue
                 whole[key].append(elapsed)
-                agreement[key].append(checker.last_seconds)
+                agreement[key].append(0.0 if idle else checker.last_seconds)
                 for name, c in counter.counts.items():
                     counts[key][name] = counts[key].get(name, 0) + c / args.calls
 
@@ -187,6 +197,8 @@ def main() -> None:
         print(f"  pipeline call, check_every_call=False : {without * 1e3:8.1f} ms ({per_step * 1e3:.2f} ms per step)")
         print("  the agreement's cost to the call (calling thread's time in it), and the whole call:")
         for key in cases:
+            if key is None:
+                continue
             check, overlap, label, seeds = key
             print(f"    check_every_call={check!s:5} overlap={overlap!s:5} {label:17s} {seeds:13s}: "
                   f"{pct(statistics.median(agreement[key]))}; whole call "
@@ -196,6 +208,9 @@ def main() -> None:
                 saved = (statistics.median(agreement[(True, False, label, seeds)])
                          - statistics.median(agreement[(True, True, label, seeds)]))
                 print(f"  overlap saves, {label:17s} {seeds:13s}: {pct(saved)}")
+        none = None
+        print(f"  as before the agreement (the same pipeline, its checker idle: no exchange, the latents broadcast): "
+              f"whole call {statistics.median(whole[none]) * 1e3:.1f} ms; collectives: {shown(counts[none])}")
         marginal = (statistics.median(agreement[(True, True, "prompt", "same seed")])
                     - statistics.median(agreement[(False, True, "prompt", "same seed")]))
         print(f"  the argument check's marginal cost (check_every_call True - False, prompt, same seed): {pct(marginal)}")

@@ -79,12 +79,13 @@ def test_one_exchange_per_call(ranks, check_every_call, seed_per_rank):
 def test_latents_passed_per_rank_are_still_broadcast(ranks):
     """Latents are compared by shape only, so latents of each rank's own (rank 1's differ) are made rank 0's by the
     broadcast at prepare_latents, which stays whenever prepare_latents is given a tensor: the image is the
-    one-process image from rank 0's latents."""
+    one-process image from rank 0's latents, and the caller's own tensor is left as it was."""
     results = ranks(2, "workers.calls:latents_of_each_rank_become_rank_0s", timeout=120)
     assert_split(results, {"ulysses_size": 2})
     assert results[1]["own_differs"], results
     for r in results:
         assert len(r["broadcasts"]) == 2 and r["broadcasts"][0][0] == 1, r  # the latents, then their position ids
+        assert r["own_untouched"], r  # received into a copy: the caller's tensor keeps its values
         assert r["diff"] <= CP_FP32, r
 
 

@@ -360,14 +360,17 @@ def broadcast_latents(pipe, handle: ParallelHandle, group=None) -> None:
         checker = handle.states.get("call_checker")
         if checker is not None and checker.streams_agreed and _drawn_only(args, kwargs):
             return result
-        items = result if isinstance(result, tuple) else (result,)
-        for item in items:
+        items = list(result) if isinstance(result, tuple) else [result]
+        given = {t.data_ptr() for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)}
+        for i, item in enumerate(items):
             if isinstance(item, torch.Tensor):
+                if item.data_ptr() in given:  # the caller's own latents, passed through: received into a copy
+                    item = items[i] = item.clone()
                 buf = item if item.is_contiguous() else item.contiguous()
                 dist.broadcast(buf, src=0, group=group)
                 if buf is not item:
                     item.copy_(buf)
-        return result
+        return tuple(items) if isinstance(result, tuple) else items[0]
 
     patches: list[Patch] = []
     handle.add("pipeline: broadcast initial latents from rank 0", lambda: [p.undo() for p in patches])

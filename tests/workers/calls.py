@@ -323,6 +323,7 @@ def latents_of_each_rank_become_rank_0s() -> dict:
                                                  torch.Generator().manual_seed(seed))[0] for seed in (0, rank)]
     rank0_latents, own = latents_of
     own_differs = bool((own - rank0_latents).abs().max() > 0)
+    own_before = own.clone()
     with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
         reference = reference_pipe(**CALL, latents=rank0_latents.clone(),
                                    generator=torch.Generator().manual_seed(0)).images
@@ -343,6 +344,7 @@ def latents_of_each_rank_become_rank_0s() -> dict:
         finally:
             dist.broadcast = original
         return {"rank": rank, "diff": (out - reference).abs().max().item(), "broadcasts": broadcasts,
-                "split": probe.summary(), "split_reference": reference_probe.summary(), "own_differs": own_differs}
+                "split": probe.summary(), "split_reference": reference_probe.summary(), "own_differs": own_differs,
+                "own_untouched": torch.equal(own, own_before)}
     finally:
         handle.detach()
