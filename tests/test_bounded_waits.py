@@ -271,3 +271,17 @@ def test_argument_checksum_tells_apart_a_batch_in_another_order():
     assert a["checksum"] != b["checksum"]
     assert describe_value(embeds.clone(), "prompt_embeds") == a  # equal tensors: equal descriptions
     assert describe_value(embeds, "latents") == {"shape": [2, 16, 32], "dtype": "torch.float32"}  # broadcast
+
+
+def test_a_user_started_nccl_group_gets_gloo_beside_it_for_diffpars_cpu_exchanges():
+    """A script that ran `init_process_group("nccl")` itself: diffpar's whole-world group (its timeout, the per-call
+    agreement's rows) needs a CPU backend, which NCCL lacks; gloo is added for CPU tensors, NCCL kept for GPU ones.
+    Other default groups are taken as they are. (Only the choice is tested here: these machines have no NCCL.)"""
+    from torch.distributed.distributed_c10d import BackendConfig
+
+    from diffpar.mesh import world_group_backend
+
+    chosen = world_group_backend("nccl")["backend"]
+    assert BackendConfig(chosen).get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
+    for kept in ("gloo", "cpu:gloo,cuda:nccl"):
+        assert world_group_backend(kept) == {}

@@ -38,6 +38,16 @@ _GROUP_TIMEOUT_S: list = [None]
 _WORLD_GROUPS: dict = {}
 
 
+def world_group_backend(default_backend: str) -> dict:
+    """The backend of diffpar's whole-world group when the caller started torch.distributed: the default group's,
+    except that one with no CPU backend (`init_process_group("nccl")`) gets gloo beside NCCL. diffpar's small
+    exchanges (the agreement's rows, sizes) are CPU tensors, which NCCL does not carry; GPU tensors still go over
+    NCCL (the same mapping diffpar uses when it starts the group itself)."""
+    if "nccl" in default_backend and "gloo" not in default_backend:
+        return {"backend": "cpu:gloo,cuda:nccl"}
+    return {}
+
+
 def torchrun_env_present() -> bool:
     return all(k in os.environ for k in _TORCHRUN_ENV)
 
@@ -56,7 +66,8 @@ def ensure_process_group(timeout_s: float | None = None) -> bool:
     if dist.is_available() and dist.is_initialized():
         if timeout_s is not None and timeout_s not in _WORLD_GROUPS and dist.get_world_size() > 1:
             try:
-                _WORLD_GROUPS[timeout_s] = dist.new_group(timeout=timedelta(seconds=timeout_s))
+                _WORLD_GROUPS[timeout_s] = dist.new_group(timeout=timedelta(seconds=timeout_s),
+                                                          **world_group_backend(str(dist.get_backend())))
             except RuntimeError as exc:  # gloo's "Wait timeout": a peer never came to make the group
                 raise DiffparError(
                     f"diffpar.enable_cache: not every rank came to set up diffpar's process group within "
