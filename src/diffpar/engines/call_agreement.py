@@ -341,6 +341,8 @@ class CallChecker:
         pending = mesh_lib.agree_start(f"diffpar: a call of {self.label}", what, None, self.group,
                                        timeout_s=self.timeout_s, values=values, fp=call_fingerprint(what),
                                        issue=issue_all_gather_into, buffers=self._buffers)
+        # New ones when the checker's were still held by an exchange never settled (an interrupted call): kept.
+        self._buffers = getattr(pending, "buffers", self._buffers)
 
         def finish() -> None:
             started = time.perf_counter()
