@@ -49,8 +49,8 @@ class ParallelismConfig:
         parallelized over the whole world.
     broadcast_latents: every rank draws rank 0's random numbers (default True): at the start of each pipeline
         call the call's generators and torch's global random state get rank 0's state (a broadcast, only when their
-        digests, carried by the call's one agreement exchange, differ), and the
-        initial latents (`prepare_latents`, or `latents` passed in) are broadcast from rank 0, so a rank seeded on
+        digests, carried by the call's one agreement exchange, differ), so noise drawn in the call is rank 0's;
+        `latents` (or images) passed to `prepare_latents` have its outputs broadcast from rank 0. A rank seeded on
         its own, or not at all, still makes rank 0's image.
     vae_split_min_rows: latent rows below which the VAE decodes whole on every rank (None: diffpar decides).
     keep_original_text_encoders: keep a copy of each sharded text encoder's full weights so `detach()` restores
