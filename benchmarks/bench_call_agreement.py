@@ -60,25 +60,20 @@ class CollectiveCounter:
         for name in _C10D:
             self._wrap(dist, name, name)
         # The call agreement issues its all-gather on the group itself (diffpar.compat.collectives), below `dist`.
-        from diffpar.compat.collectives import all_gather_method_name
+        from diffpar.testing.probes import group_all_gathers_counted
 
-        method = all_gather_method_name()
-        if method:
-            entry = vars(dist.ProcessGroup)[method]  # pybind11's own entry binds the group when put back
-            unbound = getattr(dist.ProcessGroup, method)
-            counts = self.counts
-
-            def counted(group, *args, **kwargs):
-                counts["all_gather_into_tensor (group)"] = counts.get("all_gather_into_tensor (group)", 0) + 1
-                return unbound(group, *args, **kwargs)
-
-            self._originals.append((dist.ProcessGroup, method, entry))
-            setattr(dist.ProcessGroup, method, counted)
+        self._group_counting = group_all_gathers_counted(self._count_group_all_gather)
+        self._group_counting.__enter__()
         for name in _FUNCOL:
             self._wrap(funcol, name, f"funcol.{name}")
         return self
 
+    def _count_group_all_gather(self):
+        label = "all_gather_into_tensor (group)"
+        self.counts[label] = self.counts.get(label, 0) + 1
+
     def __exit__(self, *exc):
+        self._group_counting.__exit__(*exc)
         for module, name, original in reversed(self._originals):
             setattr(module, name, original)
         self._originals.clear()

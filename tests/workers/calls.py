@@ -7,9 +7,8 @@ import torch
 import torch.distributed as dist
 
 import diffpar
-from diffpar.compat.collectives import all_gather_method_name
 from diffpar.testing import tiny_pipelines, tiny_transformers
-from diffpar.testing.probes import SplitProbe
+from diffpar.testing.probes import SplitProbe, group_all_gathers_counted
 
 CALL = dict(prompt="a red fox in snow", height=32, width=32, num_inference_steps=2, max_sequence_length=16,
             guidance_scale=3.5, output_type="pt")
@@ -180,18 +179,10 @@ def exchanges_before_the_call(check_every_call: bool, seed_per_rank: bool) -> di
                 inside.pop()
         return call
 
-    # The call agreement issues its all-gather on the group itself (compat.collectives), below `dist`'s functions.
-    method = all_gather_method_name()
-    group_method = getattr(dist.ProcessGroup, method) if method else None
-    # The class's own entry (pybind11's instancemethod) puts it back as it was; the function getattr gives would
-    # no longer bind the group.
-    group_method_entry = vars(dist.ProcessGroup).get(method) if method else None
-
-    def counting_method(group, *args, **kwargs):
+    def group_all_gather():  # the call agreement's exchange, issued on the group itself (compat.collectives)
         if not inside:
             counts["all_gather_into_tensor"] = counts.get("all_gather_into_tensor", 0) + 1
             order.append("all_gather_into_tensor")
-        return group_method(group, *args, **kwargs)
 
     check_inputs = pipe.check_inputs
 
@@ -204,17 +195,13 @@ def exchanges_before_the_call(check_every_call: bool, seed_per_rank: bool) -> di
             pipe(**CALL, generator=torch.Generator().manual_seed(rank if seed_per_rank else 0))
         for name in _COUNTED:
             setattr(dist, name, counting(name))
-        if method:
-            setattr(dist.ProcessGroup, method, counting_method)
         pipe.check_inputs = marked_check_inputs
         try:
-            with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
+            with torch.no_grad(), group_all_gathers_counted(group_all_gather), SplitProbe(pipe.transformer) as probe:
                 out = pipe(**CALL, generator=torch.Generator().manual_seed(rank if seed_per_rank else 0)).images
         finally:
             for name, fn in originals.items():
                 setattr(dist, name, fn)
-            if method:
-                setattr(dist.ProcessGroup, method, group_method_entry)
             del pipe.check_inputs
         return {"rank": rank, "diff": (out - reference).abs().max().item(), "before_call": marks[0],
                 "order": order, "split": probe.summary(), "split_reference": reference_probe.summary(),

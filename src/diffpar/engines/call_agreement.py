@@ -298,7 +298,7 @@ class CallChecker:
         # True from the point the call in progress has its random streams agreed (rank 0's on every rank) to its
         # end: what the call then draws is the same on every rank (the latent broadcast reads it).
         self.streams_agreed = False
-        self._buffers = None  # the exchange's reused row buffers (`mesh.AgreementBuffers`), made at the first call
+        self._buffers = None  # the exchange's reused row buffers (`mesh.AgreementBuffers`), from the first call on
 
     def agree(self, description: dict | None, streams=None) -> None:
         """The call's one exchange, waited for now: the arguments' `description` (None: not checked) and
@@ -335,13 +335,12 @@ class CallChecker:
             what["arguments"] = description
             if self.weight_modules:
                 what["weights"] = {n: weights_checksum(m) for n, m in self.weight_modules.items()}
-        values = tuple(streams.values) if streams is not None else ()
-        if self._buffers is None and dist.is_initialized():
-            self._buffers = mesh_lib.AgreementBuffers(dist.get_world_size(self.group), 2 + len(values))
         pending = mesh_lib.agree_start(f"diffpar: a call of {self.label}", what, None, self.group,
-                                       timeout_s=self.timeout_s, values=values, fp=call_fingerprint(what),
-                                       issue=issue_all_gather_into, buffers=self._buffers)
-        # New ones when the checker's were still held by an exchange never settled (an interrupted call): kept.
+                                       timeout_s=self.timeout_s,
+                                       values=tuple(streams.values) if streams is not None else (),
+                                       fp=call_fingerprint(what), issue=issue_all_gather_into, buffers=self._buffers)
+        # Reused by the next call's exchange: those of the first exchange, or new ones when the checker's were still
+        # held by an exchange never settled (an interrupted call).
         self._buffers = getattr(pending, "buffers", self._buffers)
 
         def finish() -> None:
@@ -452,14 +451,13 @@ def _run_agreed(checker: "CallChecker", wrapped, instance, args, kwargs):
     # Outside the `try` below: the agreement's own errors (a timeout, a mismatch) already say what happened.
     streams = checker.random_streams(wrapped, args, kwargs) if checker.random_streams is not None else None
     finish = checker.begin(describe_call(wrapped, args, kwargs) if checker.check_arguments else None, streams)
-    if finish is None:
-        checker.last_seconds = time.perf_counter() - started
-        return wrapped(*args, **kwargs)
-    if checker.defers(instance, streams):
+    deferred = finish is not None and checker.defers(instance, streams)
+    if deferred:
         mesh_lib.defer_settle(finish)  # settled where the call first needs it (`mesh.settle_deferred`)
-        checker.last_seconds = time.perf_counter() - started
-    else:
-        checker.last_seconds = time.perf_counter() - started
+    checker.last_seconds = time.perf_counter() - started  # `finish` adds its own time
+    if finish is None:
+        return wrapped(*args, **kwargs)
+    if not deferred:
         finish()
     try:
         result = wrapped(*args, **kwargs)

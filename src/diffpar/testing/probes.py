@@ -22,6 +22,7 @@ gathered with `funcol.all_gather_tensor`, or with c10d `all_gather` under *_anyt
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import inspect
@@ -30,6 +31,8 @@ from collections import Counter
 
 import torch
 import torch.distributed as dist
+
+from diffpar.compat.collectives import all_gather_method_name
 
 # c10d entry points: looked up as `dist.<name>` by diffpar and diffusers, and as module globals inside
 # torch.distributed.distributed_c10d itself (e.g. all_gather_object -> all_gather). Both bindings are wrapped.
@@ -161,6 +164,29 @@ def _sequence_length(x) -> int:
     if isinstance(x, torch.Tensor) and x.dim() >= 2:
         return int(x.shape[1])
     return 0
+
+
+@contextlib.contextmanager
+def group_all_gathers_counted(on_call):
+    """While entered, `on_call()` runs at every all-gather issued on a process group's own method: how the call
+    agreement issues its exchange (`diffpar.compat.collectives`), below the torch.distributed functions the counters
+    here wrap. A dist-level all-gather calls such a method too; callers that also count those must skip it."""
+    method = all_gather_method_name()
+    if method is None:
+        yield
+        return
+    entry = vars(dist.ProcessGroup)[method]  # pybind11's own entry: put back as it was, it binds the group again
+    unbound = getattr(dist.ProcessGroup, method)
+
+    def counted(group, *args, **kwargs):
+        on_call()
+        return unbound(group, *args, **kwargs)
+
+    setattr(dist.ProcessGroup, method, counted)
+    try:
+        yield
+    finally:
+        setattr(dist.ProcessGroup, method, entry)
 
 
 class SplitProbe:
