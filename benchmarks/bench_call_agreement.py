@@ -2,8 +2,8 @@
 
     torchrun --nproc_per_node=2 benchmarks/bench_call_agreement.py [--size 64] [--steps 4] [--calls 40]
 
-Runs the demo's tiny FLUX pipeline (ulysses 2, VAE split). The exchange (one all-gather: the arguments'
-fingerprint and the random states' digest; rank 0's random states broadcast only when the digests differ) is
+Runs the demo's tiny FLUX pipeline (ulysses 2, VAE split). The exchange (one sum all-reduce of every rank's row:
+the arguments' fingerprint and the random states themselves, so a seed per rank needs no broadcast) is
 issued at the call's start and settled where the call first needs the ranks agreed (its first collective, parallel
 module or prepare_latents), so its round trip overlaps the call's tokenizing and text encoding. Reports, per case
 (text prompt or precomputed embeddings; the same seed on every rank or a seed per rank), over whole calls taking
@@ -18,6 +18,11 @@ turns case by case (so a change of load weighs on each alike):
 - check_every_call=True's own work timed alone (describe the arguments, fingerprint them);
 - the same pipeline with its checker idle (no exchange; prepare_latents' outputs broadcast, as every call did
   before the per-call agreement): its whole call and collectives;
+- the time from the call's start to the end of its first denoising step (the transformer's first forward returns,
+  where every rank has met the others in any case): default, no agreement at all (checker idle and prepare_latents
+  unwrapped: no exchange, no broadcast; right here only because every rank passes the same seed), and as before
+  the agreement. A stricter measure of what the agreement adds to the critical path than the calling thread's time
+  (it also holds the exchange's gloo work on the shared cores and waiting on the slower rank one more time);
 with the load average at the start and the end (the exchange's cost is mostly scheduling latency).
 """
 from __future__ import annotations
@@ -43,6 +48,7 @@ class CollectiveCounter:
     def __init__(self):
         self.counts: dict[str, int] = {}
         self._originals: list = []
+        self._inside = 0
 
     def _wrap(self, module, name, label):
         original = getattr(module, name, None)
@@ -51,7 +57,11 @@ class CollectiveCounter:
 
         def counted(*args, **kwargs):
             self.counts[label] = self.counts.get(label, 0) + 1
-            return original(*args, **kwargs)
+            self._inside += 1  # the group method a dist-level collective calls is not a second one
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._inside -= 1
 
         self._originals.append((module, name, original))
         setattr(module, name, counted)
@@ -59,17 +69,19 @@ class CollectiveCounter:
     def __enter__(self):
         for name in _C10D:
             self._wrap(dist, name, name)
-        # The call agreement issues its all-gather on the group itself (diffpar.compat.collectives), below `dist`.
-        from diffpar.testing.probes import group_all_gathers_counted
+        # The call agreement issues its exchange on the group itself (diffpar.compat.collectives), below `dist`.
+        from diffpar.testing.probes import group_exchanges_counted
 
-        self._group_counting = group_all_gathers_counted(self._count_group_all_gather)
+        self._group_counting = group_exchanges_counted(self._count_group_exchange)
         self._group_counting.__enter__()
         for name in _FUNCOL:
             self._wrap(funcol, name, f"funcol.{name}")
         return self
 
-    def _count_group_all_gather(self):
-        label = "all_gather_into_tensor (group)"
+    def _count_group_exchange(self):
+        if self._inside:
+            return
+        label = "the exchange (group all_reduce)"
         self.counts[label] = self.counts.get(label, 0) + 1
 
     def __exit__(self, *exc):
@@ -82,6 +94,14 @@ class CollectiveCounter:
         return dict(self.counts)
 
 
+_FIRST_STEP: list = []
+
+
+def _note_first_step(module, args, output):
+    if not _FIRST_STEP:
+        _FIRST_STEP.append(time.perf_counter())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=64)
@@ -92,7 +112,7 @@ def main() -> None:
     warnings.simplefilter("ignore", FutureWarning)  # all_gather_into_tensor's deprecation, once per call
 
     import diffpar
-    from diffpar.compat.collectives import issue_all_gather_into
+    from diffpar.compat.collectives import issue_all_reduce_sum
     from diffpar.engines.call_agreement import call_fingerprint, describe_call
     from diffpar.mesh import ensure_process_group
     from diffpar.testing.tiny_pipelines import build_tiny_flux_pipeline
@@ -108,6 +128,9 @@ def main() -> None:
         handle = diffpar.enable_cache(pipe, parallelism_config=diffpar.ParallelismConfig(
             ulysses_size=2, check_every_call=check, extra_parallel_modules=[pipe.vae]))
         pipes[check] = (pipe, handle.state("call_checker"))
+        # When the call's first denoising step ends: the transformer's first forward in the call returns (every rank
+        # has met the others by then, with the agreement or without).
+        pipe.transformer.register_forward_hook(_note_first_step)
     with torch.no_grad():
         prompt_embeds, pooled, _ = pipes[False][0].encode_prompt(call["prompt"], None, max_sequence_length=16)
     embeds_call = dict(call, prompt=None, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled)
@@ -122,27 +145,36 @@ def main() -> None:
     # The same pipeline as the default case with its call checker idle: no exchange, and prepare_latents' outputs
     # broadcast (what every call did before the per-call agreement). Same object, so the same memory layout.
     cases[None] = (*pipes[True], call, lambda r: 0)
+    # No agreement at all: the checker idle and prepare_latents unwrapped (no broadcast either; the same seed on every
+    # rank, so the image is still right here): the baseline for what the agreement itself adds.
+    cases["none"] = (*pipes[True], call, lambda r: 0)
     agreement = {key: [] for key in cases}
     whole = {key: [] for key in cases}
+    to_first_step = {key: [] for key in cases}
     counts = {key: {} for key in cases}
     with torch.no_grad():
         for i in range(args.calls + 1):  # the first round warms up (and makes the global random states equal)
             for key, (pipe, checker, kwargs, seed_of_rank) in cases.items():
-                idle = key is None
+                idle = key is None or key == "none"
                 if not idle:
                     checker.overlap = key[1]
+                patched_prepare = vars(pipe).pop("prepare_latents") if key == "none" else None
                 streams, checker.random_streams = checker.random_streams, (None if idle else checker.random_streams)
                 checker.check_arguments = not idle
                 dist.barrier()
                 generator = torch.Generator().manual_seed(seed_of_rank(dist.get_rank()))
                 with CollectiveCounter() as counter:
+                    _FIRST_STEP.clear()
                     started = time.perf_counter()
                     pipe(**kwargs, generator=generator)
                     elapsed = time.perf_counter() - started
                 checker.random_streams, checker.check_arguments = streams, True
+                if patched_prepare is not None:
+                    vars(pipe)["prepare_latents"] = patched_prepare
                 if i == 0:
                     continue
                 whole[key].append(elapsed)
+                to_first_step[key].append(_FIRST_STEP[0] - started)
                 agreement[key].append(0.0 if idle else checker.last_seconds)
                 for name, c in counter.counts.items():
                     counts[key][name] = counts[key].get(name, 0) + c / args.calls
@@ -157,16 +189,17 @@ def main() -> None:
         started = time.perf_counter()
         call_fingerprint(description)
         parts["fingerprint"].append(time.perf_counter() - started)
-    # The floor: the same all-gather alone, issued, then 2 ms of local work (what the overlap hides its round trip
-    # behind), then waited for. The issue is what the calling thread pays for waking gloo's worker thread.
+    # The floor: an exchange of the same size alone (a table of every rank's row, summed), issued, then 2 ms of
+    # local work (what the overlap hides its round trip behind), then waited for. The issue is what the calling
+    # thread pays for waking gloo's worker thread.
     group = dist.group.WORLD
     issue_s, wait_s = [], []
     work_matrix = torch.randn(64, 64)
+    table = pipes[True][1]._buffers.rows
     for _ in range(args.calls * 5):
-        row = torch.tensor([0, 123, 4096, 7], dtype=torch.int64)
-        out = row.new_empty(dist.get_world_size() * 4)
+        out = torch.zeros_like(table)
         started = time.perf_counter()
-        work = issue_all_gather_into(out, row, group)
+        work = issue_all_reduce_sum(out, group)
         issued = time.perf_counter()
         until = issued + 0.002
         while time.perf_counter() < until:
@@ -192,7 +225,7 @@ def main() -> None:
         print(f"  pipeline call, check_every_call=False : {without * 1e3:8.1f} ms ({per_step * 1e3:.2f} ms per step)")
         print("  the agreement's cost to the call (calling thread's time in it), and the whole call:")
         for key in cases:
-            if key is None:
+            if key is None or key == "none":
                 continue
             check, overlap, label, seeds = key
             print(f"    check_every_call={check!s:5} overlap={overlap!s:5} {label:17s} {seeds:13s}: "
@@ -206,6 +239,16 @@ def main() -> None:
         none = None
         print(f"  as before the agreement (the same pipeline, its checker idle: no exchange, the latents broadcast): "
               f"whole call {statistics.median(whole[none]) * 1e3:.1f} ms; collectives: {shown(counts[none])}")
+        default = (True, True, "prompt", "same seed")
+        first = {key: statistics.median(values) for key, values in to_first_step.items()}
+        print(f"  the call's start to the end of its first denoising step (the transformer's first forward), median: default "
+              f"{first[default] * 1e3:.3f} ms; no agreement at all (checker idle, no broadcast) "
+              f"{first['none'] * 1e3:.3f} ms; as before the agreement (the latents broadcast) {first[none] * 1e3:.3f}"
+              f" ms. The agreement adds {pct(first[default] - first['none'])} there (against no agreement: the cold"
+              f" caches at a call's start are paid by whatever runs first), {pct(first[default] - first[none])} "
+              "against before it")
+        print(f"  whole call, no agreement at all: {statistics.median(whole['none']) * 1e3:.1f} ms; collectives: "
+              f"{shown(counts['none'])}")
         marginal = (statistics.median(agreement[(True, True, "prompt", "same seed")])
                     - statistics.median(agreement[(False, True, "prompt", "same seed")]))
         print(f"  the argument check's marginal cost (check_every_call True - False, prompt, same seed): {pct(marginal)}")
@@ -213,7 +256,7 @@ def main() -> None:
         print(f"  check_every_call=True's own work, timed alone (embeddings call): describe "
               f"{statistics.median(parts['describe']) * 1e3:.3f} ms + fingerprint "
               f"{statistics.median(parts['fingerprint']) * 1e3:.3f} ms = {pct(alone)}")
-        print(f"  the all-gather alone, overlapped with 2 ms of local work: issue {statistics.median(issue_s) * 1e3:.3f} ms"
+        print(f"  the exchange alone ({table.numel() * 8} bytes), overlapped with 2 ms of local work: issue {statistics.median(issue_s) * 1e3:.3f} ms"
               f" + wait left {statistics.median(wait_s) * 1e3:.3f} ms = {pct(statistics.median(issue_s) + statistics.median(wait_s))}")
         loads = " -> ".join(f"{a:.2f} {b:.2f} {c:.2f}" for a, b, c in (load_at_start, load_at_end))
         print(f"  load average (1, 5, 15 min), start -> end: {loads}")

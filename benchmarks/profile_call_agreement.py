@@ -3,8 +3,8 @@
     torchrun --nproc_per_node=2 benchmarks/profile_call_agreement.py [--calls 40]
 
 Runs the demo's tiny FLUX pipeline (64x64, 4 steps, Ulysses 2 + VAE split) with a timing wrapper around each part
-of the agreement (the random states and their digest, describing the arguments, the fingerprint, issuing the
-exchange, settling it), and times describing the arguments twice more right after the first time, in the same
+of the agreement (reading the random states, describing the arguments, the fingerprint, issuing the exchange,
+settling it), and times describing the arguments twice more right after the first time, in the same
 call: the first touch after the previous call's decode finds the caches cold, which is most of what each part
 costs there (the same parts take 5-10x less in a tight loop). Medians over calls; each wrapper adds a little.
 """
@@ -59,7 +59,7 @@ def main() -> None:
             current[label] = time.perf_counter() - started
         return out
 
-    checker.random_streams = timed("random states + digest", checker.random_streams)
+    checker.random_streams = timed("random states", checker.random_streams)
     call_agreement.describe_call = described_three_times
     call_agreement.call_fingerprint = timed("fingerprint", call_agreement.call_fingerprint)
     mesh_lib.agree_start = timed("issue the exchange", mesh_lib.agree_start)

@@ -57,23 +57,39 @@ def test_random_states_are_rank_0s_without_the_argument_check(ranks):
 @pytest.mark.parametrize("check_every_call", [True, False])
 @pytest.mark.parametrize("seed_per_rank", [False, True])
 def test_one_exchange_per_call(ranks, check_every_call, seed_per_rank):
-    """A call's agreement (arguments' fingerprint and random streams' digest) is one all-gather, issued at the
-    call's start and settled at prepare_latents, so its round trip overlaps the call's first lines (tokenizing,
-    text encoding); the random states travel only when they differ, right after it, before any other collective."""
+    """A call's agreement (arguments' fingerprint and the random states themselves) is one exchange (a sum
+    all-reduce of every rank's row), issued at the call's start and settled at prepare_latents, so its round trip
+    overlaps the call's first lines (tokenizing, text encoding). Each rank seeding its own generator needs nothing
+    more: rank 0's states came with the exchange."""
     results = ranks(2, "workers.calls:exchanges_before_the_call", timeout=120, check_every_call=check_every_call,
                     seed_per_rank=seed_per_rank)
     assert_split(results, {"ulysses_size": 2})
     for r in results:
         # issued before the pipeline's first line, not waited for
-        assert r["before_call"] == {"all_gather_into_tensor": 1}, r
+        assert r["before_call"] == {"exchange": 1}, r
         assert r["deferred_calls"] == 2, r  # both calls' exchanges were settled late
-        # Then: rank 0's random states (only when they differ), the rest. FLUX's prepare_latents outputs (the
-        # initial latents and their position ids) are not broadcast: drawn from agreed states, they are rank 0's.
-        head = ["all_gather_into_tensor"] + ["broadcast"] * int(seed_per_rank)
-        assert r["order"][:len(head)] == head, r
-        assert r["order"].count("broadcast") == len(head) - 1, r
+        # Then the model's own collectives: no broadcast of random states (they came with the exchange), nor of
+        # FLUX's prepare_latents outputs (the initial latents and their position ids: drawn from agreed states,
+        # they are rank 0's).
+        assert r["order"][0] == "exchange" and "exchange" not in r["order"][1:], r
+        assert "broadcast" not in r["order"], r
         assert r["diff"] <= CP_FP32, r  # rank 0's image on every rank, broadcast or not
         assert r["calls_agreed"] == (2 if check_every_call else 0), r
+
+
+@pytest.mark.parametrize("world, generators", [(2, 1), (4, 1), (2, 2)])
+def test_each_ranks_own_seeds_give_rank_0s_images(ranks, world, generators):
+    """Each rank seeds its own generators and its own global random state: every rank makes rank 0's images. One
+    generator's states (with the global one) travel inside the call's one exchange and are compared byte for byte
+    (no broadcast, at 4 ranks three of them differ); two generators' do not fit its room: their digest travels,
+    then one broadcast of rank 0's states."""
+    results = ranks(world, "workers.calls:generators_of_each_rank", timeout=180, generators=generators)
+    assert_split(results, {"ulysses_size": world})
+    for r in results:
+        assert r["diff"] <= CP_FP32, r
+        assert r["exchanges"] == 1, r
+        assert len(r["broadcasts"]) == (0 if generators == 1 else 1), r
+        assert r["global_states_equal"], r  # ranks > 0 continue from rank 0's global random state
 
 
 def test_latents_passed_per_rank_are_still_broadcast(ranks):
@@ -161,22 +177,43 @@ def test_torchrun_variables_without_peers_fail_after_the_timeout(tmp_path):
 
 def test_a_draw_before_the_first_parallel_step_runs_the_call_again_from_rank_0s_states(ranks):
     """The exchange is settled at the call's first parallel step (here prepare_latents), so a random draw before
-    it used each rank's own state when the states differed: every rank runs the call again from rank 0's states
-    (the draw is then rank 0's everywhere, and the image one process's); the pipeline's later calls agree at their
-    start."""
+    it used each rank's own state when the states differed: a rank whose states were not rank 0's runs the call
+    again from rank 0's states (on its own: the states came with the exchange, and no collective ran since), so the
+    draw is rank 0's everywhere and the image one process's; that rank's later calls agree at their start. Rank 0
+    drew from its own states, which are rank 0's: it goes on."""
     results = ranks(2, "workers.calls:draw_before_the_first_parallel_step", timeout=120)
     assert_split(results, {"ulysses_size": 2})
     for r in results:
         assert r["first"]["error"] is None and r["second"]["error"] is None, r
         assert r["first"]["seconds"] < MAX_SECONDS, r
-        assert r["restarts"] == 1 and r["draws_early"], r
-        assert r["deferred_calls"] == 1, r  # the first call deferred, the second agreed at its start
+        restarted = r["rank"] == 1
+        assert r["restarts"] == int(restarted) and r["draws_early"] == restarted, r
+        assert r["deferred_calls"] == (1 if restarted else 2), r  # after its restart, rank 1 agrees at the start
         assert r["calls_agreed"] == 2, r  # the restart did not agree again
         assert r["diff"] <= CP_FP32, r
-    draws = results[0]["draws"]  # every rank's draws, in order: [attempt, restart, second call]
-    assert draws[0][0] != draws[1][0], draws  # the first attempt: each rank's own state
-    assert draws[0][1] == draws[1][1] == draws[0][0], draws  # the restart: rank 0's first draw on every rank
-    assert draws[0][2] == draws[1][2], draws  # agreed at the start
+    rank0, rank1 = results[0]["draws"]  # each rank's draws, in order: rank 0 [first call, second call], rank 1
+    assert rank0[0] != rank1[0], (rank0, rank1)  # [attempt, restart, second call]; the attempt: its own state
+    assert rank1[1] == rank0[0], (rank0, rank1)  # the restart: rank 0's first draw
+    assert rank1[2] == rank0[1], (rank0, rank1)  # the second call: rank 0's states since
+
+
+@pytest.mark.parametrize("seed_per_rank", [False, True])
+def test_noise_drawn_before_the_exchange_arrives(ranks, seed_per_rank):
+    """With the exchange still in flight at prepare_latents (prompt embeddings given, rank 0 late), rank 1 draws its
+    noise first and settles at the transformer: the round trip overlaps that work too. Its states differing from
+    rank 0's (a seed per rank), it runs the call again from rank 0's states on its own, and settles at
+    prepare_latents from then on. Rank 0's image and the one-process image on every rank either way."""
+    results = ranks(2, "workers.calls:noise_drawn_before_the_exchange_arrives", timeout=120,
+                    seed_per_rank=seed_per_rank)
+    assert_split(results, {"ulysses_size": 2})
+    for r in results:
+        assert r["diff"] <= CP_FP32, r
+        assert not r["draws_early"], r
+        if r["rank"] == 1:
+            assert r["speculated"] == 1, r
+            assert r["restarts"] == int(seed_per_rank) and r["settles_at_prepare"] == seed_per_rank, r
+        else:
+            assert r["restarts"] == 0, r  # rank 0's noise is rank 0's
 
 
 def test_keywords_in_another_order_are_the_same_call(ranks):

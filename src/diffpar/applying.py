@@ -220,6 +220,14 @@ def _random_states(generators: list[torch.Generator], with_cuda: bool) -> list[t
     return states
 
 
+def streams_payload_bytes(with_cuda: bool) -> int:
+    """Room for the random states in each call's exchange: one CPU generator's state beside torch's global CPU
+    state (and the current GPU's, on NCCL): the states of the common call, one generator (a GPU generator's state
+    is smaller than a CPU one's). The same on every rank: the same torch, the backend all ranks share."""
+    cpu = torch.Generator().get_state().numel()
+    return 2 * cpu + (torch.cuda.get_rng_state().numel() if with_cuda else 0)
+
+
 def _state_setters(generators: list[torch.Generator], with_cuda: bool) -> list:
     """What sets each of `_random_states`' streams, in the same order (needed only when states must change)."""
     setters = [g.set_state for g in generators]
@@ -262,40 +270,78 @@ def streams_digest(states: list[torch.Tensor]) -> int:
 
 class CallRandomStreams:
     """The random streams one pipeline call may draw from, on this rank (their `states` at the call's start), and
-    what the call's agreement carries about them: their total size and a digest. Equal digests on every rank (the
-    common case: the same seed everywhere, and the global states equal since the first call) need no broadcast at
-    all; else rank 0's states are broadcast, the sizes being known equal from the same exchange."""
+    what the call's agreement carries about them. The states themselves travel in the exchange when they fit its
+    room (`payload_bytes`: one generator beside torch's global ones, the common call): every rank compares every
+    rank's bytes with rank 0's exactly and takes rank 0's from the same exchange, no digest and no broadcast. More
+    generators than that (a list for a batch): their total size and a digest travel instead, and rank 0's states
+    are broadcast only when the digests differ, the sizes being known equal from the same exchange."""
 
-    def __init__(self, generators: list[torch.Generator], group, latents: torch.Tensor | None, device=None):
+    def __init__(self, generators: list[torch.Generator], group, latents: torch.Tensor | None, device=None,
+                 payload_bytes: int = 0):
         self.group = group
-        self.device = device  # where the states travel (`_streams_device`, found once per pipeline)
+        self.device = device  # where broadcast states travel (`_streams_device`, found once per pipeline)
         self.generators = generators
+        self.payload_bytes = payload_bytes
         self.states = _random_states(generators, with_cuda=device is not None)
-        self.values = (sum(map(len, self.states)), streams_digest(self.states))
+        size = sum(map(len, self.states))  # 1-D uint8 tensors: their bytes
+        self.payload = self.states if size <= payload_bytes else None  # sent in the exchange itself
+        # (total bytes, whether they travel in the exchange, their digest when they do not)
+        self.values = (size, 1, 0) if self.payload is not None else (size, 0, streams_digest(self.states))
         self.latents = latents  # passed to a pipeline without prepare_latents: broadcast with the call
-        self.differ = True
+        self.differ = True  # some rank's states differ from rank 0's (every rank finds the same)
+        self.differ_here = True  # this rank's differ from rank 0's (states in the exchange only)
+        self._rank0_states = None  # rank 0's states, taken from the exchange (payload) when this rank's differ
 
     def _setters(self) -> list:
         return _state_setters(self.generators, with_cuda=self.device is not None)
 
-    def after_agreement(self, table: list[tuple[int, ...]]) -> None:
-        """Every rank's (size, digest), the same table on every rank: every rank raises, or none does."""
-        if len({row[0] for row in table}) > 1:
+    def after_agreement(self, table: list[tuple[int, ...]], payloads=None) -> None:
+        """Every rank's values, the same table on every rank (and every rank's payload bytes, when the states
+        travelled in the exchange; None: every rank's row was the same, byte for byte, states and all): every rank
+        raises, or none does, and every rank finds the same `differ`."""
+        if payloads is None and self.payload is not None:
+            self.differ = self.differ_here = False
+            return
+        if len({row[0] for row in table}) > 1 or len({row[1] for row in table}) > 1:
             raise DiffparError(
                 f"diffpar: a pipeline call passed {len(self.generators)} generator(s) on rank {dist.get_rank()}, "
                 "and another rank passed another number (or generators on another device): every rank must pass "
                 "the same generators (each may seed its own; diffpar gives them rank 0's state)."
             )
-        self.differ = len({row[1] for row in table}) > 1
+        if self.payload is None:
+            self.differ = self.differ_here = len({row[2] for row in table}) > 1
+            return
+        size = table[0][0]
+        first = bytes(payloads[0][:size])  # compared as bytes: one memcmp (numpy's `==` cost 4x, caches cold)
+        self.differ = any(bytes(p[:size]) != first for p in payloads[1:])
+        self.differ_here = bytes(payloads[dist.get_rank(self.group)][:size]) != first
+        if self.differ_here:  # rank 0's states, split as this rank's are (the same sizes on every rank)
+            flat, offset, self._rank0_states = torch.frombuffer(bytearray(first), dtype=torch.uint8), 0, []
+            for state in self.states:  # each a tensor of its own: set_state reads its storage from the start
+                self._rank0_states.append(flat[offset:offset + len(state)].clone())
+                offset += len(state)
 
     def synchronize(self) -> None:
-        if self.differ:
+        if self.payload is not None:
+            if self.differ_here:  # rank 0's states, from the exchange: no collective
+                for state, set_state in zip(self._rank0_states, self._setters()):
+                    set_state(state)
+        elif self.differ:
             _broadcast_streams(self.states, self._setters(), self.group, self.device)
         if self.latents is not None:
             buf = self.latents if self.latents.is_contiguous() else self.latents.contiguous()
             dist.broadcast(buf, src=0, group=self.group)
             if buf is not self.latents:
                 self.latents.copy_(buf)
+
+    def must_restart(self) -> bool:
+        """Whether the call must run again from rank 0's states: it drew before its agreement settled, from states
+        that were not rank 0's. States in the exchange: this rank's own decision (its restart needs no collective;
+        rank 0 never restarts). Else every rank decides alike (the restart broadcasts): some rank differed, and the
+        same code on agreed arguments drew on every rank or on none."""
+        if not (self.differ_here if self.payload is not None else self.differ):
+            return False
+        return self.drawn_since_start()
 
     def drawn_since_start(self) -> bool:
         """Whether any of the call's random streams moved since the call's start (a draw before the settle point).
@@ -304,14 +350,18 @@ class CallRandomStreams:
         return any(not torch.equal(before, after) for before, after in zip(self.states, now))
 
     def restart_from_rank0(self) -> None:
-        """Before a call runs again (`_RestartCall`): every stream back to where this rank's call started, then
-        rank 0's start states on every rank (one broadcast), so the second run draws exactly what rank 0's first
-        run drew."""
+        """Before a call runs again (`_RestartCall`): every stream set to rank 0's state at the call's start (taken
+        from the exchange, or one broadcast after putting this rank's own back), so the second run draws exactly
+        what rank 0's first run drew."""
         setters = self._setters()
-        for state, set_state in zip(self.states, setters):
-            set_state(state)
-        _broadcast_streams(self.states, setters, self.group, self.device)
-        self.differ = False
+        if self.payload is not None:
+            for state, set_state in zip(self._rank0_states, setters):
+                set_state(state)
+        else:
+            for state, set_state in zip(self.states, setters):
+                set_state(state)
+            _broadcast_streams(self.states, setters, self.group, self.device)
+        self.differ = self.differ_here = False
 
 
 _PLAIN_INPUTS = (bool, int, float, str, torch.dtype, torch.device, torch.Generator)
@@ -336,11 +386,12 @@ def random_state_step(pipe, group=None):
     pipeline without `prepare_latents` (whose broadcast covers them otherwise) are broadcast from rank 0 too."""
     inline_latents = not hasattr(pipe, "prepare_latents")
     device = _streams_device(group)
+    room = streams_payload_bytes(with_cuda=device is not None)
 
     def streams(wrapped, args, kwargs) -> CallRandomStreams:
         latents = kwargs.get("latents") if inline_latents else None
         return CallRandomStreams(_generators(_generator_argument(wrapped, args, kwargs)), group,
-                                 latents if isinstance(latents, torch.Tensor) else None, device)
+                                 latents if isinstance(latents, torch.Tensor) else None, device, room)
 
     return streams
 
@@ -355,9 +406,14 @@ def broadcast_latents(pipe, handle: ParallelHandle, group=None) -> None:
     ids). `group`: the whole world (one whose waits end after timeout_s; default: the default group)."""
 
     def wrapper(wrapped, instance, args, kwargs):
+        checker = handle.states.get("call_checker")
+        if (checker is not None and mesh_lib.deferred_pending() and _drawn_only(args, kwargs)
+                and checker.may_draw_before_settling()):
+            # Drawn from this rank's states before they are agreed: when they differ from rank 0's, this rank runs
+            # the call again from rank 0's (at the settle point); equal, the noise is rank 0's already.
+            return wrapped(*args, **kwargs)
         mesh_lib.settle_deferred()  # the call's random states agreed before its noise is drawn
         result = wrapped(*args, **kwargs)
-        checker = handle.states.get("call_checker")
         if checker is not None and checker.streams_agreed and _drawn_only(args, kwargs):
             return result
         items = list(result) if isinstance(result, tuple) else [result]

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import sys
 import traceback
 import types
@@ -382,23 +383,70 @@ def differing_fields(reference: dict, other: dict) -> list[tuple[str, object, ob
 
 class AgreementBuffers:
     """An agreement's row and gathered rows, for a caller that agrees again and again on one group with rows of one
-    width (the per-call agreement: one exchange per pipeline call; allocating and filling tensors for it cost more
-    than issuing the exchange, measured with the caches cold). Written and read through numpy views of the same
-    memory. Used by one exchange at a time: while one is in flight (its settle never came, e.g. an interrupted
-    call), the next exchange gets buffers of its own."""
+    width (the per-call agreement: one exchange per pipeline call). One `bytearray` under the tensor gloo sends,
+    written and read with `struct` and memoryviews: with the caches cold at a call's start, each numpy or torch
+    operation there cost 5-15 us, a struct or memoryview one 1-5 us (measured on 2 gloo CPU ranks). Used by one
+    exchange at a time: while one is in flight (its settle never came, e.g. an interrupted call), the next exchange
+    gets buffers of its own.
 
-    def __init__(self, world: int, width: int):
-        self.width = width
-        self.row = torch.zeros(width, dtype=torch.int64)
-        self.rows = torch.zeros(world * width, dtype=torch.int64)  # flat: gloo wants it so
-        self.row_values, self.rows_values = self.row.numpy(), self.rows.numpy()
+    `rank` given: the table is gathered by summing (an all-reduce): this rank's row is written into its own slot of
+    `rows`, every other slot zero, so the sum is every rank's row in rank order, exactly (integers; the payload's
+    bytes too, as the int64 words holding them). `payload_bytes`: room after each row's integers for bytes the
+    caller sends beside them (the per-call agreement: the random states themselves), read back with `payloads`."""
+
+    def __init__(self, world: int, width: int, rank: int | None = None, payload_bytes: int = 0):
+        self.world, self.width, self.rank, self.payload_bytes = world, width, rank, payload_bytes
+        self.stride = 8 * width + -(-payload_bytes // 8) * 8  # bytes per row: whole int64 words
+        self.header = struct.Struct(f"={width}q")  # native int64s, as the tensor holds them
+        self.memory = bytearray(world * self.stride)
+        self.rows = torch.frombuffer(self.memory, dtype=torch.int64)  # flat: gloo wants it so
+        if rank is None:  # gathered: this rank's row in a buffer of its own
+            self.row_memory, self.offset = bytearray(self.stride), 0
+            self.row = torch.frombuffer(self.row_memory, dtype=torch.int64)
+        else:
+            self.row_memory, self.offset, self.row = self.memory, rank * self.stride, None
+        self._zeros = bytes(len(self.row_memory))
         self.busy = False
 
-    def take(self, group, width: int) -> "AgreementBuffers":
-        if self.busy or width != self.width:
-            return AgreementBuffers(dist.get_world_size(group), width).take(group, width)
+    def take(self, group, width: int, payload_bytes: int = 0) -> "AgreementBuffers":
+        if self.busy or width != self.width or payload_bytes != self.payload_bytes:
+            rank = None if self.rank is None else dist.get_rank(group)
+            return AgreementBuffers(dist.get_world_size(group), width, rank, payload_bytes).take(
+                group, width, payload_bytes)
         self.busy = True
         return self
+
+    def write(self, values: tuple, parts=()) -> None:
+        """This rank's row: `values` (int64s), then `parts` (uint8 tensors) one after the other, the rest zero (and
+        every other rank's slot, when summed)."""
+        memory, offset = self.row_memory, self.offset
+        memoryview(memory)[:] = self._zeros
+        self.header.pack_into(memory, offset, *values)
+        view, at = memoryview(memory), offset + 8 * self.width
+        for part in parts:
+            n = part.numel()
+            view[at:at + n] = memoryview(part.numpy())
+            at += n
+
+    def rows_identical(self) -> bool:
+        """Whether every rank's row is rank 0's, byte for byte (one memcmp a rank: the common case's whole check)."""
+        memory, stride = self.memory, self.stride
+        view = memoryview(memory)
+        # `startswith` compares a rank's row with the start of the table (rank 0's row) in place, no copies
+        return all(memory.startswith(view[r * stride:(r + 1) * stride]) for r in range(1, self.world))
+
+    def header_of(self, rank: int) -> tuple[int, ...]:
+        return self.header.unpack_from(self.memory, rank * self.stride)
+
+    def header_table(self) -> list[tuple[int, ...]]:
+        """Every rank's integers (the payloads left out), after the exchange."""
+        unpack, memory, stride = self.header.unpack_from, self.memory, self.stride
+        return [unpack(memory, r * stride) for r in range(self.world)]
+
+    def payloads(self) -> list[memoryview]:
+        """Every rank's payload bytes, in rank order (views, valid until the next exchange)."""
+        view, start = memoryview(self.memory), 8 * self.width
+        return [view[r * self.stride + start:r * self.stride + start + self.payload_bytes] for r in range(self.world)]
 
     def release(self) -> None:
         self.busy = False
@@ -410,23 +458,34 @@ class PendingAgreement:
     overlaps the caller's own local work (the per-call agreement: the pipeline's tokenizing and text encoding)."""
 
     def __init__(self, what: str, description: dict, local_error, group, failed: str, timeout_s, values,
-                 fp: str | None = None, issue=None, buffers: AgreementBuffers | None = None):
+                 fp: str | None = None, buffers: AgreementBuffers | None = None, issue_sum=None,
+                 payload=None, payload_bytes: int = 0):
         self.what, self.description, self.local_error = what, description, local_error
         self.failed, self.timeout_s = failed, timeout_s
+        self.identical = False  # settled: every rank's row was the same, byte for byte (payloads equal too)
         self.carries = False
         if not dist.is_initialized():  # one process: nothing to exchange, settle() answers alone
-            self.values, self.work = tuple(values), None
+            self.values, self.work, self.buffers = tuple(values), None, None
+            self.payload = payload
             return
         if group is None and timeout_s is not None and timeout_s in _WORLD_GROUPS:
             group, self.carries = _WORLD_GROUPS[timeout_s], True  # the whole world; its collectives end by themselves
         self.group = group
         self.fp = fp if fp is not None else fingerprint(description)
-        # Round 1, one all-gather of [failed, h, *values], h = 62 bits of the fingerprint. The common case ends here.
+        # Round 1, one all-gather of [failed, h, *values, payload], h = 62 bits of the fingerprint (or the same table
+        # by a sum all-reduce). The common case ends here.
         self.width = 2 + len(values)
-        self.buffers = (buffers or AgreementBuffers(dist.get_world_size(group), self.width)).take(group, self.width)
-        self.buffers.row_values[:] = (int(local_error is not None), int(self.fp, 16) >> 2, *values)
+        # Every rank's row has the same width, whether it sends a payload or not (gloo aborts on unequal sizes).
+        if buffers is None:
+            buffers = AgreementBuffers(dist.get_world_size(group), self.width,
+                                       None if issue_sum is None else dist.get_rank(group), payload_bytes)
+        self.buffers = buffers.take(group, self.width, payload_bytes)
+        self.buffers.write((int(local_error is not None), int(self.fp, 16) >> 2, *values), payload or ())
         self.rows = self.buffers.rows
-        self.work = (issue or _issue_all_gather)(self.rows, self.buffers.row, group)
+        if issue_sum is not None:
+            self.work = issue_sum(self.rows, group)
+        else:
+            self.work = _issue_all_gather(self.rows, self.buffers.row, group)
 
     def settle(self) -> list[tuple[int, ...]]:
         if self.work is None:
@@ -435,13 +494,26 @@ class PendingAgreement:
             return [self.values]
         _wait(self.work, self.what, self.timeout_s, self.carries)
         # Every rank sees the same table, so every rank takes the same branch.
-        table = self.buffers.rows_values.reshape(-1, self.width).tolist()
+        if self.buffers.rows_identical():  # the common case: every rank sent the same row, payload and all
+            header = self.buffers.header_of(0)
+            self.buffers.release()
+            if not header[0]:
+                self.identical = True
+                return [header[2:]] * self.buffers.world
+        table = self.buffers.header_table()
         self.buffers.release()
         if not any(r[0] for r in table) and len({r[1] for r in table}) == 1:
             return [tuple(r[2:]) for r in table]
         _explain(self.what, self.description, self.fp, self.local_error, self.group, self.failed, self.timeout_s,
                  self.carries)
         return [tuple(r[2:]) for r in table]  # not reached: _explain raises on every rank
+
+    def payloads(self):
+        """After `settle()`: every rank's payload bytes, in rank order (memoryviews, valid until the next exchange
+        on the same buffers)."""
+        if self.buffers is None:
+            return [memoryview(b"".join(p.numpy().tobytes() for p in self.payload or ()))]
+        return self.buffers.payloads()
 
 
 def agree(what: str, description: dict, local_error: BaseException | None = None, group=None, *,
@@ -450,14 +522,14 @@ def agree(what: str, description: dict, local_error: BaseException | None = None
     """One collective exchange that every rank enters, even a rank whose local checks failed.
 
     Every rank sends whether it failed, a fingerprint of its description and `values` (a few more integers the
-    caller needs from every rank in the same round trip: the per-call random-state digest) in one all-gather of a
-    few integers; only when a rank failed or the fingerprints differ do they exchange the descriptions and errors
+    caller needs from every rank in the same round trip) in one all-gather of a few integers; only when a rank failed or the fingerprints differ do they exchange the descriptions and errors
     themselves, as JSON, to say what. Then every rank raises the same error, so a mistake found on one rank never
     leaves the others waiting in a later collective. A mismatch names only the fields that differ, with each
     rank's value. Returns every rank's `values`, in rank order (the same table on every rank).
 
-    An all-gather rather than an all-reduce of [failed, h, -h]: measured on 2 gloo CPU ranks, all_gather of 4
-    int64 260-300 us against all_reduce (MAX) of 3 int64 340-390 us (benchmarks/bench_call_agreement.py).
+    An all-gather rather than an all-reduce (MAX) of [failed, h, -h]: measured on 2 gloo CPU ranks through the
+    torch.distributed functions, all_gather of 4 int64 260-300 us against all_reduce of 3 int64 340-390 us. (The
+    per-call agreement sums a table instead, issued on the group's own method: `agree_start`'s `issue_sum`.)
     """
     return agree_start(what, description, local_error, group, failed=failed, timeout_s=timeout_s,
                        values=values).settle()
@@ -465,15 +537,18 @@ def agree(what: str, description: dict, local_error: BaseException | None = None
 
 def agree_start(what: str, description: dict, local_error: BaseException | None = None, group=None, *,
                 failed: str = "failed its checks", timeout_s: float | None = None,
-                values: tuple[int, ...] = (), fp: str | None = None, issue=None,
-                buffers: AgreementBuffers | None = None) -> PendingAgreement:
+                values: tuple[int, ...] = (), fp: str | None = None,
+                buffers: AgreementBuffers | None = None, issue_sum=None, payload=None,
+                payload_bytes: int = 0) -> PendingAgreement:
     """`agree`'s round 1, issued and not waited for: every rank must `settle()` it (before any other collective
     whose sizes depend on what is being agreed). `fp`: the description's fingerprint, when the caller has a faster
-    one (hex; every rank must compute it alike). `issue(output, input, group)` -> work: how the all-gather is issued
-    (default `dist.all_gather_into_tensor`; the per-call agreement passes compat's leaner one). `buffers`: the
-    caller's reused `AgreementBuffers` (default: new ones)."""
-    return PendingAgreement(what, description, local_error, group, failed, timeout_s, tuple(values), fp, issue,
-                            buffers)
+    one (hex; every rank must compute it alike). The table is all-gathered (`dist.all_gather_into_tensor`), or with
+    `issue_sum(rows, group)` -> work, gathered by a sum all-reduce, each rank's row in its own slot (the per-call
+    agreement passes compat's: issuing it costs the caller less than the all-gather, measured on gloo). `buffers`: the caller's reused `AgreementBuffers`
+    (default: new ones). `payload`: uint8 tensors sent after the integers, `payload_bytes` at most in all (every
+    rank passes the same `payload_bytes`, payload or not), read after settling with `payloads()`."""
+    return PendingAgreement(what, description, local_error, group, failed, timeout_s, tuple(values), fp,
+                            buffers, issue_sum, payload, payload_bytes)
 
 
 def _issue_all_gather(output, input_tensor, group):
@@ -486,17 +561,18 @@ def _issue_all_gather(output, input_tensor, group):
 _DEFERRED: list = []
 
 
-def defer_settle(settle) -> None:
-    """Make `settle` (no arguments) the agreement in flight; one left over from an earlier call is settled first."""
+def defer_settle(settle, ready=None) -> None:
+    """Make `settle` (no arguments) the agreement in flight; one left over from an earlier call is settled first.
+    `ready()`: whether settling it would not wait (`deferred_ready`)."""
     settle_deferred()
-    _DEFERRED.append(settle)
+    _DEFERRED.append((settle, ready))
 
 
 def settle_deferred() -> None:
     """Finish the agreement in flight, if any: raises its mismatch (the same on every rank) or timeout here.
     Called before every collective diffpar issues inside a call and where a call first needs the ranks agreed."""
     if _DEFERRED:
-        _DEFERRED.pop()()
+        _DEFERRED.pop()[0]()
 
 
 def discard_deferred() -> None:
@@ -507,6 +583,14 @@ def discard_deferred() -> None:
 
 def deferred_pending() -> bool:
     return bool(_DEFERRED)
+
+
+def deferred_ready() -> bool:
+    """Whether the agreement in flight (if any) has arrived: settling it now would not wait."""
+    if not _DEFERRED:
+        return True
+    ready = _DEFERRED[-1][1]
+    return ready is None or ready()
 
 
 def _explain(what: str, description: dict, fp: str, local_error, group, failed: str, timeout_s, carries) -> None:

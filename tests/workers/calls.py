@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 import diffpar
 from diffpar.testing import tiny_pipelines, tiny_transformers
-from diffpar.testing.probes import SplitProbe, group_all_gathers_counted
+from diffpar.testing.probes import SplitProbe, collective_shapes_recorded, group_exchanges_counted
 
 CALL = dict(prompt="a red fox in snow", height=32, width=32, num_inference_steps=2, max_sequence_length=16,
             guidance_scale=3.5, output_type="pt")
@@ -179,10 +179,10 @@ def exchanges_before_the_call(check_every_call: bool, seed_per_rank: bool) -> di
                 inside.pop()
         return call
 
-    def group_all_gather():  # the call agreement's exchange, issued on the group itself (compat.collectives)
+    def group_exchange():  # the call agreement's exchange, issued on the group itself (compat.collectives)
         if not inside:
-            counts["all_gather_into_tensor"] = counts.get("all_gather_into_tensor", 0) + 1
-            order.append("all_gather_into_tensor")
+            counts["exchange"] = counts.get("exchange", 0) + 1
+            order.append("exchange")
 
     check_inputs = pipe.check_inputs
 
@@ -197,7 +197,7 @@ def exchanges_before_the_call(check_every_call: bool, seed_per_rank: bool) -> di
             setattr(dist, name, counting(name))
         pipe.check_inputs = marked_check_inputs
         try:
-            with torch.no_grad(), group_all_gathers_counted(group_all_gather), SplitProbe(pipe.transformer) as probe:
+            with torch.no_grad(), group_exchanges_counted(group_exchange), SplitProbe(pipe.transformer) as probe:
                 out = pipe(**CALL, generator=torch.Generator().manual_seed(rank if seed_per_rank else 0)).images
         finally:
             for name, fn in originals.items():
@@ -213,8 +213,8 @@ def exchanges_before_the_call(check_every_call: bool, seed_per_rank: bool) -> di
 
 def draw_before_the_first_parallel_step() -> dict:
     """The pipeline draws from torch's global random state in its first line (`check_inputs`), before the call's
-    agreement is settled (at prepare_latents), while each rank's global state is its own: every rank runs the call
-    again from rank 0's states; the pipeline's later calls agree at their start."""
+    agreement is settled (at prepare_latents), while each rank's global state is its own: rank 1 runs the call again
+    from rank 0's states (rank 0's draws were rank 0's); its later calls agree at their start."""
     reference_pipe = _pipe()
     with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
         reference = reference_pipe(**CALL, generator=torch.Generator().manual_seed(0)).images
@@ -240,7 +240,8 @@ def draw_before_the_first_parallel_step() -> dict:
             first = _timed_error(call)
         with torch.no_grad():
             second = _timed_error(call)
-        draws = torch.tensor(drawn, dtype=torch.float64)
+        # Rank 0 drew twice (it never runs a call again), rank 1 three times: padded to one size for the gather.
+        draws = torch.tensor(drawn + [float("nan")] * (3 - len(drawn)), dtype=torch.float64)
         gathered = [torch.empty_like(draws) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, draws)
         checker = handle.state("call_checker")
@@ -316,22 +317,72 @@ def latents_of_each_rank_become_rank_0s() -> dict:
                                    generator=torch.Generator().manual_seed(0)).images
     pipe = _pipe()
     handle = _enable(pipe)
-    broadcasts = []
-    original = dist.broadcast
-
-    def counted(tensor, *args, **kwargs):
-        broadcasts.append(tuple(tensor.shape))
-        return original(tensor, *args, **kwargs)
-
     try:
-        dist.broadcast = counted
-        try:
-            with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
-                out = pipe(**CALL, latents=own, generator=torch.Generator().manual_seed(0)).images
-        finally:
-            dist.broadcast = original
+        with torch.no_grad(), collective_shapes_recorded("broadcast") as broadcasts, SplitProbe(pipe.transformer) as probe:
+            out = pipe(**CALL, latents=own, generator=torch.Generator().manual_seed(0)).images
         return {"rank": rank, "diff": (out - reference).abs().max().item(), "broadcasts": broadcasts,
                 "split": probe.summary(), "split_reference": reference_probe.summary(), "own_differs": own_differs,
                 "own_untouched": torch.equal(own, own_before)}
+    finally:
+        handle.detach()
+
+
+def generators_of_each_rank(generators: int) -> dict:
+    """Each rank passes `generators` generators (`num_images_per_prompt`), seeded its own way, and its own global
+    random state: every rank makes rank 0's images. One generator's states travel inside the call's exchange (no
+    broadcast); more do not fit its room, so their digest travels and rank 0's states are broadcast once.
+    Counted: the call's broadcasts (dist-level) and its exchanges."""
+    rank = dist.get_rank()
+    call = dict(CALL, num_images_per_prompt=generators)
+    reference_pipe = _pipe()
+    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
+        reference = reference_pipe(**call, generator=[torch.Generator().manual_seed(i)
+                                                      for i in range(generators)]).images
+    pipe = _pipe()
+    world = dist.get_world_size()
+    handle = _enable(pipe, ulysses_size=world)  # 4 heads; Ulysses x Ring needs diffusers 0.37+
+    torch.manual_seed(100 + rank)
+    exchanges = []
+    try:
+        with torch.no_grad(), collective_shapes_recorded("broadcast") as broadcasts, \
+                group_exchanges_counted(lambda: exchanges.append(1)), SplitProbe(pipe.transformer) as probe:
+            out = pipe(**call, generator=[torch.Generator().manual_seed(10 * rank + i)
+                                          for i in range(generators)]).images
+        state = torch.get_rng_state().to(torch.float64)
+        gathered = [torch.empty_like(state) for _ in range(world)]
+        dist.all_gather(gathered, state)
+        return {"rank": rank, "diff": (out - reference).abs().max().item(), "broadcasts": broadcasts,
+                "exchanges": len(exchanges), "split": probe.summary(), "split_reference": reference_probe.summary(),
+                "global_states_equal": all(torch.equal(g, gathered[0]) for g in gathered)}
+    finally:
+        handle.detach()
+
+
+def noise_drawn_before_the_exchange_arrives(seed_per_rank: bool) -> dict:
+    """A call given prompt embeddings reaches prepare_latents quickly; rank 0 starts late, so rank 1's exchange is
+    still in flight there: rank 1 draws its noise before settling (speculates), and settles at the transformer.
+    Same seeds: its noise is rank 0's, nothing more happens. A seed per rank: rank 1 runs the call again from rank
+    0's states, on its own, and settles at prepare_latents from then on. Every image is the one-process image."""
+    reference_pipe = _pipe()
+    with torch.no_grad():
+        prompt_embeds, pooled, _ = reference_pipe.encode_prompt(CALL["prompt"], None, max_sequence_length=16)
+    call = dict(CALL, prompt=None, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled)
+    with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
+        reference = reference_pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    pipe = _pipe()
+    handle = _enable(pipe)
+    checker = handle.state("call_checker")
+    rank = dist.get_rank()
+    torch.manual_seed(100)  # the global states equal: only the generators may differ
+    try:
+        dist.barrier()
+        if rank == 0:
+            time.sleep(0.5)
+        with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
+            out = pipe(**call, generator=torch.Generator().manual_seed(rank if seed_per_rank else 0)).images
+        return {"rank": rank, "diff": (out - reference).abs().max().item(), "split": probe.summary(),
+                "split_reference": reference_probe.summary(), "speculated": checker.speculated_calls,
+                "restarts": checker.restarts, "settles_at_prepare": checker.settles_at_prepare,
+                "draws_early": checker.draws_early}
     finally:
         handle.detach()

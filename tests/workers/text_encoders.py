@@ -1,7 +1,6 @@
 """Rank-side checks for text-encoder tensor parallelism (run on every gloo rank by the `ranks` fixture)."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import logging
@@ -16,6 +15,7 @@ from diffpar.config import ParallelismConfig
 from diffpar.handle import ParallelHandle
 from diffpar.engines.tensor_parallel_linear import ShardedModuleDetachedError
 from diffpar.testing import tiny_text_encoders
+from diffpar.testing.probes import collective_shapes_recorded
 
 
 class _Options:
@@ -47,21 +47,9 @@ def _quiet_detach(handle):
         logger.setLevel(level)
 
 
-@contextlib.contextmanager
 def _counted_all_reduces():
     """Yields a list that gets the shape of every `dist.all_reduce` called inside the block."""
-    calls = []
-    original = dist.all_reduce
-
-    def counting(tensor, *args, **kwargs):
-        calls.append(tuple(tensor.shape))
-        return original(tensor, *args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
-        yield calls
-    finally:
-        dist.all_reduce = original
+    return collective_shapes_recorded("all_reduce")
 
 
 def _max_diffs(got: dict, ref: dict) -> dict:

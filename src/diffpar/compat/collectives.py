@@ -1,31 +1,26 @@
-"""The per-call agreement's all-gather, issued straight on the process group.
+"""The per-call agreement's exchange, issued straight on the process group.
 
-`dist.all_gather_into_tensor` checks its arguments in Python, resolves the group, and since torch 2.13 also warns
-that it is deprecated (a `warnings.warn` on every call); all of that runs on every pipeline call's critical path.
-The group's own method (`ProcessGroup._allgather_base`, on every torch release diffpar supports;
-`all_gather_single` where only that one exists) issues the same collective on the same backend, chosen by the
-tensors' device as the Python function would. Measured on 2 gloo CPU ranks with the caches cold from a
-transformer forward (the call's situation): 250 us to issue through the Python function, 191 us through the
-method, 148 us with the row written into a reused buffer (tests: the probes count this method as
-`all_gather_into_tensor`)."""
+The table every rank needs (each rank's row of a few integers and its random states) is gathered by a sum
+all-reduce: each rank writes its row into its own slot of a zeroed table, so the sum is every row in rank order,
+exactly. Issued on the group's own method (`ProcessGroup.allreduce`, on every torch release diffpar supports), not
+through `dist.all_reduce` (Python argument checks and group lookups on every pipeline call's critical path).
+Measured on 2 gloo CPU ranks with the caches cold (benchmarks/profile_call_agreement.py and docs/benchmarks.md):
+issuing an all-gather through `dist.all_gather_into_tensor` cost 250 us, through the group's `_allgather_base`
+148-191 us, and the group's `allreduce` of the same table 30-40 us less than `_allgather_base` (gloo's all-gather
+splits its output into a tensor per rank on the calling thread; the all-reduce does not)."""
 from __future__ import annotations
 
 import torch.distributed as dist
 
-_METHOD = next((name for name in ("_allgather_base", "all_gather_single")
-                if hasattr(dist.ProcessGroup, name)), None)
+# Which ProcessGroup method issues the exchange (test probes count it); None: only the Python function exists.
+EXCHANGE_METHOD = "allreduce" if hasattr(dist.ProcessGroup, "allreduce") else None
 
 
-def issue_all_gather_into(output, input_tensor, group):
-    """Issue an all-gather of `input_tensor` into `output` (world x its elements, flat) on `group` (None: the
-    default group), not waited for; returns the work handle. `group` must hold this rank (the agreement's does)."""
+def issue_all_reduce_sum(tensor, group):
+    """Issue a sum all-reduce of `tensor` in place on `group` (None: the default group), not waited for; returns
+    the work handle. `group` must hold this rank (the agreement's does)."""
     if group is None:
         group = dist.group.WORLD
-    if _METHOD is None:
-        return dist.all_gather_into_tensor(output, input_tensor, group=group, async_op=True)
-    return getattr(group, _METHOD)(output, input_tensor)
-
-
-def all_gather_method_name() -> str | None:
-    """The ProcessGroup method `issue_all_gather_into` calls (test probes count it)."""
-    return _METHOD
+    if EXCHANGE_METHOD is None:
+        return dist.all_reduce(tensor, group=group, async_op=True)
+    return group.allreduce([tensor])

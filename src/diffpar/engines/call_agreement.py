@@ -2,19 +2,20 @@
 
 Ranks that call a parallel pipeline differently (another size, step count, prompt, guidance scale, number of
 images) either hang in a collective, abort inside gloo, or silently blend their inputs into one image. So each
-call starts with one small exchange (`mesh.agree`: one all-gather of a few integers per rank: a fingerprint of a
-plain description of its arguments, and a digest of its random streams; the descriptions themselves are exchanged
-only when they differ, the random states only when the digests differ); a mismatch is a `RankMismatchError` on
-every rank naming the argument and each rank's value.
+call starts with one small exchange (`mesh.agree_start`: one sum all-reduce of a table holding each rank's row: a
+fingerprint of a plain description of its arguments, and its random states themselves, or their digest when more
+than one generator's; the descriptions are exchanged only when fingerprints differ); a mismatch is a
+`RankMismatchError` on every rank naming the argument and each rank's value.
 
 What is compared, per argument (`describe_value`):
 - tensors: shape, dtype and a checksum of every element (float64 sum, sum of squares, position-weighted sum, read
   in one transfer per call); arguments whose values diffpar makes
   equal itself (`latents`: the initial noise is broadcast from rank 0) by shape and dtype only;
-- strings: the text (shortened) and its hash; lists and tuples element by element; dicts by key;
+- strings: the text (a long one: its first 60 characters and a hash of all of it); lists and tuples element by
+  element; dicts by key;
 - numbers, booleans, None: the value; PIL images and numpy arrays: size and a hash of their bytes;
-- generators: by device only (each rank may seed its own: at the start of every call each generator, and torch's
-  global random state, get rank 0's state when their digests differ, so every draw in the call agrees);
+- generators: by device only (each rank may seed its own: every generator of the call, and torch's global random
+  state, get rank 0's state when they differ, so every draw in the call agrees);
 - anything else callable: that it is there.
 `verify_weights=True` adds a checksum of every watched module's weights to each call's description, for users who
 change weights after enabling (a LoRA loaded or scaled on one rank only).
@@ -33,8 +34,8 @@ import torch
 import torch.distributed as dist
 
 from diffpar import mesh as mesh_lib
-from diffpar.compat.collectives import issue_all_gather_into
-from diffpar.compat.torch_compile import is_compiled
+from diffpar.compat.collectives import issue_all_reduce_sum
+from diffpar.compat.torch_compile import any_compiled
 from diffpar.errors import DiffparError
 from diffpar.patch import Patch
 
@@ -96,11 +97,12 @@ def _plain_parts(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _text(value: str):
-    # blake2b, as the call's fingerprint and random-state digest: one hashing routine to bring into the cold caches
-    # of a call's start.
+    """A string as its description holds it: whole when short; else its start and a hash of all of it (blake2b, as
+    the call's fingerprint: one hashing routine to bring into the cold caches of a call's start)."""
+    if len(value) <= _TEXT_SHOWN:
+        return repr(value)
     digest = hashlib.blake2b(value.encode(), digest_size=6).hexdigest()
-    shown = value if len(value) <= _TEXT_SHOWN else value[:_TEXT_SHOWN] + "..."
-    return f"{shown!r} (hash {digest})"
+    return f"{value[:_TEXT_SHOWN] + '...'!r} (hash {digest})"
 
 
 def describe_value(value, name: str = "", checksums: list | None = None):
@@ -266,9 +268,10 @@ class CallChecker:
     """The per-call agreement of one enabled pipeline or model: what to call it in errors, the group, which
     modules' weights to checksum on every call (`verify_weights`), and the call's random streams.
 
-    One exchange per call in the common case: the arguments' fingerprint and the random streams' digest travel in
-    the same all-gather (`mesh.agree`'s `values`); the streams themselves are broadcast only when the digests
-    differ (each rank seeded its own generator), and the arguments' descriptions only when fingerprints differ."""
+    One exchange per call: the arguments' fingerprint and the random states travel in the same sum all-reduce
+    (`mesh.agree_start`'s `values` and `payload`), so each rank seeding its own generator needs no more; the
+    arguments' descriptions are exchanged only when fingerprints differ (to say what differs), and rank 0's states
+    broadcast only for calls with more generators than the exchange has room for."""
 
     def __init__(self, label: str, group=None, weight_modules: dict | None = None, timeout_s: float | None = None,
                  check_arguments: bool = True):
@@ -279,10 +282,11 @@ class CallChecker:
         self.agree_in_call = True  # pipelines agree in the `__call__` wrapper; bare models in a forward pre-hook
         self.check_arguments = check_arguments  # False: check_every_call=False, only the random streams are agreed
         # `random_streams(wrapped, args, kwargs)` -> this call's random streams on this rank, an object with
-        # `values` (the integers the exchange carries), `after_agreement(table)` (every rank's values: raises on
-        # every rank alike when they cannot be reconciled) and `synchronize()` (run just before the call: the
-        # broadcast, only when the values differed); None: nothing random to agree (bare models,
-        # broadcast_latents=False).
+        # `values` (the integers the exchange carries), `payload` (uint8 tensors it carries too, or None) and
+        # `payload_bytes` (their room, the same on every call and rank), `after_agreement(table, payloads)` (every
+        # rank's values and payloads: raises on every rank alike when they cannot be reconciled) and
+        # `synchronize()` (run just before the call: rank 0's states where they differed); None: nothing random to
+        # agree (bare models, broadcast_latents=False).
         self.random_streams = None
         self.calls = 0  # how many calls had their arguments agreed (tests and the benchmark count them)
         # Overlap the exchange with the call's local work before it first needs the ranks agreed (its tokenizing and
@@ -291,6 +295,15 @@ class CallChecker:
         self.overlap = True
         self.pipeline_can_defer = False  # set for pipelines whose random draws start in prepare_latents
         self.draws_early = False  # learned: this pipeline drew random numbers before its first settle point
+        # prepare_latents may draw the call's noise before the exchange is settled when the exchange is still in
+        # flight there (its round trip then overlaps the work up to the first parallel module too: a call given
+        # prompt embeddings has little else to overlap it with), when the random states travel in the exchange: a
+        # rank whose states turn out to differ from rank 0's runs the call again (`_RestartCall`), on its own (no
+        # collective ran in between), and learns to settle at prepare_latents (`settles_at_prepare`).
+        self.settles_at_prepare = False
+        self.speculated_calls = 0  # calls whose noise was drawn before their exchange was settled
+        self._speculating = False  # the call in progress drew its noise before its exchange was settled
+        self._inline_streams = False  # the call in progress carries its random states in its exchange
         self.restarts = 0  # calls run again from rank 0's random states (`_RestartCall`)
         self.deferred_calls = 0
         self._pipeline_modules: dict[int, tuple[str, ...]] = {}
@@ -299,6 +312,7 @@ class CallChecker:
         # end: what the call then draws is the same on every rank (the latent broadcast reads it).
         self.streams_agreed = False
         self._buffers = None  # the exchange's reused row buffers (`mesh.AgreementBuffers`), from the first call on
+        self._pending = None  # the last exchange issued (`mesh.PendingAgreement`)
 
     def agree(self, description: dict | None, streams=None) -> None:
         """The call's one exchange, waited for now: the arguments' `description` (None: not checked) and
@@ -318,16 +332,32 @@ class CallChecker:
         if modules is None:  # the names of the pipeline's modules, found once (a compiled one may replace one later)
             modules = self._pipeline_modules[id(pipe)] = tuple(
                 name for name, value in vars(pipe).items() if isinstance(value, torch.nn.Module))
-        attributes = vars(pipe)
-        if any(is_compiled(attributes.get(name)) for name in modules):
+        if any_compiled(vars(pipe), modules):
             return False
         self.deferred_calls += 1
+        return True
+
+    def exchange_completed(self) -> bool:
+        """Whether the call's exchange in flight has arrived (settling it would not wait)."""
+        work = getattr(self._pending, "work", None)
+        return work is None or work.is_completed()
+
+    def may_draw_before_settling(self) -> bool:
+        """At prepare_latents with the call's exchange in flight: whether to draw the noise now and settle later
+        (the exchange not completed yet, the states in the exchange, not learned otherwise). Rank-local: a rank
+        that speculates wrongly restarts alone."""
+        if self.settles_at_prepare or not self._inline_streams or mesh_lib.deferred_ready():
+            return False
+        self._speculating = True
+        self.speculated_calls += 1
         return True
 
     def begin(self, description: dict | None, streams=None):
         """Issue the call's one exchange and return what finishes it (waits, raises a mismatch on every rank, makes
         the random streams rank 0's), for the caller to run when the call first needs the ranks agreed; None when
         there is nothing to agree."""
+        self._speculating = False
+        self._inline_streams = streams is not None and streams.payload is not None
         if description is None and streams is None:
             return None
         what = {}
@@ -337,24 +367,31 @@ class CallChecker:
                 what["weights"] = {n: weights_checksum(m) for n, m in self.weight_modules.items()}
         pending = mesh_lib.agree_start(f"diffpar: a call of {self.label}", what, None, self.group,
                                        timeout_s=self.timeout_s,
-                                       values=tuple(streams.values) if streams is not None else (),
-                                       fp=call_fingerprint(what), issue=issue_all_gather_into, buffers=self._buffers)
+                                       values=streams.values if streams is not None else (),
+                                       fp=call_fingerprint(what), issue_sum=issue_all_reduce_sum, buffers=self._buffers,
+                                       payload=streams.payload if streams is not None else None,
+                                       payload_bytes=streams.payload_bytes if streams is not None else 0)
         # Reused by the next call's exchange: those of the first exchange, or new ones when the checker's were still
         # held by an exchange never settled (an interrupted call).
         self._buffers = getattr(pending, "buffers", self._buffers)
+        self._pending = pending
 
         def finish() -> None:
             started = time.perf_counter()
             table = pending.settle()
+            self._pending = None
             if description is not None:
                 self.calls += 1
             if streams is not None:
-                streams.after_agreement(table)
-                if streams.differ and streams.drawn_since_start():
-                    self.draws_early = True  # later calls of this pipeline agree at their start
+                streams.after_agreement(table, None if pending.identical else pending.payloads())
+                if streams.must_restart():
+                    if self._speculating:
+                        self.settles_at_prepare = True  # later calls settle before drawing their noise
+                    else:
+                        self.draws_early = True  # later calls of this pipeline agree at their start
                     self.restarts += 1
                     raise _RestartCall()
-                streams.synchronize()  # rank 0's random states where they differ (a broadcast, only then)
+                streams.synchronize()  # rank 0's random states where they differ (from the exchange)
                 self.streams_agreed = True
             self.last_seconds += time.perf_counter() - started
 
@@ -444,6 +481,7 @@ def _agreed_call(checker: "CallChecker", wrapped, instance, args, kwargs):
         return _run_agreed(checker, wrapped, instance, args, kwargs)
     finally:
         checker.streams_agreed = enclosing
+        checker._pending = None  # its work holds the group: kept past the call, its threads outlive the exit
 
 
 def _run_agreed(checker: "CallChecker", wrapped, instance, args, kwargs):
@@ -453,7 +491,8 @@ def _run_agreed(checker: "CallChecker", wrapped, instance, args, kwargs):
     finish = checker.begin(describe_call(wrapped, args, kwargs) if checker.check_arguments else None, streams)
     deferred = finish is not None and checker.defers(instance, streams)
     if deferred:
-        mesh_lib.defer_settle(finish)  # settled where the call first needs it (`mesh.settle_deferred`)
+        # settled where the call first needs it (`mesh.settle_deferred`)
+        mesh_lib.defer_settle(finish, checker.exchange_completed)
     checker.last_seconds = time.perf_counter() - started  # `finish` adds its own time
     if finish is None:
         return wrapped(*args, **kwargs)

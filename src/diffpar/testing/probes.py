@@ -32,7 +32,7 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
-from diffpar.compat.collectives import all_gather_method_name
+from diffpar.compat.collectives import EXCHANGE_METHOD
 
 # c10d entry points: looked up as `dist.<name>` by diffpar and diffusers, and as module globals inside
 # torch.distributed.distributed_c10d itself (e.g. all_gather_object -> all_gather). Both bindings are wrapped.
@@ -167,11 +167,29 @@ def _sequence_length(x) -> int:
 
 
 @contextlib.contextmanager
-def group_all_gathers_counted(on_call):
-    """While entered, `on_call()` runs at every all-gather issued on a process group's own method: how the call
-    agreement issues its exchange (`diffpar.compat.collectives`), below the torch.distributed functions the counters
-    here wrap. A dist-level all-gather calls such a method too; callers that also count those must skip it."""
-    method = all_gather_method_name()
+def collective_shapes_recorded(name: str):
+    """While entered, every call of `torch.distributed.<name>` (e.g. "broadcast", "all_reduce") is recorded: yields
+    the list of the shapes of the tensors it was given, in order."""
+    shapes, original = [], getattr(dist, name)
+
+    def recorded(tensor, *args, **kwargs):
+        shapes.append(tuple(tensor.shape))
+        return original(tensor, *args, **kwargs)
+
+    setattr(dist, name, recorded)
+    try:
+        yield shapes
+    finally:
+        setattr(dist, name, original)
+
+
+@contextlib.contextmanager
+def group_exchanges_counted(on_call):
+    """While entered, `on_call()` runs at every collective issued on a process group's own method of the kind the
+    call agreement issues its exchange with (`diffpar.compat.collectives`), below the torch.distributed functions
+    the counters here wrap. A dist-level collective of that kind calls the method too; callers that also count
+    those must skip it."""
+    method = EXCHANGE_METHOD
     if method is None:
         yield
         return
