@@ -508,6 +508,10 @@ class PendingAgreement:
                  self.carries)
         return [tuple(r[2:]) for r in table]  # not reached: _explain raises on every rank
 
+    def arrived(self) -> bool:
+        """Whether every rank's row is in (settling would not wait)."""
+        return self.work is None or self.work.is_completed()
+
     def payloads(self):
         """After `settle()`: every rank's payload bytes, in rank order (memoryviews, valid until the next exchange
         on the same buffers)."""

@@ -312,7 +312,6 @@ class CallChecker:
         # end: what the call then draws is the same on every rank (the latent broadcast reads it).
         self.streams_agreed = False
         self._buffers = None  # the exchange's reused row buffers (`mesh.AgreementBuffers`), from the first call on
-        self._pending = None  # the last exchange issued (`mesh.PendingAgreement`)
 
     def agree(self, description: dict | None, streams=None) -> None:
         """The call's one exchange, waited for now: the arguments' `description` (None: not checked) and
@@ -336,11 +335,6 @@ class CallChecker:
             return False
         self.deferred_calls += 1
         return True
-
-    def exchange_completed(self) -> bool:
-        """Whether the call's exchange in flight has arrived (settling it would not wait)."""
-        work = getattr(self._pending, "work", None)
-        return work is None or work.is_completed()
 
     def may_draw_before_settling(self) -> bool:
         """At prepare_latents with the call's exchange in flight: whether to draw the noise now and settle later
@@ -374,12 +368,10 @@ class CallChecker:
         # Reused by the next call's exchange: those of the first exchange, or new ones when the checker's were still
         # held by an exchange never settled (an interrupted call).
         self._buffers = getattr(pending, "buffers", self._buffers)
-        self._pending = pending
 
         def finish() -> None:
             started = time.perf_counter()
             table = pending.settle()
-            self._pending = None
             if description is not None:
                 self.calls += 1
             if streams is not None:
@@ -395,6 +387,7 @@ class CallChecker:
                 self.streams_agreed = True
             self.last_seconds += time.perf_counter() - started
 
+        finish.arrived = pending.arrived  # whether settling would not wait (`mesh.deferred_ready`)
         return finish
 
 
@@ -481,7 +474,6 @@ def _agreed_call(checker: "CallChecker", wrapped, instance, args, kwargs):
         return _run_agreed(checker, wrapped, instance, args, kwargs)
     finally:
         checker.streams_agreed = enclosing
-        checker._pending = None  # its work holds the group: kept past the call, its threads outlive the exit
 
 
 def _run_agreed(checker: "CallChecker", wrapped, instance, args, kwargs):
@@ -492,7 +484,7 @@ def _run_agreed(checker: "CallChecker", wrapped, instance, args, kwargs):
     deferred = finish is not None and checker.defers(instance, streams)
     if deferred:
         # settled where the call first needs it (`mesh.settle_deferred`)
-        mesh_lib.defer_settle(finish, checker.exchange_completed)
+        mesh_lib.defer_settle(finish, finish.arrived)
     checker.last_seconds = time.perf_counter() - started  # `finish` adds its own time
     if finish is None:
         return wrapped(*args, **kwargs)
