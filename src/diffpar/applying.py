@@ -288,8 +288,9 @@ class CallRandomStreams:
         # (total bytes, whether they travel in the exchange, their digest when they do not)
         self.values = (size, 1, 0) if self.payload is not None else (size, 0, streams_digest(self.states))
         self.latents = latents  # passed to a pipeline without prepare_latents: broadcast with the call
-        self.differ = True  # some rank's states differ from rank 0's (every rank finds the same)
-        self.differ_here = True  # this rank's differ from rank 0's (states in the exchange only)
+        # States in the exchange: whether this rank's differ from rank 0's. Digests: whether any rank's differ (every
+        # rank finds the same, as the broadcast that follows needs).
+        self.differ = True
         self._rank0_states = None  # rank 0's states, taken from the exchange (payload) when this rank's differ
 
     def _setters(self) -> list:
@@ -298,9 +299,9 @@ class CallRandomStreams:
     def after_agreement(self, table: list[tuple[int, ...]], payloads=None) -> None:
         """Every rank's values, the same table on every rank (and every rank's payload bytes, when the states
         travelled in the exchange; None: every rank's row was the same, byte for byte, states and all): every rank
-        raises, or none does, and every rank finds the same `differ`."""
+        raises, or none does (`differ`: see `__init__`)."""
         if payloads is None and self.payload is not None:
-            self.differ = self.differ_here = False
+            self.differ = False
             return
         if len({row[0] for row in table}) > 1 or len({row[1] for row in table}) > 1:
             raise DiffparError(
@@ -309,13 +310,14 @@ class CallRandomStreams:
                 "the same generators (each may seed its own; diffpar gives them rank 0's state)."
             )
         if self.payload is None:
-            self.differ = self.differ_here = len({row[2] for row in table}) > 1
+            self.differ = len({row[2] for row in table}) > 1
             return
+        # States in the exchange: only this rank's own comparison with rank 0's decides anything (what it sets, and
+        # whether it restarts, alone), so the other ranks' rows are not compared.
         size = table[0][0]
         first = bytes(payloads[0][:size])  # compared as bytes: one memcmp (numpy's `==` cost 4x, caches cold)
-        self.differ = any(bytes(p[:size]) != first for p in payloads[1:])
-        self.differ_here = bytes(payloads[dist.get_rank(self.group)][:size]) != first
-        if self.differ_here:  # rank 0's states, split as this rank's are (the same sizes on every rank)
+        self.differ = bytes(payloads[dist.get_rank(self.group)][:size]) != first
+        if self.differ:  # rank 0's states, split as this rank's are (the same sizes on every rank)
             flat, offset, self._rank0_states = torch.frombuffer(bytearray(first), dtype=torch.uint8), 0, []
             for state in self.states:  # each a tensor of its own: set_state reads its storage from the start
                 self._rank0_states.append(flat[offset:offset + len(state)].clone())
@@ -323,7 +325,7 @@ class CallRandomStreams:
 
     def synchronize(self) -> None:
         if self.payload is not None:
-            if self.differ_here:  # rank 0's states, from the exchange: no collective
+            if self.differ:  # rank 0's states, from the exchange: no collective
                 for state, set_state in zip(self._rank0_states, self._setters()):
                     set_state(state)
         elif self.differ:
@@ -339,7 +341,7 @@ class CallRandomStreams:
         that were not rank 0's. States in the exchange: this rank's own decision (its restart needs no collective;
         rank 0 never restarts). Else every rank decides alike (the restart broadcasts): some rank differed, and the
         same code on agreed arguments drew on every rank or on none."""
-        if not (self.differ_here if self.payload is not None else self.differ):
+        if not self.differ:
             return False
         return self.drawn_since_start()
 
@@ -361,7 +363,7 @@ class CallRandomStreams:
             for state, set_state in zip(self.states, setters):
                 set_state(state)
             _broadcast_streams(self.states, setters, self.group, self.device)
-        self.differ = self.differ_here = False
+        self.differ = False
 
 
 _PLAIN_INPUTS = (bool, int, float, str, torch.dtype, torch.device, torch.Generator)

@@ -481,11 +481,10 @@ class PendingAgreement:
                                        None if issue_sum is None else dist.get_rank(group), payload_bytes)
         self.buffers = buffers.take(group, self.width, payload_bytes)
         self.buffers.write((int(local_error is not None), int(self.fp, 16) >> 2, *values), payload or ())
-        self.rows = self.buffers.rows
         if issue_sum is not None:
-            self.work = issue_sum(self.rows, group)
+            self.work = issue_sum(self.buffers.rows, group)
         else:
-            self.work = _issue_all_gather(self.rows, self.buffers.row, group)
+            self.work = _issue_all_gather(self.buffers.rows, self.buffers.row, group)
 
     def settle(self) -> list[tuple[int, ...]]:
         if self.work is None:
