@@ -259,17 +259,24 @@ def test_rank_without_parallelism_config_fails_the_others_after_the_timeout():
 
 def test_argument_checksum_tells_apart_a_batch_in_another_order():
     """Prompt embeddings for ["a", "b"] on one rank and ["b", "a"] on another hold the same values: a sum and a sum
-    of squares agree, the position-weighted sum does not (each rank would silently get the other's image)."""
+    of squares agree, the position-weighted sum does not (each rank would silently get the other's image). On the
+    CPU the description holds a hash of the bytes instead, which tells them apart too."""
     import torch
 
-    from diffpar.engines.call_agreement import describe_value
+    from diffpar.engines.call_agreement import argument_checksum, describe_value
 
     embeds = torch.randn(2, 16, 32)
     swapped = embeds.flip(0)
+    a, b = argument_checksum(embeds).tolist(), argument_checksum(swapped).tolist()  # the path off the CPU
+    assert a[:2] == pytest.approx(b[:2], rel=1e-12) and a != b
     a, b = describe_value(embeds, "prompt_embeds"), describe_value(swapped, "prompt_embeds")
-    assert a["shape"] == b["shape"] and a["checksum"][:2] == pytest.approx(b["checksum"][:2], rel=1e-12)
-    assert a["checksum"] != b["checksum"]
+    assert a["shape"] == b["shape"] and a["checksum"].startswith("bytes ") and a["checksum"] != b["checksum"]
     assert describe_value(embeds.clone(), "prompt_embeds") == a  # equal tensors: equal descriptions
+    assert describe_value(embeds.transpose(0, 1).contiguous().transpose(0, 1), "prompt_embeds") == a  # any layout
+    assert describe_value(torch.randn(4, 2).to(torch.bfloat16), "x")["checksum"].startswith("bytes ")
+    complex_values = torch.randn(3, 2, dtype=torch.complex64)
+    assert describe_value(complex_values.conj(), "x") == describe_value(complex_values.conj().resolve_conj(), "x")
+    assert describe_value(complex_values.conj(), "x") != describe_value(complex_values, "x")
     assert describe_value(embeds, "latents") == {"shape": [2, 16, 32], "dtype": "torch.float32"}  # broadcast
 
 

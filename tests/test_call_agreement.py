@@ -175,19 +175,26 @@ def test_torchrun_variables_without_peers_fail_after_the_timeout(tmp_path):
     assert elapsed < 3 + 60, elapsed  # interpreter start and imports included
 
 
-def test_a_draw_before_the_first_parallel_step_runs_the_call_again_from_rank_0s_states(ranks):
+@pytest.mark.parametrize("exchange_in_flight", [False, True], ids=["arrived", "in_flight"])
+def test_a_draw_before_the_first_parallel_step_runs_the_call_again_from_rank_0s_states(ranks, exchange_in_flight):
     """The exchange is settled at the call's first parallel step (here prepare_latents), so a random draw before
     it used each rank's own state when the states differed: a rank whose states were not rank 0's runs the call
     again from rank 0's states (on its own: the states came with the exchange, and no collective ran since), so the
     draw is rank 0's everywhere and the image one process's; that rank's later calls agree at their start. Rank 0
-    drew from its own states, which are rank 0's: it goes on."""
-    results = ranks(2, "workers.calls:draw_before_the_first_parallel_step", timeout=120)
+    drew from its own states, which are rank 0's: it goes on. The same whether the exchange had arrived at
+    prepare_latents or was still in flight there (the noise then drawn first, the restart found at the transformer):
+    what rank 1 learns is the draw before prepare_latents either way, not the timing."""
+    results = ranks(2, "workers.calls:draw_before_the_first_parallel_step", timeout=120,
+                    exchange_in_flight=exchange_in_flight)
     assert_split(results, {"ulysses_size": 2})
     for r in results:
         assert r["first"]["error"] is None and r["second"]["error"] is None, r
-        assert r["first"]["seconds"] < MAX_SECONDS, r
+        assert r["first"]["seconds"] < MAX_SECONDS + (0.5 if exchange_in_flight else 0), r
         restarted = r["rank"] == 1
         assert r["restarts"] == int(restarted) and r["draws_early"] == restarted, r
+        assert not r["settles_at_prepare"], r
+        if restarted:
+            assert r["speculated"] == int(exchange_in_flight), r
         assert r["deferred_calls"] == (1 if restarted else 2), r  # after its restart, rank 1 agrees at the start
         assert r["calls_agreed"] == 2, r  # the restart did not agree again
         assert r["diff"] <= CP_FP32, r

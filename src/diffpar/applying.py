@@ -292,6 +292,7 @@ class CallRandomStreams:
         # rank finds the same, as the broadcast that follows needs).
         self.differ = True
         self._rank0_states = None  # rank 0's states, taken from the exchange (payload) when this rank's differ
+        self._at_speculation = None  # the states where the call drew its noise before settling (`mark_speculation`)
 
     def _setters(self) -> list:
         return _state_setters(self.generators, with_cuda=self.device is not None)
@@ -350,6 +351,17 @@ class CallRandomStreams:
         Every rank runs the same code on agreed arguments, so every rank finds the same."""
         now = _random_states(self.generators, with_cuda=self.device is not None)
         return any(not torch.equal(before, after) for before, after in zip(self.states, now))
+
+    def mark_speculation(self) -> None:
+        """prepare_latents is about to draw before the exchange settles: the states now, so that a restart can tell
+        whether the call drew before this point too (a few microseconds; compared only when a restart happens)."""
+        self._at_speculation = _random_states(self.generators, with_cuda=self.device is not None)
+
+    def drawn_before_speculation(self) -> bool:
+        """Whether the call drew before its speculated noise (`mark_speculation`): a draw before prepare_latents,
+        from this rank's own states, whether or not the exchange had arrived by then."""
+        return self._at_speculation is not None and any(
+            not torch.equal(before, at) for before, at in zip(self.states, self._at_speculation))
 
     def restart_from_rank0(self) -> None:
         """Before a call runs again (`_RestartCall`): every stream set to rank 0's state at the call's start (taken

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 import diffpar
+from diffpar.mesh import deferred_ready
 from diffpar.testing import tiny_pipelines, tiny_transformers
 from diffpar.testing.probes import SplitProbe, collective_shapes_recorded, group_exchanges_counted
 
@@ -211,10 +212,12 @@ def exchanges_before_the_call(check_every_call: bool, seed_per_rank: bool) -> di
         handle.detach()
 
 
-def draw_before_the_first_parallel_step() -> dict:
+def draw_before_the_first_parallel_step(exchange_in_flight: bool) -> dict:
     """The pipeline draws from torch's global random state in its first line (`check_inputs`), before the call's
     agreement is settled (at prepare_latents), while each rank's global state is its own: rank 1 runs the call again
-    from rank 0's states (rank 0's draws were rank 0's); its later calls agree at their start."""
+    from rank 0's states (rank 0's draws were rank 0's); its later calls agree at their start. Both ways the
+    exchange can be found at prepare_latents, forced: still in flight (rank 0 starts late, so rank 1 draws its noise
+    first and settles at the transformer) or arrived (rank 1 waits for it in check_inputs, and settles there)."""
     reference_pipe = _pipe()
     with torch.no_grad(), SplitProbe(reference_pipe.transformer) as reference_probe:
         reference = reference_pipe(**CALL, generator=torch.Generator().manual_seed(0)).images
@@ -227,6 +230,10 @@ def draw_before_the_first_parallel_step() -> dict:
 
     def drawing_check_inputs(*args, **kwargs):
         drawn.append(torch.rand(1).item())
+        if not exchange_in_flight:
+            deadline = time.monotonic() + 30
+            while not deferred_ready() and time.monotonic() < deadline:
+                time.sleep(0.001)
         return check_inputs(*args, **kwargs)
 
     pipe.check_inputs = drawing_check_inputs
@@ -236,6 +243,9 @@ def draw_before_the_first_parallel_step() -> dict:
         images.append(pipe(**CALL, generator=torch.Generator().manual_seed(0)).images)
 
     try:
+        dist.barrier()
+        if exchange_in_flight and rank == 0:
+            time.sleep(0.5)
         with torch.no_grad(), SplitProbe(pipe.transformer) as probe:
             first = _timed_error(call)
         with torch.no_grad():
@@ -248,7 +258,8 @@ def draw_before_the_first_parallel_step() -> dict:
         return {"rank": rank, "first": first, "second": second, "draws": [g.tolist() for g in gathered],
                 "diff": (images[0] - reference).abs().max().item(), "split": probe.summary(),
                 "split_reference": reference_probe.summary(), "deferred_calls": checker.deferred_calls,
-                "draws_early": checker.draws_early, "restarts": checker.restarts, "calls_agreed": checker.calls}
+                "draws_early": checker.draws_early, "restarts": checker.restarts, "calls_agreed": checker.calls,
+                "speculated": checker.speculated_calls, "settles_at_prepare": checker.settles_at_prepare}
     finally:
         del pipe.check_inputs
         handle.detach()
