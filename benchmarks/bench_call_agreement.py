@@ -23,6 +23,10 @@ turns case by case (so a change of load weighs on each alike):
   unwrapped: no exchange, no broadcast; right here only because every rank passes the same seed), and as before
   the agreement. A stricter measure of what the agreement adds to the critical path than the calling thread's time
   (it also holds the exchange's gloo work on the shared cores and waiting on the slower rank one more time);
+- the CPU time of the process's other threads per call (gloo's: its worker and TCP loop threads, from
+  /proc/self/task/*/schedstat, Linux only), default against no agreement at all: what the exchange costs beyond the
+  calling thread. On a host whose cores are all busy with ranks (this 2-core one), that time is taken from the
+  call's own work; with cores to spare (a GPU server) it is not;
 with the load average at the start and the end (the exchange's cost is mostly scheduling latency).
 """
 from __future__ import annotations
@@ -31,6 +35,7 @@ import argparse
 import os
 import warnings
 import statistics
+import threading
 import time
 
 import torch
@@ -97,6 +102,25 @@ class CollectiveCounter:
 _FIRST_STEP: list = []
 
 
+def other_threads_cpu_ns() -> int | None:
+    """CPU time so far of every thread of this process but the calling one (Linux's schedstat, in ns); None where
+    /proc has no such file."""
+    total, me = 0, str(threading.get_native_id())
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tasks:
+        if tid == me:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):  # a thread that ended meanwhile
+            continue
+    return total
+
+
 def _note_first_step(module, args, output):
     if not _FIRST_STEP:
         _FIRST_STEP.append(time.perf_counter())
@@ -152,6 +176,7 @@ def main() -> None:
     whole = {key: [] for key in cases}
     to_first_step = {key: [] for key in cases}
     counts = {key: {} for key in cases}
+    threads_cpu = {key: [] for key in cases}
     with torch.no_grad():
         for i in range(args.calls + 1):  # the first round warms up (and makes the global random states equal)
             for key, (pipe, checker, kwargs, seed_of_rank) in cases.items():
@@ -165,9 +190,11 @@ def main() -> None:
                 generator = torch.Generator().manual_seed(seed_of_rank(dist.get_rank()))
                 with CollectiveCounter() as counter:
                     _FIRST_STEP.clear()
+                    cpu_before = other_threads_cpu_ns()
                     started = time.perf_counter()
                     pipe(**kwargs, generator=generator)
                     elapsed = time.perf_counter() - started
+                    cpu_after = other_threads_cpu_ns()
                 checker.random_streams, checker.check_arguments = streams, True
                 if patched_prepare is not None:
                     vars(pipe)["prepare_latents"] = patched_prepare
@@ -175,6 +202,8 @@ def main() -> None:
                     continue
                 whole[key].append(elapsed)
                 to_first_step[key].append(_FIRST_STEP[0] - started)
+                if cpu_before is not None and cpu_after is not None:
+                    threads_cpu[key].append((cpu_after - cpu_before) / 1e9)
                 agreement[key].append(0.0 if idle else checker.last_seconds)
                 for name, c in counter.counts.items():
                     counts[key][name] = counts[key].get(name, 0) + c / args.calls
@@ -249,6 +278,13 @@ def main() -> None:
               "against before it")
         print(f"  whole call, no agreement at all: {statistics.median(whole['none']) * 1e3:.1f} ms; collectives: "
               f"{shown(counts['none'])}")
+        if threads_cpu[default] and threads_cpu["none"]:
+            spent = statistics.median(threads_cpu[default]) - statistics.median(threads_cpu["none"])
+            print(f"  CPU time of the process's other threads (gloo's) per call, median: default "
+                  f"{statistics.median(threads_cpu[default]) * 1e3:.2f} ms, no agreement at all "
+                  f"{statistics.median(threads_cpu['none']) * 1e3:.2f} ms, as before the agreement "
+                  f"{statistics.median(threads_cpu[none]) * 1e3:.2f} ms: the exchange adds {pct(spent)} of CPU "
+                  "beyond the calling thread (off the call's path where cores are spare)")
         marginal = (statistics.median(agreement[(True, True, "prompt", "same seed")])
                     - statistics.median(agreement[(False, True, "prompt", "same seed")]))
         print(f"  the argument check's marginal cost (check_every_call True - False, prompt, same seed): {pct(marginal)}")
