@@ -394,6 +394,7 @@ class CallChecker:
 
         def finish() -> None:
             started = time.perf_counter()
+            self._streams = None  # asked only before the settle; not kept past the call (its generators, its group)
             table = pending.settle()
             if description is not None:
                 self.calls += 1
