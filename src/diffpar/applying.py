@@ -349,8 +349,10 @@ class CallRandomStreams:
     def drawn_since_start(self) -> bool:
         """Whether any of the call's random streams moved since the call's start (a draw before the settle point).
         Every rank runs the same code on agreed arguments, so every rank finds the same."""
-        now = _random_states(self.generators, with_cuda=self.device is not None)
-        return any(not torch.equal(before, after) for before, after in zip(self.states, now))
+        return self._moved_from_start(_random_states(self.generators, with_cuda=self.device is not None))
+
+    def _moved_from_start(self, states: list[torch.Tensor]) -> bool:
+        return any(not torch.equal(before, after) for before, after in zip(self.states, states))
 
     def mark_speculation(self) -> None:
         """prepare_latents is about to draw before the exchange settles: the states now, so that a restart can tell
@@ -360,8 +362,7 @@ class CallRandomStreams:
     def drawn_before_speculation(self) -> bool:
         """Whether the call drew before its speculated noise (`mark_speculation`): a draw before prepare_latents,
         from this rank's own states, whether or not the exchange had arrived by then."""
-        return self._at_speculation is not None and any(
-            not torch.equal(before, at) for before, at in zip(self.states, self._at_speculation))
+        return self._at_speculation is not None and self._moved_from_start(self._at_speculation)
 
     def restart_from_rank0(self) -> None:
         """Before a call runs again (`_RestartCall`): every stream set to rank 0's state at the call's start (taken
