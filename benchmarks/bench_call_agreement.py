@@ -137,7 +137,7 @@ def main() -> None:
 
     import diffpar
     from diffpar.compat.collectives import issue_all_reduce_sum
-    from diffpar.engines.call_agreement import call_fingerprint, describe_call
+    from diffpar.engines.call_agreement import arguments_fingerprint, call_items
     from diffpar.mesh import ensure_process_group
     from diffpar.testing.tiny_pipelines import build_tiny_flux_pipeline
 
@@ -208,15 +208,15 @@ def main() -> None:
                 for name, c in counter.counts.items():
                     counts[key][name] = counts[key].get(name, 0) + c / args.calls
 
-    # check_every_call's own work, timed alone (the embeddings call): describe the arguments, fingerprint them.
+    # check_every_call's own work, timed alone (the embeddings call): bind the arguments, fingerprint them.
     bound_call = pipes[True][0].__call__
-    parts = {"describe": [], "fingerprint": []}
+    parts = {"bind": [], "fingerprint": []}
     for _ in range(args.calls * 5):
         started = time.perf_counter()
-        description = {"arguments": describe_call(bound_call, (), dict(embeds_call))}
-        parts["describe"].append(time.perf_counter() - started)
+        items = call_items(bound_call, (), dict(embeds_call))
+        parts["bind"].append(time.perf_counter() - started)
         started = time.perf_counter()
-        call_fingerprint(description)
+        arguments_fingerprint(items)
         parts["fingerprint"].append(time.perf_counter() - started)
     # The floor: an exchange of the same size alone (a table of every rank's row, summed), issued, then 2 ms of
     # local work (what the overlap hides its round trip behind), then waited for. The issue is what the calling
@@ -288,9 +288,9 @@ def main() -> None:
         marginal = (statistics.median(agreement[(True, True, "prompt", "same seed")])
                     - statistics.median(agreement[(False, True, "prompt", "same seed")]))
         print(f"  the argument check's marginal cost (check_every_call True - False, prompt, same seed): {pct(marginal)}")
-        alone = statistics.median(parts["describe"]) + statistics.median(parts["fingerprint"])
-        print(f"  check_every_call=True's own work, timed alone (embeddings call): describe "
-              f"{statistics.median(parts['describe']) * 1e3:.3f} ms + fingerprint "
+        alone = statistics.median(parts["bind"]) + statistics.median(parts["fingerprint"])
+        print(f"  check_every_call=True's own work, timed alone (embeddings call): bind the arguments "
+              f"{statistics.median(parts['bind']) * 1e3:.3f} ms + fingerprint them "
               f"{statistics.median(parts['fingerprint']) * 1e3:.3f} ms = {pct(alone)}")
         print(f"  the exchange alone ({table.numel() * 8} bytes), overlapped with 2 ms of local work: issue {statistics.median(issue_s) * 1e3:.3f} ms"
               f" + wait left {statistics.median(wait_s) * 1e3:.3f} ms = {pct(statistics.median(issue_s) + statistics.median(wait_s))}")

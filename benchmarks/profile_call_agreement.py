@@ -3,10 +3,10 @@
     torchrun --nproc_per_node=2 benchmarks/profile_call_agreement.py [--calls 40]
 
 Runs the demo's tiny FLUX pipeline (64x64, 4 steps, Ulysses 2 + VAE split) with a timing wrapper around each part
-of the agreement (reading the random states, describing the arguments, the fingerprint, issuing the exchange,
-settling it), and times describing the arguments twice more right after the first time, in the same
-call: the first touch after the previous call's decode finds the caches cold, which is most of what each part
-costs there (the same parts take 5-10x less in a tight loop). Medians over calls; each wrapper adds a little.
+of the agreement (reading the random states, binding the arguments to their names, their fingerprint, issuing the
+exchange, settling it), and times the fingerprint twice more right after the first time, in the same call: the
+first touch after the previous call's decode finds the caches cold, which is most of what each part costs there
+(the same parts take 5-10x less in a tight loop). Medians over calls; each wrapper adds a little.
 """
 from __future__ import annotations
 
@@ -50,18 +50,18 @@ def main() -> None:
                 current[name] = current.get(name, 0.0) + time.perf_counter() - started
         return wrapper
 
-    describe = call_agreement.describe_call
+    fingerprint = call_agreement.arguments_fingerprint
 
-    def described_three_times(*a, **k):
-        for label in ("describe, first", "describe, again", "describe, third"):
+    def fingerprinted_three_times(*a, **k):
+        for label in ("fingerprint, first", "fingerprint, again", "fingerprint, third"):
             started = time.perf_counter()
-            out = describe(*a, **k)
+            out = fingerprint(*a, **k)
             current[label] = time.perf_counter() - started
         return out
 
     checker.random_streams = timed("random states", checker.random_streams)
-    call_agreement.describe_call = described_three_times
-    call_agreement.call_fingerprint = timed("fingerprint", call_agreement.call_fingerprint)
+    call_agreement.call_items = timed("bind the arguments", call_agreement.call_items)
+    call_agreement.arguments_fingerprint = fingerprinted_three_times
     mesh_lib.agree_start = timed("issue the exchange", mesh_lib.agree_start)
     mesh_lib.PendingAgreement.settle = timed("settle", mesh_lib.PendingAgreement.settle)
     call = dict(prompt="a lighthouse on a cliff at dawn", height=64, width=64, num_inference_steps=4,
@@ -85,7 +85,7 @@ def main() -> None:
         for name, values in parts.items():
             median = statistics.median(values)
             print(f"  {name:52s} {median * 1e6:7.1f} us ({100 * median / step:.2f}% of a step)")
-        print("  (the first describe is part of the agreement; the two after it are extra, to show the cold start)")
+        print("  (the first fingerprint is part of the agreement; the two after it are extra, to show the cold start)")
         print(f"  load average: {os.getloadavg()}")
     handle.detach()
     dist.destroy_process_group()

@@ -280,6 +280,62 @@ def test_argument_checksum_tells_apart_a_batch_in_another_order():
     assert describe_value(embeds, "latents") == {"shape": [2, 16, 32], "dtype": "torch.float32"}  # broadcast
 
 
+def test_the_call_fingerprint_is_equal_exactly_when_the_descriptions_are():
+    """Each call is fingerprinted in one pass without building its description (built only to explain a mismatch):
+    two calls must get equal fingerprints exactly when their descriptions are equal, whatever path a value takes
+    (plain values as they are, a CPU tensor's bytes in place or through a copy, anything else described)."""
+    import torch
+
+    from diffpar.engines.call_agreement import arguments_fingerprint, call_items, describe_items
+
+    def call(prompt=None, prompt_embeds=None, latents=None, guidance_scale=3.5, generator=None, sizes=None):
+        pass
+
+    embeds = torch.randn(2, 16, 32)
+    complex_values = torch.randn(3, 2, dtype=torch.complex64)
+    calls = {
+        "plain": dict(prompt="a cat", guidance_scale=3.5),
+        "same plain, keywords in another order": dict(guidance_scale=3.5, prompt="a cat"),
+        "another guidance": dict(prompt="a cat", guidance_scale=4.0),
+        "an int guidance": dict(prompt="a cat", guidance_scale=3),
+        "a long prompt": dict(prompt="x" * 100),
+        "a long prompt, another end": dict(prompt="x" * 99 + "y"),
+        "embeds": dict(prompt_embeds=embeds),
+        "embeds, a copy": dict(prompt_embeds=embeds.clone()),
+        "embeds, another layout": dict(prompt_embeds=embeds.transpose(0, 1).contiguous().transpose(0, 1)),
+        "embeds, needing grad": dict(prompt_embeds=embeds.clone().requires_grad_()),
+        "embeds, batch swapped": dict(prompt_embeds=embeds.flip(0)),
+        "embeds, bf16": dict(prompt_embeds=embeds.to(torch.bfloat16)),
+        "embeds, bf16 copy": dict(prompt_embeds=embeds.to(torch.bfloat16).clone()),
+        "conj view": dict(prompt_embeds=complex_values.conj()),
+        "conj resolved": dict(prompt_embeds=complex_values.conj().resolve_conj()),
+        "not conj": dict(prompt_embeds=complex_values),
+        "latents": dict(latents=torch.randn(1, 4)),
+        "other latents": dict(latents=torch.randn(1, 4)),
+        "a generator": dict(generator=torch.Generator().manual_seed(1)),
+        "another seed": dict(generator=torch.Generator().manual_seed(2)),
+        "sizes dict": dict(sizes={"h": 64, "w": 32}),
+        "sizes dict, other order": dict(sizes={"w": 32, "h": 64}),
+        "empty embeds": dict(prompt_embeds=torch.zeros(0, 4)),
+    }
+    items = {name: call_items(call, (), kwargs) for name, kwargs in calls.items()}
+    fingerprints = {name: arguments_fingerprint(i) for name, i in items.items()}
+    descriptions = {name: describe_items(i) for name, i in items.items()}
+    for a in calls:
+        for b in calls:
+            assert (fingerprints[a] == fingerprints[b]) == (descriptions[a] == descriptions[b]), (a, b)
+    groups = {frozenset(n for n in calls if fingerprints[n] == fingerprints[m]) for m in calls}
+    assert frozenset({"plain", "same plain, keywords in another order"}) in groups
+    assert frozenset({"embeds", "embeds, a copy", "embeds, another layout", "embeds, needing grad"}) in groups
+    assert frozenset({"conj view", "conj resolved"}) in groups
+    assert frozenset({"latents", "other latents"}) in groups  # broadcast from rank 0: compared by shape
+    assert frozenset({"a generator", "another seed"}) in groups  # made rank 0's state: compared by device
+    assert frozenset({"sizes dict", "sizes dict, other order"}) in groups
+    assert len(groups) == len(calls) - 9  # every other call stands alone
+    weights = ("weights", {"transformer": [1.0, 2.0]})
+    assert arguments_fingerprint(items["plain"], weights) != fingerprints["plain"]
+
+
 def test_a_user_started_nccl_group_gets_gloo_beside_it_for_diffpars_cpu_exchanges():
     """A script that ran `init_process_group("nccl")` itself: diffpar's whole-world group (its timeout, the per-call
     agreement's rows) needs a CPU backend, which NCCL lacks; gloo is added for CPU tensors, NCCL kept for GPU ones.

@@ -3,7 +3,7 @@ diffpar/families/vaes/), vs the same VAE in one process: 2, 3 and 4 ranks, odd l
 from availability import needs
 import pytest
 from test_vae import _check_equivalence
-from tolerances import VAE_FP32, VAE_FP64
+from tolerances import VAE_FP32, VAE_FP32_KVAE_VIDEO, VAE_FP64
 
 
 FAMILIES = [
@@ -20,7 +20,7 @@ FAMILIES = [
 # KVAE video runs its clip in 16-frame segments that hand the conv caches on: 7 latent frames (25 image frames)
 # make two segments.
 SHAPES = {"allegro": {"batch": 1, "frames": 3, "fp64": (13, 10, 3), "split_rows": 44},
-          "kvae_video": {"frames": 7, "fp64": (11, 9, 7)}}
+          "kvae_video": {"frames": 7, "fp64": (11, 9, 7), "fp32_tolerance": VAE_FP32_KVAE_VIDEO}}
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -30,7 +30,7 @@ def test_split_matches_whole_fp32(ranks, family, world):
     shape = SHAPES.get(family, {})
     results = ranks(world, "workers.vae:equivalence", family=family, height=13, width=10,
                     batch=shape.get("batch", 2), frames=shape.get("frames", 3))
-    _check_equivalence(results, VAE_FP32, world)
+    _check_equivalence(results, shape.get("fp32_tolerance", VAE_FP32), world)
     sizes = results[0]["sizes"]  # the bands of the last split call: the encode's, in image rows
     # One band of rows per rank, uneven, covering the image (Allegro's: each 44-row tile) exactly.
     assert len(sizes) == world and len(set(sizes)) > 1 and min(sizes) >= 2, sizes

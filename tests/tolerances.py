@@ -18,6 +18,13 @@ TP_FP32 = 1e-5
 # HunyuanVideo, whose own fp32 decode is 7.8e-6 from fp64); 7.8e-6 on the 1024 px benchmark VAE.
 VAE_FP32 = 1e-5
 
+# KVAE video (issue 13): outputs up to ~6.5 (the other tiny VAEs' stay near 1), decoded in two 16-frame segments that
+# hand conv caches on, 25 frames deep. On an AVX2-only CPU (2026-11-29) its own one-process fp32 decode is 1.14e-5
+# from fp64, and the split one 1.19e-5 from the one-process fp32 decode, at 2 and 3 ranks: the model's fp32 rounding,
+# not the split (the fp64 test of the same split holds VAE_FP64). On the machines of earlier sessions both were
+# under 1e-5. Twice the model's own fp32 error.
+VAE_FP32_KVAE_VIDEO = 2.5e-5
+
 # Exactness that needs no tolerance: the same operations on the same inputs in the same order.
 BITWISE = 0.0
 

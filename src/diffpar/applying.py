@@ -214,7 +214,7 @@ def _random_states(generators: list[torch.Generator], with_cuda: bool) -> list[t
     VAE posterior sample, draw from those). The same streams on every rank: chosen by the backend, which all ranks
     share, not by each process's CUDA state."""
     states = [g.get_state() for g in generators]
-    states.append(torch.get_rng_state())
+    states.append(torch.default_generator.get_state())  # torch.get_rng_state's own call, one Python frame less
     if with_cuda:
         states.append(torch.cuda.get_rng_state())
     return states
@@ -283,7 +283,7 @@ class CallRandomStreams:
         self.generators = generators
         self.payload_bytes = payload_bytes
         self.states = _random_states(generators, with_cuda=device is not None)
-        size = sum(map(len, self.states))  # 1-D uint8 tensors: their bytes
+        size = sum([state.nbytes for state in self.states])  # 1-D uint8 tensors (`len` is a Python method)
         self.payload = self.states if size <= payload_bytes else None  # sent in the exchange itself
         # (total bytes, whether they travel in the exchange, their digest when they do not)
         self.values = (size, 1, 0) if self.payload is not None else (size, 0, streams_digest(self.states))
@@ -321,8 +321,8 @@ class CallRandomStreams:
         if self.differ:  # rank 0's states, split as this rank's are (the same sizes on every rank)
             flat, offset, self._rank0_states = torch.frombuffer(bytearray(first), dtype=torch.uint8), 0, []
             for state in self.states:  # each a tensor of its own: set_state reads its storage from the start
-                self._rank0_states.append(flat[offset:offset + len(state)].clone())
-                offset += len(state)
+                self._rank0_states.append(flat[offset:offset + state.nbytes].clone())
+                offset += state.nbytes
 
     def synchronize(self) -> None:
         if self.payload is not None:

@@ -544,7 +544,7 @@ def agree(what: str, description: dict, local_error: BaseException | None = None
                        values=values).settle()
 
 
-def agree_start(what: str, description: dict, local_error: BaseException | None = None, group=None, *,
+def agree_start(what: str, description, local_error: BaseException | None = None, group=None, *,
                 failed: str = "failed its checks", timeout_s: float | None = None,
                 values: tuple[int, ...] = (), fp: str | None = None,
                 buffers: AgreementBuffers | None = None, issue_sum=None, payload=None,
@@ -555,7 +555,11 @@ def agree_start(what: str, description: dict, local_error: BaseException | None 
     `issue_sum(rows, group)` -> work, gathered by a sum all-reduce, each rank's row in its own slot (the per-call
     agreement passes compat's: issuing it costs the caller less than the all-gather, measured on gloo). `buffers`: the caller's reused `AgreementBuffers`
     (default: new ones). `payload`: uint8 tensors sent after the integers, `payload_bytes` at most in all (every
-    rank passes the same `payload_bytes`, payload or not), read after settling with `payloads()`."""
+    rank passes the same `payload_bytes`, payload or not), read after settling with `payloads()`. `description`
+    may be a function returning it, with `fp` given: called only to explain a mismatch (the per-call agreement
+    fingerprints a call's arguments without describing them)."""
+    if callable(description) and fp is None:
+        raise TypeError("diffpar: agree_start with a description to build later needs its fingerprint (fp)")
     return PendingAgreement(what, description, local_error, group, failed, timeout_s, tuple(values), fp,
                             buffers, issue_sum, payload, payload_bytes)
 
@@ -606,7 +610,7 @@ def _explain(what: str, description: dict, fp: str, local_error, group, failed: 
     """`agree`'s round 2, only to explain: every rank's description and error, as JSON; raises on every rank."""
     payload = {
         "fp": fp,
-        "desc": description,
+        "desc": description() if callable(description) else description,
         "error": None
         if local_error is None
         else [type(local_error).__name__, str(local_error), "".join(traceback.format_exception(local_error))],
@@ -625,7 +629,11 @@ def _explain(what: str, description: dict, fp: str, local_error, group, failed: 
                 fields = differing_fields(gathered[0]["desc"], p["desc"])
                 shown = "; ".join(f"{k}: rank 0 {a!r}, rank {r} {b!r}" for k, a, b in fields[:8])
                 more = f" (and {len(fields) - 8} more)" if len(fields) > 8 else ""
-                diffs.append(f"rank {r} differs from rank 0 in {[k for k, _, _ in fields]}: {shown}{more}")
+                if fields:
+                    diffs.append(f"rank {r} differs from rank 0 in {[k for k, _, _ in fields]}: {shown}{more}")
+                else:  # fingerprinted at the call's start, described now: equal descriptions, different values
+                    diffs.append(f"rank {r} differs from rank 0 in a value its description does not show (a float's "
+                                 "sign of zero, or an argument changed in place after the call started)")
         hint = ""
         if any("weights" in d for d in diffs):
             hint = (" Weights differ between ranks: load the same checkpoint on every rank, and change weights "

@@ -23,7 +23,6 @@ change weights after enabling (a LoRA loaded or scaled on one rank only).
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import inspect
@@ -75,11 +74,10 @@ def argument_checksum(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([d.sum(), d.dot(d), d.cumsum(0).sum()])
 
 
-def cpu_tensor_digest(t: torch.Tensor) -> str | None:
-    """A hash of a plain CPU tensor's bytes (blake2b over its memory, no copy when contiguous): equal tensors have
-    equal bytes, and any other order or value changes it. One hash where the element checksum takes seven torch
-    operations a tensor (117 us of a call's 194 us describing two prompt-embedding tensors, cold, on 2 gloo ranks).
-    None for anything else (another device, a tensor subclass, a sparse layout): `argument_checksum` then."""
+def cpu_tensor_bytes(t: torch.Tensor):
+    """The bytes of a plain CPU tensor's values, in order (its memory itself when contiguous; conjugated and negated
+    views resolved, other layouts made contiguous), as a uint8 array; None for anything else (another device, a tensor
+    subclass, a sparse layout)."""
     if type(t) is not torch.Tensor or t.device.type != "cpu" or t.layout is not torch.strided:
         return None
     t = t.detach()
@@ -87,8 +85,16 @@ def cpu_tensor_digest(t: torch.Tensor) -> str | None:
         t = t.resolve_conj().resolve_neg()
     if not t.is_contiguous():
         t = t.contiguous()
-    memory = (ctypes.c_char * t.nbytes).from_address(t.data_ptr())
-    return "bytes " + hashlib.blake2b(memory, digest_size=8).hexdigest()
+    return t.reshape(-1).view(torch.uint8).numpy()  # keeps the (possibly new) contiguous tensor alive
+
+
+def cpu_tensor_digest(t: torch.Tensor) -> str | None:
+    """A hash of a plain CPU tensor's bytes (blake2b over `cpu_tensor_bytes`): equal tensors have equal bytes, and
+    any other order or value changes it. One hash where the element checksum takes seven torch operations a tensor
+    (117 us of a call's 194 us describing two prompt-embedding tensors, cold, on 2 gloo ranks). None for anything
+    else (another device, a tensor subclass, a sparse layout): `argument_checksum` then."""
+    data = cpu_tensor_bytes(t)
+    return None if data is None else "bytes " + hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
 def weights_checksum(module: torch.nn.Module) -> list:
@@ -218,8 +224,9 @@ def _bound_arguments(fn, args: tuple, kwargs: dict) -> list[tuple[str, object]] 
     return items
 
 
-def describe_call(fn, args: tuple, kwargs: dict, *, skip_first: bool = False) -> dict:
-    """Arguments of a call of `fn`, bound to their names, each described by `describe_value`."""
+def call_items(fn, args: tuple, kwargs: dict, *, skip_first: bool = False) -> list[tuple[str, object]]:
+    """A call's arguments of `fn`, bound to their names (`**kwargs` spread out), in name order: the same order
+    whatever order keywords came in."""
     function = getattr(fn, "__func__", fn)  # a bound method's function: the same object on every call
     if getattr(fn, "__self__", None) is not None:
         skip_first = True  # the cached signature is the function's, with `self`
@@ -231,11 +238,58 @@ def describe_call(fn, args: tuple, kwargs: dict, *, skip_first: bool = False) ->
         items = items[1:] if skip_first and args else items
     else:
         items = _bind_slowly(function, args, kwargs, skip_first)
+    items.sort(key=_name)
+    return items
+
+
+def describe_call(fn, args: tuple, kwargs: dict, *, skip_first: bool = False) -> dict:
+    """Arguments of a call of `fn`, bound to their names, each described by `describe_value`."""
+    return describe_items(call_items(fn, args, kwargs, skip_first=skip_first))
+
+
+def describe_items(items: list[tuple[str, object]]) -> dict:
     out, checksums = {}, []
-    for name, value in sorted(items, key=_name):  # by name: the same order whatever order keywords came in
+    for name, value in items:
         out[name] = describe_value(value, name, checksums)
     fill_checksums(checksums)
     return out
+
+
+def arguments_fingerprint(items: list[tuple[str, object]], extra=None) -> str:
+    """A fingerprint of a call's arguments (`call_items`) equal on every rank exactly when their descriptions
+    (`describe_items`) are, hashed in one pass without building the description, which is built only to explain a
+    mismatch. At a call's start the caches are cold from the previous call, and every operation there costs 5-10x
+    its warm time: plain values (str, int, float, bool, None; by exact type) go into one `repr` as they are, plain
+    contiguous CPU tensors (not `latents`, compared by shape) feed their bytes to the hash in place (`numpy()`: two
+    operations a tensor where describing one took fourteen), everything else its `describe_value`. `extra`: more
+    to fingerprint (the weights' checksums)."""
+    hasher = hashlib.blake2b(digest_size=8)
+    parts, checksums = [], []
+    for name, value in items:
+        kind = type(value)
+        if kind is str or kind is int or kind is float or kind is bool or value is None:
+            parts.append((name, value))
+            continue
+        if kind is torch.Generator:  # described by device only (`describe_value`): the ABC checks before it skipped
+            parts.append((name, "generator", value.device.type))
+            continue
+        if kind is torch.Tensor and name not in BROADCAST_ARGS:
+            try:  # raises for a tensor that needs grad, a conjugated or negated view, bf16, one off the CPU ...
+                hasher.update(value.numpy())  # ... or one whose memory is not contiguous (BufferError)
+                data = True
+            except (RuntimeError, TypeError, ValueError, BufferError):
+                data = cpu_tensor_bytes(value)  # the same bytes by the longer way (any layout hashes alike)
+                if data is not None:
+                    hasher.update(data)
+            if data is not None:
+                parts.append((name, value.shape, value.dtype))
+                continue
+        parts.append((name, describe_value(value, name, checksums)))
+    fill_checksums(checksums)
+    if extra is not None:
+        parts.append(extra)
+    hasher.update(repr(parts).encode())
+    return hasher.hexdigest()
 
 
 def _name(item: tuple) -> str:
@@ -246,11 +300,8 @@ def _str_key(item: tuple) -> str:
     return str(item[0])
 
 
-def call_fingerprint(description: dict) -> str:
-    """`mesh.fingerprint` for a call's description, in a fraction of its time: `repr` instead of sorted JSON, since
-    describe_call orders arguments by name and describe_value builds every nested dict in a fixed order (user
-    dicts sorted by key), so equal descriptions have equal reprs on every rank."""
-    return hashlib.blake2b(repr(description).encode(), digest_size=8).hexdigest()
+# The fingerprint of a call whose arguments are not checked (check_every_call=False): the same on every rank.
+_NOTHING_CHECKED = "0" * 16
 
 
 def _bind_slowly(function, args: tuple, kwargs: dict, skip_first: bool) -> list[tuple[str, object]]:
@@ -334,11 +385,10 @@ class CallChecker:
         self.streams_agreed = False
         self._buffers = None  # the exchange's reused row buffers (`mesh.AgreementBuffers`), from the first call on
 
-    def agree(self, description: dict | None, streams=None) -> None:
-        """The call's one exchange, waited for now: the arguments' `description` (None: not checked) and
-        `streams`' values, then rank 0's random states where they differ (bare models, and calls that cannot
-        defer: `begin`)."""
-        finish = self.begin(description, streams)
+    def agree(self, items: list | None, streams=None) -> None:
+        """The call's one exchange, waited for now: the arguments (`call_items`; None: not checked) and `streams`'
+        values, then rank 0's random states where they differ (bare models, and calls that cannot defer: `begin`)."""
+        finish = self.begin(items, streams)
         if finish is not None:
             finish()
 
@@ -368,24 +418,31 @@ class CallChecker:
         self._streams.mark_speculation()  # a restart then tells a draw before prepare_latents from the noise's own
         return True
 
-    def begin(self, description: dict | None, streams=None):
+    def begin(self, items: list | None, streams=None):
         """Issue the call's one exchange and return what finishes it (waits, raises a mismatch on every rank, makes
         the random streams rank 0's), for the caller to run when the call first needs the ranks agreed; None when
-        there is nothing to agree."""
+        there is nothing to agree. `items`: the call's arguments (`call_items`), fingerprinted now and described
+        only to explain a mismatch; None: not checked (check_every_call=False)."""
         self._speculating = False
         self._inline_streams = streams is not None and streams.payload is not None
         self._streams = streams
-        if description is None and streams is None:
+        if items is None and streams is None:
             return None
-        what = {}
-        if description is not None:
-            what["arguments"] = description
-            if self.weight_modules:
-                what["weights"] = {n: weights_checksum(m) for n, m in self.weight_modules.items()}
-        pending = mesh_lib.agree_start(f"diffpar: a call of {self.label}", what, None, self.group,
+        if items is None:
+            described, fp = {}, _NOTHING_CHECKED
+        else:
+            weights = {n: weights_checksum(m) for n, m in self.weight_modules.items()} or None
+            fp = arguments_fingerprint(items, None if weights is None else ("weights", weights))
+
+            def described() -> dict:  # only to explain a mismatch (`mesh._explain`)
+                what = {"arguments": describe_items(items)}
+                if weights is not None:
+                    what["weights"] = weights
+                return what
+        pending = mesh_lib.agree_start(f"diffpar: a call of {self.label}", described, None, self.group,
                                        timeout_s=self.timeout_s,
                                        values=streams.values if streams is not None else (),
-                                       fp=call_fingerprint(what), issue_sum=issue_all_reduce_sum, buffers=self._buffers,
+                                       fp=fp, issue_sum=issue_all_reduce_sum, buffers=self._buffers,
                                        payload=streams.payload if streams is not None else None,
                                        payload_bytes=streams.payload_bytes if streams is not None else 0)
         # Reused by the next call's exchange: those of the first exchange, or new ones when the checker's were still
@@ -396,7 +453,7 @@ class CallChecker:
             started = time.perf_counter()
             self._streams = None  # asked only before the settle; not kept past the call (its generators, its group)
             table = pending.settle()
-            if description is not None:
+            if items is not None:
                 self.calls += 1
             if streams is not None:
                 streams.after_agreement(table, None if pending.identical else pending.payloads())
@@ -507,7 +564,7 @@ def _run_agreed(checker: "CallChecker", wrapped, instance, args, kwargs):
     started = time.perf_counter()
     # Outside the `try` below: the agreement's own errors (a timeout, a mismatch) already say what happened.
     streams = checker.random_streams(wrapped, args, kwargs) if checker.random_streams is not None else None
-    finish = checker.begin(describe_call(wrapped, args, kwargs) if checker.check_arguments else None, streams)
+    finish = checker.begin(call_items(wrapped, args, kwargs) if checker.check_arguments else None, streams)
     deferred = finish is not None and checker.defers(instance, streams)
     if deferred:
         # settled where the call first needs it (`mesh.settle_deferred`)
@@ -608,7 +665,7 @@ def attach_model_checker(model: torch.nn.Module, checker: CallChecker, handle) -
     # pipeline call instead and the compiled transformer has no break from it.
     @torch.compiler.disable
     def hook(module, args, kwargs):
-        checker.agree(describe_call(forward, args, kwargs, skip_first=True))
+        checker.agree(call_items(forward, args, kwargs, skip_first=True))
 
     # prepend: before diffusers' own hooks and any split, so every rank describes the same whole inputs
     removable.append(model.register_forward_pre_hook(hook, with_kwargs=True, prepend=True))
