@@ -18,12 +18,14 @@ TP_FP32 = 1e-5
 # HunyuanVideo, whose own fp32 decode is 7.8e-6 from fp64); 7.8e-6 on the 1024 px benchmark VAE.
 VAE_FP32 = 1e-5
 
-# KVAE video (issue 13): outputs up to ~6.5 (the other tiny VAEs' stay near 1), decoded in two 16-frame segments that
-# hand conv caches on, 25 frames deep. On an AVX2-only CPU (2026-11-29) its own one-process fp32 decode is 1.14e-5
-# from fp64, and the split one 1.19e-5 from the one-process fp32 decode, at 2 and 3 ranks: the model's fp32 rounding,
-# not the split (the fp64 test of the same split holds VAE_FP64). On the machines of earlier sessions both were
-# under 1e-5. Twice the model's own fp32 error.
-VAE_FP32_KVAE_VIDEO = 2.5e-5
+# The deep tiny video VAEs (issue 13) on an AVX2-only CPU (2026-11-29), where VAE_FP32's 1e-5 held on the machines
+# of earlier sessions. Their outputs are larger than the other tiny VAEs' (~1), and each decode is deep, so one fp32
+# decode is itself ~1e-5 from fp64, and the split and the whole decode, in different orders, sit up to twice that
+# apart. KVAE video: 16-frame segments handing conv caches on, 25 frames; outputs up to 6.5; its one-process fp32
+# decode is 1.14e-5 from fp64, the split 1.19e-5 from it (2 and 3 ranks, diffusers 0.42.1). Allegro: 44-row tiles;
+# outputs up to 4.3; one-process fp32 5.9e-6 from fp64, the split 1.08e-5 from it (2 ranks, diffusers 0.36.0).
+# The fp64 test of the same splits holds VAE_FP64: the split is exact, the rest is rounding.
+VAE_FP32_DEEP_VIDEO = 2.5e-5
 
 # Exactness that needs no tolerance: the same operations on the same inputs in the same order.
 BITWISE = 0.0
