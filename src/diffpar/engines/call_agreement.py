@@ -242,12 +242,8 @@ def call_items(fn, args: tuple, kwargs: dict, *, skip_first: bool = False) -> li
     return items
 
 
-def describe_call(fn, args: tuple, kwargs: dict, *, skip_first: bool = False) -> dict:
-    """Arguments of a call of `fn`, bound to their names, each described by `describe_value`."""
-    return describe_items(call_items(fn, args, kwargs, skip_first=skip_first))
-
-
 def describe_items(items: list[tuple[str, object]]) -> dict:
+    """A call's arguments (`call_items`), each described by `describe_value`: what a mismatch names."""
     out, checksums = {}, []
     for name, value in items:
         out[name] = describe_value(value, name, checksums)
